@@ -1,0 +1,267 @@
+//! Wire protocol between the rootcell host runtime and the in-guest agent.
+//!
+//! Transport: virtio-vsock. The host reaches the guest through the hybrid vsock unix socket
+//! (`CONNECT <port>\n` -> `OK <n>\n`), the agent listens on `AF_VSOCK`.
+//!
+//! * [`CONTROL_PORT`]: one connection carrying length-prefixed JSON frames ([`write_frame`],
+//!   [`read_frame`]). The host sends [`HostMessage`]s, the agent answers with [`AgentMessage`]s:
+//!   a [`Response`] per request (matched by id) and unsolicited [`Event`]s.
+//! * [`STREAM_PORT`]: one connection per stdio stream. The host first sends one frame with a
+//!   [`StreamHello`], then the connection carries raw bytes; EOF is a socket shutdown. Streams are
+//!   attached before the request that creates the process, so no byte is lost.
+//!
+//! This crate does no I/O of its own beyond framing over `Read`/`Write`.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{Read, Write};
+
+pub mod frame;
+
+pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
+
+/// Protocol version; bumped on every incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Vsock port the agent listens on for the control connection.
+pub const CONTROL_PORT: u32 = 1024;
+/// Vsock port the agent listens on for stdio stream connections.
+pub const STREAM_PORT: u32 = 1025;
+/// Process id of a container's init process (exec processes use their own ids).
+pub const INIT_PROCESS: &str = "init";
+/// Virtio-fs tag of the share that carries the container rootfs and bind mount sources.
+pub const SHARE_TAG: &str = "rootcell";
+/// Where the agent mounts the virtio-fs share inside the guest.
+pub const GUEST_SHARE_DIR: &str = "/run/rootcell/share";
+
+/// A message from the host to the agent on the control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostMessage {
+    /// Request id, echoed in the matching [`Response`].
+    pub id: u64,
+    /// What the host asks for.
+    pub request: Request,
+}
+
+/// Requests the host can make.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// First message on a control connection: version check.
+    Hello {
+        /// The host's [`PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Build the container (namespaces, mounts, ...) and its init process, without executing
+    /// the user program yet. Paths in `spec` are guest paths (root and bind sources live under
+    /// [`GUEST_SHARE_DIR`]).
+    Create {
+        /// Container id.
+        container_id: String,
+        /// The OCI runtime spec, rewritten to guest paths by the host.
+        spec: Box<oci_spec::runtime::Spec>,
+        /// Which stdio streams the host attached for [`INIT_PROCESS`].
+        stdio: StdioSpec,
+    },
+    /// Execute the init process's program (after `Create`).
+    Start,
+    /// Run an additional process in the container.
+    Exec {
+        /// Host-chosen id of the new process (not [`INIT_PROCESS`]).
+        exec_id: String,
+        /// The process to run.
+        process: Box<oci_spec::runtime::Process>,
+        /// Which stdio streams the host attached for it.
+        stdio: StdioSpec,
+    },
+    /// Send a signal to a process (or, with `all`, to every process of the container).
+    Signal {
+        /// Target process id ([`INIT_PROCESS`] or an exec id).
+        process: String,
+        /// Signal number.
+        signal: i32,
+        /// Signal every process in the container, not just `process`.
+        all: bool,
+    },
+    /// Change the window size of a process's terminal.
+    Resize {
+        /// Target process id.
+        process: String,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// List the pids (guest pid namespace of the agent) of the container's processes.
+    Processes,
+    /// Power the guest off.
+    Shutdown,
+}
+
+/// Which stdio streams the host attaches for a process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioSpec {
+    /// A stdin stream is attached (otherwise stdin is /dev/null).
+    pub stdin: bool,
+    /// A stdout stream is attached (otherwise /dev/null).
+    pub stdout: bool,
+    /// A stderr stream is attached (otherwise /dev/null).
+    pub stderr: bool,
+    /// The process gets a pty; its master is relayed over the [`Stream::Pty`] stream.
+    pub terminal: bool,
+}
+
+/// A message from the agent on the control connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The answer to the host request with the same id.
+    Response {
+        /// The request id.
+        id: u64,
+        /// The outcome.
+        result: Response,
+    },
+    /// Something that happened without being asked.
+    Event {
+        /// The event.
+        event: Event,
+    },
+}
+
+/// Outcome of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to `Hello`.
+    Hello {
+        /// The agent's [`PROTOCOL_VERSION`].
+        version: u32,
+        /// The guest kernel release (`uname -r`).
+        kernel_release: String,
+    },
+    /// The request succeeded.
+    Ok,
+    /// A process was created; `pid` is its pid as the agent sees it.
+    Created {
+        /// Pid in the agent's pid namespace.
+        pid: i32,
+    },
+    /// The container's processes (agent pid namespace).
+    Processes {
+        /// Pids.
+        pids: Vec<i32>,
+    },
+    /// The request failed.
+    Error {
+        /// What kind of failure, so the host can map it to exit codes.
+        code: ErrorCode,
+        /// Human-readable, one line.
+        message: String,
+    },
+}
+
+/// Classes of failures the host maps to runtime behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The executable was not found (exit 127 convention).
+    NotFound,
+    /// The executable exists but cannot be executed (exit 126 convention).
+    PermissionDenied,
+    /// The spec asks for something the agent does not support.
+    Unsupported,
+    /// The named process does not exist or has exited.
+    NoSuchProcess,
+    /// The request is not valid in the current state.
+    InvalidState,
+    /// Anything else.
+    Other,
+}
+
+/// Unsolicited notifications from the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// A process exited. `status` is its exit code, or 128+N for a death by signal N.
+    Exit {
+        /// Process id ([`INIT_PROCESS`] or an exec id).
+        process: String,
+        /// Exit status in shell convention.
+        status: i32,
+    },
+    /// The container's memory cgroup hit its limit and the OOM killer ran.
+    Oom,
+}
+
+/// First frame on a [`STREAM_PORT`] connection: which process and stream it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHello {
+    /// Process id ([`INIT_PROCESS`] or an exec id).
+    pub process: String,
+    /// Which stream.
+    pub stream: Stream,
+}
+
+/// Kinds of stdio stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Host -> process stdin.
+    Stdin,
+    /// Process stdout -> host.
+    Stdout,
+    /// Process stderr -> host.
+    Stderr,
+    /// Both ways: the pty master of a terminal process.
+    Pty,
+}
+
+/// Writes one message as a frame.
+pub fn send<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    write_frame(w, msg)
+}
+
+/// Reads one message; `Ok(None)` on a clean EOF between frames.
+pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, FrameError> {
+    read_frame(r)
+}
+
+/// Shell-convention exit status from a raw `waitpid` status.
+pub fn exit_status_from_wait(raw: i32) -> i32 {
+    if raw & 0x7f == 0 {
+        (raw >> 8) & 0xff
+    } else {
+        128 + (raw & 0x7f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_message_round_trips() {
+        let msg = HostMessage {
+            id: 7,
+            request: Request::Signal { process: INIT_PROCESS.into(), signal: 15, all: false },
+        };
+        let mut buf = Vec::new();
+        send(&mut buf, &msg).unwrap();
+        let back: HostMessage = recv(&mut buf.as_slice()).unwrap().unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn agent_event_json_is_tagged() {
+        let m = AgentMessage::Event { event: Event::Exit { process: "init".into(), status: 137 } };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(json, r#"{"kind":"event","event":{"type":"exit","process":"init","status":137}}"#);
+    }
+
+    #[test]
+    fn wait_status_conversion() {
+        assert_eq!(exit_status_from_wait(0), 0);
+        assert_eq!(exit_status_from_wait(7 << 8), 7);
+        assert_eq!(exit_status_from_wait(9), 137);
+        assert_eq!(exit_status_from_wait(15), 143);
+    }
+}
