@@ -1,1 +1,376 @@
-//! Shared helpers for the end-to-end tests.
+//! Shared helpers for the end-to-end tests: the runtime binary and guest images built by
+//! `scripts/build.sh`, OCI bundles on busybox-static, and leak checks.
+//!
+//! Every test boots real guests through the real `rootcell` binary. The paths come from the
+//! environment that `scripts/test.sh` sets (`build/env`); without it the tests fail and say how
+//! to run them, rather than passing vacuously.
+
+use serde_json::{json, Value};
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Upper bound for any single runtime command; a guest boot under TCG takes a few seconds.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Paths to what `scripts/build.sh` produced.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// The `rootcell` binary under test.
+    pub bin: PathBuf,
+    /// Guest kernel release the guest must report.
+    pub kernel_release: String,
+}
+
+/// Reads the artifact paths from the environment, or panics with instructions.
+pub fn artifacts() -> Artifacts {
+    let get = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: run the end-to-end tests through scripts/test.sh, which builds the guest and sets it")
+        })
+    };
+    get("ROOTCELL_E2E");
+    get("ROOTCELL_KERNEL");
+    get("ROOTCELL_INITRD");
+    Artifacts { bin: PathBuf::from(get("ROOTCELL_BIN")), kernel_release: get("ROOTCELL_KERNEL_RELEASE") }
+}
+
+/// Directory of the repository's `images/` scripts.
+pub fn images_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../images")
+}
+
+/// A fresh container id, unique within this test process and across parallel test binaries.
+pub fn unique_id(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A `--root` state directory of its own per test, cleaned (and checked for leaks) on drop.
+pub struct Runtime {
+    /// The artifacts under test.
+    pub art: Artifacts,
+    /// Temporary directory holding the state root.
+    pub dir: tempfile::TempDir,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Runtime {
+    /// A runtime with its own empty state root.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("rootcell-e2e-").tempdir().expect("tempdir");
+        Runtime { art: artifacts(), dir, extra_env: Vec::new() }
+    }
+
+    /// The `--root` path.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Sets an environment variable for every command this runtime runs.
+    pub fn env(mut self, k: &str, v: impl Into<String>) -> Self {
+        self.extra_env.push((k.into(), v.into()));
+        self
+    }
+
+    /// A `rootcell --root ROOT ARGS...` command, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.art.bin);
+        c.arg("--root").arg(self.root()).args(args);
+        for (k, v) in &self.extra_env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs a command with no stdin and captured output, bounded by [`COMMAND_TIMEOUT`].
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut c = self.command(args);
+        c.stdin(Stdio::null());
+        output_with_timeout(c, None, COMMAND_TIMEOUT)
+    }
+
+    /// Like [`Runtime::run`] but feeds `input` on stdin.
+    pub fn run_with_input(&self, args: &[&str], input: Vec<u8>) -> Output {
+        output_with_timeout(self.command(args), Some(input), COMMAND_TIMEOUT)
+    }
+
+    /// `create` with the container's stdio sent to files (a sandbox holds them open, so pipes
+    /// would never see EOF while the container lives). Returns the stdout/stderr file paths.
+    pub fn create(&self, bundle: &Bundle, id: &str) -> (Output, PathBuf, PathBuf) {
+        let out = self.dir.path().join(format!("{id}.stdout"));
+        let err = self.dir.path().join(format!("{id}.stderr"));
+        let pid_file = self.dir.path().join(format!("{id}.pid"));
+        let mut c = self.command(&[
+            "create",
+            "--bundle",
+            bundle.path().to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            id,
+        ]);
+        c.stdin(Stdio::null())
+            .stdout(fs::File::create(&out).unwrap())
+            .stderr(fs::File::create(&err).unwrap());
+        let status = wait_with_timeout(c.spawn().expect("spawn rootcell create"), COMMAND_TIMEOUT);
+        // create's own messages went to the same files as the container's; return them as output.
+        let output = Output { status, stdout: Vec::new(), stderr: fs::read(&err).unwrap_or_default() };
+        (output, out, err)
+    }
+
+    /// `state ID` parsed as JSON; panics with the runtime's message on failure.
+    pub fn state(&self, id: &str) -> Value {
+        let o = self.run(&["state", id]);
+        assert!(o.status.success(), "rootcell state {id} failed: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("state output is JSON")
+    }
+
+    /// Waits until `state ID` reports `status`, bounded.
+    pub fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.state(id);
+            if s["status"] == status {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "container {id} never reached {status}: last state {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ids of the containers `list` knows.
+    pub fn list_ids(&self) -> Vec<String> {
+        let o = self.run(&["list", "--format", "json"]);
+        if !o.status.success() {
+            return Vec::new();
+        }
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .map(|a| a.iter().filter_map(|c| c["id"].as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for id in self.list_ids() {
+            let _ = self.run(&["delete", "--force", &id]);
+        }
+    }
+}
+
+/// Runs a command to completion with a deadline, killing it if it overruns.
+pub fn output_with_timeout(mut c: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if input.is_some() {
+        c.stdin(Stdio::piped());
+    }
+    let mut child = c.spawn().expect("spawn command");
+    let writer = input.map(|data| {
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = stdin.write_all(&data);
+        })
+    });
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let ro = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let re = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let status = wait_with_timeout(child, timeout);
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    Output { status, stdout: ro.join().unwrap(), stderr: re.join().unwrap() }
+}
+
+/// Waits for a child with a deadline; kills it and panics if the deadline passes.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("command did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An OCI bundle in a temporary directory: a busybox-static rootfs and a config.json that the
+/// builder methods shape.
+pub struct Bundle {
+    dir: tempfile::TempDir,
+    /// The config.json contents, written by [`Bundle::write`].
+    pub spec: Value,
+}
+
+impl Bundle {
+    /// A bundle running `args` as root with default mounts and namespaces.
+    pub fn new(args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("rootcell-bundle-").tempdir().expect("tempdir");
+        let st = Command::new(images_dir().join("make-rootfs.sh"))
+            .arg(dir.path().join("rootfs"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run images/make-rootfs.sh");
+        assert!(st.success(), "images/make-rootfs.sh failed");
+        let b = Bundle { dir, spec: default_spec(args) };
+        b.write();
+        b
+    }
+
+    /// The bundle directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The rootfs directory.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
+    /// Writes config.json from [`Bundle::spec`].
+    pub fn write(&self) {
+        fs::write(self.dir.path().join("config.json"), serde_json::to_vec_pretty(&self.spec).unwrap()).unwrap();
+    }
+
+    /// Applies `f` to the spec and rewrites config.json.
+    pub fn edit(mut self, f: impl FnOnce(&mut Value)) -> Self {
+        f(&mut self.spec);
+        self.write();
+        self
+    }
+}
+
+/// Every capability a root process has, for specs that want "full" root in the guest.
+pub const ALL_CAPS: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+];
+
+/// Docker's default capability set.
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+];
+
+/// Sets all five capability sets of the spec's process to `caps`.
+pub fn set_caps(spec: &mut Value, caps: &[&str]) {
+    let c: Vec<Value> = caps.iter().map(|s| json!(s)).collect();
+    spec["process"]["capabilities"] =
+        json!({"bounding": c, "effective": c, "permitted": c, "inheritable": c, "ambient": c});
+}
+
+/// The spec Docker would write for a busybox container, minus what rootcell does not need.
+pub fn default_spec(args: &[&str]) -> Value {
+    let mut spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
+            "cwd": "/",
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        },
+        "root": {"path": "rootfs", "readonly": false},
+        "hostname": "rootcell-test",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    });
+    set_caps(&mut spec, DEFAULT_CAPS);
+    spec
+}
+
+/// Exit code of a finished command, panicking on a signal death of the runtime itself.
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or_else(|| panic!("runtime killed by a signal: {:?}; stderr: {}", o.status, text(&o.stderr)))
+}
+
+/// Lossy UTF-8 text of some output.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Host processes whose command line mentions `needle` (e.g. a container id or state root).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Asserts that nothing of container `id` is left on the host: no process mentioning it or the
+/// runtime's root, no mount under the root, no entry in the state root, and nothing in the
+/// runtime's short socket directory that mentions it.
+pub fn assert_no_leftovers(rt: &Runtime, id: &str) {
+    // Processes may take a moment to be reaped after the runtime returns.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let root = rt.root().to_string_lossy().into_owned();
+    loop {
+        let mut procs = processes_mentioning(id);
+        procs.extend(processes_mentioning(&root));
+        if procs.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left behind for {id}: {procs:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(id) || l.contains(&root)).collect();
+    assert!(leaked.is_empty(), "mounts left behind for {id}: {leaked:#?}");
+    if let Ok(entries) = fs::read_dir(rt.root()) {
+        let left: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+        assert!(left.iter().all(|n| n.to_string_lossy() != id), "state directory left behind for {id}: {left:?}");
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# From a fresh Debian 12 machine to a container running as root in its own microVM:
+# installs packages, builds the guest kernel, agent, initramfs and runtime, installs them
+# (/usr/local/bin/rootcell, /usr/local/share/rootcell/), and runs the example bundle.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+scripts/build.sh
+install -D -m 0755 target/release/rootcell /usr/local/bin/rootcell
+install -D -m 0644 build/bzImage /usr/local/share/rootcell/bzImage
+install -D -m 0644 build/vmlinux /usr/local/share/rootcell/vmlinux
+install -D -m 0644 build/initramfs.cpio.gz /usr/local/share/rootcell/initramfs.cpio.gz
+echo "setup: installed /usr/local/bin/rootcell and /usr/local/share/rootcell/" >&2
+
+id=demo-$$
+echo "setup: host kernel: $(uname -r)"
+echo "setup: running build/bundle in a microVM: rootcell run --bundle build/bundle $id"
+/usr/local/bin/rootcell run --bundle build/bundle "$id"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs every test: builds what the guests need (scripts/build.sh), then the unit tests of every
+# crate and the end-to-end tests in tests/, which boot real guests with the runtime just built.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+scripts/build.sh
+# shellcheck disable=SC1091
+source build/env
+export ROOTCELL_E2E=1
+cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"

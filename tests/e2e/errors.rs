@@ -1,0 +1,130 @@
+//! Bad input: a clear one-line error, a non-zero exit, and nothing left behind.
+
+use rootcell_e2e::*;
+use std::path::Path;
+
+/// Runs `create` on `bundle_dir` and checks the failure: message mentions every `needles`
+/// (case-insensitively), exit is non-zero, and no trace of the container remains.
+fn create_fails(rt: &Runtime, bundle_dir: &Path, needles: &[&str]) -> String {
+    let id = unique_id("bad");
+    let o = rt.run(&["create", "--bundle", bundle_dir.to_str().unwrap(), &id]);
+    let err = text(&o.stderr);
+    assert_ne!(code(&o), 0, "create should fail; stderr: {err}");
+    for n in needles {
+        assert!(err.to_lowercase().contains(&n.to_lowercase()), "error should mention {n:?}: {err}");
+    }
+    assert!(err.trim().lines().count() >= 1);
+    assert!(!rt.list_ids().contains(&id), "failed create left the container listed");
+    assert_no_leftovers(rt, &id);
+    err
+}
+
+#[test]
+fn missing_bundle() {
+    let rt = Runtime::new();
+    create_fails(&rt, Path::new("/nonexistent/bundle"), &["/nonexistent/bundle"]);
+}
+
+#[test]
+fn missing_config_json() {
+    let rt = Runtime::new();
+    let b = Bundle::new(&["true"]);
+    std::fs::remove_file(b.path().join("config.json")).unwrap();
+    create_fails(&rt, b.path(), &["config.json"]);
+}
+
+#[test]
+fn invalid_json() {
+    let rt = Runtime::new();
+    let b = Bundle::new(&["true"]);
+    std::fs::write(b.path().join("config.json"), b"{ \"ociVersion\": ").unwrap();
+    create_fails(&rt, b.path(), &["config.json"]);
+}
+
+#[test]
+fn unsupported_spec_field() {
+    let rt = Runtime::new();
+    // Joining an existing namespace by path cannot be honoured from inside a separate VM.
+    let b = Bundle::new(&["true"]).edit(|s| {
+        s["linux"]["namespaces"].as_array_mut().unwrap().push(serde_json::json!({"type": "ipc", "path": "/proc/1/ns/ipc"}));
+        s["linux"]["namespaces"].as_array_mut().unwrap().retain(|n| n["type"] != "ipc" || n.get("path").is_some());
+    });
+    create_fails(&rt, b.path(), &["ipc"]);
+}
+
+#[test]
+fn rootfs_missing() {
+    let rt = Runtime::new();
+    let b = Bundle::new(&["true"]);
+    std::fs::remove_dir_all(b.rootfs()).unwrap();
+    create_fails(&rt, b.path(), &["rootfs"]);
+}
+
+#[test]
+fn missing_kernel_and_initramfs() {
+    let b = Bundle::new(&["true"]);
+    let rt = Runtime::new().env("ROOTCELL_KERNEL", "/nonexistent/bzImage");
+    create_fails(&rt, b.path(), &["/nonexistent/bzImage"]);
+    let rt = Runtime::new().env("ROOTCELL_INITRD", "/nonexistent/initramfs.cpio.gz");
+    create_fails(&rt, b.path(), &["/nonexistent/initramfs.cpio.gz"]);
+}
+
+#[test]
+fn no_usable_hypervisor() {
+    let b = Bundle::new(&["true"]);
+    let rt = Runtime::new().env("ROOTCELL_QEMU", "/nonexistent/qemu-system-x86_64");
+    create_fails(&rt, b.path(), &["qemu"]);
+}
+
+#[test]
+fn guest_that_never_comes_up() {
+    // An initramfs without the agent: the kernel boots but nothing ever answers on vsock.
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("empty.cpio.gz");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("mkdir -p {d}/s/dev && cd {d}/s && find . | cpio -o -H newc --quiet | gzip > {i}", d = dir.path().display(), i = initrd.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let b = Bundle::new(&["true"]);
+    let rt = Runtime::new().env("ROOTCELL_INITRD", initrd.to_str().unwrap()).env("ROOTCELL_BOOT_TIMEOUT", "20");
+    create_fails(&rt, b.path(), &["guest"]);
+}
+
+#[test]
+fn duplicate_and_unknown_ids() {
+    let rt = Runtime::new();
+    let b = Bundle::new(&["sleep", "1000"]);
+    let id = unique_id("dup");
+    let (o, _, _) = rt.create(&b, &id);
+    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+    let again = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), &id]);
+    assert_ne!(code(&again), 0);
+    assert!(text(&again.stderr).contains("already exists"), "duplicate: {}", text(&again.stderr));
+    assert_eq!(rt.state(&id)["status"], "created", "the first container is untouched");
+    assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
+    assert_no_leftovers(&rt, &id);
+
+    for cmd in [&["state"][..], &["start"], &["kill"], &["delete"]] {
+        let mut args = cmd.to_vec();
+        args.push("no-such-container");
+        let o = rt.run(&args);
+        assert_ne!(code(&o), 0, "{cmd:?} on an unknown id");
+        assert!(text(&o.stderr).contains("no-such-container"), "{cmd:?}: {}", text(&o.stderr));
+    }
+    let bad = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "bad/id"]);
+    assert_ne!(code(&bad), 0, "an id with a slash is refused");
+}
+
+#[test]
+fn json_log_carries_the_error_for_dockers_shim() {
+    let rt = Runtime::new();
+    let log = rt.dir.path().join("log.json");
+    let o = rt.run(&["--log", log.to_str().unwrap(), "--log-format", "json", "create", "--bundle", "/nonexistent/b", "x1"]);
+    assert_ne!(code(&o), 0);
+    let content = std::fs::read_to_string(&log).expect("log file written");
+    let last: serde_json::Value = serde_json::from_str(content.lines().last().unwrap()).expect("last log line is JSON");
+    assert_eq!(last["level"], "error");
+    assert!(last["msg"].as_str().unwrap().contains("/nonexistent/b"), "msg: {last}");
+}

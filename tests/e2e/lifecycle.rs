@@ -1,0 +1,106 @@
+//! Container lifecycle through the runc-style commands, against real guests.
+
+use rootcell_e2e::*;
+use std::time::Duration;
+
+#[test]
+fn create_start_state_exit_delete() {
+    let rt = Runtime::new();
+    // The process blocks until a file appears in a bind mount, so the test controls when it exits.
+    let gate = tempfile::tempdir().unwrap();
+    let bundle = Bundle::new(&["sh", "-c", "while [ ! -e /gate/go ]; do sleep 0.1; done; echo finished"]).edit(|s| {
+        s["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/gate", "type": "bind", "source": gate.path(), "options": ["rbind", "rw"]
+        }));
+    });
+    let id = unique_id("life");
+
+    let (o, out, _err) = rt.create(&bundle, &id);
+    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+    let st = rt.state(&id);
+    assert_eq!(st["status"], "created");
+    assert_eq!(st["id"], id.as_str());
+    assert!(st["pid"].as_i64().unwrap() > 0, "created container has a host pid: {st}");
+    assert_eq!(st["bundle"].as_str().unwrap(), bundle.path().to_str().unwrap());
+    assert!(st["ociVersion"].is_string() && st["created"].is_string(), "state has ociVersion and created: {st}");
+    let pid_file = rt.dir.path().join(format!("{id}.pid"));
+    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert_eq!(st["pid"].as_i64().unwrap(), pid, "pid file matches state");
+    assert!(rt.list_ids().contains(&id));
+
+    let o = rt.run(&["start", &id]);
+    assert_eq!(code(&o), 0, "start failed: {}", text(&o.stderr));
+    assert_eq!(rt.state(&id)["status"], "running");
+    // Starting twice is an error, as with runc.
+    assert_ne!(code(&rt.run(&["start", &id])), 0);
+
+    std::fs::write(gate.path().join("go"), b"").unwrap();
+    rt.wait_status(&id, "stopped", Duration::from_secs(60));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "finished\n");
+    // kill on a stopped container gives runc's wording, which Docker's shim matches.
+    let k = rt.run(&["kill", &id, "TERM"]);
+    assert_ne!(code(&k), 0);
+    assert!(text(&k.stderr).contains("container not running"), "kill on stopped: {}", text(&k.stderr));
+
+    let o = rt.run(&["delete", &id]);
+    assert_eq!(code(&o), 0, "delete failed: {}", text(&o.stderr));
+    assert!(!rt.list_ids().contains(&id));
+    assert_ne!(code(&rt.run(&["state", &id])), 0, "state of a deleted container fails");
+    // A second delete --force on a container already gone succeeds (Docker's shim does this).
+    assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
+    assert_no_leftovers(&rt, &id);
+}
+
+#[test]
+fn run_reports_root_and_guest_kernel() {
+    let rt = Runtime::new();
+    let bundle = Bundle::new(&["sh", "-c", "id -u; id -g; uname -r"]);
+    let id = unique_id("run");
+    let o = rt.run(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
+    assert_eq!(code(&o), 0, "run failed: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "unexpected output: {out:?}");
+    assert_eq!(lines[0], "0", "uid inside is root");
+    assert_eq!(lines[1], "0", "gid inside is root");
+    assert_eq!(lines[2], rt.art.kernel_release, "uname -r inside is the guest kernel");
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(lines[2], host.trim(), "guest kernel differs from the host's");
+    // run deletes the container when it finishes.
+    assert!(!rt.list_ids().contains(&id));
+    assert_no_leftovers(&rt, &id);
+}
+
+#[test]
+fn delete_refuses_running_container_without_force() {
+    let rt = Runtime::new();
+    let bundle = Bundle::new(&["sleep", "1000"]);
+    let id = unique_id("del");
+    let (o, _, _) = rt.create(&bundle, &id);
+    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+    assert_eq!(code(&rt.run(&["start", &id])), 0);
+    let d = rt.run(&["delete", &id]);
+    assert_ne!(code(&d), 0);
+    assert!(text(&d.stderr).contains("not stopped"), "delete running: {}", text(&d.stderr));
+    assert_eq!(rt.state(&id)["status"], "running", "a refused delete leaves the container alone");
+    let d = rt.run(&["delete", "--force", &id]);
+    assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
+    assert_no_leftovers(&rt, &id);
+}
+
+#[test]
+fn sigkill_of_sandbox_then_delete_force_leaves_nothing() {
+    let rt = Runtime::new();
+    let bundle = Bundle::new(&["sleep", "1000"]);
+    let id = unique_id("k9");
+    let (o, _, _) = rt.create(&bundle, &id);
+    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+    assert_eq!(code(&rt.run(&["start", &id])), 0);
+    let pid = rt.state(&id)["pid"].as_i64().unwrap() as i32;
+    // SAFETY: plain kill(2) of the sandbox pid this test created.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    rt.wait_status(&id, "stopped", Duration::from_secs(30));
+    let d = rt.run(&["delete", "--force", &id]);
+    assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
+    assert_no_leftovers(&rt, &id);
+}
