@@ -1,1 +1,48 @@
-//! virtio-fs device.
+//! virtio-fs device: FUSE requests from virtqueue descriptor chains served by fuse-backend-rs'
+//! passthrough file system, plus a vhost-user front end so QEMU can use it.
+//!
+//! - [`FsDevice`] is the transport-neutral device logic (virtio-queue + vm-memory).
+//! - [`bridge`] lets a VMM on other rust-vmm versions hand over its guest RAM and queues.
+//! - [`serve_vhost_user`] serves it to QEMU's `vhost-user-fs-device` from background threads
+//!   of the calling process (no fork, no chroot; the caller's mount namespace is what is served).
+//!
+//! QEMU side (what the backend needs from the VMM command line):
+//! - guest RAM must be shareable: `-object memory-backend-memfd,id=mem,size=..,share=on` and
+//!   `-M microvm,...,memory-backend=mem` (otherwise QEMU refuses the vhost-user device);
+//! - `-chardev socket,id=fs,path=SOCKET -device vhost-user-fs-device,chardev=fs,tag=TAG`; start
+//!   QEMU only after [`serve_vhost_user`] returned (the socket is listening by then);
+//! - one backend serves one QEMU connection: a new VM needs a new `serve_vhost_user` call;
+//! - in the guest: `mount -t virtiofs TAG /mnt`.
+//!
+//! Host requirements: runs as root (ownership pass-through, chown), `/proc` mounted in the
+//! caller's mount namespace (the passthrough reopens inodes through `/proc/self/fd`). The soft
+//! RLIMIT_NOFILE of the process is raised to its hard limit (one fd per guest-known inode).
+//! No seccomp filter is installed: the backend threads share the caller's process.
+
+pub mod bridge;
+mod device;
+mod error;
+mod passthrough;
+mod readonly;
+#[cfg(test)]
+mod test_driver;
+mod vhost_user;
+
+use std::path::PathBuf;
+
+pub use device::{FsDevice, HIPRIO_QUEUE, NUM_QUEUES};
+pub use error::Error;
+pub use vhost_user::{serve_vhost_user, BackendHandle};
+/// The virtio-queue version the device's queue types come from.
+pub use virtio_queue;
+/// The vm-memory version the device's memory types come from (pinned by fuse-backend-rs).
+pub use vm_memory;
+
+/// Configuration of one virtio-fs device.
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// Host directory the guest sees as the root of the share.
+    pub shared_dir: PathBuf,
+    /// Refuse every write-class request with EROFS.
+    pub read_only: bool,
+}

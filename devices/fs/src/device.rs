@@ -1,0 +1,494 @@
+//! The virtio-fs device logic: FUSE requests taken from virtqueue descriptor chains and answered
+//! by the passthrough file system. Transport-neutral: the vhost-user front end and an in-process
+//! virtio-mmio device both drive it through [`FsDevice::process_queue`].
+
+use std::io::{Read, Write};
+use std::mem::size_of;
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::PassthroughFs;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{ByteValued, GuestMemory};
+
+use crate::passthrough::open_passthrough;
+use crate::readonly::is_write_request;
+use crate::{Error, FsConfig};
+
+/// Index of the high-priority queue (FORGET, INTERRUPT); request queues follow it.
+pub const HIPRIO_QUEUE: usize = 0;
+/// Number of virtqueues the device exposes: the hiprio queue and one request queue.
+pub const NUM_QUEUES: usize = 2;
+
+/// Bytes of the request body the read-only filter looks at (OPEN and ACCESS arguments).
+const PEEK_BODY: usize = 8;
+
+/// One virtio-fs device serving one shared directory.
+pub struct FsDevice {
+    server: Server<Arc<PassthroughFs>>,
+    read_only: bool,
+}
+
+impl FsDevice {
+    /// Opens the share described by `config`.
+    pub fn new(config: &FsConfig) -> Result<Self, Error> {
+        let fs = open_passthrough(config)?;
+        Ok(FsDevice {
+            server: Server::new(Arc::new(fs)),
+            read_only: config.read_only,
+        })
+    }
+
+    /// Drains `queue`, answering every available request; returns whether the driver must be
+    /// notified (used ring changed and the driver's event index or flags ask for it).
+    ///
+    /// Works with and without VIRTIO_RING_F_EVENT_IDX: notifications are re-enabled after the
+    /// queue looks empty and the queue is drained again if the driver raced in a new request.
+    pub fn process_queue<M: GuestMemory>(&self, mem: &M, queue: &mut Queue) -> Result<bool, Error> {
+        let mut used_any = false;
+        loop {
+            queue.disable_notification(mem).map_err(queue_err)?;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let written = match self.handle_chain(mem, chain) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // The chain still goes back to the driver (with nothing written) so a
+                        // bad request cannot leak descriptors; the guest sees an I/O error.
+                        tracing::warn!(error = %e, "virtio-fs: dropping request");
+                        0
+                    }
+                };
+                queue.add_used(mem, head, written).map_err(queue_err)?;
+                used_any = true;
+            }
+            if !queue.enable_notification(mem).map_err(queue_err)? {
+                break;
+            }
+        }
+        if !used_any {
+            return Ok(false);
+        }
+        queue.needs_notification(mem).map_err(queue_err)
+    }
+
+    /// Serves the single FUSE request in `chain`; returns the number of bytes written into the
+    /// chain's device-writable buffers (the `len` of the used-ring entry).
+    pub fn handle_chain<M: GuestMemory>(
+        &self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> Result<u32, Error> {
+        if self.read_only {
+            if let Some(unique) = self.refused_write(mem, chain.clone())? {
+                return reply_error(mem, chain, unique, libc::EROFS);
+            }
+        }
+        let reader = Reader::from_descriptor_chain(mem, chain.clone()).map_err(chain_err)?;
+        let writer: Writer<'_, _> = VirtioFsWriter::new(mem, chain).map_err(chain_err)?.into();
+        let written = self
+            .server
+            .handle_message(reader, writer, None, None)
+            .map_err(|e| Error::DescriptorChain(format!("FUSE request: {e}")))?;
+        Ok(u32::try_from(written).unwrap_or(u32::MAX))
+    }
+
+    /// Returns the request's `unique` when the read-only share must refuse it.
+    fn refused_write<M: GuestMemory>(
+        &self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> Result<Option<u64>, Error> {
+        let mut reader = Reader::from_descriptor_chain(mem, chain).map_err(chain_err)?;
+        let header: InHeader = reader
+            .read_obj()
+            .map_err(|e| Error::DescriptorChain(format!("FUSE header: {e}")))?;
+        let mut body = [0u8; PEEK_BODY];
+        let available = reader.available_bytes().min(PEEK_BODY);
+        reader
+            .read_exact(&mut body[..available])
+            .map_err(|e| Error::DescriptorChain(format!("FUSE body: {e}")))?;
+        Ok(is_write_request(&header, &body[..available]).then_some(header.unique))
+    }
+}
+
+/// Answers request `unique` with `-errno` and no payload.
+fn reply_error<M: GuestMemory>(
+    mem: &M,
+    chain: DescriptorChain<&M>,
+    unique: u64,
+    errno: i32,
+) -> Result<u32, Error> {
+    let mut writer = VirtioFsWriter::new(mem, chain).map_err(chain_err)?;
+    let header = OutHeader {
+        len: size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    };
+    writer
+        .write_all(header.as_slice())
+        .map_err(|e| Error::DescriptorChain(format!("FUSE reply: {e}")))?;
+    Ok(writer.bytes_written() as u32)
+}
+
+fn chain_err(e: fuse_backend_rs::transport::Error) -> Error {
+    Error::DescriptorChain(e.to_string())
+}
+
+fn queue_err(e: virtio_queue::Error) -> Error {
+    Error::Queue(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    use fuse_backend_rs::abi::fuse_abi::{
+        AttrOut, CreateIn, EntryOut, GetattrIn, InitIn, InitOut, MkdirIn, OpenIn, OpenOut, ReadIn,
+        SetattrIn, WriteIn, WriteOut,
+    };
+
+    use super::*;
+    use crate::test_driver::{Buf, Driver};
+
+    const FUSE_LOOKUP: u32 = 1;
+    const FUSE_FORGET: u32 = 2;
+    const FUSE_GETATTR: u32 = 3;
+    const FUSE_SETATTR: u32 = 4;
+    const FUSE_READLINK: u32 = 5;
+    const FUSE_MKDIR: u32 = 9;
+    const FUSE_OPEN: u32 = 14;
+    const FUSE_READ: u32 = 15;
+    const FUSE_WRITE: u32 = 16;
+    const FUSE_INIT: u32 = 26;
+    const FUSE_CREATE: u32 = 35;
+    const FATTR_UID: u32 = 0x2;
+    const FATTR_GID: u32 = 0x4;
+    const ROOT: u64 = 1;
+    const HELLO: &[u8] = b"hello from the host\n";
+
+    /// A FUSE client speaking to the device through the test driver's virtqueue.
+    struct Client {
+        device: FsDevice,
+        driver: Driver,
+        unique: u64,
+    }
+
+    impl Client {
+        fn new(dir: &Path, read_only: bool) -> Self {
+            let config = FsConfig {
+                shared_dir: dir.to_owned(),
+                read_only,
+            };
+            let mut client = Client {
+                device: FsDevice::new(&config).unwrap(),
+                driver: Driver::new(),
+                unique: 0,
+            };
+            let init = InitIn {
+                major: 7,
+                minor: 31,
+                max_readahead: 0x20000,
+                flags: 0,
+            };
+            let out: InitOut = client.ok(FUSE_INIT, 0, init.as_slice());
+            assert_eq!(out.major, 7);
+            client
+        }
+
+        /// Sends one request and returns (errno, payload). Header and payload land in separate
+        /// writable descriptors, the way the Linux driver splits them.
+        fn call(&mut self, opcode: u32, nodeid: u64, args: &[u8]) -> (i32, Vec<u8>) {
+            self.unique += 1;
+            let header = InHeader {
+                len: (size_of::<InHeader>() + args.len()) as u32,
+                opcode,
+                unique: self.unique,
+                nodeid,
+                uid: 0,
+                gid: 0,
+                pid: 1,
+                padding: 0,
+            };
+            let mut bufs = vec![Buf::Readable(header.as_slice())];
+            if !args.is_empty() {
+                bufs.push(Buf::Readable(args));
+            }
+            bufs.push(Buf::Writable(size_of::<OutHeader>() as u32));
+            bufs.push(Buf::Writable(8192));
+            let (head, writable) = self.driver.offer(&bufs);
+            let notify = self
+                .device
+                .process_queue(&self.driver.mem, &mut self.driver.queue)
+                .unwrap();
+            assert!(notify, "driver must be notified of a used buffer");
+            let (used_head, len) = self.driver.take_used().expect("a used entry");
+            assert_eq!(used_head, head);
+            assert!(self.driver.take_used().is_none());
+            let reply = self.driver.read_back(&writable, len);
+            let out = OutHeader::from_slice(&reply[..size_of::<OutHeader>()]).unwrap();
+            assert_eq!(out.unique, self.unique);
+            assert_eq!(out.len, len);
+            (-out.error, reply[size_of::<OutHeader>()..].to_vec())
+        }
+
+        /// Sends a request that must succeed and decodes its reply.
+        fn ok<T: ByteValued>(&mut self, opcode: u32, nodeid: u64, args: &[u8]) -> T {
+            let (errno, payload) = self.call(opcode, nodeid, args);
+            assert_eq!(errno, 0, "opcode {opcode} failed");
+            *T::from_slice(&payload[..size_of::<T>()]).unwrap()
+        }
+
+        fn lookup(&mut self, parent: u64, name: &str) -> Result<EntryOut, i32> {
+            let (errno, payload) = self.call(FUSE_LOOKUP, parent, &cstr(name));
+            if errno != 0 {
+                return Err(errno);
+            }
+            Ok(*EntryOut::from_slice(&payload[..size_of::<EntryOut>()]).unwrap())
+        }
+    }
+
+    fn cstr(name: &str) -> Vec<u8> {
+        let mut bytes = name.as_bytes().to_vec();
+        bytes.push(0);
+        bytes
+    }
+
+    fn concat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    fn share() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.txt"), HELLO).unwrap();
+        dir
+    }
+
+    #[test]
+    fn init_lookup_getattr_read_write_chown() {
+        let dir = share();
+        let mut c = Client::new(dir.path(), false);
+
+        let entry = c.lookup(ROOT, "hello.txt").unwrap();
+        assert_eq!(entry.attr.size, HELLO.len() as u64);
+        let attr: AttrOut = c.ok(FUSE_GETATTR, entry.nodeid, GetattrIn::default().as_slice());
+        assert_eq!(attr.attr.size, HELLO.len() as u64);
+        assert_eq!(attr.attr.mode & libc::S_IFMT, libc::S_IFREG);
+
+        let open = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let opened: OpenOut = c.ok(FUSE_OPEN, entry.nodeid, open.as_slice());
+        let read = ReadIn {
+            fh: opened.fh,
+            offset: 0,
+            size: 4096,
+            ..Default::default()
+        };
+        let (errno, data) = c.call(FUSE_READ, entry.nodeid, read.as_slice());
+        assert_eq!(errno, 0);
+        assert_eq!(data, HELLO);
+
+        let create = CreateIn {
+            flags: (libc::O_WRONLY | libc::O_CREAT) as u32,
+            mode: libc::S_IFREG | 0o640,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let (errno, payload) = c.call(
+            FUSE_CREATE,
+            ROOT,
+            &concat(&[create.as_slice(), &cstr("from-guest.txt")]),
+        );
+        assert_eq!(errno, 0);
+        let created = *EntryOut::from_slice(&payload[..size_of::<EntryOut>()]).unwrap();
+        let created_open =
+            *OpenOut::from_slice(&payload[size_of::<EntryOut>()..][..size_of::<OpenOut>()])
+                .unwrap();
+        let data = b"written by the guest";
+        let write = WriteIn {
+            fh: created_open.fh,
+            offset: 0,
+            size: data.len() as u32,
+            ..Default::default()
+        };
+        let written: WriteOut = c.ok(
+            FUSE_WRITE,
+            created.nodeid,
+            &concat(&[write.as_slice(), data]),
+        );
+        assert_eq!(written.size, data.len() as u32);
+        let host_file = dir.path().join("from-guest.txt");
+        assert_eq!(std::fs::read(&host_file).unwrap(), data);
+
+        let chown = SetattrIn {
+            valid: FATTR_UID | FATTR_GID,
+            uid: 4242,
+            gid: 4242,
+            ..Default::default()
+        };
+        let (errno, payload) = c.call(FUSE_SETATTR, created.nodeid, chown.as_slice());
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(errno, 0);
+            let attr = AttrOut::from_slice(&payload[..size_of::<AttrOut>()]).unwrap();
+            assert_eq!((attr.attr.uid, attr.attr.gid), (4242, 4242));
+            let meta = std::fs::metadata(&host_file).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4242, 4242));
+            assert_eq!(meta.mode() & 0o777, 0o640);
+        } else {
+            assert_eq!(
+                errno,
+                libc::EPERM,
+                "chown as non-root is refused by the host"
+            );
+        }
+    }
+
+    #[test]
+    fn read_only_share_refuses_every_write() {
+        let dir = share();
+        let mut c = Client::new(dir.path(), true);
+        let entry = c.lookup(ROOT, "hello.txt").unwrap();
+
+        // Reading still works.
+        let open = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let opened: OpenOut = c.ok(FUSE_OPEN, entry.nodeid, open.as_slice());
+        let read = ReadIn {
+            fh: opened.fh,
+            size: 4096,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.call(FUSE_READ, entry.nodeid, read.as_slice()),
+            (0, HELLO.to_vec())
+        );
+
+        let open_rw = OpenIn {
+            flags: libc::O_RDWR as u32,
+            fuse_flags: 0,
+        };
+        assert_eq!(
+            c.call(FUSE_OPEN, entry.nodeid, open_rw.as_slice()).0,
+            libc::EROFS
+        );
+        let create = CreateIn {
+            flags: (libc::O_WRONLY | libc::O_CREAT) as u32,
+            mode: libc::S_IFREG | 0o644,
+            ..Default::default()
+        };
+        let create_args = concat(&[create.as_slice(), &cstr("nope.txt")]);
+        assert_eq!(c.call(FUSE_CREATE, ROOT, &create_args).0, libc::EROFS);
+        let mkdir = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        };
+        let mkdir_args = concat(&[mkdir.as_slice(), &cstr("nodir")]);
+        assert_eq!(c.call(FUSE_MKDIR, ROOT, &mkdir_args).0, libc::EROFS);
+        let chmod = SetattrIn {
+            valid: 0x1, // FATTR_MODE
+            mode: 0o777,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.call(FUSE_SETATTR, entry.nodeid, chmod.as_slice()).0,
+            libc::EROFS
+        );
+        let write = WriteIn {
+            fh: opened.fh,
+            size: 1,
+            ..Default::default()
+        };
+        let write_args = concat(&[write.as_slice(), b"x"]);
+        assert_eq!(c.call(FUSE_WRITE, entry.nodeid, &write_args).0, libc::EROFS);
+
+        // The host directory is untouched.
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["hello.txt"]);
+        assert_eq!(std::fs::read(dir.path().join("hello.txt")).unwrap(), HELLO);
+    }
+
+    #[test]
+    fn lookups_cannot_leave_the_share() {
+        let dir = share();
+        std::os::unix::fs::symlink("/etc", dir.path().join("escape")).unwrap();
+        let mut c = Client::new(dir.path(), false);
+        let root: AttrOut = c.ok(FUSE_GETATTR, ROOT, GetattrIn::default().as_slice());
+
+        // ".." of the root is the root itself.
+        let up = c.lookup(ROOT, "..").unwrap();
+        assert_eq!(up.attr.ino, root.attr.ino);
+        let up_up = c.lookup(up.nodeid, "..").unwrap();
+        assert_eq!(up_up.attr.ino, root.attr.ino);
+        // Names with a slash are refused outright.
+        assert_eq!(c.lookup(ROOT, "../etc").unwrap_err(), libc::EINVAL);
+        assert_eq!(c.lookup(ROOT, "escape/passwd").unwrap_err(), libc::EINVAL);
+
+        // A symlink is handed to the guest as a symlink; the host never follows it.
+        let link = c.lookup(ROOT, "escape").unwrap();
+        assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(
+            c.call(FUSE_READLINK, link.nodeid, &[]),
+            (0, b"/etc".to_vec())
+        );
+        assert!(c.lookup(link.nodeid, "passwd").is_err());
+        let open = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        assert_ne!(c.call(FUSE_OPEN, link.nodeid, open.as_slice()).0, 0);
+    }
+
+    #[test]
+    fn forget_gets_no_reply_and_bad_chains_are_returned() {
+        let dir = share();
+        let mut c = Client::new(dir.path(), false);
+        let entry = c.lookup(ROOT, "hello.txt").unwrap();
+
+        // FORGET (sent on the hiprio queue) has no reply: the chain comes back with 0 bytes.
+        c.unique += 1;
+        let header = InHeader {
+            len: (size_of::<InHeader>() + 8) as u32,
+            opcode: FUSE_FORGET,
+            unique: c.unique,
+            nodeid: entry.nodeid,
+            ..Default::default()
+        };
+        let nlookup = 1u64;
+        c.driver.offer(&[
+            Buf::Readable(header.as_slice()),
+            Buf::Readable(nlookup.as_slice()),
+        ]);
+        assert!(c
+            .device
+            .process_queue(&c.driver.mem, &mut c.driver.queue)
+            .unwrap());
+        assert_eq!(c.driver.take_used().map(|(_, len)| len), Some(0));
+
+        // A chain without a request header is given back too, and the device keeps serving.
+        c.driver.offer(&[Buf::Writable(64)]);
+        assert!(c
+            .device
+            .process_queue(&c.driver.mem, &mut c.driver.queue)
+            .unwrap());
+        assert_eq!(c.driver.take_used().map(|(_, len)| len), Some(0));
+        assert!(c.lookup(ROOT, "hello.txt").is_ok());
+
+        // An empty queue produces no notification.
+        assert!(!c
+            .device
+            .process_queue(&c.driver.mem, &mut c.driver.queue)
+            .unwrap());
+    }
+}
