@@ -1,0 +1,125 @@
+//! virtio devices behind the MMIO transport.
+//!
+//! A device implements [`VirtioDevice`] (what it offers, its config space, what to do once the
+//! driver is ready); [`mmio::MmioTransport`] does everything register-related. The same device
+//! logic can be served by other transports (vhost-user in the QEMU backend), so the trait says
+//! nothing about MMIO.
+
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestMemoryMmap;
+
+/// Feature bit: the device conforms to virtio 1.x (mandatory for the MMIO v2 transport).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Device status: the guest noticed the device.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// Device status: the guest has a driver for it.
+pub const STATUS_DRIVER: u32 = 2;
+/// Device status: the driver is ready; queues may be used.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Device status: feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// Device status: the device hit an error and needs a reset.
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
+/// Device status: the driver gave up on the device.
+pub const STATUS_FAILED: u32 = 128;
+/// Interrupt status bit: a used ring was updated.
+pub const INT_USED_RING: u32 = 1;
+/// Interrupt status bit: the configuration space changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt a device raises towards the guest: a status word the driver reads and
+/// acknowledges through the transport, and an eventfd KVM injects as the device's IRQ (irqfd).
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// Wraps the irqfd eventfd.
+    pub fn new(irq: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Marks `bits` pending and raises the IRQ.
+    pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.irq.write(1)
+    }
+
+    /// Tells the driver a used ring has new entries.
+    pub fn signal_used_queue(&self) -> std::io::Result<()> {
+        self.trigger(INT_USED_RING)
+    }
+
+    /// Pending bits (InterruptStatus register).
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears acknowledged bits (InterruptACK register).
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The eventfd to register as irqfd.
+    pub fn irq_fd(&self) -> &EventFd {
+        &self.irq
+    }
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("activating virtio device: {0}")]
+pub struct ActivateError(pub String);
+
+/// A queue handed to an activated device, with the eventfd that fires when the guest notifies it.
+#[derive(Debug)]
+pub struct ActiveQueue {
+    /// The configured virtqueue.
+    pub queue: Queue,
+    /// Signalled on every QueueNotify for this queue (via ioeventfd, or by the transport).
+    pub notify: EventFd,
+}
+
+/// The device side of virtio, independent of the transport.
+pub trait VirtioDevice: Send {
+    /// virtio device id (e.g. 19 for vsock, 26 for fs).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers ([`VIRTIO_F_VERSION_1`] is added by the transport).
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of what was offered), before activation.
+    fn ack_features(&mut self, _features: u64) {}
+    /// Reads device config space at `offset`; bytes beyond its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space (most devices ignore this).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver set DRIVER_OK: start serving `queues` from `mem`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: std::sync::Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device: stop using the queues. Returns false if the device cannot
+    /// be reset (the transport then reports DEVICE_NEEDS_RESET instead of 0).
+    fn reset(&mut self) -> bool {
+        true
+    }
+}

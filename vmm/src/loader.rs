@@ -1,0 +1,401 @@
+//! Putting the guest's images into RAM: the kernel (ELF `vmlinux` or `bzImage`, told apart by
+//! their magic numbers), the initramfs (as high as the kernel allows) and the command line.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use linux_loader::bootparam::setup_header;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIGH_MEMORY_START};
+use crate::error::{Error, Result};
+use crate::memory::GuestMemoryMmap;
+
+/// The two kernel image formats we boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// An uncompressed ELF `vmlinux`; entered at its ELF entry point.
+    Elf,
+    /// A `bzImage`; entered at the 64-bit entry of its decompressor (load address + 0x200).
+    BzImage,
+}
+
+/// Where the kernel ended up.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// Which format it was.
+    pub format: KernelFormat,
+    /// Guest address of the 64-bit entry point.
+    pub entry: u64,
+    /// First guest address above everything the kernel occupies (for a bzImage: after it has
+    /// decompressed itself, per `init_size`).
+    pub end: u64,
+    /// The setup header of a bzImage.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Offset of the bzImage setup header's "HdrS" magic.
+const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+/// Setup header flag: the kernel has a 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// Default `initrd_addr_max` for kernels that do not say (boot protocol < 2.03, and vmlinux).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// Recognises the image format from its first bytes.
+pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
+    if head.len() >= 4 && &head[..4] == b"\x7fELF" {
+        return Some(KernelFormat::Elf);
+    }
+    if head.len() >= BZIMAGE_MAGIC_OFFSET + 4
+        && &head[BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4] == b"HdrS"
+    {
+        return Some(KernelFormat::BzImage);
+    }
+    None
+}
+
+fn open(what: &'static str, path: &Path) -> Result<(File, u64)> {
+    let io = |source| Error::ImageIo {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    Ok((file, meta.len()))
+}
+
+/// Loads the kernel at `path` into `mem` (of `mem_size` bytes).
+pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, path: &Path) -> Result<LoadedKernel> {
+    let (mut file, len) = open("kernel", path)?;
+    let mut head = vec![0u8; 1024];
+    let n = read_up_to(&mut file, &mut head).map_err(|source| Error::ImageIo {
+        what: "kernel",
+        path: path.to_owned(),
+        source,
+    })?;
+    head.truncate(n);
+    let format = detect_format(&head).ok_or_else(|| Error::KernelFormat {
+        path: path.to_owned(),
+        magic: head.iter().take(8).copied().collect(),
+    })?;
+    let too_big = |reason: String| Error::KernelLoad {
+        path: path.to_owned(),
+        mem_mib: mem_size >> 20,
+        reason,
+    };
+    if len + HIGH_MEMORY_START > mem_size {
+        return Err(too_big(format!("image is {len} bytes")));
+    }
+    let high = Some(GuestAddress(HIGH_MEMORY_START));
+    match format {
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, high).map_err(|e| too_big(e.to_string()))?;
+            if r.kernel_end > mem_size {
+                return Err(too_big(format!(
+                    "it needs memory up to {:#x}",
+                    r.kernel_end
+                )));
+            }
+            Ok(LoadedKernel {
+                format,
+                entry: r.kernel_load.0,
+                end: r.kernel_end,
+                setup_header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let r =
+                BzImage::load(mem, None, &mut file, high).map_err(|e| too_big(e.to_string()))?;
+            let hdr = r.setup_header.expect("bzImage loader returns its header");
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(too_big(
+                    "the bzImage has no 64-bit entry point (XLF_KERNEL_64)".into(),
+                ));
+            }
+            // The decompressor needs init_size bytes from its load address to unpack in place.
+            let end =
+                r.kernel_load.0 + u64::from(hdr.init_size).max(r.kernel_end - r.kernel_load.0);
+            if end > mem_size {
+                return Err(too_big(format!(
+                    "it needs memory up to {end:#x} to decompress"
+                )));
+            }
+            Ok(LoadedKernel {
+                format,
+                entry: r.kernel_load.0 + 0x200,
+                end,
+                setup_header: Some(hdr),
+            })
+        }
+    }
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Places the initramfs at the highest page-aligned address below both the top of RAM and the
+/// kernel's `initrd_addr_max`, above the kernel; returns (address, size).
+pub fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    path: &Path,
+) -> Result<(u64, u64)> {
+    let (mut file, size) = open("initramfs", path)?;
+    let max = kernel
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|m| *m != 0)
+        .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
+    let top = mem_size.min(max + 1);
+    let floor = kernel.end.next_multiple_of(0x1000);
+    let avail = top.saturating_sub(floor);
+    if size == 0 || size > avail {
+        return Err(Error::InitramfsTooLarge {
+            path: path.to_owned(),
+            size,
+            avail,
+        });
+    }
+    let addr = (top - size) & !0xfff;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| Error::ImageIo {
+            what: "initramfs",
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok((addr, size))
+}
+
+/// Checks the command line and writes it NUL-terminated at [`CMDLINE_ADDR`]; returns its length.
+pub fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<u32> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(Error::Cmdline("contains a NUL byte".into()));
+    }
+    if cmdline.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(Error::Cmdline(format!(
+            "{} bytes, at most {} allowed",
+            cmdline.len(),
+            CMDLINE_MAX_SIZE - 1
+        )));
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
+        .map_err(|e| Error::BootSetup {
+            what: "command line",
+            reason: e.to_string(),
+        })?;
+    Ok(cmdline.len() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use std::io::Write;
+
+    fn temp(name: &str, bytes: &[u8]) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::new(name, bytes)
+    }
+
+    /// Minimal self-cleaning temp file helper (no extra dependency).
+    mod tempfile_path {
+        use std::path::{Path, PathBuf};
+        pub struct TempPath(PathBuf);
+        impl TempPath {
+            pub fn new(name: &str, bytes: &[u8]) -> Self {
+                let p = std::env::temp_dir()
+                    .join(format!("rootcell-vmm-test-{}-{name}", std::process::id()));
+                std::fs::write(&p, bytes).unwrap();
+                TempPath(p)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    /// A minimal 64-bit ELF with one PT_LOAD segment of `filesz` bytes at physical `paddr`.
+    fn tiny_elf(paddr: u64, filesz: u64, memsz: u64) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(b"\x7fELF\x02\x01\x01\0");
+        v.extend_from_slice(&[0; 8]);
+        v.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        v.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&paddr.to_le_bytes()); // entry
+        v.extend_from_slice(&64u64.to_le_bytes()); // phoff
+        v.extend_from_slice(&0u64.to_le_bytes()); // shoff
+        v.extend_from_slice(&0u32.to_le_bytes());
+        v.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+        v.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+        v.extend_from_slice(&1u16.to_le_bytes()); // phnum
+        v.extend_from_slice(&[0; 6]);
+        assert_eq!(v.len(), 64);
+        v.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        v.extend_from_slice(&5u32.to_le_bytes());
+        v.extend_from_slice(&120u64.to_le_bytes()); // offset
+        v.extend_from_slice(&paddr.to_le_bytes()); // vaddr
+        v.extend_from_slice(&paddr.to_le_bytes()); // paddr
+        v.extend_from_slice(&filesz.to_le_bytes());
+        v.extend_from_slice(&memsz.to_le_bytes());
+        v.extend_from_slice(&0x20_0000u64.to_le_bytes());
+        assert_eq!(v.len(), 120);
+        v.extend(std::iter::repeat_n(0x90u8, filesz as usize));
+        v
+    }
+
+    #[test]
+    fn detects_formats_by_magic() {
+        assert_eq!(detect_format(b"\x7fELF\x02\x01"), Some(KernelFormat::Elf));
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(detect_format(&bz), Some(KernelFormat::BzImage));
+        assert_eq!(detect_format(b"#!/bin/sh\n"), None);
+        assert_eq!(detect_format(b""), None);
+    }
+
+    #[test]
+    fn loads_elf_at_its_physical_address() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        let k = temp("k.elf", &tiny_elf(0x100_0000, 16, 0x1000));
+        let l = load_kernel(&mem, 32 << 20, k.path()).unwrap();
+        assert_eq!(
+            (l.format, l.entry, l.end),
+            (KernelFormat::Elf, 0x100_0000, 0x100_1000)
+        );
+        let b: u8 = mem.read_obj(GuestAddress(0x100_000f)).unwrap();
+        assert_eq!(b, 0x90);
+    }
+
+    #[test]
+    fn missing_kernel_is_a_clear_error() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let e = load_kernel(&mem, 16 << 20, Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(matches!(e, Error::ImageIo { what: "kernel", .. }), "{e}");
+        assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
+    }
+
+    #[test]
+    fn non_kernel_is_rejected_with_its_magic() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let k = temp("script", b"#!/bin/sh\necho hi\n");
+        let e = load_kernel(&mem, 16 << 20, k.path()).unwrap_err();
+        assert!(matches!(e, Error::KernelFormat { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("neither an ELF vmlinux nor a bzImage"),
+            "{e}"
+        );
+        let d = load_kernel(&mem, 16 << 20, Path::new("/tmp")).unwrap_err();
+        assert!(
+            matches!(d, Error::ImageIo { .. }),
+            "a directory is not a kernel: {d}"
+        );
+    }
+
+    #[test]
+    fn kernel_too_large_for_memory() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        // Segment placed at 15 MiB with 4 MiB of bss: ends beyond 16 MiB of RAM.
+        let k = temp("big.elf", &tiny_elf(0xf0_0000, 16, 4 << 20));
+        let e = load_kernel(&mem, 16 << 20, k.path()).unwrap_err();
+        assert!(matches!(e, Error::KernelLoad { .. }), "{e}");
+        // A file bigger than RAM is refused before reading it.
+        let mut f = std::fs::File::create(std::env::temp_dir().join("rootcell-vmm-huge")).unwrap();
+        f.write_all(b"\x7fELF").unwrap();
+        f.set_len(17 << 20).unwrap();
+        let e = load_kernel(
+            &mem,
+            16 << 20,
+            &std::env::temp_dir().join("rootcell-vmm-huge"),
+        )
+        .unwrap_err();
+        std::fs::remove_file(std::env::temp_dir().join("rootcell-vmm-huge")).unwrap();
+        assert!(
+            e.to_string().contains("cannot be loaded into 16 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bzimage_without_valid_header_is_refused() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let mut bz = vec![0u8; 0x1000];
+        bz[0x202..0x206].copy_from_slice(b"HdrS"); // magic but version 0 and no LOADED_HIGH
+        let k = temp("bad.bz", &bz);
+        let e = load_kernel(&mem, 16 << 20, k.path()).unwrap_err();
+        assert!(matches!(e, Error::KernelLoad { .. }), "{e}");
+    }
+
+    #[test]
+    fn initramfs_goes_high_and_must_fit() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        let kernel = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x100_0000,
+            end: 0x180_0000,
+            setup_header: None,
+        };
+        let i = temp("initrd", &[7u8; 5000]);
+        let (addr, size) = load_initramfs(&mem, 32 << 20, &kernel, i.path()).unwrap();
+        assert_eq!(size, 5000);
+        assert_eq!(addr % 0x1000, 0);
+        assert!(addr + size <= 32 << 20 && addr >= kernel.end);
+        let b: u8 = mem.read_obj(GuestAddress(addr + 4999)).unwrap();
+        assert_eq!(b, 7);
+        let big = temp("bigrd", &vec![0u8; 9 << 20]);
+        let e = load_initramfs(&mem, 32 << 20, &kernel, big.path()).unwrap_err();
+        assert!(matches!(e, Error::InitramfsTooLarge { .. }), "{e}");
+        let e =
+            load_initramfs(&mem, 32 << 20, &kernel, Path::new("/nonexistent/initrd")).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::ImageIo {
+                    what: "initramfs",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cmdline_is_nul_terminated_and_bounded() {
+        let mem = create_guest_memory(2 << 20).unwrap();
+        assert_eq!(load_cmdline(&mem, "console=ttyS0").unwrap(), 13);
+        let mut buf = [0u8; 14];
+        mem.read_slice(&mut buf, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
+        assert_eq!(&buf, b"console=ttyS0\0");
+        assert!(matches!(
+            load_cmdline(&mem, &"x".repeat(CMDLINE_MAX_SIZE)),
+            Err(Error::Cmdline(_))
+        ));
+        assert!(matches!(load_cmdline(&mem, "a\0b"), Err(Error::Cmdline(_))));
+    }
+}

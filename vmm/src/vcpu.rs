@@ -1,0 +1,247 @@
+//! One vCPU thread: runs KVM_RUN in a loop, hands I/O exits to the bus, and turns the exits
+//! that end a VM into a [`VmExit`]. The owner stops it by setting the stop flag and kicking the
+//! thread with a signal, which makes KVM_RUN return EINTR.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::{lock, Bus};
+use crate::error::{Error, Result};
+use crate::exit::{ExitLatch, VmExit};
+
+/// What a vCPU was last seen doing, for reports when a guest does not get where it should.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuStatus {
+    /// vCPU index.
+    pub cpu: u8,
+    /// When the first KVM_RUN was issued.
+    pub first_run: Option<Instant>,
+    /// CPU time the whole process had used at the first KVM_RUN.
+    pub first_run_cpu: Option<Duration>,
+    /// Number of exits to user space.
+    pub exits: u64,
+    /// The last exit (or ioctl error), as text.
+    pub last_exit: String,
+    /// Instruction pointer read after the thread stopped.
+    pub rip: Option<u64>,
+}
+
+/// Signal used to kick a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process; its only job is to interrupt KVM_RUN.
+pub fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: Option<i32> = None;
+    ONCE.call_once(|| {
+        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
+            // SAFETY: written only here, inside call_once, before any read below.
+            unsafe { RESULT = Some(e.errno()) };
+        }
+    });
+    // SAFETY: call_once has completed, so no concurrent writer exists.
+    match unsafe { RESULT } {
+        Some(errno) => Err(Error::Host {
+            what: "installing the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(errno),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A vCPU ready to be run on its own thread.
+pub struct Vcpu {
+    /// vCPU index.
+    pub cpu: u8,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    handle: Option<JoinHandle<()>>,
+    status: Arc<Mutex<VcpuStatus>>,
+}
+
+fn describe(exit: &VcpuExit<'_>) -> String {
+    match exit {
+        VcpuExit::IoIn(port, d) => format!("IoIn port {port:#x} len {}", d.len()),
+        VcpuExit::IoOut(port, d) => format!("IoOut port {port:#x} len {}", d.len()),
+        VcpuExit::MmioRead(a, d) => format!("MmioRead {a:#x} len {}", d.len()),
+        VcpuExit::MmioWrite(a, d) => format!("MmioWrite {a:#x} len {}", d.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Vcpu {
+    /// Starts the thread; it runs until `stop` is set (and it is kicked) or the VM exits.
+    /// With `seccomp`, the thread confines itself before its first KVM_RUN.
+    pub fn spawn(
+        self,
+        bus: Arc<Bus>,
+        latch: Arc<ExitLatch>,
+        stop: Arc<AtomicBool>,
+        seccomp: Option<seccompiler::BpfProgram>,
+    ) -> Result<VcpuThread> {
+        let status = Arc::new(Mutex::new(VcpuStatus {
+            cpu: self.cpu,
+            ..Default::default()
+        }));
+        let st = status.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", self.cpu))
+            .spawn(move || {
+                if let Some(filter) = seccomp {
+                    if let Err(e) = crate::seccomp::apply(&filter) {
+                        latch.request(VmExit::Error {
+                            cpu: self.cpu,
+                            message: e.to_string(),
+                        });
+                        return;
+                    }
+                }
+                self.run(&bus, &latch, &stop, &st)
+            })
+            .map_err(|source| Error::Host {
+                what: "spawning a vCPU thread",
+                source,
+            })?;
+        Ok(VcpuThread {
+            handle: Some(handle),
+            status,
+        })
+    }
+
+    fn run(mut self, bus: &Bus, latch: &ExitLatch, stop: &AtomicBool, status: &Mutex<VcpuStatus>) {
+        let cpu = self.cpu;
+        {
+            let mut s = lock(status);
+            s.first_run = Some(Instant::now());
+            s.first_run_cpu = process_cpu_time();
+        }
+        while !stop.load(Ordering::Acquire) {
+            let result = self.fd.run();
+            let mut end: Option<VmExit> = None;
+            let text = match &result {
+                Ok(exit) => describe(exit),
+                Err(e) => format!("KVM_RUN error: {e}"),
+            };
+            match result {
+                Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+                // With the in-kernel irqchip HLT is handled by KVM; seeing it here means the
+                // guest halted for good (e.g. `halt` with interrupts off).
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Shutdown) => end = Some(VmExit::Shutdown),
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    end = Some(if kind == kvm_bindings::KVM_SYSTEM_EVENT_RESET {
+                        VmExit::Reset
+                    } else {
+                        VmExit::Shutdown
+                    })
+                }
+                Ok(VcpuExit::FailEntry(..))
+                | Ok(VcpuExit::InternalError)
+                | Ok(VcpuExit::Unknown) => {
+                    end = Some(VmExit::Error {
+                        cpu,
+                        message: text.clone(),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(_) => {
+                    end = Some(VmExit::Error {
+                        cpu,
+                        message: text.clone(),
+                    })
+                }
+            }
+            let text = if text == "InternalError" {
+                self.internal_error_detail()
+            } else {
+                text
+            };
+            if let Some(VmExit::Error { message, .. }) = &mut end {
+                message.clone_from(&text);
+            }
+            {
+                let mut s = lock(status);
+                s.exits += 1;
+                s.last_exit = text;
+            }
+            if let Some(exit) = end {
+                latch.request(exit);
+                break;
+            }
+            // A device (i8042 reset) or another vCPU ended the VM: do not re-enter the guest.
+            if latch.is_set() {
+                break;
+            }
+        }
+        lock(status).rip = self.fd.get_regs().ok().map(|r| r.rip);
+    }
+}
+
+/// CPU time (user + system) consumed by the whole process so far.
+pub fn process_cpu_time() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for clock_gettime.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+impl Vcpu {
+    /// KVM_EXIT_INTERNAL_ERROR carries a sub-error (1 = emulation failure) and raw data words.
+    fn internal_error_detail(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        format!(
+            "InternalError suberror {} data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+}
+
+impl VcpuThread {
+    /// A snapshot of the vCPU's status.
+    pub fn status(&self) -> VcpuStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Kicks the thread until it leaves KVM_RUN and joins it, for at most `timeout`. The
+    /// caller has set the stop flag. Returns false if the thread did not stop in time (it is
+    /// then left detached rather than hanging the caller).
+    pub fn stop_and_join(&mut self, timeout: Duration) -> bool {
+        let Some(handle) = self.handle.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            // The handle is not joined yet, so the pthread id is still valid even if the thread
+            // has just exited. A kick that lands before KVM_RUN starts is lost, hence the loop.
+            let _ = handle.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        handle.join().is_ok()
+    }
+}
