@@ -11,7 +11,10 @@
 //! - [`arch::x86_64`]: the boot-time structures — [`arch::x86_64::layout`] (where everything
 //!   goes), `boot_params`, `gdt`, `paging`, `mptable`, `cpuid`, `regs`.
 //! - [`vcpu`]: the vCPU threads and how they are stopped.
-//! - [`devices`]: the I/O bus, COM1 serial, i8042 (reset).
+//! - [`devices`]: the I/O bus, COM1 serial, i8042 (reset), and the virtio devices:
+//!   [`devices::virtio::vsock`] and [`devices::virtio::fs`] wrap the device logic the QEMU backend
+//!   serves over vhost-user, each on its own I/O thread.
+//! - [`sandbox`]: the entry point for the runtime: one container's VM with both devices.
 //! - [`seccomp`]: the syscall allowlists for vCPU and VMM threads.
 //! - [`exit`]: why a VM ended; [`error`]: why it could not start.
 //!
@@ -34,6 +37,7 @@ pub mod error;
 pub mod exit;
 pub mod loader;
 pub mod memory;
+pub mod sandbox;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -5,11 +5,14 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rootcell_fs::FsConfig;
+use rootcell_vmm::devices::virtio::{fs::VirtioFs, vsock::VsockDevice};
 use rootcell_vmm::{SerialOutput, Vm, VmConfig, VmExit};
+use rootcell_vsock::VsockConfig;
 
 const USAGE: &str =
     "usage: rootcell-vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--mem-mib N] \
-[--vcpus N] [--serial PATH|-] [--timeout-secs N] [--bench]";
+[--vcpus N] [--serial PATH|-] [--timeout-secs N] [--vsock UDS] [--share DIR [--share-ro]] [--bench]";
 
 fn main() {
     let start = Instant::now();
@@ -45,6 +48,9 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     );
     let mut timeout = Duration::from_secs(60);
     let mut bench = false;
+    let mut vsock_uds: Option<PathBuf> = None;
+    let mut share: Option<PathBuf> = None;
+    let mut share_ro = false;
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -68,6 +74,9 @@ fn run(start: Instant) -> anyhow::Result<i32> {
                 timeout = Duration::from_secs(value()?.parse().context("--timeout-secs")?)
             }
             "--bench" => bench = true,
+            "--vsock" => vsock_uds = Some(PathBuf::from(value()?)),
+            "--share" => share = Some(PathBuf::from(value()?)),
+            "--share-ro" => share_ro = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(0);
@@ -76,7 +85,23 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         }
     }
     config.kernel = kernel.with_context(|| format!("--kernel is required\n{USAGE}"))?;
-    let running = Vm::create(config)?.start()?;
+    let mut vm = Vm::create(config)?;
+    if let Some(uds) = vsock_uds {
+        let dev = VsockDevice::new(&VsockConfig::new(&uds)).context("--vsock")?;
+        vm.add_virtio_device(Box::new(dev))?;
+    }
+    if let Some(dir) = share {
+        let dev = VirtioFs::new(
+            &FsConfig {
+                shared_dir: dir,
+                read_only: share_ro,
+            },
+            rootcell_protocol::SHARE_TAG,
+        )
+        .context("--share")?;
+        vm.add_virtio_device(Box::new(dev))?;
+    }
+    let running = vm.start()?;
     if bench {
         // Let the guest run a moment so the VMM's steady-state footprint is measured.
         running.wait_timeout(Duration::from_millis(500));

@@ -71,8 +71,9 @@ pub struct VmConfig {
     /// The KVM device node (normally [`KVM_PATH`]).
     pub kvm_path: PathBuf,
     /// Confine each vCPU thread with [`crate::seccomp::vcpu_filter`] (a violation kills the
-    /// process). Off by default because device activation runs on a vCPU thread and devices
-    /// may need more than the allowlist.
+    /// process). Device activation and reset run on a vCPU thread: the vsock and virtio-fs
+    /// devices only hand them to their I/O threads, so they work under it (and
+    /// [`crate::sandbox`] turns it on). Off by default for devices that may need more.
     pub seccomp: bool,
 }
 

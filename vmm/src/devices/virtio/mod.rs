@@ -5,7 +5,10 @@
 //! logic can be served by other transports (vhost-user in the QEMU backend), so the trait says
 //! nothing about MMIO.
 
+pub mod fs;
 pub mod mmio;
+pub mod vsock;
+mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

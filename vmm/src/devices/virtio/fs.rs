@@ -1,0 +1,260 @@
+//! virtio-fs for the built-in VMM: the shared [`rootcell_fs::FsDevice`] (fuse-backend-rs
+//! passthrough) behind the virtio-mmio transport.
+//!
+//! The device logic is built on older rust-vmm crates (fuse-backend-rs pins vm-memory 0.17), so
+//! at activation the I/O thread builds a 0.17 view of the VMM's guest RAM mapping and 0.17
+//! queues at the addresses the driver programmed, through [`rootcell_fs::bridge`]. Nothing is
+//! copied or mapped twice; the view stays valid because the I/O thread also holds the VMM's
+//! own handle on the same mapping.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use rootcell_fs::bridge::{guest_memory_view, queue_from_layout, QueueLayout, RawRegion};
+use rootcell_fs::{FsConfig, FsDevice};
+use virtio_queue::QueueT;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::vsock::{read_config_bytes, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
+use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::memory::GuestMemoryMmap;
+
+/// virtio device id of virtio-fs.
+pub const VIRTIO_ID_FS: u32 = 26;
+/// Longest tag the config space holds.
+pub const MAX_TAG_LEN: usize = 36;
+/// Queue sizes: the high-priority queue (FORGET, INTERRUPT) and one request queue.
+const QUEUE_SIZES: [u16; rootcell_fs::NUM_QUEUES] = [128, 1024];
+
+/// Why a virtio-fs device could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FsDeviceError {
+    /// The tag is empty or longer than the config space allows.
+    #[error("virtio-fs tag {0:?} must be 1..={MAX_TAG_LEN} bytes")]
+    Tag(String),
+    /// The share could not be opened.
+    #[error(transparent)]
+    Share(#[from] rootcell_fs::Error),
+    /// The I/O thread could not be started.
+    #[error("starting the virtio-fs I/O thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// What activation hands to the I/O thread.
+struct Activation {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<ActiveQueue>,
+    event_idx: bool,
+}
+
+/// The virtio-fs device as the transport sees it.
+#[derive(Debug)]
+pub struct VirtioFs {
+    /// `struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }`.
+    config: [u8; MAX_TAG_LEN + 4],
+    acked: u64,
+    worker: WorkerHandle<Activation>,
+}
+
+impl VirtioFs {
+    /// Opens `config.shared_dir` for the guest to mount as `tag` and starts the I/O thread.
+    pub fn new(config: &FsConfig, tag: &str) -> Result<Self, FsDeviceError> {
+        if tag.is_empty() || tag.len() > MAX_TAG_LEN {
+            return Err(FsDeviceError::Tag(tag.to_owned()));
+        }
+        let device = FsDevice::new(config)?;
+        let mut space = [0u8; MAX_TAG_LEN + 4];
+        space[..tag.len()].copy_from_slice(tag.as_bytes());
+        let request_queues = (rootcell_fs::NUM_QUEUES - 1) as u32;
+        space[MAX_TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
+        let worker = WorkerHandle::spawn(
+            "virtiofs-io",
+            FsWorker {
+                config: config.clone(),
+                device: Some(device),
+                active: None,
+            },
+        )
+        .map_err(FsDeviceError::Thread)?;
+        Ok(VirtioFs {
+            config: space,
+            acked: 0,
+            worker,
+        })
+    }
+}
+
+impl VirtioDevice for VirtioFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        // Queue indices must line up with the device's (hiprio first), so all must be ready.
+        if queues.len() != rootcell_fs::NUM_QUEUES {
+            return Err(ActivateError(format!(
+                "virtio-fs needs {} queues, the driver readied {}",
+                rootcell_fs::NUM_QUEUES,
+                queues.len()
+            )));
+        }
+        self.worker
+            .activate(Activation {
+                mem,
+                interrupt,
+                queues,
+                event_idx: self.acked & VIRTIO_RING_F_EVENT_IDX != 0,
+            })
+            .map_err(ActivateError)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.acked = 0;
+        self.worker.reset()
+    }
+}
+
+/// One queue as the device logic sees it, with the eventfd the guest's notify lands on.
+struct FsQueue {
+    queue: rootcell_fs::virtio_queue::Queue,
+    notify: EventFd,
+}
+
+/// The queues and memory of an activated device.
+struct Active {
+    // Declared before `_mem`: the view must go before the mapping it borrows.
+    view: rootcell_fs::vm_memory::GuestMemoryMmap,
+    _mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<FsQueue>,
+}
+
+/// The I/O thread's state.
+struct FsWorker {
+    config: FsConfig,
+    device: Option<FsDevice>,
+    active: Option<Active>,
+}
+
+/// Describes every region of the VMM's guest RAM for [`guest_memory_view`].
+fn raw_regions(mem: &GuestMemoryMmap) -> Result<Vec<RawRegion>, String> {
+    mem.iter()
+        .map(|r| {
+            let host_addr = r
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|e| format!("host address of guest RAM: {e}"))?;
+            Ok(RawRegion {
+                guest_addr: r.start_addr().0,
+                host_addr,
+                len: r.len() as usize,
+            })
+        })
+        .collect()
+}
+
+impl DeviceWorker for FsWorker {
+    type Activation = Activation;
+
+    fn start(&mut self, _epoll: &Epoll) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn activate(&mut self, epoll: &Epoll, act: Activation) -> Result<(), String> {
+        if self.device.is_none() {
+            // A reset dropped the share and reopening it failed.
+            self.device = Some(FsDevice::new(&self.config).map_err(|e| e.to_string())?);
+        }
+        let regions = raw_regions(&act.mem)?;
+        // SAFETY: the regions are the live mappings of `act.mem`, which `Active` keeps (and
+        // drops after the view), so they stay mapped for as long as the view exists.
+        let view = unsafe { guest_memory_view(&regions) }.map_err(|e| e.to_string())?;
+        let mut queues = Vec::with_capacity(act.queues.len());
+        for (i, q) in act.queues.into_iter().enumerate() {
+            let layout = QueueLayout {
+                size: q.queue.size(),
+                desc_table: q.queue.desc_table(),
+                avail_ring: q.queue.avail_ring(),
+                used_ring: q.queue.used_ring(),
+                event_idx: act.event_idx,
+            };
+            let queue = queue_from_layout(&layout, q.queue.max_size())
+                .map_err(|e| format!("queue {i}: {e}"))?;
+            queues.push(FsQueue {
+                queue,
+                notify: q.notify,
+            });
+        }
+        for (i, q) in queues.iter().enumerate() {
+            if let Err(e) = watch(epoll, q.notify.as_raw_fd(), i as u64) {
+                for q in &queues[..i] {
+                    unwatch(epoll, q.notify.as_raw_fd());
+                }
+                return Err(e);
+            }
+        }
+        self.active = Some(Active {
+            view,
+            _mem: act.mem,
+            interrupt: act.interrupt,
+            queues,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self, epoll: &Epoll) -> bool {
+        if let Some(a) = self.active.take() {
+            for q in &a.queues {
+                unwatch(epoll, q.notify.as_raw_fd());
+            }
+        }
+        // A fresh passthrough forgets every inode the old driver held (one fd each); it is
+        // reopened now, or at the next activation if the share is unavailable right now.
+        self.device = None;
+        self.device = FsDevice::new(&self.config).ok();
+        true
+    }
+
+    fn on_event(&mut self, _epoll: &Epoll, token: u64) {
+        let (Some(device), Some(a)) = (&self.device, self.active.as_mut()) else {
+            return;
+        };
+        let Some(q) = a.queues.get_mut(token as usize) else {
+            return;
+        };
+        let _ = q.notify.read();
+        match device.process_queue(&a.view, &mut q.queue) {
+            Ok(true) => {
+                if let Err(e) = a.interrupt.signal_used_queue() {
+                    log::warn!("virtio-fs interrupt: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => log::warn!("virtio-fs queue {token}: {e}"),
+        }
+    }
+}

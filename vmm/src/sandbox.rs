@@ -1,0 +1,198 @@
+//! The built-in backend for one container: a VM with the guest kernel and initramfs, a
+//! virtio-vsock device (hybrid unix socket on the host) and a virtio-fs share, which is all the
+//! runtime needs to reach the guest agent. This is the entry point the runtime calls when it
+//! picks the `builtin` hypervisor.
+//!
+//! vCPU threads run under the seccomp allowlist: device activation and reset only hand work to
+//! the devices' I/O threads (spawned here, before the first KVM_RUN), so nothing a vCPU thread
+//! does needs more than the allowlist. The I/O threads themselves are not confined: the file
+//! system passthrough uses most of the file syscalls.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm};
+//! let mut config = BuiltinConfig::new("/path/vmlinux", "/run/c1/vsock.sock", "/run/c1/rootfs");
+//! config.initramfs = Some("/path/initramfs.cpio.gz".into());
+//! config.console_log = Some("/run/c1/console.log".into());
+//! let vm = BuiltinVm::start(config)?;
+//! // The agent is reached with `CONNECT 1024\n` on /run/c1/vsock.sock.
+//! let exit = vm.wait_timeout(Duration::from_secs(30));
+//! let report = vm.stop();
+//! println!("{exit:?} {report:?}");
+//! # Ok::<(), rootcell_vmm::Error>(())
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rootcell_fs::FsConfig;
+use rootcell_vsock::VsockConfig;
+
+use crate::devices::virtio::fs::{FsDeviceError, VirtioFs};
+use crate::devices::virtio::vsock::{VsockDevice, VsockDeviceError};
+use crate::error::{Error, Result};
+use crate::exit::VmExit;
+use crate::vm::{RunningVm, SerialOutput, VirtioSlot, Vm, VmConfig, VmReport};
+
+/// Kernel parameters every builtin guest gets before the caller's: console on COM1, a reboot
+/// that pulses the i8042 (the VMM's clean exit), reboot at once on panic.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux";
+
+/// What to boot and share for one container.
+#[derive(Debug, Clone)]
+pub struct BuiltinConfig {
+    /// Guest kernel (ELF vmlinux preferred; bzImage also works).
+    pub kernel: PathBuf,
+    /// Guest initramfs (the agent as `/init`).
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel parameters, appended to [`BASE_CMDLINE`].
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// File the serial console is appended to (`None`: discarded).
+    pub console_log: Option<PathBuf>,
+    /// Path of the hybrid vsock unix socket (guest connections to host port P go to
+    /// `<vsock_uds>_<P>`).
+    pub vsock_uds: PathBuf,
+    /// The guest's vsock CID.
+    pub guest_cid: u64,
+    /// Host directory exported over virtio-fs.
+    pub fs_shared_dir: PathBuf,
+    /// The tag the guest mounts the share by.
+    pub fs_tag: String,
+    /// Refuse guest writes to the share.
+    pub fs_read_only: bool,
+}
+
+impl BuiltinConfig {
+    /// A config with 1 vCPU, 256 MiB, CID 3, the protocol's share tag, read-write share, no
+    /// initramfs and no console log.
+    pub fn new(
+        kernel: impl Into<PathBuf>,
+        vsock_uds: impl Into<PathBuf>,
+        fs_shared_dir: impl Into<PathBuf>,
+    ) -> Self {
+        BuiltinConfig {
+            kernel: kernel.into(),
+            initramfs: None,
+            cmdline: String::new(),
+            mem_mib: 256,
+            vcpus: 1,
+            console_log: None,
+            vsock_uds: vsock_uds.into(),
+            guest_cid: rootcell_vsock::DEFAULT_GUEST_CID,
+            fs_shared_dir: fs_shared_dir.into(),
+            fs_tag: rootcell_protocol::SHARE_TAG.to_owned(),
+            fs_read_only: false,
+        }
+    }
+}
+
+/// Starts the builtin backend.
+#[derive(Debug)]
+pub struct BuiltinVm;
+
+impl BuiltinVm {
+    /// Opens the devices, builds the VM, attaches vsock and virtio-fs, and starts the vCPUs.
+    /// On error nothing is left behind: no thread, no socket file, no console file.
+    pub fn start(config: BuiltinConfig) -> Result<RunningBuiltinVm> {
+        let mut cmdline = BASE_CMDLINE.to_owned();
+        if !config.cmdline.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(config.cmdline.trim());
+        }
+        let mut vm_config = VmConfig::new(&config.kernel, cmdline);
+        vm_config.initramfs = config.initramfs.clone();
+        vm_config.mem_mib = config.mem_mib;
+        vm_config.vcpus = config.vcpus;
+        vm_config.seccomp = true;
+        vm_config.serial = match &config.console_log {
+            Some(p) => SerialOutput::File(p.clone()),
+            None => SerialOutput::Sink,
+        };
+        let vsock = VsockDevice::new(&VsockConfig {
+            guest_cid: config.guest_cid,
+            uds_path: config.vsock_uds.clone(),
+        })
+        .map_err(vsock_err)?;
+        let fs = VirtioFs::new(
+            &FsConfig {
+                shared_dir: config.fs_shared_dir.clone(),
+                read_only: config.fs_read_only,
+            },
+            &config.fs_tag,
+        )
+        .map_err(fs_err)?;
+        // Last, because it creates the console file: a device that failed above leaves none.
+        let mut vm = Vm::create(vm_config)?;
+        let vsock_slot = vm.add_virtio_device(Box::new(vsock))?;
+        let fs_slot = vm.add_virtio_device(Box::new(fs))?;
+        let cmdline = vm.cmdline().to_owned();
+        let vm = vm.start()?;
+        Ok(RunningBuiltinVm {
+            vm,
+            cmdline,
+            vsock_slot,
+            fs_slot,
+            vsock_uds: config.vsock_uds,
+        })
+    }
+}
+
+fn vsock_err(e: VsockDeviceError) -> Error {
+    Error::Device(format!("virtio-vsock: {e}"))
+}
+
+fn fs_err(e: FsDeviceError) -> Error {
+    Error::Device(format!("virtio-fs: {e}"))
+}
+
+/// A running builtin VM; dropping it stops the vCPUs and the devices (the vsock socket file is
+/// removed).
+pub struct RunningBuiltinVm {
+    vm: RunningVm,
+    cmdline: String,
+    vsock_slot: VirtioSlot,
+    fs_slot: VirtioSlot,
+    vsock_uds: PathBuf,
+}
+
+impl std::fmt::Debug for RunningBuiltinVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningBuiltinVm")
+            .field("cmdline", &self.cmdline)
+            .field("vsock_slot", &self.vsock_slot)
+            .field("fs_slot", &self.fs_slot)
+            .field("vsock_uds", &self.vsock_uds)
+            .finish()
+    }
+}
+
+impl RunningBuiltinVm {
+    /// Waits up to `timeout` for the guest to end the VM (reboot, shutdown, or a vCPU error).
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        self.vm.wait_timeout(timeout)
+    }
+
+    /// Stops the vCPUs (bounded), then the devices; reports where the guest got to.
+    pub fn stop(self) -> VmReport {
+        self.vm.stop()
+    }
+
+    /// The kernel command line the guest was given (with the virtio-mmio declarations).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Where the vsock and virtio-fs devices sit (register window and IRQ).
+    pub fn slots(&self) -> (VirtioSlot, VirtioSlot) {
+        (self.vsock_slot, self.fs_slot)
+    }
+
+    /// The hybrid vsock socket host clients connect to.
+    pub fn vsock_uds(&self) -> &std::path::Path {
+        &self.vsock_uds
+    }
+}
