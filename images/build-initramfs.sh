@@ -15,6 +15,8 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{proc,sys,dev,run,tmp,mnt,etc}
 install -m 0755 "$agent" "$stage/init"
+# The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
+mknod -m 600 "$stage/dev/console" c 5 1
 mkdir -p "$(dirname "$out")"
 # Fixed timestamps and owners so the same agent gives the same image.
 (cd "$stage" && find . -mindepth 1 -exec touch -h -d @0 {} + && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -9 -n > "$out.tmp"

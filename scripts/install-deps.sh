@@ -8,6 +8,7 @@ pkgs=(
     busybox-static                                       # example and test root filesystems
     libcap-ng-dev libseccomp-dev                         # -sys crates of the device back ends
     iproute2 jq file
+    docker.io containerd runc                            # Docker end-to-end tests and runc comparisons
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,1 +1,212 @@
-fn main() {}
+//! rootcell: a runc-compatible OCI runtime that runs every container in its own microVM.
+
+mod agent;
+mod assets;
+mod cgroup;
+mod cli;
+mod commands;
+mod console;
+mod control;
+mod error;
+mod hooks;
+mod hypervisor;
+mod id;
+mod logging;
+mod paths;
+mod sandbox;
+mod share;
+mod signal;
+mod spec;
+mod state;
+mod stdio;
+mod timefmt;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use commands::create::CreateOptions;
+use commands::Global;
+use std::io::Write;
+
+fn main() {
+    let cli = Cli::parse();
+    let g = Global {
+        root: paths::absolute(&cli.root),
+        log: cli.log.as_deref().map(paths::absolute),
+        log_format: if cli.log_format == cli::LogFormat::Json {
+            logging::Format::Json
+        } else {
+            logging::Format::Text
+        },
+        debug: cli.debug,
+    };
+    if let Command::Sandbox {
+        id,
+        ready_fd,
+        console_socket,
+        tty_stdio,
+    } = cli.command
+    {
+        // The sandbox's stdio is the container's: its own logs never go there.
+        let own_log = paths::state_dir(&g.root, &id).join("sandbox.log");
+        let file = g.log.clone().unwrap_or(own_log);
+        logging::init(
+            Some(&file),
+            Box::new(std::io::sink()),
+            g.log_format,
+            g.debug,
+        );
+        let args = sandbox::SandboxArgs {
+            root: g.root.clone(),
+            id,
+            ready_fd,
+            console_socket,
+            tty_stdio,
+        };
+        std::process::exit(sandbox::main(args));
+    }
+    if let Command::ExecRelay {
+        id,
+        exec_id,
+        ready_fd,
+        console_socket,
+        tty_stdio,
+    } = cli.command
+    {
+        let own_log = paths::state_dir(&g.root, &id).join("sandbox.log");
+        let file = g.log.clone().unwrap_or(own_log);
+        logging::init(
+            Some(&file),
+            Box::new(std::io::sink()),
+            g.log_format,
+            g.debug,
+        );
+        let mode = stdio::TerminalMode {
+            terminal: false,
+            console_socket,
+            tty_stdio,
+        };
+        let args = commands::exec::RelayArgs {
+            id,
+            exec_id,
+            ready_fd,
+            mode,
+        };
+        std::process::exit(commands::exec::relay_main(&g, args));
+    }
+    logging::init(
+        g.log.as_deref(),
+        Box::new(std::io::stderr()),
+        g.log_format,
+        g.debug,
+    );
+    if cli.systemd_cgroup {
+        tracing::debug!("--systemd-cgroup accepted; rootcell manages cgroupfs paths itself");
+    }
+    match dispatch(&g, cli.command) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if g.log.is_some() {
+                // The shim shows the last error line of the log file to the user.
+                tracing::error!("{msg}");
+            }
+            let _ = writeln!(std::io::stderr(), "rootcell: {msg}");
+            // `run`/`exec` of a program that cannot start exit like a shell would (127/126).
+            let status = e
+                .chain()
+                .find_map(|c| match c.downcast_ref::<error::RuntimeError>() {
+                    Some(error::RuntimeError::Process { status, .. }) => Some(*status),
+                    _ => None,
+                });
+            std::process::exit(status.unwrap_or(1));
+        }
+    }
+}
+
+/// True if `a` is the value of a global flag (so not the subcommand's name).
+fn is_global_value(a: &str) -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| w[1] == a && matches!(w[0].as_str(), "--root" | "--log" | "--log-format"))
+}
+
+fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
+    let out = |s: String| {
+        let mut o = std::io::stdout();
+        let _ = o.write_all(s.as_bytes());
+        let _ = o.flush();
+    };
+    match command {
+        Command::Create(a) => {
+            let opts = CreateOptions {
+                bundle: a.bundle,
+                pid_file: a.pid_file,
+                console_socket: a.console_socket,
+                attached: false,
+            };
+            commands::create::create(g, &a.id, &opts)?;
+        }
+        Command::Run {
+            detach,
+            keep,
+            create: a,
+        } => {
+            let opts = CreateOptions {
+                bundle: a.bundle,
+                pid_file: a.pid_file,
+                console_socket: a.console_socket,
+                attached: !detach,
+            };
+            return commands::lifecycle::run(g, &a.id, &opts, detach, keep);
+        }
+        Command::Start { id } => commands::lifecycle::start(g, &id)?,
+        Command::State { id } => out(commands::lifecycle::state(g, &id)? + "\n"),
+        Command::Kill { all, id, signal } => commands::lifecycle::kill(g, &id, &signal, all)?,
+        Command::Delete { force, id } => commands::lifecycle::delete(g, &id, force)?,
+        Command::List { format, quiet } => out(commands::info::list(g, &format, quiet)?),
+        Command::Spec { bundle } => commands::info::spec(&bundle)?,
+        Command::Pause { id } => commands::lifecycle::pause(g, &id, true)?,
+        Command::Resume { id } => commands::lifecycle::pause(g, &id, false)?,
+        Command::Ps {
+            format,
+            id,
+            ps_args: _,
+        } => out(commands::lifecycle::ps(g, &id, &format)?),
+        Command::Features => out(commands::info::features() + "\n"),
+        Command::Unsupported { .. } => {
+            let name = std::env::args()
+                .skip(1)
+                .find(|a| !a.starts_with('-') && !is_global_value(a))
+                .unwrap_or_default();
+            anyhow::bail!("`{name}` is not supported by this rootcell version yet; use create/start/kill/delete");
+        }
+        Command::Exec {
+            process,
+            detach,
+            pid_file,
+            console_socket,
+            tty,
+            cwd,
+            env,
+            user,
+            preserve_fds: _,
+            id,
+            command,
+        } => {
+            let o = commands::exec::ExecOptions {
+                process_file: process,
+                args: command,
+                tty,
+                cwd,
+                env,
+                user,
+                detach,
+                pid_file,
+                console_socket,
+            };
+            return commands::exec::exec(g, &id, &o);
+        }
+        Command::Sandbox { .. } | Command::ExecRelay { .. } => unreachable!("handled in main"),
+    }
+    Ok(0)
+}

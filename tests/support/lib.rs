@@ -5,6 +5,8 @@
 //! environment that `scripts/test.sh` sets (`build/env`); without it the tests fail and say how
 //! to run them, rather than passing vacuously.
 
+pub mod docker;
+
 use serde_json::{json, Value};
 use std::fs;
 use std::io::Read;

@@ -1,0 +1,529 @@
+//! The agent's state and request handling: one container per guest, its init and exec
+//! processes, their streams and terminals.
+
+use crate::alog;
+use crate::container::{
+    self, spec, ExecRequest, InitRequest, MountEnv, NamespacePlan, Prepared, SetupError, Stdio,
+};
+use crate::registry::{Entry, Registry};
+use crate::sink::EventSink;
+use crate::streams::StreamTable;
+use crate::terminal;
+use oci_spec::runtime::{Process, Spec};
+use rootcell_protocol::{
+    ErrorCode, Request, Response, StdioSpec, Stream, INIT_PROCESS, PROTOCOL_VERSION,
+};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Agent-wide settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long Create/Exec wait for announced streams that have not connected yet.
+    pub stream_wait: Duration,
+    /// Where per-container cgroup2 directories are made (None: no cgroups).
+    pub cgroup_root: Option<PathBuf>,
+    /// Mount facts about this system.
+    pub mount_env: MountEnv,
+    /// Whether `Shutdown` reboots the machine (as PID 1) or just exits the agent.
+    pub reboot_on_shutdown: bool,
+}
+
+/// What the control loop does after answering a request.
+#[derive(Debug)]
+pub enum After {
+    /// Nothing.
+    Nothing,
+    /// Power off the guest.
+    Shutdown,
+}
+
+/// The result of handling a request: the response, a process to release atomically with it
+/// (so its exit cannot be reported first), and a follow-up action.
+pub struct Reply {
+    /// The answer.
+    pub response: Response,
+    /// Released under the sink lock right before the response is written.
+    pub release: Option<Prepared>,
+    /// What to do afterwards.
+    pub after: After,
+}
+
+impl From<Response> for Reply {
+    fn from(response: Response) -> Self {
+        Reply {
+            response,
+            release: None,
+            after: After::Nothing,
+        }
+    }
+}
+
+struct Container {
+    plan: NamespacePlan,
+    init_pid: i32,
+    cgroup: Option<PathBuf>,
+    pending_start: Option<Prepared>,
+}
+
+/// The agent: shared by the control, stream and reaper threads.
+pub struct Agent {
+    /// Writer for responses and events.
+    pub sink: Arc<EventSink>,
+    /// Streams waiting for their process.
+    pub streams: StreamTable,
+    /// Live named processes.
+    pub registry: Arc<Registry>,
+    config: Config,
+    container: Mutex<Option<Container>>,
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<SetupError> for Response {
+    fn from(e: SetupError) -> Self {
+        Response::Error {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+impl Agent {
+    /// Creates an agent.
+    pub fn new(config: Config) -> Self {
+        Agent {
+            sink: Arc::new(EventSink::new()),
+            streams: StreamTable::new(),
+            registry: Arc::new(Registry::new()),
+            config,
+            container: Mutex::new(None),
+        }
+    }
+
+    /// The agent's settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Called by the reaper when a named process has exited.
+    pub fn process_exited(&self, name: &str, status: i32) {
+        alog!("process {name} exited with status {status}");
+        if name == INIT_PROCESS {
+            if let Some(c) = self.lock().as_mut() {
+                c.pending_start = None;
+            }
+        }
+    }
+
+    /// Handles one request.
+    pub fn handle(&self, request: Request) -> Reply {
+        match request {
+            Request::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    alog!("host speaks protocol {version}, agent {PROTOCOL_VERSION}");
+                }
+                let kernel_release = nix::sys::utsname::uname()
+                    .map(|u| u.release().to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Response::Hello {
+                    version: PROTOCOL_VERSION,
+                    kernel_release,
+                }
+                .into()
+            }
+            Request::Create {
+                container_id,
+                spec,
+                stdio,
+            } => self.create(&container_id, &spec, stdio).into(),
+            Request::Start => self.start(),
+            Request::Exec {
+                exec_id,
+                process,
+                stdio,
+            } => self.exec(&exec_id, &process, stdio),
+            Request::Signal {
+                process,
+                signal,
+                all,
+            } => self.signal(&process, signal, all).into(),
+            Request::Resize {
+                process,
+                rows,
+                cols,
+            } => self.resize(&process, rows, cols).into(),
+            Request::Processes => Response::Processes {
+                pids: self.container_pids(),
+            }
+            .into(),
+            Request::Shutdown => Reply {
+                response: Response::Ok,
+                release: None,
+                after: After::Shutdown,
+            },
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Container>> {
+        self.container.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec) -> Response {
+        let result = self.try_create(id, spec, stdio_spec);
+        if result.is_err() {
+            self.streams.discard(INIT_PROCESS);
+        }
+        match result {
+            Ok(pid) => Response::Created { pid },
+            Err(e) => {
+                alog!("create {id} failed: {}", e.message);
+                e.into()
+            }
+        }
+    }
+
+    fn try_create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec) -> Result<i32, SetupError> {
+        let mut container = self.lock();
+        if container.is_some() {
+            return Err(SetupError::new(
+                ErrorCode::InvalidState,
+                "this guest already has a container",
+            ));
+        }
+        let plan = spec::validate(spec)?;
+        let console_size = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.console_size().as_ref().map(|b| (b.height(), b.width())));
+        let (stdio, pty) = self.take_stdio(INIT_PROCESS, stdio_spec)?;
+        if let (Some((h, w)), Some((master, _))) = (console_size, &pty) {
+            let _ = terminal::resize(master, h as u16, w as u16);
+        }
+        let cgroup = self.make_cgroup(id);
+        let req = InitRequest {
+            spec,
+            plan: &plan,
+            cgroup: cgroup.as_deref(),
+            env: self.config.mount_env,
+        };
+        let prepared = container::create_init(req, stdio);
+        self.registry.note_fork();
+        let prepared = prepared?;
+        let pid = prepared.pid;
+        let pty = self.start_relay(pty)?;
+        self.registry.add(INIT_PROCESS, Entry { pid, pty });
+        alog!("created container {id}: init pid {pid}");
+        *container = Some(Container {
+            plan,
+            init_pid: pid,
+            cgroup,
+            pending_start: Some(prepared),
+        });
+        Ok(pid)
+    }
+
+    fn start(&self) -> Reply {
+        let mut container = self.lock();
+        match container.as_mut() {
+            None => error(ErrorCode::InvalidState, "no container has been created").into(),
+            Some(c) => match c.pending_start.take() {
+                Some(p) => Reply {
+                    response: Response::Ok,
+                    release: Some(p),
+                    after: After::Nothing,
+                },
+                None if self.registry.get(INIT_PROCESS).is_some() => {
+                    error(ErrorCode::InvalidState, "the container is already started").into()
+                }
+                None => error(ErrorCode::InvalidState, "the container's init has exited").into(),
+            },
+        }
+    }
+
+    fn exec(&self, exec_id: &str, process: &Process, stdio_spec: StdioSpec) -> Reply {
+        let result = self.try_exec(exec_id, process, stdio_spec);
+        if result.is_err() {
+            self.streams.discard(exec_id);
+        }
+        match result {
+            Ok(p) => Reply {
+                response: Response::Created { pid: p.pid },
+                release: Some(p),
+                after: After::Nothing,
+            },
+            Err(e) => {
+                alog!("exec {exec_id} failed: {}", e.message);
+                Response::from(e).into()
+            }
+        }
+    }
+
+    fn try_exec(
+        &self,
+        exec_id: &str,
+        process: &Process,
+        stdio_spec: StdioSpec,
+    ) -> Result<Prepared, SetupError> {
+        if exec_id == INIT_PROCESS || self.registry.get(exec_id).is_some() {
+            return Err(SetupError::new(
+                ErrorCode::InvalidState,
+                format!("process id {exec_id} is in use"),
+            ));
+        }
+        let (plan, init_pid, cgroup) = {
+            let container = self.lock();
+            let c = container
+                .as_ref()
+                .ok_or_else(|| SetupError::new(ErrorCode::InvalidState, "no container"))?;
+            if self.registry.get(INIT_PROCESS).is_none() {
+                return Err(SetupError::new(
+                    ErrorCode::InvalidState,
+                    "the container's init has exited",
+                ));
+            }
+            (c.plan.clone(), c.init_pid, c.cgroup.clone())
+        };
+        let (stdio, pty) = self.take_stdio(exec_id, stdio_spec)?;
+        if let (Some(b), Some((master, _))) = (process.console_size(), &pty) {
+            let _ = terminal::resize(master, b.height() as u16, b.width() as u16);
+        }
+        let req = ExecRequest {
+            init_pid,
+            plan: &plan,
+            cgroup: cgroup.as_deref(),
+        };
+        let prepared = container::create_exec(req, process, stdio);
+        self.registry.note_fork();
+        let prepared = prepared?;
+        let pty = self.start_relay(pty)?;
+        self.registry.add(
+            exec_id,
+            Entry {
+                pid: prepared.pid,
+                pty,
+            },
+        );
+        alog!("exec {exec_id}: pid {}", prepared.pid);
+        Ok(prepared)
+    }
+
+    /// Collects the announced streams of `process`; with a terminal, opens the pty and returns
+    /// the master with the host's pty stream for relaying once the process exists.
+    #[allow(clippy::type_complexity)]
+    fn take_stdio(
+        &self,
+        process: &str,
+        spec: StdioSpec,
+    ) -> Result<(Stdio, Option<(std::os::fd::OwnedFd, Option<UnixStream>)>), SetupError> {
+        let wait = self.config.stream_wait;
+        let take =
+            |wanted: bool, stream: Stream| -> Result<Option<std::os::fd::OwnedFd>, SetupError> {
+                if !wanted {
+                    return Ok(None);
+                }
+                match self.streams.take(process, stream, wait) {
+                    Some(fd) => Ok(Some(fd)),
+                    None => Err(SetupError::other(format!(
+                        "the {stream:?} stream of {process} did not connect in time"
+                    ))),
+                }
+            };
+        if spec.terminal {
+            let host = take(true, Stream::Pty)?.map(UnixStream::from);
+            let pty =
+                terminal::open_pty().map_err(|e| SetupError::other(format!("openpty: {e}")))?;
+            let stdio = Stdio {
+                terminal: Some(pty.slave),
+                console_path: Some(pty.slave_path),
+                ..Default::default()
+            };
+            return Ok((stdio, Some((pty.master, host))));
+        }
+        let stdio = Stdio {
+            stdin: take(spec.stdin, Stream::Stdin)?,
+            stdout: take(spec.stdout, Stream::Stdout)?,
+            stderr: take(spec.stderr, Stream::Stderr)?,
+            ..Default::default()
+        };
+        Ok((stdio, None))
+    }
+
+    fn start_relay(
+        &self,
+        pty: Option<(std::os::fd::OwnedFd, Option<UnixStream>)>,
+    ) -> Result<Option<Arc<std::os::fd::OwnedFd>>, SetupError> {
+        let Some((master, host)) = pty else {
+            return Ok(None);
+        };
+        let master = Arc::new(master);
+        if let Some(host) = host {
+            terminal::relay(master.clone(), host)
+                .map_err(|e| SetupError::other(format!("pty relay: {e}")))?;
+        }
+        Ok(Some(master))
+    }
+
+    fn make_cgroup(&self, id: &str) -> Option<PathBuf> {
+        let root = self.config.cgroup_root.as_ref()?;
+        let name: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let dir = root.join(format!("rootcell-{name}"));
+        match std::fs::create_dir_all(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                alog!("no cgroup for the container ({}): {e}", dir.display());
+                None
+            }
+        }
+    }
+
+    fn signal(&self, process: &str, signal: i32, all: bool) -> Response {
+        let sig = match nix::sys::signal::Signal::try_from(signal) {
+            Ok(s) => s,
+            Err(_) => return error(ErrorCode::Other, format!("invalid signal {signal}")),
+        };
+        let pids = if all {
+            self.container_pids()
+        } else {
+            self.registry
+                .get(process)
+                .map(|e| vec![e.pid])
+                .unwrap_or_default()
+        };
+        if pids.is_empty() {
+            return error(
+                ErrorCode::NoSuchProcess,
+                format!("process {process} does not exist or has exited"),
+            );
+        }
+        let mut sent = false;
+        for pid in pids {
+            sent |= nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).is_ok();
+        }
+        if sent {
+            Response::Ok
+        } else {
+            error(
+                ErrorCode::NoSuchProcess,
+                format!("process {process} has exited"),
+            )
+        }
+    }
+
+    fn resize(&self, process: &str, rows: u16, cols: u16) -> Response {
+        match self.registry.get(process) {
+            None => error(
+                ErrorCode::NoSuchProcess,
+                format!("process {process} does not exist or has exited"),
+            ),
+            Some(Entry { pty: None, .. }) => error(
+                ErrorCode::InvalidState,
+                format!("process {process} has no terminal"),
+            ),
+            Some(Entry {
+                pty: Some(master), ..
+            }) => match terminal::resize(&master, rows, cols) {
+                Ok(()) => Response::Ok,
+                Err(e) => error(ErrorCode::Other, format!("resize: {e}")),
+            },
+        }
+    }
+
+    /// Pids of every process of the container: its cgroup if it has one, else every process
+    /// in its pid namespace, else the processes the agent started.
+    pub fn container_pids(&self) -> Vec<i32> {
+        let (cgroup, init_pid, has_pidns) = {
+            let c = self.lock();
+            match c.as_ref() {
+                None => return Vec::new(),
+                Some(c) => (
+                    c.cgroup.clone(),
+                    c.init_pid,
+                    c.plan.has(oci_spec::runtime::LinuxNamespaceType::Pid),
+                ),
+            }
+        };
+        if let Some(cg) = cgroup {
+            if let Ok(text) = std::fs::read_to_string(cg.join("cgroup.procs")) {
+                return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            }
+        }
+        if has_pidns && self.registry.get(INIT_PROCESS).is_some() {
+            if let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) {
+                return pids_in_namespace(Path::new("/proc"), &ns);
+            }
+        }
+        self.registry.pids()
+    }
+}
+
+/// Pids under `proc` whose pid namespace link equals `ns`.
+fn pids_in_namespace(proc: &Path, ns: &Path) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(proc) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(proc.join(pid.to_string()).join("ns/pid")).is_ok_and(|l| l == ns)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_namespace_walk_finds_this_process() {
+        let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+        let pids = pids_in_namespace(Path::new("/proc"), &ns);
+        assert!(pids.contains(&(std::process::id() as i32)));
+        assert!(pids_in_namespace(Path::new("/proc"), Path::new("pid:[0]")).is_empty());
+    }
+
+    #[test]
+    fn requests_before_create_are_refused() {
+        let agent = Agent::new(Config {
+            stream_wait: Duration::from_millis(10),
+            cgroup_root: None,
+            mount_env: MountEnv::default(),
+            reboot_on_shutdown: false,
+        });
+        let code = |r: Reply| match r.response {
+            Response::Error { code, .. } => code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(code(agent.handle(Request::Start)), ErrorCode::InvalidState);
+        let sig = Request::Signal {
+            process: "init".into(),
+            signal: 15,
+            all: false,
+        };
+        assert_eq!(code(agent.handle(sig)), ErrorCode::NoSuchProcess);
+        let resize = Request::Resize {
+            process: "x".into(),
+            rows: 1,
+            cols: 1,
+        };
+        assert_eq!(code(agent.handle(resize)), ErrorCode::NoSuchProcess);
+        assert!(
+            matches!(agent.handle(Request::Processes).response, Response::Processes { pids } if pids.is_empty())
+        );
+    }
+}

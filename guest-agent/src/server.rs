@@ -1,0 +1,127 @@
+//! Connection handling: the control connection loop and the stream connection acceptor.
+
+use crate::agent::{After, Agent};
+use crate::alog;
+use crate::listener::Listener;
+use crate::registry::reap_forever;
+use rootcell_protocol::{FrameError, HostMessage, Response, StreamHello};
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a new stream connection may take to send its `StreamHello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the reaper and the stream acceptor, then serves control connections forever.
+pub fn serve(agent: Arc<Agent>, control: Listener, streams: Listener) -> io::Result<()> {
+    let (reg, sink, a) = (agent.registry.clone(), agent.sink.clone(), agent.clone());
+    std::thread::Builder::new()
+        .name("reaper".into())
+        .spawn(move || {
+            reap_forever(reg, sink, move |name, status| {
+                a.process_exited(name, status)
+            })
+        })?;
+    let a = agent.clone();
+    std::thread::Builder::new()
+        .name("streams".into())
+        .spawn(move || accept_streams(a, streams))?;
+    loop {
+        let conn = control.accept()?;
+        let a = agent.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                if let Err(e) = control_connection(&a, conn) {
+                    alog!("control connection ended: {e}");
+                }
+            })?;
+    }
+}
+
+/// Serves one control connection until EOF; it also becomes the connection events go to.
+pub fn control_connection(agent: &Agent, conn: UnixStream) -> io::Result<()> {
+    alog!("control connection opened");
+    agent.sink.attach(Box::new(conn.try_clone()?));
+    let mut reader = conn.try_clone()?;
+    let mut writer = conn;
+    loop {
+        let msg: HostMessage = match rootcell_protocol::recv(&mut reader) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                alog!("control connection closed by the host");
+                return Ok(());
+            }
+            Err(FrameError::Json(e)) => {
+                // The frame was consumed whole; a message we cannot parse has no usable id.
+                alog!("ignoring malformed control message: {e}");
+                continue;
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        let reply = agent.handle(msg.request);
+        let (response, release) = (reply.response, reply.release);
+        agent
+            .sink
+            .respond(&mut writer, msg.id, || match release.map(|p| p.release()) {
+                Some(Err(e)) => Response::Error {
+                    code: rootcell_protocol::ErrorCode::Other,
+                    message: format!("releasing the process failed: {e}"),
+                },
+                _ => response,
+            })?;
+        if let After::Shutdown = reply.after {
+            shutdown(agent);
+        }
+    }
+}
+
+/// Syncs and powers off (reboot + QEMU -no-reboot); outside a guest, just exits.
+fn shutdown(agent: &Agent) -> ! {
+    alog!("shutting down");
+    nix::unistd::sync();
+    if agent.config().reboot_on_shutdown {
+        // SAFETY: reboot(2); the guest is booted with reboot=t and QEMU with -no-reboot.
+        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    }
+    std::process::exit(0)
+}
+
+fn accept_streams(agent: Arc<Agent>, listener: Listener) {
+    loop {
+        match listener.accept() {
+            Ok(conn) => {
+                let a = agent.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("stream-hello".into())
+                    .spawn(move || {
+                        if let Err(e) = register_stream(&a, conn) {
+                            alog!("dropping stream connection: {e}");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    alog!("cannot start a stream thread: {e}");
+                }
+            }
+            Err(e) => {
+                alog!("stream accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Reads the `StreamHello` (exactly one frame, unbuffered, so no payload byte is consumed)
+/// and parks the socket for its process.
+fn register_stream(agent: &Agent, mut conn: UnixStream) -> io::Result<()> {
+    conn.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let hello: StreamHello = rootcell_protocol::recv(&mut conn)
+        .map_err(io::Error::other)?
+        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "closed before StreamHello"))?;
+    conn.set_read_timeout(None)?;
+    agent
+        .streams
+        .insert(&hello.process, hello.stream, conn.into());
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! Runs the real agent binary on this host (`--unix DIR`, as root) and drives it with the wire
+//! protocol exactly as the host runtime does over vsock: streams first, then Create/Start/Exec,
+//! stdio bytes on the stream sockets, Exit events on the control connection.
+
+use rootcell_protocol::{
+    recv, send, AgentMessage, ErrorCode, Event, HostMessage, Request, Response, StdioSpec, Stream,
+    StreamHello,
+};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+struct AgentProc {
+    child: Child,
+    dir: tempfile::TempDir,
+    rootfs: PathBuf,
+    control: UnixStream,
+    next_id: u64,
+    events: Vec<Event>,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rootfs(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for a in [
+        "sh", "echo", "cat", "sleep", "stty", "tty", "hostname", "wc", "head", "ls", "grep", "kill",
+    ] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).unwrap();
+    }
+    rootfs
+}
+
+impl AgentProc {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = rootfs(dir.path());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rootcell-agent"));
+        cmd.arg("--unix").arg(dir.path());
+        // SAFETY: prctl only; the agent must not outlive a test that dies early.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        let sock = dir.path().join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let control = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "agent did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        control
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut a = AgentProc {
+            child,
+            dir,
+            rootfs,
+            control,
+            next_id: 1,
+            events: Vec::new(),
+        };
+        match a.request(Request::Hello {
+            version: rootcell_protocol::PROTOCOL_VERSION,
+        }) {
+            Response::Hello {
+                version,
+                kernel_release,
+            } => {
+                assert_eq!(version, rootcell_protocol::PROTOCOL_VERSION);
+                assert!(!kernel_release.is_empty());
+            }
+            other => panic!("bad hello answer {other:?}"),
+        }
+        a
+    }
+
+    fn request(&mut self, request: Request) -> Response {
+        let id = self.next_id;
+        self.next_id += 1;
+        send(&mut self.control, &HostMessage { id, request }).unwrap();
+        loop {
+            match recv::<_, AgentMessage>(&mut self.control)
+                .unwrap()
+                .expect("agent closed control")
+            {
+                AgentMessage::Response { id: got, result } => {
+                    assert_eq!(got, id);
+                    return result;
+                }
+                AgentMessage::Event { event } => self.events.push(event),
+            }
+        }
+    }
+
+    fn wait_exit(&mut self, process: &str) -> i32 {
+        loop {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| matches!(e, Event::Exit { process: p, .. } if p == process))
+            {
+                let Event::Exit { status, .. } = self.events.remove(i) else {
+                    unreachable!()
+                };
+                return status;
+            }
+            match recv::<_, AgentMessage>(&mut self.control)
+                .unwrap()
+                .expect("agent closed control")
+            {
+                AgentMessage::Event { event } => self.events.push(event),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    fn stream(&self, process: &str, stream: Stream) -> UnixStream {
+        let mut s = UnixStream::connect(self.dir.path().join("stream.sock")).unwrap();
+        send(
+            &mut s,
+            &StreamHello {
+                process: process.into(),
+                stream,
+            },
+        )
+        .unwrap();
+        s
+    }
+
+    fn spec(&self, args: &[&str], terminal: bool) -> Box<oci_spec::runtime::Spec> {
+        Box::new(
+            serde_json::from_value(json!({
+                "ociVersion": "1.0.2",
+                "root": {"path": self.rootfs},
+                "hostname": "proto",
+                "process": {"args": args, "cwd": "/", "terminal": terminal, "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
+                "mounts": [
+                    {"destination": "/proc", "type": "proc", "source": "proc"},
+                    {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["mode=755"]},
+                    {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["newinstance", "ptmxmode=0666"]},
+                ],
+                "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}, {"type": "network"}]}
+            }))
+            .unwrap(),
+        )
+    }
+}
+
+fn read_all(mut s: UnixStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn run_stdio_exec_signal_and_shutdown() {
+    let mut a = AgentProc::start();
+    // Streams first, as the host does; stdin is piped through `cat`.
+    let mut stdin = a.stream("init", Stream::Stdin);
+    let stdout = a.stream("init", Stream::Stdout);
+    let stderr = a.stream("init", Stream::Stderr);
+    let spec = a.spec(
+        &["sh", "-c", "hostname; cat; echo err >&2; sleep 30"],
+        false,
+    );
+    let stdio = StdioSpec {
+        stdin: true,
+        stdout: true,
+        stderr: true,
+        terminal: false,
+    };
+    let pid = match a.request(Request::Create {
+        container_id: "c1".into(),
+        spec,
+        stdio,
+    }) {
+        Response::Created { pid } => pid,
+        other => panic!("create failed: {other:?}"),
+    };
+    assert!(pid > 1);
+    assert_eq!(a.request(Request::Start), Response::Ok);
+    let payload = vec![b'x'; 1 << 20];
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&vec![b'x'; 1 << 20]).unwrap();
+        // The host half-closes: the process sees EOF on stdin.
+        stdin.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut stdout = stdout;
+    stdout
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut first = vec![0u8; 6 + payload.len()];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first[..6], b"proto\n");
+    assert!(first[6..].iter().all(|&b| b == b'x'));
+    writer.join().unwrap();
+    let mut err = [0u8; 4];
+    let mut stderr = stderr;
+    stderr.read_exact(&mut err).unwrap();
+    assert_eq!(&err, b"err\n");
+
+    // Exec inside the running container, with its own stdout.
+    let exec_out = a.stream("e1", Stream::Stdout);
+    let process = Box::new(
+        serde_json::from_value(json!({"args": ["sh", "-c", "hostname; exit 5"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}))
+            .unwrap(),
+    );
+    let stdio = StdioSpec {
+        stdout: true,
+        ..Default::default()
+    };
+    assert!(matches!(
+        a.request(Request::Exec {
+            exec_id: "e1".into(),
+            process,
+            stdio
+        }),
+        Response::Created { .. }
+    ));
+    assert_eq!(a.wait_exit("e1"), 5);
+    assert_eq!(read_all(exec_out), "proto\n");
+
+    // Missing programs are classified for the host's 127.
+    let process = Box::new(
+        serde_json::from_value(json!({"args": ["nope"], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
+            .unwrap(),
+    );
+    match a.request(Request::Exec {
+        exec_id: "e2".into(),
+        process,
+        stdio: StdioSpec::default(),
+    }) {
+        Response::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NotFound);
+            assert!(
+                message.contains("executable file not found in $PATH"),
+                "{message}"
+            );
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+
+    match a.request(Request::Processes) {
+        Response::Processes { pids } => assert!(pids.contains(&pid), "{pids:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        a.request(Request::Signal {
+            process: "init".into(),
+            signal: 9,
+            all: true
+        }),
+        Response::Ok
+    );
+    assert_eq!(a.wait_exit("init"), 137);
+    // Stdout EOF arrives once the process (and its children) are gone.
+    read_all(stdout);
+    match a.request(Request::Signal {
+        process: "init".into(),
+        signal: 15,
+        all: false,
+    }) {
+        Response::Error { code, .. } => assert_eq!(code, ErrorCode::NoSuchProcess),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(a.request(Request::Shutdown), Response::Ok);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "agent did not exit on Shutdown");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn terminal_process_with_resize() {
+    let mut a = AgentProc::start();
+    let mut pty = a.stream("init", Stream::Pty);
+    let spec = a.spec(
+        &[
+            "sh",
+            "-c",
+            "read line; stty size; tty; echo got:$line; exit 3",
+        ],
+        true,
+    );
+    let stdio = StdioSpec {
+        terminal: true,
+        ..Default::default()
+    };
+    assert!(matches!(
+        a.request(Request::Create {
+            container_id: "t".into(),
+            spec,
+            stdio
+        }),
+        Response::Created { .. }
+    ));
+    assert_eq!(
+        a.request(Request::Resize {
+            process: "init".into(),
+            rows: 33,
+            cols: 101
+        }),
+        Response::Ok
+    );
+    assert_eq!(a.request(Request::Start), Response::Ok);
+    pty.write_all(b"hello\n").unwrap();
+    assert_eq!(a.wait_exit("init"), 3);
+    let out = read_all(pty);
+    assert!(out.contains("33 101"), "{out:?}");
+    assert!(
+        out.contains("/dev/pts/0") || out.contains("/dev/console"),
+        "{out:?}"
+    );
+    assert!(out.contains("got:hello"), "{out:?}");
+}
+
+#[test]
+fn create_errors_are_classified() {
+    let mut a = AgentProc::start();
+    let spec = a.spec(&["/bin/missing"], false);
+    match a.request(Request::Create {
+        container_id: "x".into(),
+        spec,
+        stdio: StdioSpec::default(),
+    }) {
+        Response::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),
+        other => panic!("{other:?}"),
+    }
+    let mut spec = a.spec(&["sh"], false);
+    let mut linux = spec.linux().clone().unwrap();
+    linux.set_uid_mappings(Some(vec![serde_json::from_value(
+        json!({"containerID": 0, "hostID": 1000, "size": 1}),
+    )
+    .unwrap()]));
+    spec.set_linux(Some(linux));
+    match a.request(Request::Create {
+        container_id: "x".into(),
+        spec,
+        stdio: StdioSpec::default(),
+    }) {
+        Response::Error { code, .. } => assert_eq!(code, ErrorCode::Unsupported),
+        other => panic!("{other:?}"),
+    }
+    // Announced streams that never connect fail the request instead of hanging it.
+    let spec = a.spec(&["sh"], false);
+    let stdio = StdioSpec {
+        stdout: true,
+        ..Default::default()
+    };
+    let t = Instant::now();
+    match a.request(Request::Create {
+        container_id: "x".into(),
+        spec,
+        stdio,
+    }) {
+        Response::Error { code, .. } => assert_eq!(code, ErrorCode::Other),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_secs(4));
+    assert!(matches!(
+        a.request(Request::Start),
+        Response::Error {
+            code: ErrorCode::InvalidState,
+            ..
+        }
+    ));
+}

@@ -1,0 +1,265 @@
+//! The command line, shaped like runc's (global flags before or after the subcommand).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// rootcell: an OCI runtime that runs every container in its own microVM.
+#[derive(Debug, Parser)]
+#[command(name = "rootcell", version, about)]
+pub struct Cli {
+    /// Directory for container state.
+    #[arg(long, global = true, default_value = "/run/rootcell")]
+    pub root: PathBuf,
+    /// Append logs (and errors) to this file.
+    #[arg(long, global = true)]
+    pub log: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log debug messages and span timings.
+    #[arg(long, global = true)]
+    pub debug: bool,
+    /// Accepted for runc compatibility; rootcell uses the cgroupfs layout.
+    #[arg(long, global = true, hide = true)]
+    pub systemd_cgroup: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// JSON lines with level, msg and time.
+    Json,
+}
+
+/// Options shared by `create` and `run`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Bundle directory (holds config.json).
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Write the sandbox process's pid here.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master for `terminal: true`.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility (no effect: the VM has its own root).
+    #[arg(long, hide = true)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility (no effect).
+    #[arg(long, hide = true)]
+    pub no_new_keyring: bool,
+    /// Extra fds to pass; only 0 is supported.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub preserve_fds: u32,
+    /// Container id.
+    pub id: String,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a container (boot its VM) without running the user program.
+    Create(CreateArgs),
+    /// Run the user program of a created container.
+    Start {
+        /// Container id.
+        id: String,
+    },
+    /// Print the OCI state of a container.
+    State {
+        /// Container id.
+        id: String,
+    },
+    /// Send a signal to the container's init process.
+    Kill {
+        /// Signal every process of the container.
+        #[arg(short, long)]
+        all: bool,
+        /// Container id.
+        id: String,
+        /// Signal name or number.
+        #[arg(default_value = "TERM")]
+        signal: String,
+    },
+    /// Delete a container and everything it left on the host.
+    Delete {
+        /// Kill the container first if it is still running.
+        #[arg(short, long)]
+        force: bool,
+        /// Container id.
+        id: String,
+    },
+    /// Create and start a container, then wait for it (unless --detach).
+    Run {
+        /// Return after start instead of waiting.
+        #[arg(short, long)]
+        detach: bool,
+        /// Keep the container's state after it exits.
+        #[arg(long)]
+        keep: bool,
+        /// Create options.
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// List containers.
+    List {
+        /// Output format: table or json.
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        /// Print ids only.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Write a default config.json.
+    Spec {
+        /// Bundle directory to write it to.
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+    },
+    /// Print the features this runtime supports, as JSON.
+    Features,
+    /// Run another process in a running container.
+    Exec {
+        /// process.json to run (as Docker passes it).
+        #[arg(short, long)]
+        process: Option<PathBuf>,
+        /// Return once the process runs.
+        #[arg(short, long)]
+        detach: bool,
+        /// Write the relay process's pid here.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        /// Unix socket that receives the pty master.
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Allocate a terminal.
+        #[arg(short, long)]
+        tty: bool,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Extra environment (KEY=VALUE), repeatable.
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// UID[:GID].
+        #[arg(short, long)]
+        user: Option<String>,
+        /// Accepted for runc compatibility (no effect).
+        #[arg(long, hide = true)]
+        preserve_fds: Option<u32>,
+        /// Container id.
+        id: String,
+        /// Command and arguments (without --process).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Freeze the container's VM.
+    Pause {
+        /// Container id.
+        id: String,
+    },
+    /// Thaw the container's VM.
+    Resume {
+        /// Container id.
+        id: String,
+    },
+    /// List the host processes of the container (its sandbox and VMM).
+    Ps {
+        /// Output format: table or json.
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        /// Container id.
+        id: String,
+        /// Extra `ps` arguments (ignored).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        ps_args: Vec<String>,
+    },
+    /// Not supported yet: update, events, checkpoint, restore.
+    #[command(name = "update", aliases = ["events", "checkpoint", "restore"], hide = true)]
+    Unsupported {
+        /// Whatever was passed.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+    /// Internal: relay of an exec'd process.
+    #[command(hide = true)]
+    ExecRelay {
+        /// Container id.
+        #[arg(long)]
+        id: String,
+        /// Exec id.
+        #[arg(long)]
+        exec_id: String,
+        /// Readiness fd.
+        #[arg(long)]
+        ready_fd: i32,
+        /// Console socket.
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Relay the pty over our own stdio.
+        #[arg(long)]
+        tty_stdio: bool,
+    },
+    /// Internal: the per-container sandbox process.
+    #[command(hide = true)]
+    Sandbox {
+        /// Container id.
+        #[arg(long)]
+        id: String,
+        /// Readiness fd.
+        #[arg(long)]
+        ready_fd: i32,
+        /// Console socket.
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        /// Relay the pty over our own stdio.
+        #[arg(long)]
+        tty_stdio: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_style_invocations_parse() {
+        let c = Cli::try_parse_from([
+            "rootcell",
+            "--root",
+            "/run/docker/runtime-runc/moby",
+            "--log",
+            "/b/log.json",
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/b/init.pid",
+            "abc",
+        ])
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(
+            matches!(c.command, Command::Create(ref a) if a.id == "abc" && a.pid_file.is_some())
+        );
+        let k = Cli::try_parse_from(["rootcell", "kill", "abc"]).unwrap();
+        assert!(
+            matches!(k.command, Command::Kill { ref signal, all: false, .. } if signal == "TERM")
+        );
+        let k = Cli::try_parse_from(["rootcell", "--systemd-cgroup", "kill", "--all", "abc", "9"])
+            .unwrap();
+        assert!(matches!(k.command, Command::Kill { ref signal, all: true, .. } if signal == "9"));
+        let d = Cli::try_parse_from(["rootcell", "delete", "-f", "abc"]).unwrap();
+        assert!(matches!(d.command, Command::Delete { force: true, .. }));
+        let r = Cli::try_parse_from(["rootcell", "run", "-b", "/b", "-d", "x"]).unwrap();
+        assert!(matches!(r.command, Command::Run { detach: true, .. }));
+    }
+}

@@ -1,0 +1,270 @@
+//! `create` (and the first half of `run`): check the bundle, record the container, launch its
+//! sandbox and wait until the sandbox reports "created" or an error. Any failure removes
+//! everything this command made.
+
+use super::Global;
+use crate::error::RuntimeError;
+use crate::sandbox::Ready;
+use crate::state::{ContainerState, Status};
+use crate::{paths, share, spec};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// What `create` needs besides the id.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Bundle directory.
+    pub bundle: PathBuf,
+    /// Pid file to write.
+    pub pid_file: Option<PathBuf>,
+    /// Console socket.
+    pub console_socket: Option<PathBuf>,
+    /// The caller stays attached (`run` without `--detach`): a terminal may use our stdio.
+    pub attached: bool,
+}
+
+/// A launched sandbox.
+pub struct Launched {
+    /// The sandbox process (our child).
+    pub child: Child,
+}
+
+/// Removes the state and run dirs unless disarmed.
+struct Undo {
+    state_dir: PathBuf,
+    run_dir: PathBuf,
+    cgroups_path: Option<String>,
+    armed: bool,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = share::remove_run_dir(&self.run_dir);
+            if let Some(cg) = &self.cgroups_path {
+                crate::cgroup::remove(cg);
+            }
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+    }
+}
+
+/// Runs `create`: returns once the container is created.
+pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
+    let _span = tracing::info_span!("create", id).entered();
+    crate::id::validate(id)?;
+    let bundle = spec::load(&opts.bundle)?;
+    let terminal = bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    if terminal && opts.console_socket.is_none() && !opts.attached {
+        bail!("config.json has process.terminal: true but no --console-socket was given; a detached container needs one (or set terminal to false)");
+    }
+    // Fail on missing boot files before making anything.
+    crate::assets::locate()?;
+    crate::hypervisor::qemu::find_program()?;
+
+    std::fs::create_dir_all(&g.root)
+        .with_context(|| format!("cannot create state root {}", g.root.display()))?;
+    let state_dir = paths::state_dir(&g.root, id);
+    match std::fs::create_dir(&state_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(RuntimeError::Exists(id.to_string()).into())
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot create state dir {}", state_dir.display()))
+        }
+    }
+    let run_dir = paths::run_dir(&g.root, id);
+    if run_dir.join(paths::CONTROL_SOCKET).as_os_str().len() > paths::MAX_SOCKET_PATH {
+        bail!("run dir {} is too long for unix sockets", run_dir.display());
+    }
+    let cgroups_path = bundle
+        .spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .map(|p| p.display().to_string());
+    let mut undo = Undo {
+        state_dir: state_dir.clone(),
+        run_dir: run_dir.clone(),
+        cgroups_path: cgroups_path.clone(),
+        armed: true,
+    };
+    // A run dir left by a crashed create of the same root and id is stale (its state dir was
+    // gone, or we could not have created ours).
+    let _ = share::remove_run_dir(&run_dir);
+    std::fs::create_dir_all(&run_dir)
+        .with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
+
+    let hooks = bundle.spec.hooks().clone().unwrap_or_default();
+    let state = ContainerState {
+        id: id.to_string(),
+        bundle: bundle.dir.clone(),
+        rootfs: bundle.rootfs.clone(),
+        status: Status::Creating,
+        pid: 0,
+        pid_start: 0,
+        vm_pid: 0,
+        vm_pid_start: 0,
+        created: crate::timefmt::now(),
+        annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+        run_dir: run_dir.clone(),
+        exit_status: None,
+        cgroups_path,
+        poststart: hooks.poststart().clone().unwrap_or_default(),
+        poststop: hooks.poststop().clone().unwrap_or_default(),
+    };
+    state.save(&paths::state_file(&g.root, id))?;
+
+    let tty_stdio = terminal && opts.console_socket.is_none();
+    let mut child = spawn_sandbox(g, id, opts.console_socket.as_deref(), tty_stdio)?;
+    match wait_ready(&mut child.1) {
+        Ok(()) => {}
+        Err(e) => {
+            reap_failed(&mut child.0);
+            return Err(e);
+        }
+    }
+    let pid = child.0.id();
+    if let Some(p) = &opts.pid_file {
+        if let Err(e) = write_pid_file(p, pid) {
+            reap_failed(&mut child.0);
+            return Err(e);
+        }
+    }
+    undo.armed = false;
+    tracing::info!(pid, "container created");
+    Ok(Launched { child: child.0 })
+}
+
+/// Starts a hidden rootcell subcommand (`sandbox`, `exec-relay`) in a new session, with the
+/// write end of a readiness pipe as fd 3. With `quiet_stdio` it gets /dev/null as stdio.
+pub fn spawn_helper(g: &Global, args: &[String], quiet_stdio: bool) -> Result<(Child, OwnedFd)> {
+    let (rd, wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("rootcell").args(g.args()).args(args);
+    if quiet_stdio {
+        // With a terminal the process's stdio is the pty; the caller (Docker's shim) waits
+        // for EOF on our stdout/stderr, so a long-lived helper must not hold them.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    let wfd = wr.as_raw_fd();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session and process group: `delete --force` kills the group, and the caller's
+            // terminal signals do not hit it directly.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = if wfd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(wfd, 3)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .context("cannot start a rootcell helper process")?;
+    drop(wr);
+    Ok((child, rd))
+}
+
+/// Starts `rootcell sandbox` for `id`.
+fn spawn_sandbox(
+    g: &Global,
+    id: &str,
+    console: Option<&Path>,
+    tty_stdio: bool,
+) -> Result<(Child, OwnedFd)> {
+    let mut args: Vec<String> = ["sandbox", "--id", id, "--ready-fd", "3"]
+        .map(String::from)
+        .to_vec();
+    if let Some(c) = console {
+        args.extend([
+            "--console-socket".to_string(),
+            crate::paths::absolute(c).display().to_string(),
+        ]);
+    }
+    if tty_stdio {
+        args.push("--tty-stdio".into());
+    }
+    spawn_helper(g, &args, console.is_some())
+}
+
+/// Reads the sandbox's one-line report, bounded by the boot timeout plus a margin.
+pub fn wait_ready(rd: &mut OwnedFd) -> Result<()> {
+    let boot = std::env::var("ROOTCELL_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(crate::sandbox::DEFAULT_BOOT_TIMEOUT_SECS);
+    let deadline = Instant::now() + Duration::from_secs(boot + 90);
+    let mut fds = [nix::poll::PollFd::new(
+        rd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("the sandbox did not report within {} s", boot + 90);
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(0) => continue,
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => bail!("waiting for the sandbox: {e}"),
+        }
+    }
+    let mut line = String::new();
+    BufReader::new(std::fs::File::from(rd.try_clone()?)).read_line(&mut line)?;
+    match serde_json::from_str::<Ready>(&line) {
+        Ok(r) if r.ok => Ok(()),
+        Ok(r) => Err(r.into_error()),
+        Err(_) => bail!("the sandbox process exited before reporting; see the log (--log) for why"),
+    }
+}
+
+/// After a failed create: make sure the sandbox (and with it the VM) is gone.
+pub fn reap_failed(child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: the child is unreaped, so its pid (and group) are still ours.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Writes the pid file atomically (temp file + rename), as runc does.
+pub fn write_pid_file(path: &Path, pid: u32) -> Result<()> {
+    let path = crate::paths::absolute(path);
+    let tmp = path.with_extension("rootcell-tmp");
+    std::fs::write(&tmp, pid.to_string())
+        .with_context(|| format!("cannot write pid file {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot write pid file {}", path.display()))
+}

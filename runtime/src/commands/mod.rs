@@ -1,0 +1,54 @@
+//! The CLI commands.
+
+pub mod create;
+pub mod exec;
+pub mod info;
+pub mod lifecycle;
+
+use crate::error::RuntimeError;
+use crate::logging::Format;
+use crate::state::ContainerState;
+use std::path::PathBuf;
+
+/// Global options every command sees.
+#[derive(Debug, Clone)]
+pub struct Global {
+    /// State root (absolute).
+    pub root: PathBuf,
+    /// Log file.
+    pub log: Option<PathBuf>,
+    /// Log format.
+    pub log_format: Format,
+    /// Debug logging.
+    pub debug: bool,
+}
+
+impl Global {
+    /// Loads the state of `id`, or "container X does not exist".
+    pub fn load(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        crate::id::validate(id)?;
+        ContainerState::load(&crate::paths::state_file(&self.root, id))
+            .map_err(|_| RuntimeError::NotExist(id.to_string()))
+    }
+
+    /// The flags to pass on to a re-executed rootcell so it logs the same way.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec!["--root".to_string(), self.root.display().to_string()];
+        if let Some(l) = &self.log {
+            a.extend(["--log".to_string(), l.display().to_string()]);
+        }
+        a.extend([
+            "--log-format".to_string(),
+            if self.log_format == Format::Json {
+                "json"
+            } else {
+                "text"
+            }
+            .to_string(),
+        ]);
+        if self.debug {
+            a.push("--debug".into());
+        }
+        a
+    }
+}

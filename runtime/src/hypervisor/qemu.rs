@@ -1,0 +1,379 @@
+//! QEMU microvm backend: vsock and virtio-fs are served in-process as vhost-user backends, QEMU
+//! runs as a child that dies with us (PR_SET_PDEATHSIG), KVM when the CPU really has it, TCG
+//! otherwise.
+
+use super::{Hypervisor, HypervisorError, Vm, VmConfig};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Which QEMU accelerator to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's instruction emulator.
+    Tcg,
+}
+
+/// Picks KVM only if /dev/kvm opens and the CPU advertises vmx/svm (a software /dev/kvm such as
+/// kvm_pvm cannot boot a stock guest); returns the reason for logs. `ROOTCELL_ACCEL=kvm|tcg`
+/// overrides.
+pub fn detect_accel() -> (Accel, String) {
+    match std::env::var("ROOTCELL_ACCEL").as_deref() {
+        Ok("kvm") => return (Accel::Kvm, "ROOTCELL_ACCEL=kvm".into()),
+        Ok("tcg") => return (Accel::Tcg, "ROOTCELL_ACCEL=tcg".into()),
+        _ => {}
+    }
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines().any(|l| {
+                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
+            })
+        })
+        .unwrap_or(false);
+    match (kvm, flags) {
+        (Ok(_), true) => (
+            Accel::Kvm,
+            "/dev/kvm is usable and the CPU has vmx/svm".into(),
+        ),
+        (Ok(_), false) => (
+            Accel::Tcg,
+            "/dev/kvm exists but the CPU has no vmx/svm flags (software KVM); using TCG emulation"
+                .into(),
+        ),
+        (Err(e), _) => (
+            Accel::Tcg,
+            format!("/dev/kvm is not usable ({e}); using TCG emulation"),
+        ),
+    }
+}
+
+/// Finds the QEMU binary: `$ROOTCELL_QEMU`, else `qemu-system-x86_64` on PATH.
+pub fn find_program() -> Result<PathBuf, HypervisorError> {
+    if let Some(p) = std::env::var_os("ROOTCELL_QEMU") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(HypervisorError::Missing {
+                what: "QEMU",
+                path: p,
+                hint: "fix ROOTCELL_QEMU",
+            })
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+        .ok_or(HypervisorError::Missing {
+            what: "qemu-system-x86_64",
+            path: PathBuf::from("$PATH"),
+            hint: "install qemu-system-x86 or set ROOTCELL_QEMU",
+        })
+}
+
+/// Escapes a value for a QEMU `-opt key=value,...` list (commas are doubled).
+fn esc(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// The QEMU command line (without the program) for `cfg`.
+pub fn command_args(cfg: &VmConfig, accel: Accel, vsock_vu: &Path, fs_vu: &Path) -> Vec<String> {
+    let mem = format!("{}M", cfg.memory_mib);
+    let (accel, cpu) = match accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+    push(&[
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
+    ]);
+    push(&[
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        &cfg.vcpus.to_string(),
+        "-m",
+        &mem,
+    ]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+    ]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&["-serial", &format!("file:{}", esc(&cfg.console_log))]);
+    push(&[
+        "-kernel",
+        &cfg.kernel.display().to_string(),
+        "-initrd",
+        &cfg.initrd.display().to_string(),
+    ]);
+    push(&["-append", &cfg.cmdline]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=vsock,path={}", esc(vsock_vu)),
+    ]);
+    push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
+    push(&["-chardev", &format!("socket,id=fs,path={}", esc(fs_vu))]);
+    push(&[
+        "-device",
+        &format!("vhost-user-fs-device,chardev=fs,tag={}", cfg.share_tag),
+    ]);
+    a
+}
+
+/// The QEMU backend.
+pub struct Qemu {
+    program: PathBuf,
+    accel: Accel,
+}
+
+impl Qemu {
+    /// A backend running `program` with `accel`.
+    pub fn new(program: PathBuf, accel: Accel) -> Self {
+        Qemu { program, accel }
+    }
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
+        let vsock_vu = cfg.socket_dir.join(crate::paths::VSOCK_VHOST_SOCKET);
+        let fs_vu = cfg.socket_dir.join(crate::paths::FS_VHOST_SOCKET);
+        let vsock = rootcell_vsock::serve_vhost_user(
+            &vsock_vu,
+            rootcell_vsock::VsockConfig {
+                guest_cid: cfg.guest_cid,
+                uds_path: cfg.vsock_uds.clone(),
+            },
+        )
+        .map_err(|e| HypervisorError::Device {
+            device: "vsock",
+            msg: e.to_string(),
+        })?;
+        let fs = rootcell_fs::serve_vhost_user(
+            &fs_vu,
+            rootcell_fs::FsConfig {
+                shared_dir: cfg.share_dir.clone(),
+                read_only: false,
+            },
+        )
+        .map_err(|e| {
+            vsock.stop();
+            HypervisorError::Device {
+                device: "virtio-fs",
+                msg: e.to_string(),
+            }
+        })?;
+        let stderr = std::fs::File::create(&cfg.hypervisor_log)
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
+        let mut cmd = Command::new(&self.program);
+        cmd.args(command_args(cfg, self.accel, &vsock_vu, &fs_vu))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let parent = std::process::id() as i32;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // QEMU must not outlive the sandbox, even on SIGKILL. The death signal follows
+                // the forking thread, which is the sandbox's main thread (it lives to the end).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                    || libc::getppid() != parent
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| {
+            vsock.stop();
+            fs.stop();
+            HypervisorError::Spawn {
+                program: self.program.clone(),
+                source,
+            }
+        })?;
+        tracing::info!(qemu_pid = child.id(), accel = ?self.accel, mem_mib = cfg.memory_mib, vcpus = cfg.vcpus, "qemu started");
+        Ok(Box::new(QemuVm {
+            pid: child.id() as i32,
+            child: Mutex::new(Some(child)),
+            backends: Mutex::new(Some((vsock, fs))),
+        }))
+    }
+}
+
+/// A running QEMU and its device backends.
+struct QemuVm {
+    pid: i32,
+    child: Mutex<Option<Child>>,
+    backends: Mutex<Option<(rootcell_vsock::BackendHandle, rootcell_fs::BackendHandle)>>,
+}
+
+/// waitid(WEXITED|WNOWAIT|extra) on `pid`: the exit status, without reaping.
+fn peek_exit(pid: i32, extra: i32) -> Option<i32> {
+    loop {
+        // SAFETY: siginfo_t is plain data; waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | extra,
+            )
+        };
+        if r < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // ECHILD: already reaped by finish(); report it as killed.
+            return Some(137);
+        }
+        // SAFETY: filled by a successful waitid.
+        let (spid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+        if spid == 0 {
+            return None;
+        }
+        return Some(if code == libc::CLD_EXITED {
+            status
+        } else {
+            128 + status
+        });
+    }
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> Option<i32> {
+        Some(self.pid)
+    }
+
+    fn wait_stopped(&self) -> i32 {
+        peek_exit(self.pid, 0).unwrap_or(137)
+    }
+
+    fn try_stopped(&self) -> Option<i32> {
+        peek_exit(self.pid, libc::WNOHANG)
+    }
+
+    fn kill(&self) {
+        if let Ok(guard) = self.child.lock() {
+            if guard.is_some() {
+                // Not reaped yet, so the pid cannot have been reused.
+                unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            }
+        }
+    }
+
+    fn set_paused(&self, paused: bool) -> std::io::Result<()> {
+        let guard = self
+            .child
+            .lock()
+            .map_err(|_| std::io::Error::other("vm lock poisoned"))?;
+        if guard.is_none() {
+            return Err(std::io::Error::other("the VM has already exited"));
+        }
+        // SIGSTOP freezes the whole QEMU process: vCPUs, timers and device emulation alike.
+        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: plain kill(2) of our unreaped child.
+        if unsafe { libc::kill(self.pid, sig) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn finish(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.try_stopped().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        let _ = self.set_paused(false);
+        if let Some(mut child) = self.child.lock().ok().and_then(|mut g| g.take()) {
+            let _ = child.wait();
+        }
+        if let Some((vsock, fs)) = self.backends.lock().ok().and_then(|mut g| g.take()) {
+            vsock.stop();
+            fs.stop();
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.finish(Duration::ZERO);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            kernel: "/k/bzImage".into(),
+            initrd: "/k/initrd.gz".into(),
+            memory_mib: 512,
+            vcpus: 2,
+            cmdline: "console=ttyS0 reboot=t panic=-1 quiet".into(),
+            console_log: "/state/a,b/console.log".into(),
+            hypervisor_log: "/state/qemu.log".into(),
+            socket_dir: "/run/rootcell/r/x".into(),
+            vsock_uds: "/run/rootcell/r/x/vsock.sock".into(),
+            guest_cid: 3,
+            share_dir: "/run/rootcell/r/x/share".into(),
+            share_tag: "rootcell".into(),
+        }
+    }
+
+    #[test]
+    fn qemu_command_line() {
+        let a = command_args(
+            &cfg(),
+            Accel::Tcg,
+            Path::new("/r/vsock.vu"),
+            Path::new("/r/fs.vu"),
+        );
+        let joined = a.join(" ");
+        let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
+        assert_eq!(
+            after("-M"),
+            "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem"
+        );
+        assert_eq!(after("-accel"), "tcg");
+        assert_eq!(after("-cpu"), "max");
+        assert_eq!(after("-smp"), "2");
+        assert_eq!(after("-m"), "512M");
+        assert_eq!(
+            after("-object"),
+            "memory-backend-memfd,id=mem,size=512M,share=on"
+        );
+        assert_eq!(after("-serial"), "file:/state/a,,b/console.log");
+        assert_eq!(after("-append"), "console=ttyS0 reboot=t panic=-1 quiet");
+        assert_eq!(after("-kernel"), "/k/bzImage");
+        assert_eq!(after("-initrd"), "/k/initrd.gz");
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(a.contains(&flag.to_string()), "{flag}");
+        }
+        assert!(joined.contains("-chardev socket,id=vsock,path=/r/vsock.vu -device vhost-user-vsock-device,chardev=vsock"));
+        assert!(joined.contains("-chardev socket,id=fs,path=/r/fs.vu -device vhost-user-fs-device,chardev=fs,tag=rootcell"));
+        let k = command_args(&cfg(), Accel::Kvm, Path::new("/a"), Path::new("/b"));
+        assert!(k.join(" ").contains("-accel kvm -cpu host"));
+    }
+}

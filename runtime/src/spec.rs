@@ -1,0 +1,356 @@
+//! Loading and checking a bundle's config.json, and rewriting it for the guest.
+
+use crate::error::RuntimeError;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use rootcell_protocol::GUEST_SHARE_DIR;
+use std::path::{Path, PathBuf};
+
+/// Default guest memory when config.json sets no memory limit.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+/// Smallest guest we boot: the kernel and agent need room of their own.
+pub const MIN_MEMORY_MIB: u64 = 128;
+
+/// A loaded, checked bundle.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Absolute bundle directory.
+    pub dir: PathBuf,
+    /// The parsed config.json.
+    pub spec: Spec,
+    /// Absolute host path of the root filesystem.
+    pub rootfs: PathBuf,
+}
+
+/// One bind mount of config.json, shared with the guest as `share/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    /// Index in `mounts`.
+    pub index: usize,
+    /// Absolute host source.
+    pub source: PathBuf,
+    /// Name of its entry in the share dir (`m<index>`).
+    pub name: String,
+    /// The mount options ask for read-only.
+    pub read_only: bool,
+}
+
+/// Reads and checks `<bundle>/config.json`.
+pub fn load(bundle: &Path) -> Result<Bundle, RuntimeError> {
+    let dir = crate::paths::absolute(bundle);
+    let err = |path: &Path, msg: String| RuntimeError::Bundle {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if !dir.is_dir() {
+        return Err(err(&dir, "bundle directory does not exist; pass --bundle DIR with the directory holding config.json".into()));
+    }
+    let cfg = dir.join("config.json");
+    let data = std::fs::read(&cfg).map_err(|e| {
+        err(
+            &cfg,
+            format!("cannot read config.json: {e}; create one with `rootcell spec`"),
+        )
+    })?;
+    let spec: Spec = serde_json::from_slice(&data)
+        .map_err(|e| err(&cfg, format!("invalid config.json: {e}")))?;
+    let rootfs = validate(&spec, &dir)?;
+    Ok(Bundle { dir, spec, rootfs })
+}
+
+fn unsupported(field: &str, msg: &str) -> RuntimeError {
+    RuntimeError::Unsupported {
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
+
+/// Checks what the host must check and returns the absolute rootfs path.
+pub fn validate(spec: &Spec, bundle: &Path) -> Result<PathBuf, RuntimeError> {
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| unsupported("root", "is required (the container's root filesystem)"))?;
+    let rootfs = resolve(bundle, root.path());
+    if !rootfs.is_dir() {
+        return Err(RuntimeError::Bundle {
+            path: rootfs,
+            msg: "root.path does not exist or is not a directory; fix root.path in config.json"
+                .into(),
+        });
+    }
+    if spec.process().is_none() {
+        return Err(unsupported(
+            "process",
+            "is required: rootcell needs a process to run",
+        ));
+    }
+    for (name, present) in [
+        ("solaris", spec.solaris().is_some()),
+        ("windows", spec.windows().is_some()),
+        ("vm", spec.vm().is_some()),
+        ("zos", spec.zos().is_some()),
+    ] {
+        if present {
+            return Err(unsupported(name, "is not supported on Linux; remove it"));
+        }
+    }
+    if let Some(hooks) = spec.hooks() {
+        for (name, h) in [
+            ("createContainer", hooks.create_container()),
+            ("startContainer", hooks.start_container()),
+        ] {
+            if h.as_ref().is_some_and(|v| !v.is_empty()) {
+                return Err(unsupported(
+                    &format!("hooks.{name}"),
+                    "hooks that run inside the container are not supported (the container runs in a VM); use prestart/createRuntime/poststart/poststop",
+                ));
+            }
+        }
+    }
+    let namespaces = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default();
+    for (i, ns) in namespaces.iter().enumerate() {
+        if ns.path().is_some() && ns.typ() != LinuxNamespaceType::Network {
+            return Err(RuntimeError::Unsupported {
+                field: format!("linux.namespaces[{i}].path"),
+                msg: format!(
+                    "joining an existing {} namespace is not supported (every container has its own VM); remove the path",
+                    ns.typ()
+                ),
+            });
+        }
+    }
+    for (i, m) in spec.mounts().iter().flatten().enumerate() {
+        if is_bind(m) {
+            let Some(src) = m.source() else {
+                return Err(unsupported(
+                    &format!("mounts[{i}].source"),
+                    "a bind mount needs a source",
+                ));
+            };
+            let src = resolve(bundle, src);
+            if !src.exists() {
+                return Err(RuntimeError::Bundle {
+                    path: src,
+                    msg: format!(
+                        "source of mounts[{i}] (destination {}) does not exist",
+                        m.destination().display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(rootfs)
+}
+
+/// A path from config.json: absolute, or relative to the bundle.
+fn resolve(bundle: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        bundle.join(p)
+    }
+}
+
+/// True for `type: bind` or options containing `bind`/`rbind`.
+fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || m.options()
+            .iter()
+            .flatten()
+            .any(|o| o == "bind" || o == "rbind")
+}
+
+/// The bind mounts of `spec`, with host sources resolved against `bundle`.
+pub fn bind_mounts(spec: &Spec, bundle: &Path) -> Vec<BindMount> {
+    spec.mounts()
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, m)| is_bind(m) && m.source().is_some())
+        .map(|(index, m)| BindMount {
+            index,
+            source: resolve(bundle, m.source().as_ref().expect("filtered")),
+            name: format!("m{index}"),
+            read_only: m.options().iter().flatten().any(|o| o == "ro"),
+        })
+        .collect()
+}
+
+/// The spec the agent gets: rootfs and bind sources point into the guest's share mount, and
+/// host-only parts (hooks) are dropped.
+pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount]) -> Spec {
+    let mut out = spec.clone();
+    let share = Path::new(GUEST_SHARE_DIR);
+    if let Some(root) = out.root_mut() {
+        root.set_path(share.join("rootfs"));
+    }
+    if let Some(mounts) = out.mounts_mut() {
+        for b in binds {
+            if let Some(m) = mounts.get_mut(b.index) {
+                m.set_source(Some(share.join(&b.name)));
+            }
+        }
+    }
+    out.set_hooks(None);
+    out
+}
+
+/// Guest memory (MiB) and vCPU count from `linux.resources`.
+pub fn vm_resources(spec: &Spec) -> (u64, u32) {
+    let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let mem = res
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20).max(MIN_MEMORY_MIB))
+        .unwrap_or(DEFAULT_MEMORY_MIB);
+    let host_cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let cpus = res
+        .and_then(|r| r.cpu().as_ref())
+        .and_then(|c| match (c.quota(), c.period()) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
+            _ => None,
+        })
+        .unwrap_or(1)
+        .clamp(1, host_cpus.max(1));
+    (mem, cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with(config: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        dir
+    }
+
+    const MIN: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#;
+
+    #[test]
+    fn minimal_bundle_loads() {
+        let b = bundle_with(MIN);
+        let loaded = load(b.path()).unwrap();
+        assert_eq!(loaded.rootfs, b.path().join("rootfs"));
+    }
+
+    #[test]
+    fn errors_name_the_file_or_field() {
+        let missing = load(Path::new("/nonexistent/bundle"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("/nonexistent/bundle"), "{missing}");
+
+        let empty = tempfile::tempdir().unwrap();
+        let e = load(empty.path()).unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+
+        let bad = bundle_with("{not json");
+        let e = load(bad.path()).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("invalid"), "{e}");
+
+        let noroot = bundle_with(
+            r#"{"ociVersion":"1.0.2","root":{"path":"nope"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#,
+        );
+        let e = load(noroot.path()).unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("root.path"), "{e}");
+
+        let ns = bundle_with(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "linux":{"namespaces":[{"type":"pid","path":"/proc/1/ns/pid"}]}}"#,
+        );
+        let e = load(ns.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("linux.namespaces[0].path") && e.contains("pid namespace"),
+            "{e}"
+        );
+
+        let win = bundle_with(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},"windows":{"layerFolders":[]}}"#,
+        );
+        assert!(load(win.path())
+            .unwrap_err()
+            .to_string()
+            .contains("windows"));
+
+        let noproc = bundle_with(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#);
+        assert!(load(noproc.path())
+            .unwrap_err()
+            .to_string()
+            .contains("process"));
+    }
+
+    #[test]
+    fn rewrite_points_into_guest_share() {
+        let b = bundle_with(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs","readonly":true},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "hooks":{"prestart":[{"path":"/bin/true"}]},
+            "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+                      {"destination":"/data","type":"bind","source":"rootfs","options":["rbind","ro"]},
+                      {"destination":"/etc/hosts","source":"config.json","options":["bind"]}]}"#,
+        );
+        let loaded = load(b.path()).unwrap();
+        let binds = bind_mounts(&loaded.spec, &loaded.dir);
+        assert_eq!(binds.len(), 2);
+        assert_eq!(
+            binds[0],
+            BindMount {
+                index: 1,
+                source: b.path().join("rootfs"),
+                name: "m1".into(),
+                read_only: true
+            }
+        );
+        assert!(!binds[1].read_only);
+        let g = rewrite_for_guest(&loaded.spec, &binds);
+        assert_eq!(
+            g.root().as_ref().unwrap().path(),
+            Path::new("/run/rootcell/share/rootfs")
+        );
+        assert_eq!(g.root().as_ref().unwrap().readonly(), Some(true));
+        let m = g.mounts().as_ref().unwrap();
+        assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
+        assert_eq!(
+            m[1].source().as_deref(),
+            Some(Path::new("/run/rootcell/share/m1"))
+        );
+        assert_eq!(
+            m[2].source().as_deref(),
+            Some(Path::new("/run/rootcell/share/m2"))
+        );
+        assert!(g.hooks().is_none());
+    }
+
+    #[test]
+    fn resources_map_to_vm_size() {
+        let b = bundle_with(MIN);
+        assert_eq!(
+            vm_resources(&load(b.path()).unwrap().spec),
+            (DEFAULT_MEMORY_MIB, 1)
+        );
+        let b = bundle_with(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "linux":{"resources":{"memory":{"limit":1073741824},"cpu":{"quota":150000,"period":100000}}}}"#,
+        );
+        let (mem, cpus) = vm_resources(&load(b.path()).unwrap().spec);
+        assert_eq!(mem, 1024);
+        let host = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(cpus, 2.min(host));
+        let b = bundle_with(
+            r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "linux":{"resources":{"memory":{"limit":6291456}}}}"#,
+        );
+        assert_eq!(
+            vm_resources(&load(b.path()).unwrap().spec).0,
+            MIN_MEMORY_MIB
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! The persisted state of one container (`<root>/<id>/state.json`) and the OCI state view of it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// OCI lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// `create` is running.
+    Creating,
+    /// The VM is up and the init process is ready to run the user program.
+    Created,
+    /// The user program runs.
+    Running,
+    /// The VM is frozen (`pause`).
+    Paused,
+    /// The container has exited (or its sandbox is gone).
+    Stopped,
+}
+
+impl Status {
+    /// The lowercase name, as in OCI state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Paused => "paused",
+            Status::Stopped => "stopped",
+        }
+    }
+}
+
+/// Everything rootcell records about a container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerState {
+    /// Container id.
+    pub id: String,
+    /// Absolute bundle path.
+    pub bundle: PathBuf,
+    /// Absolute host path of the rootfs.
+    pub rootfs: PathBuf,
+    /// Lifecycle status as last recorded (see [`ContainerState::refreshed`]).
+    pub status: Status,
+    /// Sandbox process pid (0 before it exists).
+    pub pid: i32,
+    /// Start time of `pid` (clock ticks since boot), to detect pid reuse.
+    pub pid_start: u64,
+    /// Hypervisor process pid (0 if none).
+    pub vm_pid: i32,
+    /// Start time of `vm_pid`.
+    pub vm_pid_start: u64,
+    /// Creation time, RFC 3339.
+    pub created: String,
+    /// Annotations from config.json.
+    pub annotations: HashMap<String, String>,
+    /// The short per-container run dir (sockets, share dir).
+    pub run_dir: PathBuf,
+    /// Exit status of the container once stopped.
+    pub exit_status: Option<i32>,
+    /// `linux.cgroupsPath` the sandbox joined (removed by `delete`).
+    #[serde(default)]
+    pub cgroups_path: Option<String>,
+    /// Poststart hooks from config.json, run by `start`.
+    #[serde(default)]
+    pub poststart: Vec<oci_spec::runtime::Hook>,
+    /// Poststop hooks from config.json, run by `delete`.
+    #[serde(default)]
+    pub poststop: Vec<oci_spec::runtime::Hook>,
+}
+
+impl ContainerState {
+    /// Reads a state file.
+    pub fn load(path: &Path) -> io::Result<Self> {
+        let data = std::fs::read(path)?;
+        serde_json::from_slice(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Writes the state file atomically (temp file + rename), so readers never see half a file.
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// This state with the status corrected to `stopped` if the sandbox process is gone.
+    pub fn refreshed(mut self) -> Self {
+        if self.status != Status::Stopped
+            && (self.pid <= 0 || !process_alive(self.pid, self.pid_start))
+        {
+            // A creating container whose create is still launching has pid 0 and a live
+            // creator; it stays "creating" only while its state dir is young enough to matter.
+            if !(self.status == Status::Creating && self.pid == 0) {
+                self.status = Status::Stopped;
+            }
+        }
+        self
+    }
+
+    /// The OCI runtime state JSON (what `state ID` prints and hooks read on stdin).
+    pub fn oci_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ociVersion": "1.0.2",
+            "id": self.id,
+            "pid": if self.status == Status::Stopped { 0 } else { self.pid },
+            "status": self.status.as_str(),
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "owner": "",
+            "annotations": self.annotations,
+        })
+    }
+}
+
+/// Start time (field 22 of /proc/PID/stat) and run state letter of `pid`.
+pub fn proc_stat(pid: i32) -> Option<(u64, char)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+/// True if `pid` is a live (not zombie) process that started at `start` (0 = don't check).
+pub fn process_alive(pid: i32, start: u64) -> bool {
+    match proc_stat(pid) {
+        Some((s, st)) => st != 'Z' && st != 'X' && (start == 0 || s == start),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ContainerState {
+        ContainerState {
+            id: "c1".into(),
+            bundle: "/b".into(),
+            rootfs: "/b/rootfs".into(),
+            status: Status::Created,
+            pid: std::process::id() as i32,
+            pid_start: proc_stat(std::process::id() as i32).unwrap().0,
+            vm_pid: 0,
+            vm_pid_start: 0,
+            created: "2024-01-01T00:00:00.000000000Z".into(),
+            annotations: HashMap::from([("a".into(), "b".into())]),
+            run_dir: "/run/rootcell/r/0".into(),
+            exit_status: None,
+            cgroups_path: None,
+            poststart: vec![],
+            poststop: vec![],
+        }
+    }
+
+    #[test]
+    fn oci_state_shape() {
+        let v = sample().oci_json();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|s| s.as_str()).collect();
+        for k in [
+            "ociVersion",
+            "id",
+            "pid",
+            "status",
+            "bundle",
+            "rootfs",
+            "created",
+            "owner",
+            "annotations",
+        ] {
+            assert!(keys.contains(&k), "{k} missing");
+        }
+        assert_eq!(v["status"], "created");
+        assert_eq!(v["owner"], "");
+        assert_eq!(v["annotations"]["a"], "b");
+        assert!(v["pid"].as_i64().unwrap() > 0);
+    }
+
+    #[test]
+    fn dead_or_reused_pid_means_stopped() {
+        let live = sample().refreshed();
+        assert_eq!(live.status, Status::Created);
+        let mut reused = sample();
+        reused.pid_start += 1;
+        assert_eq!(reused.refreshed().status, Status::Stopped);
+        let mut stopped = sample();
+        stopped.status = Status::Stopped;
+        assert_eq!(stopped.oci_json()["pid"], 0);
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        sample().save(&p).unwrap();
+        assert_eq!(ContainerState::load(&p).unwrap(), sample());
+    }
+}

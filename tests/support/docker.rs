@@ -1,0 +1,161 @@
+//! A private dockerd (with its own containerd) for the Docker end-to-end tests.
+//!
+//! The daemon gets data-root, exec-root, pidfile and socket in a temporary directory, rootcell
+//! registered by path under the names `rootcell` and `kata-runtime`, and is stopped when the
+//! test process exits (also when a test fails). The busybox image is imported from
+//! busybox-static, since no registry can be reached.
+
+use crate::{artifacts, images_dir, output_with_timeout, COMMAND_TIMEOUT};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Docker 20.10's client from Debian's docker.io (a newer client elsewhere on PATH may not speak
+/// to this daemon).
+pub const DOCKER: &str = "/usr/bin/docker";
+/// The image every Docker test runs.
+/// Debian docker.io's daemon.
+pub const DOCKERD: &str = "/usr/sbin/dockerd";
+/// The image every Docker test runs.
+pub const IMAGE: &str = "rootcell-busybox:test";
+
+/// A running private dockerd.
+pub struct DockerDaemon {
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+static DAEMON: OnceLock<DockerDaemon> = OnceLock::new();
+static CHILD: Mutex<Option<Child>> = Mutex::new(None);
+
+/// The shared daemon of this test process, started on first use.
+pub fn daemon() -> &'static DockerDaemon {
+    DAEMON.get_or_init(DockerDaemon::start)
+}
+
+extern "C" fn stop_daemon_at_exit() {
+    // Containers the tests left behind first: their sandboxes would otherwise outlive dockerd.
+    if let Some(d) = DAEMON.get() {
+        let ps = d.docker(&["ps", "-aq"]);
+        let ids: Vec<String> = String::from_utf8_lossy(&ps.stdout).split_whitespace().map(String::from).collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            let _ = d.docker(&args);
+        }
+    }
+    if let Ok(mut guard) = CHILD.lock() {
+        if let Some(mut child) = guard.take() {
+            stop_child(&mut child);
+        }
+    }
+    if let Some(d) = DAEMON.get() {
+        let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join("data")).status();
+        let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join("exec")).status();
+        let _ = std::fs::remove_dir_all(&d.dir);
+    }
+}
+
+fn stop_child(child: &mut Child) {
+    // SAFETY: signalling the dockerd this process started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl DockerDaemon {
+    fn start() -> DockerDaemon {
+        let art = artifacts();
+        assert!(Path::new(DOCKERD).exists(), "dockerd missing: scripts/install-deps.sh installs docker.io");
+        let dir = tempfile::Builder::new().prefix("rc-docker-").tempdir_in("/tmp").unwrap().into_path();
+        let socket = dir.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        let mut cmd = Command::new(DOCKERD);
+        cmd.arg("--data-root")
+            .arg(dir.join("data"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--add-runtime")
+            .arg(format!("rootcell={}", art.bin.display()))
+            .arg("--add-runtime")
+            .arg(format!("kata-runtime={}", art.bin.display()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().expect("start dockerd");
+        *CHILD.lock().unwrap() = Some(child);
+        // SAFETY: registering a plain extern "C" function to run at process exit.
+        unsafe { libc::atexit(stop_daemon_at_exit) };
+        let d = DockerDaemon { dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = d.docker(&["version", "--format", "{{.Server.Version}}"]);
+            if o.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(d.dir.join("dockerd.log")).unwrap_or_default();
+                panic!("dockerd did not come up within 60 s; its log ends:\n{}", tail(&log, 30));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d.import_busybox();
+        d
+    }
+
+    /// Runs `docker ARGS` against this daemon, bounded, output captured.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        output_with_timeout(self.command(args), None, COMMAND_TIMEOUT)
+    }
+
+    /// Runs `docker ARGS` with `input` on stdin.
+    pub fn docker_with_input(&self, args: &[&str], input: Vec<u8>) -> Output {
+        output_with_timeout(self.command(args), Some(input), COMMAND_TIMEOUT)
+    }
+
+    /// A `docker ARGS` command against this daemon, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(DOCKER);
+        c.arg("--host").arg(format!("unix://{}", self.socket.display())).args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// The daemon's log so far (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default(), lines)
+    }
+
+    /// The runtime root Docker passes to rootcell (`--root`).
+    pub fn runtime_root(&self) -> PathBuf {
+        self.dir.join("exec/runtime-rootcell/moby")
+    }
+
+    fn import_busybox(&self) {
+        let rootfs = self.dir.join("busybox-rootfs");
+        let st = Command::new(images_dir().join("make-rootfs.sh")).arg(&rootfs).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "images/make-rootfs.sh failed");
+        let tar = Command::new("tar").arg("-C").arg(&rootfs).arg("-c").arg(".").output().unwrap();
+        assert!(tar.status.success());
+        let o = self.docker_with_input(&["import", "-", IMAGE], tar.stdout);
+        assert!(o.status.success(), "docker import failed: {}", String::from_utf8_lossy(&o.stderr));
+        let _ = std::fs::remove_dir_all(&rootfs);
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
