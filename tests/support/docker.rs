@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 /// Docker 20.10's client from Debian's docker.io (a newer client elsewhere on PATH may not speak
 /// to this daemon).
 pub const DOCKER: &str = "/usr/bin/docker";
-/// The image every Docker test runs.
 /// Debian docker.io's daemon.
 pub const DOCKERD: &str = "/usr/sbin/dockerd";
 /// The image every Docker test runs.
