@@ -14,7 +14,7 @@ echo "build: agent (static) and runtime" >&2
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet -p rootcell-agent --target x86_64-unknown-linux-gnu
 cargo build --release --quiet -p rootcell
 mkdir -p build
-images/build-initramfs.sh target/x86_64-unknown-linux-gnu/release/rootcell-agent build/initramfs.cpio.gz >/dev/null
+images/build-initramfs.sh target/x86_64-unknown-linux-gnu/release/rootcell-agent build/initramfs.cpio >/dev/null
 cp "$kdir/bzImage" "$kdir/vmlinux" build/
 cp "$kdir/release" build/kernel-release
 rm -rf build/bundle && images/make-bundle.sh build/bundle >/dev/null
@@ -23,7 +23,7 @@ cat > build/env <<ENV
 export ROOTCELL_BIN=$top/target/release/rootcell
 export ROOTCELL_KERNEL=$top/build/bzImage
 export ROOTCELL_VMLINUX=$top/build/vmlinux
-export ROOTCELL_INITRD=$top/build/initramfs.cpio.gz
+export ROOTCELL_INITRD=$top/build/initramfs.cpio
 export ROOTCELL_KERNEL_RELEASE=$(cat "$kdir/release")
 ENV
 echo "build: done (build/env)" >&2

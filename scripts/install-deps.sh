@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(
     qemu-system-x86                                      # the VMM that boots guests where KVM is unusable
-    linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio   # guest kernel build
+    linux-source-6.12 flex bison bc libelf-dev libssl-dev cpio lz4   # guest kernel build
     busybox-static                                       # example and test root filesystems
     libcap-ng-dev libseccomp-dev                         # -sys crates of the device back ends
     iproute2 jq file

@@ -9,7 +9,7 @@ scripts/build.sh
 install -D -m 0755 target/release/rootcell /usr/local/bin/rootcell
 install -D -m 0644 build/bzImage /usr/local/share/rootcell/bzImage
 install -D -m 0644 build/vmlinux /usr/local/share/rootcell/vmlinux
-install -D -m 0644 build/initramfs.cpio.gz /usr/local/share/rootcell/initramfs.cpio.gz
+install -D -m 0644 build/initramfs.cpio /usr/local/share/rootcell/initramfs.cpio
 echo "setup: installed /usr/local/bin/rootcell and /usr/local/share/rootcell/" >&2
 
 id=demo-$$

@@ -8,4 +8,4 @@ scripts/build.sh
 # shellcheck disable=SC1091
 source build/env
 export ROOTCELL_E2E=1
-cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"
+cargo test --release --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"

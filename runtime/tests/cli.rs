@@ -239,7 +239,7 @@ fn guest_that_never_answers_is_reported_and_cleaned_up() {
     let env = [
         ("ROOTCELL_KERNEL", kernel.to_str().unwrap()),
         ("ROOTCELL_INITRD", initrd.to_str().unwrap()),
-        ("ROOTCELL_BOOT_TIMEOUT", "6"),
+        ("ROOTCELL_BOOT_TIMEOUT", "30"),
     ];
     let pid_file = t.path().join("pid");
     let o = rootcell(
@@ -257,7 +257,7 @@ fn guest_that_never_answers_is_reported_and_cleaned_up() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(
-        e.contains("did not come up within 6 s") && e.contains("no-agent-here"),
+        e.contains("did not come up within 30 s") && e.contains("no-agent-here"),
         "{e}"
     );
     assert!(!pid_file.exists());

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every benchmark in bench/ and prints their tables (see bench/README.md).
+#
+# Usage: bench/all.sh      (needs scripts/build.sh first; about 10 minutes under TCG)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+"$here/run.sh" "${N:-10}"
+"$here/breakdown.sh" 3
+"$here/boot-insns.sh"
+"$here/stdio.sh" 256
+"$here/memory.sh" 2
+"$here/rate.sh" 8 2
