@@ -237,6 +237,9 @@ mod tests {
         let l = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
+            // Read the request first: closing before it arrives would fail the write instead.
+            let mut req = [0u8; 10];
+            let _ = c.read_exact(&mut req);
             let _ = c.write_all(b"NO\n");
         });
         assert!(matches!(

@@ -1,7 +1,8 @@
 //! Host cgroups for the sandbox (and the VMM it spawns): `docker stats` and OOM detection read
 //! the cgroup of the pid they were given, so the sandbox joins `linux.cgroupsPath` in every
-//! mounted hierarchy. No limits are set on the host: the guest enforces the container's limits,
-//! and host limits sized for the container would kill the VMM instead.
+//! mounted hierarchy. No memory limit is set on the host: the guest enforces the container's
+//! limit, and a host limit sized for the container would kill the VMM instead. CPU bandwidth
+//! from `update` is set on the host: it only slows the VMM down.
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,59 @@ fn join_at(base: &Path, path: &str, pid: u32) -> Vec<String> {
     errors
 }
 
+/// Sets CPU bandwidth and weight of `path` wherever a hierarchy has the cpu controller (v1
+/// `cpu.cfs_*`/`cpu.shares`, v2 `cpu.max`); returns what failed.
+pub fn set_cpu(
+    path: &str,
+    quota: Option<i64>,
+    period: Option<u64>,
+    shares: Option<u64>,
+) -> Vec<String> {
+    set_cpu_at(Path::new(CGROUP_ROOT), path, quota, period, shares)
+}
+
+fn set_cpu_at(
+    base: &Path,
+    path: &str,
+    quota: Option<i64>,
+    period: Option<u64>,
+    shares: Option<u64>,
+) -> Vec<String> {
+    let Some(rel) = relative(path) else {
+        return vec![format!("cgroupsPath {path:?} is not a cgroupfs path")];
+    };
+    let mut errors = Vec::new();
+    let mut write = |file: PathBuf, value: String| {
+        if let Err(e) = std::fs::write(&file, &value) {
+            errors.push(format!("write {value} to {}: {e}", file.display()));
+        }
+    };
+    for h in hierarchies(base) {
+        let dir = h.join(&rel);
+        if dir.join("cpu.cfs_quota_us").exists() {
+            // The period first: a quota is checked against the current period.
+            if let Some(p) = period.filter(|p| *p > 0) {
+                write(dir.join("cpu.cfs_period_us"), p.to_string());
+            }
+            if let Some(q) = quota.filter(|q| *q != 0) {
+                write(dir.join("cpu.cfs_quota_us"), q.to_string());
+            }
+            if let Some(s) = shares.filter(|s| *s > 0) {
+                write(dir.join("cpu.shares"), s.to_string());
+            }
+        } else if dir.join("cpu.max").exists() && (quota.is_some() || period.is_some()) {
+            let q = quota
+                .filter(|q| *q > 0)
+                .map_or("max".to_string(), |q| q.to_string());
+            write(
+                dir.join("cpu.max"),
+                format!("{q} {}", period.filter(|p| *p > 0).unwrap_or(100_000)),
+            );
+        }
+    }
+    errors
+}
+
 /// Removes the leaf directory of `path` in every hierarchy (parents may be shared).
 pub fn remove(path: &str) {
     let Some(rel) = relative(path) else { return };
@@ -95,6 +149,29 @@ mod tests {
         assert_eq!(relative("system.slice:docker:abc"), None);
         assert_eq!(relative("/a/../b"), None);
         assert_eq!(relative("/"), None);
+    }
+
+    #[test]
+    fn set_cpu_writes_v1_bandwidth_files() {
+        let d = tempfile::tempdir().unwrap();
+        let cpu = d.path().join("cpu,cpuacct");
+        std::fs::create_dir_all(cpu.join("docker/c1")).unwrap();
+        std::fs::write(cpu.join("cgroup.procs"), "").unwrap();
+        for f in ["cpu.cfs_quota_us", "cpu.cfs_period_us", "cpu.shares"] {
+            std::fs::write(cpu.join("docker/c1").join(f), "").unwrap();
+        }
+        let errs = set_cpu_at(
+            d.path(),
+            "/docker/c1",
+            Some(50_000),
+            Some(100_000),
+            Some(512),
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        let read = |f: &str| std::fs::read_to_string(cpu.join("docker/c1").join(f)).unwrap();
+        assert_eq!(read("cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu.cfs_period_us"), "100000");
+        assert_eq!(read("cpu.shares"), "512");
     }
 
     #[test]

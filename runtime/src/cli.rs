@@ -19,6 +19,10 @@ pub struct Cli {
     /// Log debug messages and span timings.
     #[arg(long, global = true)]
     pub debug: bool,
+    /// Hypervisor backend (default: $ROOTCELL_HYPERVISOR, else /etc/rootcell/config.json, else
+    /// auto = builtin with hardware virtualization, qemu otherwise).
+    #[arg(long, global = true, value_enum)]
+    pub hypervisor: Option<crate::hypervisor::select::Choice>,
     /// Accepted for runc compatibility; rootcell uses the cgroupfs layout.
     #[arg(long, global = true, hide = true)]
     pub systemd_cgroup: bool,
@@ -180,8 +184,16 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         ps_args: Vec<String>,
     },
-    /// Not supported yet: update, events, checkpoint, restore.
-    #[command(name = "update", aliases = ["events", "checkpoint", "restore"], hide = true)]
+    /// Change resource limits of a running container (CPU limits on the host cgroup).
+    Update {
+        /// resources JSON file, `-` for stdin (as Docker's shim passes it).
+        #[arg(short = 'r', long)]
+        resources: Option<String>,
+        /// Container id.
+        id: String,
+    },
+    /// Not supported yet: events, checkpoint, restore.
+    #[command(name = "events", aliases = ["checkpoint", "restore"], hide = true)]
     Unsupported {
         /// Whatever was passed.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -261,5 +273,22 @@ mod tests {
         assert!(matches!(d.command, Command::Delete { force: true, .. }));
         let r = Cli::try_parse_from(["rootcell", "run", "-b", "/b", "-d", "x"]).unwrap();
         assert!(matches!(r.command, Command::Run { detach: true, .. }));
+    }
+
+    #[test]
+    fn hypervisor_flag_is_global() {
+        use crate::hypervisor::select::Choice;
+        let c =
+            Cli::try_parse_from(["rootcell", "--hypervisor", "builtin", "create", "x"]).unwrap();
+        assert_eq!(c.hypervisor, Some(Choice::Builtin));
+        let c = Cli::try_parse_from(["rootcell", "run", "--hypervisor", "qemu", "x"]).unwrap();
+        assert_eq!(c.hypervisor, Some(Choice::Qemu));
+        assert_eq!(
+            Cli::try_parse_from(["rootcell", "state", "x"])
+                .unwrap()
+                .hypervisor,
+            None
+        );
+        assert!(Cli::try_parse_from(["rootcell", "--hypervisor", "kvm", "state", "x"]).is_err());
     }
 }

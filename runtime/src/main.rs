@@ -29,6 +29,11 @@ use std::io::Write;
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(h) = cli.hypervisor {
+        // The flag outranks the env; carried as the env, it reaches the re-executed sandbox
+        // (set before any thread exists).
+        std::env::set_var(hypervisor::select::ENV, h.as_str());
+    }
     let g = Global {
         root: paths::absolute(&cli.root),
         log: cli.log.as_deref().map(paths::absolute),
@@ -126,8 +131,13 @@ fn main() {
 /// True if `a` is the value of a global flag (so not the subcommand's name).
 fn is_global_value(a: &str) -> bool {
     let args: Vec<String> = std::env::args().collect();
-    args.windows(2)
-        .any(|w| w[1] == a && matches!(w[0].as_str(), "--root" | "--log" | "--log-format"))
+    args.windows(2).any(|w| {
+        w[1] == a
+            && matches!(
+                w[0].as_str(),
+                "--root" | "--log" | "--log-format" | "--hypervisor"
+            )
+    })
 }
 
 fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
@@ -173,6 +183,9 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
             ps_args: _,
         } => out(commands::lifecycle::ps(g, &id, &format)?),
         Command::Features => out(commands::info::features() + "\n"),
+        Command::Update { resources, id } => {
+            commands::update::update(g, &id, resources.as_deref())?
+        }
         Command::Unsupported { .. } => {
             let name = std::env::args()
                 .skip(1)

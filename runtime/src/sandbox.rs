@@ -5,7 +5,7 @@
 
 use crate::agent::{self, AgentClient, AgentNotice};
 use crate::control::{ControlRequest, ControlResponse};
-use crate::hypervisor::{qemu, Hypervisor, Vm, VmConfig};
+use crate::hypervisor::{Vm, VmConfig};
 use crate::state::{ContainerState, Status};
 use crate::stdio::{self, Attached, Streams, TerminalMode};
 use crate::{console, hooks, paths, share, spec};
@@ -189,6 +189,18 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         for e in crate::cgroup::join(cg, me as u32) {
             tracing::warn!("cgroup: {e}");
         }
+        // `--cpus` also caps the host CPU time of the whole VM, as runc caps the container's.
+        let cpu = bundle
+            .spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.cpu().clone());
+        if let Some(c) = cpu {
+            for e in crate::cgroup::set_cpu(cg, c.quota(), c.period(), None) {
+                tracing::warn!("cgroup: {e}");
+            }
+        }
     }
 
     let host_span = tracing::info_span!("host_setup", id = %args.id).entered();
@@ -196,10 +208,11 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     let share_dir = run_dir.join(paths::SHARE_DIR);
     let binds = spec::bind_mounts(&bundle.spec, &bundle.dir);
     share::build(&share_dir, &bundle.rootfs, &binds)?;
-    let images = crate::assets::locate()?;
-    let program = qemu::find_program()?;
-    let (accel, why) = qemu::detect_accel();
-    tracing::info!(?accel, "accelerator: {why}");
+    let crate::hypervisor::Opened {
+        hypervisor: hv,
+        images,
+        selection,
+    } = crate::hypervisor::open()?;
     let (memory_mib, vcpus) = spec::vm_resources(&bundle.spec);
     let state_dir = paths::state_dir(&args.root, &args.id);
     let console_log = state_dir.join("console.log");
@@ -213,7 +226,7 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
             _ => KERNEL_CMDLINE.to_string(),
         },
         console_log: console_log.clone(),
-        hypervisor_log: state_dir.join("qemu.log"),
+        hypervisor_log: state_dir.join(format!("{}.log", hv.name())),
         socket_dir: run_dir.clone(),
         vsock_uds: run_dir.join(paths::VSOCK_UDS),
         guest_cid: GUEST_CID,
@@ -224,8 +237,7 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
 
     let vm: Arc<dyn Vm> = {
         let _s = tracing::info_span!("vm_start").entered();
-        let hv = qemu::Qemu::new(program, accel);
-        tracing::info!(hypervisor = hv.name(), "starting the guest");
+        tracing::info!(hypervisor = hv.name(), reason = %selection.reason, "starting the guest");
         Arc::from(hv.start(&cfg)?)
     };
     state.vm_pid = vm.pid().unwrap_or(0);
@@ -243,7 +255,12 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
             .unwrap_or(DEFAULT_BOOT_TIMEOUT_SECS);
         let deadline = Instant::now() + Duration::from_secs(secs);
         let stream = agent::connect_control(&cfg.vsock_uds, deadline, || vm.try_stopped().is_none()).map_err(|e| {
-            let tail = tail_lines(&console_log, 15);
+            let mut tail = tail_lines(&console_log, 15);
+            // The kernel's banner says how far the guest got even when later lines push it
+            // out of the tail (the built-in VMM on a software /dev/kvm prints it, then stops).
+            if let Some(banner) = kernel_banner(&console_log).filter(|b| !tail.contains(b.as_str())) {
+                tail = format!("{banner}\n...\n{tail}");
+            }
             match vm.try_stopped() {
                 Some(st) => anyhow!(
                     "the guest stopped before its agent answered (hypervisor exit status {st}; {e}); hypervisor log: {}; last console lines:\n{tail}",
@@ -417,6 +434,14 @@ fn run_create_hooks(spec: &Spec, state: &ContainerState) -> Result<()> {
         &json,
     )?;
     Ok(())
+}
+
+/// The guest kernel's `Linux version` line from a console log, if it got that far.
+pub fn kernel_banner(path: &Path) -> Option<String> {
+    let text = String::from_utf8_lossy(&std::fs::read(path).ok()?).into_owned();
+    text.lines()
+        .find(|l| l.contains("Linux version"))
+        .map(|l| l.trim_end().to_string())
 }
 
 /// The last `n` lines of a text file, for error messages.

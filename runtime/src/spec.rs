@@ -208,9 +208,11 @@ pub fn vm_resources(spec: &Spec) -> (u64, u32) {
         .filter(|l| *l > 0)
         .map(|l| (l as u64).div_ceil(1 << 20).max(MIN_MEMORY_MIB))
         .unwrap_or(DEFAULT_MEMORY_MIB);
-    let host_cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
+    // Online CPUs, not available_parallelism(): that one honours the cgroup CPU quota, which the
+    // sandbox sets on itself from this same spec before it sizes the VM.
+    // SAFETY: sysconf only reads a system value.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let host_cpus = u32::try_from(online).unwrap_or(1);
     let cpus = res
         .and_then(|r| r.cpu().as_ref())
         .and_then(|c| match (c.quota(), c.period()) {

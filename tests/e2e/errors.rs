@@ -63,16 +63,30 @@ fn rootfs_missing() {
 #[test]
 fn missing_kernel_and_initramfs() {
     let b = Bundle::new(&["true"]);
-    let rt = Runtime::new().env("ROOTCELL_KERNEL", "/nonexistent/bzImage");
+    // The bzImage is QEMU's kernel (the builtin backend boots ROOTCELL_VMLINUX).
+    let rt = Runtime::new()
+        .env("ROOTCELL_HYPERVISOR", "qemu")
+        .env("ROOTCELL_KERNEL", "/nonexistent/bzImage");
     create_fails(&rt, b.path(), &["/nonexistent/bzImage"]);
     let rt = Runtime::new().env("ROOTCELL_INITRD", "/nonexistent/initramfs.cpio.gz");
     create_fails(&rt, b.path(), &["/nonexistent/initramfs.cpio.gz"]);
 }
 
 #[test]
+fn missing_vmlinux_for_the_builtin_hypervisor() {
+    let b = Bundle::new(&["true"]);
+    let rt = Runtime::new()
+        .env("ROOTCELL_HYPERVISOR", "builtin")
+        .env("ROOTCELL_VMLINUX", "/nonexistent/vmlinux");
+    create_fails(&rt, b.path(), &["/nonexistent/vmlinux", "ROOTCELL_VMLINUX"]);
+}
+
+#[test]
 fn no_usable_hypervisor() {
     let b = Bundle::new(&["true"]);
-    let rt = Runtime::new().env("ROOTCELL_QEMU", "/nonexistent/qemu-system-x86_64");
+    let rt = Runtime::new()
+        .env("ROOTCELL_HYPERVISOR", "qemu")
+        .env("ROOTCELL_QEMU", "/nonexistent/qemu-system-x86_64");
     create_fails(&rt, b.path(), &["qemu"]);
 }
 

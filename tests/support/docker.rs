@@ -50,8 +50,10 @@ extern "C" fn stop_daemon_at_exit() {
         }
     }
     if let Some(d) = DAEMON.get() {
-        let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join("data")).status();
-        let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join("exec")).status();
+        // Usually dockerd unmounted them already; "not mounted" is not worth printing.
+        for sub in ["data", "exec"] {
+            let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join(sub)).stderr(Stdio::null()).status();
+        }
         let _ = std::fs::remove_dir_all(&d.dir);
     }
 }
@@ -74,7 +76,7 @@ impl DockerDaemon {
     fn start() -> DockerDaemon {
         let art = artifacts();
         assert!(Path::new(DOCKERD).exists(), "dockerd missing: scripts/install-deps.sh installs docker.io");
-        let dir = tempfile::Builder::new().prefix("rc-docker-").tempdir_in("/tmp").unwrap().into_path();
+        let dir = tempfile::Builder::new().prefix("rc-docker-").tempdir_in("/tmp").unwrap().keep();
         let socket = dir.join("docker.sock");
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
         let mut cmd = Command::new(DOCKERD);
@@ -137,9 +139,10 @@ impl DockerDaemon {
         tail(&std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default(), lines)
     }
 
-    /// The runtime root Docker passes to rootcell (`--root`).
+    /// The runtime root Docker passes to rootcell (`--root`). Observed with Docker 20.10: the shim
+    /// gets `runtime-runc` for every runtime registered by path, plus the containerd namespace.
     pub fn runtime_root(&self) -> PathBuf {
-        self.dir.join("exec/runtime-rootcell/moby")
+        self.dir.join("exec/runtime-runc/moby")
     }
 
     fn import_busybox(&self) {

@@ -32,6 +32,14 @@ pub fn setup_dev(
         bind_device(&Path::new("/dev").join(name), &dev.join(name))?;
     }
     for d in extra {
+        // `--privileged` lists every host device, the defaults among them: those stay bound to
+        // the guest's own nodes.
+        if DEFAULT_DEVICES
+            .iter()
+            .any(|n| d.path() == &Path::new("/dev").join(n))
+        {
+            continue;
+        }
         make_node(root, d)?;
     }
     for (target, name) in DEV_LINKS {
@@ -83,13 +91,16 @@ fn make_node(root: &Path, d: &LinuxDevice) -> Result<(), SetupError> {
     };
     let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
     let _ = std::fs::remove_file(&dest);
-    mknod(
+    match mknod(
         &dest,
         kind,
         mode,
         makedev(d.major() as u64, d.minor() as u64),
-    )
-    .ctx(|| format!("mknod {}", d.path().display()))?;
+    ) {
+        // Something mounted there already (runc keeps an existing node too).
+        Err(nix::errno::Errno::EEXIST) => return Ok(()),
+        r => r.ctx(|| format!("mknod {}", d.path().display()))?,
+    }
     nix::unistd::chown(
         &dest,
         Some(nix::unistd::Uid::from_raw(d.uid().unwrap_or(0))),

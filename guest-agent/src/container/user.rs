@@ -90,6 +90,12 @@ fn set_caps(c: &LinuxCapabilities) -> Result<(), SetupError> {
     caps::set(None, CapSet::Effective, &effective).ctx(|| "set effective capabilities".into())?;
     caps::clear(None, CapSet::Ambient).ctx(|| "clear ambient capabilities".into())?;
     for cap in ambient {
+        // The kernel refuses an ambient capability that is not also permitted and inheritable;
+        // like runc, log and skip it rather than fail the container.
+        if !(inheritable.contains(&cap) && permitted.contains(&cap)) {
+            alog!("skipping ambient {cap}: not in the inheritable and permitted sets");
+            continue;
+        }
         caps::raise(None, CapSet::Ambient, cap).ctx(|| format!("raise ambient {cap}"))?;
     }
     Ok(())

@@ -69,8 +69,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
         bail!("config.json has process.terminal: true but no --console-socket was given; a detached container needs one (or set terminal to false)");
     }
     // Fail on missing boot files before making anything.
-    crate::assets::locate()?;
-    crate::hypervisor::qemu::find_program()?;
+    crate::hypervisor::preflight()?;
 
     std::fs::create_dir_all(&g.root)
         .with_context(|| format!("cannot create state root {}", g.root.display()))?;

@@ -4,6 +4,7 @@ pub mod create;
 pub mod exec;
 pub mod info;
 pub mod lifecycle;
+pub mod update;
 
 use crate::error::RuntimeError;
 use crate::logging::Format;

@@ -1,7 +1,9 @@
 //! Hypervisor backends: something that boots the guest with a hybrid-vsock socket and a
-//! virtio-fs share. QEMU today; the built-in VMM plugs in behind the same trait later.
+//! virtio-fs share: QEMU, or rootcell's own VMM (`builtin`); [`select`] decides which.
 
+pub mod builtin;
 pub mod qemu;
+pub mod select;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -64,6 +66,17 @@ pub enum HypervisorError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The built-in VMM could not start the guest.
+    #[error("the built-in VMM cannot boot {kernel}: {cause}")]
+    Builtin {
+        /// The kernel it was given.
+        kernel: PathBuf,
+        /// The VMM's error (in the message, not a `source`, so it is printed once).
+        cause: rootcell_vmm::Error,
+    },
+    /// No backend could be chosen (bad `--hypervisor`/env value or config file).
+    #[error(transparent)]
+    Select(#[from] select::SelectError),
 }
 
 /// A hypervisor backend.
@@ -90,4 +103,65 @@ pub trait Vm: Send + Sync {
     /// Waits up to `timeout` for the guest to stop, kills it if it has not, then releases
     /// everything (process, device backends).
     fn finish(&self, timeout: Duration);
+}
+
+/// A chosen backend with the guest images it boots.
+pub struct Opened {
+    /// The backend.
+    pub hypervisor: Box<dyn Hypervisor>,
+    /// Kernel (vmlinux for builtin, bzImage for QEMU) and initramfs.
+    pub images: crate::assets::GuestImages,
+    /// Which backend and why.
+    pub selection: select::Selection,
+}
+
+/// The boot files `backend` needs; an error names the missing one.
+fn images_for(backend: select::Backend) -> Result<crate::assets::GuestImages, HypervisorError> {
+    match backend {
+        select::Backend::Builtin => crate::assets::locate_builtin(),
+        select::Backend::Qemu => crate::assets::locate(),
+    }
+}
+
+/// Chooses the backend and checks that its files exist, without starting anything (so
+/// `create` fails before making state).
+pub fn preflight() -> Result<select::Selection, HypervisorError> {
+    let selection = select::resolve_from_env()?;
+    tracing::debug!(
+        hypervisor = selection.backend.as_str(),
+        "hypervisor: {} ({})",
+        selection.backend.as_str(),
+        selection.reason
+    );
+    images_for(selection.backend)?;
+    if selection.backend == select::Backend::Qemu {
+        qemu::find_program()?;
+    }
+    Ok(selection)
+}
+
+/// Chooses the backend, logs which and why, and finds its boot files.
+pub fn open() -> Result<Opened, HypervisorError> {
+    let selection = select::resolve_from_env()?;
+    tracing::info!(
+        hypervisor = selection.backend.as_str(),
+        "hypervisor: {} ({})",
+        selection.backend.as_str(),
+        selection.reason
+    );
+    let images = images_for(selection.backend)?;
+    let hypervisor: Box<dyn Hypervisor> = match selection.backend {
+        select::Backend::Builtin => Box::new(builtin::Builtin),
+        select::Backend::Qemu => {
+            let program = qemu::find_program()?;
+            let (accel, why) = qemu::detect_accel();
+            tracing::info!(?accel, "accelerator: {why}");
+            Box::new(qemu::Qemu::new(program, accel))
+        }
+    };
+    Ok(Opened {
+        hypervisor,
+        images,
+        selection,
+    })
 }

@@ -1,0 +1,404 @@
+//! Docker 20.10 drives rootcell as a `daemon.json`-style runtime: what `docker run` users do, on
+//! real guests, through a private dockerd (see `rootcell_e2e::docker`).
+
+use rootcell_e2e::docker::{daemon, DockerDaemon, IMAGE};
+use rootcell_e2e::*;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// `docker ARGS`, asserting success; returns stdout.
+fn ok(d: &DockerDaemon, args: &[&str]) -> String {
+    let o = d.docker(args);
+    assert!(
+        o.status.success(),
+        "docker {args:?} failed ({:?}): {}\ndockerd log:\n{}",
+        o.status,
+        text(&o.stderr),
+        d.log_tail(20)
+    );
+    text(&o.stdout)
+}
+
+/// `docker run --rm --runtime rootcell EXTRA... IMAGE CMD...`.
+fn run_rm(d: &DockerDaemon, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut args = vec!["run", "--rm", "--runtime", "rootcell"];
+    args.extend_from_slice(extra);
+    args.push(IMAGE);
+    args.extend_from_slice(cmd);
+    d.docker(&args)
+}
+
+/// Starts a detached container running `script`; returns its id.
+fn run_detached(d: &DockerDaemon, extra: &[&str], script: &str) -> String {
+    let mut args = vec!["run", "-d", "--runtime", "rootcell"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, "sh", "-c", script]);
+    ok(d, &args).trim().to_string()
+}
+
+/// `docker inspect -f FORMAT ID`, trimmed.
+fn inspect(d: &DockerDaemon, id: &str, format: &str) -> String {
+    ok(d, &["inspect", "-f", format, id]).trim().to_string()
+}
+
+/// Polls `f` until it returns true, panicking with `what` after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Combined stdout+stderr of `docker logs ID`.
+fn logs(d: &DockerDaemon, id: &str) -> String {
+    let o = d.docker(&["logs", id]);
+    assert!(o.status.success(), "docker logs failed: {}", text(&o.stderr));
+    text(&o.stdout) + &text(&o.stderr)
+}
+
+#[test]
+fn run_prints_root_and_guest_kernel_under_both_names() {
+    let d = daemon();
+    let release = artifacts().kernel_release;
+    for runtime in ["rootcell", "kata-runtime"] {
+        let o = d.docker(&["run", "--rm", "--runtime", runtime, IMAGE, "sh", "-c", "id -u; uname -r"]);
+        assert_eq!(code(&o), 0, "{runtime}: {}\n{}", text(&o.stderr), d.log_tail(20));
+        assert_eq!(text(&o.stdout), format!("0\n{release}\n"), "{runtime}");
+    }
+    assert_ne!(release, text(&std::process::Command::new("uname").arg("-r").output().unwrap().stdout).trim());
+}
+
+#[test]
+fn exit_codes_and_runtime_errors() {
+    let d = daemon();
+    assert_eq!(code(&run_rm(d, &[], &["true"])), 0);
+    assert_eq!(code(&run_rm(d, &[], &["sh", "-c", "exit 3"])), 3);
+
+    let id = run_detached(d, &[], "sleep 1; exit 5");
+    assert_eq!(ok(d, &["wait", &id]).trim(), "5", "docker wait prints the exit code");
+    assert_eq!(inspect(d, &id, "{{.State.ExitCode}}"), "5");
+    ok(d, &["rm", &id]);
+
+    let o = run_rm(d, &[], &["no-such-command"]);
+    assert_eq!(code(&o), 127, "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("executable file not found"), "Docker shows the runtime's message: {}", text(&o.stderr));
+
+    let o = run_rm(d, &[], &["/etc/passwd"]);
+    assert_eq!(code(&o), 126, "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("permission denied"), "stderr: {}", text(&o.stderr));
+}
+
+#[test]
+fn fifty_mib_through_run_i_unchanged() {
+    let d = daemon();
+    let mut data = vec![0u8; 50 << 20];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut data).unwrap();
+    let want = Sha256::digest(&data);
+    let started = Instant::now();
+    let o = d.docker_with_input(&["run", "--rm", "-i", "--runtime", "rootcell", IMAGE, "cat"], data);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert_eq!(o.stdout.len(), 50 << 20, "all bytes came back");
+    assert_eq!(Sha256::digest(&o.stdout), want, "bytes came back unchanged");
+    eprintln!("50 MiB through docker run -i in {:.1} s (boot included)", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn detached_logs_kill_stop_restart_rm() {
+    let d = daemon();
+    // Ignores TERM, reports USR1, ticks so `docker logs` has something to show.
+    let id = run_detached(
+        d,
+        &[],
+        "trap '' TERM; trap 'echo got-usr1' USR1; i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.2; done",
+    );
+    wait_until("ticks in docker logs", Duration::from_secs(60), || logs(d, &id).contains("tick-2"));
+    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running");
+
+    ok(d, &["kill", "-s", "USR1", &id]);
+    wait_until("the USR1 trap output", Duration::from_secs(20), || logs(d, &id).contains("got-usr1"));
+    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running", "USR1 is trapped, not fatal");
+
+    let started = Instant::now();
+    ok(d, &["stop", "-t", "2", &id]);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1900), "TERM was ignored, so stop waits its timeout: {took:?}");
+    assert!(took < Duration::from_secs(15), "KILL ends it soon after the timeout: {took:?}");
+    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "exited");
+    assert_eq!(inspect(d, &id, "{{.State.ExitCode}}"), "137", "killed by KILL");
+
+    ok(d, &["restart", "-t", "1", &id]);
+    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running");
+    let ticks = || logs(d, &id).matches("tick-0").count();
+    wait_until("ticks from the restarted container", Duration::from_secs(60), || ticks() >= 2);
+
+    ok(d, &["rm", "-f", &id]);
+    let o = d.docker(&["inspect", &id]);
+    assert!(!o.status.success(), "container is gone after rm -f");
+}
+
+#[test]
+fn exec_into_a_running_container_while_it_writes() {
+    let d = daemon();
+    let id = run_detached(d, &[], "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.1; done");
+    wait_until("the container writes", Duration::from_secs(60), || logs(d, &id).contains("line-3"));
+
+    assert_eq!(ok(d, &["exec", &id, "sh", "-c", "echo from-exec; id -u"]), "from-exec\n0\n");
+    let o = d.docker_with_input(&["exec", "-i", &id, "sh", "-c", "cat; echo done"], b"piped input\n".to_vec());
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "piped input\ndone\n");
+    assert_eq!(ok(d, &["exec", "-u", "1000:1001", &id, "sh", "-c", "id -u; id -g"]), "1000\n1001\n");
+    assert_eq!(ok(d, &["exec", "-w", "/tmp", &id, "pwd"]), "/tmp\n");
+    assert_eq!(ok(d, &["exec", "-e", "GREETING=hi there", &id, "sh", "-c", "echo $GREETING"]), "hi there\n");
+    // The exec sees the container's own processes (same pid namespace).
+    assert!(ok(d, &["exec", &id, "ps"]).contains("sleep"), "exec runs next to the container's process");
+    let o = d.docker(&["exec", &id, "sh", "-c", "exit 7"]);
+    assert_eq!(code(&o), 7, "stderr: {}", text(&o.stderr));
+
+    // The container kept writing through all of this.
+    let before = logs(d, &id).lines().count();
+    wait_until("more output after the execs", Duration::from_secs(20), || logs(d, &id).lines().count() > before);
+    ok(d, &["rm", "-f", &id]);
+}
+
+#[test]
+fn run_options_reach_the_container() {
+    let d = daemon();
+    let rw = tempfile::tempdir().unwrap();
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("input"), "host-data\n").unwrap();
+    let rw_arg = format!("{}:/data", rw.path().display());
+    let ro_arg = format!("{}:/ro:ro", ro.path().display());
+    let script = "echo hello > /data/out; chown 1234:5678 /data/out; \
+        touch /ro/x 2>/dev/null && echo ro-writable || echo ro-denied; cat /ro/input; \
+        echo tmpfs=$(grep ' /scratch ' /proc/mounts | cut -d' ' -f3); \
+        pwd; echo FOO=$FOO; hostname; ulimit -n; ulimit -Hn; \
+        echo ifaces=$(ls /sys/class/net); \
+        mount -t tmpfs t /mnt 2>/dev/null && echo mount-ok || echo mount-denied";
+    let o = run_rm(
+        d,
+        &[
+            "-v", &rw_arg, "-v", &ro_arg, "--tmpfs", "/scratch", "-w", "/data", "-e", "FOO=bar",
+            "--hostname", "myhost", "--ulimit", "nofile=123:456", "--network", "none",
+        ],
+        &["sh", "-c", script],
+    );
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let lines: Vec<String> = text(&o.stdout).lines().map(String::from).collect();
+    // --network none: loopback only (the guest kernel's sit0 tunnel device exists in every
+    // network namespace, as on hosts with the sit module; it has no address and no route out).
+    let ifaces: Vec<&str> = lines[8].trim_start_matches("ifaces=").split_whitespace().filter(|i| *i != "sit0").collect();
+    assert_eq!(ifaces, ["lo"], "interfaces with --network none: {}", lines[8]);
+    assert_eq!(
+        [&lines[..8], &lines[9..]].concat(),
+        ["ro-denied", "host-data", "tmpfs=tmpfs", "/data", "FOO=bar", "myhost", "123", "456", "mount-denied"],
+        "stderr: {}",
+        text(&o.stderr)
+    );
+    let out = rw.path().join("out");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello\n", "write visible on the host");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1234, 5678), "chown preserved on the host");
+    assert!(!ro.path().join("x").exists());
+
+    let o = run_rm(d, &["--read-only", "-u", "1000:1000"], &["sh", "-c", "id -u; id -g; touch /x 2>/dev/null && echo rw || echo ro"]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "1000\n1000\nro\n");
+
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for extra in [&["--privileged"][..], &["--cap-add", "SYS_ADMIN"][..]] {
+        let o = run_rm(d, extra, &["sh", "-c", "mount -t tmpfs guest-only-tmpfs /mnt && grep guest-only-tmpfs /proc/mounts | cut -d' ' -f2"]);
+        assert_eq!(code(&o), 0, "{extra:?}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), "/mnt\n", "{extra:?}");
+    }
+    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!after.contains("guest-only-tmpfs"), "the host is unaffected");
+    assert_eq!(host_mounts.lines().filter(|l| l.contains(" /mnt ")).count(), after.lines().filter(|l| l.contains(" /mnt ")).count());
+}
+
+#[test]
+fn memory_and_cpus_size_the_vm() {
+    let d = daemon();
+    let id = run_detached(d, &["--memory", "300m", "--cpus", "1.5"], "grep MemTotal /proc/meminfo; nproc; sleep 600");
+    wait_until("the VM's sizes in the logs", Duration::from_secs(60), || logs(d, &id).lines().count() >= 2);
+    let out = logs(d, &id);
+    let kib: u64 = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{out}"));
+    assert!((200 * 1024..=300 * 1024).contains(&kib), "guest MemTotal {kib} kB for --memory 300m");
+    // 1.5 CPUs of quota need 2 vCPUs (at most the host's).
+    let host_cpus = std::thread::available_parallelism().unwrap().get().min(2);
+    assert_eq!(out.lines().nth(1), Some(host_cpus.to_string().as_str()), "vCPUs for --cpus 1.5");
+    let full = inspect(d, &id, "{{.Id}}");
+    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.trim(), "150000", "the VM's host CPU time is capped at 1.5 CPUs");
+    ok(d, &["rm", "-f", &id]);
+}
+
+/// A pty pair: (master, slave).
+fn openpty(rows: u16, cols: u16) -> (OwnedFd, OwnedFd) {
+    let (mut m, mut s) = (0, 0);
+    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: plain out-parameters and a valid winsize.
+    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: fresh fds owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) }
+}
+
+#[test]
+fn tty_session_types_reads_and_resizes() {
+    let d = daemon();
+    let (master, slave) = openpty(24, 80);
+    let name = unique_id("rc-tty");
+    let mut cmd = d.command(&["run", "-it", "--rm", "--name", &name, "--runtime", "rootcell", IMAGE, "sh"]);
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave));
+    // SAFETY: setsid and TIOCSCTTY only, between fork and exec: the docker client gets the pty
+    // as its controlling terminal, so resizes reach it as SIGWINCH like in a real terminal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().expect("spawn docker run -it");
+    let seen = Arc::new(Mutex::new(String::new()));
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let mut writer = std::fs::File::from(master.try_clone().unwrap());
+    let expect = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if seen.lock().unwrap().contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} on the terminal; saw {:?}", seen.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The typed text never contains the expected output, so the echo cannot satisfy it.
+    writer.write_all(b"echo $((6*7))x; tty; stty size\n").unwrap();
+    expect("42x");
+    expect("24 80");
+    assert!(!seen.lock().unwrap().contains("not a tty"), "stdin is a terminal");
+    let ws = libc::winsize { ws_row: 33, ws_col: 101, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
+    assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+    // The resize travels client -> dockerd -> shim -> pty master -> rootcell -> guest: retry.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        writer.write_all(b"stty size\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        if seen.lock().unwrap().contains("33 101") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "resize never reached the guest; saw {:?}", seen.lock().unwrap());
+    }
+    // `docker exec -t` into the same container gets a terminal of its own.
+    let o = d.docker(&["exec", "-t", &name, "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo exec-has-a-tty"]);
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "exec-has-a-tty\r\n", "a pty turns \\n into \\r\\n");
+    writer.write_all(b"exit 4\n").unwrap();
+    let status = wait_with_timeout(child, COMMAND_TIMEOUT);
+    assert_eq!(status.code(), Some(4), "docker run -it exits with the shell's code");
+}
+
+#[test]
+fn top_pause_unpause_update_and_stats() {
+    let d = daemon();
+    let id = run_detached(d, &[], "i=0; while true; do echo n-$i; i=$((i+1)); sleep 0.1; done");
+    wait_until("output", Duration::from_secs(60), || logs(d, &id).contains("n-3"));
+
+    let top = ok(d, &["top", &id]);
+    assert!(top.starts_with("UID") || top.contains("PID"), "docker top has a header: {top}");
+    assert!(top.lines().count() >= 2, "docker top lists the container's processes: {top}");
+
+    ok(d, &["pause", &id]);
+    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "paused");
+    let frozen = logs(d, &id).lines().count();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(logs(d, &id).lines().count(), frozen, "no output while paused");
+    ok(d, &["unpause", &id]);
+    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running");
+    wait_until("output after unpause", Duration::from_secs(20), || logs(d, &id).lines().count() > frozen);
+
+    // docker update: the CPU quota lands on the host cgroup that holds the VM; a running VM's
+    // memory cannot change, and Docker shows why.
+    ok(d, &["update", "--cpus", "0.5", &id]);
+    let full = inspect(d, &id, "{{.Id}}");
+    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.trim(), "50000", "host CPU quota for --cpus 0.5");
+    let o = d.docker(&["update", "--memory", "200m", "--memory-swap", "400m", &id]);
+    assert!(!o.status.success(), "a running VM cannot be resized");
+    assert!(text(&o.stderr).contains("memory of a running VM"), "stderr: {}", text(&o.stderr));
+
+    let mem = ok(d, &["stats", "--no-stream", "--format", "{{.MemUsage}}", &id]);
+    let used = mem.split('/').next().unwrap().trim();
+    let number: f64 = used.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap_or_else(|_| panic!("{mem}"));
+    assert!(number > 0.0, "docker stats shows the VM's memory: {mem}");
+    ok(d, &["rm", "-f", &id]);
+}
+
+/// The runtime's short run dir for a container (same FNV-1a hash as `rootcell`'s paths module).
+fn run_dir(root: &std::path::Path, id: &str) -> std::path::PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in root.as_os_str().as_encoded_bytes().iter().chain(b"\0").chain(id.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    std::path::Path::new("/run/rootcell/r").join(format!("{h:016x}"))
+}
+
+#[test]
+fn rm_f_of_ten_running_containers_leaves_nothing() {
+    let d = daemon();
+    let ids: Vec<String> = (0..10).map(|_| run_detached(d, &[], "while true; do sleep 1; done")).collect();
+    for id in &ids {
+        assert_eq!(inspect(d, id, "{{.State.Status}}"), "running");
+    }
+    let root = d.runtime_root();
+    let dirs: Vec<_> = ids.iter().map(|id| run_dir(&root, id)).collect();
+    assert!(dirs.iter().all(|p| p.exists()), "the run dirs exist while the containers run");
+    let mut args = vec!["rm", "-f"];
+    args.extend(ids.iter().map(String::as_str));
+    ok(d, &args);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut left = Vec::new();
+        for (id, dir) in ids.iter().zip(&dirs) {
+            left.extend(processes_mentioning(id));
+            left.extend(processes_mentioning(&dir.to_string_lossy()));
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left behind: {left:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for (id, dir) in ids.iter().zip(&dirs) {
+        let dir_s = dir.to_string_lossy();
+        let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(id.as_str()) || l.contains(&*dir_s)).collect();
+        assert!(leaked.is_empty(), "mounts left behind: {leaked:#?}");
+        assert!(!dir.exists(), "run dir (sockets, share) left behind: {}", dir.display());
+        assert!(!root.join(id).exists(), "state left behind for {id}");
+    }
+}
