@@ -51,15 +51,7 @@ fn main() {
         tty_stdio,
     } = cli.command
     {
-        // The sandbox's stdio is the container's: its own logs never go there.
-        let own_log = paths::state_dir(&g.root, &id).join("sandbox.log");
-        let file = g.log.clone().unwrap_or(own_log);
-        logging::init(
-            Some(&file),
-            Box::new(std::io::sink()),
-            g.log_format,
-            g.debug,
-        );
+        init_process_logging(&g, &id);
         let args = sandbox::SandboxArgs {
             root: g.root.clone(),
             id,
@@ -77,14 +69,7 @@ fn main() {
         tty_stdio,
     } = cli.command
     {
-        let own_log = paths::state_dir(&g.root, &id).join("sandbox.log");
-        let file = g.log.clone().unwrap_or(own_log);
-        logging::init(
-            Some(&file),
-            Box::new(std::io::sink()),
-            g.log_format,
-            g.debug,
-        );
+        init_process_logging(&g, &id);
         let mode = stdio::TerminalMode {
             terminal: false,
             console_socket,
@@ -222,4 +207,12 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Sandbox { .. } | Command::ExecRelay { .. } => unreachable!("handled in main"),
     }
     Ok(0)
+}
+
+/// Logging for the long-lived sandbox and exec-relay processes: their stdio is the container's,
+/// so their own logs never go there but to `--log` or the container's `sandbox.log`.
+fn init_process_logging(g: &Global, id: &str) {
+    let own_log = paths::state_dir(&g.root, id).join("sandbox.log");
+    let file = g.log.clone().unwrap_or(own_log);
+    logging::init(Some(&file), Box::new(std::io::sink()), g.log_format, g.debug);
 }
