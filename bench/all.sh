@@ -10,3 +10,4 @@ here=$(cd "$(dirname "$0")" && pwd)
 "$here/stdio.sh" 256
 "$here/memory.sh" 2
 "$here/rate.sh" 8 2
+"$here/docker.sh" 5
