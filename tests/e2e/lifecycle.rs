@@ -104,3 +104,52 @@ fn sigkill_of_sandbox_then_delete_force_leaves_nothing() {
     assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
     assert_no_leftovers(&rt, &id);
 }
+
+#[test]
+fn exec_passes_exit_status_and_forwards_signals_from_its_host_process() {
+    use std::io::BufRead;
+    let rt = Runtime::new();
+    let bundle = Bundle::new(&["sleep", "1000"]);
+    let id = unique_id("exec");
+    let (o, _, _) = rt.create(&bundle, &id);
+    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+    assert_eq!(code(&rt.run(&["start", &id])), 0);
+
+    let o = rt.run(&["exec", &id, "sh", "-c", "echo in-exec; exit 5"]);
+    assert_eq!(code(&o), 5, "exec exit status: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "in-exec\n");
+
+    // A signal sent to the exec's host process (as Docker's shim does with kill(2)) reaches the
+    // process in the guest, whose trap decides the exit status.
+    let mut c = rt.command(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 42' TERM; echo armed; while :; do sleep 0.1; done",
+    ]);
+    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let pid = child.id() as i32;
+    // Bound the wait for "armed" so a broken exec cannot hang the suite.
+    let (done, cancelled) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if cancelled.recv_timeout(COMMAND_TIMEOUT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // SAFETY: kill(2) of the exec process this test started; it has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("armed"));
+    // SAFETY: kill(2) of the exec process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("got-term"));
+    let status = wait_with_timeout(child, COMMAND_TIMEOUT);
+    drop(done);
+    watchdog.join().unwrap();
+    assert_eq!(status.code(), Some(42), "exec host process exits with the guest process's status");
+    assert_eq!(rt.state(&id)["status"], "running", "the container lives on after its exec ended");
+
+    assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
+    assert_no_leftovers(&rt, &id);
+}
