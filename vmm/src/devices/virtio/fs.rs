@@ -17,7 +17,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::vsock::{read_config_bytes, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{read_config_bytes, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
 use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::memory::GuestMemoryMmap;

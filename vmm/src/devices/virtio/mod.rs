@@ -126,3 +126,21 @@ pub trait VirtioDevice: Send {
         true
     }
 }
+
+/// `VIRTIO_RING_F_INDIRECT_DESC`: virtio-queue walks indirect tables itself.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`: fewer interrupts and notifications; the device crates' queue
+/// helpers handle both modes.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Copies the part of `config` at `offset` into `data`; bytes past the end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}

@@ -14,18 +14,16 @@ use virtio_queue::QueueT;
 use vmm_sys_util::epoll::Epoll;
 
 use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::{
+    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 use crate::memory::GuestMemoryMmap;
 
 /// virtio device id of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// Queue sizes: RX, TX, event.
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
-/// `VIRTIO_RING_F_INDIRECT_DESC`: virtio-queue walks indirect tables itself.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VIRTIO_RING_F_EVENT_IDX`: fewer interrupts and notifications; the muxer's queue helpers
-/// handle both modes.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 const MUXER_TOKEN: u64 = 0;
 const RX_TOKEN: u64 = 1;
@@ -127,18 +125,6 @@ impl VirtioDevice for VsockDevice {
     fn reset(&mut self) -> bool {
         self.acked = 0;
         self.worker.reset()
-    }
-}
-
-/// Copies the part of `config` at `offset` into `data`; bytes past the end read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i))
-            .and_then(|o| config.get(o))
-            .copied()
-            .unwrap_or(0);
     }
 }
 
