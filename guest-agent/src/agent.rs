@@ -10,6 +10,7 @@ use crate::sink::EventSink;
 use crate::streams::StreamTable;
 use crate::terminal;
 use oci_spec::runtime::{Process, Spec};
+use rootcell_protocol::net::NetworkConfig;
 use rootcell_protocol::{
     ErrorCode, Request, Response, StdioSpec, Stream, INIT_PROCESS, PROTOCOL_VERSION,
 };
@@ -139,6 +140,10 @@ impl Agent {
                 }
                 .into()
             }
+            Request::ConfigureNetwork {
+                config,
+                loopback_dns,
+            } => self.configure_network(&config, loopback_dns).into(),
             Request::Create {
                 container_id,
                 spec,
@@ -174,6 +179,34 @@ impl Agent {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Container>> {
         self.container.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives the guest's cards the host interfaces' names, addresses and routes. Only before
+    /// the container exists: it is created into this network namespace.
+    fn configure_network(&self, config: &NetworkConfig, loopback_dns: Option<std::net::IpAddr>) -> Response {
+        if self.lock().is_some() {
+            return Response::Error {
+                code: ErrorCode::InvalidState,
+                message: "the network is configured before the container is created".into(),
+            };
+        }
+        let applied = rootcell_net::apply(config).map_err(|e| e.to_string()).and_then(|()| match loopback_dns {
+            // 127.0.0.0/8 is all local on lo, so the resolver's address can be bound as is.
+            Some(addr) => crate::dns::start(addr).map_err(|e| format!("cannot relay DNS at {addr}:53: {e}")),
+            None => Ok(()),
+        });
+        match applied {
+            Ok(()) => {
+                for i in &config.interfaces {
+                    alog!("network: {} ({}) mtu {} {:?}", i.name, i.mac, i.mtu, i.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+                }
+                Response::Ok
+            }
+            Err(message) => Response::Error {
+                code: ErrorCode::Other,
+                message,
+            },
+        }
     }
 
     fn create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec) -> Response {

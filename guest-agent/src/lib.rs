@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod container;
+pub mod dns;
 pub mod listener;
 pub mod log;
 pub mod net;

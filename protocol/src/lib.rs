@@ -15,18 +15,24 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 
+pub mod dns;
 pub mod frame;
+pub mod net;
 
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.
 pub const STREAM_PORT: u32 = 1025;
 /// Process id of a container's init process (exec processes use their own ids).
 pub const INIT_PROCESS: &str = "init";
+/// Host vsock port the agent relays loopback DNS queries to: one connection per query, which
+/// carries the query and then the answer, each prefixed with its length as a big-endian u16
+/// (the DNS-over-TCP framing).
+pub const DNS_RELAY_PORT: u32 = 1053;
 /// Virtio-fs tag of the share that carries the container rootfs and bind mount sources.
 pub const SHARE_TAG: &str = "rootcell";
 /// Where the agent mounts the virtio-fs share inside the guest.
@@ -49,6 +55,18 @@ pub enum Request {
     Hello {
         /// The host's [`PROTOCOL_VERSION`].
         version: u32,
+    },
+    /// Configure the guest's network (before `Create`): each interface is matched to a virtio-net
+    /// card by MAC address. A container created afterwards shares the guest's network namespace;
+    /// without this request it gets a fresh one with loopback only.
+    ConfigureNetwork {
+        /// Interfaces and routes.
+        config: net::NetworkConfig,
+        /// A resolver on the loopback of the container's host namespace (Docker's embedded DNS
+        /// at 127.0.0.11), unreachable from the guest: the agent answers UDP queries to this
+        /// address on port 53 by relaying each over a vsock connection to [`DNS_RELAY_PORT`].
+        #[serde(default)]
+        loopback_dns: Option<std::net::IpAddr>,
     },
     /// Build the container (namespaces, mounts, ...) and its init process, without executing
     /// the user program yet. Paths in `spec` are guest paths (root and bind sources live under

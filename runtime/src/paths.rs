@@ -17,6 +17,12 @@ pub const VSOCK_VHOST_SOCKET: &str = "vsock.vu";
 pub const FS_VHOST_SOCKET: &str = "fs.vu";
 /// Hybrid vsock unix socket (host side of guest ports).
 pub const VSOCK_UDS: &str = "vsock.sock";
+
+/// File name (in the run dir) of the host end of the guest's DNS relay: the hybrid vsock
+/// device connects guest connections to host port P to `<VSOCK_UDS>_<P>`.
+pub fn dns_relay_socket() -> String {
+    format!("{VSOCK_UDS}_{}", rootcell_protocol::DNS_RELAY_PORT)
+}
 /// Directory exported to the guest over virtio-fs.
 pub const SHARE_DIR: &str = "share";
 

@@ -5,12 +5,12 @@
 
 use crate::agent::{self, AgentClient, AgentNotice};
 use crate::control::{ControlRequest, ControlResponse};
-use crate::hypervisor::{Vm, VmConfig};
+use crate::hypervisor::{NetCard, Vm, VmConfig};
 use crate::state::{ContainerState, Status};
 use crate::stdio::{self, Attached, Streams, TerminalMode};
 use crate::{console, hooks, paths, share, spec};
 use anyhow::{anyhow, bail, Context, Result};
-use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use oci_spec::runtime::Spec;
 use rootcell_protocol::{Event, Request, Response, StdioSpec, INIT_PROCESS};
 use std::collections::HashMap;
 use std::fs::File;
@@ -168,6 +168,8 @@ struct Sandbox {
     control: UnixListener,
     run_dir: PathBuf,
     saved_termios: Option<console::RawTerminal>,
+    /// The taps and tc filters behind the VM's network cards, undone after the VM is gone.
+    network: Option<rootcell_net::Mirror>,
 }
 
 /// Namespaces first (single-threaded), then share dir, VM, agent, Create.
@@ -208,6 +210,33 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     let share_dir = run_dir.join(paths::SHARE_DIR);
     let binds = spec::bind_mounts(&bundle.spec, &bundle.dir);
     share::build(&share_dir, &bundle.rootfs, &binds)?;
+    // Before the VM: Docker's libnetwork-setkey hook is what puts the veth into our network
+    // namespace, and the VM's network cards are made from what is there.
+    run_create_hooks(&bundle.spec, &state)?;
+    let network = crate::network::mirror()?;
+    let nets = network
+        .as_ref()
+        .map(|(mirror, _)| {
+            mirror
+                .taps()
+                .iter()
+                .filter_map(|t| {
+                    Some(NetCard {
+                        tap_fd: t.raw_fd()?,
+                        mac: t.mac,
+                        mtu: t.mtu,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let loopback_dns = network
+        .as_ref()
+        .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
+    if let Some(addr) = loopback_dns {
+        crate::dns::serve(&run_dir.join(paths::dns_relay_socket()), addr)?;
+        tracing::info!(%addr, "relaying the guest's DNS queries to the container's loopback resolver");
+    }
     let crate::hypervisor::Opened {
         hypervisor: hv,
         images,
@@ -232,6 +261,7 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         guest_cid: GUEST_CID,
         share_dir,
         share_tag: rootcell_protocol::SHARE_TAG.to_string(),
+        nets,
     };
     drop(host_span);
 
@@ -303,7 +333,19 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         tty_fd,
         saved: saved_termios,
     } = stdio::attach(&cfg.vsock_uds, INIT_PROCESS, &mode)?;
-    let guest_spec = spec::rewrite_for_guest(&bundle.spec, &binds);
+    if let Some((_, config)) = &network {
+        let _s = tracing::info_span!("network_setup").entered();
+        let req = Request::ConfigureNetwork {
+            config: config.clone(),
+            loopback_dns,
+        };
+        match agent.request(req, Duration::from_secs(30))? {
+            Response::Ok => {}
+            Response::Error { message, .. } => bail!("the guest cannot set up the container's network: {message}"),
+            other => bail!("unexpected answer to ConfigureNetwork: {other:?}"),
+        }
+    }
+    let guest_spec = spec::rewrite_for_guest(&bundle.spec, &binds, network.is_some());
     let stdio = StdioSpec {
         stdin: !terminal,
         stdout: !terminal,
@@ -329,7 +371,6 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     if let Some(fd) = tty_fd {
         resize(&agent, fd);
     }
-    run_create_hooks(&bundle.spec, &state)?;
     drop(create_span);
 
     let ctl_path = run_dir.join(paths::CONTROL_SOCKET);
@@ -355,36 +396,16 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         control,
         run_dir,
         saved_termios,
+        network: network.map(|(m, _)| m),
     })
 }
 
-/// Private mount namespace (and network namespace, as the spec asks) before any thread exists.
+/// Private mount namespace and the container's network namespace, before any thread exists.
 fn isolate(spec: &Spec) -> Result<()> {
     share::isolate_mounts()?;
-    let net = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.namespaces().as_ref())
-        .and_then(|ns| {
-            ns.iter()
-                .find(|n| n.typ() == LinuxNamespaceType::Network)
-                .cloned()
-        });
-    if let Some(ns) = net {
-        // Hooks such as Docker's libnetwork-setkey configure the network namespace of the pid
-        // in the state (ours); give them a namespace of the container's own.
-        match ns.path() {
-            Some(p) => {
-                let f = File::open(p)
-                    .with_context(|| format!("cannot open network namespace {}", p.display()))?;
-                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("cannot join network namespace {}", p.display()))?;
-            }
-            None => nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("cannot create a network namespace")?,
-        }
-    }
-    Ok(())
+    // Hooks such as Docker's libnetwork-setkey configure the network namespace of the pid in
+    // the state (ours), so we live in the container's namespace.
+    crate::network::enter(&crate::network::check(spec)?)
 }
 
 /// Blocks the signals we forward (plus SIGWINCH) in this thread, before other threads exist, so
@@ -470,6 +491,7 @@ impl Sandbox {
             control,
             run_dir,
             saved_termios,
+            network,
         } = self;
         let _exit_span = tracing::info_span!("running").entered();
         let (out_done_tx, out_done) = mpsc::channel::<()>();
@@ -545,6 +567,7 @@ impl Sandbox {
             .agent
             .request(Request::Shutdown, Duration::from_secs(2));
         vm.finish(Duration::from_secs(5));
+        drop(network);
         let deadline = Instant::now() + Duration::from_secs(2);
         while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -555,6 +578,7 @@ impl Sandbox {
             paths::VSOCK_UDS,
             paths::VSOCK_VHOST_SOCKET,
             paths::FS_VHOST_SOCKET,
+            &paths::dns_relay_socket(),
         ] {
             let _ = std::fs::remove_file(run_dir.join(name));
         }

@@ -182,8 +182,20 @@ pub fn bind_mounts(spec: &Spec, bundle: &Path) -> Vec<BindMount> {
 
 /// The spec the agent gets: rootfs and bind sources point into the guest's share mount, and
 /// host-only parts (hooks) are dropped.
-pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount]) -> Spec {
+pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount], guest_network: bool) -> Spec {
     let mut out = spec.clone();
+    if let Some(namespaces) = out.linux_mut().as_mut().and_then(|l| l.namespaces_mut().as_mut()) {
+        // The host's namespace path means nothing in the guest. With mirrored interfaces the
+        // container uses the guest's own network namespace, where the agent configured them
+        // (the VM holds this one container); otherwise it gets a fresh one, loopback only.
+        if guest_network {
+            namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+        } else {
+            for n in namespaces.iter_mut().filter(|n| n.typ() == LinuxNamespaceType::Network) {
+                n.set_path(None);
+            }
+        }
+    }
     let share = Path::new(GUEST_SHARE_DIR);
     if let Some(root) = out.root_mut() {
         root.set_path(share.join("rootfs"));
@@ -312,7 +324,7 @@ mod tests {
             }
         );
         assert!(!binds[1].read_only);
-        let g = rewrite_for_guest(&loaded.spec, &binds);
+        let g = rewrite_for_guest(&loaded.spec, &binds, false);
         assert_eq!(
             g.root().as_ref().unwrap().path(),
             Path::new("/run/rootcell/share/rootfs")

@@ -1,7 +1,7 @@
 //! Docker 20.10 drives rootcell as a `daemon.json`-style runtime: what `docker run` users do, on
 //! real guests, through a private dockerd (see `rootcell_e2e::docker`).
 
-use rootcell_e2e::docker::{daemon, DockerDaemon, IMAGE};
+use rootcell_e2e::docker::{daemon, inspect, logs, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE};
 use rootcell_e2e::*;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -9,57 +9,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// `docker ARGS`, asserting success; returns stdout.
-fn ok(d: &DockerDaemon, args: &[&str]) -> String {
-    let o = d.docker(args);
-    assert!(
-        o.status.success(),
-        "docker {args:?} failed ({:?}): {}\ndockerd log:\n{}",
-        o.status,
-        text(&o.stderr),
-        d.log_tail(20)
-    );
-    text(&o.stdout)
-}
-
-/// `docker run --rm --runtime rootcell EXTRA... IMAGE CMD...`.
-fn run_rm(d: &DockerDaemon, extra: &[&str], cmd: &[&str]) -> Output {
-    let mut args = vec!["run", "--rm", "--runtime", "rootcell"];
-    args.extend_from_slice(extra);
-    args.push(IMAGE);
-    args.extend_from_slice(cmd);
-    d.docker(&args)
-}
-
-/// Starts a detached container running `script`; returns its id.
-fn run_detached(d: &DockerDaemon, extra: &[&str], script: &str) -> String {
-    let mut args = vec!["run", "-d", "--runtime", "rootcell"];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&[IMAGE, "sh", "-c", script]);
-    ok(d, &args).trim().to_string()
-}
-
-/// `docker inspect -f FORMAT ID`, trimmed.
-fn inspect(d: &DockerDaemon, id: &str, format: &str) -> String {
-    ok(d, &["inspect", "-f", format, id]).trim().to_string()
-}
-
-/// Polls `f` until it returns true, panicking with `what` after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Combined stdout+stderr of `docker logs ID`.
-fn logs(d: &DockerDaemon, id: &str) -> String {
-    let o = d.docker(&["logs", id]);
-    assert!(o.status.success(), "docker logs failed: {}", text(&o.stderr));
-    text(&o.stdout) + &text(&o.stderr)
-}
 
 #[test]
 fn run_prints_root_and_guest_kernel_under_both_names() {

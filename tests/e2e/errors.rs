@@ -142,3 +142,36 @@ fn json_log_carries_the_error_for_dockers_shim() {
     assert_eq!(last["level"], "error");
     assert!(last["msg"].as_str().unwrap().contains("/nonexistent/b"), "msg: {last}");
 }
+
+#[test]
+fn a_network_the_vm_cannot_have_is_refused() {
+    let rt = Runtime::new();
+    let net = |path: Option<&str>| {
+        Bundle::new(&["true"]).edit(|s| {
+            let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.retain(|n| n["type"] != "network");
+            if let Some(p) = path {
+                ns.push(serde_json::json!({"type": "network", "path": p}));
+            }
+        })
+    };
+    create_fails(&rt, net(None).path(), &["linux.namespaces", "host's network stack"]);
+    create_fails(&rt, net(Some("/run/netns/rootcell-absent")).path(), &["/run/netns/rootcell-absent", "cannot be opened"]);
+    create_fails(&rt, net(Some("/proc/1/ns/net")).path(), &["host's network namespace"]);
+}
+
+#[test]
+fn an_interface_that_cannot_be_mirrored_is_refused_and_nothing_is_left() {
+    let rt = Runtime::new();
+    let ns = NetNs::new("rc-bridge");
+    // A bridge is not an endpoint a VM card can stand in for.
+    ns.sh("ip link add rcbr0 type bridge && ip addr add 10.215.0.1/24 dev rcbr0 && ip link set rcbr0 up");
+    let before = ns.sh("ip -o link; tc qdisc show");
+    let b = Bundle::new(&["true"]).edit(|s| {
+        let nss = s["linux"]["namespaces"].as_array_mut().unwrap();
+        nss.retain(|n| n["type"] != "network");
+        nss.push(serde_json::json!({"type": "network", "path": ns.path()}));
+    });
+    create_fails(&rt, b.path(), &["rcbr0", "bridge"]);
+    assert_eq!(ns.sh("ip -o link; tc qdisc show"), before, "the failed create changed the namespace");
+}

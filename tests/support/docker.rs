@@ -7,6 +7,7 @@
 
 use crate::{artifacts, images_dir, output_with_timeout, COMMAND_TIMEOUT};
 use std::path::{Path, PathBuf};
+use crate::text;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -160,4 +161,55 @@ impl DockerDaemon {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `docker ARGS`, asserting success; returns stdout.
+pub fn ok(d: &DockerDaemon, args: &[&str]) -> String {
+    let o = d.docker(args);
+    assert!(
+        o.status.success(),
+        "docker {args:?} failed ({:?}): {}\ndockerd log:\n{}",
+        o.status,
+        text(&o.stderr),
+        d.log_tail(20)
+    );
+    text(&o.stdout)
+}
+
+/// `docker run --rm --runtime rootcell EXTRA... IMAGE CMD...`.
+pub fn run_rm(d: &DockerDaemon, extra: &[&str], cmd: &[&str]) -> Output {
+    let mut args = vec!["run", "--rm", "--runtime", "rootcell"];
+    args.extend_from_slice(extra);
+    args.push(IMAGE);
+    args.extend_from_slice(cmd);
+    d.docker(&args)
+}
+
+/// Starts a detached container running `script`; returns its id.
+pub fn run_detached(d: &DockerDaemon, extra: &[&str], script: &str) -> String {
+    let mut args = vec!["run", "-d", "--runtime", "rootcell"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, "sh", "-c", script]);
+    ok(d, &args).trim().to_string()
+}
+
+/// `docker inspect -f FORMAT ID`, trimmed.
+pub fn inspect(d: &DockerDaemon, id: &str, format: &str) -> String {
+    ok(d, &["inspect", "-f", format, id]).trim().to_string()
+}
+
+/// Polls `f` until it returns true, panicking with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Combined stdout+stderr of `docker logs ID`.
+pub fn logs(d: &DockerDaemon, id: &str) -> String {
+    let o = d.docker(&["logs", id]);
+    assert!(o.status.success(), "docker logs failed: {}", text(&o.stderr));
+    text(&o.stdout) + &text(&o.stderr)
 }

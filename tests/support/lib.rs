@@ -6,6 +6,8 @@
 //! to run them, rather than passing vacuously.
 
 pub mod docker;
+pub mod netns;
+pub use netns::NetNs;
 
 use serde_json::{json, Value};
 use std::fs;

@@ -68,6 +68,8 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     if terminal && opts.console_socket.is_none() && !opts.attached {
         bail!("config.json has process.terminal: true but no --console-socket was given; a detached container needs one (or set terminal to false)");
     }
+    // A network the VM cannot have is refused before anything is made.
+    crate::network::check(&bundle.spec)?;
     // Fail on missing boot files before making anything.
     crate::hypervisor::preflight()?;
 

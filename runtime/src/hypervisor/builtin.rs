@@ -67,6 +67,12 @@ impl Hypervisor for Builtin {
                 cfg.vcpus
             ),
         })?;
+        if !cfg.nets.is_empty() {
+            return Err(HypervisorError::Device {
+                device: "virtio-net",
+                msg: "the built-in VMM has no network card yet; use --hypervisor qemu or --network none".into(),
+            });
+        }
         let mut c = BuiltinConfig::new(&cfg.kernel, &cfg.vsock_uds, &cfg.share_dir);
         c.initramfs = Some(cfg.initrd.clone());
         c.cmdline = guest_cmdline(&cfg.cmdline);
@@ -222,6 +228,7 @@ mod tests {
             guest_cid: 3,
             share_dir: dir.join("share"),
             share_tag: "rootcell".into(),
+            nets: vec![],
         }
     }
 

@@ -35,6 +35,19 @@ pub struct VmConfig {
     pub share_dir: PathBuf,
     /// Virtio-fs tag of that share.
     pub share_tag: String,
+    /// Network cards, each backed by a tap device the sandbox keeps open.
+    pub nets: Vec<NetCard>,
+}
+
+/// A virtio-net card of the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetCard {
+    /// Open tap device (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), owned by the caller.
+    pub tap_fd: std::os::fd::RawFd,
+    /// The card's MAC address (the mirrored host interface's).
+    pub mac: rootcell_protocol::net::MacAddr,
+    /// MTU advertised to the guest.
+    pub mtu: u32,
 }
 
 /// Errors starting or running a guest.

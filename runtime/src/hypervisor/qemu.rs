@@ -126,6 +126,14 @@ pub fn command_args(cfg: &VmConfig, accel: Accel, vsock_vu: &Path, fs_vu: &Path)
         &format!("socket,id=vsock,path={}", esc(vsock_vu)),
     ]);
     push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
+    for (i, n) in cfg.nets.iter().enumerate() {
+        // The tap fd is inherited (see `Qemu::start`); QEMU reads its vnet-header flag itself.
+        push(&["-netdev", &format!("tap,id=net{i},fd={}", n.tap_fd)]);
+        push(&[
+            "-device",
+            &format!("virtio-net-device,netdev=net{i},mac={},host_mtu={}", n.mac, n.mtu),
+        ]);
+    }
     push(&["-chardev", &format!("socket,id=fs,path={}", esc(fs_vu))]);
     push(&[
         "-device",
@@ -189,6 +197,7 @@ impl Hypervisor for Qemu {
             .stdout(Stdio::null())
             .stderr(stderr);
         let parent = std::process::id() as i32;
+        let tap_fds: Vec<i32> = cfg.nets.iter().map(|n| n.tap_fd).collect();
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -198,6 +207,12 @@ impl Hypervisor for Qemu {
                     || libc::getppid() != parent
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // The taps were opened close-on-exec; QEMU gets them by number.
+                for &fd in &tap_fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -339,6 +354,7 @@ mod tests {
             guest_cid: 3,
             share_dir: "/run/rootcell/r/x/share".into(),
             share_tag: "rootcell".into(),
+            nets: vec![],
         }
     }
 
@@ -373,7 +389,19 @@ mod tests {
         }
         assert!(joined.contains("-chardev socket,id=vsock,path=/r/vsock.vu -device vhost-user-vsock-device,chardev=vsock"));
         assert!(joined.contains("-chardev socket,id=fs,path=/r/fs.vu -device vhost-user-fs-device,chardev=fs,tag=rootcell"));
+        assert!(!joined.contains("-netdev"), "no network card without taps");
         let k = command_args(&cfg(), Accel::Kvm, Path::new("/a"), Path::new("/b"));
         assert!(k.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    #[test]
+    fn one_virtio_net_card_per_tap() {
+        let mut c = cfg();
+        for (fd, mac) in [(7, "02:42:ac:11:00:02"), (9, "02:42:ac:12:00:05")] {
+            c.nets.push(super::super::NetCard { tap_fd: fd, mac: mac.parse().unwrap(), mtu: 1450 });
+        }
+        let joined = command_args(&c, Accel::Tcg, Path::new("/a"), Path::new("/b")).join(" ");
+        assert!(joined.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02,host_mtu=1450"), "{joined}");
+        assert!(joined.contains("-netdev tap,id=net1,fd=9 -device virtio-net-device,netdev=net1,mac=02:42:ac:12:00:05,host_mtu=1450"), "{joined}");
     }
 }

@@ -1,0 +1,228 @@
+//! Docker networking reaches the guest: the container's veth is mirrored into the VM, so the
+//! default bridge, published ports and user-defined networks work as with runc (real dockerd,
+//! real guests).
+
+use rootcell_e2e::docker::{daemon, inspect, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE};
+use rootcell_e2e::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A busybox httpd answering `GET /` with `body` on port 8080.
+fn httpd_script(body: &str) -> String {
+    format!("mkdir -p /tmp/www && echo {body} > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www")
+}
+
+/// `GET /` over plain TCP from the host; the response body, or the error.
+fn http_get(addr: SocketAddr) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| format!("read {addr}: {e}"))?;
+    Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+/// Polls `GET /` until the server answers (it is still booting), then returns the body.
+fn http_get_when_up(addr: SocketAddr) -> String {
+    let mut last = String::new();
+    for _ in 0..300 {
+        match http_get(addr) {
+            Ok(body) if !body.is_empty() => return body,
+            Ok(_) => last = "empty body".into(),
+            Err(e) => last = e,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("no answer from {addr} within 60 s: {last}");
+}
+
+/// The container's address on the default bridge.
+fn ip_of(d: &DockerDaemon, id: &str) -> Ipv4Addr {
+    inspect(d, id, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}").parse().unwrap_or_else(|e| panic!("no IPv4 address for {id}: {e}"))
+}
+
+/// A host TCP port nobody listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A busybox httpd on the host, bound to `addr`, stopped on drop.
+struct HostServer(Child, #[allow(dead_code)] tempfile::TempDir);
+
+impl HostServer {
+    fn start(addr: SocketAddr, body: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("index.html"), format!("{body}\n")).unwrap();
+        let child = Command::new("busybox")
+            .args(["httpd", "-f", "-p", &addr.to_string(), "-h"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("busybox httpd on the host");
+        HostServer(child, dir)
+    }
+}
+
+impl Drop for HostServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
+    let d = daemon();
+    let gateway: Ipv4Addr = ok(d, &["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"]).trim().parse().unwrap();
+    let host_port = free_port();
+    let _host = HostServer::start(SocketAddr::from((gateway, host_port)), "hello-from-host");
+    let runc = ok(d, &["run", "-d", "--runtime", "runc", IMAGE, "sh", "-c", &httpd_script("hello-from-runc")]).trim().to_string();
+    let peer = run_detached(d, &[], &httpd_script("hello-from-rootcell"));
+    let (runc_ip, peer_ip) = (ip_of(d, &runc), ip_of(d, &peer));
+    // The host reaches the rootcell server at the address Docker gave it.
+    assert_eq!(http_get_when_up(SocketAddr::from((peer_ip, 8080))).trim(), "hello-from-rootcell");
+
+    let script = format!(
+        "ip -o -4 addr show eth0; cat /sys/class/net/eth0/address; \
+         wget -qO- http://{gateway}:{host_port}/; wget -qO- http://{runc_ip}:8080/; wget -qO- http://{peer_ip}:8080/"
+    );
+    let client = run_detached(d, &[], &format!("{script}; sleep 30"));
+    let want_ip = ip_of(d, &client);
+    let want_mac = inspect(d, &client, "{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}");
+    let mut out = String::new();
+    wait_until("the client's output", Duration::from_secs(120), || {
+        out = rootcell_e2e::docker::logs(d, &client);
+        out.contains("hello-from-rootcell") || out.contains("wget:")
+    });
+    assert!(out.contains(&format!("inet {want_ip}/")), "guest eth0 lacks {want_ip}:\n{out}");
+    assert!(out.contains(&want_mac), "guest eth0 lacks MAC {want_mac}:\n{out}");
+    for body in ["hello-from-host", "hello-from-runc", "hello-from-rootcell"] {
+        assert!(out.contains(body), "{body} missing:\n{out}");
+    }
+    ok(d, &["rm", "-f", &runc, &peer, &client]);
+}
+
+#[test]
+fn published_port_reaches_a_server_in_the_guest() {
+    let d = daemon();
+    let port = free_port();
+    let id = run_detached(d, &["-p", &format!("{port}:8080")], &httpd_script("hello-through-p"));
+    assert_eq!(http_get_when_up(SocketAddr::from(([127, 0, 0, 1], port))).trim(), "hello-through-p");
+    ok(d, &["rm", "-f", &id]);
+}
+
+#[test]
+fn user_defined_network_resolves_rootcell_peers_by_name() {
+    let d = daemon();
+    let net = unique_id("rcnet");
+    ok(d, &["network", "create", &net]);
+    let server = unique_id("rc-srv");
+    let srv = run_detached(d, &["--network", &net, "--name", &server], &httpd_script("hello-by-name"));
+    let o = run_rm(
+        d,
+        &["--network", &net],
+        &["sh", "-c", &format!("for i in $(seq 60); do wget -qO- http://{server}:8080/ && exit 0; sleep 1; done; cat /etc/resolv.conf; nslookup {server}; exit 1")],
+    );
+    let _ = d.docker(&["rm", "-f", &srv]);
+    let _ = d.docker(&["network", "rm", &net]);
+    assert_eq!(code(&o), 0, "stdout:\n{}\nstderr:\n{}", text(&o.stdout), text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "hello-by-name");
+}
+
+#[test]
+fn root_changes_the_guest_network_not_the_host() {
+    let d = daemon();
+    let id = run_detached(
+        d,
+        &["--cap-add", "NET_ADMIN"],
+        "ip link add rcdummy0 type dummy && ip addr add 10.213.0.1/24 dev rcdummy0 && ip link set rcdummy0 up \
+         && ip route add 10.214.0.0/16 via 10.213.0.2 && echo configured && sleep 60",
+    );
+    let mut out = String::new();
+    wait_until("the guest to configure its network", Duration::from_secs(120), || {
+        out = rootcell_e2e::docker::logs(d, &id);
+        !out.is_empty()
+    });
+    assert_eq!(out.trim(), "configured", "{out}");
+    let inside = ok(d, &["exec", &id, "sh", "-c", "ip -o link; ip route"]);
+    assert!(inside.contains("rcdummy0") && inside.contains("10.214.0.0/16 via 10.213.0.2"), "{inside}");
+    // Neither the host nor the container's network namespace on the host (where the VM's tap
+    // lives) sees any of it.
+    let sandbox_pid = inspect(d, &id, "{{.State.Pid}}");
+    for (where_, prefix) in [("host", vec![]), ("container netns on the host", vec!["nsenter".to_string(), format!("--net=/proc/{sandbox_pid}/ns/net")])] {
+        let mut args = prefix.clone();
+        args.extend(["ip", "-o", "link"].map(String::from));
+        let links = text(&Command::new(&args[0]).args(&args[1..]).output().unwrap().stdout);
+        args.truncate(prefix.len());
+        args.extend(["ip", "route"].map(String::from));
+        let routes = text(&Command::new(&args[0]).args(&args[1..]).output().unwrap().stdout);
+        assert!(!links.contains("rcdummy0"), "{where_} has the guest's interface:\n{links}");
+        assert!(!routes.contains("10.214.0.0"), "{where_} has the guest's route:\n{routes}");
+    }
+    ok(d, &["rm", "-f", &id]);
+}
+
+#[test]
+fn network_none_is_loopback_only_and_shared_stacks_are_refused() {
+    let d = daemon();
+    let o = run_rm(d, &["--network", "none"], &["sh", "-c", "ls /sys/class/net"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).split_whitespace().filter(|n| *n != "sit0").collect::<Vec<_>>(), ["lo"]);
+
+    let o = run_rm(d, &["--network", "host"], &["true"]);
+    assert_ne!(code(&o), 0);
+    assert!(text(&o.stderr).contains("host's network"), "{}", text(&o.stderr));
+
+    let first = run_detached(d, &[], "sleep 60");
+    let o = run_rm(d, &["--network", &format!("container:{first}")], &["true"]);
+    assert_ne!(code(&o), 0);
+    assert!(text(&o.stderr).contains("cannot share a network stack"), "{}", text(&o.stderr));
+    ok(d, &["rm", "-f", &first]);
+}
+
+/// Without Docker: a namespace prepared the way CNI plugins do (a veth whose peer sits in a
+/// second namespace with a server), given to `rootcell run` by path. The guest gets the
+/// address, MTU and routes, reaches the peer, and nothing (tap, qdisc) remains afterwards.
+#[test]
+fn a_prepared_network_namespace_is_mirrored_into_the_guest() {
+    let rt = Runtime::new();
+    let container = NetNs::new("rc-ctr");
+    let mut peer = NetNs::new("rc-peer");
+    container.sh(&format!(
+        "ip link add eth0 mtu 1400 type veth peer name rcpeer0 netns {peer} \
+         && ip addr add 10.216.0.2/24 dev eth0 && ip link set eth0 up \
+         && ip route add 10.217.0.0/16 via 10.216.0.1",
+        peer = peer.name()
+    ));
+    peer.sh("ip addr add 10.216.0.1/24 dev rcpeer0 && ip link set rcpeer0 up && ip link set lo up");
+    let www = tempfile::tempdir().unwrap();
+    std::fs::write(www.path().join("index.html"), "hello-from-peer\n").unwrap();
+    peer.spawn(&["busybox", "httpd", "-f", "-p", "10.216.0.1:8080", "-h", www.path().to_str().unwrap()]);
+    let before = container.sh("ip -o link; tc qdisc show");
+    let mac = container.sh("cat /sys/class/net/eth0/address").trim().to_string();
+
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; ip -o -4 addr show eth0; ip route; \
+         for i in 1 2 3 4 5; do wget -qO- http://10.216.0.1:8080/ && exit 0; sleep 1; done; exit 1",
+    ])
+    .edit(|s| {
+        let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "network");
+        ns.push(serde_json::json!({"type": "network", "path": container.path()}));
+    });
+    let id = unique_id("net");
+    let o = rt.run(&["run", "--bundle", b.path().to_str().unwrap(), &id]);
+    let out = text(&o.stdout);
+    assert_eq!(code(&o), 0, "stdout:\n{out}\nstderr:\n{}", text(&o.stderr));
+    assert!(out.starts_with(&format!("{mac}\n1400\n")), "{out}");
+    assert!(out.contains("inet 10.216.0.2/24"), "{out}");
+    assert!(out.contains("10.217.0.0/16 via 10.216.0.1 dev eth0"), "{out}");
+    assert!(out.trim_end().ends_with("hello-from-peer"), "{out}");
+    rt.run(&["delete", &id]);
+    assert_eq!(container.sh("ip -o link; tc qdisc show"), before, "tap or tc filter left behind");
+    assert_no_leftovers(&rt, &id);
+}
