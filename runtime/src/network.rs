@@ -54,7 +54,10 @@ pub fn check(spec: &Spec) -> Result<Namespace, RuntimeError> {
         ))
     })?;
     let id = (target.dev(), target.ino());
-    if ns_id(Path::new("/proc/1/ns/net")) == Some(id) {
+    // The caller's namespace, init's, and the kernel threads' (kthreadd is pid 2) all count
+    // as the host's: on some hosts init itself runs in a namespace of its own.
+    let host = ["/proc/self/ns/net", "/proc/1/ns/net", "/proc/2/ns/net"];
+    if host.iter().any(|p| ns_id(Path::new(p)) == Some(id)) {
         return Err(unsupported(format!(
             "{} is the host's network namespace (docker --network host); a VM has its own \
              kernel and cannot share the host's network stack; use a bridge network or -p",
@@ -140,7 +143,7 @@ mod tests {
 
     #[test]
     fn host_missing_and_shared_namespaces_are_refused() {
-        let e = check(&spec(serde_json::json!([{"type": "network", "path": "/proc/1/ns/net"}])))
+        let e = check(&spec(serde_json::json!([{"type": "network", "path": "/proc/2/ns/net"}])))
             .unwrap_err()
             .to_string();
         assert!(e.contains("linux.namespaces[0].path") && e.contains("host's network namespace"), "{e}");

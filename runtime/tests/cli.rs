@@ -26,7 +26,7 @@ fn bundle(dir: &Path, config: &str) -> PathBuf {
     b
 }
 
-const CONFIG: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["true"],"cwd":"/"}}"#;
+const CONFIG: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["true"],"cwd":"/"},"linux":{"namespaces":[{"type":"network"}]}}"#;
 
 /// Nothing for `id` under `root` and no run dir for it.
 fn assert_clean(root: &Path, id: &str) {

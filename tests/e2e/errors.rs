@@ -157,7 +157,8 @@ fn a_network_the_vm_cannot_have_is_refused() {
     };
     create_fails(&rt, net(None).path(), &["linux.namespaces", "host's network stack"]);
     create_fails(&rt, net(Some("/run/netns/rootcell-absent")).path(), &["/run/netns/rootcell-absent", "cannot be opened"]);
-    create_fails(&rt, net(Some("/proc/1/ns/net")).path(), &["host's network namespace"]);
+    // kthreadd (pid 2) lives in the host network namespace.
+    create_fails(&rt, net(Some("/proc/2/ns/net")).path(), &["host's network namespace"]);
 }
 
 #[test]
