@@ -42,6 +42,9 @@ pub enum NetError {
         /// The `name=mac` pairs that are there.
         present: String,
     },
+    /// The configuration does not match the network namespace it is used in.
+    #[error("{0}")]
+    Mismatch(String),
     /// A system call outside netlink failed (tap device, netns handle).
     #[error("{what}: {source}")]
     Io {

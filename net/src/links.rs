@@ -11,12 +11,17 @@ use std::io;
 /// One network link as the kernel lists it.
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
+    /// Interface index.
     pub index: u32,
+    /// Interface name.
     pub name: String,
     /// Hardware address, any length (6 bytes on Ethernet).
     pub hwaddr: Vec<u8>,
+    /// MTU in bytes.
     pub mtu: u32,
+    /// `IFF_*` flags.
     pub flags: LinkFlags,
+    /// `ARPHRD_*` type.
     pub link_type: LinkLayerType,
     /// `IFLA_INFO_KIND` (`veth`, `bridge`, ...); `None` for physical devices and loopback.
     pub kind: Option<String>,
@@ -109,8 +114,11 @@ pub(crate) fn addresses(nl: &mut Netlink) -> io::Result<BTreeMap<u32, Vec<IpPref
 /// Changes of one link, applied by [`set_link`]; `None` leaves a property alone.
 #[derive(Debug, Default)]
 pub(crate) struct LinkChange<'a> {
+    /// Bring the link up (`true`) or down.
     pub up: Option<bool>,
+    /// New MTU.
     pub mtu: Option<u32>,
+    /// New name.
     pub name: Option<&'a str>,
 }
 

@@ -78,19 +78,13 @@ pub fn mirror(config: &NetworkConfig) -> Result<Mirror, NetError> {
         let link = present
             .iter()
             .find(|l| l.name == iface.name)
-            .ok_or_else(|| NetError::Io {
-                what: step("finding it in the network namespace"),
-                source: std::io::Error::from_raw_os_error(libc::ENODEV),
-            })?;
+            .ok_or_else(|| NetError::Mismatch(step("there is no such interface here")))?;
         let mac = check_mirrorable(link)?;
         if mac != iface.mac {
-            return Err(NetError::Io {
-                what: step(&format!(
-                    "its MAC is {mac}, the configuration says {}",
-                    iface.mac
-                )),
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
-            });
+            return Err(NetError::Mismatch(step(&format!(
+                "its MAC is {mac}, the configuration says {}",
+                iface.mac
+            ))));
         }
 
         let tap_name = format!("rctap{n}");

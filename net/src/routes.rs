@@ -9,7 +9,8 @@ use netlink_packet_route::AddressFamily;
 use rootcell_protocol::net::{IpPrefix, Route};
 use std::net::IpAddr;
 
-/// A route the way `ip route` writes it, for error messages.
+/// A route the way `ip route` writes it, for error messages (no `dev` if the device is
+/// unknown).
 pub(crate) fn route_text(r: &Route) -> String {
     let mut s = match r.destination {
         Some(d) => d.to_string(),
@@ -18,7 +19,9 @@ pub(crate) fn route_text(r: &Route) -> String {
     if let Some(gw) = r.gateway {
         s.push_str(&format!(" via {gw}"));
     }
-    s.push_str(&format!(" dev {}", r.device));
+    if !r.device.is_empty() {
+        s.push_str(&format!(" dev {}", r.device));
+    }
     if let Some(src) = r.source {
         s.push_str(&format!(" src {src}"));
     }
@@ -38,9 +41,13 @@ pub(crate) enum Scanned {
 
 /// A route before its outgoing link index is turned into a name.
 pub(crate) struct RouteDraft {
+    /// See [`Route::destination`].
     pub destination: Option<IpPrefix>,
+    /// See [`Route::gateway`].
     pub gateway: Option<IpAddr>,
+    /// See [`Route::source`].
     pub source: Option<IpAddr>,
+    /// See [`Route::metric`].
     pub metric: Option<u32>,
 }
 
@@ -67,7 +74,12 @@ fn ip(addr: &RouteAddress) -> Option<IpAddr> {
 
 /// Sorts out one route of a dump: kept (main table, unicast, not made by the kernel for an
 /// address) or skipped; a kept route that cannot be described is an error.
-pub(crate) fn from_message(msg: &RouteMessage) -> Result<Scanned, NetError> {
+///
+/// `name_of` turns a link index into its name for error messages.
+pub(crate) fn from_message(
+    msg: &RouteMessage,
+    name_of: impl Fn(u32) -> Option<String>,
+) -> Result<Scanned, NetError> {
     let h = &msg.header;
     let mut table = u32::from(h.table);
     let mut draft = RouteDraft {
@@ -113,12 +125,15 @@ pub(crate) fn from_message(msg: &RouteMessage) -> Result<Scanned, NetError> {
     let Some(oif) = oif else {
         problem = problem.or(Some("the route has no outgoing interface"));
         return Err(route_error(
-            draft.named("?".into()),
+            draft.named(String::new()),
             problem.unwrap_or_default(),
         ));
     };
     if let Some(why) = problem {
-        return Err(route_error(draft.named(format!("#{oif}")), why));
+        return Err(route_error(
+            draft.named(name_of(oif).unwrap_or_else(|| format!("#{oif}"))),
+            why,
+        ));
     }
     Ok(Scanned::Keep(oif, draft))
 }
@@ -207,12 +222,15 @@ mod tests {
         let r = route(Some("fd00:1::/64"), Some("fd00::1"));
         let mut msg = to_message(&r, 7);
         assert_eq!(msg.header.address_family, AddressFamily::Inet6);
-        match from_message(&msg).unwrap() {
+        match from_message(&msg, |_| None).unwrap() {
             Scanned::Keep(7, d) => assert_eq!(d.named("eth0".into()), r),
             _ => panic!("route was not kept"),
         }
         msg.header.protocol = RouteProtocol::Kernel;
-        assert!(matches!(from_message(&msg).unwrap(), Scanned::Skip));
+        assert!(matches!(
+            from_message(&msg, |_| None).unwrap(),
+            Scanned::Skip
+        ));
     }
 
     #[test]

@@ -60,7 +60,10 @@ pub fn scan() -> Result<NetworkConfig, NetError> {
         let RouteNetlinkMessage::NewRoute(r) = m else {
             continue;
         };
-        let Scanned::Keep(oif, draft) = routes::from_message(&r)? else {
+        let Scanned::Keep(oif, draft) = routes::from_message(&r, |i| {
+            links.iter().find(|l| l.index == i).map(|l| l.name.clone())
+        })?
+        else {
             continue;
         };
         match chosen.iter().find(|(i, _)| *i == oif) {

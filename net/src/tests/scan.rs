@@ -78,3 +78,60 @@ fn scan_of_an_empty_namespace_is_empty() {
     });
     assert_eq!(config, NetworkConfig::default());
 }
+
+#[test]
+fn scan_accepts_a_macvlan_moved_into_the_namespace() {
+    let container = other_netns();
+    let path = ns_path(&container);
+    let config = in_new_netns(move || {
+        sh(&format!(
+            "ip link add parent0 type veth peer name parent1
+             ip link add mv0 link parent0 address 02:42:ac:11:00:09 type macvlan mode bridge
+             ip link set mv0 netns {path}"
+        ));
+        in_netns(&container, || {
+            sh("ip link set mv0 up && ip addr add 192.168.5.2/24 dev mv0");
+            scan().unwrap()
+        })
+    });
+    assert_eq!(config.interfaces.len(), 1, "{config:?}");
+    assert_eq!(config.interfaces[0].name, "mv0");
+    assert_eq!(config.interfaces[0].mac.to_string(), "02:42:ac:11:00:09");
+    assert_eq!(
+        config.interfaces[0].addresses,
+        ["192.168.5.2/24".parse().unwrap()]
+    );
+}
+
+#[test]
+fn scan_refuses_a_multipath_route_and_names_it() {
+    let peer_ns = other_netns();
+    let err = in_new_netns(move || {
+        veth_to(&peer_ns, "eth0", "02:42:ac:11:00:02", 1500, "peer0");
+        veth_to(&peer_ns, "eth1", "02:42:ac:11:00:03", 1500, "peer1");
+        sh("ip link set eth0 up && ip link set eth1 up
+            ip addr add 10.0.0.2/24 dev eth0 && ip addr add 10.1.0.2/24 dev eth1
+            ip route add 10.9.0.0/16 nexthop via 10.0.0.1 dev eth0 nexthop via 10.1.0.1 dev eth1");
+        scan().unwrap_err()
+    });
+    assert!(matches!(err, NetError::Route { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "route 10.9.0.0/16: multipath routes are not supported"
+    );
+}
+
+#[test]
+fn scan_refuses_an_onlink_route_and_names_it() {
+    let peer_ns = other_netns();
+    let err = in_new_netns(move || {
+        veth_to(&peer_ns, "eth0", "02:42:ac:11:00:02", 1500, "peer0");
+        sh("ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0
+            ip route add 10.9.0.0/16 via 192.168.1.1 dev eth0 onlink");
+        scan().unwrap_err()
+    });
+    assert_eq!(
+        err.to_string(),
+        "route 10.9.0.0/16 via 192.168.1.1 dev eth0: onlink gateway routes are not supported"
+    );
+}
