@@ -113,6 +113,12 @@ pub fn command_args(cfg: &VmConfig, accel: Accel, vsock_vu: &Path, fs_vu: &Path)
         &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
     ]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    // QEMU's own seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no scheduler or
+    // resource changes. The guest drives QEMU's device code, so that code gets only what it needs.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
     push(&["-serial", &format!("file:{}", esc(&cfg.console_log))]);
     push(&[
         "-kernel",
@@ -384,6 +390,10 @@ mod tests {
         assert_eq!(after("-append"), "console=ttyS0 reboot=t panic=-1 quiet");
         assert_eq!(after("-kernel"), "/k/bzImage");
         assert_eq!(after("-initrd"), "/k/initrd.gz");
+        assert_eq!(
+            after("-sandbox"),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        );
         for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             assert!(a.contains(&flag.to_string()), "{flag}");
         }
