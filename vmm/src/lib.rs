@@ -13,9 +13,10 @@
 //! - [`vcpu`]: the vCPU threads and how they are stopped.
 //! - [`devices`]: the I/O bus, COM1 serial, i8042 (reset), and the virtio devices:
 //!   [`devices::virtio::vsock`] and [`devices::virtio::fs`] wrap the device logic the QEMU backend
-//!   serves over vhost-user, each on its own I/O thread.
-//! - [`sandbox`]: the entry point for the runtime: one container's VM with both devices.
-//! - [`seccomp`]: the syscall allowlists for vCPU and VMM threads.
+//!   serves over vhost-user, [`devices::virtio::net`] moves frames to and from a tap; each runs
+//!   on its own I/O thread.
+//! - [`sandbox`]: the entry point for the runtime: one container's VM with its devices.
+//! - [`seccomp`]: the syscall allowlists for vCPU, device I/O and VMM control threads.
 //! - [`exit`]: why a VM ended; [`error`]: why it could not start.
 //!
 //! # Example

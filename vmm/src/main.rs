@@ -12,7 +12,8 @@ use rootcell_vsock::VsockConfig;
 
 const USAGE: &str =
     "usage: rootcell-vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--mem-mib N] \
-[--vcpus N] [--serial PATH|-] [--timeout-secs N] [--vsock UDS] [--share DIR [--share-ro]] [--bench]";
+[--vcpus N] [--serial PATH|-] [--timeout-secs N] [--vsock UDS] [--share DIR [--share-ro]] [--bench] \
+[--no-seccomp]";
 
 fn main() {
     let start = Instant::now();
@@ -51,6 +52,9 @@ fn run(start: Instant) -> anyhow::Result<i32> {
     let mut vsock_uds: Option<PathBuf> = None;
     let mut share: Option<PathBuf> = None;
     let mut share_ro = false;
+    // vCPU threads and this (control) thread run under seccomp unless told otherwise; the
+    // device I/O threads always do.
+    let mut seccomp = true;
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -77,6 +81,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
             "--vsock" => vsock_uds = Some(PathBuf::from(value()?)),
             "--share" => share = Some(PathBuf::from(value()?)),
             "--share-ro" => share_ro = true,
+            "--no-seccomp" => seccomp = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(0);
@@ -85,6 +90,7 @@ fn run(start: Instant) -> anyhow::Result<i32> {
         }
     }
     config.kernel = kernel.with_context(|| format!("--kernel is required\n{USAGE}"))?;
+    config.seccomp = seccomp;
     let mut vm = Vm::create(config)?;
     if let Some(uds) = vsock_uds {
         let dev = VsockDevice::new(&VsockConfig::new(&uds)).context("--vsock")?;
@@ -138,6 +144,11 @@ fn run(start: Instant) -> anyhow::Result<i32> {
                 "bench: VMM RSS excluding guest RAM: {own} KiB (guest RAM resident: {guest} KiB)"
             );
         }
+    }
+    if seccomp {
+        // From here this thread only waits, stops the vCPUs, drops the devices and reports.
+        let filter = rootcell_vmm::seccomp::vmm_filter(seccompiler::SeccompAction::KillProcess)?;
+        rootcell_vmm::seccomp::apply(&filter)?;
     }
     let exit = running.wait_timeout(timeout);
     let report = running.stop();

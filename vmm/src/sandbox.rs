@@ -1,12 +1,12 @@
 //! The built-in backend for one container: a VM with the guest kernel and initramfs, a
 //! virtio-vsock device (hybrid unix socket on the host) and a virtio-fs share, which is all the
-//! runtime needs to reach the guest agent. This is the entry point the runtime calls when it
-//! picks the `builtin` hypervisor.
+//! runtime needs to reach the guest agent, plus one virtio-net card per tap the runtime hands
+//! in. This is the entry point the runtime calls when it picks the `builtin` hypervisor.
 //!
-//! vCPU threads run under the seccomp allowlist: device activation and reset only hand work to
-//! the devices' I/O threads (spawned here, before the first KVM_RUN), so nothing a vCPU thread
-//! does needs more than the allowlist. The I/O threads themselves are not confined: the file
-//! system passthrough uses most of the file syscalls.
+//! Every thread the VM adds to the caller's process is confined by seccomp: vCPU threads by
+//! their allowlist (device activation and reset only hand work to the devices' I/O threads,
+//! spawned here before the first KVM_RUN), and each device I/O thread by its own (see
+//! [`crate::seccomp`]). The caller's threads are left alone: the runtime keeps using its own.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -29,10 +29,13 @@ use rootcell_fs::FsConfig;
 use rootcell_vsock::VsockConfig;
 
 use crate::devices::virtio::fs::{FsDeviceError, VirtioFs};
+use crate::devices::virtio::net::{NetDevice, NetDeviceError};
 use crate::devices::virtio::vsock::{VsockDevice, VsockDeviceError};
 use crate::error::{Error, Result};
 use crate::exit::VmExit;
 use crate::vm::{RunningVm, SerialOutput, VirtioSlot, Vm, VmConfig, VmReport};
+
+pub use crate::devices::virtio::net::NetConfig;
 
 /// Kernel parameters every builtin guest gets before the caller's: console on COM1, a reboot
 /// that pulses the i8042 (the VMM's clean exit), reboot at once on panic.
@@ -64,6 +67,9 @@ pub struct BuiltinConfig {
     pub fs_tag: String,
     /// Refuse guest writes to the share.
     pub fs_read_only: bool,
+    /// One virtio-net card per entry, in order; the guest finds each card by its MAC.
+    /// Empty: no network card.
+    pub net: Vec<NetConfig>,
 }
 
 impl BuiltinConfig {
@@ -86,6 +92,7 @@ impl BuiltinConfig {
             fs_shared_dir: fs_shared_dir.into(),
             fs_tag: rootcell_protocol::SHARE_TAG.to_owned(),
             fs_read_only: false,
+            net: Vec::new(),
         }
     }
 }
@@ -125,10 +132,20 @@ impl BuiltinVm {
             &config.fs_tag,
         )
         .map_err(fs_err)?;
+        let nets = config
+            .net
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetDevice::new(n).map_err(|e| net_err(i, e)))
+            .collect::<Result<Vec<_>>>()?;
         // Last, because it creates the console file: a device that failed above leaves none.
         let mut vm = Vm::create(vm_config)?;
         let vsock_slot = vm.add_virtio_device(Box::new(vsock))?;
         let fs_slot = vm.add_virtio_device(Box::new(fs))?;
+        let net_slots = nets
+            .into_iter()
+            .map(|n| vm.add_virtio_device(Box::new(n)))
+            .collect::<Result<Vec<_>>>()?;
         let cmdline = vm.cmdline().to_owned();
         let vm = vm.start()?;
         Ok(RunningBuiltinVm {
@@ -136,6 +153,7 @@ impl BuiltinVm {
             cmdline,
             vsock_slot,
             fs_slot,
+            net_slots,
             vsock_uds: config.vsock_uds,
         })
     }
@@ -149,6 +167,10 @@ fn fs_err(e: FsDeviceError) -> Error {
     Error::Device(format!("virtio-fs: {e}"))
 }
 
+fn net_err(index: usize, e: NetDeviceError) -> Error {
+    Error::Device(format!("virtio-net #{index}: {e}"))
+}
+
 /// A running builtin VM; dropping it stops the vCPUs and the devices (the vsock socket file is
 /// removed).
 pub struct RunningBuiltinVm {
@@ -156,6 +178,7 @@ pub struct RunningBuiltinVm {
     cmdline: String,
     vsock_slot: VirtioSlot,
     fs_slot: VirtioSlot,
+    net_slots: Vec<VirtioSlot>,
     vsock_uds: PathBuf,
 }
 
@@ -165,6 +188,7 @@ impl std::fmt::Debug for RunningBuiltinVm {
             .field("cmdline", &self.cmdline)
             .field("vsock_slot", &self.vsock_slot)
             .field("fs_slot", &self.fs_slot)
+            .field("net_slots", &self.net_slots)
             .field("vsock_uds", &self.vsock_uds)
             .finish()
     }
@@ -189,6 +213,11 @@ impl RunningBuiltinVm {
     /// Where the vsock and virtio-fs devices sit (register window and IRQ).
     pub fn slots(&self) -> (VirtioSlot, VirtioSlot) {
         (self.vsock_slot, self.fs_slot)
+    }
+
+    /// Where the virtio-net cards sit, in [`BuiltinConfig::net`] order.
+    pub fn net_slots(&self) -> &[VirtioSlot] {
+        &self.net_slots
     }
 
     /// The hybrid vsock socket host clients connect to.

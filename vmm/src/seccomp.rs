@@ -3,10 +3,16 @@
 //! - vCPU threads: KVM_RUN (and KVM_GET_REGS, to report where a stopped guest was), device
 //!   emulation (writes to the console and eventfds), locking, the kick signal, memory for
 //!   messages, and thread exit.
+//! - Device I/O threads (one per virtio device, confined by the device before it serves the
+//!   guest): epoll on eventfds plus what each device's back end needs — the tap for virtio-net,
+//!   unix sockets for virtio-vsock, the file system calls of the passthrough for virtio-fs.
+//!   None of them may create processes, execute programs, open network sockets (vsock: unix
+//!   sockets only), mount, trace, or load anything.
 //! - The VMM control thread (the `rootcell-vmm` binary's main thread once the VM runs): waiting,
 //!   kicking and joining vCPU threads, writing its report.
 //!
-//! Anything else kills the process: a syscall the VMM never makes is a sign of compromise.
+//! Anything else kills the process: a syscall the VMM never makes is a sign of compromise (the
+//! kernel's audit log records the offending syscall number).
 
 use std::collections::BTreeMap;
 
@@ -54,39 +60,206 @@ fn err(e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn ioctl_rules(cmds: &[u64]) -> Result<Vec<SeccompRule>> {
-    cmds.iter()
-        .map(|&cmd| {
-            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd)
+/// What one thread may do beyond [`COMMON`].
+#[derive(Default)]
+struct Spec<'a> {
+    /// Syscalls allowed with any arguments.
+    syscalls: &'a [i64],
+    /// `ioctl` requests allowed (argument 1).
+    ioctls: &'a [u64],
+    /// `fcntl` commands allowed (argument 1) besides F_GETFD and F_DUPFD_CLOEXEC.
+    fcntls: &'a [i32],
+    /// Syscalls allowed only when argument `.1` equals `.2`.
+    arg_eq: &'a [(i64, u8, u64)],
+}
+
+fn arg_rules(index: u8, values: impl IntoIterator<Item = u64>) -> Result<Vec<SeccompRule>> {
+    values
+        .into_iter()
+        .map(|v| {
+            let c = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
                 .map_err(err)?;
-            SeccompRule::new(vec![cond]).map_err(err)
+            SeccompRule::new(vec![c]).map_err(err)
         })
         .collect()
 }
 
-fn build(extra: &[i64], ioctls: &[u64], on_violation: SeccompAction) -> Result<BpfProgram> {
+fn build_spec(spec: &Spec, on_violation: SeccompAction) -> Result<BpfProgram> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for &nr in COMMON.iter().chain(extra) {
+    for &nr in COMMON.iter().chain(spec.syscalls) {
         rules.insert(nr, Vec::new()); // no conditions: always allowed
     }
     // Rust's std checks a descriptor is still open (F_GETFD) when an owned fd is dropped;
     // virtio activation duplicates the queue eventfds (F_DUPFD_CLOEXEC).
-    let fcntl = [libc::F_GETFD, libc::F_DUPFD_CLOEXEC]
+    let fcntls = [libc::F_GETFD, libc::F_DUPFD_CLOEXEC]
         .iter()
-        .map(|&cmd| {
-            let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)
-                .map_err(err)?;
-            SeccompRule::new(vec![c]).map_err(err)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    rules.insert(libc::SYS_fcntl, fcntl);
-    if !ioctls.is_empty() {
-        rules.insert(libc::SYS_ioctl, ioctl_rules(ioctls)?);
+        .chain(spec.fcntls)
+        .map(|&c| c as u64);
+    rules.insert(libc::SYS_fcntl, arg_rules(1, fcntls)?);
+    if !spec.ioctls.is_empty() {
+        rules.insert(libc::SYS_ioctl, arg_rules(1, spec.ioctls.iter().copied())?);
+    }
+    for &(nr, index, value) in spec.arg_eq {
+        rules
+            .entry(nr)
+            .or_default()
+            .extend(arg_rules(index, [value])?);
     }
     let arch = std::env::consts::ARCH.try_into().map_err(err)?;
     let filter =
         SeccompFilter::new(rules, on_violation, SeccompAction::Allow, arch).map_err(err)?;
     filter.try_into().map_err(err)
+}
+
+fn build(extra: &[i64], ioctls: &[u64], on_violation: SeccompAction) -> Result<BpfProgram> {
+    build_spec(
+        &Spec {
+            syscalls: extra,
+            ioctls,
+            ..Spec::default()
+        },
+        on_violation,
+    )
+}
+
+/// What every device I/O thread does: wait on epoll, read and write eventfds and its back
+/// end's fds, close fds it drops.
+const DEVICE_IO: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_writev,
+];
+
+fn device_io(extra: &[i64]) -> Vec<i64> {
+    DEVICE_IO.iter().chain(extra).copied().collect()
+}
+
+/// The allowlist for the virtio-net I/O thread: epoll, the queue eventfds, the tap (read and
+/// write only; it was configured before the thread was confined).
+pub fn net_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
+    build(&device_io(&[]), &[], on_violation)
+}
+
+/// The allowlist for the virtio-vsock I/O thread: epoll, the queue eventfds, and unix
+/// sockets — accepting host clients, connecting to `<uds>_<port>` for guest-initiated
+/// connections, moving bytes, shutting them down, and unlinking the socket file at the end.
+pub fn vsock_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
+    build_spec(
+        &Spec {
+            syscalls: &device_io(&[
+                libc::SYS_accept4,
+                libc::SYS_connect,
+                libc::SYS_recvfrom,
+                libc::SYS_recvmsg,
+                libc::SYS_sendto,
+                libc::SYS_sendmsg,
+                libc::SYS_shutdown,
+                libc::SYS_getsockopt,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+            ]),
+            ioctls: &[libc::FIONBIO],
+            fcntls: &[libc::F_GETFL, libc::F_SETFL],
+            // Unix sockets only: no network access from this thread.
+            arg_eq: &[(libc::SYS_socket, 0, libc::AF_UNIX as u64)],
+        },
+        on_violation,
+    )
+}
+
+/// File system syscalls the virtio-fs passthrough (fuse-backend-rs) makes on behalf of the
+/// guest, plus reopening the share on reset (which reads /proc/self/mountinfo).
+const FS_SYSCALLS: &[i64] = &[
+    // open, stat, list
+    libc::SYS_openat,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_getdents64,
+    libc::SYS_readlinkat,
+    libc::SYS_lseek,
+    libc::SYS_dup,
+    libc::SYS_flock,
+    // data
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_copy_file_range,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    // namespace changes
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    // attributes
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_umask,
+    libc::SYS_getxattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_fgetxattr,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    // the guest caller's credentials, taken per request by this thread only
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    // std's HashMap seeds
+    libc::SYS_getrandom,
+];
+
+/// The allowlist for the virtio-fs I/O thread: epoll, the queue eventfds, and the file system
+/// calls of the passthrough. No sockets, processes or mounts.
+pub fn fs_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
+    build_spec(
+        &Spec {
+            syscalls: &device_io(FS_SYSCALLS),
+            fcntls: &[
+                libc::F_GETFL,
+                libc::F_SETFL,
+                libc::F_SETFD,
+                libc::F_GETLK,
+                libc::F_SETLK,
+                libc::F_SETLKW,
+                libc::F_OFD_GETLK,
+                libc::F_OFD_SETLK,
+                libc::F_OFD_SETLKW,
+            ],
+            // Raising its own RLIMIT_NOFILE when the share is reopened; no other process.
+            arg_eq: &[(libc::SYS_prlimit64, 0, 0)],
+            ..Spec::default()
+        },
+        on_violation,
+    )
 }
 
 /// The allowlist for vCPU threads.
@@ -156,5 +329,75 @@ mod tests {
             (rc, std::io::Error::last_os_error().raw_os_error())
         });
         assert_eq!(t.join().unwrap(), (-1, Some(libc::EPERM)));
+    }
+
+    /// Runs `f` on a throwaway thread confined by `filter` (errors instead of kills).
+    fn confined<T: Send + 'static>(
+        filter: fn(SeccompAction) -> Result<BpfProgram>,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        std::thread::spawn(move || {
+            apply(&filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap()).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn socket(domain: libc::c_int) -> Option<i32> {
+        // SAFETY: plain syscalls; a returned fd is closed at once.
+        unsafe {
+            let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd >= 0 {
+                libc::close(fd);
+                return None;
+            }
+        }
+        std::io::Error::last_os_error().raw_os_error()
+    }
+
+    fn open_root() -> Option<i32> {
+        let r = std::fs::File::open("/");
+        r.err().and_then(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn device_filters_allow_their_back_ends_and_nothing_more() {
+        // vsock: unix sockets yes, network sockets and files no.
+        let r = confined(vsock_io_filter, || {
+            (socket(libc::AF_UNIX), socket(libc::AF_INET), open_root())
+        });
+        assert_eq!(r, (None, Some(libc::EPERM), Some(libc::EPERM)));
+        // fs: files yes, sockets no.
+        let r = confined(fs_io_filter, || (open_root(), socket(libc::AF_UNIX)));
+        assert_eq!(r, (None, Some(libc::EPERM)));
+        // net: neither.
+        let r = confined(net_io_filter, || (open_root(), socket(libc::AF_UNIX)));
+        assert_eq!(r, (Some(libc::EPERM), Some(libc::EPERM)));
+        // No device thread may start a program.
+        for f in [net_io_filter, vsock_io_filter, fs_io_filter] {
+            let rc = confined(f, || {
+                // SAFETY: execve with a valid path and empty argv/envp; fails under the filter.
+                let argv: [*const libc::c_char; 2] = [c"/bin/true".as_ptr(), std::ptr::null()];
+                let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+                let rc =
+                    unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+                (rc, std::io::Error::last_os_error().raw_os_error())
+            });
+            assert_eq!(rc, (-1, Some(libc::EPERM)));
+        }
+    }
+
+    #[test]
+    fn prlimit_is_allowed_only_on_the_thread_s_own_process() {
+        let r = confined(fs_io_filter, || {
+            let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+            // SAFETY: prlimit with a valid out pointer.
+            let own = unsafe { libc::prlimit(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+            let other =
+                unsafe { libc::prlimit(1, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+            (own, other, std::io::Error::last_os_error().raw_os_error())
+        });
+        assert_eq!(r, (0, -1, Some(libc::EPERM)));
     }
 }

@@ -9,11 +9,13 @@
 mod common;
 
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm};
+use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm, NetConfig};
 use rootcell_vmm::Error;
 
 fn find_vmlinux() -> PathBuf {
@@ -147,8 +149,19 @@ fn bad_input_leaves_nothing_behind() {
     let err = BuiltinVm::start(config.clone()).unwrap_err();
     assert!(matches!(err, Error::MemorySize { .. }), "{err}");
 
-    // A vsock socket path that cannot be bound.
+    // A network card whose "tap" is a plain file.
     config.mem_mib = 128;
+    let not_a_tap = std::fs::File::open(&share).unwrap();
+    config.net = vec![NetConfig {
+        tap: Arc::new(not_a_tap.into()),
+        mac: [2, 0, 0, 0, 0, 1],
+        mtu: 1500,
+    }];
+    let err = BuiltinVm::start(config.clone()).unwrap_err();
+    assert!(err.to_string().contains("virtio-net #0"), "{err}");
+    config.net.clear();
+
+    // A vsock socket path that cannot be bound.
     config.vsock_uds = dir.path().join("missing-dir").join("vsock.sock");
     let err = BuiltinVm::start(config).unwrap_err();
     assert!(err.to_string().contains("missing-dir"), "{err}");
@@ -158,4 +171,72 @@ fn bad_input_leaves_nothing_behind() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, ["share"], "nothing but the share is left");
+}
+
+/// Opens a tap named `name` the way the runtime does (in the calling thread's netns).
+fn open_tap(name: &str) -> OwnedFd {
+    // SAFETY: open of a device node and TUNSETIFF on a 40-byte struct ifreq.
+    unsafe {
+        let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        assert!(
+            fd >= 0,
+            "open /dev/net/tun: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut ifr = [0u8; 40];
+        ifr[..name.len()].copy_from_slice(name.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        let rc = libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr());
+        assert!(rc >= 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        fd
+    }
+}
+
+#[test]
+fn network_cards_are_declared_after_vsock_and_fs() {
+    if !common::kvm_present("network_cards_are_declared_after_vsock_and_fs") {
+        return;
+    }
+    // A private network namespace for this thread: the taps never reach the host's network.
+    std::thread::spawn(|| {
+        // SAFETY: unshare affects only this thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            println!(
+                "SKIPPED network_cards_are_declared_after_vsock_and_fs: no network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut config =
+            BuiltinConfig::new(find_vmlinux(), dir.path().join("vsock.sock"), dir.path());
+        config.mem_mib = 64;
+        for (i, name) in ["rcsb0", "rcsb1"].into_iter().enumerate() {
+            config.net.push(NetConfig {
+                tap: Arc::new(open_tap(name)),
+                mac: [2, 0, 0, 0, 0, i as u8 + 1],
+                mtu: 1500,
+            });
+        }
+        let vm = BuiltinVm::start(config).expect("start with two network cards");
+        let cmdline = vm.cmdline().to_owned();
+        let (_, fs) = vm.slots();
+        let nets = vm.net_slots().to_vec();
+        let report = vm.stop();
+        assert_eq!(
+            cmdline.matches("virtio_mmio.device=").count(),
+            4,
+            "{cmdline}"
+        );
+        assert_eq!(nets.len(), 2);
+        assert!(nets[0].base > fs.base && nets[1].base > nets[0].base);
+        for n in &nets {
+            assert!(cmdline.contains(&n.cmdline_param()), "{cmdline}");
+        }
+        assert!(report.stuck_vcpus.is_empty(), "{report:?}");
+    })
+    .join()
+    .unwrap();
 }

@@ -47,15 +47,30 @@ impl Client {
         Client { drv, unique: 0 }
     }
 
-    /// Sends one request; returns (error, reply body).
+    /// Sends one request as root; returns (error, reply body).
     fn call(&mut self, opcode: u32, nodeid: u64, body: &[u8], reply: u32) -> (i32, Vec<u8>) {
+        self.call_as(0, 0, opcode, nodeid, body, reply)
+    }
+
+    /// Sends one request on behalf of guest user `uid`:`gid`.
+    fn call_as(
+        &mut self,
+        uid: u32,
+        gid: u32,
+        opcode: u32,
+        nodeid: u64,
+        body: &[u8],
+        reply: u32,
+    ) -> (i32, Vec<u8>) {
         self.unique += 1;
         let mut req = Vec::new();
         req.extend_from_slice(&((IN_HEADER + body.len()) as u32).to_le_bytes());
         req.extend_from_slice(&opcode.to_le_bytes());
         req.extend_from_slice(&self.unique.to_le_bytes());
         req.extend_from_slice(&nodeid.to_le_bytes());
-        req.extend_from_slice(&[0u8; 16]); // uid, gid, pid, padding: root
+        req.extend_from_slice(&uid.to_le_bytes());
+        req.extend_from_slice(&gid.to_le_bytes());
+        req.extend_from_slice(&[0u8; 8]); // pid, padding
         req.extend_from_slice(body);
         let head = self.drv.send(
             REQUEST_QUEUE,
@@ -194,4 +209,347 @@ fn bad_share_and_tag_are_clear_errors() {
     )
     .unwrap_err();
     assert!(long.to_string().contains("1..=36"), "{long}");
+}
+
+/// Little-endian encoding of a FUSE request body.
+#[derive(Default)]
+struct Body(Vec<u8>);
+
+impl Body {
+    fn u32(mut self, v: u32) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    fn name(mut self, n: &str) -> Self {
+        self.0.extend_from_slice(n.as_bytes());
+        self.0.push(0);
+        self
+    }
+    fn bytes(mut self, b: &[u8]) -> Self {
+        self.0.extend_from_slice(b);
+        self
+    }
+}
+
+const ENTRY_OUT: u32 = 128;
+const ATTR_OUT: u32 = 104;
+
+fn nodeid(entry: &[u8]) -> u64 {
+    u64::from_le_bytes(entry[0..8].try_into().unwrap())
+}
+
+/// Expects success; returns the reply body.
+fn ok(c: &mut Client, what: &str, op: u32, node: u64, body: Body, reply: u32) -> Vec<u8> {
+    let (err, out) = c.call(op, node, &body.0, reply);
+    assert_eq!(
+        err,
+        0,
+        "{what}: {}",
+        std::io::Error::from_raw_os_error(-err)
+    );
+    out
+}
+
+/// Every kind of request a guest's file system traffic makes, served by the virtio-fs I/O
+/// thread under its seccomp filter: a syscall the filter misses kills this test process.
+#[test]
+fn a_full_guest_workload_runs_under_the_io_thread_filter() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = share();
+    // Writable by the unprivileged guest user below.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut c = Client::new(dir.path(), false, false);
+    c.init();
+    let (mkdir, create, write, fsync, getattr, setattr) = (9, 35, 16, 20, 3, 4);
+    let (opendir, readdirplus, readdir, releasedir, release, flush) = (27, 44, 28, 29, 18, 25);
+    let (rename2, symlink, readlink, link, unlink, rmdir) = (45, 6, 5, 13, 10, 11);
+    let (statfs, lseek, fallocate, mknod, access, copy_range) = (17, 46, 43, 8, 34, 47);
+    let (setxattr, getxattr, listxattr, removexattr) = (21, 22, 23, 24);
+
+    let d = nodeid(&ok(
+        &mut c,
+        "mkdir",
+        mkdir,
+        ROOT,
+        Body::default().u32(0o755).u32(0).name("d"),
+        ENTRY_OUT,
+    ));
+    let out = ok(
+        &mut c,
+        "create",
+        create,
+        d,
+        Body::default()
+            .u32(libc::O_RDWR as u32)
+            .u32(0o644)
+            .u32(0)
+            .u32(0)
+            .name("f"),
+        ENTRY_OUT + 16,
+    );
+    let f = nodeid(&out);
+    let fh = u64::from_le_bytes(out[128..136].try_into().unwrap());
+    let data = b"written through the confined virtio-fs thread";
+    let out = ok(
+        &mut c,
+        "write",
+        write,
+        f,
+        Body::default()
+            .u64(fh)
+            .u64(0)
+            .u32(data.len() as u32)
+            .u32(0)
+            .u64(0)
+            .u32(0)
+            .u32(0)
+            .bytes(data),
+        8,
+    );
+    assert_eq!(
+        u32::from_le_bytes(out[0..4].try_into().unwrap()) as usize,
+        data.len()
+    );
+    ok(
+        &mut c,
+        "fsync",
+        fsync,
+        f,
+        Body::default().u64(fh).u32(0).u32(0),
+        0,
+    );
+    ok(
+        &mut c,
+        "fallocate",
+        fallocate,
+        f,
+        Body::default().u64(fh).u64(0).u64(4096).u32(0).u32(0),
+        0,
+    );
+    ok(
+        &mut c,
+        "lseek",
+        lseek,
+        f,
+        Body::default()
+            .u64(fh)
+            .u64(0)
+            .u32(libc::SEEK_DATA as u32)
+            .u32(0),
+        8,
+    );
+    ok(
+        &mut c,
+        "getattr",
+        getattr,
+        f,
+        Body::default().u32(0).u32(0).u64(0),
+        ATTR_OUT,
+    );
+    // chmod, truncate and both times at once.
+    let valid = 1 | 8 | 128 | 256; // MODE | SIZE | ATIME_NOW | MTIME_NOW
+    let setattr_body = Body::default()
+        .u32(valid)
+        .u32(0)
+        .u64(0)
+        .u64(data.len() as u64)
+        .u64(0)
+        .bytes(&[0u8; 24 + 12])
+        .u32(0o600)
+        .bytes(&[0u8; 16]);
+    ok(&mut c, "setattr", setattr, f, setattr_body, ATTR_OUT);
+    ok(
+        &mut c,
+        "access",
+        access,
+        f,
+        Body::default().u32(libc::R_OK as u32).u32(0),
+        0,
+    );
+    // Copy the file's bytes into a second file.
+    let out = ok(
+        &mut c,
+        "create g",
+        create,
+        d,
+        Body::default()
+            .u32(libc::O_RDWR as u32)
+            .u32(0o644)
+            .u32(0)
+            .u32(0)
+            .name("g"),
+        ENTRY_OUT + 16,
+    );
+    let (g, gfh) = (
+        nodeid(&out),
+        u64::from_le_bytes(out[128..136].try_into().unwrap()),
+    );
+    let (err, _) = c.call(
+        copy_range,
+        f,
+        &Body::default()
+            .u64(fh)
+            .u64(0)
+            .u64(g)
+            .u64(gfh)
+            .u64(0)
+            .u64(data.len() as u64)
+            .u64(0)
+            .0,
+        8,
+    );
+    assert!(err == 0 || -err == libc::ENOSYS, "copy_file_range: {err}");
+    ok(
+        &mut c,
+        "flush",
+        flush,
+        f,
+        Body::default().u64(fh).u32(0).u32(0).u64(0),
+        0,
+    );
+    ok(
+        &mut c,
+        "release",
+        release,
+        f,
+        Body::default().u64(fh).u32(0).u32(0).u64(0),
+        0,
+    );
+    ok(
+        &mut c,
+        "release g",
+        release,
+        g,
+        Body::default().u64(gfh).u32(0).u32(0).u64(0),
+        0,
+    );
+
+    // Extended attributes: supported or not by the host file system, never fatal.
+    let xattr_errs = [0, -libc::EOPNOTSUPP, -libc::ENOSYS, -libc::ENODATA];
+    for (op, body, reply) in [
+        (
+            setxattr,
+            Body::default().u32(3).u32(0).name("user.rc").bytes(b"yes"),
+            0,
+        ),
+        (getxattr, Body::default().u32(64).u32(0).name("user.rc"), 64),
+        (listxattr, Body::default().u32(64).u32(0), 64),
+        (removexattr, Body::default().name("user.rc"), 0),
+    ] {
+        let (err, _) = c.call(op, f, &body.0, reply);
+        assert!(xattr_errs.contains(&err), "xattr op {op}: {err}");
+    }
+
+    // Names: symlink, readlink, hard link, special file, rename.
+    let s = nodeid(&ok(
+        &mut c,
+        "symlink",
+        symlink,
+        d,
+        Body::default().name("s").name("f"),
+        ENTRY_OUT,
+    ));
+    assert_eq!(
+        ok(&mut c, "readlink", readlink, s, Body::default(), 256),
+        b"f"
+    );
+    ok(
+        &mut c,
+        "link",
+        link,
+        d,
+        Body::default().u64(f).name("h"),
+        ENTRY_OUT,
+    );
+    ok(
+        &mut c,
+        "mknod",
+        mknod,
+        d,
+        Body::default()
+            .u32(libc::S_IFIFO | 0o644)
+            .u32(0)
+            .u32(0)
+            .u32(0)
+            .name("p"),
+        ENTRY_OUT,
+    );
+    ok(
+        &mut c,
+        "rename2",
+        rename2,
+        d,
+        Body::default().u64(d).u32(0).u32(0).name("h").name("h2"),
+        0,
+    );
+
+    // List the directory both ways.
+    let out = ok(
+        &mut c,
+        "opendir",
+        opendir,
+        d,
+        Body::default().u32(0).u32(0),
+        16,
+    );
+    let dfh = u64::from_le_bytes(out[0..8].try_into().unwrap());
+    let read_in = || {
+        Body::default()
+            .u64(dfh)
+            .u64(0)
+            .u32(4096)
+            .u32(0)
+            .u64(0)
+            .u32(0)
+            .u32(0)
+    };
+    let listing = ok(&mut c, "readdir", readdir, d, read_in(), 4096);
+    for name in ["f", "g", "s", "h2", "p"] {
+        assert!(
+            listing.windows(name.len()).any(|w| w == name.as_bytes()),
+            "{name} listed"
+        );
+    }
+    ok(&mut c, "readdirplus", readdirplus, d, read_in(), 4096);
+    ok(
+        &mut c,
+        "releasedir",
+        releasedir,
+        d,
+        Body::default().u64(dfh).u32(0).u32(0).u64(0),
+        0,
+    );
+    ok(&mut c, "statfs", statfs, ROOT, Body::default(), 80);
+
+    // An unprivileged guest user: the thread takes its credentials for the request.
+    let (err, _) = c.call_as(
+        1000,
+        1000,
+        mkdir,
+        ROOT,
+        &Body::default().u32(0o755).u32(0).name("users").0,
+        ENTRY_OUT,
+    );
+    assert_eq!(err, 0);
+    let meta = std::fs::metadata(dir.path().join("users")).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
+
+    // Remove what was made.
+    for name in ["f", "g", "s", "h2", "p"] {
+        ok(&mut c, name, unlink, d, Body::default().name(name), 0);
+    }
+    ok(&mut c, "rmdir", rmdir, ROOT, Body::default().name("d"), 0);
+    assert!(!dir.path().join("d").exists());
+    assert_eq!(
+        std::fs::read(dir.path().join("hello.txt")).unwrap(),
+        CONTENT
+    );
 }

@@ -10,6 +10,7 @@ use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use virtio_queue::QueueOwnedT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestMemory};
 
@@ -64,7 +65,9 @@ impl FsDevice {
                 queue.add_used(mem, head, written).map_err(queue_err)?;
                 used_any = true;
             }
-            if !queue.enable_notification(mem).map_err(queue_err)? {
+            // An available index more than a queue ahead makes pop find nothing while
+            // enable_notification keeps saying "more": stop instead of spinning.
+            if !queue.enable_notification(mem).map_err(queue_err)? || queue.iter(mem).is_err() {
                 break;
             }
         }

@@ -605,7 +605,7 @@ impl VsockMuxer {
                 queue.add_used(mem, head, 0)?;
                 used = true;
             }
-            if !queue.enable_notification(mem)? {
+            if !queue.enable_notification(mem)? || avail_ring_broken(queue, mem) {
                 break;
             }
         }
@@ -635,11 +635,24 @@ impl VsockMuxer {
                 queue.add_used(mem, head, len)?;
                 used = true;
             }
-            if !queue.enable_notification(mem)? || !self.has_pending_rx() {
+            if !queue.enable_notification(mem)?
+                || !self.has_pending_rx()
+                || avail_ring_broken(queue, mem)
+            {
                 break;
             }
         }
         Ok(used && queue.needs_notification(mem)?)
+    }
+}
+
+/// True if the driver published an available index no valid ring can have (more than a
+/// queue's worth ahead of the device): `pop_descriptor_chain` then finds nothing while
+/// `enable_notification` keeps reporting more, and a loop on the two would never end.
+fn avail_ring_broken<Q: QueueT, M: GuestMemory>(queue: &mut Q, mem: &M) -> bool {
+    match queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) > queue.size(),
+        Err(_) => true,
     }
 }
 

@@ -4,7 +4,7 @@
 //! and its devices with it.
 
 use super::{Hypervisor, HypervisorError, Vm, VmConfig};
-use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm, RunningBuiltinVm, BASE_CMDLINE};
+use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm, NetConfig, RunningBuiltinVm, BASE_CMDLINE};
 use rootcell_vmm::VmExit;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -67,13 +67,10 @@ impl Hypervisor for Builtin {
                 cfg.vcpus
             ),
         })?;
-        if !cfg.nets.is_empty() {
-            return Err(HypervisorError::Device {
-                device: "virtio-net",
-                msg: "the built-in VMM has no network card yet; use --hypervisor qemu or --network none".into(),
-            });
-        }
         let mut c = BuiltinConfig::new(&cfg.kernel, &cfg.vsock_uds, &cfg.share_dir);
+        for n in &cfg.nets {
+            c.net.push(net_card(n)?);
+        }
         c.initramfs = Some(cfg.initrd.clone());
         c.cmdline = guest_cmdline(&cfg.cmdline);
         c.mem_mib = cfg.memory_mib;
@@ -113,6 +110,25 @@ impl Hypervisor for Builtin {
             log: cfg.hypervisor_log.clone(),
         }))
     }
+}
+
+/// The VMM's own handle on a tap (a dup: the sandbox keeps the original for teardown).
+fn net_card(n: &super::NetCard) -> Result<NetConfig, HypervisorError> {
+    let device_err = |msg: String| HypervisorError::Device {
+        device: "virtio-net",
+        msg,
+    };
+    // SAFETY: the sandbox keeps the tap open for the VM's whole life.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(n.tap_fd) };
+    let tap = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| device_err(format!("cannot duplicate tap fd {}: {e}", n.tap_fd)))?;
+    let mtu = u16::try_from(n.mtu).map_err(|_| device_err(format!("MTU {} is over 65535", n.mtu)))?;
+    Ok(NetConfig {
+        tap: std::sync::Arc::new(tap),
+        mac: n.mac.0,
+        mtu,
+    })
 }
 
 /// A running built-in VM.

@@ -58,6 +58,15 @@ pub enum Buf {
     Readable(Vec<u8>),
     /// Device-writable space of this many bytes.
     Writable(u32),
+    /// A descriptor the test places itself (e.g. outside guest RAM); nothing is written there.
+    At {
+        /// Guest physical address.
+        addr: u64,
+        /// Length.
+        len: u32,
+        /// Device-writable.
+        writable: bool,
+    },
 }
 
 /// A used-ring entry with the bytes the device wrote.
@@ -221,7 +230,7 @@ impl MmioDriver {
         let ids: Vec<u16> = (0..bufs.len()).map(|_| q.free.pop().unwrap()).collect();
         let mut writable = Vec::new();
         for (n, (buf, &id)) in bufs.iter().zip(&ids).enumerate() {
-            let addr =
+            let mut addr =
                 BUFFERS_BASE + (qi as u64 * u64::from(QUEUE_SIZE) + u64::from(id)) * BUFFER_SLOT;
             let (len, mut flags) = match buf {
                 Buf::Readable(bytes) => {
@@ -233,6 +242,14 @@ impl MmioDriver {
                     assert!(u64::from(*len) <= BUFFER_SLOT);
                     writable.push((addr, *len));
                     (*len, VIRTQ_DESC_F_WRITE)
+                }
+                Buf::At {
+                    addr: at,
+                    len,
+                    writable: w,
+                } => {
+                    addr = *at;
+                    (*len, if *w { VIRTQ_DESC_F_WRITE } else { 0 })
                 }
             };
             let next = ids.get(n + 1).copied().unwrap_or(0);

@@ -777,3 +777,16 @@ fn header_only_rx_buffer_does_not_lose_pending_data() {
     let (_, data) = h.expect(op::RW);
     assert_eq!(data, b"abc");
 }
+
+#[test]
+fn an_avail_index_a_queue_ahead_does_not_spin() {
+    use virtio_queue::Queue;
+    let mut h = Harness::new();
+    let mem = h.mem.clone();
+    let txq = MockSplitQueue::create(&mem, GuestAddress(0x0), 16);
+    let mut tx: Queue = txq.create_queue().unwrap();
+    // A hostile driver publishes idx 1000 on a 16-entry ring: nothing can be popped, yet
+    // enable_notification keeps reporting more. The loop must return (the test would hang).
+    mem.write_obj(1000u16, GuestAddress(txq.avail_addr().0 + 2)).unwrap();
+    assert!(!h.muxer.process_tx_queue(&mut tx, &mem).unwrap());
+}

@@ -17,8 +17,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{read_config_bytes, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
+use super::{read_config_bytes, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::memory::GuestMemoryMmap;
 
@@ -78,6 +78,7 @@ impl VirtioFs {
                 device: Some(device),
                 active: None,
             },
+            Some(crate::seccomp::fs_io_filter),
         )
         .map_err(FsDeviceError::Thread)?;
         Ok(VirtioFs {

@@ -15,8 +15,8 @@ use vmm_sys_util::epoll::Epoll;
 
 use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
 use super::{
-    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::memory::GuestMemoryMmap;
 
@@ -67,6 +67,7 @@ impl VsockDevice {
                 muxer,
                 active: None,
             },
+            Some(crate::seccomp::vsock_io_filter),
         )
         .map_err(VsockDeviceError::Thread)?;
         Ok(VsockDevice {
