@@ -79,6 +79,12 @@ pub enum Error {
         /// What linux-loader or our checks said.
         reason: String,
     },
+    /// The initramfs file is empty.
+    #[error("initramfs {path} is empty")]
+    InitramfsEmpty {
+        /// The path given.
+        path: PathBuf,
+    },
     /// The initramfs does not fit between the kernel and the top of guest memory.
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory: {avail} bytes free above the kernel")]
     InitramfsTooLarge {
@@ -121,6 +127,9 @@ pub enum Error {
     /// A device could not be attached.
     #[error("device: {0}")]
     Device(String),
+    /// Pausing the VM failed (it was resumed again).
+    #[error("pausing the VM: {0}")]
+    Pause(String),
 }
 
 /// Result alias for this crate.

@@ -10,7 +10,8 @@
 //! - [`loader`]: kernel (ELF or bzImage), initramfs, command line into guest RAM.
 //! - [`arch::x86_64`]: the boot-time structures — [`arch::x86_64::layout`] (where everything
 //!   goes), `boot_params`, `gdt`, `paging`, `mptable`, `cpuid`, `regs`.
-//! - [`vcpu`]: the vCPU threads and how they are stopped.
+//! - [`vcpu`]: the vCPU threads and how they are stopped; [`pause`]: how they are parked while
+//!   the VM is paused ([`vm::RunningVm::pause`]).
 //! - [`devices`]: the I/O bus, COM1 serial, i8042 (reset), and the virtio devices:
 //!   [`devices::virtio::vsock`] and [`devices::virtio::fs`] wrap the device logic the QEMU backend
 //!   serves over vhost-user, [`devices::virtio::net`] moves frames to and from a tap; each runs
@@ -38,6 +39,7 @@ pub mod error;
 pub mod exit;
 pub mod loader;
 pub mod memory;
+pub mod pause;
 pub mod sandbox;
 pub mod seccomp;
 pub mod vcpu;

@@ -73,7 +73,8 @@ fn open(what: &'static str, path: &Path) -> Result<(File, u64)> {
     Ok((file, meta.len()))
 }
 
-/// Loads the kernel at `path` into `mem` (of `mem_size` bytes).
+/// Loads the kernel at `path` into `mem`, below `mem_size` (the end of the RAM region at
+/// address 0, see [`crate::memory::low_ram_end`]).
 pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, path: &Path) -> Result<LoadedKernel> {
     let (mut file, len) = open("kernel", path)?;
     let mut head = vec![0u8; 1024];
@@ -150,8 +151,10 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Places the initramfs at the highest page-aligned address below both the top of RAM and the
-/// kernel's `initrd_addr_max`, above the kernel; returns (address, size).
+/// Places the initramfs at the highest page-aligned address below both `mem_size` (the end of
+/// the RAM region at address 0) and the kernel's `initrd_addr_max`, above the kernel; returns
+/// (address, size). An empty file is refused: no kernel can use it, and it is a sign of a
+/// failed image build.
 pub fn load_initramfs(
     mem: &GuestMemoryMmap,
     mem_size: u64,
@@ -167,7 +170,12 @@ pub fn load_initramfs(
     let top = mem_size.min(max + 1);
     let floor = kernel.end.next_multiple_of(0x1000);
     let avail = top.saturating_sub(floor);
-    if size == 0 || size > avail {
+    if size == 0 {
+        return Err(Error::InitramfsEmpty {
+            path: path.to_owned(),
+        });
+    }
+    if size > avail {
         return Err(Error::InitramfsTooLarge {
             path: path.to_owned(),
             size,
@@ -367,6 +375,13 @@ mod tests {
         assert!(addr + size <= 32 << 20 && addr >= kernel.end);
         let b: u8 = mem.read_obj(GuestAddress(addr + 4999)).unwrap();
         assert_eq!(b, 7);
+        let empty = temp("emptyrd", b"");
+        let e = load_initramfs(&mem, 32 << 20, &kernel, empty.path()).unwrap_err();
+        assert!(matches!(e, Error::InitramfsEmpty { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!("initramfs {} is empty", empty.path().display())
+        );
         let big = temp("bigrd", &vec![0u8; 9 << 20]);
         let e = load_initramfs(&mem, 32 << 20, &kernel, big.path()).unwrap_err();
         assert!(matches!(e, Error::InitramfsTooLarge { .. }), "{e}");

@@ -205,6 +205,22 @@ impl RunningBuiltinVm {
         self.vm.stop()
     }
 
+    /// Pauses the guest: no vCPU runs and no device serves its queues until [`Self::resume`]
+    /// (see [`RunningVm::pause`]).
+    pub fn pause(&self) -> Result<()> {
+        self.vm.pause()
+    }
+
+    /// Resumes a paused guest.
+    pub fn resume(&self) {
+        self.vm.resume()
+    }
+
+    /// Whether the guest is paused.
+    pub fn is_paused(&self) -> bool {
+        self.vm.is_paused()
+    }
+
     /// The kernel command line the guest was given (with the virtio-mmio declarations).
     pub fn cmdline(&self) -> &str {
         &self.cmdline

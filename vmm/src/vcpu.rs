@@ -1,7 +1,9 @@
 //! One vCPU thread: runs KVM_RUN in a loop, hands I/O exits to the bus, and turns the exits
 //! that end a VM into a [`VmExit`]. The owner stops it by setting the stop flag and kicking the
-//! thread with a signal, which makes KVM_RUN return EINTR.
+//! thread with a signal, which makes KVM_RUN return EINTR; it pauses it the same way through a
+//! [`PauseGate`], where the thread parks until resumed.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -13,6 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::devices::{lock, Bus};
 use crate::error::{Error, Result};
 use crate::exit::{ExitLatch, VmExit};
+use crate::pause::PauseGate;
 
 /// What a vCPU was last seen doing, for reports when a guest does not get where it should.
 #[derive(Debug, Clone, Default)]
@@ -36,14 +39,31 @@ pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, while it runs a vCPU (null otherwise).
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
 
-/// Installs the (empty) kick handler once per process; its only job is to interrupt KVM_RUN.
+/// Interrupts KVM_RUN, and makes the next KVM_RUN return at once in case the kick landed just
+/// before it (see [`crate::pause`]).
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A const-initialised thread-local without a destructor is a plain TLS read: signal-safe.
+    let _ = IMMEDIATE_EXIT.try_with(|p| {
+        let p = p.get();
+        if !p.is_null() {
+            // SAFETY: set by this thread to a field of its vCPU's kvm_run mapping, and cleared
+            // before that mapping goes away.
+            unsafe { p.write_volatile(1) };
+        }
+    });
+}
+
+/// Installs the kick handler once per process; its only job is to interrupt KVM_RUN.
 pub fn install_kick_handler() -> Result<()> {
     static ONCE: Once = Once::new();
     static mut RESULT: Option<i32> = None;
     ONCE.call_once(|| {
-        if let Err(e) = register_signal_handler(kick_signal(), noop_handler) {
+        if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
             // SAFETY: written only here, inside call_once, before any read below.
             unsafe { RESULT = Some(e.errno()) };
         }
@@ -83,13 +103,15 @@ fn describe(exit: &VcpuExit<'_>) -> String {
 }
 
 impl Vcpu {
-    /// Starts the thread; it runs until `stop` is set (and it is kicked) or the VM exits.
-    /// With `seccomp`, the thread confines itself before its first KVM_RUN.
+    /// Starts the thread; it runs until `stop` is set (and it is kicked) or the VM exits, and
+    /// parks while `gate` asks it to. With `seccomp`, the thread confines itself before its
+    /// first KVM_RUN.
     pub fn spawn(
         self,
         bus: Arc<Bus>,
         latch: Arc<ExitLatch>,
         stop: Arc<AtomicBool>,
+        gate: Arc<PauseGate>,
         seccomp: Option<seccompiler::BpfProgram>,
     ) -> Result<VcpuThread> {
         let status = Arc::new(Mutex::new(VcpuStatus {
@@ -109,7 +131,7 @@ impl Vcpu {
                         return;
                     }
                 }
-                self.run(&bus, &latch, &stop, &st)
+                self.run(&bus, &latch, &stop, &gate, &st)
             })
             .map_err(|source| Error::Host {
                 what: "spawning a vCPU thread",
@@ -121,7 +143,30 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, bus: &Bus, latch: &ExitLatch, stop: &AtomicBool, status: &Mutex<VcpuStatus>) {
+    fn run(
+        mut self,
+        bus: &Bus,
+        latch: &ExitLatch,
+        stop: &AtomicBool,
+        gate: &PauseGate,
+        status: &Mutex<VcpuStatus>,
+    ) {
+        let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        self.run_loop(bus, latch, stop, gate, status);
+        // Before the vCPU fd (and its kvm_run mapping) is dropped with `self`.
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        lock(status).rip = self.fd.get_regs().ok().map(|r| r.rip);
+    }
+
+    fn run_loop(
+        &mut self,
+        bus: &Bus,
+        latch: &ExitLatch,
+        stop: &AtomicBool,
+        gate: &PauseGate,
+        status: &Mutex<VcpuStatus>,
+    ) {
         let cpu = self.cpu;
         {
             let mut s = lock(status);
@@ -129,7 +174,12 @@ impl Vcpu {
             s.first_run_cpu = process_cpu_time();
         }
         while !stop.load(Ordering::Acquire) {
+            if gate.requested() {
+                gate.park(stop);
+                continue;
+            }
             let result = self.fd.run();
+            let kicked = matches!(&result, Err(e) if e.errno() == libc::EINTR);
             let mut end: Option<VmExit> = None;
             let text = match &result {
                 Ok(exit) => describe(exit),
@@ -172,6 +222,11 @@ impl Vcpu {
             } else {
                 text
             };
+            if kicked {
+                // The kick set immediate_exit; the loop looks at the stop and pause requests
+                // (raised before the kick) below and at its top, so clearing it now loses none.
+                self.fd.set_kvm_immediate_exit(0);
+            }
             if let Some(VmExit::Error { message, .. }) = &mut end {
                 message.clone_from(&text);
             }
@@ -189,7 +244,6 @@ impl Vcpu {
                 break;
             }
         }
-        lock(status).rip = self.fd.get_regs().ok().map(|r| r.rip);
     }
 }
 
@@ -223,6 +277,19 @@ impl VcpuThread {
     /// A snapshot of the vCPU's status.
     pub fn status(&self) -> VcpuStatus {
         lock(&self.status).clone()
+    }
+
+    /// Whether the thread is still running (it ends when the VM ends or is stopped).
+    pub fn is_running(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Sends the kick signal: the thread leaves (or does not enter) KVM_RUN once.
+    pub fn kick(&self) {
+        if let Some(h) = &self.handle {
+            // The handle is not joined, so the pthread id is valid even if the thread just ended.
+            let _ = h.kill(kick_signal());
+        }
     }
 
     /// Kicks the thread until it leaves KVM_RUN and joins it, for at most `timeout`. The

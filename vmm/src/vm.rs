@@ -24,14 +24,19 @@ use crate::error::{kvm, Error, Result};
 use crate::exit::{ExitLatch, VmExit};
 use crate::loader;
 use crate::memory::{self, GuestMemoryMmap};
+use crate::pause::PauseGate;
 use crate::vcpu::{self, Vcpu, VcpuStatus, VcpuThread};
 
 /// Smallest guest RAM we boot (a tiny kernel plus initramfs needs a few MiB of its own).
 pub const MIN_MEM_MIB: u64 = 16;
-/// Largest guest RAM: RAM is one region below the 32-bit MMIO hole.
-pub const MAX_MEM_MIB: u64 = layout::MMIO_HOLE_START >> 20;
+/// Largest guest RAM: 256 GiB, whatever the host has. Guest RAM is a sparse memfd, so only
+/// what the guest touches costs host memory; at the limit RAM ends at 257 GiB, within the 39
+/// physical address bits of current x86_64 server CPUs.
+pub const MAX_MEM_MIB: u64 = 256 << 10;
 /// Default KVM device.
 pub const KVM_PATH: &str = "/dev/kvm";
+/// How long [`RunningVm::pause`] waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where the guest's serial console output goes.
 pub enum SerialOutput {
@@ -171,7 +176,8 @@ pub struct Vm {
     latch: Arc<ExitLatch>,
     created: Instant,
     boot: BootInputs,
-    virtio_count: u32,
+    /// The virtio transports (also on the bus), to quiesce their devices on pause.
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     seccomp: Option<seccompiler::BpfProgram>,
 }
 
@@ -209,7 +215,8 @@ impl Vm {
     /// queue on QueueNotify and an irqfd for its interrupt, and declares it on the kernel
     /// command line. Must be called before [`Vm::start`].
     pub fn add_virtio_device(&mut self, device: Box<dyn VirtioDevice>) -> Result<VirtioSlot> {
-        let irq = layout::VIRTIO_IRQ_BASE + self.virtio_count;
+        let index = self.virtio.len() as u32;
+        let irq = layout::VIRTIO_IRQ_BASE + index;
         if irq > layout::IRQ_MAX {
             return Err(Error::Device(format!(
                 "no IRQ left for another virtio device (max {})",
@@ -217,8 +224,7 @@ impl Vm {
             )));
         }
         let slot = VirtioSlot {
-            base: layout::MMIO_DEVICES_START
-                + u64::from(self.virtio_count) * layout::MMIO_DEVICE_SIZE,
+            base: layout::MMIO_DEVICES_START + u64::from(index) * layout::MMIO_DEVICE_SIZE,
             irq,
         };
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Host {
@@ -247,12 +253,10 @@ impl Vm {
             self.boot.mem_size,
         )?;
         self.boot.cmdline = cmdline;
-        self.bus.add_mmio(
-            slot.base,
-            layout::MMIO_DEVICE_SIZE,
-            Arc::new(Mutex::new(transport)),
-        );
-        self.virtio_count += 1;
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus
+            .add_mmio(slot.base, layout::MMIO_DEVICE_SIZE, transport.clone());
+        self.virtio.push(transport);
         Ok(slot)
     }
 
@@ -287,9 +291,11 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
 
-        let kernel = loader::load_kernel(&mem, mem_size, &config.kernel)?;
+        // The kernel and initramfs go in RAM below the MMIO hole.
+        let low_end = memory::low_ram_end(mem_size);
+        let kernel = loader::load_kernel(&mem, low_end, &config.kernel)?;
         let initramfs = match &config.initramfs {
-            Some(p) => Some(loader::load_initramfs(&mem, mem_size, &kernel, p)?),
+            Some(p) => Some(loader::load_initramfs(&mem, low_end, &kernel, p)?),
             None => None,
         };
         regs::write_descriptor_tables(&mem)?;
@@ -360,7 +366,7 @@ impl Vm {
             latch,
             created,
             boot,
-            virtio_count: 0,
+            virtio: Vec::new(),
             seccomp,
         })
     }
@@ -385,12 +391,14 @@ impl Vm {
         vcpu::install_kick_handler()?;
         let bus = Arc::new(self.bus);
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(PauseGate::default());
         let mut threads = Vec::new();
         for v in self.vcpus {
             match v.spawn(
                 bus.clone(),
                 self.latch.clone(),
                 stop.clone(),
+                gate.clone(),
                 self.seccomp.clone(),
             ) {
                 Ok(t) => threads.push(t),
@@ -411,6 +419,8 @@ impl Vm {
             threads,
             latch: self.latch,
             stop,
+            gate,
+            virtio: self.virtio,
             created: self.created,
         })
     }
@@ -434,6 +444,8 @@ pub struct RunningVm {
     threads: Vec<VcpuThread>,
     latch: Arc<ExitLatch>,
     stop: Arc<AtomicBool>,
+    gate: Arc<PauseGate>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
     created: Instant,
     // Dropped after the threads are stopped: the fds and memory outlive every KVM_RUN.
     _bus: Arc<Bus>,
@@ -453,10 +465,66 @@ impl RunningVm {
         self.threads.iter().map(VcpuThread::status).collect()
     }
 
+    /// Pauses the guest: every vCPU thread leaves KVM_RUN and parks, then every virtio device
+    /// stops serving its queues. Returns once nothing of the guest runs; on error (a vCPU or a
+    /// device that did not stop within [`PAUSE_TIMEOUT`]) the VM is resumed. Pausing a paused
+    /// or ended VM succeeds.
+    pub fn pause(&self) -> Result<()> {
+        self.gate.set(true);
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let live: Vec<&VcpuThread> = self.threads.iter().filter(|t| t.is_running()).collect();
+            if self.gate.parked() >= live.len() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                self.gate.set(false);
+                return Err(Error::Pause(format!(
+                    "{} of {} vCPUs did not leave KVM_RUN within {PAUSE_TIMEOUT:?}",
+                    live.len().saturating_sub(self.gate.parked()),
+                    live.len()
+                )));
+            }
+            // Re-kicked on every round: a KVM that ignores immediate_exit can lose a kick.
+            for t in &live {
+                t.kick();
+            }
+            self.gate.wait_parked(live.len(), Duration::from_millis(20));
+        }
+        for (i, transport) in self.virtio.iter().enumerate() {
+            if !crate::devices::lock(transport).pause() {
+                for t in &self.virtio[..=i] {
+                    crate::devices::lock(t).resume();
+                }
+                self.gate.set(false);
+                return Err(Error::Pause(format!(
+                    "virtio device #{i} did not stop within its timeout"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes a paused guest: devices first, then the vCPUs re-enter KVM_RUN. Resuming a VM
+    /// that is not paused does nothing.
+    pub fn resume(&self) {
+        for transport in &self.virtio {
+            crate::devices::lock(transport).resume();
+        }
+        self.gate.set(false);
+    }
+
+    /// Whether a pause is in effect.
+    pub fn is_paused(&self) -> bool {
+        self.gate.requested()
+    }
+
     /// Stops all vCPU threads (bounded) and reports where they got to.
     pub fn stop(mut self) -> VmReport {
         self.latch.request(VmExit::Stopped);
         self.stop.store(true, Ordering::Release);
+        // Parked vCPUs must see the stop flag (paused device threads end when dropped).
+        self.gate.wake_all();
         let mut stuck = Vec::new();
         for t in &mut self.threads {
             if !t.stop_and_join(Duration::from_secs(5)) {
@@ -480,6 +548,7 @@ impl RunningVm {
 impl Drop for RunningVm {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.gate.wake_all();
         for t in &mut self.threads {
             t.stop_and_join(Duration::from_secs(5));
         }

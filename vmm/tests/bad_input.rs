@@ -44,14 +44,17 @@ fn bad_input_is_a_clear_error_without_leftovers() {
     let e = expect_err(c);
     assert!(matches!(e, Error::MemorySize { got_mib: 8, .. }), "{e}");
     assert!(
-        e.to_string().contains("out of range (16..=3072 MiB)"),
+        e.to_string().contains("out of range (16..=262144 MiB)"),
         "{e}"
     );
     let mut c = base(&good);
-    c.mem_mib = 4096;
+    c.mem_mib = 300 << 10;
     assert!(matches!(
         expect_err(c),
-        Error::MemorySize { got_mib: 4096, .. }
+        Error::MemorySize {
+            got_mib: 307200,
+            ..
+        }
     ));
     let mut c = base(&good);
     c.vcpus = 0;
@@ -101,6 +104,17 @@ fn bad_input_is_a_clear_error_without_leftovers() {
         c.initramfs = Some(rd.clone());
         let e = expect_err(c);
         assert!(matches!(e, Error::InitramfsTooLarge { .. }), "{e}");
+        std::fs::remove_file(&rd).unwrap();
+        // An empty initramfs.
+        let rd = tmp.join(format!("rootcell-vmm-{}-empty-initrd", std::process::id()));
+        std::fs::write(&rd, b"").unwrap();
+        let mut c = base(&good);
+        c.initramfs = Some(rd.clone());
+        let e = expect_err(c);
+        assert_eq!(
+            e.to_string(),
+            format!("initramfs {} is empty", rd.display())
+        );
         std::fs::remove_file(&rd).unwrap();
         // Command line too long.
         let mut c = base(&good);

@@ -11,31 +11,13 @@ mod common;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm, NetConfig};
 use rootcell_vmm::Error;
 
-fn find_vmlinux() -> PathBuf {
-    if let Ok(p) = std::env::var("ROOTCELL_VMLINUX") {
-        return PathBuf::from(p);
-    }
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir("/var/cache/rootcell")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("kernel-"))
-        .map(|e| e.path().join("vmlinux"))
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p).expect(
-        "no guest kernel: set ROOTCELL_VMLINUX or build one with images/build-kernel.sh \
-         (expected /var/cache/rootcell/kernel-*/vmlinux)",
-    )
-}
+use common::find_vmlinux;
 
 #[test]
 fn real_kernel_boots_with_vsock_and_virtio_fs_attached() {
@@ -221,6 +203,11 @@ fn network_cards_are_declared_after_vsock_and_fs() {
             });
         }
         let vm = BuiltinVm::start(config).expect("start with two network cards");
+        // Every device thread (vsock, fs, two nets) pauses under its seccomp filter.
+        vm.pause().expect("pause the vCPUs and all four devices");
+        assert!(vm.is_paused());
+        vm.resume();
+        assert!(!vm.is_paused());
         let cmdline = vm.cmdline().to_owned();
         let (_, fs) = vm.slots();
         let nets = vm.net_slots().to_vec();

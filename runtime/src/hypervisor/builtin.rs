@@ -207,11 +207,22 @@ impl Vm for BuiltinHandle {
         }
     }
 
-    fn set_paused(&self, _paused: bool) -> std::io::Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "pause/resume is not supported by the builtin hypervisor yet (use --hypervisor qemu)",
-        ))
+    fn set_paused(&self, paused: bool) -> std::io::Result<()> {
+        let guard = self.vm.read().unwrap_or_else(|p| p.into_inner());
+        let Some(vm) = guard.as_ref() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the guest has already stopped",
+            ));
+        };
+        if paused {
+            // The VMM resumes the guest itself if it cannot park every vCPU and device.
+            vm.pause().map_err(std::io::Error::other)?;
+        } else {
+            vm.resume();
+        }
+        note(&self.log, if paused { "paused" } else { "resumed" });
+        Ok(())
     }
 
     fn finish(&self, timeout: Duration) {
@@ -273,6 +284,34 @@ mod tests {
             }),
             1
         );
+    }
+
+    #[test]
+    fn pause_and_resume_reach_the_vmm_and_a_stopped_guest_refuses() {
+        if !Path::new("/dev/kvm").exists() {
+            println!("SKIPPED pause_and_resume_reach_the_vmm: /dev/kvm is absent");
+            return;
+        }
+        let images = crate::assets::locate_builtin().expect("guest images for the builtin VMM");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("share")).unwrap();
+        let mut c = cfg(dir.path(), images.kernel);
+        c.initrd = images.initrd;
+        let vm = Builtin.start(&c).expect("start the builtin VM");
+        vm.set_paused(true).expect("pause");
+        vm.set_paused(true).expect("pausing a paused guest");
+        assert_eq!(vm.try_stopped(), None, "a paused guest has not stopped");
+        vm.set_paused(false).expect("resume");
+        // A paused guest is killed as promptly as a running one.
+        vm.set_paused(true).expect("pause again");
+        let t = Instant::now();
+        vm.kill();
+        assert!(t.elapsed() < Duration::from_secs(5), "kill took {:?}", t.elapsed());
+        assert_eq!(vm.try_stopped(), Some(137));
+        let e = vm.set_paused(false).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+        let log = std::fs::read_to_string(dir.path().join("builtin.log")).unwrap();
+        assert!(log.contains("paused\nresumed\npaused\n"), "{log}");
     }
 
     #[test]

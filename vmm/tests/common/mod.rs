@@ -67,3 +67,24 @@ pub fn write_tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
     std::fs::write(&p, v).unwrap();
     p
 }
+
+/// The real guest kernel: `$ROOTCELL_VMLINUX`, else the newest `/var/cache/rootcell/kernel-*/vmlinux`;
+/// panics with how to build one if there is none.
+pub fn find_vmlinux() -> PathBuf {
+    if let Ok(p) = std::env::var("ROOTCELL_VMLINUX") {
+        return PathBuf::from(p);
+    }
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir("/var/cache/rootcell")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kernel-"))
+        .map(|e| e.path().join("vmlinux"))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p).expect(
+        "no guest kernel: set ROOTCELL_VMLINUX or build one with images/build-kernel.sh \
+         (expected /var/cache/rootcell/kernel-*/vmlinux)",
+    )
+}

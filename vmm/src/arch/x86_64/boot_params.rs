@@ -36,25 +36,19 @@ pub struct BootParamsInput {
     pub mem_size: u64,
 }
 
-/// The e820 map: low RAM up to the EBDA, a reserved hole up to 1 MiB, then the rest of RAM.
+/// The e820 map: low RAM up to the EBDA, a reserved hole up to 1 MiB, then RAM up to the
+/// MMIO hole and, for larger VMs, the rest of RAM from 4 GiB (see [`crate::memory::ram_regions`]).
 pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
-    vec![
-        boot_e820_entry {
-            addr: 0,
-            size: EBDA_START,
-            r#type: E820_RAM,
-        },
-        boot_e820_entry {
-            addr: EBDA_START,
-            size: HIGH_MEMORY_START - EBDA_START,
-            r#type: E820_RESERVED,
-        },
-        boot_e820_entry {
-            addr: HIGH_MEMORY_START,
-            size: mem_size - HIGH_MEMORY_START,
-            r#type: E820_RAM,
-        },
-    ]
+    let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
+    let mut map = vec![
+        entry(0, EBDA_START, E820_RAM),
+        entry(EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+    ];
+    for (addr, len) in crate::memory::ram_regions(mem_size) {
+        let start = addr.max(HIGH_MEMORY_START);
+        map.push(entry(start, addr + len - start, E820_RAM));
+    }
+    map
 }
 
 /// Builds the zero page.
@@ -137,6 +131,58 @@ mod tests {
             let (a, s, b) = (w[0].addr, w[0].size, w[1].addr);
             assert_eq!(a + s, b);
         }
+    }
+
+    fn triples(mem_size: u64) -> Vec<(u64, u64, u32)> {
+        e820_map(mem_size)
+            .iter()
+            .map(|e| (e.addr, e.size, e.r#type))
+            .collect()
+    }
+
+    #[test]
+    fn e820_splits_large_ram_around_the_mmio_hole() {
+        const GIB: u64 = 1 << 30;
+        let bios = [
+            (0, 0x9fc00, E820_RAM),
+            (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED),
+        ];
+        let with = |rest: &[(u64, u64, u32)]| [&bios[..], rest].concat();
+        assert_eq!(triples(GIB), with(&[(0x100000, GIB - 0x100000, E820_RAM)]));
+        assert_eq!(
+            triples(3 * GIB + GIB / 2),
+            with(&[
+                (0x100000, 3 * GIB - 0x100000, E820_RAM),
+                (4 * GIB, GIB / 2, E820_RAM),
+            ])
+        );
+        assert_eq!(
+            triples(8 * GIB),
+            with(&[
+                (0x100000, 3 * GIB - 0x100000, E820_RAM),
+                (4 * GIB, 5 * GIB, E820_RAM),
+            ])
+        );
+        // The RAM entries add up to the VM's size and none reaches into the MMIO hole.
+        for size in [GIB, 3 * GIB + GIB / 2, 8 * GIB] {
+            let map = triples(size);
+            let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
+            assert_eq!(ram + (0x100000 - 0x9fc00), size);
+            let hole = super::super::layout::MMIO_HOLE_START..(4 * GIB);
+            for (a, s, _) in map {
+                assert!(a + s <= hole.start || a >= hole.end, "{a:#x}+{s:#x}");
+            }
+        }
+        // The zero page holds them all.
+        let params = build(&BootParamsInput {
+            setup_header: None,
+            cmdline_addr: 0x20000,
+            cmdline_len: 0,
+            initramfs: None,
+            mem_size: 8 * GIB,
+        });
+        assert_eq!(params.e820_entries, 4);
+        assert_eq!({ params.e820_table[3].addr }, 4 * GIB);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Everything the VMM writes before the first instruction lives below 1 MiB, in the order the
 //! Linux boot protocol and the MP specification expect; the kernel goes at 1 MiB (bzImage) or
-//! where its ELF headers say (vmlinux, normally 16 MiB); the initramfs goes as high as possible.
+//! where its ELF headers say (vmlinux, normally 16 MiB); the initramfs goes as high as possible
+//! below the MMIO hole. RAM larger than the space below the hole continues from 4 GiB up.
 
 /// The GDT, read by the CPU when entering 64-bit mode.
 pub const GDT_ADDR: u64 = 0x500;
@@ -26,8 +27,11 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Start of high memory: bzImage protected-mode code is loaded here.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
-/// Start of the 32-bit MMIO hole; guest RAM must end below it (we do not split RAM around it).
+/// Start of the 32-bit MMIO hole: RAM below it ends here, the rest of RAM starts at
+/// [`HIGH_RAM_START`] (see [`crate::memory::ram_regions`]).
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO hole, where RAM beyond the first 3 GiB is placed.
+pub const HIGH_RAM_START: u64 = 1 << 32;
 /// First virtio-mmio device window; each device gets [`MMIO_DEVICE_SIZE`] bytes after it.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device window.

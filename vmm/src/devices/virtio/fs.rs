@@ -7,6 +7,7 @@
 //! copied or mapped twice; the view stays valid because the I/O thread also holds the VMM's
 //! own handle on the same mapping.
 
+use std::ops::RangeInclusive;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -17,9 +18,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
-use super::{read_config_bytes, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use super::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::worker::{unwatch, watch_all, Activation, DeviceWorker, QueueDevice, QueueWorker};
+use super::Interrupt;
 use crate::memory::GuestMemoryMmap;
 
 /// virtio device id of virtio-fs.
@@ -43,21 +43,12 @@ pub enum FsDeviceError {
     Thread(#[source] std::io::Error),
 }
 
-/// What activation hands to the I/O thread.
-struct Activation {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<ActiveQueue>,
-    event_idx: bool,
-}
-
 /// The virtio-fs device as the transport sees it.
 #[derive(Debug)]
 pub struct VirtioFs {
     /// `struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }`.
     config: [u8; MAX_TAG_LEN + 4],
-    acked: u64,
-    worker: WorkerHandle<Activation>,
+    io: QueueWorker,
 }
 
 impl VirtioFs {
@@ -71,7 +62,7 @@ impl VirtioFs {
         space[..tag.len()].copy_from_slice(tag.as_bytes());
         let request_queues = (rootcell_fs::NUM_QUEUES - 1) as u32;
         space[MAX_TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
-        let worker = WorkerHandle::spawn(
+        let io = QueueWorker::spawn(
             "virtiofs-io",
             FsWorker {
                 config: config.clone(),
@@ -81,62 +72,25 @@ impl VirtioFs {
             Some(crate::seccomp::fs_io_filter),
         )
         .map_err(FsDeviceError::Thread)?;
-        Ok(VirtioFs {
-            config: space,
-            acked: 0,
-            worker,
-        })
+        Ok(VirtioFs { config: space, io })
     }
 }
 
-impl VirtioDevice for VirtioFs {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_FS
+impl QueueDevice for VirtioFs {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_FS;
+    const QUEUE_SIZES: &'static [u16] = &QUEUE_SIZES;
+    // Queue indices must line up with the device's (hiprio first), so all must be ready.
+    const QUEUES_NEEDED: (RangeInclusive<usize>, &'static str) = (
+        QUEUE_SIZES.len()..=QUEUE_SIZES.len(),
+        "virtio-fs needs its hiprio and request queues",
+    );
+
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn features(&self) -> u64 {
-        VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        // Queue indices must line up with the device's (hiprio first), so all must be ready.
-        if queues.len() != rootcell_fs::NUM_QUEUES {
-            return Err(ActivateError(format!(
-                "virtio-fs needs {} queues, the driver readied {}",
-                rootcell_fs::NUM_QUEUES,
-                queues.len()
-            )));
-        }
-        self.worker
-            .activate(Activation {
-                mem,
-                interrupt,
-                queues,
-                event_idx: self.acked & VIRTIO_RING_F_EVENT_IDX != 0,
-            })
-            .map_err(ActivateError)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.acked = 0;
-        self.worker.reset()
+    fn io(&mut self) -> &mut QueueWorker {
+        &mut self.io
     }
 }
 
@@ -210,14 +164,12 @@ impl DeviceWorker for FsWorker {
                 notify: q.notify,
             });
         }
-        for (i, q) in queues.iter().enumerate() {
-            if let Err(e) = watch(epoll, q.notify.as_raw_fd(), i as u64) {
-                for q in &queues[..i] {
-                    unwatch(epoll, q.notify.as_raw_fd());
-                }
-                return Err(e);
-            }
-        }
+        let fds: Vec<_> = queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| (q.notify.as_raw_fd(), i as u64))
+            .collect();
+        watch_all(epoll, &fds)?;
         self.active = Some(Active {
             view,
             _mem: act.mem,

@@ -115,6 +115,16 @@ impl MmioTransport {
         self.activated
     }
 
+    /// The VM is pausing: quiesce the device (see [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) -> bool {
+        self.device.pause()
+    }
+
+    /// The VM resumes: let the device serve its queues again.
+    pub fn resume(&mut self) {
+        self.device.resume()
+    }
+
     fn offered_features(&self) -> u64 {
         self.device.features() | VIRTIO_F_VERSION_1
     }

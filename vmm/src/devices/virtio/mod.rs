@@ -126,6 +126,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         true
     }
+    /// The VM is pausing: stop touching guest memory and raising interrupts. Returns false if
+    /// the device could not (in time).
+    fn pause(&mut self) -> bool {
+        true
+    }
+    /// The VM resumes: serve the queues again.
+    fn resume(&mut self) {}
 }
 
 /// `VIRTIO_RING_F_INDIRECT_DESC`: virtio-queue walks indirect tables itself.

@@ -14,6 +14,7 @@
 //! it already read waits for the next buffer) and resumes on the guest's next RX notification,
 //! so an idle guest costs no CPU however busy the network is.
 
+use std::ops::RangeInclusive;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
@@ -21,11 +22,8 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::epoll::Epoll;
 
-use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
-use super::{
-    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::worker::{unwatch, watch, Activation, DeviceWorker, QueueDevice, QueueWorker, RxTx};
+use super::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::memory::GuestMemoryMmap;
 
 /// virtio device id of a network card.
@@ -132,14 +130,6 @@ fn prepare_tap(fd: RawFd) -> Result<(), NetDeviceError> {
     Ok(())
 }
 
-/// What activation hands to the I/O thread.
-struct Activation {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<ActiveQueue>,
-    event_idx: bool,
-}
-
 /// Frame counters, readable from any thread (for tests and diagnostics).
 #[derive(Debug, Default)]
 pub struct NetCounters {
@@ -159,9 +149,8 @@ pub struct NetDevice {
     /// `struct virtio_net_config { u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu; }`
     config: [u8; 12],
     mtu: u16,
-    acked: u64,
     counters: Arc<NetCounters>,
-    worker: WorkerHandle<Activation>,
+    io: QueueWorker,
 }
 
 impl NetDevice {
@@ -176,7 +165,7 @@ impl NetDevice {
         space[..6].copy_from_slice(&config.mac);
         space[10..12].copy_from_slice(&config.mtu.to_le_bytes());
         let counters = Arc::new(NetCounters::default());
-        let worker = WorkerHandle::spawn(
+        let io = QueueWorker::spawn(
             "net-io",
             NetWorker {
                 tap: config.tap.clone(),
@@ -194,9 +183,8 @@ impl NetDevice {
         Ok(NetDevice {
             config: space,
             mtu: config.mtu,
-            acked: 0,
             counters,
-            worker,
+            io,
         })
     }
 
@@ -206,53 +194,25 @@ impl NetDevice {
     }
 }
 
-impl VirtioDevice for NetDevice {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
+impl QueueDevice for NetDevice {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_NET;
+    const QUEUE_SIZES: &'static [u16] = &QUEUE_SIZES;
+    const QUEUES_NEEDED: (RangeInclusive<usize>, &'static str) = (
+        QUEUE_SIZES.len()..=QUEUE_SIZES.len(),
+        "virtio-net needs its RX and TX queues",
+    );
 
     fn features(&self) -> u64 {
         let mtu = if self.mtu != 0 { VIRTIO_NET_F_MTU } else { 0 };
         VIRTIO_NET_F_MAC | mtu | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
     }
 
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features;
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError(format!(
-                "virtio-net needs its RX and TX queues, the driver readied {}",
-                queues.len()
-            )));
-        }
-        self.worker
-            .activate(Activation {
-                mem,
-                interrupt,
-                queues,
-                event_idx: self.acked & VIRTIO_RING_F_EVENT_IDX != 0,
-            })
-            .map_err(ActivateError)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.acked = 0;
-        self.worker.reset()
+    fn io(&mut self) -> &mut QueueWorker {
+        &mut self.io
     }
 }
 
@@ -349,19 +309,11 @@ where
     Ok(())
 }
 
-/// The queues and memory of an activated device.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    rx: ActiveQueue,
-    tx: ActiveQueue,
-}
-
 /// The I/O thread's state.
 struct NetWorker {
     tap: Arc<OwnedFd>,
     counters: Arc<NetCounters>,
-    active: Option<Active>,
+    active: Option<RxTx>,
     /// Length of a frame read from the tap (in `rx_buf`) that no guest buffer has taken yet.
     pending: Option<usize>,
     tap_watched: bool,
@@ -635,23 +587,7 @@ impl DeviceWorker for NetWorker {
     }
 
     fn activate(&mut self, epoll: &Epoll, act: Activation) -> Result<(), String> {
-        let mut queues = act.queues.into_iter();
-        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
-            return Err("virtio-net needs RX and TX queues".into());
-        };
-        rx.queue.set_event_idx(act.event_idx);
-        tx.queue.set_event_idx(act.event_idx);
-        watch(epoll, rx.notify.as_raw_fd(), RX_TOKEN)?;
-        if let Err(e) = watch(epoll, tx.notify.as_raw_fd(), TX_TOKEN) {
-            unwatch(epoll, rx.notify.as_raw_fd());
-            return Err(e);
-        }
-        self.active = Some(Active {
-            mem: act.mem,
-            interrupt: act.interrupt,
-            rx,
-            tx,
-        });
+        self.active = Some(RxTx::watch(epoll, act, RX_TOKEN, TX_TOKEN)?);
         // Frames may already wait in the tap; RX buffers posted before DRIVER_OK count too.
         self.watch_tap(epoll, true);
         Ok(())
@@ -659,8 +595,7 @@ impl DeviceWorker for NetWorker {
 
     fn reset(&mut self, epoll: &Epoll) -> bool {
         if let Some(a) = self.active.take() {
-            unwatch(epoll, a.rx.notify.as_raw_fd());
-            unwatch(epoll, a.tx.notify.as_raw_fd());
+            a.unwatch(epoll);
         }
         self.watch_tap(epoll, false);
         self.pending = None;

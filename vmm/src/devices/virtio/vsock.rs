@@ -6,19 +6,12 @@
 //! backend serves over vhost-user. The muxer lives on the device's I/O thread, which waits on
 //! the TX and RX queue notifications and on the muxer's own epoll fd.
 
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::ops::RangeInclusive;
 
 use rootcell_vsock::{VsockConfig, VsockMuxer};
-use virtio_queue::QueueT;
 use vmm_sys_util::epoll::Epoll;
 
-use super::worker::{unwatch, watch, DeviceWorker, WorkerHandle};
-use super::{
-    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
-use crate::memory::GuestMemoryMmap;
+use super::worker::{watch, Activation, DeviceWorker, QueueDevice, QueueWorker, RxTx};
 
 /// virtio device id of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -40,20 +33,12 @@ pub enum VsockDeviceError {
     Thread(#[source] std::io::Error),
 }
 
-/// What activation hands to the I/O thread.
-struct Activation {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<ActiveQueue>,
-    event_idx: bool,
-}
-
 /// The virtio-vsock device as the transport sees it.
 #[derive(Debug)]
 pub struct VsockDevice {
-    guest_cid: u64,
-    acked: u64,
-    worker: WorkerHandle<Activation>,
+    /// `struct virtio_vsock_config { le64 guest_cid; }`.
+    config: [u8; 8],
+    io: QueueWorker,
 }
 
 impl VsockDevice {
@@ -61,7 +46,7 @@ impl VsockDevice {
     /// The socket file is removed when the device is dropped.
     pub fn new(config: &VsockConfig) -> Result<Self, VsockDeviceError> {
         let muxer = VsockMuxer::new(config.guest_cid, &config.uds_path)?;
-        let worker = WorkerHandle::spawn(
+        let io = QueueWorker::spawn(
             "vsock-io",
             VsockWorker {
                 muxer,
@@ -71,78 +56,34 @@ impl VsockDevice {
         )
         .map_err(VsockDeviceError::Thread)?;
         Ok(VsockDevice {
-            guest_cid: config.guest_cid,
-            acked: 0,
-            worker,
+            config: config.guest_cid.to_le_bytes(),
+            io,
         })
     }
 }
 
-impl VirtioDevice for VsockDevice {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
+impl QueueDevice for VsockDevice {
+    const DEVICE_TYPE: u32 = VIRTIO_ID_VSOCK;
+    const QUEUE_SIZES: &'static [u16] = &QUEUE_SIZES;
+    // The transport hands over ready queues in order; RX and TX must both be there.
+    const QUEUES_NEEDED: (RangeInclusive<usize>, &'static str) =
+        (2..=QUEUE_SIZES.len(), "vsock needs its RX and TX queues");
+
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn io(&mut self) -> &mut QueueWorker {
+        &mut self.io
     }
-
-    fn features(&self) -> u64 {
-        VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_vsock_config { le64 guest_cid; }
-        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        // The transport hands over ready queues in order; RX and TX must both be there.
-        if queues.len() < 2 {
-            return Err(ActivateError(format!(
-                "vsock needs its RX and TX queues, the driver readied {}",
-                queues.len()
-            )));
-        }
-        self.worker
-            .activate(Activation {
-                mem,
-                interrupt,
-                queues,
-                event_idx: self.acked & VIRTIO_RING_F_EVENT_IDX != 0,
-            })
-            .map_err(ActivateError)
-    }
-
-    fn reset(&mut self) -> bool {
-        self.acked = 0;
-        self.worker.reset()
-    }
-}
-
-/// The queues and memory of an activated device.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    rx: ActiveQueue,
-    tx: ActiveQueue,
-    // The event queue is kept (the driver filled it) but never used: no transport events.
-    _event: Option<ActiveQueue>,
 }
 
 /// The I/O thread's state.
 struct VsockWorker {
     muxer: VsockMuxer,
-    active: Option<Active>,
+    /// The queues; vsock's event queue is kept in `_rest` but never used (no transport
+    /// events).
+    active: Option<RxTx>,
 }
 
 impl VsockWorker {
@@ -189,24 +130,7 @@ impl DeviceWorker for VsockWorker {
     }
 
     fn activate(&mut self, epoll: &Epoll, act: Activation) -> Result<(), String> {
-        let mut queues = act.queues.into_iter();
-        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
-            return Err("vsock needs RX and TX queues".into());
-        };
-        rx.queue.set_event_idx(act.event_idx);
-        tx.queue.set_event_idx(act.event_idx);
-        watch(epoll, rx.notify.as_raw_fd(), RX_TOKEN)?;
-        if let Err(e) = watch(epoll, tx.notify.as_raw_fd(), TX_TOKEN) {
-            unwatch(epoll, rx.notify.as_raw_fd());
-            return Err(e);
-        }
-        self.active = Some(Active {
-            mem: act.mem,
-            interrupt: act.interrupt,
-            rx,
-            tx,
-            _event: queues.next(),
-        });
+        self.active = Some(RxTx::watch(epoll, act, RX_TOKEN, TX_TOKEN)?);
         // Host clients may have connected before the driver was ready: deliver their requests.
         self.pump_rx(false);
         Ok(())
@@ -214,8 +138,7 @@ impl DeviceWorker for VsockWorker {
 
     fn reset(&mut self, epoll: &Epoll) -> bool {
         if let Some(a) = self.active.take() {
-            unwatch(epoll, a.rx.notify.as_raw_fd());
-            unwatch(epoll, a.tx.notify.as_raw_fd());
+            a.unwatch(epoll);
         }
         // The guest forgot every connection: drop the host ends too (their clients see EOF).
         self.muxer.reset();

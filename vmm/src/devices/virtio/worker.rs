@@ -9,14 +9,29 @@
 //!
 //! The thread confines itself with the device's seccomp filter before it serves anything; the
 //! spawn fails if it cannot.
+//!
+//! While the VM is paused the thread is paused too: it waits on its command channel alone, so
+//! it neither touches guest memory nor raises interrupts until resumed.
+//!
+//! [`QueueWorker`] is the transport-facing half the virtio-vsock, -fs and -net devices share:
+//! the features the driver accepted and the hand-over of the queues to the thread.
 
+use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::memory::GuestMemoryMmap;
 
 /// Builds a device thread's seccomp allowlist for a given violation action.
 pub(crate) type FilterFn = fn(seccompiler::SeccompAction) -> crate::Result<seccompiler::BpfProgram>;
@@ -51,6 +66,9 @@ pub(crate) trait DeviceWorker: Send + 'static {
 enum Command<A> {
     Activate(A, Sender<Result<(), String>>),
     Reset(Sender<bool>),
+    /// Stop serving fds until [`Command::Resume`]; answered once the thread is idle.
+    Pause(Sender<()>),
+    Resume,
 }
 
 /// The transport side's handle on a device's I/O thread; dropping it stops and joins the thread.
@@ -144,6 +162,17 @@ impl<A: Send + 'static> WorkerHandle<A> {
         let (tx, rx) = mpsc::channel();
         self.send(Command::Reset(tx)) && rx.recv_timeout(ANSWER_TIMEOUT).unwrap_or(false)
     }
+
+    /// Makes the thread stop serving its fds; true once it is idle (bounded wait).
+    pub(crate) fn pause(&self) -> bool {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Pause(tx)) && rx.recv_timeout(ANSWER_TIMEOUT).is_ok()
+    }
+
+    /// Lets a paused thread serve its fds again (events that arrived meanwhile are pending).
+    pub(crate) fn resume(&self) {
+        self.send(Command::Resume);
+    }
 }
 
 impl<A: Send + 'static> Drop for WorkerHandle<A> {
@@ -188,6 +217,13 @@ fn run<W: DeviceWorker>(
                     Ok(Command::Reset(answer)) => {
                         let _ = answer.send(worker.reset(&epoll));
                     }
+                    Ok(Command::Pause(answer)) => {
+                        let _ = answer.send(());
+                        if !wait_paused(&mut worker, &epoll, &commands) {
+                            return;
+                        }
+                    }
+                    Ok(Command::Resume) => {}
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         worker.reset(&epoll);
@@ -197,6 +233,247 @@ fn run<W: DeviceWorker>(
             }
         }
     }
+}
+
+/// A paused thread's loop: commands only (blocking on the channel, not on epoll, so ready fds
+/// wait) until resumed; false when the handle dropped meanwhile (the thread then ends).
+fn wait_paused<W: DeviceWorker>(
+    worker: &mut W,
+    epoll: &Epoll,
+    commands: &Receiver<Command<W::Activation>>,
+) -> bool {
+    loop {
+        match commands.recv() {
+            Ok(Command::Resume) => return true,
+            Ok(Command::Pause(answer)) => {
+                let _ = answer.send(());
+            }
+            // Only a running vCPU activates or resets a device; answer anyway, never hang one.
+            Ok(Command::Activate(a, answer)) => {
+                let _ = answer.send(worker.activate(epoll, a));
+            }
+            Ok(Command::Reset(answer)) => {
+                let _ = answer.send(worker.reset(epoll));
+            }
+            Err(mpsc::RecvError) => {
+                worker.reset(epoll);
+                return false;
+            }
+        }
+    }
+}
+
+/// What activation hands to a queue device's I/O thread.
+pub(crate) struct Activation {
+    /// Guest RAM.
+    pub(crate) mem: GuestMemoryMmap,
+    /// The device's interrupt.
+    pub(crate) interrupt: Arc<Interrupt>,
+    /// The ready queues, in queue order.
+    pub(crate) queues: Vec<ActiveQueue>,
+    /// Whether the driver accepted `VIRTIO_RING_F_EVENT_IDX`.
+    pub(crate) event_idx: bool,
+}
+
+/// A virtio device whose queues an I/O thread serves (virtio-vsock, -fs, -net). Such a device
+/// says who it is; the rest of its [`VirtioDevice`] impl (feature acknowledgement, activation,
+/// reset, pause) is the one below, shared by all of them.
+pub(crate) trait QueueDevice: Send {
+    /// virtio device id.
+    const DEVICE_TYPE: u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    const QUEUE_SIZES: &'static [u16];
+    /// How many ready queues activation needs, and what to say when the driver readied a
+    /// number outside that range.
+    const QUEUES_NEEDED: (RangeInclusive<usize>, &'static str);
+    /// Feature bits the device offers: by default what the queues support (indirect
+    /// descriptors, event index), which the device crates' queue helpers handle.
+    fn features(&self) -> u64 {
+        VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
+    }
+    /// The device's config space.
+    fn config_space(&self) -> &[u8];
+    /// The handle on the device's I/O thread.
+    fn io(&mut self) -> &mut QueueWorker;
+}
+
+impl<D: QueueDevice> VirtioDevice for D {
+    fn device_type(&self) -> u32 {
+        D::DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        D::QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        QueueDevice::features(self)
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.io().ack_features(features);
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(self.config_space(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        let (needed, what) = D::QUEUES_NEEDED;
+        self.io().activate(mem, interrupt, queues, needed, what)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.io().reset()
+    }
+
+    fn pause(&mut self) -> bool {
+        self.io().pause()
+    }
+
+    fn resume(&mut self) {
+        self.io().resume()
+    }
+}
+
+/// The transport-facing half of a device served by an I/O thread: the features the driver
+/// accepted, and the hand-over of its queues at activation.
+#[derive(Debug)]
+pub(crate) struct QueueWorker {
+    acked: u64,
+    handle: WorkerHandle<Activation>,
+}
+
+impl QueueWorker {
+    /// Spawns the I/O thread (see [`WorkerHandle::spawn`]).
+    pub(crate) fn spawn<W>(name: &str, worker: W, filter: Option<FilterFn>) -> std::io::Result<Self>
+    where
+        W: DeviceWorker<Activation = Activation>,
+    {
+        Ok(QueueWorker {
+            acked: 0,
+            handle: WorkerHandle::spawn(name, worker, filter)?,
+        })
+    }
+
+    /// Records the features the driver accepted.
+    pub(crate) fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    /// Hands the queues to the thread if the driver readied a number of them in `needed`;
+    /// otherwise fails with "`what`, the driver readied N".
+    pub(crate) fn activate(
+        &self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+        needed: RangeInclusive<usize>,
+        what: &str,
+    ) -> Result<(), ActivateError> {
+        if !needed.contains(&queues.len()) {
+            return Err(ActivateError(format!(
+                "{what}, the driver readied {}",
+                queues.len()
+            )));
+        }
+        self.handle
+            .activate(Activation {
+                mem,
+                interrupt,
+                queues,
+                event_idx: self.acked & VIRTIO_RING_F_EVENT_IDX != 0,
+            })
+            .map_err(ActivateError)
+    }
+
+    /// Forgets the features and makes the thread drop the queues.
+    pub(crate) fn reset(&mut self) -> bool {
+        self.acked = 0;
+        self.handle.reset()
+    }
+
+    /// Pauses the thread (see [`WorkerHandle::pause`]).
+    pub(crate) fn pause(&self) -> bool {
+        self.handle.pause()
+    }
+
+    /// Resumes the thread.
+    pub(crate) fn resume(&self) {
+        self.handle.resume()
+    }
+}
+
+/// An activated device with a receive and a transmit queue (virtio-net, virtio-vsock), their
+/// notifications watched by the I/O thread.
+pub(crate) struct RxTx {
+    /// Guest RAM.
+    pub(crate) mem: GuestMemoryMmap,
+    /// The device's interrupt.
+    pub(crate) interrupt: Arc<Interrupt>,
+    /// The first queue: buffers the device fills.
+    pub(crate) rx: ActiveQueue,
+    /// The second queue: buffers the device consumes.
+    pub(crate) tx: ActiveQueue,
+    /// Queues after the first two (vsock's event queue): kept, as the driver filled them, but
+    /// not watched.
+    pub(crate) _rest: Vec<ActiveQueue>,
+}
+
+impl RxTx {
+    /// Takes RX and TX out of `act`, sets their EVENT_IDX mode and watches their notifications
+    /// under `rx_token` and `tx_token`.
+    pub(crate) fn watch(
+        epoll: &Epoll,
+        act: Activation,
+        rx_token: u64,
+        tx_token: u64,
+    ) -> Result<Self, String> {
+        let mut queues = act.queues.into_iter();
+        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
+            return Err("the device needs RX and TX queues".into());
+        };
+        rx.queue.set_event_idx(act.event_idx);
+        tx.queue.set_event_idx(act.event_idx);
+        watch_all(
+            epoll,
+            &[
+                (rx.notify.as_raw_fd(), rx_token),
+                (tx.notify.as_raw_fd(), tx_token),
+            ],
+        )?;
+        Ok(RxTx {
+            mem: act.mem,
+            interrupt: act.interrupt,
+            rx,
+            tx,
+            _rest: queues.collect(),
+        })
+    }
+
+    /// Stops watching the notifications (before the queues are dropped).
+    pub(crate) fn unwatch(&self, epoll: &Epoll) {
+        unwatch(epoll, self.rx.notify.as_raw_fd());
+        unwatch(epoll, self.tx.notify.as_raw_fd());
+    }
+}
+
+/// Registers each `(fd, token)` for input; on error none stays registered.
+pub(crate) fn watch_all(epoll: &Epoll, fds: &[(RawFd, u64)]) -> Result<(), String> {
+    for (i, &(fd, token)) in fds.iter().enumerate() {
+        if let Err(e) = watch(epoll, fd, token) {
+            for &(fd, _) in &fds[..i] {
+                unwatch(epoll, fd);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Registers `fd` for input under `token`.
@@ -269,6 +546,36 @@ mod tests {
         drop(handle);
         let seen = log.lock().unwrap().clone();
         assert_eq!(seen, ["start", "activate", "event 7", "reset", "reset"]);
+    }
+
+    fn wait_for(log: &Mutex<Vec<String>>, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !log.lock().unwrap().iter().any(|s| s == what) {
+            assert!(std::time::Instant::now() < deadline, "{what} never seen");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_paused_thread_serves_nothing_until_resumed_and_stops_when_dropped() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let handle = WorkerHandle::spawn("test-worker", Recorder(log.clone(), None), None).unwrap();
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        handle.activate(notify.try_clone().unwrap()).unwrap();
+        assert!(handle.pause());
+        assert!(handle.pause(), "pausing twice");
+        notify.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !log.lock().unwrap().iter().any(|s| s == "event 7"),
+            "served while paused"
+        );
+        handle.resume();
+        wait_for(&log, "event 7");
+        // Dropped while paused: the thread still resets and ends (drop joins it).
+        assert!(handle.pause());
+        drop(handle);
+        assert_eq!(log.lock().unwrap().last().unwrap(), "reset");
     }
 
     /// Makes one syscall, chosen by the test, when its eventfd fires.
