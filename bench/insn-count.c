@@ -5,6 +5,8 @@
  *
  * Build: cc -shared -fPIC -O2 -o insn-count.so insn-count.c
  * Use:   qemu-system-x86_64 ... -plugin ./insn-count.so,mark=NAME@HEXADDR,mark=...,out=FILE[,profile=N]
+ * Out:   "mark NAME HIT INSNS HOST_MS REP_ITERS" lines, then "total INSNS HOST_MS REP_ITERS", then
+ *        with profile=N the N costliest blocks as "block PC INSNS IS_REP_STRING"
  *
  * The few plugin API declarations it needs are written out here because Debian ships no
  * qemu-plugin.h; they match the stable plugin API version 1 (QEMU 4.2 to 8.x). */
@@ -16,6 +18,7 @@
 
 typedef uint64_t qemu_plugin_id_t;
 struct qemu_plugin_tb;
+struct qemu_plugin_insn;
 typedef struct qemu_info_t qemu_info_t;
 typedef void (*tb_trans_cb)(qemu_plugin_id_t id, struct qemu_plugin_tb *tb);
 typedef void (*vcpu_udata_cb)(unsigned int vcpu_index, void *userdata);
@@ -26,6 +29,9 @@ enum { CB_NO_REGS = 0 };
 void qemu_plugin_register_vcpu_tb_trans_cb(qemu_plugin_id_t id, tb_trans_cb cb);
 size_t qemu_plugin_tb_n_insns(const struct qemu_plugin_tb *tb);
 uint64_t qemu_plugin_tb_vaddr(const struct qemu_plugin_tb *tb);
+struct qemu_plugin_insn *qemu_plugin_tb_get_insn(const struct qemu_plugin_tb *tb, size_t idx);
+const void *qemu_plugin_insn_data(const struct qemu_plugin_insn *insn);
+size_t qemu_plugin_insn_size(const struct qemu_plugin_insn *insn);
 void qemu_plugin_register_vcpu_tb_exec_inline(struct qemu_plugin_tb *tb, int op, void *ptr, uint64_t imm);
 void qemu_plugin_register_vcpu_tb_exec_cb(struct qemu_plugin_tb *tb, vcpu_udata_cb cb, int flags, void *userdata);
 void qemu_plugin_register_atexit_cb(qemu_plugin_id_t id, udata_cb cb, void *userdata);
@@ -43,6 +49,11 @@ struct mark {
 };
 
 static uint64_t insns;
+/* Repeats of rep-prefixed string instructions (rep movs/stos/...): TCG runs one iteration per
+ * block execution, so `insns` counts a 4 KiB `rep stosb` as 4096 instructions, where a core with
+ * fast string operations retires it in a few dozen cycles. Reported separately so the figures
+ * can be read both ways. */
+static uint64_t rep_iters;
 static struct mark marks[MAX_MARKS];
 static int n_marks;
 static FILE *out;
@@ -62,6 +73,7 @@ struct block {
     uint64_t pc;
     uint64_t n_insns;
     uint64_t execs;
+    int rep;
 };
 static struct block *blocks;
 static size_t n_blocks, cap_blocks;
@@ -69,12 +81,38 @@ static int profile_top;
 static struct block **chunks;
 static size_t n_chunks;
 
+/* Whether the instruction at CODE (LEN bytes, 64-bit mode) is a rep-prefixed string operation:
+ * legacy prefixes, then an optional REX byte, then one of the string opcodes. */
+static int is_rep_string(const uint8_t *code, size_t len)
+{
+    size_t i = 0;
+    int rep = 0;
+    for (; i < len; i++) {
+        uint8_t b = code[i];
+        if (b == 0xf2 || b == 0xf3) {
+            rep = 1;
+        } else if (!(b == 0xf0 || b == 0x2e || b == 0x36 || b == 0x3e || b == 0x26 || b == 0x64 ||
+                     b == 0x65 || b == 0x66 || b == 0x67)) {
+            break;
+        }
+    }
+    if (i < len && (code[i] & 0xf0) == 0x40) {
+        i++;
+    }
+    if (!rep || i >= len) {
+        return 0;
+    }
+    uint8_t op = code[i];
+    return (op >= 0xa4 && op <= 0xa7) || (op >= 0xaa && op <= 0xaf) || (op >= 0x6c && op <= 0x6f);
+}
+
 static void on_mark(unsigned int vcpu, void *udata)
 {
     struct mark *m = udata;
     (void)vcpu;
     if (m->hits++ < MAX_HITS) {
-        fprintf(out, "mark %s %u %" PRIu64 " %.0f\n", m->name, m->hits, insns, host_ms());
+        fprintf(out, "mark %s %u %" PRIu64 " %.0f %" PRIu64 "\n", m->name, m->hits, insns, host_ms(),
+                rep_iters);
         fflush(out);
     }
 }
@@ -91,6 +129,16 @@ static void on_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         }
     }
     qemu_plugin_register_vcpu_tb_exec_inline(tb, INLINE_ADD_U64, &insns, qemu_plugin_tb_n_insns(tb));
+    /* TCG ends a block after a rep string instruction and jumps back to it for each further
+     * iteration, so a one-instruction block holding one is entered once per repeat. */
+    int rep = 0;
+    if (qemu_plugin_tb_n_insns(tb) == 1) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, 0);
+        rep = is_rep_string(qemu_plugin_insn_data(insn), qemu_plugin_insn_size(insn));
+        if (rep) {
+            qemu_plugin_register_vcpu_tb_exec_inline(tb, INLINE_ADD_U64, &rep_iters, 1);
+        }
+    }
     if (profile_top) {
         /* Blocks are never freed or moved once handed to QEMU, so grow in fixed chunks. */
         if (n_blocks == cap_blocks) {
@@ -112,6 +160,7 @@ static void on_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         struct block *b = &blocks[n_blocks++];
         b->pc = pc;
         b->n_insns = qemu_plugin_tb_n_insns(tb);
+        b->rep = rep;
         qemu_plugin_register_vcpu_tb_exec_inline(tb, INLINE_ADD_U64, &b->execs, 1);
     }
 }
@@ -140,7 +189,7 @@ static void print_profile(void)
     }
     qsort(all, total, sizeof *all, by_cost);
     for (size_t i = 0; i < total && i < (size_t)profile_top; i++) {
-        fprintf(out, "block %" PRIx64 " %" PRIu64 "\n", all[i].pc, all[i].execs * all[i].n_insns);
+        fprintf(out, "block %" PRIx64 " %" PRIu64 " %d\n", all[i].pc, all[i].execs * all[i].n_insns, all[i].rep);
     }
     free(all);
 }
@@ -149,7 +198,7 @@ static void on_atexit(qemu_plugin_id_t id, void *udata)
 {
     (void)id;
     (void)udata;
-    fprintf(out, "total %" PRIu64 " %.0f\n", insns, host_ms());
+    fprintf(out, "total %" PRIu64 " %.0f %" PRIu64 "\n", insns, host_ms(), rep_iters);
     if (profile_top) {
         print_profile();
     }

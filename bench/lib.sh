@@ -2,10 +2,15 @@
 # assert timings.
 #
 # Env: ROOTCELL_ENV (default build/env, written by scripts/build.sh) supplies ROOTCELL_BIN,
-#      ROOTCELL_KERNEL, ROOTCELL_INITRD; BENCH_WORK keeps the scratch directory if set.
+#      ROOTCELL_KERNEL, ROOTCELL_VMLINUX, ROOTCELL_INITRD (any of them already set wins);
+#      BENCH_WORK keeps the scratch directory if set.
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Values already in the environment win over the env file, so one run can swap a kernel or binary.
+_bench_keep=$(for v in ROOTCELL_BIN ROOTCELL_KERNEL ROOTCELL_VMLINUX ROOTCELL_INITRD; do
+    if [ -n "${!v:-}" ]; then printf '%s=%q\n' "$v" "${!v}"; fi; done)
 # shellcheck disable=SC1090
 source "${ROOTCELL_ENV:-$top/build/env}" || { echo "bench: run scripts/build.sh first (or set ROOTCELL_ENV)" >&2; exit 1; }
+eval "$_bench_keep"
 export ROOTCELL_KERNEL ROOTCELL_INITRD
 command -v jq >/dev/null || { echo "bench: jq missing" >&2; exit 1; }
 
