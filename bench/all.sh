@@ -11,3 +11,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 "$here/memory.sh" 2
 "$here/rate.sh" 8 2
 "$here/docker.sh" 5
+"$here/net.sh" 200 3
+# Last: it fills the machine (stops at 60 containers or a 90 s start).
+"$here/density.sh" 60 90 1024

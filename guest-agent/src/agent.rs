@@ -241,6 +241,9 @@ impl Agent {
             let _ = terminal::resize(master, h as u16, w as u16);
         }
         let cgroup = self.make_cgroup(id);
+        if let Some(cg) = &cgroup {
+            crate::oom::watch(cg.clone(), self.sink.clone());
+        }
         let req = InitRequest {
             spec,
             plan: &plan,

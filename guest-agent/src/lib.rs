@@ -7,6 +7,7 @@ pub mod dns;
 pub mod listener;
 pub mod log;
 pub mod net;
+pub mod oom;
 pub mod pid1;
 pub mod registry;
 pub mod server;

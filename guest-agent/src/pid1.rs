@@ -67,6 +67,7 @@ pub fn setup() -> System {
             alog!("mount {fstype} on {dst}: {e}");
         }
     }
+    crate::oom::enable_controllers(Path::new("/sys/fs/cgroup"));
     // The guest's /dev/ptmx must be the one of the devpts instance above.
     let _ = std::fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");

@@ -14,6 +14,7 @@ mod hypervisor;
 mod id;
 mod logging;
 mod network;
+mod oom;
 mod paths;
 mod sandbox;
 mod share;

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 /// Guest CID of every sandbox's VM (each VM has its own vsock device).
 pub const GUEST_CID: u64 = 3;
-/// Kernel command line of the guest.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet";
+/// Kernel command line of the guest. `no_timer_check`: on a loaded host (many TCG guests) the
+/// kernel's timing-based IO-APIC timer check fails and the boot panics; a VM's timer is wired.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
 /// Default bound on boot + agent handshake.
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 60;
 
@@ -535,7 +536,15 @@ impl Sandbox {
                     }
                 }
                 Ok(SbEvent::Agent(AgentNotice::Event(Event::Oom))) => {
-                    tracing::warn!("the container hit its memory limit (OOM)")
+                    tracing::warn!("the OOM killer ran in the container");
+                    // Before the exit that usually follows, so Docker sees OOMKilled with it.
+                    let cg = shared.state.lock().ok().and_then(|s| s.cgroups_path.clone());
+                    if let Some(cg) = cg {
+                        match crate::oom::relay(&cg) {
+                            Ok(()) => tracing::info!(cgroup = cg, "OOM kill relayed to the host cgroup"),
+                            Err(e) => tracing::warn!("cannot relay the OOM kill to the host cgroup: {e:#}"),
+                        }
+                    }
                 }
                 Ok(SbEvent::Agent(AgentNotice::Disconnected)) => {
                     let st = vm.try_stopped();

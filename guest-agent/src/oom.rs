@@ -1,0 +1,75 @@
+//! Watches the container's cgroup for OOM kills (the `oom_kill` count in `memory.events`, which
+//! counts kills by any OOM killer, the guest-wide one included) and reports each as an event.
+
+use crate::alog;
+use crate::sink::EventSink;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use rootcell_protocol::Event;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Enables the memory and pids controllers for the guest's child cgroups (the root cgroup may
+/// hold processes and still delegate), so a container cgroup has `memory.events`.
+pub fn enable_controllers(root: &Path) {
+    if let Err(e) = std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids") {
+        alog!("cannot enable cgroup controllers: {e}");
+    }
+}
+
+/// The `oom_kill` count of a `memory.events` text.
+pub fn oom_kills(events: &str) -> u64 {
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts a thread that sends [`Event::Oom`] whenever the cgroup's `oom_kill` count grows; it
+/// ends when the cgroup goes away. kernfs wakes poll() with POLLPRI when the file changes (the
+/// guest kernel has no inotify).
+pub fn watch(cgroup: PathBuf, sink: Arc<EventSink>) {
+    let path = cgroup.join("memory.events");
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => return alog!("cannot watch {} for OOM: {e}", path.display()),
+    };
+    let _ = std::thread::Builder::new().name("oom-watch".into()).spawn(move || {
+        let mut seen = read_kills(&file).unwrap_or(0);
+        loop {
+            let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return,
+            }
+            // A removed cgroup's file reads ENODEV: the container is gone.
+            let Some(now) = read_kills(&file) else { return };
+            if now > seen {
+                alog!("OOM kill in {} ({now} so far)", cgroup.display());
+                sink.event(Event::Oom);
+                seen = now;
+            }
+        }
+    });
+}
+
+/// Re-reads the whole file from the start (which also re-arms the poll).
+fn read_kills(file: &std::fs::File) -> Option<u64> {
+    let mut buf = [0u8; 512];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    Some(oom_kills(&String::from_utf8_lossy(&buf[..n])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_oom_kill_count() {
+        assert_eq!(oom_kills("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\noom_group_kill 0\n"), 2);
+        assert_eq!(oom_kills("low 0\n"), 0);
+    }
+}
