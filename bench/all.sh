@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 "$here/run.sh" "${N:-10}"
 "$here/breakdown.sh" 3
 "$here/boot-insns.sh"
-"$here/stdio.sh" 256
+"$here/stdio.sh" 1024
 "$here/memory.sh" 2
 "$here/rate.sh" 8 2
 "$here/docker.sh" 5
