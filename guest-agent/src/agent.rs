@@ -421,7 +421,10 @@ impl Agent {
             .collect();
         let dir = root.join(format!("rootcell-{name}"));
         match std::fs::create_dir_all(&dir) {
-            Ok(()) => Some(dir),
+            Ok(()) => {
+                crate::oom::reserve_for_agent(&dir);
+                Some(dir)
+            }
             Err(e) => {
                 alog!("no cgroup for the container ({}): {e}", dir.display());
                 None

@@ -14,7 +14,6 @@ mod hypervisor;
 mod id;
 mod logging;
 mod network;
-mod oom;
 mod paths;
 mod sandbox;
 mod share;

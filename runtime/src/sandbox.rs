@@ -536,15 +536,9 @@ impl Sandbox {
                     }
                 }
                 Ok(SbEvent::Agent(AgentNotice::Event(Event::Oom))) => {
-                    tracing::warn!("the OOM killer ran in the container");
-                    // Before the exit that usually follows, so Docker sees OOMKilled with it.
-                    let cg = shared.state.lock().ok().and_then(|s| s.cgroups_path.clone());
-                    if let Some(cg) = cg {
-                        match crate::oom::relay(&cg) {
-                            Ok(()) => tracing::info!(cgroup = cg, "OOM kill relayed to the host cgroup"),
-                            Err(e) => tracing::warn!("cannot relay the OOM kill to the host cgroup: {e:#}"),
-                        }
-                    }
+                    // Docker does not see this: containerd's runc shim reads OOM kills only
+                    // from the host cgroup (see README, Status).
+                    tracing::warn!("the OOM killer ran in the container")
                 }
                 Ok(SbEvent::Agent(AgentNotice::Disconnected)) => {
                     let st = vm.try_stopped();
