@@ -16,6 +16,7 @@ stop_dockerd() {
     [ -n "$ids" ] && "$docker_bin" --host "unix://$sock" rm -f $ids >/dev/null 2>&1 || true
     kill "$dockerd_pid" 2>/dev/null || true
     wait "$dockerd_pid" 2>/dev/null || true
+    for m in "$d"/exec/netns/*; do umount -l "$m" 2>/dev/null || true; done
     umount -R -l "$d/data" "$d/exec" 2>/dev/null || true
     bench_cleanup
 }

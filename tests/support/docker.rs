@@ -51,6 +51,13 @@ extern "C" fn stop_daemon_at_exit() {
         }
     }
     if let Some(d) = DAEMON.get() {
+        // Docker bind-mounts network namespaces (the host's for --network host) under
+        // exec/netns; exec itself is no mount point, so `umount -R exec` would miss them.
+        if let Ok(entries) = std::fs::read_dir(d.dir.join("exec/netns")) {
+            for e in entries.flatten() {
+                let _ = Command::new("umount").arg("-l").arg(e.path()).stderr(Stdio::null()).status();
+            }
+        }
         // Usually dockerd unmounted them already; "not mounted" is not worth printing.
         for sub in ["data", "exec"] {
             let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join(sub)).stderr(Stdio::null()).status();
