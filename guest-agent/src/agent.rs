@@ -66,6 +66,8 @@ struct Container {
     plan: NamespacePlan,
     init_pid: i32,
     cgroup: Option<PathBuf>,
+    /// The OOM kills of the container's cgroup, checked again before each exit is reported.
+    oom: Option<Arc<crate::oom::Watch>>,
     pending_start: Option<Prepared>,
 }
 
@@ -117,10 +119,15 @@ impl Agent {
     /// Called by the reaper when a named process has exited.
     pub fn process_exited(&self, name: &str, status: i32) {
         alog!("process {name} exited with status {status}");
-        if name == INIT_PROCESS {
-            if let Some(c) = self.lock().as_mut() {
+        let oom = self.lock().as_mut().and_then(|c| {
+            if name == INIT_PROCESS {
                 c.pending_start = None;
             }
+            c.oom.clone()
+        });
+        // Outside the lock: this may send an event.
+        if let Some(w) = oom {
+            w.check();
         }
     }
 
@@ -183,22 +190,38 @@ impl Agent {
 
     /// Gives the guest's cards the host interfaces' names, addresses and routes. Only before
     /// the container exists: it is created into this network namespace.
-    fn configure_network(&self, config: &NetworkConfig, loopback_dns: Option<std::net::IpAddr>) -> Response {
+    fn configure_network(
+        &self,
+        config: &NetworkConfig,
+        loopback_dns: Option<std::net::IpAddr>,
+    ) -> Response {
         if self.lock().is_some() {
             return Response::Error {
                 code: ErrorCode::InvalidState,
                 message: "the network is configured before the container is created".into(),
             };
         }
-        let applied = rootcell_net::apply(config).map_err(|e| e.to_string()).and_then(|()| match loopback_dns {
-            // 127.0.0.0/8 is all local on lo, so the resolver's address can be bound as is.
-            Some(addr) => crate::dns::start(addr).map_err(|e| format!("cannot relay DNS at {addr}:53: {e}")),
-            None => Ok(()),
-        });
+        let applied = rootcell_net::apply(config)
+            .map_err(|e| e.to_string())
+            .and_then(|()| match loopback_dns {
+                // 127.0.0.0/8 is all local on lo, so the resolver's address can be bound as is.
+                Some(addr) => crate::dns::start(addr)
+                    .map_err(|e| format!("cannot relay DNS at {addr}:53: {e}")),
+                None => Ok(()),
+            });
         match applied {
             Ok(()) => {
                 for i in &config.interfaces {
-                    alog!("network: {} ({}) mtu {} {:?}", i.name, i.mac, i.mtu, i.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+                    alog!(
+                        "network: {} ({}) mtu {} {:?}",
+                        i.name,
+                        i.mac,
+                        i.mtu,
+                        i.addresses
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                    );
                 }
                 Response::Ok
             }
@@ -241,9 +264,9 @@ impl Agent {
             let _ = terminal::resize(master, h as u16, w as u16);
         }
         let cgroup = self.make_cgroup(id);
-        if let Some(cg) = &cgroup {
-            crate::oom::watch(cg.clone(), self.sink.clone());
-        }
+        let oom = cgroup
+            .as_ref()
+            .and_then(|cg| crate::oom::watch(cg.clone(), self.sink.clone()));
         let req = InitRequest {
             spec,
             plan: &plan,
@@ -261,6 +284,7 @@ impl Agent {
             plan,
             init_pid: pid,
             cgroup,
+            oom,
             pending_start: Some(prepared),
         });
         Ok(pid)

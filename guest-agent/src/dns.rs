@@ -40,7 +40,9 @@ fn serve(sock: UdpSocket) {
             }
         };
         let query = buf[..n].to_vec();
-        let Ok(reply_sock) = sock.try_clone() else { continue };
+        let Ok(reply_sock) = sock.try_clone() else {
+            continue;
+        };
         // One thread per query: a slow answer must not hold up the next query.
         let _ = std::thread::Builder::new()
             .name("dns-query".into())
@@ -64,7 +66,12 @@ fn relay(query: &[u8]) -> io::Result<Vec<u8>> {
 
 /// A vsock stream to `port` on the host.
 fn connect_host(port: u32) -> io::Result<UnixStream> {
-    let fd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, port))?;
     // A std UnixStream is used purely as a connected stream socket (plain read/write calls).
     Ok(UnixStream::from(fd))

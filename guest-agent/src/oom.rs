@@ -8,7 +8,7 @@ use rootcell_protocol::Event;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Enables the memory and pids controllers for the guest's child cgroups (the root cgroup may
 /// hold processes and still delegate), so a container cgroup has `memory.events`.
@@ -47,33 +47,69 @@ pub fn oom_kills(events: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The OOM kills of one container cgroup already reported.
+pub struct Watch {
+    file: std::fs::File,
+    cgroup: PathBuf,
+    seen: Mutex<u64>,
+    sink: Arc<EventSink>,
+}
+
+impl Watch {
+    /// Reports new kills; returns false once the cgroup is gone.
+    ///
+    /// Called by the watch thread and by the reaper before it reports an exit: the kill count
+    /// grows before the victim gets its SIGKILL, so the host learns of the OOM kill before the
+    /// exit it caused, in that order (Docker records OOMKilled only if it comes first).
+    pub fn check(&self) -> bool {
+        // A removed cgroup's file reads ENODEV: the container is gone.
+        let Some(now) = read_kills(&self.file) else {
+            return false;
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if now > *seen {
+            alog!("OOM kill in {} ({now} so far)", self.cgroup.display());
+            self.sink.event(Event::Oom);
+            *seen = now;
+        }
+        true
+    }
+}
+
 /// Starts a thread that sends [`Event::Oom`] whenever the cgroup's `oom_kill` count grows; it
 /// ends when the cgroup goes away. kernfs wakes poll() with POLLPRI when the file changes (the
 /// guest kernel has no inotify).
-pub fn watch(cgroup: PathBuf, sink: Arc<EventSink>) {
+pub fn watch(cgroup: PathBuf, sink: Arc<EventSink>) -> Option<Arc<Watch>> {
     let path = cgroup.join("memory.events");
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
-        Err(e) => return alog!("cannot watch {} for OOM: {e}", path.display()),
+        Err(e) => {
+            alog!("cannot watch {} for OOM: {e}", path.display());
+            return None;
+        }
     };
-    let _ = std::thread::Builder::new().name("oom-watch".into()).spawn(move || {
-        let mut seen = read_kills(&file).unwrap_or(0);
-        loop {
-            let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+    let seen = Mutex::new(read_kills(&file).unwrap_or(0));
+    let w = Arc::new(Watch {
+        file,
+        cgroup,
+        seen,
+        sink,
+    });
+    let thread_w = w.clone();
+    let _ = std::thread::Builder::new()
+        .name("oom-watch".into())
+        .spawn(move || loop {
+            let mut fds = [PollFd::new(thread_w.file.as_fd(), PollFlags::POLLPRI)];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return,
             }
-            // A removed cgroup's file reads ENODEV: the container is gone.
-            let Some(now) = read_kills(&file) else { return };
-            if now > seen {
-                alog!("OOM kill in {} ({now} so far)", cgroup.display());
-                sink.event(Event::Oom);
-                seen = now;
+            if !thread_w.check() {
+                return;
             }
-        }
-    });
+        });
+    Some(w)
 }
 
 /// Re-reads the whole file from the start (which also re-arms the poll).
@@ -89,7 +125,10 @@ mod tests {
 
     #[test]
     fn reads_the_oom_kill_count() {
-        assert_eq!(oom_kills("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\noom_group_kill 0\n"), 2);
+        assert_eq!(
+            oom_kills("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\noom_group_kill 0\n"),
+            2
+        );
         assert_eq!(oom_kills("low 0\n"), 0);
     }
 }

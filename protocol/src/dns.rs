@@ -5,7 +5,8 @@ use std::io::{self, Read, Write};
 
 /// Writes `msg` with its big-endian u16 length in front.
 pub fn write_message(w: &mut impl Write, msg: &[u8]) -> io::Result<()> {
-    let len = u16::try_from(msg.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 64 KiB"))?;
+    let len = u16::try_from(msg.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "DNS message over 64 KiB"))?;
     let mut frame = Vec::with_capacity(2 + msg.len());
     frame.extend_from_slice(&len.to_be_bytes());
     frame.extend_from_slice(msg);

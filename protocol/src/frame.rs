@@ -93,7 +93,10 @@ mod tests {
         write_frame(&mut buf, &"two").unwrap();
         let mut r = buf.as_slice();
         assert_eq!(read_frame::<_, u32>(&mut r).unwrap(), Some(1));
-        assert_eq!(read_frame::<_, String>(&mut r).unwrap().as_deref(), Some("two"));
+        assert_eq!(
+            read_frame::<_, String>(&mut r).unwrap().as_deref(),
+            Some("two")
+        );
         assert_eq!(read_frame::<_, String>(&mut r).unwrap(), None);
     }
 }

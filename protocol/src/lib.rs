@@ -260,7 +260,11 @@ mod tests {
     fn host_message_round_trips() {
         let msg = HostMessage {
             id: 7,
-            request: Request::Signal { process: INIT_PROCESS.into(), signal: 15, all: false },
+            request: Request::Signal {
+                process: INIT_PROCESS.into(),
+                signal: 15,
+                all: false,
+            },
         };
         let mut buf = Vec::new();
         send(&mut buf, &msg).unwrap();
@@ -270,9 +274,17 @@ mod tests {
 
     #[test]
     fn agent_event_json_is_tagged() {
-        let m = AgentMessage::Event { event: Event::Exit { process: "init".into(), status: 137 } };
+        let m = AgentMessage::Event {
+            event: Event::Exit {
+                process: "init".into(),
+                status: 137,
+            },
+        };
         let json = serde_json::to_string(&m).unwrap();
-        assert_eq!(json, r#"{"kind":"event","event":{"type":"exit","process":"init","status":137}}"#);
+        assert_eq!(
+            json,
+            r#"{"kind":"event","event":{"type":"exit","process":"init","status":137}}"#
+        );
     }
 
     #[test]

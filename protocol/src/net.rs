@@ -165,7 +165,10 @@ mod tests {
                 name: "eth0".into(),
                 mac: "02:42:ac:11:00:02".parse().unwrap(),
                 mtu: 1500,
-                addresses: vec!["172.17.0.2/16".parse().unwrap(), "fd00::2/64".parse().unwrap()],
+                addresses: vec![
+                    "172.17.0.2/16".parse().unwrap(),
+                    "fd00::2/64".parse().unwrap(),
+                ],
             }],
             routes: vec![Route {
                 destination: None,
@@ -186,7 +189,12 @@ mod tests {
         for bad in ["10.0.0.1", "10.0.0.1/33", "x/8", "fd00::1/129", "10.0.0.1/"] {
             assert!(bad.parse::<IpPrefix>().is_err(), "{bad}");
         }
-        for bad in ["02:42:ac:11:00", "02:42:ac:11:00:02:03", "2:42:ac:11:00:02", "zz:42:ac:11:00:02"] {
+        for bad in [
+            "02:42:ac:11:00",
+            "02:42:ac:11:00:02:03",
+            "2:42:ac:11:00:02",
+            "zz:42:ac:11:00:02",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<MacAddr>(r#""nope""#).is_err());

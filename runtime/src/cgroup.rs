@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 /// Where cgroup hierarchies are mounted.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// The hierarchies to use: every v1 controller dir under /sys/fs/cgroup, or the v2 root.
 fn hierarchies(base: &Path) -> Vec<PathBuf> {
@@ -33,7 +33,7 @@ fn is_link(p: &Path) -> bool {
 }
 
 /// A cgroupfs-style path (`/docker/<id>`); systemd's `slice:prefix:name` form is not supported.
-fn relative(path: &str) -> Option<PathBuf> {
+pub fn relative(path: &str) -> Option<PathBuf> {
     if path.contains(':') || path.split('/').any(|c| c == "..") {
         return None;
     }
@@ -131,11 +131,15 @@ fn set_cpu_at(
     errors
 }
 
-/// Removes the leaf directory of `path` in every hierarchy (parents may be shared).
+/// Removes the leaf directory of `path` in every hierarchy (parents may be shared), and the
+/// OOM relay's holding cgroup beside it if a killed sandbox left one.
 pub fn remove(path: &str) {
     let Some(rel) = relative(path) else { return };
+    let mut holding = rel.clone().into_os_string();
+    holding.push(crate::oom::HOLDING_SUFFIX);
     for h in hierarchies(Path::new(CGROUP_ROOT)) {
         let _ = std::fs::remove_dir(h.join(&rel));
+        let _ = std::fs::remove_dir(h.join(&holding));
     }
 }
 

@@ -61,7 +61,12 @@ pub fn serve(socket: &Path, resolver: IpAddr) -> Result<()> {
 
 /// Answers the queries of one guest connection.
 fn answer(mut conn: UnixStream, resolver: SocketAddr) -> Result<()> {
-    let bind: SocketAddr = if resolver.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }.parse()?;
+    let bind: SocketAddr = if resolver.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    }
+    .parse()?;
     let udp = UdpSocket::bind(bind).context("cannot open a UDP socket")?;
     udp.connect(resolver)
         .with_context(|| format!("cannot reach the resolver at {resolver}"))?;
@@ -82,9 +87,18 @@ mod tests {
     #[test]
     fn only_a_loopback_nameserver_needs_the_relay() {
         let docker = "search example.org\nnameserver 127.0.0.11\noptions ndots:0\n";
-        assert_eq!(first_loopback_nameserver(docker), Some("127.0.0.11".parse().unwrap()));
-        assert_eq!(first_loopback_nameserver("nameserver 8.8.8.8\nnameserver 1.1.1.1\n"), None);
-        assert_eq!(first_loopback_nameserver("# nameserver 127.0.0.1\nnameserver\n"), None);
+        assert_eq!(
+            first_loopback_nameserver(docker),
+            Some("127.0.0.11".parse().unwrap())
+        );
+        assert_eq!(
+            first_loopback_nameserver("nameserver 8.8.8.8\nnameserver 1.1.1.1\n"),
+            None
+        );
+        assert_eq!(
+            first_loopback_nameserver("# nameserver 127.0.0.1\nnameserver\n"),
+            None
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod hypervisor;
 mod id;
 mod logging;
 mod network;
+mod oom;
 mod paths;
 mod sandbox;
 mod share;
@@ -216,5 +217,10 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
 fn init_process_logging(g: &Global, id: &str) {
     let own_log = paths::state_dir(&g.root, id).join("sandbox.log");
     let file = g.log.clone().unwrap_or(own_log);
-    logging::init(Some(&file), Box::new(std::io::sink()), g.log_format, g.debug);
+    logging::init(
+        Some(&file),
+        Box::new(std::io::sink()),
+        g.log_format,
+        g.debug,
+    );
 }

@@ -136,20 +136,35 @@ mod tests {
 
     #[test]
     fn a_fresh_namespace_is_fine_and_none_is_refused() {
-        assert_eq!(check(&spec(serde_json::json!([{"type": "network"}]))).unwrap(), Namespace::Fresh);
-        let e = check(&spec(serde_json::json!([{"type": "pid"}]))).unwrap_err().to_string();
-        assert!(e.contains("linux.namespaces") && e.contains("host's network"), "{e}");
+        assert_eq!(
+            check(&spec(serde_json::json!([{"type": "network"}]))).unwrap(),
+            Namespace::Fresh
+        );
+        let e = check(&spec(serde_json::json!([{"type": "pid"}])))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("linux.namespaces") && e.contains("host's network"),
+            "{e}"
+        );
     }
 
     #[test]
     fn host_missing_and_shared_namespaces_are_refused() {
-        let e = check(&spec(serde_json::json!([{"type": "network", "path": "/proc/2/ns/net"}])))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("linux.namespaces[0].path") && e.contains("host's network namespace"), "{e}");
-        let e = check(&spec(serde_json::json!([{"type": "network", "path": "/run/netns/rootcell-nope"}])))
-            .unwrap_err()
-            .to_string();
+        let e = check(&spec(
+            serde_json::json!([{"type": "network", "path": "/proc/2/ns/net"}]),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("linux.namespaces[0].path") && e.contains("host's network namespace"),
+            "{e}"
+        );
+        let e = check(&spec(
+            serde_json::json!([{"type": "network", "path": "/run/netns/rootcell-nope"}]),
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("cannot be opened"), "{e}");
         // A child of ours in a namespace of its own stands for another container.
         let mut child = std::process::Command::new("unshare")
@@ -160,7 +175,9 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut e = String::new();
         while std::time::Instant::now() < deadline {
-            match check(&spec(serde_json::json!([{"type": "network", "path": path}]))) {
+            match check(&spec(
+                serde_json::json!([{"type": "network", "path": path}]),
+            )) {
                 Err(err) if err.to_string().contains("already used by process") => {
                     e = err.to_string();
                     break;

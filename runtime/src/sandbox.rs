@@ -342,7 +342,9 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         };
         match agent.request(req, Duration::from_secs(30))? {
             Response::Ok => {}
-            Response::Error { message, .. } => bail!("the guest cannot set up the container's network: {message}"),
+            Response::Error { message, .. } => {
+                bail!("the guest cannot set up the container's network: {message}")
+            }
             other => bail!("unexpected answer to ConfigureNetwork: {other:?}"),
         }
     }
@@ -536,9 +538,24 @@ impl Sandbox {
                     }
                 }
                 Ok(SbEvent::Agent(AgentNotice::Event(Event::Oom))) => {
-                    // Docker does not see this: containerd's runc shim reads OOM kills only
-                    // from the host cgroup (see README, Status).
-                    tracing::warn!("the OOM killer ran in the container")
+                    tracing::warn!("the OOM killer ran in the container");
+                    // The agent sends this before the exit it caused, so Docker sees the OOM
+                    // kill first, as with runc.
+                    let cg = shared
+                        .state
+                        .lock()
+                        .ok()
+                        .and_then(|s| s.cgroups_path.clone());
+                    if let Some(cg) = cg {
+                        match crate::oom::relay(&cg) {
+                            Ok(()) => {
+                                tracing::info!(cgroup = cg, "OOM kill relayed to the host cgroup")
+                            }
+                            Err(e) => tracing::warn!(
+                                "cannot relay the OOM kill to the host cgroup: {e:#}"
+                            ),
+                        }
+                    }
                 }
                 Ok(SbEvent::Agent(AgentNotice::Disconnected)) => {
                     let st = vm.try_stopped();

@@ -184,14 +184,21 @@ pub fn bind_mounts(spec: &Spec, bundle: &Path) -> Vec<BindMount> {
 /// host-only parts (hooks) are dropped.
 pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount], guest_network: bool) -> Spec {
     let mut out = spec.clone();
-    if let Some(namespaces) = out.linux_mut().as_mut().and_then(|l| l.namespaces_mut().as_mut()) {
+    if let Some(namespaces) = out
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+    {
         // The host's namespace path means nothing in the guest. With mirrored interfaces the
         // container uses the guest's own network namespace, where the agent configured them
         // (the VM holds this one container); otherwise it gets a fresh one, loopback only.
         if guest_network {
             namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
         } else {
-            for n in namespaces.iter_mut().filter(|n| n.typ() == LinuxNamespaceType::Network) {
+            for n in namespaces
+                .iter_mut()
+                .filter(|n| n.typ() == LinuxNamespaceType::Network)
+            {
                 n.set_path(None);
             }
         }

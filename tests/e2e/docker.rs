@@ -15,11 +15,36 @@ fn run_prints_root_and_guest_kernel_under_both_names() {
     let d = daemon();
     let release = artifacts().kernel_release;
     for runtime in ["rootcell", "kata-runtime"] {
-        let o = d.docker(&["run", "--rm", "--runtime", runtime, IMAGE, "sh", "-c", "id -u; uname -r"]);
-        assert_eq!(code(&o), 0, "{runtime}: {}\n{}", text(&o.stderr), d.log_tail(20));
+        let o = d.docker(&[
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            IMAGE,
+            "sh",
+            "-c",
+            "id -u; uname -r",
+        ]);
+        assert_eq!(
+            code(&o),
+            0,
+            "{runtime}: {}\n{}",
+            text(&o.stderr),
+            d.log_tail(20)
+        );
         assert_eq!(text(&o.stdout), format!("0\n{release}\n"), "{runtime}");
     }
-    assert_ne!(release, text(&std::process::Command::new("uname").arg("-r").output().unwrap().stdout).trim());
+    assert_ne!(
+        release,
+        text(
+            &std::process::Command::new("uname")
+                .arg("-r")
+                .output()
+                .unwrap()
+                .stdout
+        )
+        .trim()
+    );
 }
 
 #[test]
@@ -29,31 +54,52 @@ fn exit_codes_and_runtime_errors() {
     assert_eq!(code(&run_rm(d, &[], &["sh", "-c", "exit 3"])), 3);
 
     let id = run_detached(d, &[], "sleep 1; exit 5");
-    assert_eq!(ok(d, &["wait", &id]).trim(), "5", "docker wait prints the exit code");
+    assert_eq!(
+        ok(d, &["wait", &id]).trim(),
+        "5",
+        "docker wait prints the exit code"
+    );
     assert_eq!(inspect(d, &id, "{{.State.ExitCode}}"), "5");
     ok(d, &["rm", &id]);
 
     let o = run_rm(d, &[], &["no-such-command"]);
     assert_eq!(code(&o), 127, "stderr: {}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("executable file not found"), "Docker shows the runtime's message: {}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("executable file not found"),
+        "Docker shows the runtime's message: {}",
+        text(&o.stderr)
+    );
 
     let o = run_rm(d, &[], &["/etc/passwd"]);
     assert_eq!(code(&o), 126, "stderr: {}", text(&o.stderr));
-    assert!(text(&o.stderr).contains("permission denied"), "stderr: {}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("permission denied"),
+        "stderr: {}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
 fn fifty_mib_through_run_i_unchanged() {
     let d = daemon();
     let mut data = vec![0u8; 50 << 20];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut data).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
     let want = Sha256::digest(&data);
     let started = Instant::now();
-    let o = d.docker_with_input(&["run", "--rm", "-i", "--runtime", "rootcell", IMAGE, "cat"], data);
+    let o = d.docker_with_input(
+        &["run", "--rm", "-i", "--runtime", "rootcell", IMAGE, "cat"],
+        data,
+    );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(o.stdout.len(), 50 << 20, "all bytes came back");
     assert_eq!(Sha256::digest(&o.stdout), want, "bytes came back unchanged");
-    eprintln!("50 MiB through docker run -i in {:.1} s (boot included)", started.elapsed().as_secs_f64());
+    eprintln!(
+        "50 MiB through docker run -i in {:.1} s (boot included)",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
@@ -65,25 +111,47 @@ fn detached_logs_kill_stop_restart_rm() {
         &[],
         "trap '' TERM; trap 'echo got-usr1' USR1; i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.2; done",
     );
-    wait_until("ticks in docker logs", Duration::from_secs(60), || logs(d, &id).contains("tick-2"));
+    wait_until("ticks in docker logs", Duration::from_secs(60), || {
+        logs(d, &id).contains("tick-2")
+    });
     assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running");
 
     ok(d, &["kill", "-s", "USR1", &id]);
-    wait_until("the USR1 trap output", Duration::from_secs(20), || logs(d, &id).contains("got-usr1"));
-    assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running", "USR1 is trapped, not fatal");
+    wait_until("the USR1 trap output", Duration::from_secs(20), || {
+        logs(d, &id).contains("got-usr1")
+    });
+    assert_eq!(
+        inspect(d, &id, "{{.State.Status}}"),
+        "running",
+        "USR1 is trapped, not fatal"
+    );
 
     let started = Instant::now();
     ok(d, &["stop", "-t", "2", &id]);
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(1900), "TERM was ignored, so stop waits its timeout: {took:?}");
-    assert!(took < Duration::from_secs(15), "KILL ends it soon after the timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "TERM was ignored, so stop waits its timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "KILL ends it soon after the timeout: {took:?}"
+    );
     assert_eq!(inspect(d, &id, "{{.State.Status}}"), "exited");
-    assert_eq!(inspect(d, &id, "{{.State.ExitCode}}"), "137", "killed by KILL");
+    assert_eq!(
+        inspect(d, &id, "{{.State.ExitCode}}"),
+        "137",
+        "killed by KILL"
+    );
 
     ok(d, &["restart", "-t", "1", &id]);
     assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running");
     let ticks = || logs(d, &id).matches("tick-0").count();
-    wait_until("ticks from the restarted container", Duration::from_secs(60), || ticks() >= 2);
+    wait_until(
+        "ticks from the restarted container",
+        Duration::from_secs(60),
+        || ticks() >= 2,
+    );
 
     ok(d, &["rm", "-f", &id]);
     let o = d.docker(&["inspect", &id]);
@@ -93,24 +161,63 @@ fn detached_logs_kill_stop_restart_rm() {
 #[test]
 fn exec_into_a_running_container_while_it_writes() {
     let d = daemon();
-    let id = run_detached(d, &[], "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.1; done");
-    wait_until("the container writes", Duration::from_secs(60), || logs(d, &id).contains("line-3"));
+    let id = run_detached(
+        d,
+        &[],
+        "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.1; done",
+    );
+    wait_until("the container writes", Duration::from_secs(60), || {
+        logs(d, &id).contains("line-3")
+    });
 
-    assert_eq!(ok(d, &["exec", &id, "sh", "-c", "echo from-exec; id -u"]), "from-exec\n0\n");
-    let o = d.docker_with_input(&["exec", "-i", &id, "sh", "-c", "cat; echo done"], b"piped input\n".to_vec());
+    assert_eq!(
+        ok(d, &["exec", &id, "sh", "-c", "echo from-exec; id -u"]),
+        "from-exec\n0\n"
+    );
+    let o = d.docker_with_input(
+        &["exec", "-i", &id, "sh", "-c", "cat; echo done"],
+        b"piped input\n".to_vec(),
+    );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "piped input\ndone\n");
-    assert_eq!(ok(d, &["exec", "-u", "1000:1001", &id, "sh", "-c", "id -u; id -g"]), "1000\n1001\n");
+    assert_eq!(
+        ok(
+            d,
+            &["exec", "-u", "1000:1001", &id, "sh", "-c", "id -u; id -g"]
+        ),
+        "1000\n1001\n"
+    );
     assert_eq!(ok(d, &["exec", "-w", "/tmp", &id, "pwd"]), "/tmp\n");
-    assert_eq!(ok(d, &["exec", "-e", "GREETING=hi there", &id, "sh", "-c", "echo $GREETING"]), "hi there\n");
+    assert_eq!(
+        ok(
+            d,
+            &[
+                "exec",
+                "-e",
+                "GREETING=hi there",
+                &id,
+                "sh",
+                "-c",
+                "echo $GREETING"
+            ]
+        ),
+        "hi there\n"
+    );
     // The exec sees the container's own processes (same pid namespace).
-    assert!(ok(d, &["exec", &id, "ps"]).contains("sleep"), "exec runs next to the container's process");
+    assert!(
+        ok(d, &["exec", &id, "ps"]).contains("sleep"),
+        "exec runs next to the container's process"
+    );
     let o = d.docker(&["exec", &id, "sh", "-c", "exit 7"]);
     assert_eq!(code(&o), 7, "stderr: {}", text(&o.stderr));
 
     // The container kept writing through all of this.
     let before = logs(d, &id).lines().count();
-    wait_until("more output after the execs", Duration::from_secs(20), || logs(d, &id).lines().count() > before);
+    wait_until(
+        "more output after the execs",
+        Duration::from_secs(20),
+        || logs(d, &id).lines().count() > before,
+    );
     ok(d, &["rm", "-f", &id]);
 }
 
@@ -131,8 +238,22 @@ fn run_options_reach_the_container() {
     let o = run_rm(
         d,
         &[
-            "-v", &rw_arg, "-v", &ro_arg, "--tmpfs", "/scratch", "-w", "/data", "-e", "FOO=bar",
-            "--hostname", "myhost", "--ulimit", "nofile=123:456", "--network", "none",
+            "-v",
+            &rw_arg,
+            "-v",
+            &ro_arg,
+            "--tmpfs",
+            "/scratch",
+            "-w",
+            "/data",
+            "-e",
+            "FOO=bar",
+            "--hostname",
+            "myhost",
+            "--ulimit",
+            "nofile=123:456",
+            "--network",
+            "none",
         ],
         &["sh", "-c", script],
     );
@@ -140,22 +261,57 @@ fn run_options_reach_the_container() {
     let lines: Vec<String> = text(&o.stdout).lines().map(String::from).collect();
     // --network none: loopback only (the guest kernel's sit0 tunnel device exists in every
     // network namespace, as on hosts with the sit module; it has no address and no route out).
-    let ifaces: Vec<&str> = lines[8].trim_start_matches("ifaces=").split_whitespace().filter(|i| *i != "sit0").collect();
-    assert_eq!(ifaces, ["lo"], "interfaces with --network none: {}", lines[8]);
+    let ifaces: Vec<&str> = lines[8]
+        .trim_start_matches("ifaces=")
+        .split_whitespace()
+        .filter(|i| *i != "sit0")
+        .collect();
+    assert_eq!(
+        ifaces,
+        ["lo"],
+        "interfaces with --network none: {}",
+        lines[8]
+    );
     assert_eq!(
         [&lines[..8], &lines[9..]].concat(),
-        ["ro-denied", "host-data", "tmpfs=tmpfs", "/data", "FOO=bar", "myhost", "123", "456", "mount-denied"],
+        [
+            "ro-denied",
+            "host-data",
+            "tmpfs=tmpfs",
+            "/data",
+            "FOO=bar",
+            "myhost",
+            "123",
+            "456",
+            "mount-denied"
+        ],
         "stderr: {}",
         text(&o.stderr)
     );
     let out = rw.path().join("out");
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "hello\n", "write visible on the host");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "hello\n",
+        "write visible on the host"
+    );
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&out).unwrap();
-    assert_eq!((meta.uid(), meta.gid()), (1234, 5678), "chown preserved on the host");
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (1234, 5678),
+        "chown preserved on the host"
+    );
     assert!(!ro.path().join("x").exists());
 
-    let o = run_rm(d, &["--read-only", "-u", "1000:1000"], &["sh", "-c", "id -u; id -g; touch /x 2>/dev/null && echo rw || echo ro"]);
+    let o = run_rm(
+        d,
+        &["--read-only", "-u", "1000:1000"],
+        &[
+            "sh",
+            "-c",
+            "id -u; id -g; touch /x 2>/dev/null && echo rw || echo ro",
+        ],
+    );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "1000\n1000\nro\n");
 
@@ -166,31 +322,159 @@ fn run_options_reach_the_container() {
         assert_eq!(text(&o.stdout), "/mnt\n", "{extra:?}");
     }
     let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!after.contains("guest-only-tmpfs"), "the host is unaffected");
-    assert_eq!(host_mounts.lines().filter(|l| l.contains(" /mnt ")).count(), after.lines().filter(|l| l.contains(" /mnt ")).count());
+    assert!(
+        !after.contains("guest-only-tmpfs"),
+        "the host is unaffected"
+    );
+    assert_eq!(
+        host_mounts.lines().filter(|l| l.contains(" /mnt ")).count(),
+        after.lines().filter(|l| l.contains(" /mnt ")).count()
+    );
 }
 
 #[test]
 fn memory_and_cpus_size_the_vm() {
     let d = daemon();
-    let id = run_detached(d, &["--memory", "300m", "--cpus", "1.5"], "grep MemTotal /proc/meminfo; nproc; sleep 600");
-    wait_until("the VM's sizes in the logs", Duration::from_secs(60), || logs(d, &id).lines().count() >= 2);
+    let id = run_detached(
+        d,
+        &["--memory", "300m", "--cpus", "1.5"],
+        "grep MemTotal /proc/meminfo; nproc; sleep 600",
+    );
+    wait_until(
+        "the VM's sizes in the logs",
+        Duration::from_secs(60),
+        || logs(d, &id).lines().count() >= 2,
+    );
     let out = logs(d, &id);
-    let kib: u64 = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{out}"));
-    assert!((200 * 1024..=300 * 1024).contains(&kib), "guest MemTotal {kib} kB for --memory 300m");
+    let kib: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        (200 * 1024..=300 * 1024).contains(&kib),
+        "guest MemTotal {kib} kB for --memory 300m"
+    );
     // 1.5 CPUs of quota need 2 vCPUs (at most the host's).
     let host_cpus = std::thread::available_parallelism().unwrap().get().min(2);
-    assert_eq!(out.lines().nth(1), Some(host_cpus.to_string().as_str()), "vCPUs for --cpus 1.5");
+    assert_eq!(
+        out.lines().nth(1),
+        Some(host_cpus.to_string().as_str()),
+        "vCPUs for --cpus 1.5"
+    );
     let full = inspect(d, &id, "{{.Id}}");
-    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us")).unwrap();
-    assert_eq!(quota.trim(), "150000", "the VM's host CPU time is capped at 1.5 CPUs");
+    let quota =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us"))
+            .unwrap();
+    assert_eq!(
+        quota.trim(),
+        "150000",
+        "the VM's host CPU time is capped at 1.5 CPUs"
+    );
+    ok(d, &["rm", "-f", &id]);
+}
+
+#[test]
+fn oom_kills_in_the_guest_reach_docker() {
+    let d = daemon();
+    let stopped = |id: &str| {
+        wait_until("the container to stop", Duration::from_secs(60), || {
+            inspect(d, id, "{{.State.Running}}") == "false"
+        })
+    };
+    // Control: a 137 from `docker kill` is not an OOM kill.
+    let id = run_detached(d, &["--memory", "128m"], "sleep 600");
+    ok(d, &["kill", &id]);
+    stopped(&id);
+    assert_eq!(
+        inspect(d, &id, "{{.State.ExitCode}} {{.State.OOMKilled}}"),
+        "137 false"
+    );
+    ok(d, &["rm", &id]);
+
+    // The main process takes more than the 128 MiB VM can give: the guest's OOM killer ends it
+    // and Docker says so, as with runc.
+    let id = run_detached(
+        d,
+        &["--memory", "128m"],
+        "exec dd if=/dev/zero of=/dev/null bs=90M count=1",
+    );
+    assert_eq!(ok(d, &["wait", &id]).trim(), "137", "{}", logs(d, &id));
+    assert_eq!(
+        inspect(d, &id, "{{.State.OOMKilled}}"),
+        "true",
+        "{}",
+        logs(d, &id)
+    );
+    ok(d, &["rm", &id]);
+
+    // Another process of the container is OOM-killed; the container lives on.
+    let id = run_detached(
+        d,
+        &["--memory", "128m"],
+        "dd if=/dev/zero of=/dev/null bs=90M count=1; echo after-oom $?; sleep 600",
+    );
+    wait_until("the OOM kill", Duration::from_secs(120), || {
+        logs(d, &id).contains("after-oom")
+    });
+    assert!(logs(d, &id).contains("after-oom 137"), "{}", logs(d, &id));
+    let since = inspect(d, &id, "{{.Created}}");
+    wait_until("Docker's oom event", Duration::from_secs(30), || {
+        let until = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let filter = format!("container={id}");
+        ok(
+            d,
+            &[
+                "events",
+                "--since",
+                &since,
+                "--until",
+                &until,
+                "--filter",
+                &filter,
+                "--filter",
+                "event=oom",
+            ],
+        )
+        .contains(" oom ")
+    });
+    // The host saw one real OOM kill in the VM's cgroup (the relay's child), the cgroup's limit
+    // is back, the relay's holding cgroup is gone and the VM lives.
+    let full = inspect(d, &id, "{{.Id}}");
+    let cg = format!("/sys/fs/cgroup/memory/docker/{full}");
+    let control = std::fs::read_to_string(format!("{cg}/memory.oom_control")).unwrap();
+    assert!(control.lines().any(|l| l == "oom_kill 1"), "{control}");
+    let limit = std::fs::read_to_string(format!("{cg}/memory.limit_in_bytes")).unwrap();
+    let parent =
+        std::fs::read_to_string("/sys/fs/cgroup/memory/docker/memory.limit_in_bytes").unwrap();
+    assert_eq!(
+        limit, parent,
+        "the host cgroup's memory limit was not restored"
+    );
+    assert!(
+        !std::path::Path::new(&format!("{cg}.oom-relay")).exists(),
+        "holding cgroup left behind"
+    );
+    assert_eq!(ok(d, &["exec", &id, "echo", "alive"]).trim(), "alive");
+    ok(d, &["kill", &id]);
+    stopped(&id);
+    assert_eq!(inspect(d, &id, "{{.State.OOMKilled}}"), "true");
     ok(d, &["rm", "-f", &id]);
 }
 
 /// A pty pair: (master, slave).
 fn openpty(rows: u16, cols: u16) -> (OwnedFd, OwnedFd) {
     let (mut m, mut s) = (0, 0);
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: plain out-parameters and a valid winsize.
     let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
     assert_eq!(r, 0, "openpty");
@@ -203,7 +487,17 @@ fn tty_session_types_reads_and_resizes() {
     let d = daemon();
     let (master, slave) = openpty(24, 80);
     let name = unique_id("rc-tty");
-    let mut cmd = d.command(&["run", "-it", "--rm", "--name", &name, "--runtime", "rootcell", IMAGE, "sh"]);
+    let mut cmd = d.command(&[
+        "run",
+        "-it",
+        "--rm",
+        "--name",
+        &name,
+        "--runtime",
+        "rootcell",
+        IMAGE,
+        "sh",
+    ]);
     cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
@@ -228,7 +522,9 @@ fn tty_session_types_reads_and_resizes() {
             if n == 0 {
                 break;
             }
-            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
     let mut writer = std::fs::File::from(master.try_clone().unwrap());
@@ -238,18 +534,35 @@ fn tty_session_types_reads_and_resizes() {
             if seen.lock().unwrap().contains(needle) {
                 return;
             }
-            assert!(Instant::now() < deadline, "no {needle:?} on the terminal; saw {:?}", seen.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the terminal; saw {:?}",
+                seen.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
     // The typed text never contains the expected output, so the echo cannot satisfy it.
-    writer.write_all(b"echo $((6*7))x; tty; stty size\n").unwrap();
+    writer
+        .write_all(b"echo $((6*7))x; tty; stty size\n")
+        .unwrap();
     expect("42x");
     expect("24 80");
-    assert!(!seen.lock().unwrap().contains("not a tty"), "stdin is a terminal");
-    let ws = libc::winsize { ws_row: 33, ws_col: 101, ws_xpixel: 0, ws_ypixel: 0 };
+    assert!(
+        !seen.lock().unwrap().contains("not a tty"),
+        "stdin is a terminal"
+    );
+    let ws = libc::winsize {
+        ws_row: 33,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
-    assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+        0
+    );
     // The resize travels client -> dockerd -> shim -> pty master -> rootcell -> guest: retry.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -258,49 +571,98 @@ fn tty_session_types_reads_and_resizes() {
         if seen.lock().unwrap().contains("33 101") {
             break;
         }
-        assert!(Instant::now() < deadline, "resize never reached the guest; saw {:?}", seen.lock().unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "resize never reached the guest; saw {:?}",
+            seen.lock().unwrap()
+        );
     }
     // `docker exec -t` into the same container gets a terminal of its own.
-    let o = d.docker(&["exec", "-t", &name, "sh", "-c", "[ -t 0 ] && [ -t 1 ] && echo exec-has-a-tty"]);
+    let o = d.docker(&[
+        "exec",
+        "-t",
+        &name,
+        "sh",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo exec-has-a-tty",
+    ]);
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
-    assert_eq!(text(&o.stdout), "exec-has-a-tty\r\n", "a pty turns \\n into \\r\\n");
+    assert_eq!(
+        text(&o.stdout),
+        "exec-has-a-tty\r\n",
+        "a pty turns \\n into \\r\\n"
+    );
     writer.write_all(b"exit 4\n").unwrap();
     let status = wait_with_timeout(child, COMMAND_TIMEOUT);
-    assert_eq!(status.code(), Some(4), "docker run -it exits with the shell's code");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "docker run -it exits with the shell's code"
+    );
 }
 
 #[test]
 fn top_pause_unpause_update_and_stats() {
     let d = daemon();
-    let id = run_detached(d, &[], "i=0; while true; do echo n-$i; i=$((i+1)); sleep 0.1; done");
-    wait_until("output", Duration::from_secs(60), || logs(d, &id).contains("n-3"));
+    let id = run_detached(
+        d,
+        &[],
+        "i=0; while true; do echo n-$i; i=$((i+1)); sleep 0.1; done",
+    );
+    wait_until("output", Duration::from_secs(60), || {
+        logs(d, &id).contains("n-3")
+    });
 
     let top = ok(d, &["top", &id]);
-    assert!(top.starts_with("UID") || top.contains("PID"), "docker top has a header: {top}");
-    assert!(top.lines().count() >= 2, "docker top lists the container's processes: {top}");
+    assert!(
+        top.starts_with("UID") || top.contains("PID"),
+        "docker top has a header: {top}"
+    );
+    assert!(
+        top.lines().count() >= 2,
+        "docker top lists the container's processes: {top}"
+    );
 
     ok(d, &["pause", &id]);
     assert_eq!(inspect(d, &id, "{{.State.Status}}"), "paused");
     let frozen = logs(d, &id).lines().count();
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(logs(d, &id).lines().count(), frozen, "no output while paused");
+    assert_eq!(
+        logs(d, &id).lines().count(),
+        frozen,
+        "no output while paused"
+    );
     ok(d, &["unpause", &id]);
     assert_eq!(inspect(d, &id, "{{.State.Status}}"), "running");
-    wait_until("output after unpause", Duration::from_secs(20), || logs(d, &id).lines().count() > frozen);
+    wait_until("output after unpause", Duration::from_secs(20), || {
+        logs(d, &id).lines().count() > frozen
+    });
 
     // docker update: the CPU quota lands on the host cgroup that holds the VM; a running VM's
     // memory cannot change, and Docker shows why.
     ok(d, &["update", "--cpus", "0.5", &id]);
     let full = inspect(d, &id, "{{.Id}}");
-    let quota = std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us")).unwrap();
+    let quota =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us"))
+            .unwrap();
     assert_eq!(quota.trim(), "50000", "host CPU quota for --cpus 0.5");
     let o = d.docker(&["update", "--memory", "200m", "--memory-swap", "400m", &id]);
     assert!(!o.status.success(), "a running VM cannot be resized");
-    assert!(text(&o.stderr).contains("memory of a running VM"), "stderr: {}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("memory of a running VM"),
+        "stderr: {}",
+        text(&o.stderr)
+    );
 
-    let mem = ok(d, &["stats", "--no-stream", "--format", "{{.MemUsage}}", &id]);
+    let mem = ok(
+        d,
+        &["stats", "--no-stream", "--format", "{{.MemUsage}}", &id],
+    );
     let used = mem.split('/').next().unwrap().trim();
-    let number: f64 = used.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap_or_else(|_| panic!("{mem}"));
+    let number: f64 = used
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse()
+        .unwrap_or_else(|_| panic!("{mem}"));
     assert!(number > 0.0, "docker stats shows the VM's memory: {mem}");
     ok(d, &["rm", "-f", &id]);
 }
@@ -308,7 +670,13 @@ fn top_pause_unpause_update_and_stats() {
 /// The runtime's short run dir for a container (same FNV-1a hash as `rootcell`'s paths module).
 fn run_dir(root: &std::path::Path, id: &str) -> std::path::PathBuf {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in root.as_os_str().as_encoded_bytes().iter().chain(b"\0").chain(id.as_bytes()) {
+    for b in root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .chain(b"\0")
+        .chain(id.as_bytes())
+    {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -318,13 +686,18 @@ fn run_dir(root: &std::path::Path, id: &str) -> std::path::PathBuf {
 #[test]
 fn rm_f_of_ten_running_containers_leaves_nothing() {
     let d = daemon();
-    let ids: Vec<String> = (0..10).map(|_| run_detached(d, &[], "while true; do sleep 1; done")).collect();
+    let ids: Vec<String> = (0..10)
+        .map(|_| run_detached(d, &[], "while true; do sleep 1; done"))
+        .collect();
     for id in &ids {
         assert_eq!(inspect(d, id, "{{.State.Status}}"), "running");
     }
     let root = d.runtime_root();
     let dirs: Vec<_> = ids.iter().map(|id| run_dir(&root, id)).collect();
-    assert!(dirs.iter().all(|p| p.exists()), "the run dirs exist while the containers run");
+    assert!(
+        dirs.iter().all(|p| p.exists()),
+        "the run dirs exist while the containers run"
+    );
     let mut args = vec!["rm", "-f"];
     args.extend(ids.iter().map(String::as_str));
     ok(d, &args);
@@ -339,15 +712,25 @@ fn rm_f_of_ten_running_containers_leaves_nothing() {
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "processes left behind: {left:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind: {left:#?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     for (id, dir) in ids.iter().zip(&dirs) {
         let dir_s = dir.to_string_lossy();
-        let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(id.as_str()) || l.contains(&*dir_s)).collect();
+        let leaked: Vec<&str> = mounts
+            .lines()
+            .filter(|l| l.contains(id.as_str()) || l.contains(&*dir_s))
+            .collect();
         assert!(leaked.is_empty(), "mounts left behind: {leaked:#?}");
-        assert!(!dir.exists(), "run dir (sockets, share) left behind: {}", dir.display());
+        assert!(
+            !dir.exists(),
+            "run dir (sockets, share) left behind: {}",
+            dir.display()
+        );
         assert!(!root.join(id).exists(), "state left behind for {id}");
     }
 }

@@ -11,10 +11,16 @@ fn create_fails(rt: &Runtime, bundle_dir: &Path, needles: &[&str]) -> String {
     let err = text(&o.stderr);
     assert_ne!(code(&o), 0, "create should fail; stderr: {err}");
     for n in needles {
-        assert!(err.to_lowercase().contains(&n.to_lowercase()), "error should mention {n:?}: {err}");
+        assert!(
+            err.to_lowercase().contains(&n.to_lowercase()),
+            "error should mention {n:?}: {err}"
+        );
     }
     assert!(err.trim().lines().count() >= 1);
-    assert!(!rt.list_ids().contains(&id), "failed create left the container listed");
+    assert!(
+        !rt.list_ids().contains(&id),
+        "failed create left the container listed"
+    );
     assert_no_leftovers(rt, &id);
     err
 }
@@ -22,7 +28,11 @@ fn create_fails(rt: &Runtime, bundle_dir: &Path, needles: &[&str]) -> String {
 #[test]
 fn missing_bundle() {
     let rt = Runtime::new();
-    create_fails(&rt, Path::new("/nonexistent/bundle"), &["/nonexistent/bundle"]);
+    create_fails(
+        &rt,
+        Path::new("/nonexistent/bundle"),
+        &["/nonexistent/bundle"],
+    );
 }
 
 #[test]
@@ -46,8 +56,14 @@ fn unsupported_spec_field() {
     let rt = Runtime::new();
     // Joining an existing namespace by path cannot be honoured from inside a separate VM.
     let b = Bundle::new(&["true"]).edit(|s| {
-        s["linux"]["namespaces"].as_array_mut().unwrap().push(serde_json::json!({"type": "ipc", "path": "/proc/1/ns/ipc"}));
-        s["linux"]["namespaces"].as_array_mut().unwrap().retain(|n| n["type"] != "ipc" || n.get("path").is_some());
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"type": "ipc", "path": "/proc/1/ns/ipc"}));
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "ipc" || n.get("path").is_some());
     });
     create_fails(&rt, b.path(), &["ipc"]);
 }
@@ -97,12 +113,18 @@ fn guest_that_never_comes_up() {
     let initrd = dir.path().join("empty.cpio.gz");
     let st = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!("mkdir -p {d}/s/dev && cd {d}/s && find . | cpio -o -H newc --quiet | gzip > {i}", d = dir.path().display(), i = initrd.display()))
+        .arg(format!(
+            "mkdir -p {d}/s/dev && cd {d}/s && find . | cpio -o -H newc --quiet | gzip > {i}",
+            d = dir.path().display(),
+            i = initrd.display()
+        ))
         .status()
         .unwrap();
     assert!(st.success());
     let b = Bundle::new(&["true"]);
-    let rt = Runtime::new().env("ROOTCELL_INITRD", initrd.to_str().unwrap()).env("ROOTCELL_BOOT_TIMEOUT", "20");
+    let rt = Runtime::new()
+        .env("ROOTCELL_INITRD", initrd.to_str().unwrap())
+        .env("ROOTCELL_BOOT_TIMEOUT", "20");
     create_fails(&rt, b.path(), &["guest"]);
 }
 
@@ -115,8 +137,16 @@ fn duplicate_and_unknown_ids() {
     assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
     let again = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), &id]);
     assert_ne!(code(&again), 0);
-    assert!(text(&again.stderr).contains("already exists"), "duplicate: {}", text(&again.stderr));
-    assert_eq!(rt.state(&id)["status"], "created", "the first container is untouched");
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "duplicate: {}",
+        text(&again.stderr)
+    );
+    assert_eq!(
+        rt.state(&id)["status"],
+        "created",
+        "the first container is untouched"
+    );
     assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
     assert_no_leftovers(&rt, &id);
 
@@ -125,7 +155,11 @@ fn duplicate_and_unknown_ids() {
         args.push("no-such-container");
         let o = rt.run(&args);
         assert_ne!(code(&o), 0, "{cmd:?} on an unknown id");
-        assert!(text(&o.stderr).contains("no-such-container"), "{cmd:?}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains("no-such-container"),
+            "{cmd:?}: {}",
+            text(&o.stderr)
+        );
     }
     let bad = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "bad/id"]);
     assert_ne!(code(&bad), 0, "an id with a slash is refused");
@@ -135,12 +169,25 @@ fn duplicate_and_unknown_ids() {
 fn json_log_carries_the_error_for_dockers_shim() {
     let rt = Runtime::new();
     let log = rt.dir.path().join("log.json");
-    let o = rt.run(&["--log", log.to_str().unwrap(), "--log-format", "json", "create", "--bundle", "/nonexistent/b", "x1"]);
+    let o = rt.run(&[
+        "--log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "create",
+        "--bundle",
+        "/nonexistent/b",
+        "x1",
+    ]);
     assert_ne!(code(&o), 0);
     let content = std::fs::read_to_string(&log).expect("log file written");
-    let last: serde_json::Value = serde_json::from_str(content.lines().last().unwrap()).expect("last log line is JSON");
+    let last: serde_json::Value =
+        serde_json::from_str(content.lines().last().unwrap()).expect("last log line is JSON");
     assert_eq!(last["level"], "error");
-    assert!(last["msg"].as_str().unwrap().contains("/nonexistent/b"), "msg: {last}");
+    assert!(
+        last["msg"].as_str().unwrap().contains("/nonexistent/b"),
+        "msg: {last}"
+    );
 }
 
 #[test]
@@ -155,10 +202,22 @@ fn a_network_the_vm_cannot_have_is_refused() {
             }
         })
     };
-    create_fails(&rt, net(None).path(), &["linux.namespaces", "host's network stack"]);
-    create_fails(&rt, net(Some("/run/netns/rootcell-absent")).path(), &["/run/netns/rootcell-absent", "cannot be opened"]);
+    create_fails(
+        &rt,
+        net(None).path(),
+        &["linux.namespaces", "host's network stack"],
+    );
+    create_fails(
+        &rt,
+        net(Some("/run/netns/rootcell-absent")).path(),
+        &["/run/netns/rootcell-absent", "cannot be opened"],
+    );
     // kthreadd (pid 2) lives in the host network namespace.
-    create_fails(&rt, net(Some("/proc/2/ns/net")).path(), &["host's network namespace"]);
+    create_fails(
+        &rt,
+        net(Some("/proc/2/ns/net")).path(),
+        &["host's network namespace"],
+    );
 }
 
 #[test]
@@ -174,5 +233,9 @@ fn an_interface_that_cannot_be_mirrored_is_refused_and_nothing_is_left() {
         nss.push(serde_json::json!({"type": "network", "path": ns.path()}));
     });
     create_fails(&rt, b.path(), &["rcbr0", "bridge"]);
-    assert_eq!(ns.sh("ip -o link; tc qdisc show"), before, "the failed create changed the namespace");
+    assert_eq!(
+        ns.sh("ip -o link; tc qdisc show"),
+        before,
+        "the failed create changed the namespace"
+    );
 }

@@ -20,11 +20,24 @@ fn create_start_state_exit_delete() {
     let st = rt.state(&id);
     assert_eq!(st["status"], "created");
     assert_eq!(st["id"], id.as_str());
-    assert!(st["pid"].as_i64().unwrap() > 0, "created container has a host pid: {st}");
-    assert_eq!(st["bundle"].as_str().unwrap(), bundle.path().to_str().unwrap());
-    assert!(st["ociVersion"].is_string() && st["created"].is_string(), "state has ociVersion and created: {st}");
+    assert!(
+        st["pid"].as_i64().unwrap() > 0,
+        "created container has a host pid: {st}"
+    );
+    assert_eq!(
+        st["bundle"].as_str().unwrap(),
+        bundle.path().to_str().unwrap()
+    );
+    assert!(
+        st["ociVersion"].is_string() && st["created"].is_string(),
+        "state has ociVersion and created: {st}"
+    );
     let pid_file = rt.dir.path().join(format!("{id}.pid"));
-    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let pid: i64 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(st["pid"].as_i64().unwrap(), pid, "pid file matches state");
     assert!(rt.list_ids().contains(&id));
 
@@ -40,12 +53,20 @@ fn create_start_state_exit_delete() {
     // kill on a stopped container gives runc's wording, which Docker's shim matches.
     let k = rt.run(&["kill", &id, "TERM"]);
     assert_ne!(code(&k), 0);
-    assert!(text(&k.stderr).contains("container not running"), "kill on stopped: {}", text(&k.stderr));
+    assert!(
+        text(&k.stderr).contains("container not running"),
+        "kill on stopped: {}",
+        text(&k.stderr)
+    );
 
     let o = rt.run(&["delete", &id]);
     assert_eq!(code(&o), 0, "delete failed: {}", text(&o.stderr));
     assert!(!rt.list_ids().contains(&id));
-    assert_ne!(code(&rt.run(&["state", &id])), 0, "state of a deleted container fails");
+    assert_ne!(
+        code(&rt.run(&["state", &id])),
+        0,
+        "state of a deleted container fails"
+    );
     // A second delete --force on a container already gone succeeds (Docker's shim does this).
     assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
     assert_no_leftovers(&rt, &id);
@@ -63,9 +84,16 @@ fn run_reports_root_and_guest_kernel() {
     assert_eq!(lines.len(), 3, "unexpected output: {out:?}");
     assert_eq!(lines[0], "0", "uid inside is root");
     assert_eq!(lines[1], "0", "gid inside is root");
-    assert_eq!(lines[2], rt.art.kernel_release, "uname -r inside is the guest kernel");
+    assert_eq!(
+        lines[2], rt.art.kernel_release,
+        "uname -r inside is the guest kernel"
+    );
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_ne!(lines[2], host.trim(), "guest kernel differs from the host's");
+    assert_ne!(
+        lines[2],
+        host.trim(),
+        "guest kernel differs from the host's"
+    );
     // run deletes the container when it finishes.
     assert!(!rt.list_ids().contains(&id));
     assert_no_leftovers(&rt, &id);
@@ -81,8 +109,16 @@ fn delete_refuses_running_container_without_force() {
     assert_eq!(code(&rt.run(&["start", &id])), 0);
     let d = rt.run(&["delete", &id]);
     assert_ne!(code(&d), 0);
-    assert!(text(&d.stderr).contains("not stopped"), "delete running: {}", text(&d.stderr));
-    assert_eq!(rt.state(&id)["status"], "running", "a refused delete leaves the container alone");
+    assert!(
+        text(&d.stderr).contains("not stopped"),
+        "delete running: {}",
+        text(&d.stderr)
+    );
+    assert_eq!(
+        rt.state(&id)["status"],
+        "running",
+        "a refused delete leaves the container alone"
+    );
     let d = rt.run(&["delete", "--force", &id]);
     assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
     assert_no_leftovers(&rt, &id);
@@ -128,13 +164,16 @@ fn exec_passes_exit_status_and_forwards_signals_from_its_host_process() {
         "-c",
         "trap 'echo got-term; exit 42' TERM; echo armed; while :; do sleep 0.1; done",
     ]);
-    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped());
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped());
     let mut child = c.spawn().unwrap();
     let pid = child.id() as i32;
     // Bound the wait for "armed" so a broken exec cannot hang the suite.
     let (done, cancelled) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        if cancelled.recv_timeout(COMMAND_TIMEOUT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+        if cancelled.recv_timeout(COMMAND_TIMEOUT)
+            == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        {
             // SAFETY: kill(2) of the exec process this test started; it has not been reaped yet.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -143,12 +182,23 @@ fn exec_passes_exit_status_and_forwards_signals_from_its_host_process() {
     assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("armed"));
     // SAFETY: kill(2) of the exec process this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("got-term"));
+    assert_eq!(
+        lines.next().and_then(|l| l.ok()).as_deref(),
+        Some("got-term")
+    );
     let status = wait_with_timeout(child, COMMAND_TIMEOUT);
     drop(done);
     watchdog.join().unwrap();
-    assert_eq!(status.code(), Some(42), "exec host process exits with the guest process's status");
-    assert_eq!(rt.state(&id)["status"], "running", "the container lives on after its exec ended");
+    assert_eq!(
+        status.code(),
+        Some(42),
+        "exec host process exits with the guest process's status"
+    );
+    assert_eq!(
+        rt.state(&id)["status"],
+        "running",
+        "the container lives on after its exec ended"
+    );
 
     assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
     assert_no_leftovers(&rt, &id);

@@ -2,7 +2,9 @@
 //! default bridge, published ports and user-defined networks work as with runc (real dockerd,
 //! real guests).
 
-use rootcell_e2e::docker::{daemon, inspect, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE};
+use rootcell_e2e::docker::{
+    daemon, inspect, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE,
+};
 use rootcell_e2e::*;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -16,11 +18,13 @@ fn httpd_script(body: &str) -> String {
 
 /// `GET /` over plain TCP from the host; the response body, or the error.
 fn http_get(addr: SocketAddr) -> Result<String, String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
     let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("read {addr}: {e}"))?;
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read {addr}: {e}"))?;
     Ok(out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
@@ -40,12 +44,22 @@ fn http_get_when_up(addr: SocketAddr) -> String {
 
 /// The container's address on the default bridge.
 fn ip_of(d: &DockerDaemon, id: &str) -> Ipv4Addr {
-    inspect(d, id, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}").parse().unwrap_or_else(|e| panic!("no IPv4 address for {id}: {e}"))
+    inspect(
+        d,
+        id,
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+    )
+    .parse()
+    .unwrap_or_else(|e| panic!("no IPv4 address for {id}: {e}"))
 }
 
 /// A host TCP port nobody listens on right now.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A busybox httpd on the host, bound to `addr`, stopped on drop.
@@ -75,14 +89,43 @@ impl Drop for HostServer {
 #[test]
 fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
     let d = daemon();
-    let gateway: Ipv4Addr = ok(d, &["network", "inspect", "bridge", "-f", "{{(index .IPAM.Config 0).Gateway}}"]).trim().parse().unwrap();
+    let gateway: Ipv4Addr = ok(
+        d,
+        &[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ],
+    )
+    .trim()
+    .parse()
+    .unwrap();
     let host_port = free_port();
     let _host = HostServer::start(SocketAddr::from((gateway, host_port)), "hello-from-host");
-    let runc = ok(d, &["run", "-d", "--runtime", "runc", IMAGE, "sh", "-c", &httpd_script("hello-from-runc")]).trim().to_string();
+    let runc = ok(
+        d,
+        &[
+            "run",
+            "-d",
+            "--runtime",
+            "runc",
+            IMAGE,
+            "sh",
+            "-c",
+            &httpd_script("hello-from-runc"),
+        ],
+    )
+    .trim()
+    .to_string();
     let peer = run_detached(d, &[], &httpd_script("hello-from-rootcell"));
     let (runc_ip, peer_ip) = (ip_of(d, &runc), ip_of(d, &peer));
     // The host reaches the rootcell server at the address Docker gave it.
-    assert_eq!(http_get_when_up(SocketAddr::from((peer_ip, 8080))).trim(), "hello-from-rootcell");
+    assert_eq!(
+        http_get_when_up(SocketAddr::from((peer_ip, 8080))).trim(),
+        "hello-from-rootcell"
+    );
 
     let script = format!(
         "ip -o -4 addr show eth0; cat /sys/class/net/eth0/address; \
@@ -90,14 +133,24 @@ fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
     );
     let client = run_detached(d, &[], &format!("{script}; sleep 30"));
     let want_ip = ip_of(d, &client);
-    let want_mac = inspect(d, &client, "{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}");
+    let want_mac = inspect(
+        d,
+        &client,
+        "{{range .NetworkSettings.Networks}}{{.MacAddress}}{{end}}",
+    );
     let mut out = String::new();
     wait_until("the client's output", Duration::from_secs(120), || {
         out = rootcell_e2e::docker::logs(d, &client);
         out.contains("hello-from-rootcell") || out.contains("wget:")
     });
-    assert!(out.contains(&format!("inet {want_ip}/")), "guest eth0 lacks {want_ip}:\n{out}");
-    assert!(out.contains(&want_mac), "guest eth0 lacks MAC {want_mac}:\n{out}");
+    assert!(
+        out.contains(&format!("inet {want_ip}/")),
+        "guest eth0 lacks {want_ip}:\n{out}"
+    );
+    assert!(
+        out.contains(&want_mac),
+        "guest eth0 lacks MAC {want_mac}:\n{out}"
+    );
     for body in ["hello-from-host", "hello-from-runc", "hello-from-rootcell"] {
         assert!(out.contains(body), "{body} missing:\n{out}");
     }
@@ -108,8 +161,15 @@ fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
 fn published_port_reaches_a_server_in_the_guest() {
     let d = daemon();
     let port = free_port();
-    let id = run_detached(d, &["-p", &format!("{port}:8080")], &httpd_script("hello-through-p"));
-    assert_eq!(http_get_when_up(SocketAddr::from(([127, 0, 0, 1], port))).trim(), "hello-through-p");
+    let id = run_detached(
+        d,
+        &["-p", &format!("{port}:8080")],
+        &httpd_script("hello-through-p"),
+    );
+    assert_eq!(
+        http_get_when_up(SocketAddr::from(([127, 0, 0, 1], port))).trim(),
+        "hello-through-p"
+    );
     ok(d, &["rm", "-f", &id]);
 }
 
@@ -119,7 +179,11 @@ fn user_defined_network_resolves_rootcell_peers_by_name() {
     let net = unique_id("rcnet");
     ok(d, &["network", "create", &net]);
     let server = unique_id("rc-srv");
-    let srv = run_detached(d, &["--network", &net, "--name", &server], &httpd_script("hello-by-name"));
+    let srv = run_detached(
+        d,
+        &["--network", &net, "--name", &server],
+        &httpd_script("hello-by-name"),
+    );
     let o = run_rm(
         d,
         &["--network", &net],
@@ -127,7 +191,13 @@ fn user_defined_network_resolves_rootcell_peers_by_name() {
     );
     let _ = d.docker(&["rm", "-f", &srv]);
     let _ = d.docker(&["network", "rm", &net]);
-    assert_eq!(code(&o), 0, "stdout:\n{}\nstderr:\n{}", text(&o.stdout), text(&o.stderr));
+    assert_eq!(
+        code(&o),
+        0,
+        "stdout:\n{}\nstderr:\n{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
     assert_eq!(text(&o.stdout).trim(), "hello-by-name");
 }
 
@@ -141,25 +211,59 @@ fn root_changes_the_guest_network_not_the_host() {
          && ip route add 10.214.0.0/16 via 10.213.0.2 && echo configured && sleep 60",
     );
     let mut out = String::new();
-    wait_until("the guest to configure its network", Duration::from_secs(120), || {
-        out = rootcell_e2e::docker::logs(d, &id);
-        !out.is_empty()
-    });
+    wait_until(
+        "the guest to configure its network",
+        Duration::from_secs(120),
+        || {
+            out = rootcell_e2e::docker::logs(d, &id);
+            !out.is_empty()
+        },
+    );
     assert_eq!(out.trim(), "configured", "{out}");
     let inside = ok(d, &["exec", &id, "sh", "-c", "ip -o link; ip route"]);
-    assert!(inside.contains("rcdummy0") && inside.contains("10.214.0.0/16 via 10.213.0.2"), "{inside}");
+    assert!(
+        inside.contains("rcdummy0") && inside.contains("10.214.0.0/16 via 10.213.0.2"),
+        "{inside}"
+    );
     // Neither the host nor the container's network namespace on the host (where the VM's tap
     // lives) sees any of it.
     let sandbox_pid = inspect(d, &id, "{{.State.Pid}}");
-    for (where_, prefix) in [("host", vec![]), ("container netns on the host", vec!["nsenter".to_string(), format!("--net=/proc/{sandbox_pid}/ns/net")])] {
+    for (where_, prefix) in [
+        ("host", vec![]),
+        (
+            "container netns on the host",
+            vec![
+                "nsenter".to_string(),
+                format!("--net=/proc/{sandbox_pid}/ns/net"),
+            ],
+        ),
+    ] {
         let mut args = prefix.clone();
         args.extend(["ip", "-o", "link"].map(String::from));
-        let links = text(&Command::new(&args[0]).args(&args[1..]).output().unwrap().stdout);
+        let links = text(
+            &Command::new(&args[0])
+                .args(&args[1..])
+                .output()
+                .unwrap()
+                .stdout,
+        );
         args.truncate(prefix.len());
         args.extend(["ip", "route"].map(String::from));
-        let routes = text(&Command::new(&args[0]).args(&args[1..]).output().unwrap().stdout);
-        assert!(!links.contains("rcdummy0"), "{where_} has the guest's interface:\n{links}");
-        assert!(!routes.contains("10.214.0.0"), "{where_} has the guest's route:\n{routes}");
+        let routes = text(
+            &Command::new(&args[0])
+                .args(&args[1..])
+                .output()
+                .unwrap()
+                .stdout,
+        );
+        assert!(
+            !links.contains("rcdummy0"),
+            "{where_} has the guest's interface:\n{links}"
+        );
+        assert!(
+            !routes.contains("10.214.0.0"),
+            "{where_} has the guest's route:\n{routes}"
+        );
     }
     ok(d, &["rm", "-f", &id]);
 }
@@ -167,18 +271,36 @@ fn root_changes_the_guest_network_not_the_host() {
 #[test]
 fn network_none_is_loopback_only_and_shared_stacks_are_refused() {
     let d = daemon();
-    let o = run_rm(d, &["--network", "none"], &["sh", "-c", "ls /sys/class/net"]);
+    let o = run_rm(
+        d,
+        &["--network", "none"],
+        &["sh", "-c", "ls /sys/class/net"],
+    );
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
-    assert_eq!(text(&o.stdout).split_whitespace().filter(|n| *n != "sit0").collect::<Vec<_>>(), ["lo"]);
+    assert_eq!(
+        text(&o.stdout)
+            .split_whitespace()
+            .filter(|n| *n != "sit0")
+            .collect::<Vec<_>>(),
+        ["lo"]
+    );
 
     let o = run_rm(d, &["--network", "host"], &["true"]);
     assert_ne!(code(&o), 0);
-    assert!(text(&o.stderr).contains("host's network"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("host's network"),
+        "{}",
+        text(&o.stderr)
+    );
 
     let first = run_detached(d, &[], "sleep 60");
     let o = run_rm(d, &["--network", &format!("container:{first}")], &["true"]);
     assert_ne!(code(&o), 0);
-    assert!(text(&o.stderr).contains("cannot share a network stack"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("cannot share a network stack"),
+        "{}",
+        text(&o.stderr)
+    );
     ok(d, &["rm", "-f", &first]);
 }
 
@@ -199,9 +321,20 @@ fn a_prepared_network_namespace_is_mirrored_into_the_guest() {
     peer.sh("ip addr add 10.216.0.1/24 dev rcpeer0 && ip link set rcpeer0 up && ip link set lo up");
     let www = tempfile::tempdir().unwrap();
     std::fs::write(www.path().join("index.html"), "hello-from-peer\n").unwrap();
-    peer.spawn(&["busybox", "httpd", "-f", "-p", "10.216.0.1:8080", "-h", www.path().to_str().unwrap()]);
+    peer.spawn(&[
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "10.216.0.1:8080",
+        "-h",
+        www.path().to_str().unwrap(),
+    ]);
     let before = container.sh("ip -o link; tc qdisc show");
-    let mac = container.sh("cat /sys/class/net/eth0/address").trim().to_string();
+    let mac = container
+        .sh("cat /sys/class/net/eth0/address")
+        .trim()
+        .to_string();
 
     let b = Bundle::new(&[
         "sh",
@@ -220,9 +353,16 @@ fn a_prepared_network_namespace_is_mirrored_into_the_guest() {
     assert_eq!(code(&o), 0, "stdout:\n{out}\nstderr:\n{}", text(&o.stderr));
     assert!(out.starts_with(&format!("{mac}\n1400\n")), "{out}");
     assert!(out.contains("inet 10.216.0.2/24"), "{out}");
-    assert!(out.contains("10.217.0.0/16 via 10.216.0.1 dev eth0"), "{out}");
+    assert!(
+        out.contains("10.217.0.0/16 via 10.216.0.1 dev eth0"),
+        "{out}"
+    );
     assert!(out.trim_end().ends_with("hello-from-peer"), "{out}");
     rt.run(&["delete", &id]);
-    assert_eq!(container.sh("ip -o link; tc qdisc show"), before, "tap or tc filter left behind");
+    assert_eq!(
+        container.sh("ip -o link; tc qdisc show"),
+        before,
+        "tap or tc filter left behind"
+    );
     assert_no_leftovers(&rt, &id);
 }

@@ -29,7 +29,10 @@ fn missing_executable_exits_127_with_message() {
     let o = run_bundle(&rt, &b, "nf");
     assert_eq!(code(&o), 127, "stderr: {}", text(&o.stderr));
     let err = text(&o.stderr);
-    assert!(err.contains("no-such-program") && err.contains("not found"), "error names the program: {err}");
+    assert!(
+        err.contains("no-such-program") && err.contains("not found"),
+        "error names the program: {err}"
+    );
 }
 
 #[test]
@@ -44,7 +47,8 @@ fn non_executable_file_exits_126() {
 fn run_and_kill(rt: &Runtime, bundle: &Bundle, signal: &str) -> i32 {
     let id = unique_id("sig");
     let mut c = rt.command(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
-    c.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
     let child = c.spawn().unwrap();
     let mut st = serde_json::Value::Null;
     for _ in 0..1200 {
@@ -78,11 +82,17 @@ fn kill_term_gives_143() {
     // Without its own pid namespace the process is not an init, so TERM's default action applies
     // (a pid-namespace init ignores signals it has no handler for, as under runc).
     let b = Bundle::new(&["sleep", "1000"]).edit(|s| {
-        s["linux"]["namespaces"].as_array_mut().unwrap().retain(|n| n["type"] != "pid");
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "pid");
     });
     assert_eq!(run_and_kill(&rt, &b, "TERM"), 128 + 15);
     let b = Bundle::new(&["sleep", "1000"]).edit(|s| {
-        s["linux"]["namespaces"].as_array_mut().unwrap().retain(|n| n["type"] != "pid");
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "pid");
     });
     assert_eq!(run_and_kill(&rt, &b, "SIGTERM"), 128 + 15);
 }
@@ -90,8 +100,16 @@ fn kill_term_gives_143() {
 #[test]
 fn env_cwd_user_groups_hostname() {
     let rt = Runtime::new();
-    let b = Bundle::new(&["sh", "-c", "echo \"$GREETING\"; pwd; id -u; id -g; id -G; hostname; ulimit -n"]).edit(|s| {
-        s["process"]["env"].as_array_mut().unwrap().push(json!("GREETING=hello from the guest"));
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; pwd; id -u; id -g; id -G; hostname; ulimit -n",
+    ])
+    .edit(|s| {
+        s["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("GREETING=hello from the guest"));
         s["process"]["cwd"] = json!("/var/work");
         s["process"]["user"] = json!({"uid": 1234, "gid": 2345, "additionalGids": [3456, 4567]});
         s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 4321, "soft": 4321}]);
@@ -101,7 +119,19 @@ fn env_cwd_user_groups_hostname() {
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     let out = text(&o.stdout);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines, ["hello from the guest", "/var/work", "1234", "2345", "2345 3456 4567", "box-under-test", "4321"], "full output: {out}");
+    assert_eq!(
+        lines,
+        [
+            "hello from the guest",
+            "/var/work",
+            "1234",
+            "2345",
+            "2345 3456 4567",
+            "box-under-test",
+            "4321"
+        ],
+        "full output: {out}"
+    );
 }
 
 #[test]
@@ -123,7 +153,10 @@ fn read_only_root_and_read_write_bind_mount() {
     let o = run_bundle(&rt, &b, "ro");
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "host data\nroot read-only\n");
-    assert_eq!(std::fs::read_to_string(host_dir.path().join("from-guest")).unwrap(), "guest data\n");
+    assert_eq!(
+        std::fs::read_to_string(host_dir.path().join("from-guest")).unwrap(),
+        "guest data\n"
+    );
     assert!(!b.rootfs().join("root-write").exists());
 }
 
@@ -158,17 +191,34 @@ fn root_in_the_guest_mounts_and_creates_interfaces_without_touching_the_host() {
     let o = run_bundle(&rt, &b, "root");
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "ok\n");
-    let host_links = std::fs::read_dir("/sys/class/net").unwrap().flatten().map(|e| e.file_name()).collect::<Vec<_>>();
-    assert!(!host_links.iter().any(|n| n.to_string_lossy() == ifname), "interface leaked to the host");
+    let host_links = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect::<Vec<_>>();
+    assert!(
+        !host_links.iter().any(|n| n.to_string_lossy() == ifname),
+        "interface leaked to the host"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(b.rootfs().join("mnt").to_str().unwrap()), "guest mount visible on the host");
-    assert!(!b.rootfs().join("mnt/f").exists(), "tmpfs write reached the host rootfs");
+    assert!(
+        !mounts.contains(b.rootfs().join("mnt").to_str().unwrap()),
+        "guest mount visible on the host"
+    );
+    assert!(
+        !b.rootfs().join("mnt/f").exists(),
+        "tmpfs write reached the host rootfs"
+    );
 }
 
 #[test]
 fn default_capabilities_cannot_mount() {
     let rt = Runtime::new();
-    let b = Bundle::new(&["sh", "-c", "mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo denied"]);
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "mount -t tmpfs none /mnt 2>/dev/null && echo mounted || echo denied",
+    ]);
     let o = run_bundle(&rt, &b, "nocap");
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "denied\n");

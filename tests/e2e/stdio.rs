@@ -8,7 +8,10 @@ use std::io::Read;
 fn hundred_mib_of_random_bytes_round_trip() {
     let rt = Runtime::new();
     let mut data = vec![0u8; 100 << 20];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut data).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut data)
+        .unwrap();
     let want = Sha256::digest(&data);
     let b = Bundle::new(&["cat"]);
     let id = unique_id("big");
@@ -30,7 +33,11 @@ fn stderr_only_write_stays_on_stderr() {
     let o = rt.run(&["run", "--bundle", b.path().to_str().unwrap(), &id]);
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "");
-    assert!(text(&o.stderr).ends_with("to-stderr\n"), "stderr: {:?}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).ends_with("to-stderr\n"),
+        "stderr: {:?}",
+        text(&o.stderr)
+    );
 }
 
 #[test]
@@ -38,7 +45,13 @@ fn stdin_eof_reaches_the_process() {
     let rt = Runtime::new();
     let b = Bundle::new(&["sh", "-c", "wc -c; echo after-eof"]);
     let id = unique_id("eof");
-    let o = rt.run_with_input(&["run", "--bundle", b.path().to_str().unwrap(), &id], b"12345".to_vec());
+    let o = rt.run_with_input(
+        &["run", "--bundle", b.path().to_str().unwrap(), &id],
+        b"12345".to_vec(),
+    );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
-    assert_eq!(text(&o.stdout).split_whitespace().collect::<Vec<_>>(), ["5", "after-eof"]);
+    assert_eq!(
+        text(&o.stdout).split_whitespace().collect::<Vec<_>>(),
+        ["5", "after-eof"]
+    );
 }

@@ -5,9 +5,9 @@
 //! test process exits (also when a test fails). The busybox image is imported from
 //! busybox-static, since no registry can be reached.
 
+use crate::text;
 use crate::{artifacts, images_dir, output_with_timeout, COMMAND_TIMEOUT};
 use std::path::{Path, PathBuf};
-use crate::text;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,7 +38,10 @@ extern "C" fn stop_daemon_at_exit() {
     // Containers the tests left behind first: their sandboxes would otherwise outlive dockerd.
     if let Some(d) = DAEMON.get() {
         let ps = d.docker(&["ps", "-aq"]);
-        let ids: Vec<String> = String::from_utf8_lossy(&ps.stdout).split_whitespace().map(String::from).collect();
+        let ids: Vec<String> = String::from_utf8_lossy(&ps.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
         if !ids.is_empty() {
             let mut args = vec!["rm", "-f"];
             args.extend(ids.iter().map(String::as_str));
@@ -55,12 +58,21 @@ extern "C" fn stop_daemon_at_exit() {
         // exec/netns; exec itself is no mount point, so `umount -R exec` would miss them.
         if let Ok(entries) = std::fs::read_dir(d.dir.join("exec/netns")) {
             for e in entries.flatten() {
-                let _ = Command::new("umount").arg("-l").arg(e.path()).stderr(Stdio::null()).status();
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(e.path())
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         // Usually dockerd unmounted them already; "not mounted" is not worth printing.
         for sub in ["data", "exec"] {
-            let _ = Command::new("umount").arg("-R").arg("-l").arg(d.dir.join(sub)).stderr(Stdio::null()).status();
+            let _ = Command::new("umount")
+                .arg("-R")
+                .arg("-l")
+                .arg(d.dir.join(sub))
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = std::fs::remove_dir_all(&d.dir);
     }
@@ -83,8 +95,15 @@ fn stop_child(child: &mut Child) {
 impl DockerDaemon {
     fn start() -> DockerDaemon {
         let art = artifacts();
-        assert!(Path::new(DOCKERD).exists(), "dockerd missing: scripts/install-deps.sh installs docker.io");
-        let dir = tempfile::Builder::new().prefix("rc-docker-").tempdir_in("/tmp").unwrap().keep();
+        assert!(
+            Path::new(DOCKERD).exists(),
+            "dockerd missing: scripts/install-deps.sh installs docker.io"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("rc-docker-")
+            .tempdir_in("/tmp")
+            .unwrap()
+            .keep();
         let socket = dir.join("docker.sock");
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
         let mut cmd = Command::new(DOCKERD);
@@ -116,7 +135,10 @@ impl DockerDaemon {
             }
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(d.dir.join("dockerd.log")).unwrap_or_default();
-                panic!("dockerd did not come up within 60 s; its log ends:\n{}", tail(&log, 30));
+                panic!(
+                    "dockerd did not come up within 60 s; its log ends:\n{}",
+                    tail(&log, 30)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -137,14 +159,19 @@ impl DockerDaemon {
     /// A `docker ARGS` command against this daemon, not yet started.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(DOCKER);
-        c.arg("--host").arg(format!("unix://{}", self.socket.display())).args(args);
+        c.arg("--host")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args);
         c.stdin(Stdio::null());
         c
     }
 
     /// The daemon's log so far (for failure messages).
     pub fn log_tail(&self, lines: usize) -> String {
-        tail(&std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default(), lines)
+        tail(
+            &std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default(),
+            lines,
+        )
     }
 
     /// The runtime root Docker passes to rootcell (`--root`). Observed with Docker 20.10: the shim
@@ -155,12 +182,26 @@ impl DockerDaemon {
 
     fn import_busybox(&self) {
         let rootfs = self.dir.join("busybox-rootfs");
-        let st = Command::new(images_dir().join("make-rootfs.sh")).arg(&rootfs).stdout(Stdio::null()).status().unwrap();
+        let st = Command::new(images_dir().join("make-rootfs.sh"))
+            .arg(&rootfs)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
         assert!(st.success(), "images/make-rootfs.sh failed");
-        let tar = Command::new("tar").arg("-C").arg(&rootfs).arg("-c").arg(".").output().unwrap();
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-c")
+            .arg(".")
+            .output()
+            .unwrap();
         assert!(tar.status.success());
         let o = self.docker_with_input(&["import", "-", IMAGE], tar.stdout);
-        assert!(o.status.success(), "docker import failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "docker import failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let _ = std::fs::remove_dir_all(&rootfs);
     }
 }
@@ -217,6 +258,10 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// Combined stdout+stderr of `docker logs ID`.
 pub fn logs(d: &DockerDaemon, id: &str) -> String {
     let o = d.docker(&["logs", id]);
-    assert!(o.status.success(), "docker logs failed: {}", text(&o.stderr));
+    assert!(
+        o.status.success(),
+        "docker logs failed: {}",
+        text(&o.stderr)
+    );
     text(&o.stdout) + &text(&o.stderr)
 }

@@ -39,7 +39,10 @@ pub fn artifacts() -> Artifacts {
     get("ROOTCELL_E2E");
     get("ROOTCELL_KERNEL");
     get("ROOTCELL_INITRD");
-    Artifacts { bin: PathBuf::from(get("ROOTCELL_BIN")), kernel_release: get("ROOTCELL_KERNEL_RELEASE") }
+    Artifacts {
+        bin: PathBuf::from(get("ROOTCELL_BIN")),
+        kernel_release: get("ROOTCELL_KERNEL_RELEASE"),
+    }
 }
 
 /// Directory of the repository's `images/` scripts.
@@ -50,7 +53,11 @@ pub fn images_dir() -> PathBuf {
 /// A fresh container id, unique within this test process and across parallel test binaries.
 pub fn unique_id(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A `--root` state directory of its own per test, cleaned (and checked for leaks) on drop.
@@ -65,8 +72,15 @@ pub struct Runtime {
 impl Runtime {
     /// A runtime with its own empty state root.
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("rootcell-e2e-").tempdir().expect("tempdir");
-        Runtime { art: artifacts(), dir, extra_env: Vec::new() }
+        let dir = tempfile::Builder::new()
+            .prefix("rootcell-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        Runtime {
+            art: artifacts(),
+            dir,
+            extra_env: Vec::new(),
+        }
     }
 
     /// The `--root` path.
@@ -121,14 +135,22 @@ impl Runtime {
             .stderr(fs::File::create(&err).unwrap());
         let status = wait_with_timeout(c.spawn().expect("spawn rootcell create"), COMMAND_TIMEOUT);
         // create's own messages went to the same files as the container's; return them as output.
-        let output = Output { status, stdout: Vec::new(), stderr: fs::read(&err).unwrap_or_default() };
+        let output = Output {
+            status,
+            stdout: Vec::new(),
+            stderr: fs::read(&err).unwrap_or_default(),
+        };
         (output, out, err)
     }
 
     /// `state ID` parsed as JSON; panics with the runtime's message on failure.
     pub fn state(&self, id: &str) -> Value {
         let o = self.run(&["state", id]);
-        assert!(o.status.success(), "rootcell state {id} failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "rootcell state {id} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         serde_json::from_slice(&o.stdout).expect("state output is JSON")
     }
 
@@ -140,7 +162,10 @@ impl Runtime {
             if s["status"] == status {
                 return s;
             }
-            assert!(Instant::now() < deadline, "container {id} never reached {status}: last state {s}");
+            assert!(
+                Instant::now() < deadline,
+                "container {id} never reached {status}: last state {s}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -153,7 +178,11 @@ impl Runtime {
         }
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         v.as_array()
-            .map(|a| a.iter().filter_map(|c| c["id"].as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["id"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -202,7 +231,11 @@ pub fn output_with_timeout(mut c: Command, input: Option<Vec<u8>>, timeout: Dura
     if let Some(w) = writer {
         let _ = w.join();
     }
-    Output { status, stdout: ro.join().unwrap(), stderr: re.join().unwrap() }
+    Output {
+        status,
+        stdout: ro.join().unwrap(),
+        stderr: re.join().unwrap(),
+    }
 }
 
 /// Waits for a child with a deadline; kills it and panics if the deadline passes.
@@ -232,14 +265,20 @@ pub struct Bundle {
 impl Bundle {
     /// A bundle running `args` as root with default mounts and namespaces.
     pub fn new(args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("rootcell-bundle-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("rootcell-bundle-")
+            .tempdir()
+            .expect("tempdir");
         let st = Command::new(images_dir().join("make-rootfs.sh"))
             .arg(dir.path().join("rootfs"))
             .stdout(Stdio::null())
             .status()
             .expect("run images/make-rootfs.sh");
         assert!(st.success(), "images/make-rootfs.sh failed");
-        let b = Bundle { dir, spec: default_spec(args) };
+        let b = Bundle {
+            dir,
+            spec: default_spec(args),
+        };
         b.write();
         b
     }
@@ -256,7 +295,11 @@ impl Bundle {
 
     /// Writes config.json from [`Bundle::spec`].
     pub fn write(&self) {
-        fs::write(self.dir.path().join("config.json"), serde_json::to_vec_pretty(&self.spec).unwrap()).unwrap();
+        fs::write(
+            self.dir.path().join("config.json"),
+            serde_json::to_vec_pretty(&self.spec).unwrap(),
+        )
+        .unwrap();
     }
 
     /// Applies `f` to the spec and rewrites config.json.
@@ -269,21 +312,62 @@ impl Bundle {
 
 /// Every capability a root process has, for specs that want "full" root in the guest.
 pub const ALL_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
 ];
 
 /// Docker's default capability set.
 pub const DEFAULT_CAPS: &[&str] = &[
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
 ];
 
 /// Sets all five capability sets of the spec's process to `caps`.
@@ -327,7 +411,13 @@ pub fn default_spec(args: &[&str]) -> Value {
 
 /// Exit code of a finished command, panicking on a signal death of the runtime itself.
 pub fn code(o: &Output) -> i32 {
-    o.status.code().unwrap_or_else(|| panic!("runtime killed by a signal: {:?}; stderr: {}", o.status, text(&o.stderr)))
+    o.status.code().unwrap_or_else(|| {
+        panic!(
+            "runtime killed by a signal: {:?}; stderr: {}",
+            o.status,
+            text(&o.stderr)
+        )
+    })
 }
 
 /// Lossy UTF-8 text of some output.
@@ -367,14 +457,26 @@ pub fn assert_no_leftovers(rt: &Runtime, id: &str) {
         if procs.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "processes left behind for {id}: {procs:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind for {id}: {procs:#?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(id) || l.contains(&root)).collect();
-    assert!(leaked.is_empty(), "mounts left behind for {id}: {leaked:#?}");
+    let leaked: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(id) || l.contains(&root))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "mounts left behind for {id}: {leaked:#?}"
+    );
     if let Ok(entries) = fs::read_dir(rt.root()) {
         let left: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
-        assert!(left.iter().all(|n| n.to_string_lossy() != id), "state directory left behind for {id}: {left:?}");
+        assert!(
+            left.iter().all(|n| n.to_string_lossy() != id),
+            "state directory left behind for {id}: {left:?}"
+        );
     }
 }

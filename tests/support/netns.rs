@@ -15,9 +15,19 @@ impl NetNs {
     pub fn new(prefix: &str) -> Self {
         // `ip netns` names must stay short; unique_id adds the pid and a counter.
         let name = unique_id(prefix);
-        let o = Command::new("ip").args(["netns", "add", &name]).output().expect("ip netns add");
-        assert!(o.status.success(), "ip netns add {name}: {}", text(&o.stderr));
-        NetNs { name, children: Vec::new() }
+        let o = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("ip netns add");
+        assert!(
+            o.status.success(),
+            "ip netns add {name}: {}",
+            text(&o.stderr)
+        );
+        NetNs {
+            name,
+            children: Vec::new(),
+        }
     }
 
     /// The namespace's name.
@@ -32,8 +42,16 @@ impl NetNs {
 
     /// Runs `script` with sh inside the namespace, asserting success; returns stdout.
     pub fn sh(&self, script: &str) -> String {
-        let o = Command::new("ip").args(["netns", "exec", &self.name, "sh", "-c", script]).output().unwrap();
-        assert!(o.status.success(), "in {}: {script}: {}", self.name, text(&o.stderr));
+        let o = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", script])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "in {}: {script}: {}",
+            self.name,
+            text(&o.stderr)
+        );
         text(&o.stdout)
     }
 
@@ -55,6 +73,8 @@ impl Drop for NetNs {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

@@ -123,7 +123,8 @@ fn net_card(n: &super::NetCard) -> Result<NetConfig, HypervisorError> {
     let tap = borrowed
         .try_clone_to_owned()
         .map_err(|e| device_err(format!("cannot duplicate tap fd {}: {e}", n.tap_fd)))?;
-    let mtu = u16::try_from(n.mtu).map_err(|_| device_err(format!("MTU {} is over 65535", n.mtu)))?;
+    let mtu =
+        u16::try_from(n.mtu).map_err(|_| device_err(format!("MTU {} is over 65535", n.mtu)))?;
     Ok(NetConfig {
         tap: std::sync::Arc::new(tap),
         mac: n.mac.0,
@@ -306,7 +307,11 @@ mod tests {
         vm.set_paused(true).expect("pause again");
         let t = Instant::now();
         vm.kill();
-        assert!(t.elapsed() < Duration::from_secs(5), "kill took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "kill took {:?}",
+            t.elapsed()
+        );
         assert_eq!(vm.try_stopped(), Some(137));
         let e = vm.set_paused(false).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");

@@ -137,7 +137,10 @@ pub fn command_args(cfg: &VmConfig, accel: Accel, vsock_vu: &Path, fs_vu: &Path)
         push(&["-netdev", &format!("tap,id=net{i},fd={}", n.tap_fd)]);
         push(&[
             "-device",
-            &format!("virtio-net-device,netdev=net{i},mac={},host_mtu={}", n.mac, n.mtu),
+            &format!(
+                "virtio-net-device,netdev=net{i},mac={},host_mtu={}",
+                n.mac, n.mtu
+            ),
         ]);
     }
     push(&["-chardev", &format!("socket,id=fs,path={}", esc(fs_vu))]);
@@ -408,7 +411,11 @@ mod tests {
     fn one_virtio_net_card_per_tap() {
         let mut c = cfg();
         for (fd, mac) in [(7, "02:42:ac:11:00:02"), (9, "02:42:ac:12:00:05")] {
-            c.nets.push(super::super::NetCard { tap_fd: fd, mac: mac.parse().unwrap(), mtu: 1450 });
+            c.nets.push(super::super::NetCard {
+                tap_fd: fd,
+                mac: mac.parse().unwrap(),
+                mtu: 1450,
+            });
         }
         let joined = command_args(&c, Accel::Tcg, Path::new("/a"), Path::new("/b")).join(" ");
         assert!(joined.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02,host_mtu=1450"), "{joined}");

@@ -787,6 +787,7 @@ fn an_avail_index_a_queue_ahead_does_not_spin() {
     let mut tx: Queue = txq.create_queue().unwrap();
     // A hostile driver publishes idx 1000 on a 16-entry ring: nothing can be popped, yet
     // enable_notification keeps reporting more. The loop must return (the test would hang).
-    mem.write_obj(1000u16, GuestAddress(txq.avail_addr().0 + 2)).unwrap();
+    mem.write_obj(1000u16, GuestAddress(txq.avail_addr().0 + 2))
+        .unwrap();
     assert!(!h.muxer.process_tx_queue(&mut tx, &mem).unwrap());
 }
