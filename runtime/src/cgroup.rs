@@ -32,13 +32,62 @@ fn is_link(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// A cgroupfs-style path (`/docker/<id>`); systemd's `slice:prefix:name` form is not supported.
+/// The cgroup directory of `path` relative to a hierarchy's root: a cgroupfs path
+/// (`/docker/<id>`), or systemd's `slice:prefix:name` (Docker's systemd cgroup driver), which
+/// names the scope `prefix-name.scope` in that slice. The directory is made without asking
+/// systemd for a transient unit: systemd leaves cgroups it did not make alone.
 pub fn relative(path: &str) -> Option<PathBuf> {
-    if path.contains(':') || path.split('/').any(|c| c == "..") {
+    if path.contains(':') {
+        return systemd_relative(path);
+    }
+    if path.split('/').any(|c| c == "..") {
         return None;
     }
     let rel = path.trim_start_matches('/');
     (!rel.is_empty()).then(|| PathBuf::from(rel))
+}
+
+/// `slice:prefix:name` as systemd lays it out: `a-b.slice` lives in `a.slice/a-b.slice`.
+fn systemd_relative(path: &str) -> Option<PathBuf> {
+    let parts: Vec<&str> = path.split(':').collect();
+    let [slice, prefix, name] = parts[..] else {
+        return None;
+    };
+    let plain = |s: &str| !s.contains('/') && s != "." && s != "..";
+    if name.is_empty() || ![slice, prefix, name].into_iter().all(plain) {
+        return None;
+    }
+    let mut dir = expand_slice(if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    })?;
+    dir.push(match (name.ends_with(".slice"), prefix.is_empty()) {
+        (true, _) => name.to_string(),
+        (false, true) => format!("{name}.scope"),
+        (false, false) => format!("{prefix}-{name}.scope"),
+    });
+    Some(dir)
+}
+
+fn expand_slice(slice: &str) -> Option<PathBuf> {
+    let base = slice.strip_suffix(".slice")?;
+    if base == "-" {
+        return Some(PathBuf::new());
+    }
+    if base.is_empty() || base.split('-').any(str::is_empty) {
+        return None;
+    }
+    let mut dir = PathBuf::new();
+    let mut unit = String::new();
+    for part in base.split('-') {
+        if !unit.is_empty() {
+            unit.push('-');
+        }
+        unit.push_str(part);
+        dir.push(format!("{unit}.slice"));
+    }
+    Some(dir)
 }
 
 /// Moves `pid` into `path` in every hierarchy, creating the directories; returns what failed.
@@ -49,7 +98,7 @@ pub fn join(path: &str, pid: u32) -> Vec<String> {
 fn join_at(base: &Path, path: &str, pid: u32) -> Vec<String> {
     let Some(rel) = relative(path) else {
         return vec![format!(
-            "cgroupsPath {path:?} is not a cgroupfs path; the sandbox stays in its parent's cgroup"
+            "cgroupsPath {path:?} is neither a cgroupfs nor a systemd path; the sandbox stays in its parent's cgroup"
         )];
     };
     let mut errors = Vec::new();
@@ -97,7 +146,9 @@ fn set_cpu_at(
     shares: Option<u64>,
 ) -> Vec<String> {
     let Some(rel) = relative(path) else {
-        return vec![format!("cgroupsPath {path:?} is not a cgroupfs path")];
+        return vec![format!(
+            "cgroupsPath {path:?} is neither a cgroupfs nor a systemd path"
+        )];
     };
     let mut errors = Vec::new();
     let mut write = |file: PathBuf, value: String| {
@@ -148,11 +199,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_cgroupfs_paths() {
+    fn cgroupfs_and_systemd_paths() {
         assert_eq!(relative("/docker/abc"), Some(PathBuf::from("docker/abc")));
-        assert_eq!(relative("system.slice:docker:abc"), None);
         assert_eq!(relative("/a/../b"), None);
         assert_eq!(relative("/"), None);
+        let systemd = [
+            ("system.slice:docker:abc", "system.slice/docker-abc.scope"),
+            (":docker:abc", "system.slice/docker-abc.scope"),
+            (
+                "user-1000.slice:podman:x",
+                "user.slice/user-1000.slice/podman-x.scope",
+            ),
+            ("-.slice::abc", "abc.scope"),
+            (
+                "machine.slice::kube-pod.slice",
+                "machine.slice/kube-pod.slice",
+            ),
+        ];
+        for (path, want) in systemd {
+            assert_eq!(relative(path), Some(PathBuf::from(want)), "{path}");
+        }
+        for bad in [
+            "a:b",
+            "a:b:c:d",
+            "system.slice:docker:",
+            "system:docker:x",
+            "a--b.slice:d:x",
+            "system.slice:d:../x",
+            "system.slice:d:..",
+        ] {
+            assert_eq!(relative(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub struct Cli {
     /// auto = builtin with hardware virtualization, qemu otherwise).
     #[arg(long, global = true, value_enum)]
     pub hypervisor: Option<crate::hypervisor::select::Choice>,
-    /// Accepted for runc compatibility; rootcell uses the cgroupfs layout.
+    /// Accepted for runc compatibility: the form of `linux.cgroupsPath` says which layout it uses.
     #[arg(long, global = true, hide = true)]
     pub systemd_cgroup: bool,
     /// The command.

@@ -93,7 +93,7 @@ fn main() {
         g.debug,
     );
     if cli.systemd_cgroup {
-        tracing::debug!("--systemd-cgroup accepted; rootcell manages cgroupfs paths itself");
+        tracing::debug!("--systemd-cgroup accepted; a slice:prefix:name cgroupsPath is laid out as systemd would");
     }
     match dispatch(&g, cli.command) {
         Ok(code) => std::process::exit(code),

@@ -38,7 +38,7 @@ struct MemoryCgroup {
 }
 
 impl MemoryCgroup {
-    /// The memory cgroup of `cgroups_path` (cgroupfs form) under `root`: v2, or v1's memory
+    /// The memory cgroup of `cgroups_path` (cgroupfs or systemd form) under `root`: v2, or v1's memory
     /// hierarchy.
     fn find(root: &Path, cgroups_path: &str) -> Option<Self> {
         let rel = relative(cgroups_path)?;

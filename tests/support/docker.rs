@@ -24,6 +24,8 @@ pub const IMAGE: &str = "rootcell-busybox:test";
 pub struct DockerDaemon {
     dir: PathBuf,
     socket: PathBuf,
+    /// dockerd flags beyond the private directories and the runtimes.
+    extra: &'static [&'static str],
 }
 
 static DAEMON: OnceLock<DockerDaemon> = OnceLock::new();
@@ -31,7 +33,14 @@ static CHILD: Mutex<Option<Child>> = Mutex::new(None);
 
 /// The shared daemon of this test process, started on first use.
 pub fn daemon() -> &'static DockerDaemon {
-    DAEMON.get_or_init(DockerDaemon::start)
+    daemon_with(&[])
+}
+
+/// The shared daemon, started on first use with `extra` dockerd flags (one set per test binary).
+pub fn daemon_with(extra: &'static [&'static str]) -> &'static DockerDaemon {
+    let d = DAEMON.get_or_init(|| DockerDaemon::start(extra));
+    assert_eq!(d.extra, extra, "one test binary, one set of dockerd flags");
+    d
 }
 
 extern "C" fn stop_daemon_at_exit() {
@@ -93,7 +102,7 @@ fn stop_child(child: &mut Child) {
 }
 
 impl DockerDaemon {
-    fn start() -> DockerDaemon {
+    fn start(extra: &'static [&'static str]) -> DockerDaemon {
         let art = artifacts();
         assert!(
             Path::new(DOCKERD).exists(),
@@ -119,6 +128,7 @@ impl DockerDaemon {
             .arg(format!("rootcell={}", art.bin.display()))
             .arg("--add-runtime")
             .arg(format!("kata-runtime={}", art.bin.display()))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -126,7 +136,7 @@ impl DockerDaemon {
         *CHILD.lock().unwrap() = Some(child);
         // SAFETY: registering a plain extern "C" function to run at process exit.
         unsafe { libc::atexit(stop_daemon_at_exit) };
-        let d = DockerDaemon { dir, socket };
+        let d = DockerDaemon { dir, socket, extra };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let o = d.docker(&["version", "--format", "{{.Server.Version}}"]);
