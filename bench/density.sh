@@ -14,7 +14,9 @@ max_start=${2:-120}
 min_avail=${3:-1024}
 mem=${DENSITY_MEMORY_MIB:-128}
 make_bundle "$work/bundle" sleep 1000000
-jq --argjson m "$((mem << 20))" '.linux.resources.memory.limit = $m' "$work/bundle/config.json" > "$work/c.json"
+# The runtime gives the VM 64 MiB more than the container's memory limit (spec::GUEST_OVERHEAD_MIB).
+[ "$mem" -ge 128 ] || { echo "density: DENSITY_MEMORY_MIB must be at least 128" >&2; exit 2; }
+jq --argjson m "$(((mem - 64) << 20))" '.linux.resources.memory.limit = $m' "$work/bundle/config.json" > "$work/c.json"
 mv "$work/c.json" "$work/bundle/config.json"
 
 avail_mib() { awk '/MemAvailable/ {printf "%d", $2 / 1024}' /proc/meminfo; }

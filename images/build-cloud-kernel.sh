@@ -8,6 +8,10 @@
 # Usage: images/build-cloud-kernel.sh      -> prints the cache directory holding bzImage, vmlinux
 # Env:   ROOTCELL_CACHE (default /var/cache/rootcell), JOBS (default nproc)
 set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+name=build-cloud-kernel
+# shellcheck source=images/kernel-common.sh
+. "$here/images/kernel-common.sh"
 cache=${ROOTCELL_CACHE:-/var/cache/rootcell}
 jobs=${JOBS:-$(nproc)}
 src_tar=/usr/src/linux-source-6.12.tar.xz
@@ -45,38 +49,15 @@ CONFIG_SYSTEM_REVOCATION_KEYS=""'
 recipe='make ARCH=x86_64 bzImage (vmlinux as a side product); recipe 1'
 key=$( { sha256sum "$src_tar" "$cloud_cfg" | cut -d' ' -f1; echo "$fragment"; echo "$recipe"; } | sha256sum | cut -c1-16)
 out="$cache/cloud-kernel-$key"
-if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
-    echo "$out"
-    exit 0
-fi
+kernel_use_cached "$out"
 
 work="$cache/cloud-kernel-build-$key"
-mkdir -p "$work"
-if [ ! -f "$work/.unpacked" ]; then
-    echo "build-cloud-kernel: unpacking $src_tar" >&2
-    tar -C "$work" -xf "$src_tar" --strip-components=1
-    touch "$work/.unpacked"
-fi
-cd "$work"
+kernel_unpack "$work" "$src_tar"
 echo "build-cloud-kernel: configuring (Debian cloud-amd64 config + rootcell drivers built in)" >&2
 xz -dc "$cloud_cfg" > .config
 echo "$fragment" > rootcell.fragment
-scripts/kconfig/merge_config.sh -m .config rootcell.fragment >/dev/null
-make -s ARCH=x86_64 olddefconfig >/dev/null
-missing=0
-while IFS= read -r line; do
-    case "$line" in CONFIG_*=y) grep -qx "$line" .config || { echo "build-cloud-kernel: option not applied: $line" >&2; missing=1; } ;; esac
-done <<<"$fragment"
-[ "$missing" = 0 ] || exit 1
+kernel_merge_config 'CONFIG_*=y' rootcell.fragment
 
 # Only bzImage (and vmlinux on the way): modules are not built, the guest cannot load them anyway.
 echo "build-cloud-kernel: compiling with -j$jobs (~3000 objects: about 1 h on 2 idle cores, 2 h shared; modules are not built)" >&2
-make -s ARCH=x86_64 -j"$jobs" bzImage >"$work/build.log" 2>&1 || { tail -30 "$work/build.log" >&2; exit 1; }
-mkdir -p "$out.tmp"
-cp vmlinux "$out.tmp/vmlinux"
-cp arch/x86/boot/bzImage "$out.tmp/bzImage"
-cp .config "$out.tmp/config"
-make -s kernelrelease > "$out.tmp/release"
-rm -rf "$out"; mv "$out.tmp" "$out"
-cd /; rm -rf "$work"
-echo "$out"
+kernel_compile_store "$work" "$out" bzImage

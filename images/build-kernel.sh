@@ -12,39 +12,19 @@ jobs=${JOBS:-$(nproc)}
 src_tar=/usr/src/linux-source-6.12.tar.xz
 [ -f "$src_tar" ] || { echo "build-kernel: $src_tar missing; run scripts/setup.sh (installs linux-source-6.12)" >&2; exit 1; }
 
-key=$( { sha256sum "$src_tar" | cut -d' ' -f1; cat "$here"/kernel-config/*.config; sha256sum "$0" | cut -d' ' -f1; } | sha256sum | cut -c1-16)
+name=build-kernel
+# shellcheck source=images/kernel-common.sh
+. "$here/images/kernel-common.sh"
+
+key=$( { sha256sum "$src_tar" | cut -d' ' -f1; cat "$here"/kernel-config/*.config; sha256sum "$0" "$here/images/kernel-common.sh" | cut -d' ' -f1; } | sha256sum | cut -c1-16)
 out="$cache/kernel-$key"
-if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
-    echo "$out"
-    exit 0
-fi
+kernel_use_cached "$out"
 
 work="$cache/kernel-build-$key"
-mkdir -p "$work"
-if [ ! -f "$work/.unpacked" ]; then
-    echo "build-kernel: unpacking $src_tar" >&2
-    tar -C "$work" -xf "$src_tar" --strip-components=1
-    touch "$work/.unpacked"
-fi
-cd "$work"
+kernel_unpack "$work" "$src_tar"
 echo "build-kernel: configuring (tinyconfig + kernel-config/*.config)" >&2
 make -s ARCH=x86_64 tinyconfig >/dev/null
-scripts/kconfig/merge_config.sh -m .config "$here"/kernel-config/*.config >/dev/null
-make -s ARCH=x86_64 olddefconfig >/dev/null
-# Every requested option must have survived olddefconfig (a dropped one means a missing dependency).
-missing=0
-while IFS= read -r line; do
-    case "$line" in CONFIG_*=*) grep -qx "$line" .config || { echo "build-kernel: option not applied: $line" >&2; missing=1; } ;; esac
-done < <(cat "$here"/kernel-config/*.config)
-[ "$missing" = 0 ] || { echo "build-kernel: fix kernel-config/ (an option's dependency is missing)" >&2; exit 1; }
+kernel_merge_config 'CONFIG_*=*' "$here"/kernel-config/*.config
 
 echo "build-kernel: compiling with -j$jobs (several minutes the first time)" >&2
-make -s ARCH=x86_64 -j"$jobs" vmlinux bzImage >"$work/build.log" 2>&1 || { tail -30 "$work/build.log" >&2; exit 1; }
-mkdir -p "$out.tmp"
-cp vmlinux "$out.tmp/vmlinux"
-cp arch/x86/boot/bzImage "$out.tmp/bzImage"
-cp .config "$out.tmp/config"
-make -s kernelrelease > "$out.tmp/release"
-rm -rf "$out"; mv "$out.tmp" "$out"
-cd /; rm -rf "$work"
-echo "$out"
+kernel_compile_store "$work" "$out" vmlinux bzImage

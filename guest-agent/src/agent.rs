@@ -263,7 +263,7 @@ impl Agent {
         if let (Some((h, w)), Some((master, _))) = (console_size, &pty) {
             let _ = terminal::resize(master, h as u16, w as u16);
         }
-        let cgroup = self.make_cgroup(id);
+        let cgroup = self.make_cgroup(id, spec);
         let oom = cgroup
             .as_ref()
             .and_then(|cg| crate::oom::watch(cg.clone(), self.sink.clone()));
@@ -431,7 +431,7 @@ impl Agent {
         Ok(Some(master))
     }
 
-    fn make_cgroup(&self, id: &str) -> Option<PathBuf> {
+    fn make_cgroup(&self, id: &str, spec: &Spec) -> Option<PathBuf> {
         let root = self.config.cgroup_root.as_ref()?;
         let name: String = id
             .chars()
@@ -446,7 +446,8 @@ impl Agent {
         let dir = root.join(format!("rootcell-{name}"));
         match std::fs::create_dir_all(&dir) {
             Ok(()) => {
-                crate::oom::reserve_for_agent(&dir);
+                let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+                crate::resources::apply(&dir, res);
                 Some(dir)
             }
             Err(e) => {

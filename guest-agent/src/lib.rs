@@ -10,6 +10,7 @@ pub mod net;
 pub mod oom;
 pub mod pid1;
 pub mod registry;
+pub mod resources;
 pub mod server;
 pub mod sink;
 pub mod streams;

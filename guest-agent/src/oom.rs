@@ -18,26 +18,6 @@ pub fn enable_controllers(root: &Path) {
     }
 }
 
-/// Guest memory kept out of the container's reach, for the kernel and the agent.
-const AGENT_RESERVE: u64 = 32 << 20;
-
-/// Caps the container's cgroup at the guest's RAM minus [`AGENT_RESERVE`], so a container that
-/// exhausts memory meets its own cgroup's OOM killer and the agent (PID 1, which must not fail
-/// an allocation) keeps room to work and report it.
-pub fn reserve_for_agent(cgroup: &Path) {
-    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    });
-    if let Some(kib) = total_kib {
-        let max = (kib << 10).saturating_sub(AGENT_RESERVE).max(AGENT_RESERVE);
-        if let Err(e) = std::fs::write(cgroup.join("memory.max"), max.to_string()) {
-            alog!("cannot cap the container's memory: {e}");
-        }
-    }
-}
-
 /// The `oom_kill` count of a `memory.events` text.
 pub fn oom_kills(events: &str) -> u64 {
     events

@@ -9,6 +9,14 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
 /// Smallest guest we boot: the kernel and agent need room of their own.
 pub const MIN_MEMORY_MIB: u64 = 128;
+/// Guest RAM beyond a container's memory limit: what the guest kernel keeps for itself and the
+/// agent's reserve, so the container gets all of its limit (the agent caps it there).
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+
+/// Guest RAM (MiB) for a container memory limit in bytes; `None` for no limit (zero or less).
+pub fn memory_mib_for_limit(limit: i64) -> Option<u64> {
+    (limit > 0).then(|| ((limit as u64).div_ceil(1 << 20) + GUEST_OVERHEAD_MIB).max(MIN_MEMORY_MIB))
+}
 
 /// A loaded, checked bundle.
 #[derive(Debug, Clone)]
@@ -224,8 +232,7 @@ pub fn vm_resources(spec: &Spec) -> (u64, u32) {
     let mem = res
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
-        .filter(|l| *l > 0)
-        .map(|l| (l as u64).div_ceil(1 << 20).max(MIN_MEMORY_MIB))
+        .and_then(memory_mib_for_limit)
         .unwrap_or(DEFAULT_MEMORY_MIB);
     // Online CPUs, not available_parallelism(): that one honours the cgroup CPU quota, which the
     // sandbox sets on itself from this same spec before it sizes the VM.
@@ -362,7 +369,7 @@ mod tests {
             "linux":{"resources":{"memory":{"limit":1073741824},"cpu":{"quota":150000,"period":100000}}}}"#,
         );
         let (mem, cpus) = vm_resources(&load(b.path()).unwrap().spec);
-        assert_eq!(mem, 1024);
+        assert_eq!(mem, 1024 + GUEST_OVERHEAD_MIB);
         let host = std::thread::available_parallelism().unwrap().get() as u32;
         assert_eq!(cpus, 2.min(host));
         let b = bundle_with(

@@ -259,12 +259,10 @@ fn run_options_reach_the_container() {
     );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     let lines: Vec<String> = text(&o.stdout).lines().map(String::from).collect();
-    // --network none: loopback only (the guest kernel's sit0 tunnel device exists in every
-    // network namespace, as on hosts with the sit module; it has no address and no route out).
+    // --network none: loopback only.
     let ifaces: Vec<&str> = lines[8]
         .trim_start_matches("ifaces=")
         .split_whitespace()
-        .filter(|i| *i != "sit0")
         .collect();
     assert_eq!(
         ifaces,
@@ -333,33 +331,48 @@ fn run_options_reach_the_container() {
 }
 
 #[test]
-fn memory_and_cpus_size_the_vm() {
+fn memory_cpus_and_pids_limits() {
     let d = daemon();
+    // The container's own cgroup in the guest holds its limits, as runc's does on the host.
+    let script =
+        "grep MemTotal /proc/meminfo; nproc; cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); \
+        echo $(cat $cg/memory.max) $(cat $cg/pids.max); \
+        (for i in $(seq 40); do sleep 600 & done); echo forked; exec sleep 600";
     let id = run_detached(
         d,
-        &["--memory", "300m", "--cpus", "1.5"],
-        "grep MemTotal /proc/meminfo; nproc; sleep 600",
+        &["--memory", "300m", "--cpus", "1.5", "--pids-limit", "20"],
+        script,
     );
-    wait_until(
-        "the VM's sizes in the logs",
-        Duration::from_secs(60),
-        || logs(d, &id).lines().count() >= 2,
-    );
+    wait_until("the limits in the logs", Duration::from_secs(60), || {
+        logs(d, &id).contains("forked")
+    });
     let out = logs(d, &id);
-    let kib: u64 = out
+    let lines: Vec<&str> = out.lines().collect();
+    let kib: u64 = lines[0]
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("{out}"));
+    // The VM has room for the guest kernel and agent on top of the container's 300 MiB.
     assert!(
-        (200 * 1024..=300 * 1024).contains(&kib),
+        (300 * 1024..=364 * 1024).contains(&kib),
         "guest MemTotal {kib} kB for --memory 300m"
+    );
+    assert_eq!(
+        lines[2],
+        format!("{} 20", 300 << 20),
+        "memory.max and pids.max: {out}"
+    );
+    // The 40 background sleeps ran into --pids-limit 20 (the shell that forks them gives up).
+    assert!(
+        out.contains("can't fork"),
+        "no fork failed under --pids-limit 20: {out}"
     );
     // 1.5 CPUs of quota need 2 vCPUs (at most the host's).
     let host_cpus = std::thread::available_parallelism().unwrap().get().min(2);
     assert_eq!(
-        out.lines().nth(1),
-        Some(host_cpus.to_string().as_str()),
+        lines[1],
+        host_cpus.to_string().as_str(),
         "vCPUs for --cpus 1.5"
     );
     let full = inspect(d, &id, "{{.Id}}");
@@ -392,12 +405,12 @@ fn oom_kills_in_the_guest_reach_docker() {
     );
     ok(d, &["rm", &id]);
 
-    // The main process takes more than the 128 MiB VM can give: the guest's OOM killer ends it
-    // and Docker says so, as with runc.
+    // The main process takes more than its 128 MiB: the guest's OOM killer ends it and Docker
+    // says so, as with runc.
     let id = run_detached(
         d,
         &["--memory", "128m"],
-        "exec dd if=/dev/zero of=/dev/null bs=90M count=1",
+        "exec dd if=/dev/zero of=/dev/null bs=150M count=1",
     );
     assert_eq!(ok(d, &["wait", &id]).trim(), "137", "{}", logs(d, &id));
     assert_eq!(
@@ -412,7 +425,7 @@ fn oom_kills_in_the_guest_reach_docker() {
     let id = run_detached(
         d,
         &["--memory", "128m"],
-        "dd if=/dev/zero of=/dev/null bs=90M count=1; echo after-oom $?; sleep 600",
+        "dd if=/dev/zero of=/dev/null bs=150M count=1; echo after-oom $?; sleep 600",
     );
     wait_until("the OOM kill", Duration::from_secs(120), || {
         logs(d, &id).contains("after-oom")

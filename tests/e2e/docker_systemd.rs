@@ -75,7 +75,7 @@ fn systemd_cgroup_driver_puts_the_vm_in_the_docker_scope() {
     let oom = run_detached(
         d,
         &["--memory", "128m"],
-        "exec dd if=/dev/zero of=/dev/null bs=90M count=1",
+        "exec dd if=/dev/zero of=/dev/null bs=150M count=1",
     );
     assert_eq!(ok(d, &["wait", &oom]).trim(), "137");
     assert_eq!(inspect(d, &oom, "{{.State.OOMKilled}}"), "true");

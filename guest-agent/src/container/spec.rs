@@ -151,9 +151,7 @@ pub fn validate(spec: &Spec) -> Result<NamespacePlan, SetupError> {
         alog!("ignoring linux.mountLabel (no SELinux in the guest)");
     }
     if linux.resources().is_some() {
-        alog!(
-            "ignoring linux.resources (cgroup limits and device rules; the VM size is the limit)"
-        );
+        alog!("linux.resources: memory and pids limits apply in the guest; CPU is the VM's size; the rest is ignored");
     }
     if spec.hooks().is_some() {
         alog!("ignoring hooks (run by the host runtime)");

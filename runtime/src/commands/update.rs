@@ -53,8 +53,7 @@ pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
 
 /// The guest memory (MiB) a memory limit in `res` would give, as `create` sizes the VM.
 fn requested_memory_mib(res: &LinuxResources) -> Option<u64> {
-    let limit = res.memory().as_ref()?.limit()?;
-    (limit > 0).then(|| (limit as u64).div_ceil(1 << 20).max(spec::MIN_MEMORY_MIB))
+    spec::memory_mib_for_limit(res.memory().as_ref()?.limit()?)
 }
 
 #[cfg(test)]
@@ -64,7 +63,10 @@ mod tests {
     #[test]
     fn memory_limit_in_vm_sizes() {
         let r: LinuxResources = serde_json::from_str(r#"{"memory":{"limit":314572800}}"#).unwrap();
-        assert_eq!(requested_memory_mib(&r), Some(300));
+        assert_eq!(
+            requested_memory_mib(&r),
+            Some(300 + spec::GUEST_OVERHEAD_MIB)
+        );
         let r: LinuxResources =
             serde_json::from_str(r#"{"memory":{"limit":0},"cpu":{"quota":50000}}"#).unwrap();
         assert_eq!(requested_memory_mib(&r), None);

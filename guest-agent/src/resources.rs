@@ -1,0 +1,79 @@
+//! The container's limits inside the guest: `linux.resources` memory and pids, on the
+//! container's cgroup (v2). CPU limits are the VM's vCPU count and the host cgroup's quota (set
+//! by the runtime); device, block I/O and hugepage rules have nothing to act on in the guest.
+
+use crate::alog;
+use oci_spec::runtime::LinuxResources;
+use std::path::Path;
+
+/// Guest memory kept out of the container's reach, for the kernel and the agent.
+const AGENT_RESERVE: u64 = 32 << 20;
+
+/// Applies the memory and pids limits of `res` to `cgroup`.
+///
+/// The memory limit is the one asked for, but never more than the guest's RAM minus
+/// [`AGENT_RESERVE`]: a container that exhausts memory meets its own cgroup's OOM killer, and the
+/// agent (PID 1, which must not fail an allocation) keeps room to work and report it.
+pub fn apply(cgroup: &Path, res: Option<&LinuxResources>) {
+    let asked = res
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| l as u64);
+    if let Some(max) = memory_max(asked, mem_total()) {
+        write(cgroup, "memory.max", max);
+    }
+    let pids = res.and_then(|r| r.pids().as_ref()).map(|p| p.limit());
+    if let Some(limit) = pids.filter(|l| *l > 0) {
+        write(cgroup, "pids.max", limit as u64);
+    }
+}
+
+/// The container's `memory.max`: what was asked, capped to leave the agent its reserve.
+fn memory_max(asked: Option<u64>, total: Option<u64>) -> Option<u64> {
+    let cap = total.map(|t| t.saturating_sub(AGENT_RESERVE).max(AGENT_RESERVE));
+    match (asked, cap) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// The guest's RAM in bytes (`MemTotal`).
+fn mem_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    kib.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k << 10)
+}
+
+fn write(cgroup: &Path, file: &str, value: u64) {
+    if let Err(e) = std::fs::write(cgroup.join(file), value.to_string()) {
+        alog!("cannot set the container's {file} to {value}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_max_is_the_request_capped_below_the_guest_ram() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(
+            memory_max(Some(128 * MIB), Some(170 * MIB)),
+            Some(128 * MIB)
+        );
+        assert_eq!(
+            memory_max(Some(300 * MIB), Some(170 * MIB)),
+            Some(138 * MIB)
+        );
+        assert_eq!(memory_max(None, Some(480 * MIB)), Some(448 * MIB));
+        assert_eq!(memory_max(Some(64 * MIB), None), Some(64 * MIB));
+        assert_eq!(memory_max(None, Some(16 * MIB)), Some(32 * MIB));
+        assert_eq!(memory_max(None, None), None);
+    }
+}
