@@ -172,6 +172,7 @@ impl Agent {
                 rows,
                 cols,
             } => self.resize(&process, rows, cols).into(),
+            Request::UpdateLimits { memory, pids } => self.update_limits(memory, pids).into(),
             Request::Processes => Response::Processes {
                 pids: self.container_pids(),
             }
@@ -457,6 +458,21 @@ impl Agent {
         }
     }
 
+    fn update_limits(&self, memory: Option<u64>, pids: Option<i64>) -> Response {
+        let cgroup = self.lock().as_ref().map(|c| c.cgroup.clone());
+        match cgroup {
+            None => error(ErrorCode::InvalidState, "no container in this guest"),
+            Some(None) => error(
+                ErrorCode::Unsupported,
+                "the container has no cgroup in the guest (no cgroup2 mounted)",
+            ),
+            Some(Some(cg)) => match crate::resources::update(&cg, memory, pids) {
+                Ok(()) => Response::Ok,
+                Err(message) => error(ErrorCode::Other, message),
+            },
+        }
+    }
+
     fn signal(&self, process: &str, signal: i32, all: bool) -> Response {
         let sig = match nix::sys::signal::Signal::try_from(signal) {
             Ok(s) => s,
@@ -586,6 +602,11 @@ mod tests {
             cols: 1,
         };
         assert_eq!(code(agent.handle(resize)), ErrorCode::NoSuchProcess);
+        let update = Request::UpdateLimits {
+            memory: Some(64 << 20),
+            pids: None,
+        };
+        assert_eq!(code(agent.handle(update)), ErrorCode::InvalidState);
         assert!(
             matches!(agent.handle(Request::Processes).response, Response::Processes { pids } if pids.is_empty())
         );

@@ -1,5 +1,5 @@
 //! The container's limits inside the guest: `linux.resources` memory and pids, on the
-//! container's cgroup (v2). CPU limits are the VM's vCPU count and the host cgroup's quota (set
+//! container's cgroup (v2), at creation and on `update`. CPU limits are the VM's vCPU count and the host cgroup's quota (set
 //! by the runtime); device, block I/O and hugepage rules have nothing to act on in the guest.
 
 use crate::alog;
@@ -29,6 +29,33 @@ pub fn apply(cgroup: &Path, res: Option<&LinuxResources>) {
     }
 }
 
+/// Changes the limits of a running container (`update`): `memory` must fit in the VM (its RAM
+/// is fixed), a negative `pids` removes the process limit.
+pub fn update(cgroup: &Path, memory: Option<u64>, pids: Option<i64>) -> Result<(), String> {
+    if let Some(asked) = memory {
+        let room = memory_max(None, mem_total()).unwrap_or(u64::MAX);
+        if asked > room {
+            return Err(format!(
+                "cannot raise the memory limit to {} MiB: this VM has room for {} MiB; recreate the container with the new --memory",
+                asked >> 20,
+                room >> 20
+            ));
+        }
+        set(cgroup, "memory.max", &asked.to_string())?;
+    }
+    match pids {
+        Some(p) if p < 0 => set(cgroup, "pids.max", "max")?,
+        Some(p) => set(cgroup, "pids.max", &p.to_string())?,
+        None => {}
+    }
+    Ok(())
+}
+
+fn set(cgroup: &Path, file: &str, value: &str) -> Result<(), String> {
+    std::fs::write(cgroup.join(file), value)
+        .map_err(|e| format!("cannot set the container's {file} to {value}: {e}"))
+}
+
 /// The container's `memory.max`: what was asked, capped to leave the agent its reserve.
 fn memory_max(asked: Option<u64>, total: Option<u64>) -> Option<u64> {
     let cap = total.map(|t| t.saturating_sub(AGENT_RESERVE).max(AGENT_RESERVE));
@@ -51,8 +78,8 @@ fn mem_total() -> Option<u64> {
 }
 
 fn write(cgroup: &Path, file: &str, value: u64) {
-    if let Err(e) = std::fs::write(cgroup.join(file), value.to_string()) {
-        alog!("cannot set the container's {file} to {value}: {e}");
+    if let Err(e) = set(cgroup, file, &value.to_string()) {
+        alog!("{e}");
     }
 }
 

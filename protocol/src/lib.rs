@@ -22,7 +22,7 @@ pub mod net;
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.
@@ -110,6 +110,16 @@ pub enum Request {
     },
     /// List the pids (guest pid namespace of the agent) of the container's processes.
     Processes,
+    /// Change the container's limits in the guest (`update`); each one present replaces the
+    /// current one.
+    UpdateLimits {
+        /// Memory limit in bytes (`memory.max`); at most what the VM has room for.
+        #[serde(default)]
+        memory: Option<u64>,
+        /// Process limit (`pids.max`); `None` leaves it, a negative value removes it.
+        #[serde(default)]
+        pids: Option<i64>,
+    },
     /// Power the guest off.
     Shutdown,
 }

@@ -42,6 +42,13 @@ pub enum ControlRequest {
         /// Columns.
         cols: u16,
     },
+    /// Change the container's limits in the guest (`rootcell update`).
+    Update {
+        /// Memory limit in bytes.
+        memory: Option<u64>,
+        /// Process limit; negative removes it.
+        pids: Option<i64>,
+    },
     /// Liveness probe.
     Ping,
     /// Freeze the VM (`rootcell pause`).

@@ -730,6 +730,21 @@ fn serve_exec(
     }
 }
 
+/// Sends `req` to the agent; its `Ok` or error message is the answer.
+fn forward(shared: &Shared, req: Request) -> ControlResponse {
+    let what = format!("{req:?}");
+    match shared.agent.request(req, Duration::from_secs(5)) {
+        Ok(Response::Ok) => ControlResponse::Ok,
+        Ok(Response::Error { message, .. }) => ControlResponse::Error { message },
+        Ok(other) => ControlResponse::Error {
+            message: format!("unexpected answer to {what}: {other:?}"),
+        },
+        Err(e) => ControlResponse::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
 fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
     let err = |message: String| ControlResponse::Error { message };
     let status = shared
@@ -797,19 +812,20 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
             process,
             rows,
             cols,
-        } => match shared.agent.request(
+        } => forward(
+            shared,
             Request::Resize {
                 process,
                 rows,
                 cols,
             },
-            Duration::from_secs(5),
-        ) {
-            Ok(Response::Ok) => ControlResponse::Ok,
-            Ok(Response::Error { message, .. }) => err(message),
-            Ok(other) => err(format!("unexpected answer to Resize: {other:?}")),
-            Err(e) => err(e.to_string()),
-        },
+        ),
+        ControlRequest::Update { memory, pids } => {
+            if !matches!(status, Status::Created | Status::Running) {
+                return err(format!("container is {}, not running", status.as_str()));
+            }
+            forward(shared, Request::UpdateLimits { memory, pids })
+        }
         ControlRequest::Signal {
             signal,
             all,

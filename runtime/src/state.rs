@@ -73,6 +73,11 @@ pub struct ContainerState {
 }
 
 impl ContainerState {
+    /// The sandbox's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.run_dir.join(crate::paths::CONTROL_SOCKET)
+    }
+
     /// Reads a state file.
     pub fn load(path: &Path) -> io::Result<Self> {
         let data = std::fs::read(path)?;

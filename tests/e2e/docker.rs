@@ -651,20 +651,43 @@ fn top_pause_unpause_update_and_stats() {
         logs(d, &id).lines().count() > frozen
     });
 
-    // docker update: the CPU quota lands on the host cgroup that holds the VM; a running VM's
-    // memory cannot change, and Docker shows why.
+    // docker update: the CPU quota lands on the host cgroup that holds the VM; memory and pids
+    // limits on the container's cgroup in the guest, memory only within the VM's fixed RAM
+    // (512 MiB by default), and Docker shows why when it does not fit.
     ok(d, &["update", "--cpus", "0.5", &id]);
     let full = inspect(d, &id, "{{.Id}}");
     let quota =
         std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/docker/{full}/cpu.cfs_quota_us"))
             .unwrap();
     assert_eq!(quota.trim(), "50000", "host CPU quota for --cpus 0.5");
-    let o = d.docker(&["update", "--memory", "200m", "--memory-swap", "400m", &id]);
-    assert!(!o.status.success(), "a running VM cannot be resized");
+    ok(
+        d,
+        &[
+            "update",
+            "--memory",
+            "200m",
+            "--memory-swap",
+            "400m",
+            "--pids-limit",
+            "50",
+            &id,
+        ],
+    );
+    let limits = "cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); echo $(cat $cg/memory.max $cg/pids.max)";
+    assert_eq!(
+        ok(d, &["exec", &id, "sh", "-c", limits]).trim(),
+        format!("{} 50", 200 << 20)
+    );
+    let o = d.docker(&["update", "--memory", "2g", "--memory-swap", "4g", &id]);
+    assert!(!o.status.success(), "2 GiB do not fit in a 512 MiB VM");
     assert!(
-        text(&o.stderr).contains("memory of a running VM"),
+        text(&o.stderr).contains("this VM has room for"),
         "stderr: {}",
         text(&o.stderr)
+    );
+    assert_eq!(
+        ok(d, &["exec", &id, "sh", "-c", limits]).trim(),
+        format!("{} 50", 200 << 20)
     );
 
     let mem = ok(

@@ -243,7 +243,7 @@ fn relay_prepare(g: &Global, a: &RelayArgs) -> Result<(UnixStream, Attached, Pat
         ..a.mode.clone()
     };
     let attached = stdio::attach(&st.run_dir.join(paths::VSOCK_UDS), &a.exec_id, &mode)?;
-    let ctl = st.run_dir.join(paths::CONTROL_SOCKET);
+    let ctl = st.control_socket();
     let mut conn = UnixStream::connect(&ctl)
         .with_context(|| format!("cannot reach the container's sandbox at {}", ctl.display()))?;
     let _ = conn.set_read_timeout(Some(Duration::from_secs(40)));

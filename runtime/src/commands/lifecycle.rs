@@ -11,10 +11,6 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn control_socket(st: &ContainerState) -> std::path::PathBuf {
-    st.run_dir.join(paths::CONTROL_SOCKET)
-}
-
 /// `start ID`.
 pub fn start(g: &Global, id: &str) -> Result<()> {
     let _span = tracing::info_span!("start", id).entered();
@@ -27,7 +23,7 @@ pub fn start(g: &Global, id: &str) -> Result<()> {
         Status::Paused => bail!("cannot start a paused container"),
     }
     match control::call(
-        &control_socket(&st),
+        &st.control_socket(),
         &ControlRequest::Start,
         Duration::from_secs(40),
     ) {
@@ -85,7 +81,7 @@ pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
         all,
         process: None,
     };
-    match control::call(&control_socket(&st), &req, Duration::from_secs(8)) {
+    match control::call(&st.control_socket(), &req, Duration::from_secs(8)) {
         Ok(ControlResponse::Ok) => Ok(()),
         Ok(ControlResponse::Error { message }) if message.contains("container not running") => {
             Err(RuntimeError::NotRunning(id.to_string()).into())
@@ -212,7 +208,7 @@ pub fn pause(g: &Global, id: &str, pause: bool) -> Result<()> {
     if st.status == Status::Stopped {
         return Err(RuntimeError::NotRunning(id.to_string()).into());
     }
-    match control::call(&control_socket(&st), &req, Duration::from_secs(5))? {
+    match control::call(&st.control_socket(), &req, Duration::from_secs(5))? {
         ControlResponse::Error { message } => bail!("{message}"),
         _ => Ok(()),
     }

@@ -1,13 +1,16 @@
 //! `update --resources FILE|- ID` (what `docker update` reaches through the shim): CPU limits go
-//! on the host cgroup that holds the VM; what a running VM cannot change (its memory size, its
-//! vCPU count) is kept, and a memory change is refused with a message saying so.
+//! on the host cgroup that holds the VM; memory and pids limits on the container's cgroup in the
+//! guest, the memory limit only within the VM's fixed RAM (beyond it: an error saying so). The
+//! vCPU count stays.
 
 use super::Global;
+use crate::cgroup;
+use crate::control::{self, ControlRequest, ControlResponse};
 use crate::state::Status;
-use crate::{cgroup, spec};
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::LinuxResources;
 use std::io::Read;
+use std::time::Duration;
 
 /// `update`: applies `resources` (a file, or `-` for stdin) to container `id`.
 pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
@@ -29,12 +32,15 @@ pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("read {path}"))?,
     };
     let res: LinuxResources = serde_json::from_str(&text).context("parse resources JSON")?;
-    let boot = spec::load(&st.bundle)
-        .map(|b| spec::vm_resources(&b.spec).0)
-        .context("read the container's config.json")?;
-    if let Some(mib) = requested_memory_mib(&res) {
-        if mib != boot {
-            bail!("cannot change the memory of a running VM ({boot} MiB, asked {mib} MiB): recreate the container with the new --memory");
+    // Memory and pids limits live in the guest (the container's cgroup there); the VM's own RAM
+    // is fixed, so the memory limit can move only within it.
+    let (memory, pids) = guest_limits(&res);
+    if memory.is_some() || pids.is_some() {
+        let req = ControlRequest::Update { memory, pids };
+        if let ControlResponse::Error { message } =
+            control::call(&st.control_socket(), &req, Duration::from_secs(10))?
+        {
+            bail!("cannot update container {id}: {message}");
         }
     }
     let Some(cpu) = res.cpu().as_ref() else {
@@ -51,9 +57,17 @@ pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-/// The guest memory (MiB) a memory limit in `res` would give, as `create` sizes the VM.
-fn requested_memory_mib(res: &LinuxResources) -> Option<u64> {
-    spec::memory_mib_for_limit(res.memory().as_ref()?.limit()?)
+/// The memory limit (bytes) and process limit of `res` that change something: a zero or absent
+/// value leaves the current one (Docker sends the whole set on every update).
+fn guest_limits(res: &LinuxResources) -> (Option<u64>, Option<i64>) {
+    let memory = res
+        .memory()
+        .as_ref()
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| l as u64);
+    let pids = res.pids().as_ref().map(|p| p.limit()).filter(|l| *l != 0);
+    (memory, pids)
 }
 
 #[cfg(test)]
@@ -61,16 +75,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_limit_in_vm_sizes() {
-        let r: LinuxResources = serde_json::from_str(r#"{"memory":{"limit":314572800}}"#).unwrap();
-        assert_eq!(
-            requested_memory_mib(&r),
-            Some(300 + spec::GUEST_OVERHEAD_MIB)
-        );
+    fn only_limits_that_change_something_reach_the_guest() {
         let r: LinuxResources =
-            serde_json::from_str(r#"{"memory":{"limit":0},"cpu":{"quota":50000}}"#).unwrap();
-        assert_eq!(requested_memory_mib(&r), None);
-        let r: LinuxResources = serde_json::from_str(r#"{"cpu":{"shares":512}}"#).unwrap();
-        assert_eq!(requested_memory_mib(&r), None);
+            serde_json::from_str(r#"{"memory":{"limit":314572800},"pids":{"limit":20}}"#).unwrap();
+        assert_eq!(guest_limits(&r), (Some(314572800), Some(20)));
+        let r: LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":0},"cpu":{"quota":50000},"pids":{"limit":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(guest_limits(&r), (None, None));
+        let r: LinuxResources = serde_json::from_str(r#"{"pids":{"limit":-1}}"#).unwrap();
+        assert_eq!(guest_limits(&r), (None, Some(-1)));
     }
 }
