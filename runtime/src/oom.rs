@@ -403,68 +403,133 @@ mod tests {
             .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
     }
 
-    #[test]
-    fn relays_a_real_oom_kill_on_cgroup_v1_and_the_vm_stand_in_survives() {
+    /// What one relay on a real cgroup did, read right after it.
+    struct Observed {
+        result: Result<()>,
+        /// The shim's view: v1's eventfd fired, or v2's `memory.events` counts one `oom_kill`.
+        notified: bool,
+        oom_kills: Option<u64>,
+        stand_in_alive: bool,
+        procs_after: Vec<u32>,
+        stand_in: u32,
+        /// The limit and swap setting before and after.
+        settings: [[(String, String); 2]; 2],
+        holding_left: bool,
+    }
+
+    /// Runs one relay on a fresh cgroup under `root` (a v1 memory hierarchy or the v2 root)
+    /// holding a forked 32 MiB stand-in for the VMM, and removes everything afterwards.
+    fn relay_on_a_real_cgroup(root: &Path, v2: bool) -> Observed {
         use std::io::Read;
-        let root = Path::new(CGROUP_ROOT);
-        if !root.join("memory/memory.oom_control").exists() || !nix::unistd::geteuid().is_root() {
-            eprintln!(
-                "skipped: needs root and the cgroup v1 memory hierarchy (this host: {})",
-                if nix::unistd::geteuid().is_root() {
-                    "no v1 memory hierarchy"
-                } else {
-                    "not root"
-                }
-            );
-            return;
-        }
         let parent = format!("/rootcell-oom-test-{}", std::process::id());
         let path = format!("{parent}/c1");
-        let cg = {
-            std::fs::create_dir_all(root.join("memory").join(&path[1..])).unwrap();
-            MemoryCgroup::find(root, &path).unwrap()
+        let parent_dir = if v2 {
+            root.join(&parent[1..])
+        } else {
+            root.join("memory").join(&parent[1..])
         };
+        std::fs::create_dir_all(&parent_dir).unwrap();
+        if v2 {
+            // c1 gets memory.* files only when its parent hands the controller down.
+            write_value(&parent_dir.join("cgroup.subtree_control"), "+memory").unwrap();
+        }
+        std::fs::create_dir_all(parent_dir.join("c1")).unwrap();
+        let cg = MemoryCgroup::find(root, &path).expect("the test cgroup has memory files");
         let holder = memory_holder(32 << 20);
         std::thread::sleep(Duration::from_millis(300));
         write_value(&cg.dir.join("cgroup.procs"), &holder.to_string()).unwrap();
-        let limit_before = cg.read(cg.limit).unwrap();
-        let swap_before = cg.read("memory.swappiness").unwrap();
-        let (mut efd, _control) = oom_eventfd(&cg.dir);
+        let settings = |cg: &MemoryCgroup| {
+            [cg.limit, cg.no_swap.0].map(|f| (f.to_string(), cg.read(f).unwrap_or_default()))
+        };
+        let before = settings(&cg);
+        let efd = (!v2).then(|| oom_eventfd(&cg.dir));
 
         let result = relay_in(&cg);
 
-        let mut count = [0u8; 8];
-        let notified = efd.read(&mut count).is_ok() && u64::from_ne_bytes(count) > 0;
-        let oom_control = cg.read("memory.oom_control").unwrap();
-        let procs_after = procs(&cg.dir).unwrap();
-        // SAFETY: probing our own child with signal 0.
-        let holder_alive = unsafe { libc::kill(holder, 0) } == 0;
-        let limit_after = cg.read(cg.limit).unwrap();
-        let swap_after = cg.read("memory.swappiness").unwrap();
-        let holding_left = cg.holding_dir().exists();
+        let notified = match efd {
+            Some((mut efd, _control)) => {
+                let mut count = [0u8; 8];
+                efd.read(&mut count).is_ok() && u64::from_ne_bytes(count) > 0
+            }
+            None => true,
+        };
+        let counts = cg
+            .read(if v2 {
+                "memory.events"
+            } else {
+                "memory.oom_control"
+            })
+            .unwrap();
+        let after = settings(&cg);
+        let observed = Observed {
+            result,
+            notified,
+            oom_kills: field(&counts, "oom_kill "),
+            // SAFETY: probing our own child with signal 0.
+            stand_in_alive: unsafe { libc::kill(holder, 0) } == 0,
+            procs_after: procs(&cg.dir).unwrap(),
+            stand_in: holder as u32,
+            settings: [before, after],
+            holding_left: cg.holding_dir().exists(),
+        };
+        // SAFETY: our own child, killed and reaped.
         unsafe {
             libc::kill(holder, libc::SIGKILL);
             libc::waitpid(holder, std::ptr::null_mut(), 0);
         }
         std::thread::sleep(Duration::from_millis(100));
         let _ = std::fs::remove_dir(&cg.dir);
-        let _ = std::fs::remove_dir(root.join("memory").join(&parent[1..]));
+        let _ = std::fs::remove_dir(&parent_dir);
+        observed
+    }
 
-        result.unwrap();
-        assert!(notified, "no OOM notification on the cgroup's eventfd");
-        assert_eq!(field(&oom_control, "oom_kill "), Some(1), "{oom_control}");
+    fn check(o: Observed) {
+        o.result.unwrap();
+        assert!(o.notified, "no OOM notification on the cgroup's eventfd");
+        assert_eq!(o.oom_kills, Some(1), "the cgroup's oom_kill count");
         assert!(
-            holder_alive,
+            o.stand_in_alive,
             "the process standing in for the VM was killed"
         );
         assert_eq!(
-            procs_after,
-            vec![holder as u32],
+            o.procs_after,
+            vec![o.stand_in],
             "the VM's processes are not back"
         );
-        assert_eq!(limit_after, limit_before);
-        assert_eq!(swap_after, swap_before);
-        assert!(!holding_left, "the holding cgroup was left behind");
+        assert!(!o.holding_left, "the holding cgroup was left behind");
+        assert_eq!(
+            o.settings[0], o.settings[1],
+            "limit and swap setting not restored"
+        );
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn relays_a_real_oom_kill_on_cgroup_v1_and_the_vm_stand_in_survives() {
+        let root = Path::new(CGROUP_ROOT);
+        if !root.join("memory/memory.oom_control").exists() || !is_root() {
+            eprintln!("skipped: needs root and a cgroup v1 memory hierarchy (tests/e2e runs the v2 case in a guest)");
+            return;
+        }
+        check(relay_on_a_real_cgroup(root, false));
+    }
+
+    /// Runs on cgroup v2 hosts, and in a rootcell guest (tests/e2e/lifecycle.rs) on v1 hosts.
+    #[test]
+    fn relays_a_real_oom_kill_on_cgroup_v2_and_the_vm_stand_in_survives() {
+        let root = Path::new(CGROUP_ROOT);
+        let controllers =
+            std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        if !controllers.split_whitespace().any(|c| c == "memory") || !is_root() {
+            eprintln!(
+                "skipped: needs root and the memory controller on cgroup v2 at {CGROUP_ROOT}"
+            );
+            return;
+        }
+        check(relay_on_a_real_cgroup(root, true));
     }
 
     #[test]
