@@ -1,13 +1,14 @@
 //! Relays DNS queries sent to a loopback resolver address (Docker's embedded DNS at
 //! 127.0.0.11, which lives in the container's network namespace on the host) to the host over
-//! vsock, so name resolution on user-defined Docker networks works inside the VM.
+//! vsock, so name resolution on user-defined Docker networks works inside the VM: UDP queries
+//! one by one, TCP connections (what resolvers fall back to for long answers) passed through.
 
 use crate::alog;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
-use rootcell_protocol::dns::{read_message, write_message};
-use rootcell_protocol::DNS_RELAY_PORT;
+use rootcell_protocol::dns::{read_message, splice, write_message};
+use rootcell_protocol::{DNS_RELAY_PORT, DNS_TCP_RELAY_PORT};
 use std::io;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -19,13 +20,40 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest DNS message over UDP with EDNS.
 const MAX_MESSAGE: usize = 4096;
 
-/// Binds `addr`:53/udp in the current network namespace and serves it on a thread.
+/// Binds `addr`:53 for UDP and TCP in the current network namespace and serves both on threads.
 pub fn start(addr: IpAddr) -> io::Result<()> {
     let sock = UdpSocket::bind(SocketAddr::new(addr, 53))?;
+    let listener = TcpListener::bind(SocketAddr::new(addr, 53))?;
     std::thread::Builder::new()
         .name("dns-relay".into())
         .spawn(move || serve(sock))?;
+    std::thread::Builder::new()
+        .name("dns-relay-tcp".into())
+        .spawn(move || serve_tcp(listener))?;
     Ok(())
+}
+
+/// Passes each TCP connection through to the host's TCP relay.
+fn serve_tcp(listener: TcpListener) {
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return alog!("dns tcp relay stopped: {e}"),
+        };
+        let _ = std::thread::Builder::new()
+            .name("dns-tcp".into())
+            .spawn(move || {
+                if let Err(e) = pass_through(conn) {
+                    alog!("dns tcp relay: {e}");
+                }
+            });
+    }
+}
+
+fn pass_through(conn: TcpStream) -> io::Result<()> {
+    let host = connect_host(DNS_TCP_RELAY_PORT)?;
+    splice(conn, host, QUERY_TIMEOUT)
 }
 
 fn serve(sock: UdpSocket) {

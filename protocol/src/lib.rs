@@ -33,6 +33,10 @@ pub const INIT_PROCESS: &str = "init";
 /// carries the query and then the answer, each prefixed with its length as a big-endian u16
 /// (the DNS-over-TCP framing).
 pub const DNS_RELAY_PORT: u32 = 1053;
+/// Host vsock port of the DNS-over-TCP relay: one connection per guest TCP connection to the
+/// loopback resolver, its bytes (already length-prefixed by DNS over TCP) passed through both
+/// ways to a TCP connection to the resolver.
+pub const DNS_TCP_RELAY_PORT: u32 = 1054;
 /// Virtio-fs tag of the share that carries the container rootfs and bind mount sources.
 pub const SHARE_TAG: &str = "rootcell";
 /// Where the agent mounts the virtio-fs share inside the guest.

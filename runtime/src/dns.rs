@@ -1,18 +1,21 @@
 //! The host end of the guest's loopback DNS relay: Docker's embedded DNS listens on 127.0.0.11
 //! inside the container's network namespace on the host, which the VM cannot reach. The agent
 //! relays queries to it over vsock; the sandbox (living in that namespace) forwards each to the
-//! resolver over UDP and sends the answer back.
+//! resolver over UDP and sends the answer back, and passes the guest's TCP connections (for
+//! answers too long for UDP) through to the resolver's TCP port.
 
 use anyhow::{Context, Result};
 use oci_spec::runtime::Spec;
-use rootcell_protocol::dns::{read_message, write_message};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use rootcell_protocol::dns::{read_message, splice, write_message};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
 
 /// How long the resolver may take to answer one query.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a TCP connection to the resolver may stay silent.
+const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// The first nameserver on a loopback address in the container's /etc/resolv.conf (a bind
 /// mount in config.json, as Docker gives it), if any.
@@ -37,9 +40,27 @@ fn first_loopback_nameserver(resolv_conf: &str) -> Option<IpAddr> {
     })
 }
 
-/// Listens on `socket` (the hybrid vsock path for the relay port) and forwards every query to
-/// `resolver`:53 on a thread of its own.
-pub fn serve(socket: &Path, resolver: IpAddr) -> Result<()> {
+/// Listens on `udp_socket` and `tcp_socket` (the hybrid vsock paths of the two relay ports):
+/// forwards every UDP query to `resolver`:53, and passes every TCP connection through to it,
+/// each on a thread of its own.
+pub fn serve(udp_socket: &Path, tcp_socket: &Path, resolver: IpAddr) -> Result<()> {
+    let resolver = SocketAddr::new(resolver, 53);
+    listen(udp_socket, move |conn| answer(conn, resolver))?;
+    listen(tcp_socket, move |conn| pass_through(conn, resolver))
+}
+
+/// Passes one guest TCP connection through to the resolver's TCP port.
+fn pass_through(conn: UnixStream, resolver: SocketAddr) -> Result<()> {
+    let tcp = TcpStream::connect_timeout(&resolver, ANSWER_TIMEOUT)
+        .with_context(|| format!("cannot reach the resolver at {resolver} over TCP"))?;
+    Ok(splice(conn, tcp, TCP_IDLE)?)
+}
+
+/// Serves each connection to `socket` with `handle` on a thread of its own.
+fn listen(
+    socket: &Path,
+    handle: impl Fn(UnixStream) -> Result<()> + Send + Sync + Copy + 'static,
+) -> Result<()> {
     let listener = UnixListener::bind(socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     std::thread::Builder::new()
@@ -49,7 +70,7 @@ pub fn serve(socket: &Path, resolver: IpAddr) -> Result<()> {
                 let _ = std::thread::Builder::new()
                     .name("dns-query".into())
                     .spawn(move || {
-                        if let Err(e) = answer(conn, SocketAddr::new(resolver, 53)) {
+                        if let Err(e) = handle(conn) {
                             tracing::debug!("dns relay: {e:#}");
                         }
                     });
@@ -120,6 +141,28 @@ mod tests {
             write_message(&mut guest, q).unwrap();
             assert_eq!(read_message(&mut guest).unwrap(), [b"answer:", q].concat());
         }
+        drop(guest);
+        relay.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn tcp_connections_pass_through_to_the_resolver() {
+        use std::io::Read;
+        let resolver = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = resolver.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = resolver.accept().unwrap();
+            let q = read_message(&mut c).unwrap();
+            write_message(&mut c, &[b"long answer to ", &q[..]].concat()).unwrap();
+        });
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || pass_through(host, addr));
+        write_message(&mut guest, b"q").unwrap();
+        assert_eq!(read_message(&mut guest).unwrap(), b"long answer to q");
+        // The resolver closed its end: the guest sees EOF, and the relay ends.
+        let mut rest = Vec::new();
+        guest.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
         drop(guest);
         relay.join().unwrap().unwrap();
     }

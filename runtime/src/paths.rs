@@ -23,6 +23,11 @@ pub const VSOCK_UDS: &str = "vsock.sock";
 pub fn dns_relay_socket() -> String {
     format!("{VSOCK_UDS}_{}", rootcell_protocol::DNS_RELAY_PORT)
 }
+
+/// File name (in the run dir) of the host end of the guest's DNS-over-TCP relay.
+pub fn dns_tcp_relay_socket() -> String {
+    format!("{VSOCK_UDS}_{}", rootcell_protocol::DNS_TCP_RELAY_PORT)
+}
 /// Directory exported to the guest over virtio-fs.
 pub const SHARE_DIR: &str = "share";
 

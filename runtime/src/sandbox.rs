@@ -235,7 +235,11 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         .as_ref()
         .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
     if let Some(addr) = loopback_dns {
-        crate::dns::serve(&run_dir.join(paths::dns_relay_socket()), addr)?;
+        crate::dns::serve(
+            &run_dir.join(paths::dns_relay_socket()),
+            &run_dir.join(paths::dns_tcp_relay_socket()),
+            addr,
+        )?;
         tracing::info!(%addr, "relaying the guest's DNS queries to the container's loopback resolver");
     }
     let crate::hypervisor::Opened {

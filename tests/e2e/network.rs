@@ -184,21 +184,57 @@ fn user_defined_network_resolves_rootcell_peers_by_name() {
         &["--network", &net, "--name", &server],
         &httpd_script("hello-by-name"),
     );
-    let o = run_rm(
+    // By name over UDP (wget), then the same question over DNS-over-TCP, which resolvers use for
+    // answers too long for UDP: a hand-made query through nc, the answer's bytes printed by od.
+    let tcp_query: String = dns_tcp_query(&server)
+        .iter()
+        .map(|b| format!("\\{b:03o}"))
+        .collect();
+    let script = format!(
+        "for i in $(seq 60); do wget -qO- http://{server}:8080/ && break; sleep 1; done; echo; \
+         printf '{tcp_query}' | nc -w 5 127.0.0.11 53 | od -An -tu1 -v"
+    );
+    let o = run_rm(d, &["--network", &net], &["sh", "-c", &script]);
+    let server_ip = inspect(
         d,
-        &["--network", &net],
-        &["sh", "-c", &format!("for i in $(seq 60); do wget -qO- http://{server}:8080/ && exit 0; sleep 1; done; cat /etc/resolv.conf; nslookup {server}; exit 1")],
+        &srv,
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
     );
     let _ = d.docker(&["rm", "-f", &srv]);
     let _ = d.docker(&["network", "rm", &net]);
-    assert_eq!(
-        code(&o),
-        0,
-        "stdout:\n{}\nstderr:\n{}",
-        text(&o.stdout),
-        text(&o.stderr)
+    let out = text(&o.stdout);
+    let report = format!("stdout:\n{out}\nstderr:\n{}", text(&o.stderr));
+    assert_eq!(code(&o), 0, "{report}");
+    assert_eq!(out.lines().next(), Some("hello-by-name"), "{report}");
+    let answer: Vec<u8> = out
+        .lines()
+        .skip(1)
+        .flat_map(|l| l.split_whitespace())
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let ip: Vec<u8> = server_ip.split('.').map(|n| n.parse().unwrap()).collect();
+    assert_eq!(ip.len(), 4, "{server_ip}");
+    assert!(
+        answer.len() > 2 && answer[2..4] == [0x12, 0x34],
+        "no TCP DNS answer: {report}"
     );
-    assert_eq!(text(&o.stdout).trim(), "hello-by-name");
+    assert!(
+        answer.windows(4).any(|w| w == ip),
+        "the TCP answer lacks {server_ip}: {report}"
+    );
+}
+
+/// A DNS-over-TCP query (u16 length first) for the A record of `name`, id 0x1234.
+fn dns_tcp_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend(q);
+    framed
 }
 
 #[test]
