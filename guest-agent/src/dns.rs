@@ -4,7 +4,7 @@
 //! one by one, TCP connections (what resolvers fall back to for long answers) passed through.
 
 use crate::alog;
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+use nix::sys::socket::{connect, VsockAddr};
 use rootcell_protocol::dns::{read_message, splice, write_message};
 use rootcell_protocol::{DNS_RELAY_PORT, DNS_TCP_RELAY_PORT};
 use std::io;
@@ -94,12 +94,7 @@ fn relay(query: &[u8]) -> io::Result<Vec<u8>> {
 
 /// A vsock stream to `port` on the host.
 fn connect_host(port: u32) -> io::Result<UnixStream> {
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = crate::listener::vsock_stream()?;
     connect(fd.as_raw_fd(), &VsockAddr::new(HOST_CID, port))?;
     // A std UnixStream is used purely as a connected stream socket (plain read/write calls).
     Ok(UnixStream::from(fd))

@@ -8,6 +8,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+/// A new, unconnected `AF_VSOCK` stream socket.
+pub fn vsock_stream() -> io::Result<OwnedFd> {
+    Ok(socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
+}
+
 /// A listening stream socket.
 #[derive(Debug)]
 pub struct Listener {
@@ -17,12 +27,7 @@ pub struct Listener {
 impl Listener {
     /// Listens on `AF_VSOCK` port `port` for any CID.
     pub fn vsock(port: u32) -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
+        let fd = vsock_stream()?;
         bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
         Self::listen(fd)
     }
