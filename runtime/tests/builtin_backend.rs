@@ -2,6 +2,7 @@
 //! and config file, a missing vmlinux, and a bounded real boot on this machine's /dev/kvm. Every
 //! failed create must leave no state dir, run dir or process behind.
 
+use rootcell_e2e::run_dir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -117,22 +118,6 @@ fn empty_cpio() -> Vec<u8> {
     out.extend_from_slice(name);
     out.resize(512, 0);
     out
-}
-
-/// The runtime's run dir for `id` (FNV-1a of root and id, as runtime/src/paths.rs).
-fn run_dir(root: &Path, id: &str) -> PathBuf {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in root
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .chain(b"\0")
-        .chain(id.as_bytes())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    Path::new("/run/rootcell/r").join(format!("{h:016x}"))
 }
 
 /// Pids whose command line contains `needle`.

@@ -2,6 +2,7 @@
 //! asked, and leave nothing behind. The boot-failure test boots a real guest (QEMU) with an init
 //! that never answers, so it needs the guest kernel; it says so and returns early without one.
 
+use rootcell_e2e::run_dir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -36,22 +37,6 @@ fn assert_clean(root: &Path, id: &str) {
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
     assert!(!run_dir(root, id).exists(), "run dir of {id} left behind");
-}
-
-/// The run dir rootcell uses for (`root`, `id`): FNV-1a of both (mirrors runtime/src/paths.rs).
-fn run_dir(root: &Path, id: &str) -> PathBuf {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in root
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .chain(b"\0")
-        .chain(id.as_bytes())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    PathBuf::from(format!("/run/rootcell/r/{h:016x}"))
 }
 
 #[test]

@@ -703,22 +703,6 @@ fn top_pause_unpause_update_and_stats() {
     ok(d, &["rm", "-f", &id]);
 }
 
-/// The runtime's short run dir for a container (same FNV-1a hash as `rootcell`'s paths module).
-fn run_dir(root: &std::path::Path, id: &str) -> std::path::PathBuf {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in root
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .chain(b"\0")
-        .chain(id.as_bytes())
-    {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    std::path::Path::new("/run/rootcell/r").join(format!("{h:016x}"))
-}
-
 #[test]
 fn rm_f_of_ten_running_containers_leaves_nothing() {
     let d = daemon();

@@ -45,6 +45,23 @@ pub fn artifacts() -> Artifacts {
     }
 }
 
+/// The run dir `rootcell` uses for container `id` under `root`: a 16-hex FNV-1a hash of both
+/// (the same computation as runtime/src/paths.rs, which tests compare against what they find).
+pub fn run_dir(root: &Path, id: &str) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in root
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .chain(b"\0")
+        .chain(id.as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Path::new("/run/rootcell/r").join(format!("{h:016x}"))
+}
+
 /// Directory of the repository's `images/` scripts.
 pub fn images_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../images")
