@@ -69,6 +69,8 @@ struct Container {
     /// The OOM kills of the container's cgroup, checked again before each exit is reported.
     oom: Option<Arc<crate::oom::Watch>>,
     pending_start: Option<Prepared>,
+    /// Created under the guest privilege policy: exec'd processes get every capability too.
+    privileged: bool,
 }
 
 /// The agent: shared by the control, stream and reaper threads.
@@ -153,15 +155,26 @@ impl Agent {
             } => self.configure_network(&config, loopback_dns).into(),
             Request::Create {
                 container_id,
-                spec,
+                mut spec,
                 stdio,
-            } => self.create(&container_id, &spec, stdio).into(),
+                privileged,
+            } => {
+                if privileged {
+                    container::privileged::privilege_spec(&mut spec, Path::new("/dev"));
+                }
+                self.create(&container_id, &spec, stdio, privileged).into()
+            }
             Request::Start => self.start(),
             Request::Exec {
                 exec_id,
-                process,
+                mut process,
                 stdio,
-            } => self.exec(&exec_id, &process, stdio),
+            } => {
+                if self.lock().as_ref().is_some_and(|c| c.privileged) {
+                    container::privileged::privilege_process(&mut process);
+                }
+                self.exec(&exec_id, &process, stdio)
+            }
             Request::Signal {
                 process,
                 signal,
@@ -177,6 +190,7 @@ impl Agent {
                 pids: self.container_pids(),
             }
             .into(),
+            Request::SetClock { unix_nanos } => crate::clock::set(unix_nanos).into(),
             Request::Shutdown => Reply {
                 response: Response::Ok,
                 release: None,
@@ -233,8 +247,8 @@ impl Agent {
         }
     }
 
-    fn create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec) -> Response {
-        let result = self.try_create(id, spec, stdio_spec);
+    fn create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec, privileged: bool) -> Response {
+        let result = self.try_create(id, spec, stdio_spec, privileged);
         if result.is_err() {
             self.streams.discard(INIT_PROCESS);
         }
@@ -247,7 +261,13 @@ impl Agent {
         }
     }
 
-    fn try_create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec) -> Result<i32, SetupError> {
+    fn try_create(
+        &self,
+        id: &str,
+        spec: &Spec,
+        stdio_spec: StdioSpec,
+        privileged: bool,
+    ) -> Result<i32, SetupError> {
         let mut container = self.lock();
         if container.is_some() {
             return Err(SetupError::new(
@@ -287,6 +307,7 @@ impl Agent {
             cgroup,
             oom,
             pending_start: Some(prepared),
+            privileged,
         });
         Ok(pid)
     }

@@ -2,6 +2,7 @@
 //! vsock, builds the container from the OCI spec the host sends, and runs its processes.
 
 pub mod agent;
+pub mod clock;
 pub mod container;
 pub mod dns;
 pub mod listener;

@@ -19,6 +19,10 @@ pub struct System {
     pub cgroup_root: Option<PathBuf>,
 }
 
+/// `fs.nr_open` in the guest: what systemd sets on hosts, the largest value every 64-bit kernel
+/// takes.
+const NR_OPEN_MAX: &str = "1073741816";
+
 /// Prepares the guest. Failures of optional parts are logged, not fatal.
 pub fn setup() -> System {
     // The initramfs root ("rootfs") cannot be pivot_root'ed away from, which containers need:
@@ -68,6 +72,11 @@ pub fn setup() -> System {
         }
     }
     crate::oom::enable_controllers(Path::new("/sys/fs/cgroup"));
+    // Containers inherit the rlimits of the runtime's caller (as under runc), and a host's
+    // RLIMIT_NOFILE may exceed this kernel's default ceiling for it (1 MiB files).
+    if let Err(e) = std::fs::write("/proc/sys/fs/nr_open", NR_OPEN_MAX) {
+        alog!("cannot raise fs.nr_open to {NR_OPEN_MAX}: {e}");
+    }
     // The guest's /dev/ptmx must be the one of the devpts instance above.
     let _ = std::fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");

@@ -252,6 +252,7 @@ fn container_runs_in_a_real_guest() {
             container_id: "g1".into(),
             spec: Box::new(spec),
             stdio,
+            privileged: false,
         },
         &mut events,
     );

@@ -193,6 +193,7 @@ fn run_stdio_exec_signal_and_shutdown() {
         container_id: "c1".into(),
         spec,
         stdio,
+        privileged: false,
     }) {
         Response::Created { pid } => pid,
         other => panic!("create failed: {other:?}"),
@@ -311,7 +312,8 @@ fn terminal_process_with_resize() {
         a.request(Request::Create {
             container_id: "t".into(),
             spec,
-            stdio
+            stdio,
+            privileged: false,
         }),
         Response::Created { .. }
     ));
@@ -343,6 +345,7 @@ fn create_errors_are_classified() {
         container_id: "x".into(),
         spec,
         stdio: StdioSpec::default(),
+        privileged: false,
     }) {
         Response::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),
         other => panic!("{other:?}"),
@@ -358,6 +361,7 @@ fn create_errors_are_classified() {
         container_id: "x".into(),
         spec,
         stdio: StdioSpec::default(),
+        privileged: false,
     }) {
         Response::Error { code, .. } => assert_eq!(code, ErrorCode::Unsupported),
         other => panic!("{other:?}"),
@@ -373,6 +377,7 @@ fn create_errors_are_classified() {
         container_id: "x".into(),
         spec,
         stdio,
+        privileged: false,
     }) {
         Response::Error { code, .. } => assert_eq!(code, ErrorCode::Other),
         other => panic!("{other:?}"),

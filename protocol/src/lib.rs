@@ -22,7 +22,7 @@ pub mod net;
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.
@@ -82,6 +82,11 @@ pub enum Request {
         spec: Box<oci_spec::runtime::Spec>,
         /// Which stdio streams the host attached for [`INIT_PROCESS`].
         stdio: StdioSpec,
+        /// The runtime's guest privilege policy: the container (and every process exec'd into
+        /// it) gets what `docker run --privileged` gives, inside the guest: every capability,
+        /// no masked or read-only paths, writable `/sys`, the guest's devices.
+        #[serde(default)]
+        privileged: bool,
     },
     /// Execute the init process's program (after `Create`).
     Start,
@@ -123,6 +128,13 @@ pub enum Request {
         /// Process limit (`pids.max`); `None` leaves it, a negative value removes it.
         #[serde(default)]
         pids: Option<i64>,
+    },
+    /// Set the guest's wall clock (`CLOCK_REALTIME`) to the host's: a guest has no battery-backed
+    /// clock of its own, and an emulated one falls behind. Sent after `Hello`, before `Start`,
+    /// `Exec` and after a resume, and periodically while the container lives.
+    SetClock {
+        /// The host's `CLOCK_REALTIME` when the request was made, in nanoseconds since the epoch.
+        unix_nanos: u64,
     },
     /// Power the guest off.
     Shutdown,

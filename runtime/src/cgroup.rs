@@ -90,19 +90,44 @@ fn expand_slice(slice: &str) -> Option<PathBuf> {
     Some(dir)
 }
 
-/// Moves `pid` into `path` in every hierarchy, creating the directories; returns what failed.
-pub fn join(path: &str, pid: u32) -> Vec<String> {
-    join_at(Path::new(CGROUP_ROOT), path, pid)
+/// Which hierarchies a join covers. CPU time is joined only once the container is created, so
+/// the CPU spent booting its VM is not charged to it (INGInious enforces CPU-time limits from
+/// this cgroup); everything else at once, so the VM's memory is charged from the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Every v1 hierarchy but the ones with the cpu or cpuacct controller (nothing on v2).
+    AllButCpu,
+    /// The v1 hierarchies with cpu or cpuacct, or the v2 unified one (which holds all).
+    Cpu,
 }
 
-fn join_at(base: &Path, path: &str, pid: u32) -> Vec<String> {
+impl Part {
+    /// Whether hierarchy `h` (a v1 controller directory, or the v2 root `base`) is in this part.
+    fn covers(self, base: &Path, h: &Path) -> bool {
+        let cpu = h == base
+            || h.file_name().is_some_and(|n| {
+                n.to_string_lossy()
+                    .split(',')
+                    .any(|c| c == "cpu" || c == "cpuacct")
+            });
+        cpu == (self == Part::Cpu)
+    }
+}
+
+/// Moves `pid` into `path` in the hierarchies of `part`, creating the directories; returns what
+/// failed.
+pub fn join(path: &str, pid: u32, part: Part) -> Vec<String> {
+    join_at(Path::new(CGROUP_ROOT), path, pid, part)
+}
+
+fn join_at(base: &Path, path: &str, pid: u32, part: Part) -> Vec<String> {
     let Some(rel) = relative(path) else {
         return vec![format!(
             "cgroupsPath {path:?} is neither a cgroupfs nor a systemd path; the sandbox stays in its parent's cgroup"
         )];
     };
     let mut errors = Vec::new();
-    for h in hierarchies(base) {
+    for h in hierarchies(base).into_iter().filter(|h| part.covers(base, h)) {
         let mut dir = h.clone();
         for comp in rel.components() {
             let parent = dir.clone();
@@ -263,7 +288,7 @@ mod tests {
         std::fs::write(cpuset.join("cgroup.procs"), "").unwrap();
         std::fs::write(cpuset.join("cpuset.cpus"), "0-1\n").unwrap();
         std::fs::write(cpuset.join("cpuset.mems"), "0\n").unwrap();
-        let errs = join_at(d.path(), "/docker/c1", 42);
+        let errs = join_at(d.path(), "/docker/c1", 42, Part::AllButCpu);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(
             std::fs::read_to_string(cpuset.join("docker/c1/cgroup.procs")).unwrap(),
@@ -272,6 +297,33 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(cpuset.join("docker/cpuset.cpus")).unwrap(),
             "0-1"
+        );
+    }
+
+    #[test]
+    fn cpu_hierarchies_are_joined_apart_from_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        for h in ["cpu,cpuacct", "memory", "pids"] {
+            std::fs::create_dir(d.path().join(h)).unwrap();
+            std::fs::write(d.path().join(h).join("cgroup.procs"), "").unwrap();
+        }
+        let procs = |h: &str| std::fs::read_to_string(d.path().join(h).join("c1/cgroup.procs")).ok();
+        assert!(join_at(d.path(), "/c1", 42, Part::AllButCpu).is_empty());
+        assert_eq!(procs("memory").as_deref(), Some("42"));
+        assert_eq!(procs("pids").as_deref(), Some("42"));
+        assert_eq!(procs("cpu,cpuacct"), None, "CPU joined before the guest is up");
+        assert!(join_at(d.path(), "/c1", 42, Part::Cpu).is_empty());
+        assert_eq!(procs("cpu,cpuacct").as_deref(), Some("42"));
+
+        // cgroup v2: one hierarchy, joined with the CPU part.
+        let v2 = tempfile::tempdir().unwrap();
+        std::fs::write(v2.path().join("cgroup.procs"), "").unwrap();
+        assert!(join_at(v2.path(), "/c1", 7, Part::AllButCpu).is_empty());
+        assert!(!v2.path().join("c1").exists());
+        assert!(join_at(v2.path(), "/c1", 7, Part::Cpu).is_empty());
+        assert_eq!(
+            std::fs::read_to_string(v2.path().join("c1/cgroup.procs")).unwrap(),
+            "7"
         );
     }
 }

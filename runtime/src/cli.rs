@@ -23,6 +23,11 @@ pub struct Cli {
     /// auto = builtin with hardware virtualization, qemu otherwise).
     #[arg(long, global = true, value_enum)]
     pub hypervisor: Option<crate::hypervisor::select::Choice>,
+    /// Give every container created by this call what `docker run --privileged` gives, inside
+    /// its guest: all capabilities, no masked or read-only paths, writable /sys and /proc/sys,
+    /// the guest's devices (also `"guest_privileged": true` in /etc/rootcell/config.json).
+    #[arg(long, global = true)]
+    pub guest_privileged: bool,
     /// Accepted for runc compatibility: the form of `linux.cgroupsPath` says which layout it uses.
     #[arg(long, global = true, hide = true)]
     pub systemd_cgroup: bool,

@@ -4,6 +4,7 @@ mod agent;
 mod assets;
 mod cgroup;
 mod cli;
+mod clock;
 mod commands;
 mod console;
 mod control;
@@ -16,6 +17,7 @@ mod logging;
 mod network;
 mod oom;
 mod paths;
+mod rlimits;
 mod sandbox;
 mod share;
 mod signal;
@@ -46,6 +48,7 @@ fn main() {
             logging::Format::Text
         },
         debug: cli.debug,
+        guest_privileged: cli.guest_privileged,
     };
     if let Command::Sandbox {
         id,

@@ -188,21 +188,9 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     state.pid_start = crate::state::proc_stat(me).map(|s| s.0).unwrap_or(0);
     state.save(&state_path)?;
     if let Some(cg) = &state.cgroups_path {
-        // Before the VMM starts, so it inherits the cgroup.
-        for e in crate::cgroup::join(cg, me as u32) {
+        // Before the VMM starts, so it inherits the cgroup; CPU only once the guest is up.
+        for e in crate::cgroup::join(cg, me as u32, crate::cgroup::Part::AllButCpu) {
             tracing::warn!("cgroup: {e}");
-        }
-        // `--cpus` also caps the host CPU time of the whole VM, as runc caps the container's.
-        let cpu = bundle
-            .spec
-            .linux()
-            .as_ref()
-            .and_then(|l| l.resources().as_ref())
-            .and_then(|r| r.cpu().clone());
-        if let Some(c) = cpu {
-            for e in crate::cgroup::set_cpu(cg, c.quota(), c.period(), None) {
-                tracing::warn!("cgroup: {e}");
-            }
         }
     }
 
@@ -318,6 +306,7 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
             ),
             other => bail!("unexpected answer to Hello: {other:?}"),
         }
+        crate::clock::sync(&agent).context("cannot set the guest's clock to the host's")?;
         agent
     };
 
@@ -363,6 +352,7 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         container_id: args.id.clone(),
         spec: Box::new(guest_spec),
         stdio,
+        privileged: state.guest_privileged,
     };
     match agent.request(create, Duration::from_secs(60))? {
         Response::Created { pid } => tracing::info!(guest_pid = pid, "container created"),
@@ -379,6 +369,10 @@ fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         resize(&agent, fd);
     }
     drop(create_span);
+
+    if let Some(cg) = &state.cgroups_path {
+        join_cpu_cgroup(cg, &bundle.spec, &[me, state.vm_pid]);
+    }
 
     let ctl_path = run_dir.join(paths::CONTROL_SOCKET);
     let control = UnixListener::bind(&ctl_path)
@@ -464,6 +458,30 @@ fn run_create_hooks(spec: &Spec, state: &ContainerState) -> Result<()> {
     Ok(())
 }
 
+/// Moves the sandbox and the VMM into the CPU hierarchies of the container's cgroup, now that the
+/// guest has booted: the boot's CPU time stays with the caller (INGInious and `docker stats`
+/// count from here). Before `create` returns, so the shim finds the final cgroups.
+fn join_cpu_cgroup(cg: &str, spec: &Spec, pids: &[i32]) {
+    let mut pids: Vec<i32> = pids.iter().copied().filter(|p| *p > 0).collect();
+    pids.dedup();
+    for pid in pids {
+        for e in crate::cgroup::join(cg, pid as u32, crate::cgroup::Part::Cpu) {
+            tracing::warn!("cgroup: {e}");
+        }
+    }
+    // `--cpus` also caps the host CPU time of the whole VM, as runc caps the container's.
+    let cpu = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.cpu().clone());
+    if let Some(c) = cpu {
+        for e in crate::cgroup::set_cpu(cg, c.quota(), c.period(), None) {
+            tracing::warn!("cgroup: {e}");
+        }
+    }
+}
+
 /// The guest kernel's `Linux version` line from a console log, if it got that far.
 pub fn kernel_banner(path: &Path) -> Option<String> {
     let text = String::from_utf8_lossy(&std::fs::read(path).ok()?).into_owned();
@@ -512,6 +530,10 @@ impl Sandbox {
         let _ = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || forward_signals(sh));
+        let sh = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("clock".into())
+            .spawn(move || keep_clock(sh));
         let v = vm.clone();
         let tx = events_tx.clone();
         let _ = std::thread::Builder::new()
@@ -610,6 +632,24 @@ impl Sandbox {
     }
 }
 
+/// Sets the guest's clock every [`crate::clock::SYNC_INTERVAL`] while the container may run
+/// (not while the VM is paused: resume sets it itself).
+fn keep_clock(shared: Arc<Shared>) {
+    loop {
+        std::thread::sleep(crate::clock::SYNC_INTERVAL);
+        let status = shared.state.lock().map(|s| s.status).unwrap_or(Status::Stopped);
+        match status {
+            Status::Created | Status::Running => {
+                if let Err(e) = crate::clock::sync(&shared.agent) {
+                    tracing::debug!("cannot set the guest's clock: {e:#}");
+                }
+            }
+            Status::Stopped => return,
+            Status::Creating | Status::Paused => {}
+        }
+    }
+}
+
 /// sigwait loop: forwards signals to the container's init; SIGWINCH becomes a resize.
 fn forward_signals(shared: Arc<Shared>) {
     let set = forwarded_set();
@@ -695,6 +735,9 @@ fn serve_exec(
             message: format!("exec id {exec_id} is already in use"),
         }
     } else {
+        if let Err(e) = crate::clock::sync(&shared.agent) {
+            tracing::warn!("cannot set the guest's clock before the exec: {e:#}");
+        }
         let req = Request::Exec {
             exec_id: exec_id.clone(),
             process,
@@ -779,6 +822,12 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
                             s.status = to;
                         }
                     });
+                    // The guest's clock stood still while the VM was frozen.
+                    if !pause {
+                        if let Err(e) = crate::clock::sync(&shared.agent) {
+                            tracing::warn!("cannot set the guest's clock after the resume: {e:#}");
+                        }
+                    }
                     ControlResponse::Ok
                 }
                 Err(e) => err(format!(
@@ -794,6 +843,9 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 _ => return err(crate::error::RuntimeError::StartStopped.to_string()),
             }
             let _s = tracing::info_span!("container_start").entered();
+            if let Err(e) = crate::clock::sync(&shared.agent) {
+                tracing::warn!("cannot set the guest's clock before the start: {e:#}");
+            }
             match shared
                 .agent
                 .request(Request::Start, Duration::from_secs(30))

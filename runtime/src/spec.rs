@@ -222,6 +222,9 @@ pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount], guest_network: bool) 
             }
         }
     }
+    if let Some(p) = out.process_mut() {
+        crate::rlimits::inherit(p);
+    }
     out.set_hooks(None);
     out
 }

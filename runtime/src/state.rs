@@ -64,6 +64,9 @@ pub struct ContainerState {
     /// `linux.cgroupsPath` the sandbox joined (removed by `delete`).
     #[serde(default)]
     pub cgroups_path: Option<String>,
+    /// Created under the guest privilege policy (`--guest-privileged`).
+    #[serde(default)]
+    pub guest_privileged: bool,
     /// Poststart hooks from config.json, run by `start`.
     #[serde(default)]
     pub poststart: Vec<oci_spec::runtime::Hook>,
@@ -159,6 +162,7 @@ mod tests {
             run_dir: "/run/rootcell/r/0".into(),
             exit_status: None,
             cgroups_path: None,
+            guest_privileged: false,
             poststart: vec![],
             poststop: vec![],
         }

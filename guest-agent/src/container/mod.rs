@@ -5,6 +5,7 @@ pub mod devices;
 pub mod error;
 pub mod mounts;
 pub mod paths;
+pub mod privileged;
 pub mod process;
 mod report;
 pub mod rootfs;

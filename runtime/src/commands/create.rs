@@ -54,6 +54,23 @@ impl Drop for Undo {
     }
 }
 
+/// The guest privilege policy gives root in the guest every capability; a user namespace would
+/// map that root to someone else, which the policy cannot honour.
+fn check_privileged(spec: &oci_spec::runtime::Spec) -> Result<()> {
+    let userns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User)
+        });
+    if userns {
+        bail!("--guest-privileged (or \"guest_privileged\" in the rootcell config) cannot be combined with a user namespace in config.json (linux.namespaces has \"user\"); drop one of them");
+    }
+    Ok(())
+}
+
 /// Runs `create`: returns once the container is created.
 pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     let _span = tracing::info_span!("create", id).entered();
@@ -72,6 +89,13 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     crate::network::check(&bundle.spec)?;
     // Fail on missing boot files before making anything.
     crate::hypervisor::preflight()?;
+    let guest_privileged = g.guest_privileged
+        || crate::hypervisor::select::config_from_env()?
+            .guest_privileged
+            .unwrap_or(false);
+    if guest_privileged {
+        check_privileged(&bundle.spec)?;
+    }
 
     std::fs::create_dir_all(&g.root)
         .with_context(|| format!("cannot create state root {}", g.root.display()))?;
@@ -123,6 +147,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
         run_dir: run_dir.clone(),
         exit_status: None,
         cgroups_path,
+        guest_privileged,
         poststart: hooks.poststart().clone().unwrap_or_default(),
         poststop: hooks.poststop().clone().unwrap_or_default(),
     };

@@ -92,7 +92,8 @@ pub fn exec(g: &Global, id: &str, o: &ExecOptions) -> Result<i32> {
         Status::Paused => bail!("cannot exec in a paused container {id}; resume it first"),
         _ => bail!("cannot exec in a stopped container {id}"),
     }
-    let process = build_process(&st.bundle, o)?;
+    let mut process = build_process(&st.bundle, o)?;
+    crate::rlimits::inherit(&mut process);
     let terminal = process.terminal().unwrap_or(false);
     if terminal && o.console_socket.is_none() && o.detach {
         bail!("the process has a terminal but no --console-socket was given; a detached exec needs one");

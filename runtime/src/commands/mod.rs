@@ -22,6 +22,8 @@ pub struct Global {
     pub log_format: Format,
     /// Debug logging.
     pub debug: bool,
+    /// `--guest-privileged`: the guest privilege policy for containers this call creates.
+    pub guest_privileged: bool,
 }
 
 impl Global {

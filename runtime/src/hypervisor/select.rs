@@ -113,6 +113,9 @@ pub struct FileConfig {
     /// Backend choice.
     #[serde(default)]
     pub hypervisor: Option<Choice>,
+    /// The guest privilege policy for every container (as `--guest-privileged`).
+    #[serde(default)]
+    pub guest_privileged: Option<bool>,
 }
 
 /// Parses config file text; `path` is only for the error.
@@ -223,13 +226,24 @@ pub fn resolve(
     })
 }
 
+/// The config file's path (`ROOTCELL_CONFIG` or the default) and whether the user named it.
+fn config_path_from_env() -> (PathBuf, bool) {
+    match std::env::var_os(CONFIG_ENV) {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), true),
+        _ => (PathBuf::from(DEFAULT_CONFIG), false),
+    }
+}
+
+/// The config file this process's environment names (empty when there is none).
+pub fn config_from_env() -> Result<FileConfig, SelectError> {
+    let (path, explicit) = config_path_from_env();
+    read_config(&path, explicit)
+}
+
 /// [`resolve`] with this process's environment and this machine.
 pub fn resolve_from_env() -> Result<Selection, SelectError> {
     let env = std::env::var(ENV).ok();
-    let (path, explicit) = match std::env::var_os(CONFIG_ENV) {
-        Some(p) if !p.is_empty() => (PathBuf::from(p), true),
-        _ => (PathBuf::from(DEFAULT_CONFIG), false),
-    };
+    let (path, explicit) = config_path_from_env();
     resolve(env.as_deref(), &path, explicit, HostProbe::detect)
 }
 
