@@ -9,6 +9,7 @@ pkgs=(
     libcap-ng-dev libseccomp-dev                         # -sys crates of the device back ends
     iproute2 jq file
     docker.io containerd runc                            # Docker end-to-end tests and runc comparisons
+    debootstrap python3-venv                             # INGInious test: grading image, INGInious venv
 )
 missing=()
 for p in "${pkgs[@]}"; do
