@@ -3,7 +3,8 @@
 //! The daemon gets data-root, exec-root, pidfile and socket in a temporary directory, rootcell
 //! registered by path under the names `rootcell` and `kata-runtime`, and is stopped when the
 //! test process exits (also when a test fails). The busybox image is imported from
-//! busybox-static, since no registry can be reached.
+//! busybox-static, since no registry can be reached. [`private_daemon`] starts further daemons,
+//! each with a daemon.json of its own, stopped when dropped (or at exit).
 
 use crate::text;
 use crate::{artifacts, images_dir, output_with_timeout, COMMAND_TIMEOUT};
@@ -21,6 +22,7 @@ pub const DOCKERD: &str = "/usr/sbin/dockerd";
 pub const IMAGE: &str = "rootcell-busybox:test";
 
 /// A running private dockerd.
+#[derive(Clone)]
 pub struct DockerDaemon {
     dir: PathBuf,
     socket: PathBuf,
@@ -30,6 +32,9 @@ pub struct DockerDaemon {
 
 static DAEMON: OnceLock<DockerDaemon> = OnceLock::new();
 static CHILD: Mutex<Option<Child>> = Mutex::new(None);
+/// Daemons started by [`private_daemon`] and not yet dropped, stopped at exit if still running.
+static OTHERS: Mutex<Vec<(DockerDaemon, Child)>> = Mutex::new(Vec::new());
+static ATEXIT: std::sync::Once = std::sync::Once::new();
 
 /// The shared daemon of this test process, started on first use.
 pub fn daemon() -> &'static DockerDaemon {
@@ -44,8 +49,23 @@ pub fn daemon_with(extra: &'static [&'static str]) -> &'static DockerDaemon {
 }
 
 extern "C" fn stop_daemon_at_exit() {
-    // Containers the tests left behind first: their sandboxes would otherwise outlive dockerd.
     if let Some(d) = DAEMON.get() {
+        let child = CHILD.lock().ok().and_then(|mut g| g.take());
+        shutdown(d, child);
+    }
+    let others = OTHERS
+        .lock()
+        .map(|mut g| std::mem::take(&mut *g))
+        .unwrap_or_default();
+    for (d, child) in others {
+        shutdown(&d, Some(child));
+    }
+}
+
+/// Removes the daemon's containers, stops it, undoes its mounts and removes its directory.
+fn shutdown(d: &DockerDaemon, child: Option<Child>) {
+    // Containers the tests left behind first: their sandboxes would otherwise outlive dockerd.
+    if child.is_some() {
         let ps = d.docker(&["ps", "-aq"]);
         let ids: Vec<String> = String::from_utf8_lossy(&ps.stdout)
             .split_whitespace()
@@ -57,33 +77,61 @@ extern "C" fn stop_daemon_at_exit() {
             let _ = d.docker(&args);
         }
     }
-    if let Ok(mut guard) = CHILD.lock() {
-        if let Some(mut child) = guard.take() {
-            stop_child(&mut child);
-        }
+    if let Some(mut child) = child {
+        stop_child(&mut child);
     }
-    if let Some(d) = DAEMON.get() {
-        // Docker bind-mounts network namespaces (the host's for --network host) under
-        // exec/netns; exec itself is no mount point, so `umount -R exec` would miss them.
-        if let Ok(entries) = std::fs::read_dir(d.dir.join("exec/netns")) {
-            for e in entries.flatten() {
-                let _ = Command::new("umount")
-                    .arg("-l")
-                    .arg(e.path())
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-        // Usually dockerd unmounted them already; "not mounted" is not worth printing.
-        for sub in ["data", "exec"] {
+    // Docker bind-mounts network namespaces (the host's for --network host) under
+    // exec/netns; exec itself is no mount point, so `umount -R exec` would miss them.
+    if let Ok(entries) = std::fs::read_dir(d.dir.join("exec/netns")) {
+        for e in entries.flatten() {
             let _ = Command::new("umount")
-                .arg("-R")
                 .arg("-l")
-                .arg(d.dir.join(sub))
+                .arg(e.path())
                 .stderr(Stdio::null())
                 .status();
         }
-        let _ = std::fs::remove_dir_all(&d.dir);
+    }
+    // Usually dockerd unmounted them already; "not mounted" is not worth printing.
+    for sub in ["data", "exec"] {
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(d.dir.join(sub))
+            .stderr(Stdio::null())
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(&d.dir);
+}
+
+/// A private dockerd of its own with `daemon_json` as its daemon.json (for example runtimes with
+/// `runtimeArgs`, which `--add-runtime` cannot give); it has no runtimes but those the file
+/// registers. Dropping it removes its containers and stops it; one never dropped is stopped at
+/// process exit like the shared daemon.
+pub fn private_daemon(daemon_json: &serde_json::Value) -> PrivateDaemon {
+    let (daemon, child) = DockerDaemon::spawn(&[], Some(daemon_json));
+    OTHERS.lock().unwrap().push((daemon.clone(), child));
+    PrivateDaemon(daemon)
+}
+
+/// See [`private_daemon`].
+pub struct PrivateDaemon(DockerDaemon);
+
+impl std::ops::Deref for PrivateDaemon {
+    type Target = DockerDaemon;
+    fn deref(&self) -> &DockerDaemon {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDaemon {
+    fn drop(&mut self) {
+        let child = OTHERS.lock().ok().and_then(|mut g| {
+            let i = g.iter().position(|(d, _)| d.dir == self.0.dir)?;
+            Some(g.remove(i).1)
+        });
+        if child.is_some() {
+            shutdown(&self.0, child);
+        }
     }
 }
 
@@ -103,6 +151,17 @@ fn stop_child(child: &mut Child) {
 
 impl DockerDaemon {
     fn start(extra: &'static [&'static str]) -> DockerDaemon {
+        let (d, child) = Self::spawn(extra, None);
+        *CHILD.lock().unwrap() = Some(child);
+        d
+    }
+
+    /// Starts a dockerd with rootcell registered by `--add-runtime`, or with `config` as its
+    /// daemon.json instead; returns once it answers and has the busybox image.
+    fn spawn(
+        extra: &'static [&'static str],
+        config: Option<&serde_json::Value>,
+    ) -> (DockerDaemon, Child) {
         let art = artifacts();
         assert!(
             Path::new(DOCKERD).exists(),
@@ -123,19 +182,29 @@ impl DockerDaemon {
             .arg("--pidfile")
             .arg(dir.join("dockerd.pid"))
             .arg("--host")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--add-runtime")
-            .arg(format!("rootcell={}", art.bin.display()))
-            .arg("--add-runtime")
-            .arg(format!("kata-runtime={}", art.bin.display()))
-            .args(extra)
+            .arg(format!("unix://{}", socket.display()));
+        match config {
+            Some(config) => {
+                let file = dir.join("daemon.json");
+                std::fs::write(&file, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+                cmd.arg("--config-file").arg(file);
+            }
+            None => {
+                cmd.arg("--add-runtime")
+                    .arg(format!("rootcell={}", art.bin.display()))
+                    .arg("--add-runtime")
+                    .arg(format!("kata-runtime={}", art.bin.display()));
+            }
+        }
+        cmd.args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        let child = cmd.spawn().expect("start dockerd");
-        *CHILD.lock().unwrap() = Some(child);
-        // SAFETY: registering a plain extern "C" function to run at process exit.
-        unsafe { libc::atexit(stop_daemon_at_exit) };
+        let mut child = cmd.spawn().expect("start dockerd");
+        // SAFETY: registering a plain extern "C" function to run at process exit, once.
+        ATEXIT.call_once(|| unsafe {
+            libc::atexit(stop_daemon_at_exit);
+        });
         let d = DockerDaemon { dir, socket, extra };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -143,8 +212,9 @@ impl DockerDaemon {
             if o.status.success() {
                 break;
             }
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
                 let log = std::fs::read_to_string(d.dir.join("dockerd.log")).unwrap_or_default();
+                shutdown(&d, Some(child));
                 panic!(
                     "dockerd did not come up within 60 s; its log ends:\n{}",
                     tail(&log, 30)
@@ -153,7 +223,17 @@ impl DockerDaemon {
             std::thread::sleep(Duration::from_millis(200));
         }
         d.import_busybox();
-        d
+        (d, child)
+    }
+
+    /// The daemon's API socket (for clients other than the docker CLI: `DOCKER_HOST`).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's private directory (data-root, exec-root, socket, log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Runs `docker ARGS` against this daemon, bounded, output captured.
