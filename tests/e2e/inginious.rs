@@ -23,7 +23,7 @@
 
 use rootcell_e2e::artifacts;
 use rootcell_e2e::inginious::{Grading, Job};
-use rootcell_e2e::processes_mentioning;
+use rootcell_e2e::{processes_mentioning, run_dir};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -110,7 +110,7 @@ fn outcomes(j: &Job) -> Vec<(String, bool)> {
         .collect()
 }
 
-/// Nothing of a stopped Grading is left: no process and no mount mentions its directories.
+/// No process and no mount mentions any of `dirs`, within 20 s.
 fn check_nothing_left(c: &mut Checks, dirs: &[String], label: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -134,14 +134,36 @@ fn check_nothing_left(c: &mut Checks, dirs: &[String], label: &str) {
     }
 }
 
-/// Stops a Grading (agent, backend, containers, daemon) and checks nothing is left.
+/// Container ids (64 hex digits) the agent's log names: every grading and student container.
+fn logged_container_ids(log: &str) -> Vec<String> {
+    let mut ids: Vec<String> = log
+        .split(|ch: char| !ch.is_ascii_hexdigit())
+        .filter(|w| w.len() == 64)
+        .map(String::from)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Stops a Grading (agent, backend, containers, daemon) and checks nothing is left: no process
+/// or mount mentions its directories (dockerd, containerd, shims, sandboxes), and no VM of a
+/// container it ran (QEMU names the container's run dir) nor that run dir remains.
 fn finish(c: &mut Checks, g: Grading, label: &str) {
-    let dirs = vec![
+    let mut needles = vec![
         g.dir().to_string_lossy().into_owned(),
         g.daemon.dir().to_string_lossy().into_owned(),
     ];
+    let root = g.daemon.runtime_root();
+    let ids = logged_container_ids(&g.agent_log());
+    c.check(!ids.is_empty(), || format!("{label}: the agent's log names no container"));
+    let run_dirs: Vec<std::path::PathBuf> = ids.iter().map(|id| run_dir(&root, id)).collect();
+    needles.extend(run_dirs.iter().map(|d| d.to_string_lossy().into_owned()));
     drop(g);
-    check_nothing_left(c, &dirs, label);
+    check_nothing_left(c, &needles, label);
+    for d in &run_dirs {
+        c.check(!d.exists(), || format!("{label}: run dir {} left behind", d.display()));
+    }
 }
 
 #[test]
