@@ -51,6 +51,26 @@ impl Checks {
     }
 }
 
+/// Where a need_root job's wall time went, from the client's times and the grading script's own
+/// (its clock is the host's, within a second): submission to the script's start, the script,
+/// its end to the result; and how long the guest kernel had been up when the script started.
+fn breakdown(j: &Job, vm: bool) -> String {
+    let (t0, t1) = j.host_window();
+    let f = |k: &str| j.custom(k).as_f64().unwrap_or(f64::NAN);
+    let (start, end) = (f("t_start"), f("t_end"));
+    let mut s = format!(
+        "{:.1} s = submission -> grading script {:.1} + script {:.1} + script end -> result {:.1}",
+        t1 - t0,
+        start - t0,
+        end - start,
+        t1 - end
+    );
+    if vm {
+        s += &format!(" (guest kernel up {:.1} s when the script started)", f("uptime_at_start"));
+    }
+    s
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -188,6 +208,7 @@ fn inginious_grades_need_root_tasks_through_rootcell() {
         }
     }
     let rootcell_walls: Vec<f64> = need_root.iter().map(|j| j.wall()).collect();
+    let rootcell_breakdown: Vec<String> = need_root.iter().map(|j| breakdown(j, true)).collect();
 
     let rs = results.iter().find(|j| j.0["task"] == "run_student").unwrap();
     c.check(rs.result() == "success", || {
@@ -222,6 +243,7 @@ fn inginious_grades_need_root_tasks_through_rootcell() {
         check_need_root_job(&mut c, j, label, true);
     }
     let runc_walls: Vec<f64> = results.iter().map(|j| j.wall()).collect();
+    let runc_breakdown: Vec<String> = results.iter().map(|j| breakdown(j, false)).collect();
     let runc_outcomes = outcomes(&results[0]);
     c.check(runc_outcomes.iter().all(|(_, ok)| !ok), || {
         format!("{label}: expected every capability check to fail under runc: {runc_outcomes:?}")
@@ -260,5 +282,10 @@ fn inginious_grades_need_root_tasks_through_rootcell() {
         median(&runc_walls),
         fmt(&runc_walls)
     );
+    for (label, lines) in [("rootcell", &rootcell_breakdown), ("runc", &runc_breakdown)] {
+        for l in lines {
+            eprintln!("inginious:   {label}: {l}");
+        }
+    }
     assert!(c.0.is_empty(), "{} INGInious check(s) failed:\n- {}", c.0.len(), c.0.join("\n- "));
 }
