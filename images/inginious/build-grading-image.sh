@@ -51,6 +51,13 @@ if [ -f "$out/rootfs.tar" ] && [ -f "$out/changes" ]; then
     exit 0
 fi
 mkdir -p "$cache"
+# Concurrent builds wait for each other (the first one's result serves the others).
+exec 9>"$cache/inginious-image.lock"
+flock 9
+if [ -f "$out/rootfs.tar" ] && [ -f "$out/changes" ]; then
+    echo "$out"
+    exit 0
+fi
 
 work=$(mktemp -d "$cache/$name.XXXXXX")
 cleanup() {

@@ -18,13 +18,19 @@ name=build-inginious-venv
 key=$( { echo "inginious==$version"; "$python" --version; sha256sum "$0" | cut -d' ' -f1; } | sha256sum | cut -c1-16)
 out="$cache/inginious-venv-$key"
 # A venv's scripts name its directory in their #! lines, so it is built in place; .complete is
-# written last and marks a usable one.
+# written last and marks a usable one. Concurrent builds wait for each other.
+if [ -f "$out/.complete" ]; then
+    echo "$out"
+    exit 0
+fi
+mkdir -p "$cache"
+exec 9>"$out.lock"
+flock 9
 if [ -f "$out/.complete" ]; then
     echo "$out"
     exit 0
 fi
 rm -rf "$out"
-mkdir -p "$cache"
 echo "$name: creating $out" >&2
 "$python" -m venv "$out"
 echo "$name: pip install inginious==$version (from PyPI)" >&2
