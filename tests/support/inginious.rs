@@ -290,7 +290,10 @@ impl Grading {
 
 impl Drop for Grading {
     fn drop(&mut self) {
-        for child in [self.agent.take(), self.backend.take()].into_iter().flatten() {
+        for child in [self.agent.take(), self.backend.take()]
+            .into_iter()
+            .flatten()
+        {
             stop(child);
         }
         // Then the daemon (field order): its containers are removed and it stops.
