@@ -33,6 +33,7 @@ use commands::Global;
 use std::io::Write;
 
 fn main() {
+    rlimits::remember_callers();
     let cli = Cli::parse();
     if let Some(h) = cli.hypervisor {
         // The flag outranks the env; carried as the env, it reaches the re-executed sandbox

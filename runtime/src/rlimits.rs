@@ -4,6 +4,7 @@
 //! guest, so a program raising it to 1000 (INGInious does) fails with EPERM.
 
 use oci_spec::runtime::{PosixRlimit, PosixRlimitBuilder, PosixRlimitType, Process};
+use std::sync::OnceLock;
 
 /// Every resource OCI names, with its `getrlimit` number.
 const RESOURCES: [(PosixRlimitType, libc::__rlimit_resource_t); 16] = [
@@ -35,15 +36,27 @@ fn own_limit(resource: libc::__rlimit_resource_t) -> Option<(u64, u64)> {
     (unsafe { libc::getrlimit(resource, &mut rl) } == 0).then_some((rl.rlim_cur, rl.rlim_max))
 }
 
-/// Adds to `process` every limit it does not set, with the value this process has (the
-/// runtime's caller's: nothing in rootcell changes its own limits). Set limits win.
+/// The limits this process started with, by index in [`RESOURCES`].
+static CALLERS: OnceLock<Vec<Option<(u64, u64)>>> = OnceLock::new();
+
+/// Records the limits this process was started with: the caller's (`create` passes them on to
+/// the sandbox it spawns). Call first thing in `main`: later, the virtio-fs back end raises
+/// RLIMIT_NOFILE for itself.
+pub fn remember_callers() {
+    CALLERS.get_or_init(|| RESOURCES.iter().map(|(_, r)| own_limit(*r)).collect());
+}
+
+/// Adds to `process` every limit it does not set, with the value the caller had (see
+/// [`remember_callers`]). Set limits win.
 pub fn inherit(process: &mut Process) {
+    remember_callers();
+    let callers = CALLERS.get().cloned().unwrap_or_default();
     let mut limits: Vec<PosixRlimit> = process.rlimits().clone().unwrap_or_default();
-    for (typ, resource) in RESOURCES {
+    for (i, (typ, _)) in RESOURCES.into_iter().enumerate() {
         if limits.iter().any(|l| l.typ() == typ) {
             continue;
         }
-        let Some((soft, hard)) = own_limit(resource) else {
+        let Some((soft, hard)) = callers.get(i).copied().flatten() else {
             continue;
         };
         match PosixRlimitBuilder::default()

@@ -754,3 +754,45 @@ fn rm_f_of_ten_running_containers_leaves_nothing() {
         assert!(!root.join(id).exists(), "state left behind for {id}");
     }
 }
+
+/// CPU time charged to a container's host cgroup (v1 cpuacct), in seconds.
+fn cpuacct_secs(full_id: &str) -> f64 {
+    // cpuacct is mounted alone on these hosts, co-mounted with cpu on others.
+    let path = ["cpuacct", "cpu,cpuacct"]
+        .iter()
+        .map(|h| format!("/sys/fs/cgroup/{h}/docker/{full_id}/cpuacct.usage"))
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| panic!("no cpuacct cgroup for container {full_id}"));
+    let ns: u64 = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap();
+    ns as f64 / 1e9
+}
+
+#[test]
+fn booting_the_vm_is_not_charged_to_the_container_but_its_work_is() {
+    // INGInious reads a grading container's CPU time from this cgroup and kills it past its
+    // limit: booting the guest (2-4 CPU-s under TCG) must not count, the container's work must.
+    let d = daemon();
+    let id = run_detached(d, &[], "exec sleep 600");
+    let full = inspect(d, &id, "{{.Id}}");
+    std::thread::sleep(Duration::from_secs(5));
+    let idle = cpuacct_secs(&full);
+    assert!(
+        idle < 0.5,
+        "an idle container started 5 s ago has been charged {idle:.2} CPU-s (the boot?)"
+    );
+    // Work in the guest shows up there, and in docker stats.
+    ok(d, &["exec", &id, "sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"]);
+    let busy = cpuacct_secs(&full);
+    assert!(
+        busy > idle + 0.3,
+        "a busy loop in the guest was not charged to the container's cgroup ({idle:.2} -> {busy:.2} CPU-s)"
+    );
+    let stats = ok(d, &["stats", "--no-stream", "--format", "{{.CPUPerc}}", &id]);
+    assert!(stats.trim().ends_with('%'), "docker stats shows a CPU figure: {stats}");
+    println!("idle container after 5 s: {idle:.3} CPU-s; after a busy exec: {busy:.3} CPU-s");
+    ok(d, &["rm", "-f", &id]);
+}
