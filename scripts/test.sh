@@ -5,6 +5,10 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 scripts/build.sh
+# The workspace lints (Cargo.toml: missing docs, unsafe without SAFETY, broken doc links) and
+# clippy's defaults hold everywhere.
+cargo clippy --quiet --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --no-deps
 # shellcheck disable=SC1091
 source build/env
 export ROOTCELL_E2E=1

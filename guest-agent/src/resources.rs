@@ -7,7 +7,7 @@ use oci_spec::runtime::LinuxResources;
 use std::path::Path;
 
 /// Guest memory kept out of the container's reach, for the kernel and the agent.
-const AGENT_RESERVE: u64 = 32 << 20;
+pub const AGENT_RESERVE: u64 = 32 << 20;
 
 /// Applies the memory and pids limits of `res` to `cgroup`.
 ///

@@ -156,7 +156,7 @@ pub enum Command {
         /// Extra environment (KEY=VALUE), repeatable.
         #[arg(short, long)]
         env: Vec<String>,
-        /// UID[:GID].
+        /// `UID[:GID]`.
         #[arg(short, long)]
         user: Option<String>,
         /// Accepted for runc compatibility (no effect).

@@ -64,6 +64,7 @@ pub fn make_controlling(fd: &impl AsFd) -> std::io::Result<()> {
 pub fn window_size(fd: i32) -> Option<(u16, u16)> {
     // SAFETY: winsize is plain data; TIOCGWINSZ fills it.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes a winsize into `ws`; a bad fd only makes it fail.
     if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } < 0 || ws.ws_row == 0 {
         return None;
     }
@@ -127,6 +128,7 @@ mod tests {
         let n = msg.bytes;
         assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), pty.name);
         assert!(pty.name.starts_with("/dev/pts/"));
+        // SAFETY: closing the fd we received and own.
         unsafe { libc::close(fds[0]) };
     }
 }

@@ -374,6 +374,7 @@ mod tests {
         // SAFETY: the child only makes raw system calls.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
+            // SAFETY: the forked child touches fresh memory and exits; no locks are taken.
             unsafe {
                 touch_new_memory(bytes);
                 loop {

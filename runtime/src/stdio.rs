@@ -110,6 +110,7 @@ pub fn attach(uds: &Path, process: &str, mode: &TerminalMode) -> Result<Attached
     }
     // SAFETY: dups of our own stdio fds.
     let host_in = unsafe { OwnedFd::from_raw_fd(libc::dup(0)) };
+    // SAFETY: as above, for stdout.
     let host_out = unsafe { OwnedFd::from_raw_fd(libc::dup(1)) };
     let saved = console::set_raw(&host_in);
     let fd = host_in.as_raw_fd();

@@ -572,10 +572,8 @@ fn tty_session_types_reads_and_resizes() {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ on our pty master with a valid winsize.
-    assert_eq!(
-        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-        0
-    );
+    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    assert_eq!(rc, 0);
     // The resize travels client -> dockerd -> shim -> pty master -> rootcell -> guest: retry.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

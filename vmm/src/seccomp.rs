@@ -311,6 +311,7 @@ mod tests {
                 (rc, *libc::__errno_location())
             };
             // A listed syscall still works.
+            // SAFETY: getpid has no memory effects.
             let pid = unsafe { libc::getpid() };
             (open_rc, errno, pid)
         });
@@ -323,6 +324,7 @@ mod tests {
     fn unlisted_ioctl_is_denied() {
         let t = std::thread::spawn(|| {
             apply(&vcpu_filter(SeccompAction::Errno(libc::EPERM as u32)).unwrap()).unwrap();
+            // SAFETY: winsize is plain data.
             let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
             // SAFETY: TIOCGWINSZ writes a winsize into `ws`.
             let rc = unsafe { libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) };
@@ -380,6 +382,7 @@ mod tests {
                 // SAFETY: execve with a valid path and empty argv/envp; fails under the filter.
                 let argv: [*const libc::c_char; 2] = [c"/bin/true".as_ptr(), std::ptr::null()];
                 let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+                // SAFETY: see above.
                 let rc =
                     unsafe { libc::execve(c"/bin/true".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
                 (rc, std::io::Error::last_os_error().raw_os_error())
@@ -391,9 +394,11 @@ mod tests {
     #[test]
     fn prlimit_is_allowed_only_on_the_thread_s_own_process() {
         let r = confined(fs_io_filter, || {
+            // SAFETY: rlimit is plain data.
             let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
             // SAFETY: prlimit with a valid out pointer.
             let own = unsafe { libc::prlimit(0, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
+            // SAFETY: as above; pid 1 is refused by the filter.
             let other =
                 unsafe { libc::prlimit(1, libc::RLIMIT_NOFILE, std::ptr::null(), &mut lim) };
             (own, other, std::io::Error::last_os_error().raw_os_error())

@@ -122,10 +122,8 @@ mod tests {
         drop(mem);
         // Still mapped after the view is gone.
         // SAFETY: as above.
-        assert_eq!(
-            unsafe { *(addr.cast::<u8>().add(0x10).cast::<u32>()) },
-            0xdead_beef
-        );
+        let still = unsafe { *(addr.cast::<u8>().add(0x10).cast::<u32>()) };
+        assert_eq!(still, 0xdead_beef);
         // SAFETY: unmapping the test's own mapping.
         unsafe { libc::munmap(addr, len) };
     }

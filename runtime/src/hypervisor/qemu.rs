@@ -255,6 +255,7 @@ fn peek_exit(pid: i32, extra: i32) -> Option<i32> {
     loop {
         // SAFETY: siginfo_t is plain data; waitid fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes into `info`, which lives across the call.
         let r = unsafe {
             libc::waitid(
                 libc::P_PID,
@@ -299,7 +300,8 @@ impl Vm for QemuVm {
     fn kill(&self) {
         if let Ok(guard) = self.child.lock() {
             if guard.is_some() {
-                // Not reaped yet, so the pid cannot have been reused.
+                // SAFETY: kill(2) has no memory effects; the child is not reaped yet, so the
+                // pid cannot have been reused.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
             }
         }

@@ -12,6 +12,7 @@ fn unix_name(fd: RawFd) -> Option<Vec<u8>> {
     // SAFETY: sockaddr_un is plain data; getsockname writes at most `len` bytes into it.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are valid for writes and `len` is the size of `addr`.
     let rc =
         unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len) };
     if rc != 0 || addr.sun_family != libc::AF_UNIX as libc::sa_family_t {
