@@ -6,7 +6,7 @@
 use crate::agent::{self, AgentClient, AgentNotice};
 use crate::control::{ControlRequest, ControlResponse};
 use crate::hypervisor::{NetCard, Vm, VmConfig};
-use crate::state::{ContainerState, Status};
+use crate::state::{Action, ContainerState, StateError, Status};
 use crate::stdio::{self, Attached, Streams, TerminalMode};
 use crate::{console, hooks, paths, share, spec};
 use anyhow::{anyhow, bail, Context, Result};
@@ -799,29 +799,33 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
         .lock()
         .map(|s| s.status)
         .unwrap_or(Status::Stopped);
+    let action = match &req {
+        ControlRequest::Ping | ControlRequest::Resize { .. } | ControlRequest::Exec { .. } => None,
+        ControlRequest::Start => Some(Action::Start),
+        ControlRequest::Pause => Some(Action::Pause),
+        ControlRequest::Resume => Some(Action::Resume),
+        ControlRequest::Update { .. } => Some(Action::Update),
+        ControlRequest::Signal { .. } => Some(Action::Signal),
+    };
+    if let Some(Err(error)) = action.map(|a| status.check(a)) {
+        return ControlResponse::Refused { error };
+    }
+    // Moves the recorded status on once the action is done, unless something else (the exit)
+    // moved it meanwhile.
+    let advance = |a: Action| {
+        shared.update(|s| {
+            if s.status == status {
+                s.status = status.after(a);
+            }
+        })
+    };
     match req {
         ControlRequest::Ping => ControlResponse::Ok,
         ControlRequest::Pause | ControlRequest::Resume => {
             let pause = req == ControlRequest::Pause;
-            let (from, to) = if pause {
-                (Status::Running, Status::Paused)
-            } else {
-                (Status::Paused, Status::Running)
-            };
-            if status != from {
-                return err(format!(
-                    "container is {}, not {}",
-                    status.as_str(),
-                    from.as_str()
-                ));
-            }
             match shared.vm.set_paused(pause) {
                 Ok(()) => {
-                    shared.update(|s| {
-                        if s.status == from {
-                            s.status = to;
-                        }
-                    });
+                    advance(if pause { Action::Pause } else { Action::Resume });
                     // The guest's clock stood still while the VM was frozen.
                     if !pause {
                         if let Err(e) = crate::clock::sync(&shared.agent) {
@@ -837,11 +841,6 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
             }
         }
         ControlRequest::Start => {
-            match status {
-                Status::Created => {}
-                Status::Running => return err(crate::error::RuntimeError::StartRunning.to_string()),
-                _ => return err(crate::error::RuntimeError::StartStopped.to_string()),
-            }
             let _s = tracing::info_span!("container_start").entered();
             if let Err(e) = crate::clock::sync(&shared.agent) {
                 tracing::warn!("cannot set the guest's clock before the start: {e:#}");
@@ -851,11 +850,7 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 .request(Request::Start, Duration::from_secs(30))
             {
                 Ok(Response::Ok) | Ok(Response::Created { .. }) => {
-                    shared.update(|s| {
-                        if s.status == Status::Created {
-                            s.status = Status::Running;
-                        }
-                    });
+                    advance(Action::Start);
                     ControlResponse::Ok
                 }
                 Ok(Response::Error { message, .. }) => err(message),
@@ -877,9 +872,6 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
             },
         ),
         ControlRequest::Update { memory, pids } => {
-            if !matches!(status, Status::Created | Status::Running) {
-                return err(format!("container is {}, not running", status.as_str()));
-            }
             forward(shared, Request::UpdateLimits { memory, pids })
         }
         ControlRequest::Signal {
@@ -887,9 +879,6 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
             all,
             process,
         } => {
-            if !matches!(status, Status::Created | Status::Running) {
-                return err("container not running".into());
-            }
             let req = Request::Signal {
                 process: process.unwrap_or_else(|| INIT_PROCESS.into()),
                 signal,
@@ -900,7 +889,9 @@ fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 Ok(Response::Error {
                     code: rootcell_protocol::ErrorCode::NoSuchProcess,
                     ..
-                }) => err("container not running".into()),
+                }) => ControlResponse::Refused {
+                    error: StateError::NotRunning,
+                },
                 Ok(Response::Error { message, .. }) => err(message),
                 Ok(other) => err(format!("unexpected answer to Signal: {other:?}")),
                 Err(e) => err(e.to_string()),

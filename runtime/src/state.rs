@@ -22,6 +22,48 @@ pub enum Status {
 }
 
 impl Status {
+    /// Whether `action` is allowed in this status.
+    pub fn check(self, action: Action) -> Result<(), StateError> {
+        use Status::*;
+        let live = matches!(self, Created | Running);
+        match action {
+            Action::Start => match self {
+                Created => Ok(()),
+                Running | Paused => Err(StateError::StartRunning),
+                Creating | Stopped => Err(StateError::StartStopped),
+            },
+            // A signal to a paused VM would wait for a guest that cannot answer.
+            Action::Signal if live => Ok(()),
+            Action::Signal => Err(StateError::NotRunning),
+            Action::Exec | Action::Update if live => Ok(()),
+            Action::Exec | Action::Update if self == Paused => Err(StateError::Paused),
+            Action::Exec | Action::Update => Err(StateError::NotRunning),
+            Action::Pause => self.require(Running),
+            Action::Resume => self.require(Paused),
+        }
+    }
+
+    /// The status after `action` succeeded (unchanged for actions that do not move it).
+    pub fn after(self, action: Action) -> Status {
+        match action {
+            Action::Start => Status::Running,
+            Action::Pause => Status::Paused,
+            Action::Resume => Status::Running,
+            _ => self,
+        }
+    }
+
+    fn require(self, wanted: Status) -> Result<(), StateError> {
+        if self == wanted {
+            Ok(())
+        } else {
+            Err(StateError::Wrong {
+                status: self,
+                wanted,
+            })
+        }
+    }
+
     /// The lowercase name, as in OCI state.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -32,6 +74,51 @@ impl Status {
             Status::Stopped => "stopped",
         }
     }
+}
+
+/// What a command asks of a container. [`Status::check`] says whether its status allows it:
+/// the lifecycle's rules in one place, for the CLI and the sandbox alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Run the user program (`start`).
+    Start,
+    /// Run another process (`exec`).
+    Exec,
+    /// Send a signal (`kill`).
+    Signal,
+    /// Freeze the VM (`pause`).
+    Pause,
+    /// Thaw the VM (`resume`).
+    Resume,
+    /// Change limits (`update`).
+    Update,
+}
+
+/// A command its container's status does not allow, worded as runc words it where callers match
+/// on the text (Docker's shim, the OCI runtime-tools suite).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StateError {
+    /// `start` of a stopped container.
+    #[error("cannot start a container that has stopped")]
+    StartStopped,
+    /// `start` of a running (or paused) container.
+    #[error("cannot start an already running container")]
+    StartRunning,
+    /// A signal to a container with no live process.
+    #[error("container not running")]
+    NotRunning,
+    /// Something the frozen VM cannot answer.
+    #[error("the container is paused; resume it first")]
+    Paused,
+    /// Anything else the status does not allow.
+    #[error("container is {}, not {}", status.as_str(), wanted.as_str())]
+    Wrong {
+        /// The status it has.
+        status: Status,
+        /// The status the command needs.
+        wanted: Status,
+    },
 }
 
 /// Everything rootcell records about a container.
@@ -166,6 +253,41 @@ mod tests {
             poststart: vec![],
             poststop: vec![],
         }
+    }
+
+    #[test]
+    fn lifecycle_rules() {
+        use Action::*;
+        use Status::*;
+        let all = [Creating, Created, Running, Paused, Stopped];
+        let allowed = |a: Action| -> Vec<Status> {
+            all.into_iter().filter(|s| s.check(a).is_ok()).collect()
+        };
+        assert_eq!(allowed(Start), [Created]);
+        assert_eq!(allowed(Exec), [Created, Running]);
+        assert_eq!(allowed(Signal), [Created, Running]);
+        assert_eq!(allowed(Update), [Created, Running]);
+        assert_eq!(allowed(Pause), [Running]);
+        assert_eq!(allowed(Resume), [Paused]);
+        // The words callers match on.
+        assert_eq!(
+            Stopped.check(Start).unwrap_err().to_string(),
+            "cannot start a container that has stopped"
+        );
+        assert_eq!(
+            Running.check(Start).unwrap_err().to_string(),
+            "cannot start an already running container"
+        );
+        assert_eq!(Stopped.check(Signal).unwrap_err(), StateError::NotRunning);
+        assert_eq!(Paused.check(Exec).unwrap_err(), StateError::Paused);
+        assert_eq!(
+            Created.check(Pause).unwrap_err().to_string(),
+            "container is created, not running"
+        );
+        assert_eq!(Created.after(Start), Running);
+        assert_eq!(Running.after(Pause), Paused);
+        assert_eq!(Paused.after(Resume), Running);
+        assert_eq!(Running.after(Exec), Running);
     }
 
     #[test]

@@ -6,7 +6,6 @@ use super::create::{reap_failed, spawn_helper, wait_ready, write_pid_file};
 use super::Global;
 use crate::control::{ControlRequest, ControlResponse};
 use crate::sandbox::Ready;
-use crate::state::Status;
 use crate::stdio::{self, Attached, TerminalMode};
 use crate::{paths, spec};
 use anyhow::{bail, Context, Result};
@@ -87,11 +86,9 @@ fn build_process(bundle: &Path, o: &ExecOptions) -> Result<Process> {
 pub fn exec(g: &Global, id: &str, o: &ExecOptions) -> Result<i32> {
     let _span = tracing::info_span!("exec", id).entered();
     let st = g.load(id)?.refreshed();
-    match st.status {
-        Status::Created | Status::Running => {}
-        Status::Paused => bail!("cannot exec in a paused container {id}; resume it first"),
-        _ => bail!("cannot exec in a stopped container {id}"),
-    }
+    st.status
+        .check(crate::state::Action::Exec)
+        .with_context(|| format!("cannot exec in container {id}"))?;
     let mut process = build_process(&st.bundle, o)?;
     crate::rlimits::inherit(&mut process);
     let terminal = process.terminal().unwrap_or(false);

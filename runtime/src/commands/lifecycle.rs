@@ -29,6 +29,7 @@ pub fn start(g: &Global, id: &str) -> Result<()> {
     ) {
         Ok(ControlResponse::Ok) | Ok(ControlResponse::Exited { .. }) => {}
         Ok(ControlResponse::Error { message }) => bail!("{message}"),
+        Ok(ControlResponse::Refused { error }) => return Err(error.into()),
         Ok(ControlResponse::ProcessFailed { message, status }) => {
             return Err(RuntimeError::Process {
                 msg: message,
@@ -83,9 +84,10 @@ pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
     };
     match control::call(&st.control_socket(), &req, Duration::from_secs(8)) {
         Ok(ControlResponse::Ok) => Ok(()),
-        Ok(ControlResponse::Error { message }) if message.contains("container not running") => {
-            Err(RuntimeError::NotRunning(id.to_string()).into())
-        }
+        Ok(ControlResponse::Refused {
+            error: crate::state::StateError::NotRunning,
+        }) => Err(RuntimeError::NotRunning(id.to_string()).into()),
+        Ok(ControlResponse::Refused { error }) if sig != libc::SIGKILL => bail!("{error}"),
         Ok(ControlResponse::Error { message }) if sig != libc::SIGKILL => bail!("{message}"),
         other => {
             // SIGKILL must work even when the guest does not answer: kill the sandbox itself

@@ -6,7 +6,6 @@
 use super::Global;
 use crate::cgroup;
 use crate::control::{self, ControlRequest, ControlResponse};
-use crate::state::Status;
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::LinuxResources;
 use std::io::Read;
@@ -15,12 +14,10 @@ use std::time::Duration;
 /// `update`: applies `resources` (a file, or `-` for stdin) to container `id`.
 pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
     let st = g.load(id)?.refreshed();
-    if !matches!(
-        st.status,
-        Status::Created | Status::Running | Status::Paused
-    ) {
-        bail!("cannot update container {id}: container not running");
-    }
+    // Memory and pids limits are set by the agent, which a paused VM cannot run.
+    st.status
+        .check(crate::state::Action::Update)
+        .with_context(|| format!("cannot update container {id}"))?;
     let text = match resources {
         Some("-") | None => {
             let mut s = String::new();
@@ -37,10 +34,12 @@ pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
     let (memory, pids) = guest_limits(&res);
     if memory.is_some() || pids.is_some() {
         let req = ControlRequest::Update { memory, pids };
-        if let ControlResponse::Error { message } =
-            control::call(&st.control_socket(), &req, Duration::from_secs(10))?
-        {
-            bail!("cannot update container {id}: {message}");
+        match control::call(&st.control_socket(), &req, Duration::from_secs(10))? {
+            ControlResponse::Error { message } => bail!("cannot update container {id}: {message}"),
+            ControlResponse::Refused { error } => {
+                return Err(error).with_context(|| format!("cannot update container {id}"))
+            }
+            _ => {}
         }
     }
     let Some(cpu) = res.cpu().as_ref() else {
