@@ -16,7 +16,8 @@
 //!   [`devices::virtio::vsock`] and [`devices::virtio::fs`] wrap the device logic the QEMU backend
 //!   serves over vhost-user, [`devices::virtio::net`] moves frames to and from a tap; each runs
 //!   on its own I/O thread.
-//! - [`sandbox`]: the entry point for the runtime: one container's VM with its devices.
+//! - [`builder`]: the entry point for the runtime: one container's configuration in, its
+//!   running VM with the vsock, virtio-fs and virtio-net devices out.
 //! - [`seccomp`]: the syscall allowlists for vCPU, device I/O and VMM control threads.
 //! - [`exit`]: why a VM ended; [`error`]: why it could not start.
 //!
@@ -34,13 +35,13 @@
 //! ```
 
 pub mod arch;
+pub mod builder;
 pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod loader;
 pub mod memory;
 pub mod pause;
-pub mod sandbox;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

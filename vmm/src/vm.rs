@@ -78,7 +78,7 @@ pub struct VmConfig {
     /// Confine each vCPU thread with [`crate::seccomp::vcpu_filter`] (a violation kills the
     /// process). Device activation and reset run on a vCPU thread: the vsock and virtio-fs
     /// devices only hand them to their I/O threads, so they work under it (and
-    /// [`crate::sandbox`] turns it on). Off by default for devices that may need more.
+    /// [`crate::builder`] turns it on). Off by default for devices that may need more.
     pub seccomp: bool,
 }
 

@@ -4,7 +4,7 @@
 //! and its devices with it.
 
 use super::{Hypervisor, HypervisorError, Vm, VmConfig};
-use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm, NetConfig, RunningBuiltinVm, BASE_CMDLINE};
+use rootcell_vmm::builder::{BuiltinConfig, BuiltinVm, NetConfig, RunningBuiltinVm, BASE_CMDLINE};
 use rootcell_vmm::VmExit;
 use std::io::Write;
 use std::path::{Path, PathBuf};

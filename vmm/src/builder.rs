@@ -1,7 +1,10 @@
-//! The built-in backend for one container: a VM with the guest kernel and initramfs, a
-//! virtio-vsock device (hybrid unix socket on the host) and a virtio-fs share, which is all the
-//! runtime needs to reach the guest agent, plus one virtio-net card per tap the runtime hands
-//! in. This is the entry point the runtime calls when it picks the `builtin` hypervisor.
+//! The VM builder, in Firecracker's sense: configuration in, running VM out.
+//! [`BuiltinVm::start`] takes a [`BuiltinConfig`] (guest kernel and initramfs, RAM, vCPUs, the
+//! hybrid vsock socket, the virtio-fs share, one virtio-net card per tap the runtime hands in),
+//! opens the devices, builds the [`Vm`] with them attached and starts it, and hands back a
+//! [`RunningBuiltinVm`]. That is all the runtime needs to reach the guest agent, and the entry
+//! point it calls when it picks the `builtin` hypervisor; [`crate::vm`] is the layer below
+//! (one VM, any devices).
 //!
 //! Every thread the VM adds to the caller's process is confined by seccomp: vCPU threads by
 //! their allowlist (device activation and reset only hand work to the devices' I/O threads,
@@ -10,7 +13,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm};
+//! use rootcell_vmm::builder::{BuiltinConfig, BuiltinVm};
 //! let mut config = BuiltinConfig::new("/path/vmlinux", "/run/c1/vsock.sock", "/run/c1/rootfs");
 //! config.initramfs = Some("/path/initramfs.cpio.gz".into());
 //! config.console_log = Some("/run/c1/console.log".into());
@@ -97,7 +100,8 @@ impl BuiltinConfig {
     }
 }
 
-/// Starts the builtin backend.
+/// The builder of the `builtin` backend: [`BuiltinVm::start`] turns a [`BuiltinConfig`] into a
+/// [`RunningBuiltinVm`].
 #[derive(Debug)]
 pub struct BuiltinVm;
 

@@ -14,7 +14,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rootcell_vmm::sandbox::{BuiltinConfig, BuiltinVm, NetConfig};
+use rootcell_vmm::builder::{BuiltinConfig, BuiltinVm, NetConfig};
 use rootcell_vmm::Error;
 
 use common::find_vmlinux;
