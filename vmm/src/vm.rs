@@ -12,13 +12,11 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot_params, cpuid, layout, mptable, paging, regs};
-use crate::devices::virtio::{
-    mmio::{self, MmioTransport},
-    VirtioDevice,
-};
+use crate::devices::virtio::{mmio::MmioTransport, VirtioDevice};
 use crate::devices::{i8042, serial, Bus, MmioDevice};
 use crate::error::{kvm, Error, Result};
 use crate::exit::{ExitLatch, VmExit};
@@ -234,7 +232,7 @@ impl Vm {
         let transport = MmioTransport::new(device, self.mem.clone(), irq_evt)
             .map_err(|e| Error::Device(format!("virtio-mmio transport: {e}")))?;
         for (i, evt) in transport.queue_evts().iter().enumerate() {
-            let addr = IoEventAddress::Mmio(slot.base + mmio::QUEUE_NOTIFY);
+            let addr = IoEventAddress::Mmio(slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
             self.vm_fd
                 .register_ioevent(evt, &addr, i as u32)
                 .map_err(kvm("KVM_IOEVENTFD"))?;

@@ -6,9 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::virtq::{Buf, MmioDriver, EVENT_IDX};
+use common::virtq::{Buf, MmioDriver};
 use rootcell_fs::FsConfig;
 use rootcell_vmm::devices::virtio::fs::VirtioFs;
+use rootcell_vmm::devices::virtio::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
 
 const REQUEST_QUEUE: usize = 1;
 const FUSE_LOOKUP: u32 = 1;
@@ -40,7 +43,15 @@ impl Client {
         )
         .unwrap();
         let mut drv = MmioDriver::new(Box::new(dev));
-        drv.probe(26, if event_idx { EVENT_IDX } else { 0 }, 2);
+        drv.probe(
+            VIRTIO_ID_FS,
+            if event_idx {
+                VIRTIO_RING_F_EVENT_IDX
+            } else {
+                0
+            },
+            2,
+        );
         let cfg = drv.config(40);
         assert_eq!(&cfg[..9], b"rootcell\0", "tag in config space");
         assert_eq!(u32::from_le_bytes(cfg[36..40].try_into().unwrap()), 1);
@@ -179,8 +190,8 @@ fn reset_and_probe_again_serves_a_fresh_session() {
     c.init();
     c.lookup(ROOT, "hello.txt").unwrap();
     c.drv.reset();
-    assert_eq!(c.drv.read(0x70), 0);
-    c.drv.probe(26, 0, 2);
+    assert_eq!(c.drv.read(VIRTIO_MMIO_STATUS), 0);
+    c.drv.probe(VIRTIO_ID_FS, 0, 2);
     c.unique = 0;
     c.init();
     let (node, _) = c.lookup(ROOT, "hello.txt").unwrap();

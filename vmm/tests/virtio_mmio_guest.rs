@@ -10,6 +10,9 @@ use std::time::Duration;
 use rootcell_vmm::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use rootcell_vmm::memory::GuestMemoryMmap;
 use rootcell_vmm::{SerialOutput, Vm, VmConfig, VmExit};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+
+use common::guest_driver::{bring_up, store_all};
 
 #[derive(Default)]
 struct Seen {
@@ -42,14 +45,6 @@ impl VirtioDevice for Probe {
     }
 }
 
-/// `mov eax, imm32; mov [abs64], eax`
-fn store(code: &mut Vec<u8>, addr: u64, value: u32) {
-    code.push(0xb8);
-    code.extend_from_slice(&value.to_le_bytes());
-    code.push(0xa3);
-    code.extend_from_slice(&addr.to_le_bytes());
-}
-
 fn program(base: u64) -> Vec<u8> {
     let mut c = Vec::new();
     // mov eax, [base] (magic); cmp eax, "virt"; jne fail
@@ -60,23 +55,10 @@ fn program(base: u64) -> Vec<u8> {
     c.extend_from_slice(&[0x0f, 0x85, 0, 0, 0, 0]); // jne rel32, patched below
                                                     // mov dx, 0x3f8; mov al, 'V'; out dx, al
     c.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xb0, b'V', 0xee]);
-    for (off, v) in [
-        (0x70, 1),         // ACKNOWLEDGE
-        (0x70, 3),         // DRIVER
-        (0x24, 1),         // DriverFeaturesSel = 1
-        (0x20, 1),         // VIRTIO_F_VERSION_1
-        (0x70, 0xb),       // FEATURES_OK
-        (0x30, 0),         // QueueSel = 0
-        (0x38, 16),        // QueueNum
-        (0x80, 0x20_0000), // desc
-        (0x90, 0x20_4000), // avail
-        (0xa0, 0x20_8000), // used
-        (0x44, 1),         // QueueReady
-        (0x70, 0xf),       // DRIVER_OK
-        (0x50, 0),         // QueueNotify(0): handled by the ioeventfd
-    ] {
-        store(&mut c, base + off, v);
-    }
+    let mut writes = bring_up(&[(0, 16, 0x20_0000)]);
+    // QueueNotify(0): handled by the ioeventfd.
+    writes.push((VIRTIO_MMIO_QUEUE_NOTIFY, 0));
+    store_all(&mut c, base, &writes);
     let fail = c.len();
     let rel = (fail - (jne_at + 6)) as i32;
     c[jne_at + 2..jne_at + 6].copy_from_slice(&rel.to_le_bytes());

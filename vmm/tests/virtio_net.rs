@@ -11,12 +11,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::virtq::{Buf, MmioDriver, Used, EVENT_IDX};
+use common::virtq::{Buf, MmioDriver, Used};
 use rootcell_vmm::devices::virtio::net::{
-    NetConfig, NetDevice, NetDeviceError, NET_HDR_LEN, VIRTIO_ID_NET, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MTU,
+    NetConfig, NetDevice, NetDeviceError, NET_HDR_LEN, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MTU,
 };
-use rootcell_vmm::devices::virtio::VIRTIO_F_VERSION_1;
+use rootcell_vmm::devices::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
+use virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -248,7 +250,14 @@ fn probe(
 
 fn frames_both_ways(event_idx: bool) {
     let tap = Tap::new();
-    let (mut drv, counters) = probe(&tap, if event_idx { EVENT_IDX } else { 0 });
+    let (mut drv, counters) = probe(
+        &tap,
+        if event_idx {
+            VIRTIO_RING_F_EVENT_IDX
+        } else {
+            0
+        },
+    );
     for _ in 0..16 {
         drv.offer(RX, &[Buf::Writable(RX_BUF)]);
     }
@@ -268,7 +277,7 @@ fn frames_both_ways(event_idx: bool) {
     // frame if the device passed it through, and the guest never negotiated offloads.
     let f = frame(2, 300);
     let mut hdr = vec![0u8; NET_HDR_LEN];
-    hdr[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+    hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
     hdr[6..8].copy_from_slice(&60000u16.to_le_bytes()); // csum_start
     let head = drv.send(
         TX,
@@ -500,7 +509,7 @@ fn without_rx_buffers_the_device_waits_instead_of_spinning() {
 fn reset_and_reprobe_keep_the_tap_working() {
     in_netns("reset_and_reprobe_keep_the_tap_working", || {
         let tap = Tap::new();
-        let (mut drv, _) = probe(&tap, EVENT_IDX);
+        let (mut drv, _) = probe(&tap, VIRTIO_RING_F_EVENT_IDX);
         drv.send(
             TX,
             &[
@@ -510,7 +519,7 @@ fn reset_and_reprobe_keep_the_tap_working() {
         );
         assert_eq!(tap.capture(T).expect("frame before reset"), frame(1, 64));
         drv.reset();
-        assert_eq!(drv.read(0x070), 0, "status after reset");
+        assert_eq!(drv.read(VIRTIO_MMIO_STATUS), 0, "status after reset");
         drv.probe(VIRTIO_ID_NET, 0, 2);
         drv.send(RX, &[Buf::Writable(RX_BUF)]);
         tap.inject(&frame(2, 64));

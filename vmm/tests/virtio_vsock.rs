@@ -10,9 +10,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::virtq::{Buf, MmioDriver, EVENT_IDX};
+use common::virtq::{Buf, MmioDriver};
 use rootcell_vmm::devices::virtio::vsock::VsockDevice;
+use rootcell_vmm::devices::virtio::VIRTIO_RING_F_EVENT_IDX;
 use rootcell_vsock::VsockConfig;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -124,8 +127,16 @@ impl Guest {
     }
 
     fn probe(&mut self, event_idx: bool) {
-        let features = self.drv.probe(19, if event_idx { EVENT_IDX } else { 0 }, 3);
-        assert_eq!(features & EVENT_IDX != 0, event_idx);
+        let features = self.drv.probe(
+            VIRTIO_ID_VSOCK,
+            if event_idx {
+                VIRTIO_RING_F_EVENT_IDX
+            } else {
+                0
+            },
+            3,
+        );
+        assert_eq!(features & VIRTIO_RING_F_EVENT_IDX != 0, event_idx);
         assert_eq!(
             self.drv.config(8),
             GUEST_CID.to_le_bytes(),
@@ -257,7 +268,7 @@ fn device_reset_drops_connections_and_the_device_comes_back() {
     assert_eq!(g.recv().0.op, OP_RESPONSE);
     let (mut host, _) = listener.accept().unwrap();
     g.drv.reset();
-    assert_eq!(g.drv.read(0x70), 0, "reset completed");
+    assert_eq!(g.drv.read(VIRTIO_MMIO_STATUS), 0, "reset completed");
     host.set_read_timeout(Some(T)).unwrap();
     let mut b = [0u8; 8];
     assert_eq!(host.read(&mut b).unwrap(), 0, "host end closed by reset");

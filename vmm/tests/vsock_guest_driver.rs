@@ -14,21 +14,16 @@ use std::time::{Duration, Instant};
 use rootcell_vmm::devices::virtio::vsock::VsockDevice;
 use rootcell_vmm::{SerialOutput, Vm, VmConfig, VmExit};
 use rootcell_vsock::VsockConfig;
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_STATUS};
 use vm_memory::{Bytes, GuestAddress};
+
+use common::guest_driver::{bring_up, store, store_all};
 
 const RX_RINGS: u64 = 0x20_0000;
 const TX_RINGS: u64 = 0x21_0000;
 const TX_PACKET: u64 = 0x22_0000;
 const RX_BUFFERS: u64 = 0x23_0000;
 const QSIZE: u32 = 16;
-
-/// `mov eax, imm32; mov [abs64], eax`
-fn store(code: &mut Vec<u8>, addr: u64, value: u32) {
-    code.push(0xb8);
-    code.extend_from_slice(&value.to_le_bytes());
-    code.push(0xa3);
-    code.extend_from_slice(&addr.to_le_bytes());
-}
 
 /// `mov dx, 0x3f8; mov al, c; out dx, al`
 fn putc(code: &mut Vec<u8>, c: u8) {
@@ -38,30 +33,11 @@ fn putc(code: &mut Vec<u8>, c: u8) {
 fn program(base: u64) -> Vec<u8> {
     let mut c = Vec::new();
     putc(&mut c, b'V');
-    let mut regs = vec![
-        (0x70, 1),   // ACKNOWLEDGE
-        (0x70, 3),   // DRIVER
-        (0x24, 1),   // DriverFeaturesSel = 1
-        (0x20, 1),   // VIRTIO_F_VERSION_1 (no EVENT_IDX: every used entry interrupts)
-        (0x70, 0xb), // FEATURES_OK
-    ];
-    for (q, rings) in [(0u32, RX_RINGS), (1, TX_RINGS)] {
-        regs.extend([
-            (0x30, q),
-            (0x38, QSIZE),
-            (0x80, rings as u32),
-            (0x90, rings as u32 + 0x4000),
-            (0xa0, rings as u32 + 0x8000),
-            (0x44, 1),
-        ]);
-    }
-    regs.extend([
-        (0x70, 0xf), // DRIVER_OK: activation on this vCPU thread
-        (0x50, 1),   // QueueNotify(TX): through the ioeventfd
-    ]);
-    for (off, v) in regs {
-        store(&mut c, base + off, v);
-    }
+    let mut writes = bring_up(&[(0, QSIZE, RX_RINGS as u32), (1, QSIZE, TX_RINGS as u32)]);
+    // DRIVER_OK (the last of those) activates on this vCPU thread; QueueNotify(TX) goes
+    // through the ioeventfd.
+    writes.push((VIRTIO_MMIO_QUEUE_NOTIFY, 1));
+    store_all(&mut c, base, &writes);
     // spin: mov ax, [rx used idx]; test ax, ax; jz spin
     let spin = c.len();
     c.extend_from_slice(&[0x66, 0xa1]);
@@ -70,7 +46,8 @@ fn program(base: u64) -> Vec<u8> {
     let rel = spin as i64 - (c.len() as i64 + 1);
     c.push(rel as i8 as u8);
     putc(&mut c, b'R');
-    store(&mut c, base + 0x70, 0); // device reset: also on this vCPU thread
+    // Device reset: also on this vCPU thread.
+    store(&mut c, base + u64::from(VIRTIO_MMIO_STATUS), 0);
     putc(&mut c, b'Z');
     // mov al, 0xfe; out 0x64, al; hlt
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4]);

@@ -7,18 +7,21 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use rootcell_vmm::devices::virtio::mmio::{MmioTransport, MMIO_MAGIC};
-use rootcell_vmm::devices::virtio::{
-    ActivateError, ActiveQueue, Interrupt, VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED,
-};
+use rootcell_vmm::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use rootcell_vmm::devices::MmioDevice;
 use rootcell_vmm::memory::{create_guest_memory, GuestMemoryMmap};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE;
 use vmm_sys_util::eventfd::EventFd;
 
 struct Dev;
 
 impl VirtioDevice for Dev {
     fn device_type(&self) -> u32 {
-        19
+        VIRTIO_ID_VSOCK
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[256, 256, 64]
@@ -62,13 +65,13 @@ fuzz_target!(|data: &[u8]| {
             t.read(offset, &mut value[..width]);
         }
         let mut magic = [0u8; 4];
-        t.read(0, &mut magic);
+        t.read(VIRTIO_MMIO_MAGIC_VALUE.into(), &mut magic);
         assert_eq!(u32::from_le_bytes(magic), MMIO_MAGIC);
         if t.is_activated() {
-            assert_ne!(t.status() & STATUS_DRIVER_OK, 0, "activated without DRIVER_OK");
+            assert_ne!(t.status() & VIRTIO_CONFIG_S_DRIVER_OK, 0, "activated without DRIVER_OK");
         }
-        if t.status() & STATUS_DRIVER_OK != 0 && t.status() & STATUS_FAILED == 0 {
-            assert!(t.is_activated() || t.status() & 64 != 0, "DRIVER_OK accepted but device neither active nor failed");
+        if t.status() & VIRTIO_CONFIG_S_DRIVER_OK != 0 && t.status() & VIRTIO_CONFIG_S_FAILED == 0 {
+            assert!(t.is_activated() || t.status() & VIRTIO_CONFIG_S_NEEDS_RESET != 0, "DRIVER_OK accepted but device neither active nor failed");
         }
     }
 });

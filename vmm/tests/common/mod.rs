@@ -2,6 +2,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod guest_driver;
 pub mod virtq;
 
 use std::io::Write;

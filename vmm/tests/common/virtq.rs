@@ -8,40 +8,18 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use rootcell_vmm::devices::virtio::mmio::{MmioTransport, MMIO_MAGIC};
-use rootcell_vmm::devices::virtio::{
-    VirtioDevice, INT_USED_RING, STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER,
-    STATUS_DRIVER_OK, STATUS_FEATURES_OK, VIRTIO_F_VERSION_1,
-};
+use rootcell_vmm::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use rootcell_vmm::devices::MmioDevice;
 use rootcell_vmm::memory::{create_guest_memory, GuestMemoryMmap};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-/// Device config space.
-pub const REG_CONFIG: u64 = 0x100;
-
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const EVENT_IDX: u64 = 1 << 29;
-
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// Queue size the driver picks (if the device allows that many).
 const QUEUE_SIZE: u16 = 64;
 /// Where queue `i`'s rings live.
@@ -129,52 +107,59 @@ impl MmioDriver {
     }
 
     /// Reads a 32-bit register.
-    pub fn read(&mut self, off: u64) -> u32 {
+    pub fn read(&mut self, off: u32) -> u32 {
         let mut b = [0u8; 4];
-        self.transport.read(off, &mut b);
+        self.transport.read(off.into(), &mut b);
         u32::from_le_bytes(b)
     }
 
     /// Writes a 32-bit register.
-    pub fn write(&mut self, off: u64, v: u32) {
-        self.transport.write(off, &v.to_le_bytes());
+    pub fn write(&mut self, off: u32, v: u32) {
+        self.transport.write(off.into(), &v.to_le_bytes());
     }
 
     /// Reads `len` bytes of device config space.
     pub fn config(&mut self, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
-        self.transport.read(REG_CONFIG, &mut b);
+        self.transport.read(VIRTIO_MMIO_CONFIG.into(), &mut b);
         b
     }
 
     /// The Linux probe sequence: identify, negotiate `wanted` features (plus VERSION_1), set
     /// up `nqueues` queues and set DRIVER_OK. Returns the negotiated features.
     pub fn probe(&mut self, device_id: u32, wanted: u64, nqueues: usize) -> u64 {
-        assert_eq!(self.read(REG_MAGIC), MMIO_MAGIC);
-        assert_eq!(self.read(REG_VERSION), 2);
-        assert_eq!(self.read(REG_DEVICE_ID), device_id);
-        self.write(REG_STATUS, 0);
-        self.write(REG_STATUS, STATUS_ACKNOWLEDGE);
-        self.write(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert_eq!(self.read(VIRTIO_MMIO_MAGIC_VALUE), MMIO_MAGIC);
+        assert_eq!(self.read(VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(self.read(VIRTIO_MMIO_DEVICE_ID), device_id);
+        self.write(VIRTIO_MMIO_STATUS, 0);
+        self.write(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        self.write(
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
         let mut offered = 0u64;
         for sel in 0..2 {
-            self.write(REG_DEVICE_FEATURES_SEL, sel);
-            offered |= u64::from(self.read(REG_DEVICE_FEATURES)) << (32 * sel);
+            self.write(VIRTIO_MMIO_DEVICE_FEATURES_SEL, sel);
+            offered |= u64::from(self.read(VIRTIO_MMIO_DEVICE_FEATURES)) << (32 * sel);
         }
         assert_ne!(offered & VIRTIO_F_VERSION_1, 0, "modern device");
         let features = offered & (wanted | VIRTIO_F_VERSION_1);
         for sel in 0..2 {
-            self.write(REG_DRIVER_FEATURES_SEL, sel);
-            self.write(REG_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+            self.write(VIRTIO_MMIO_DRIVER_FEATURES_SEL, sel);
+            self.write(VIRTIO_MMIO_DRIVER_FEATURES, (features >> (32 * sel)) as u32);
         }
-        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        self.write(REG_STATUS, s);
-        assert_eq!(self.read(REG_STATUS), s, "device accepted the features");
-        self.event_idx = features & EVENT_IDX != 0;
+        let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        self.write(VIRTIO_MMIO_STATUS, s);
+        assert_eq!(
+            self.read(VIRTIO_MMIO_STATUS),
+            s,
+            "device accepted the features"
+        );
+        self.event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         self.queues.clear();
         for i in 0..nqueues {
-            self.write(REG_QUEUE_SEL, i as u32);
-            let max = self.read(REG_QUEUE_NUM_MAX) as u16;
+            self.write(VIRTIO_MMIO_QUEUE_SEL, i as u32);
+            let max = self.read(VIRTIO_MMIO_QUEUE_NUM_MAX) as u16;
             assert!(max > 0, "queue {i} exists");
             let size = max.min(QUEUE_SIZE);
             let base = RINGS_BASE + i as u64 * 0x1_0000;
@@ -193,33 +178,33 @@ impl MmioDriver {
             self.mem
                 .write_slice(&[0u8; 0x1_0000], GuestAddress(base))
                 .unwrap();
-            self.write(REG_QUEUE_NUM, size.into());
+            self.write(VIRTIO_MMIO_QUEUE_NUM, size.into());
             for (reg, addr) in [
-                (REG_QUEUE_DESC_LOW, q.desc),
-                (REG_QUEUE_DRIVER_LOW, q.avail),
-                (REG_QUEUE_DEVICE_LOW, q.used),
+                (VIRTIO_MMIO_QUEUE_DESC_LOW, q.desc),
+                (VIRTIO_MMIO_QUEUE_AVAIL_LOW, q.avail),
+                (VIRTIO_MMIO_QUEUE_USED_LOW, q.used),
             ] {
                 self.write(reg, addr as u32);
                 self.write(reg + 4, (addr >> 32) as u32);
             }
-            self.write(REG_QUEUE_READY, 1);
+            self.write(VIRTIO_MMIO_QUEUE_READY, 1);
             self.queues.push(q);
         }
-        self.write(REG_STATUS, s | STATUS_DRIVER_OK);
-        let status = self.read(REG_STATUS);
+        self.write(VIRTIO_MMIO_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
+        let status = self.read(VIRTIO_MMIO_STATUS);
         assert_eq!(
-            status & STATUS_DEVICE_NEEDS_RESET,
+            status & VIRTIO_CONFIG_S_NEEDS_RESET,
             0,
             "device activation failed"
         );
-        assert_eq!(status, s | STATUS_DRIVER_OK);
+        assert_eq!(status, s | VIRTIO_CONFIG_S_DRIVER_OK);
         assert!(self.transport.is_activated());
         features
     }
 
     /// Writes 0 to the status register (device reset).
     pub fn reset(&mut self) {
-        self.write(REG_STATUS, 0);
+        self.write(VIRTIO_MMIO_STATUS, 0);
     }
 
     /// Offers one chain on queue `qi` (not yet notified); returns its head.
@@ -241,7 +226,7 @@ impl MmioDriver {
                 Buf::Writable(len) => {
                     assert!(u64::from(*len) <= BUFFER_SLOT);
                     writable.push((addr, *len));
-                    (*len, VIRTQ_DESC_F_WRITE)
+                    (*len, VRING_DESC_F_WRITE as u16)
                 }
                 Buf::At {
                     addr: at,
@@ -249,12 +234,12 @@ impl MmioDriver {
                     writable: w,
                 } => {
                     addr = *at;
-                    (*len, if *w { VIRTQ_DESC_F_WRITE } else { 0 })
+                    (*len, if *w { VRING_DESC_F_WRITE as u16 } else { 0 })
                 }
             };
             let next = ids.get(n + 1).copied().unwrap_or(0);
             if n + 1 < ids.len() {
-                flags |= VIRTQ_DESC_F_NEXT;
+                flags |= VRING_DESC_F_NEXT as u16;
             }
             let d = q.desc + u64::from(id) * 16;
             mem.write_obj(addr, GuestAddress(d)).unwrap();
@@ -337,9 +322,9 @@ impl MmioDriver {
         if n != 1 || self.irq.read().is_err() {
             return false;
         }
-        let status = self.read(REG_INTERRUPT_STATUS);
-        self.write(REG_INTERRUPT_ACK, status);
-        if status & INT_USED_RING != 0 {
+        let status = self.read(VIRTIO_MMIO_INTERRUPT_STATUS);
+        self.write(VIRTIO_MMIO_INTERRUPT_ACK, status);
+        if status & VIRTIO_MMIO_INT_VRING != 0 {
             self.interrupts += 1;
             // Read after the interrupt: everything published before it is announced.
             for q in &mut self.queues {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use rootcell_fs::bridge::{guest_memory_view, queue_from_layout, QueueLayout, RawRegion};
 use rootcell_fs::{FsConfig, FsDevice};
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::Epoll;
@@ -22,9 +23,8 @@ use super::worker::{unwatch, watch_all, Activation, DeviceWorker, QueueDevice, Q
 use super::Interrupt;
 use crate::memory::GuestMemoryMmap;
 
-/// virtio device id of virtio-fs.
-pub const VIRTIO_ID_FS: u32 = 26;
-/// Longest tag the config space holds.
+/// Longest tag the config space holds (`struct virtio_fs_config { u8 tag[36]; le32
+/// num_request_queues; }`: virtio-bindings has no virtio_fs module).
 pub const MAX_TAG_LEN: usize = 36;
 /// Queue sizes: the high-priority queue (FORGET, INTERRUPT) and one request queue.
 const QUEUE_SIZES: [u16; rootcell_fs::NUM_QUEUES] = [128, 1024];

@@ -7,45 +7,29 @@
 
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::devices::MmioDevice;
 
-/// "virt" in little endian.
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
-/// The modern (non-legacy) register layout.
-pub const MMIO_VERSION: u32 = 2;
-/// Vendor id we report ("RCEL").
-pub const VENDOR_ID: u32 = 0x4c45_4352;
-/// Offset of the QueueNotify register (where ioeventfds are registered).
-pub const QUEUE_NOTIFY: u64 = 0x050;
-/// Offset of device config space.
-pub const CONFIG_SPACE: u64 = 0x100;
+// virtio-bindings has the register offsets (`VIRTIO_MMIO_*`, from Linux's
+// uapi/linux/virtio_mmio.h) but not the values the identification registers hold: the Linux
+// driver spells the magic out where it checks it, and the version it accepts by number.
 
-const MAGIC_VALUE: u64 = 0x000;
-const VERSION: u64 = 0x004;
-const DEVICE_ID: u64 = 0x008;
-const VENDOR: u64 = 0x00c;
-const DEVICE_FEATURES: u64 = 0x010;
-const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const INTERRUPT_STATUS: u64 = 0x060;
-const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
-const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_DRIVER_LOW: u64 = 0x090;
-const QUEUE_DRIVER_HIGH: u64 = 0x094;
-const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const CONFIG_GENERATION: u64 = 0x0fc;
+/// The MagicValue register's content, "virt" in little endian (virtio 1.2 §4.2.2; not in
+/// virtio-bindings).
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The Version register's content: the modern (non-legacy) register layout (not in
+/// virtio-bindings).
+pub const MMIO_VERSION: u32 = 2;
+/// Vendor id we report ("RCEL"): ours, so in no header.
+pub const VENDOR_ID: u32 = 0x4c45_4352;
 
 /// One virtio-mmio device window.
 pub struct MmioTransport {
@@ -136,15 +120,17 @@ impl MmioTransport {
     /// Queue registers may change only while features are negotiated, the driver is not yet
     /// running, and the selected queue is not enabled.
     fn queue_writable(&mut self) -> bool {
-        self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_FEATURES_OK
+        self.status
+            & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED)
+            == VIRTIO_CONFIG_S_FEATURES_OK
             && self.selected_queue().is_some_and(|q| !q.ready())
     }
 
     fn reset(&mut self) {
         if self.activated && !self.device.reset() {
             // The device cannot start over: tell the driver instead of pretending.
-            self.status |= STATUS_DEVICE_NEEDS_RESET;
-            let _ = self.interrupt.trigger(INT_CONFIG);
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            let _ = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
             return;
         }
         self.activated = false;
@@ -166,8 +152,8 @@ impl MmioTransport {
             self.reset();
             return;
         }
-        if new & STATUS_FAILED != 0 {
-            self.status |= STATUS_FAILED;
+        if new & VIRTIO_CONFIG_S_FAILED != 0 {
+            self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
         let old = self.status;
@@ -176,13 +162,17 @@ impl MmioTransport {
         }
         let added = new & !old;
         let ok = match added {
-            STATUS_ACKNOWLEDGE => old == 0,
-            STATUS_DRIVER => old == STATUS_ACKNOWLEDGE,
-            STATUS_FEATURES_OK => {
-                old == STATUS_ACKNOWLEDGE | STATUS_DRIVER
+            VIRTIO_CONFIG_S_ACKNOWLEDGE => old == 0,
+            VIRTIO_CONFIG_S_DRIVER => old == VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            VIRTIO_CONFIG_S_FEATURES_OK => {
+                old == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
                     && self.driver_features & VIRTIO_F_VERSION_1 != 0
             }
-            STATUS_DRIVER_OK => old == STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            VIRTIO_CONFIG_S_DRIVER_OK => {
+                old == VIRTIO_CONFIG_S_ACKNOWLEDGE
+                    | VIRTIO_CONFIG_S_DRIVER
+                    | VIRTIO_CONFIG_S_FEATURES_OK
+            }
             0 => true,
             _ => false,
         };
@@ -190,10 +180,10 @@ impl MmioTransport {
             return;
         }
         self.status = new;
-        if added == STATUS_FEATURES_OK {
+        if added == VIRTIO_CONFIG_S_FEATURES_OK {
             self.device.ack_features(self.driver_features);
         }
-        if added == STATUS_DRIVER_OK {
+        if added == VIRTIO_CONFIG_S_DRIVER_OK {
             self.activate();
         }
     }
@@ -228,39 +218,40 @@ impl MmioTransport {
         match result {
             Ok(()) => self.activated = true,
             Err(_) => {
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
-                let _ = self.interrupt.trigger(INT_CONFIG);
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                let _ = self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
             }
         }
     }
 
-    fn read_reg(&mut self, offset: u64) -> u32 {
+    fn read_reg(&mut self, offset: u32) -> u32 {
         match offset {
-            MAGIC_VALUE => MMIO_MAGIC,
-            VERSION => MMIO_VERSION,
-            DEVICE_ID => self.device.device_type(),
-            VENDOR => VENDOR_ID,
-            DEVICE_FEATURES => match self.device_features_sel {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
                 0 => self.offered_features() as u32,
                 1 => (self.offered_features() >> 32) as u32,
                 _ => 0,
             },
-            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
-            QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
-            INTERRUPT_STATUS => self.interrupt.status(),
-            STATUS => self.status,
-            CONFIG_GENERATION => self.config_generation,
+            VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
+            VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             _ => 0,
         }
     }
 
-    fn write_reg(&mut self, offset: u64, v: u32) {
-        let features_writable = self.status & (STATUS_FEATURES_OK | STATUS_FAILED) == 0
-            && self.status & STATUS_DRIVER != 0;
+    fn write_reg(&mut self, offset: u32, v: u32) {
+        let features_writable =
+            self.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED) == 0
+                && self.status & VIRTIO_CONFIG_S_DRIVER != 0;
         match offset {
-            DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            DRIVER_FEATURES if features_writable => {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES if features_writable => {
                 let shift = match self.driver_features_sel {
                     0 => 0,
                     1 => 32,
@@ -270,20 +261,24 @@ impl MmioTransport {
                 let part = (u64::from(v) << shift) & self.offered_features();
                 self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift)) | part;
             }
-            QUEUE_SEL => self.queue_sel = v,
-            QUEUE_NUM if self.queue_writable() => {
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if self.queue_writable() => {
                 if let Some(q) = self.selected_queue() {
                     q.set_size(v as u16);
                 }
             }
-            QUEUE_READY if self.queue_writable() || v == 0 => {
-                let writable = self.status & STATUS_FEATURES_OK != 0;
+            VIRTIO_MMIO_QUEUE_READY if self.queue_writable() || v == 0 => {
+                let writable = self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
                 if let Some(q) = self.selected_queue().filter(|_| writable) {
                     q.set_ready(v == 1);
                 }
             }
-            QUEUE_DESC_LOW | QUEUE_DESC_HIGH | QUEUE_DRIVER_LOW | QUEUE_DRIVER_HIGH
-            | QUEUE_DEVICE_LOW | QUEUE_DEVICE_HIGH
+            VIRTIO_MMIO_QUEUE_DESC_LOW
+            | VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | VIRTIO_MMIO_QUEUE_USED_LOW
+            | VIRTIO_MMIO_QUEUE_USED_HIGH
                 if self.queue_writable() =>
             {
                 let q = self
@@ -295,18 +290,18 @@ impl MmioTransport {
                     (None, Some(v))
                 };
                 match offset & !4 {
-                    QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
-                    QUEUE_DRIVER_LOW => q.set_avail_ring_address(lo, hi),
+                    VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
+                    VIRTIO_MMIO_QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
                     _ => q.set_used_ring_address(lo, hi),
                 }
             }
-            QUEUE_NOTIFY => {
+            VIRTIO_MMIO_QUEUE_NOTIFY => {
                 if let Some(evt) = self.queue_evts.get(v as usize) {
                     let _ = evt.write(1);
                 }
             }
-            INTERRUPT_ACK => self.interrupt.ack(v),
-            STATUS => self.write_status(v),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
+            VIRTIO_MMIO_STATUS => self.write_status(v),
             _ => {} // read-only, unknown, or not writable in this state
         }
     }
@@ -315,26 +310,40 @@ impl MmioTransport {
 impl MmioDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if offset >= CONFIG_SPACE {
-            self.device.read_config(offset - CONFIG_SPACE, data);
-        } else if data.len() == 4 && offset.is_multiple_of(4) {
-            data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
+        match register(offset) {
+            Err(config) => self.device.read_config(config, data),
+            Ok(reg) if data.len() == 4 && reg.is_multiple_of(4) => {
+                data.copy_from_slice(&self.read_reg(reg).to_le_bytes());
+            }
+            Ok(_) => {}
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= CONFIG_SPACE {
-            // Config writes are only meaningful once the driver owns the device.
-            if self.status & STATUS_DRIVER != 0 {
-                self.device.write_config(offset - CONFIG_SPACE, data);
-                self.config_generation = self.config_generation.wrapping_add(1);
+        match register(offset) {
+            Err(config) => {
+                // Config writes are only meaningful once the driver owns the device.
+                if self.status & VIRTIO_CONFIG_S_DRIVER != 0 {
+                    self.device.write_config(config, data);
+                    self.config_generation = self.config_generation.wrapping_add(1);
+                }
             }
-        } else if let (4, 0) = (data.len(), offset % 4) {
-            self.write_reg(
-                offset,
+            Ok(reg) if data.len() == 4 && reg.is_multiple_of(4) => self.write_reg(
+                reg,
                 u32::from_le_bytes(data.try_into().expect("length checked")),
-            );
+            ),
+            Ok(_) => {}
         }
+    }
+}
+
+/// Where an access at `offset` in the window lands: `Ok` a register (below
+/// [`VIRTIO_MMIO_CONFIG`], so it fits the bindings' `u32` offsets), `Err` an offset into the
+/// device's config space.
+fn register(offset: u64) -> std::result::Result<u32, u64> {
+    match offset.checked_sub(u64::from(VIRTIO_MMIO_CONFIG)) {
+        Some(config) => Err(config),
+        None => Ok(u32::try_from(offset).expect("below VIRTIO_MMIO_CONFIG")),
     }
 }
 
@@ -413,147 +422,169 @@ mod tests {
         (t, seen, irq)
     }
 
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+    fn r(t: &mut MmioTransport, off: u32) -> u32 {
         let mut b = [0u8; 4];
-        t.read(off, &mut b);
+        t.read(off.into(), &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
+    fn w(t: &mut MmioTransport, off: u32, v: u32) {
+        t.write(off.into(), &v.to_le_bytes());
     }
 
     /// Drives the transport through the Linux driver's probe sequence up to FEATURES_OK.
     fn negotiate(t: &mut MmioTransport) {
-        w(t, STATUS, STATUS_ACKNOWLEDGE);
-        w(t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(t, DRIVER_FEATURES_SEL, 0);
-        w(t, DRIVER_FEATURES, 1 << 5);
-        w(t, DRIVER_FEATURES_SEL, 1);
-        w(t, DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        w(t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         w(
             t,
-            STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 5);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w(t, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        w(
+            t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
         );
     }
 
     /// Sets up queue `idx` with rings at well-separated, aligned addresses.
     fn setup_queue(t: &mut MmioTransport, idx: u32, size: u32) {
         let base = 0x10_0000 + u64::from(idx) * 0x1_0000;
-        w(t, QUEUE_SEL, idx);
-        w(t, QUEUE_NUM, size);
+        w(t, VIRTIO_MMIO_QUEUE_SEL, idx);
+        w(t, VIRTIO_MMIO_QUEUE_NUM, size);
         for (reg, addr) in [
-            (QUEUE_DESC_LOW, base),
-            (QUEUE_DRIVER_LOW, base + 0x4000),
-            (QUEUE_DEVICE_LOW, base + 0x8000),
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, base),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, base + 0x4000),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x8000),
         ] {
             w(t, reg, addr as u32);
             w(t, reg + 4, (addr >> 32) as u32);
         }
-        w(t, QUEUE_READY, 1);
+        w(t, VIRTIO_MMIO_QUEUE_READY, 1);
     }
 
     #[test]
     fn identification_registers() {
         let (mut t, _, _) = transport(true);
-        assert_eq!(r(&mut t, MAGIC_VALUE), 0x7472_6976);
-        assert_eq!(r(&mut t, VERSION), 2);
-        assert_eq!(r(&mut t, DEVICE_ID), 19);
-        assert_eq!(r(&mut t, VENDOR), VENDOR_ID);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_ID), 19);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_VENDOR_ID), VENDOR_ID);
         // Partial-width register reads return zero rather than half a register.
         let mut two = [0xffu8; 2];
-        t.read(MAGIC_VALUE, &mut two);
+        t.read(VIRTIO_MMIO_MAGIC_VALUE.into(), &mut two);
         assert_eq!(two, [0, 0]);
     }
 
     #[test]
     fn feature_negotiation_uses_the_select_registers() {
         let (mut t, seen, _) = transport(true);
-        w(&mut t, DEVICE_FEATURES_SEL, 0);
-        assert_eq!(r(&mut t, DEVICE_FEATURES), 0b10_0001);
-        w(&mut t, DEVICE_FEATURES_SEL, 1);
-        assert_eq!(r(&mut t, DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
-        w(&mut t, DEVICE_FEATURES_SEL, 2);
-        assert_eq!(r(&mut t, DEVICE_FEATURES), 0);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 0b10_0001);
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES),
+            1,
+            "VERSION_1 is bit 32"
+        );
+        w(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_DEVICE_FEATURES), 0);
         // Before DRIVER, feature writes are ignored.
-        w(&mut t, DRIVER_FEATURES, 1 << 5);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1 << 5);
         negotiate(&mut t);
-        assert_eq!(r(&mut t, STATUS), 0xb);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0xb);
         assert_eq!(
             seen.lock().unwrap().acked,
             Some((1 << 5) | VIRTIO_F_VERSION_1)
         );
         // After FEATURES_OK the accepted set is frozen.
-        w(&mut t, DRIVER_FEATURES_SEL, 0);
-        w(&mut t, DRIVER_FEATURES, 1);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 1);
         assert_eq!(t.driver_features, (1 << 5) | VIRTIO_F_VERSION_1);
     }
 
     #[test]
     fn unoffered_features_are_dropped_and_version_1_is_required() {
         let (mut t, _, _) = transport(true);
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE);
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(&mut t, DRIVER_FEATURES, 0xffff_ffff);
+        w(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        w(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, 0xffff_ffff);
         assert_eq!(t.driver_features, 0b10_0001);
         // A legacy driver (no VERSION_1) does not get FEATURES_OK; it must read it back and fail.
         w(
             &mut t,
-            STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
         );
-        assert_eq!(r(&mut t, STATUS) & STATUS_FEATURES_OK, 0);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
+            0
+        );
     }
 
     #[test]
     fn status_must_follow_the_initialisation_order() {
         let (mut t, seen, _) = transport(true);
-        w(&mut t, STATUS, STATUS_DRIVER); // skipping ACKNOWLEDGE
-        assert_eq!(r(&mut t, STATUS), 0);
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE);
+        w(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_DRIVER); // skipping ACKNOWLEDGE
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         w(
             &mut t,
-            STATUS,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK,
         ); // skipping FEATURES_OK
-        assert_eq!(r(&mut t, STATUS), STATUS_ACKNOWLEDGE);
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(&mut t, STATUS, STATUS_ACKNOWLEDGE); // clearing a bit without reset
-        assert_eq!(r(&mut t, STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        w(
+            &mut t,
+            VIRTIO_MMIO_STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+        );
+        w(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE); // clearing a bit without reset
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_STATUS),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+        );
         assert!(seen.lock().unwrap().activated.is_none());
-        w(&mut t, STATUS, STATUS_FAILED);
-        assert_ne!(r(&mut t, STATUS) & STATUS_FAILED, 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_FAILED);
+        assert_ne!(r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FAILED, 0);
     }
 
     #[test]
     fn queue_setup_and_activation() {
         let (mut t, seen, _) = transport(true);
         // Queue registers are ignored before FEATURES_OK.
-        w(&mut t, QUEUE_SEL, 0);
-        w(&mut t, QUEUE_NUM, 64);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 64);
         assert_eq!(t.queues[0].size(), 256);
         negotiate(&mut t);
-        w(&mut t, QUEUE_SEL, 2);
-        assert_eq!(r(&mut t, QUEUE_NUM_MAX), 128);
-        w(&mut t, QUEUE_SEL, 7);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 2);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 128);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 7);
         assert_eq!(
-            r(&mut t, QUEUE_NUM_MAX),
+            r(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX),
             0,
             "nonexistent queue has max size 0"
         );
         setup_queue(&mut t, 0, 64);
         setup_queue(&mut t, 1, 64);
-        assert_eq!(r(&mut t, QUEUE_READY), 1);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 1);
         let q = &t.queues[1];
         assert_eq!(
             (q.size(), q.desc_table(), q.avail_ring(), q.used_ring()),
             (64, 0x11_0000, 0x11_4000, 0x11_8000)
         );
         // A ready queue's registers are frozen.
-        w(&mut t, QUEUE_NUM, 32);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 32);
         assert_eq!(t.queues[1].size(), 64);
-        w(&mut t, STATUS, 0xf);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
         assert!(t.is_activated());
         assert_eq!(
             seen.lock().unwrap().activated,
@@ -561,8 +592,8 @@ mod tests {
             "only ready queues are handed over"
         );
         // After DRIVER_OK queue registers are frozen too.
-        w(&mut t, QUEUE_SEL, 2);
-        w(&mut t, QUEUE_NUM, 16);
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 2);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 16);
         assert_eq!(t.queues[2].size(), 128);
     }
 
@@ -570,15 +601,21 @@ mod tests {
     fn invalid_queue_means_device_needs_reset() {
         let (mut t, seen, irq) = transport(true);
         negotiate(&mut t);
-        w(&mut t, QUEUE_SEL, 0);
-        w(&mut t, QUEUE_NUM, 100); // not a power of two: refused, the size stays valid
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NUM, 100); // not a power of two: refused, the size stays valid
         assert_eq!(t.queues[0].size(), 256);
-        w(&mut t, QUEUE_DESC_LOW, 0x4000_0000); // beyond the 16 MiB of guest memory
-        w(&mut t, QUEUE_READY, 1);
-        w(&mut t, STATUS, 0xf);
+        w(&mut t, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x4000_0000); // beyond the 16 MiB of guest memory
+        w(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
         assert!(!t.is_activated());
-        assert_ne!(r(&mut t, STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
-        assert_eq!(r(&mut t, INTERRUPT_STATUS), INT_CONFIG);
+        assert_ne!(
+            r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_CONFIG
+        );
         assert!(irq.read().is_ok());
         assert!(seen.lock().unwrap().activated.is_none());
     }
@@ -589,18 +626,21 @@ mod tests {
         negotiate(&mut t);
         setup_queue(&mut t, 0, 16);
         setup_queue(&mut t, 1, 16);
-        w(&mut t, STATUS, 0xf);
-        w(&mut t, QUEUE_NOTIFY, 1);
-        w(&mut t, QUEUE_NOTIFY, 9); // out of range: ignored
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        w(&mut t, VIRTIO_MMIO_QUEUE_NOTIFY, 9); // out of range: ignored
         let s = seen.lock().unwrap();
         assert!(s.notify[0].read().is_err(), "queue 0 not notified");
         assert_eq!(s.notify[1].read().unwrap(), 1);
         s.interrupt.as_ref().unwrap().signal_used_queue().unwrap();
         drop(s);
         assert_eq!(irq.read().unwrap(), 1);
-        assert_eq!(r(&mut t, INTERRUPT_STATUS), INT_USED_RING);
-        w(&mut t, INTERRUPT_ACK, INT_USED_RING);
-        assert_eq!(r(&mut t, INTERRUPT_STATUS), 0);
+        assert_eq!(
+            r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING
+        );
+        w(&mut t, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
     }
 
     #[test]
@@ -608,20 +648,26 @@ mod tests {
         let (mut t, seen, _) = transport(true);
         negotiate(&mut t);
         setup_queue(&mut t, 0, 16);
-        w(&mut t, STATUS, 0xf);
-        t.interrupt.trigger(INT_USED_RING).unwrap();
-        w(&mut t, STATUS, 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
+        t.interrupt.trigger(VIRTIO_MMIO_INT_VRING).unwrap();
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
         assert_eq!(seen.lock().unwrap().resets, 1);
-        assert_eq!((r(&mut t, STATUS), r(&mut t, INTERRUPT_STATUS)), (0, 0));
-        w(&mut t, QUEUE_SEL, 0);
-        assert_eq!(r(&mut t, QUEUE_READY), 0);
+        assert_eq!(
+            (
+                r(&mut t, VIRTIO_MMIO_STATUS),
+                r(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS)
+            ),
+            (0, 0)
+        );
+        w(&mut t, VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_QUEUE_READY), 0);
         assert_eq!(t.queues[0].size(), 256, "queue back to its maximum size");
         assert_eq!(t.driver_features, 0);
         assert!(!t.is_activated());
         // And the device can be brought up again.
         negotiate(&mut t);
         setup_queue(&mut t, 0, 16);
-        w(&mut t, STATUS, 0xf);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
         assert!(t.is_activated());
     }
 
@@ -630,22 +676,25 @@ mod tests {
         let (mut t, _, _) = transport(false);
         negotiate(&mut t);
         setup_queue(&mut t, 0, 16);
-        w(&mut t, STATUS, 0xf);
-        w(&mut t, STATUS, 0);
-        assert_ne!(r(&mut t, STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0);
+        assert_ne!(
+            r(&mut t, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
     }
 
     #[test]
     fn config_space_reads_any_width() {
         let (mut t, _, _) = transport(true);
         let mut eight = [0u8; 8];
-        t.read(CONFIG_SPACE, &mut eight);
+        t.read(VIRTIO_MMIO_CONFIG.into(), &mut eight);
         assert_eq!(u64::from_le_bytes(eight), 42);
         let mut one = [0u8; 1];
-        t.read(CONFIG_SPACE, &mut one);
+        t.read(VIRTIO_MMIO_CONFIG.into(), &mut one);
         assert_eq!(one[0], 42);
-        assert_eq!(r(&mut t, CONFIG_SPACE + 8), 0);
-        assert_eq!(r(&mut t, CONFIG_GENERATION), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG + 8), 0);
+        assert_eq!(r(&mut t, VIRTIO_MMIO_CONFIG_GENERATION), 0);
     }
 
     #[test]
@@ -655,7 +704,7 @@ mod tests {
         let (mut t, _, _) = transport(true);
         negotiate(&mut t);
         setup_queue(&mut t, 0, 16);
-        w(&mut t, STATUS, 0xf);
+        w(&mut t, VIRTIO_MMIO_STATUS, 0xf);
         let mem = t.mem.clone();
         let (desc, avail, used) = (0x10_0000u64, 0x10_4000u64, 0x10_8000u64);
         // Descriptor 0: 0x2000 bytes at 0x20_0000, device-writable.

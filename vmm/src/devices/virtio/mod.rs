@@ -4,6 +4,13 @@
 //! driver is ready); [`mmio::MmioTransport`] does everything register-related. The same device
 //! logic can be served by other transports (vhost-user in the QEMU backend), so the trait says
 //! nothing about MMIO.
+//!
+//! The spec's numbers come from `virtio-bindings` (the Linux uapi headers): device ids
+//! (`virtio_ids`), status bits (`virtio_config::VIRTIO_CONFIG_S_*`), feature bit numbers (turned
+//! into masks by [`feature_mask`] alone), MMIO register offsets and interrupt bits
+//! (`virtio_mmio`), descriptor flags (`virtio_ring`), the virtio-net header and config layout.
+//! What it lacks stays here, each with the reason: the MMIO magic value and version
+//! ([`mmio::MMIO_MAGIC`], [`mmio::MMIO_VERSION`]) and our vendor id.
 
 pub mod fs;
 pub mod mmio;
@@ -13,29 +20,29 @@ mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_bindings::{virtio_config, virtio_ring};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemoryMmap;
 
-/// Feature bit: the device conforms to virtio 1.x (mandatory for the MMIO v2 transport).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Device status: the guest noticed the device.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-/// Device status: the guest has a driver for it.
-pub const STATUS_DRIVER: u32 = 2;
-/// Device status: the driver is ready; queues may be used.
-pub const STATUS_DRIVER_OK: u32 = 4;
-/// Device status: feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u32 = 8;
-/// Device status: the device hit an error and needs a reset.
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
-/// Device status: the driver gave up on the device.
-pub const STATUS_FAILED: u32 = 128;
-/// Interrupt status bit: a used ring was updated.
-pub const INT_USED_RING: u32 = 1;
-/// Interrupt status bit: the configuration space changed.
-pub const INT_CONFIG: u32 = 2;
+/// The mask of feature bit number `bit`. virtio-bindings numbers feature bits (as the Linux
+/// headers do: `VIRTIO_F_VERSION_1` is 32); the transport and the devices pass features around
+/// as 64-bit masks, and every mask in this crate is made here.
+pub const fn feature_mask(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// Mask of [`virtio_config::VIRTIO_F_VERSION_1`]: the device conforms to virtio 1.x (mandatory
+/// for the MMIO v2 transport, which offers it for every device).
+pub const VIRTIO_F_VERSION_1: u64 = feature_mask(virtio_config::VIRTIO_F_VERSION_1);
+/// Mask of [`virtio_ring::VIRTIO_RING_F_INDIRECT_DESC`]: virtio-queue walks indirect tables
+/// itself.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = feature_mask(virtio_ring::VIRTIO_RING_F_INDIRECT_DESC);
+/// Mask of [`virtio_ring::VIRTIO_RING_F_EVENT_IDX`]: fewer interrupts and notifications; the
+/// device crates' queue helpers handle both modes.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = feature_mask(virtio_ring::VIRTIO_RING_F_EVENT_IDX);
 
 /// The interrupt a device raises towards the guest: a status word the driver reads and
 /// acknowledges through the transport, and an eventfd KVM injects as the device's IRQ (irqfd).
@@ -62,7 +69,7 @@ impl Interrupt {
 
     /// Tells the driver a used ring has new entries.
     pub fn signal_used_queue(&self) -> std::io::Result<()> {
-        self.trigger(INT_USED_RING)
+        self.trigger(VIRTIO_MMIO_INT_VRING)
     }
 
     /// Pending bits (InterruptStatus register).
@@ -102,7 +109,7 @@ pub struct ActiveQueue {
 
 /// The device side of virtio, independent of the transport.
 pub trait VirtioDevice: Send {
-    /// virtio device id (e.g. 19 for vsock, 26 for fs).
+    /// virtio device id (`virtio_bindings::virtio_ids::VIRTIO_ID_*`).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
@@ -134,12 +141,6 @@ pub trait VirtioDevice: Send {
     /// The VM resumes: serve the queues again.
     fn resume(&mut self) {}
 }
-
-/// `VIRTIO_RING_F_INDIRECT_DESC`: virtio-queue walks indirect tables itself.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// `VIRTIO_RING_F_EVENT_IDX`: fewer interrupts and notifications; the device crates' queue
-/// helpers handle both modes.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Copies the part of `config` at `offset` into `data`; bytes past the end read as zero.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {

@@ -9,12 +9,11 @@
 use std::ops::RangeInclusive;
 
 use rootcell_vsock::{VsockConfig, VsockMuxer};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use vmm_sys_util::epoll::Epoll;
 
 use super::worker::{watch, Activation, DeviceWorker, QueueDevice, QueueWorker, RxTx};
 
-/// virtio device id of vsock.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
 /// Queue sizes: RX, TX, event.
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 

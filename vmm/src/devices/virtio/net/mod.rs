@@ -30,27 +30,33 @@ use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{self, virtio_net_config};
+
 use super::worker::{QueueDevice, QueueWorker};
-use super::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{feature_mask, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use worker::NetWorker;
 
 pub use queue::{deliver_rx_frame, drain_tx_queue, RxOutcome};
 
-/// virtio device id of a network card.
-pub const VIRTIO_ID_NET: u32 = 1;
-/// Feature bit: the device reports its maximum MTU in config space.
-pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-/// Feature bit: the device has a MAC address in config space.
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Mask of [`virtio_net::VIRTIO_NET_F_MTU`]: the device reports its maximum MTU in config space.
+pub const VIRTIO_NET_F_MTU: u64 = feature_mask(virtio_net::VIRTIO_NET_F_MTU);
+/// Mask of [`virtio_net::VIRTIO_NET_F_MAC`]: the device has a MAC address in config space.
+pub const VIRTIO_NET_F_MAC: u64 = feature_mask(virtio_net::VIRTIO_NET_F_MAC);
 /// Size of `struct virtio_net_hdr_v1` (the header before every frame with VIRTIO_F_VERSION_1).
-pub const NET_HDR_LEN: usize = 12;
-/// Smallest MTU the Linux driver accepts from config space (IPv4's minimum).
+pub const NET_HDR_LEN: usize = size_of::<virtio_net::virtio_net_hdr_v1>();
+/// Smallest MTU the Linux driver accepts from config space (IPv4's minimum; a driver rule,
+/// not a virtio constant, so not in virtio-bindings).
 pub const MIN_MTU: u16 = 68;
 /// Largest frame (header included) either way: a 64 KiB IP packet in an Ethernet frame with a
 /// VLAN tag. Without offloads real frames are MTU-sized; this only bounds the copy buffers.
-pub const MAX_PACKET: usize = NET_HDR_LEN + 14 + 4 + 65_535;
+pub const MAX_PACKET: usize = NET_HDR_LEN + ETH_HLEN + 4 + 65_535;
 /// Ethernet header: the least a transmitted frame must carry.
-const ETH_HLEN: usize = 14;
+const ETH_HLEN: usize = libc::ETH_HLEN as usize;
+/// Where `mtu` sits in `struct virtio_net_config`.
+const CONFIG_MTU: usize = std::mem::offset_of!(virtio_net_config, mtu);
+/// How much of `struct virtio_net_config` the device has: up to `mtu` (2 bytes).
+const CONFIG_LEN: usize = CONFIG_MTU + 2;
 /// Queue sizes: RX, TX (no control queue).
 const QUEUE_SIZES: [u16; 2] = [256, 256];
 
@@ -105,8 +111,9 @@ pub struct NetCounters {
 /// The virtio-net device as the transport sees it.
 #[derive(Debug)]
 pub struct NetDevice {
-    /// `struct virtio_net_config { u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu; }`
-    config: [u8; 12],
+    /// The start of `struct virtio_net_config`, up to and including `mtu`: the fields the
+    /// device offers (`mac`, and `mtu` with [`VIRTIO_NET_F_MTU`]).
+    config: [u8; CONFIG_LEN],
     mtu: u16,
     counters: Arc<NetCounters>,
     io: QueueWorker,
@@ -120,9 +127,10 @@ impl NetDevice {
             return Err(NetDeviceError::Mtu(config.mtu));
         }
         tap::prepare_tap(config.tap.as_raw_fd())?;
-        let mut space = [0u8; 12];
-        space[..6].copy_from_slice(&config.mac);
-        space[10..12].copy_from_slice(&config.mtu.to_le_bytes());
+        let mut space = [0u8; CONFIG_LEN];
+        let mac = std::mem::offset_of!(virtio_net_config, mac);
+        space[mac..mac + 6].copy_from_slice(&config.mac);
+        space[CONFIG_MTU..CONFIG_LEN].copy_from_slice(&config.mtu.to_le_bytes());
         let counters = Arc::new(NetCounters::default());
         let io = QueueWorker::spawn(
             "net-io",

@@ -5,6 +5,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use virtio_bindings::virtio_net::virtio_net_hdr_v1;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -132,8 +133,10 @@ pub fn deliver_rx_frame(
         return (RxOutcome::NoBuffer, false);
     };
     let head = chain.head_index();
+    // Zero is no flags and VIRTIO_NET_HDR_GSO_NONE; the frame fills one buffer.
     frame[..NET_HDR_LEN].fill(0);
-    frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+    let num_buffers = std::mem::offset_of!(virtio_net_hdr_v1, num_buffers);
+    frame[num_buffers..num_buffers + 2].copy_from_slice(&1u16.to_le_bytes());
     match scatter(mem, chain, frame) {
         Ok(()) => (
             RxOutcome::Delivered,

@@ -3,6 +3,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -12,8 +13,8 @@ use super::queue::{gather, scatter, ChainError};
 use super::*;
 use crate::memory::{create_guest_memory, GuestMemoryMmap};
 
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
 /// A chain built from (addr, len, flags) triples on a mock queue over guest memory `mem`.
 fn chain_of<'m>(
