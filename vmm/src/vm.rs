@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,100 +19,17 @@ use crate::arch::x86_64::{boot_params, cpuid, layout, mptable, paging, regs};
 use crate::devices::virtio::{mmio::MmioTransport, VirtioDevice};
 use crate::devices::{i8042, serial, Bus, MmioDevice};
 use crate::error::{kvm, Error, Result};
-use crate::exit::{ExitLatch, VmExit};
+use crate::exit::ExitLatch;
 use crate::loader;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::pause::PauseGate;
-use crate::vcpu::{self, Vcpu, VcpuStatus, VcpuThread};
+use crate::vcpu::{self, Vcpu};
 
-/// Smallest guest RAM we boot (a tiny kernel plus initramfs needs a few MiB of its own).
-pub const MIN_MEM_MIB: u64 = 16;
-/// Largest guest RAM: 256 GiB, whatever the host has. Guest RAM is a sparse memfd, so only
-/// what the guest touches costs host memory; at the limit RAM ends at 257 GiB, within the 39
-/// physical address bits of current x86_64 server CPUs.
-pub const MAX_MEM_MIB: u64 = 256 << 10;
-/// Default KVM device.
-pub const KVM_PATH: &str = "/dev/kvm";
-/// How long [`RunningVm::pause`] waits for every vCPU to park.
-pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+mod config;
+mod running;
 
-/// Where the guest's serial console output goes.
-pub enum SerialOutput {
-    /// Discarded.
-    Sink,
-    /// Appended to this file (created if missing).
-    File(PathBuf),
-    /// Written to the caller's writer.
-    Writer(Box<dyn Write + Send>),
-}
-
-impl std::fmt::Debug for SerialOutput {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SerialOutput::Sink => f.write_str("Sink"),
-            SerialOutput::File(p) => write!(f, "File({})", p.display()),
-            SerialOutput::Writer(_) => f.write_str("Writer(..)"),
-        }
-    }
-}
-
-/// Everything needed to boot a VM.
-#[derive(Debug)]
-pub struct VmConfig {
-    /// ELF vmlinux or bzImage.
-    pub kernel: PathBuf,
-    /// Optional initramfs (cpio, possibly compressed).
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line (virtio-mmio device declarations are appended to it).
-    pub cmdline: String,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Serial console destination.
-    pub serial: SerialOutput,
-    /// The KVM device node (normally [`KVM_PATH`]).
-    pub kvm_path: PathBuf,
-    /// Confine each vCPU thread with [`crate::seccomp::vcpu_filter`] (a violation kills the
-    /// process). Device activation and reset run on a vCPU thread: the vsock and virtio-fs
-    /// devices only hand them to their I/O threads, so they work under it (and
-    /// [`crate::builder`] turns it on). Off by default for devices that may need more.
-    pub seccomp: bool,
-}
-
-impl VmConfig {
-    /// A config with 1 vCPU, 128 MiB, no initramfs, console discarded.
-    pub fn new(kernel: impl Into<PathBuf>, cmdline: impl Into<String>) -> Self {
-        VmConfig {
-            kernel: kernel.into(),
-            initramfs: None,
-            cmdline: cmdline.into(),
-            mem_mib: 128,
-            vcpus: 1,
-            serial: SerialOutput::Sink,
-            kvm_path: PathBuf::from(KVM_PATH),
-            seccomp: false,
-        }
-    }
-
-    /// Checks the ranges that do not depend on the host.
-    pub fn validate(&self) -> Result<()> {
-        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&self.mem_mib) {
-            return Err(Error::MemorySize {
-                got_mib: self.mem_mib,
-                min_mib: MIN_MEM_MIB,
-                max_mib: MAX_MEM_MIB,
-            });
-        }
-        if self.vcpus == 0 || self.vcpus > mptable::MAX_CPUS {
-            return Err(Error::VcpuCount {
-                got: self.vcpus.into(),
-                max: mptable::MAX_CPUS.into(),
-            });
-        }
-        Ok(())
-    }
-}
+pub use config::{SerialOutput, VmConfig, KVM_PATH, MAX_MEM_MIB, MIN_MEM_MIB, PAUSE_TIMEOUT};
+pub use running::{RunningVm, VmReport};
 
 /// Opens the KVM device, telling "absent" from "present but unusable".
 pub fn open_kvm(path: &Path) -> Result<Kvm> {
@@ -421,134 +338,5 @@ impl Vm {
             virtio: self.virtio,
             created: self.created,
         })
-    }
-}
-
-/// What happened to a VM that has been stopped.
-#[derive(Debug, Clone)]
-pub struct VmReport {
-    /// Why it stopped.
-    pub exit: VmExit,
-    /// Where each vCPU got to.
-    pub vcpus: Vec<VcpuStatus>,
-    /// vCPU threads that did not leave KVM_RUN within the stop timeout (left detached).
-    pub stuck_vcpus: Vec<u8>,
-    /// Time from [`Vm::create`] to the first KVM_RUN of vCPU 0.
-    pub create_to_first_run: Option<Duration>,
-}
-
-/// A VM whose vCPUs are running.
-pub struct RunningVm {
-    threads: Vec<VcpuThread>,
-    latch: Arc<ExitLatch>,
-    stop: Arc<AtomicBool>,
-    gate: Arc<PauseGate>,
-    virtio: Vec<Arc<Mutex<MmioTransport>>>,
-    created: Instant,
-    // Dropped after the threads are stopped: the fds and memory outlive every KVM_RUN.
-    _bus: Arc<Bus>,
-    _vm_fd: VmFd,
-    _mem: GuestMemoryMmap,
-    _kvm: Kvm,
-}
-
-impl RunningVm {
-    /// Waits up to `timeout` for the guest (or a vCPU error) to end the VM.
-    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
-        self.latch.wait_timeout(timeout)
-    }
-
-    /// Snapshots of every vCPU's status.
-    pub fn vcpu_status(&self) -> Vec<VcpuStatus> {
-        self.threads.iter().map(VcpuThread::status).collect()
-    }
-
-    /// Pauses the guest: every vCPU thread leaves KVM_RUN and parks, then every virtio device
-    /// stops serving its queues. Returns once nothing of the guest runs; on error (a vCPU or a
-    /// device that did not stop within [`PAUSE_TIMEOUT`]) the VM is resumed. Pausing a paused
-    /// or ended VM succeeds.
-    pub fn pause(&self) -> Result<()> {
-        self.gate.set(true);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        loop {
-            let live: Vec<&VcpuThread> = self.threads.iter().filter(|t| t.is_running()).collect();
-            if self.gate.parked() >= live.len() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                self.gate.set(false);
-                return Err(Error::Pause(format!(
-                    "{} of {} vCPUs did not leave KVM_RUN within {PAUSE_TIMEOUT:?}",
-                    live.len().saturating_sub(self.gate.parked()),
-                    live.len()
-                )));
-            }
-            // Re-kicked on every round: a KVM that ignores immediate_exit can lose a kick.
-            for t in &live {
-                t.kick();
-            }
-            self.gate.wait_parked(live.len(), Duration::from_millis(20));
-        }
-        for (i, transport) in self.virtio.iter().enumerate() {
-            if !crate::devices::lock(transport).pause() {
-                for t in &self.virtio[..=i] {
-                    crate::devices::lock(t).resume();
-                }
-                self.gate.set(false);
-                return Err(Error::Pause(format!(
-                    "virtio device #{i} did not stop within its timeout"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Resumes a paused guest: devices first, then the vCPUs re-enter KVM_RUN. Resuming a VM
-    /// that is not paused does nothing.
-    pub fn resume(&self) {
-        for transport in &self.virtio {
-            crate::devices::lock(transport).resume();
-        }
-        self.gate.set(false);
-    }
-
-    /// Whether a pause is in effect.
-    pub fn is_paused(&self) -> bool {
-        self.gate.requested()
-    }
-
-    /// Stops all vCPU threads (bounded) and reports where they got to.
-    pub fn stop(mut self) -> VmReport {
-        self.latch.request(VmExit::Stopped);
-        self.stop.store(true, Ordering::Release);
-        // Parked vCPUs must see the stop flag (paused device threads end when dropped).
-        self.gate.wake_all();
-        let mut stuck = Vec::new();
-        for t in &mut self.threads {
-            if !t.stop_and_join(Duration::from_secs(5)) {
-                stuck.push(t.status().cpu);
-            }
-        }
-        let vcpus = self.vcpu_status();
-        let create_to_first_run = vcpus
-            .first()
-            .and_then(|s| s.first_run)
-            .map(|t| t - self.created);
-        VmReport {
-            exit: self.latch.get().unwrap_or(VmExit::Stopped),
-            vcpus,
-            stuck_vcpus: stuck,
-            create_to_first_run,
-        }
-    }
-}
-
-impl Drop for RunningVm {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        self.gate.wake_all();
-        for t in &mut self.threads {
-            t.stop_and_join(Duration::from_secs(5));
-        }
     }
 }
