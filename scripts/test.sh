@@ -14,7 +14,7 @@ source build/env
 export ROOTCELL_E2E=1
 # The runtime's unit tests linked statically, for tests/e2e/cgroup_v2.rs to run in a guest.
 ROOTCELL_STATIC_UNIT_TESTS=$(RUSTFLAGS="-C target-feature=+crt-static" cargo test --release \
-    -p rootcell --bin rootcell --target x86_64-unknown-linux-gnu --no-run --message-format=json |
+    -p rootcell --lib --target x86_64-unknown-linux-gnu --no-run --message-format=json |
     jq -r 'select(.executable != null) | .executable')
 export ROOTCELL_STATIC_UNIT_TESTS
 cargo test --release --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"

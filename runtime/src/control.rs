@@ -75,13 +75,13 @@ pub enum ControlResponse {
         /// Exit status to report (127 or 126).
         status: i32,
     },
-    /// Failed; `message` is shown to the user as is.
     /// The container's status does not allow the request (the lifecycle rules of
     /// [`crate::state::Status::check`]), typed so the CLI can act on which rule.
     Refused {
         /// The rule that refused it.
         error: crate::state::StateError,
     },
+    /// Failed; `message` is shown to the user as is.
     Error {
         /// One line.
         message: String,

@@ -1,32 +1,10 @@
 //! rootcell: a runc-compatible OCI runtime that runs every container in its own microVM.
 
-mod agent;
-mod assets;
-mod cgroup;
-mod cli;
-mod clock;
-mod commands;
-mod console;
-mod control;
-mod dns;
-mod error;
-mod hooks;
-mod hypervisor;
-mod id;
-mod logging;
-mod network;
-mod oom;
-mod paths;
-mod rlimits;
-mod sandbox;
-mod share;
-mod signal;
-mod spec;
-mod state;
-mod stdio;
-mod timefmt;
 
 use clap::Parser;
+use rootcell_runtime::{
+    cli, commands, error, hypervisor, logging, paths, rlimits, sandbox, stdio,
+};
 use cli::{Cli, Command};
 use commands::create::CreateOptions;
 use commands::Global;
