@@ -118,9 +118,8 @@ impl Agent {
         &self.config
     }
 
-    /// Called by the reaper when a named process has exited.
-    pub fn process_exited(&self, name: &str, status: i32) {
-        alog!("process {name} exited with status {status}");
+    /// Called by the reaper when a named process has exited, before its exit is reported.
+    pub fn process_exited(&self, name: &str, _status: i32) {
         let oom = self.lock().as_mut().and_then(|c| {
             if name == INIT_PROCESS {
                 c.pending_start = None;
@@ -294,12 +293,15 @@ impl Agent {
             cgroup: cgroup.as_deref(),
             env: self.config.mount_env,
         };
+        // From the fork to the registration the reaper must not reap (see registry.rs).
+        let gate = self.registry.spawning();
         let prepared = container::create_init(req, stdio);
         self.registry.note_fork();
         let prepared = prepared?;
         let pid = prepared.pid;
         let pty = self.start_relay(pty)?;
         self.registry.add(INIT_PROCESS, Entry { pid, pty });
+        drop(gate);
         alog!("created container {id}: init pid {pid}");
         *container = Some(Container {
             plan,
@@ -382,6 +384,8 @@ impl Agent {
             plan: &plan,
             cgroup: cgroup.as_deref(),
         };
+        // From the fork to the registration the reaper must not reap (see registry.rs).
+        let gate = self.registry.spawning();
         let prepared = container::create_exec(req, process, stdio);
         self.registry.note_fork();
         let prepared = prepared?;
@@ -393,6 +397,7 @@ impl Agent {
                 pty,
             },
         );
+        drop(gate);
         alog!("exec {exec_id}: pid {}", prepared.pid);
         Ok(prepared)
     }

@@ -1,7 +1,13 @@
 //! Live processes the host knows by name, and the reaper that reports their exits.
 //!
-//! The agent is init: a single thread reaps every child with `waitpid(-1)`, including orphans
-//! reparented to it. Exits of named processes become `Event::Exit`; others are dropped.
+//! The agent is init: a single thread reaps every child, including orphans reparented to it.
+//! Exits of named processes become `Event::Exit`; others are dropped.
+//!
+//! Exactly one exit per named process: a process exists (and can be killed, by the OOM killer
+//! or by `kill -9 -1` inside the container) before the agent learns its pid and registers it.
+//! So the reaper never reaps while a spawn is between its fork and its registration: it waits
+//! for a zombie without reaping it (`waitid(WNOWAIT)`), takes the spawn gate that
+//! [`Registry::spawning`] holds over that stretch, and only then reaps that pid and looks it up.
 
 use crate::sink::EventSink;
 use rootcell_protocol::{exit_status_from_wait, Event};
@@ -28,14 +34,25 @@ struct Inner {
 #[derive(Default)]
 pub struct Registry {
     inner: Mutex<Inner>,
+    /// Held from a fork until the new process is registered (see the module docs).
+    gate: Mutex<()>,
     forks: Mutex<u64>,
     forked: Condvar,
 }
+
+/// Holds the spawn gate: the reaper reaps nothing until this is dropped.
+pub struct SpawnGuard<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, ()>);
 
 impl Registry {
     /// Creates an empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Closes the spawn gate: call before forking a process that will be registered, and keep
+    /// the guard until [`Registry::add`] (or until the failed spawn is cleaned up).
+    pub fn spawning(&self) -> SpawnGuard<'_> {
+        SpawnGuard(self.gate.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Registers a live process under `name`.
@@ -87,34 +104,69 @@ impl Registry {
     }
 }
 
-/// Reaps children forever, reporting named exits to `sink` and calling `on_exit` for each.
+/// Reaps children forever, reporting named exits to `sink`; `on_exit` runs before each report
+/// (the OOM check that must precede it) and `after_exit` after it (logging: a slow console must
+/// never hold an exit back).
 pub fn reap_forever(
     registry: Arc<Registry>,
     sink: Arc<EventSink>,
     on_exit: impl Fn(&str, i32),
+    after_exit: impl Fn(&str, i32),
 ) -> ! {
     loop {
         let seen = registry.fork_count();
-        let mut raw = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut raw, libc::__WALL) };
-        if pid > 0 {
-            if let Some(name) = registry.remove_pid(pid) {
-                let status = exit_status_from_wait(raw);
+        match reap_one(&registry) {
+            Ok(Some((name, status))) => {
                 on_exit(&name, status);
                 sink.event(Event::Exit {
-                    process: name,
+                    process: name.clone(),
                     status,
                 });
+                after_exit(&name, status);
             }
-            continue;
-        }
-        match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EINTR) => {}
+            Ok(None) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             // No children at all: sleep until the agent forks again.
-            _ => registry.wait_for_fork(seen),
+            Err(_) => registry.wait_for_fork(seen),
         }
     }
+}
+
+/// Waits for one child to exit and reaps it; returns its name and status if it was named.
+/// `Err` is ECHILD (no children) or EINTR.
+fn reap_one(registry: &Registry) -> std::io::Result<Option<(String, i32)>> {
+    // SAFETY: an all-zero siginfo_t is a valid value; waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // Wait for a zombie but leave it in place: it is reaped below, under the spawn gate.
+    // SAFETY: waitid with a valid siginfo pointer.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT | libc::__WALL,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded for an exited child, so si_pid is the field that is set.
+    let pid = unsafe { info.si_pid() };
+    if pid <= 0 {
+        return Ok(None);
+    }
+    // A spawn in progress registers its process before we look the pid up.
+    let _gate = registry.spawning();
+    let mut raw = 0;
+    // SAFETY: waitpid with a valid status pointer.
+    let got = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG | libc::__WALL) };
+    if got != pid {
+        // A failed spawn reaped its own setup process while we waited for the gate.
+        return Ok(None);
+    }
+    Ok(registry
+        .remove_pid(pid)
+        .map(|name| (name, exit_status_from_wait(raw))))
 }
 
 #[cfg(test)]

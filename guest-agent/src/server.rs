@@ -19,9 +19,12 @@ pub fn serve(agent: Arc<Agent>, control: Listener, streams: Listener) -> io::Res
     std::thread::Builder::new()
         .name("reaper".into())
         .spawn(move || {
-            reap_forever(reg, sink, move |name, status| {
-                a.process_exited(name, status)
-            })
+            reap_forever(
+                reg,
+                sink,
+                move |name, status| a.process_exited(name, status),
+                |name, status| alog!("process {name} exited with status {status}"),
+            )
         })?;
     let a = agent.clone();
     std::thread::Builder::new()
@@ -65,6 +68,15 @@ pub fn control_connection(agent: &Agent, conn: UnixStream) -> io::Result<()> {
         agent
             .sink
             .respond(&mut writer, msg.id, || match release.map(|p| p.release()) {
+                // The process died before it could start (killed inside the container or by
+                // the OOM killer): it is registered, so the reaper reports its exit.
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EPIPE) => {
+                    alog!(
+                        "request {}: the process was gone before its release",
+                        msg.id
+                    );
+                    response
+                }
                 Some(Err(e)) => Response::Error {
                     code: rootcell_protocol::ErrorCode::Other,
                     message: format!("releasing the process failed: {e}"),

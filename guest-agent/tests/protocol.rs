@@ -391,3 +391,141 @@ fn create_errors_are_classified() {
         }
     ));
 }
+
+/// Exactly one exit per started process, while a process inside the container kills every
+/// other one (`kill -9 -1`, as shutdown scripts do) at any point of their setup, and signals
+/// race their exits: an exec the agent answered `Created` for reports exactly one exit, one it
+/// refused reports none, and one that ran to its end reports its own status.
+#[test]
+fn exec_storm_under_kill_reports_each_exit_exactly_once() {
+    const EXECS: usize = 300;
+    let mut a = AgentProc::start();
+    let spec = a.spec(&["sleep", "1000"], false);
+    assert!(matches!(
+        a.request(Request::Create {
+            container_id: "storm".into(),
+            spec,
+            stdio: StdioSpec::default(),
+            privileged: false,
+        }),
+        Response::Created { .. }
+    ));
+    assert_eq!(a.request(Request::Start), Response::Ok);
+    let exec = |args: &[&str]| -> Box<oci_spec::runtime::Process> {
+        Box::new(
+            serde_json::from_value(
+                json!({"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}),
+            )
+            .unwrap(),
+        )
+    };
+    // The killer spares the pid-namespace init and itself; everything else dies at once.
+    assert!(matches!(
+        a.request(Request::Exec {
+            exec_id: "killer".into(),
+            process: exec(&["sh", "-c", "while :; do kill -9 -1; done"]),
+            stdio: StdioSpec::default(),
+        }),
+        Response::Created { .. }
+    ));
+    let mut created: Vec<(String, i32)> = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..EXECS {
+        let id = format!("e{i}");
+        let want = (i % 7) as i32;
+        match a.request(Request::Exec {
+            exec_id: id.clone(),
+            process: exec(&["sh", "-c", &format!("exit {want}")]),
+            stdio: StdioSpec::default(),
+        }) {
+            Response::Created { .. } => created.push((id.clone(), want)),
+            Response::Error { .. } => refused.push(id.clone()),
+            other => panic!("exec {id}: {other:?}"),
+        }
+        // A signal racing the previous exec's exit.
+        if i % 3 == 0 {
+            if let Some((prev, _)) = created.iter().rev().nth(1) {
+                let r = a.request(Request::Signal {
+                    process: prev.clone(),
+                    signal: 15,
+                    all: false,
+                });
+                assert!(
+                    matches!(
+                        r,
+                        Response::Ok
+                            | Response::Error {
+                                code: ErrorCode::NoSuchProcess,
+                                ..
+                            }
+                    ),
+                    "signal {prev}: {r:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        a.request(Request::Signal {
+            process: "killer".into(),
+            signal: 9,
+            all: false
+        }),
+        Response::Ok
+    );
+    assert_eq!(a.wait_exit("killer"), 137);
+    let mut own_status = 0;
+    for (id, want) in &created {
+        let status = a.wait_exit(id);
+        assert!(
+            status == *want || status == 137 || status == 143,
+            "{id}: status {status}, wanted {want} (or a kill)"
+        );
+        own_status += usize::from(status == *want);
+    }
+    // A refused exec left nothing behind: its name means no process (a process that died
+    // before its release is reported by its exit instead, above).
+    for id in &refused {
+        let r = a.request(Request::Resize {
+            process: id.clone(),
+            rows: 1,
+            cols: 1,
+        });
+        assert!(
+            matches!(
+                r,
+                Response::Error {
+                    code: ErrorCode::NoSuchProcess,
+                    ..
+                }
+            ),
+            "refused exec {id} is still known to the agent: {r:?}"
+        );
+    }
+    // Nothing more may come: no second exit, no exit of a refused exec.
+    a.control
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    loop {
+        match recv::<_, AgentMessage>(&mut a.control) {
+            Ok(Some(AgentMessage::Event { event })) => a.events.push(event),
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(_) => break,
+        }
+    }
+    let extra: Vec<_> = a
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Exit { .. }))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "exits beyond one per started exec ({} started, {} refused): {extra:?}",
+        created.len(),
+        refused.len()
+    );
+    eprintln!(
+        "exec storm: {} started ({own_status} ran to their own status), {} refused",
+        created.len(),
+        refused.len()
+    );
+}

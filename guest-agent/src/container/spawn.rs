@@ -109,7 +109,9 @@ pub(crate) fn spawn(
                 (pid, result) => {
                     // Both setup processes are gone (the report pipe hit EOF): reap them here, as
                     // a zombie left in a pid namespace would keep that namespace's init from dying.
-                    // Under the agent's reaper these calls may find nothing, which is fine.
+                    // The agent's reaper waits while a spawn holds its gate, so it cannot take
+                    // these pids (and a pid cannot be reused under us); a process not yet
+                    // reparented to us gives ECHILD here and the reaper collects it later.
                     reap(child.as_raw());
                     if let Some(pid) = pid {
                         reap(pid);

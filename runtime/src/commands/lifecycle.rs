@@ -274,7 +274,9 @@ pub fn run(g: &Global, id: &str, opts: &CreateOptions, detach: bool, keep: bool)
 }
 
 /// Blocks the forwardable signals here (threads spawned later inherit the mask; children get a
-/// clean mask from std) and forwards them to the sandbox once its pid is known.
+/// clean mask from std) and forwards them to the sandbox or relay once its pid is known; signals
+/// that arrive before that are held and delivered then (the caller may signal us as soon as the
+/// process's first output appears, before we have recorded the pid).
 pub fn relay_signals_to(target: Arc<AtomicI32>) {
     let mut set = nix::sys::signal::SigSet::empty();
     for s in crate::signal::FORWARDED.iter().chain(&[libc::SIGWINCH]) {
@@ -285,12 +287,25 @@ pub fn relay_signals_to(target: Arc<AtomicI32>) {
     let _ = set.thread_block();
     let _ = std::thread::Builder::new()
         .name("run-signals".into())
-        .spawn(move || loop {
-            if let Ok(sig) = set.wait() {
+        .spawn(move || {
+            let mut held: Vec<i32> = Vec::new();
+            let timeout = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            loop {
+                // SAFETY: sigtimedwait on a valid set, no siginfo wanted, a valid timeout.
+                let sig =
+                    unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
                 let pid = target.load(Ordering::SeqCst);
+                if sig > 0 && !held.contains(&sig) {
+                    held.push(sig);
+                }
                 if pid > 0 {
-                    // SAFETY: plain kill(2) of our own child.
-                    unsafe { libc::kill(pid, sig as i32) };
+                    for sig in held.drain(..) {
+                        // SAFETY: plain kill(2) of our own child.
+                        unsafe { libc::kill(pid, sig) };
+                    }
                 }
             }
         });
