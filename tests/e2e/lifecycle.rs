@@ -174,8 +174,9 @@ fn exec_passes_exit_status_and_forwards_signals_from_its_host_process() {
         if cancelled.recv_timeout(COMMAND_TIMEOUT)
             == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
         {
-            // SAFETY: kill(2) of the exec process this test started; it has not been reaped yet.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // The exec's relay holds the pipe too: end the whole scope, not just `rootcell exec`.
+            let killed = kill_tree(pid);
+            eprintln!("exec did not finish in time; killed {killed:#?}");
         }
     });
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();

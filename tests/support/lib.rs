@@ -12,7 +12,7 @@ pub use netns::NetNs;
 
 use serde_json::{json, Value};
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +20,15 @@ use std::time::{Duration, Instant};
 
 /// Upper bound for any single runtime command; a guest boot under TCG takes a few seconds.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Environment variable that marks every process a [`Runtime`] starts, and everything those
+/// start in turn (sandboxes, exec relays, VMMs: they inherit it through setsid and
+/// reparenting), so a stuck test can find and end all of them.
+pub const SCOPE_VAR: &str = "ROOTCELL_E2E_SCOPE";
+/// Default bound on one test's [`Runtime`] (override: `ROOTCELL_E2E_TEST_TIMEOUT`, seconds).
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Default bound on a whole test binary (override: `ROOTCELL_E2E_BINARY_TIMEOUT`, seconds).
+pub const BINARY_TIMEOUT: Duration = Duration::from_secs(75 * 60);
 
 /// Paths to what `scripts/build.sh` produced.
 #[derive(Debug, Clone)]
@@ -79,11 +88,17 @@ pub fn unique_id(prefix: &str) -> String {
 }
 
 /// A `--root` state directory of its own per test, cleaned (and checked for leaks) on drop.
+///
+/// Every command it runs carries its scope ([`SCOPE_VAR`]); the scope is bounded by
+/// [`TEST_TIMEOUT`] (a watchdog kills all its processes, so whatever the test waits on ends and
+/// the test fails saying so), and whatever is still running in it when it is dropped is killed.
 pub struct Runtime {
     /// The artifacts under test.
     pub art: Artifacts,
     /// Temporary directory holding the state root.
     pub dir: tempfile::TempDir,
+    /// The value of [`SCOPE_VAR`] in every process this runtime starts.
+    pub scope: String,
     extra_env: Vec<(String, String)>,
 }
 
@@ -94,9 +109,12 @@ impl Runtime {
             .prefix("rootcell-e2e-")
             .tempdir()
             .expect("tempdir");
+        let scope = unique_id("scope");
+        watchdog::watch(&scope);
         Runtime {
             art: artifacts(),
             dir,
+            scope,
             extra_env: Vec::new(),
         }
     }
@@ -116,6 +134,7 @@ impl Runtime {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.art.bin);
         c.arg("--root").arg(self.root()).args(args);
+        c.env(SCOPE_VAR, &self.scope);
         for (k, v) in &self.extra_env {
             c.env(k, v);
         }
@@ -216,47 +235,236 @@ impl Drop for Runtime {
         for id in self.list_ids() {
             let _ = self.run(&["delete", "--force", &id]);
         }
+        // Whatever a failed test left (an exec relay, a sandbox whose state is gone) ends here.
+        let left = kill_scope(&self.scope);
+        if !left.is_empty() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "rootcell-e2e: killed processes left in scope {}: {left:#?}",
+                self.scope
+            );
+        }
+        watchdog::unwatch(&self.scope);
     }
 }
 
-/// Runs a command to completion with a deadline, killing it if it overruns.
+/// Processes (pid, command line) whose environment has `SCOPE_VAR=scope`.
+pub fn scope_processes(scope: &str) -> Vec<(i32, String)> {
+    let marker = format!("{SCOPE_VAR}={scope}");
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+/// SIGKILLs every process of `scope` until none is left (bounded); returns what it found.
+pub fn kill_scope(scope: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Zombies keep their environ readable only until reaped; skip the ones already dead.
+        let procs: Vec<_> = scope_processes(scope)
+            .into_iter()
+            .filter(|(pid, _)| !is_zombie(*pid))
+            .collect();
+        if procs.is_empty() || Instant::now() > deadline {
+            return seen;
+        }
+        for (pid, cmd) in procs {
+            // SAFETY: kill(2) of a process that carries this test's scope marker.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let line = format!("{pid}: {cmd}");
+            if !seen.contains(&line) {
+                seen.push(line);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The scope a running process carries, if any.
+pub fn scope_of(pid: i32) -> Option<String> {
+    let env = fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{SCOPE_VAR}=");
+    env.split(|&b| b == 0).find_map(|v| {
+        v.strip_prefix(prefix.as_bytes())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+    })
+}
+
+/// Kills `pid` and, if it carries a scope, every process of that scope (the helpers it
+/// started hold its pipes: killing only `pid` would leave a reader waiting).
+pub fn kill_tree(pid: i32) -> Vec<String> {
+    let scope = scope_of(pid);
+    // SAFETY: kill(2) of a process the caller started and has not reaped.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    scope.map(|s| kill_scope(&s)).unwrap_or_default()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// The bound on every [`Runtime`]'s scope and on the test binary as a whole.
+mod watchdog {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    fn secs(var: &str, default: Duration) -> Duration {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(default)
+    }
+
+    fn scopes() -> &'static Mutex<HashMap<String, Instant>> {
+        static SCOPES: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+        SCOPES.get_or_init(|| {
+            let started = Instant::now();
+            let per_test = secs("ROOTCELL_E2E_TEST_TIMEOUT", TEST_TIMEOUT);
+            let per_binary = secs("ROOTCELL_E2E_BINARY_TIMEOUT", BINARY_TIMEOUT);
+            std::thread::Builder::new()
+                .name("e2e-watchdog".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let now = Instant::now();
+                    let all: Vec<(String, Instant)> = scopes()
+                        .lock()
+                        .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                        .unwrap_or_default();
+                    if now.duration_since(started) > per_binary {
+                        say(&format!(
+                            "this test binary ran longer than {per_binary:?}: killing every test's processes and exiting"
+                        ));
+                        for (scope, _) in &all {
+                            report_kill(scope, "the binary's bound");
+                        }
+                        std::process::exit(101);
+                    }
+                    for (scope, since) in all {
+                        if now.duration_since(since) > per_test {
+                            report_kill(&scope, &format!("its bound of {per_test:?}"));
+                            unwatch(&scope);
+                        }
+                    }
+                })
+                .expect("start the e2e watchdog");
+            Mutex::new(HashMap::new())
+        })
+    }
+
+    fn say(msg: &str) {
+        // Straight to fd 2: the test harness captures eprintln! per test thread.
+        let _ = writeln!(std::io::stderr(), "rootcell-e2e watchdog: {msg}");
+    }
+
+    fn report_kill(scope: &str, why: &str) {
+        let killed = kill_scope(scope);
+        say(&format!(
+            "test scope {scope} exceeded {why}; killed what it was waiting on: {killed:#?}"
+        ));
+    }
+
+    /// Starts bounding `scope`.
+    pub fn watch(scope: &str) {
+        if let Ok(mut m) = scopes().lock() {
+            m.insert(scope.to_string(), Instant::now());
+        }
+    }
+
+    /// Stops bounding `scope`.
+    pub fn unwatch(scope: &str) {
+        if let Ok(mut m) = scopes().lock() {
+            m.remove(scope);
+        }
+    }
+}
+
+/// Runs a command to completion with a deadline. On overrun it kills the command and every
+/// process of its scope (the helpers it started, which hold its pipes) and panics saying what
+/// was still running. Output is collected until EOF, which a helper that outlives the command
+/// could withhold: that wait is bounded too, and names the holders.
 pub fn output_with_timeout(mut c: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     if input.is_some() {
         c.stdin(Stdio::piped());
     }
+    let what = describe(&c);
     let mut child = c.spawn().expect("spawn command");
     let writer = input.map(|data| {
         let mut stdin = child.stdin.take().unwrap();
         std::thread::spawn(move || {
-            use std::io::Write;
             let _ = stdin.write_all(&data);
         })
     });
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let ro = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = so.read_to_end(&mut b);
-        b
-    });
-    let re = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = se.read_to_end(&mut b);
-        b
-    });
+    let so = child.stdout.take().unwrap();
+    let se = child.stderr.take().unwrap();
+    let pipes = [pipe_inode(&so), pipe_inode(&se)];
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, mut r) in [Box::new(so) as Box<dyn Read + Send>, Box::new(se)]
+        .into_iter()
+        .enumerate()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            let _ = tx.send((i, b));
+        });
+    }
+    drop(tx);
+    let pid = child.id() as i32;
+    let scope = scope_of(pid);
     let status = wait_with_timeout(child, timeout);
     if let Some(w) = writer {
         let _ = w.join();
     }
+    let mut out: [Option<Vec<u8>>; 2] = [None, None];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out.iter().any(Option::is_none) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((i, b)) => out[i] = Some(b),
+            Err(_) => {
+                let holders = pipe_holders(&pipes);
+                let killed = scope.as_deref().map(kill_scope).unwrap_or_default();
+                panic!(
+                    "{what} exited ({status:?}) but its output pipes stayed open 30 s later, held by {holders:#?} (killed: {killed:#?})"
+                );
+            }
+        }
+    }
+    let [stdout, stderr] = out.map(Option::unwrap_or_default);
     Output {
         status,
-        stdout: ro.join().unwrap(),
-        stderr: re.join().unwrap(),
+        stdout,
+        stderr,
     }
 }
 
-/// Waits for a child with a deadline; kills it and panics if the deadline passes.
+/// Waits for a child with a deadline; on overrun kills it and its scope and panics, naming the
+/// command and what was still running.
 pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> ExitStatus {
     let deadline = Instant::now() + timeout;
     loop {
@@ -264,12 +472,66 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> ExitStatus {
             return s;
         }
         if Instant::now() > deadline {
+            let pid = child.id() as i32;
+            let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            let killed = kill_tree(pid);
             let _ = child.kill();
             let _ = child.wait();
-            panic!("command did not finish within {timeout:?}");
+            panic!(
+                "command `{cmd}` (pid {pid}) did not finish within {timeout:?}; killed it and its scope: {killed:#?}"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn describe(c: &Command) -> String {
+    let mut s = format!("`{}", c.get_program().to_string_lossy());
+    for a in c.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s.push('`');
+    s
+}
+
+fn pipe_inode(f: &impl std::os::fd::AsRawFd) -> String {
+    fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Processes (other than this one) with one of `pipes` (`pipe:[N]` links) open.
+fn pipe_holders(pipes: &[String]) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let holds = fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                fs::read_link(fd.path()).is_ok_and(|l| {
+                    pipes
+                        .iter()
+                        .any(|p| !p.is_empty() && l.to_string_lossy() == *p)
+                })
+            });
+        if holds {
+            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{name}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    found
 }
 
 /// An OCI bundle in a temporary directory: a busybox-static rootfs and a config.json that the
