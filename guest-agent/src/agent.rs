@@ -551,8 +551,8 @@ impl Agent {
         }
     }
 
-    /// Pids of every process of the container: its cgroup if it has one, else every process
-    /// in its pid namespace, else the processes the agent started.
+    /// Pids of every process of the container: its cgroup and those below it if it has one,
+    /// else every process in its pid namespace; and the processes the agent started.
     pub fn container_pids(&self) -> Vec<i32> {
         let (cgroup, init_pid, has_pidns) = {
             let c = self.lock();
@@ -565,18 +565,48 @@ impl Agent {
                 ),
             }
         };
-        if let Some(cg) = cgroup {
-            if let Ok(text) = std::fs::read_to_string(cg.join("cgroup.procs")) {
-                return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
-            }
-        }
-        if has_pidns && self.registry.get(INIT_PROCESS).is_some() {
+        let mut pids = Vec::new();
+        let found = match cgroup {
+            Some(cg) => cgroup_pids(&cg, &mut pids),
+            None => false,
+        };
+        if !found && has_pidns && self.registry.get(INIT_PROCESS).is_some() {
             if let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) {
-                return pids_in_namespace(Path::new("/proc"), &ns);
+                pids = pids_in_namespace(Path::new("/proc"), &ns);
             }
         }
-        self.registry.pids()
+        // The processes the agent started, while they live, wherever they moved themselves
+        // (a privileged container may put a process in a cgroup outside its own): the host
+        // asks this list whether an exec it waits for still exists.
+        for pid in self.registry.pids() {
+            if !pids.contains(&pid) && alive(pid) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
+}
+
+/// Adds the pids of `dir` and of every cgroup below it; false if `dir` cannot be read.
+fn cgroup_pids(dir: &Path, pids: &mut Vec<i32>) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+        return false;
+    };
+    pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            cgroup_pids(&e.path(), pids);
+        }
+    }
+    true
+}
+
+/// Whether `pid` exists and has not exited (a zombie has).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Pids under `proc` whose pid namespace link equals `ns`.

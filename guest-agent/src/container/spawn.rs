@@ -107,6 +107,9 @@ pub(crate) fn spawn(
                     release: start_w,
                 }),
                 (pid, result) => {
+                    // A process that reported but failed later must not wait for a release
+                    // while we wait for it.
+                    drop(start_w);
                     // Both setup processes are gone (the report pipe hit EOF): reap them here, as
                     // a zombie left in a pid namespace would keep that namespace's init from dying.
                     // The agent's reaper waits while a spawn holds its gate, so it cannot take
