@@ -1,8 +1,8 @@
 //! Boots the static agent as /init of a real guest (QEMU TCG) with the project's vhost-user
 //! vsock and virtio-fs backends, and runs a container over the wire protocol end to end.
 //!
-//! Needs: the static agent (see the build command in the report/README), the guest kernel in
-//! /var/cache/rootcell/kernel-*/bzImage (or ROOTCELL_KERNEL), qemu-system-x86_64, root.
+//! Needs: the static agent (see the build command in the report/README), the guest kernel and
+//! QEMU (found by `rootcell-test-support`), root.
 
 use rootcell_protocol::{
     recv, send, AgentMessage, Event, HostMessage, Request, Response, StdioSpec, Stream, StreamHello,
@@ -13,21 +13,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn kernel() -> PathBuf {
-    if let Ok(k) = std::env::var("ROOTCELL_KERNEL") {
-        return k.into();
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/var/cache/rootcell")
-        .expect("no /var/cache/rootcell: build the guest kernel first")
-        .filter_map(|e| Some(e.ok()?.path().join("bzImage")))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found
-        .pop()
-        .expect("no guest kernel bzImage in /var/cache/rootcell")
-}
 
 fn static_agent() -> PathBuf {
     if let Ok(a) = std::env::var("ROOTCELL_AGENT_STATIC") {
@@ -144,7 +129,7 @@ fn container_runs_in_a_real_guest() {
     .unwrap();
     let console = t.join("console.log");
     let mut qemu = Qemu(
-        Command::new("qemu-system-x86_64")
+        Command::new(rootcell_test_support::qemu().expect("qemu-system-x86_64 is not installed"))
             .args([
                 "-M",
                 "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",
@@ -165,7 +150,7 @@ fn container_runs_in_a_real_guest() {
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .arg("-kernel")
-            .arg(kernel())
+            .arg(rootcell_test_support::bzimage().expect("no guest kernel: run scripts/build.sh"))
             .arg("-initrd")
             .arg(&initrd)
             .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])

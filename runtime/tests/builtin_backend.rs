@@ -3,7 +3,7 @@
 //! failed create must leave no state dir, run dir or process behind.
 
 use rootcell_e2e::run_dir;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -142,19 +142,12 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Root is needed for the sandbox's mount namespace.
-fn is_root() -> bool {
-    // SAFETY: plain getter.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// A name, global flags and environment for one create.
 type Case<'a> = (&'a str, &'a [&'a str], Vec<(&'a str, &'a str)>);
 
 #[test]
 fn missing_vmlinux_fails_cleanly_by_flag_env_and_config() {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the sandbox makes a mount namespace)");
+    if !rootcell_test_support::require_root("missing_vmlinux_fails_cleanly_by_flag_env_and_config") {
         return;
     }
     let fx = Fixture::new();
@@ -190,8 +183,7 @@ fn missing_vmlinux_fails_cleanly_by_flag_env_and_config() {
 
 #[test]
 fn bad_selection_is_a_clear_error_before_anything_is_made() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
+    if !rootcell_test_support::require_root("bad_selection_is_a_clear_error_before_anything_is_made") {
         return;
     }
     let fx = Fixture::new();
@@ -253,33 +245,15 @@ fn has_hw_virt() -> bool {
         .unwrap_or(false)
 }
 
-/// The guest kernel to boot: `$ROOTCELL_VMLINUX`, else the kernel cache of images/build-kernel.sh.
-fn find_vmlinux() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ROOTCELL_VMLINUX") {
-        return Some(PathBuf::from(p)).filter(|p| p.is_file());
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/var/cache/rootcell")
-        .ok()?
-        .flatten()
-        .map(|e| e.path().join("vmlinux"))
-        .filter(|p| p.is_file())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
 #[test]
 fn real_builtin_boot_is_bounded_and_quotes_the_console() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
+    if !rootcell_test_support::require_root("real_builtin_boot_is_bounded_and_quotes_the_console") {
         return;
     }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIP: /dev/kvm is absent, so the built-in VMM cannot run here");
+    if !rootcell_test_support::require_kvm("real_builtin_boot_is_bounded_and_quotes_the_console") {
         return;
     }
-    let Some(vmlinux) = find_vmlinux() else {
-        eprintln!("SKIP: no guest vmlinux (set ROOTCELL_VMLINUX or run images/build-kernel.sh)");
+    let Some(vmlinux) = rootcell_test_support::require_vmlinux("real_builtin_boot_is_bounded_and_quotes_the_console") else {
         return;
     };
     let fx = Fixture::new();
@@ -342,16 +316,13 @@ fn real_builtin_boot_is_bounded_and_quotes_the_console() {
 
 #[test]
 fn builtin_boot_timeout_kills_the_running_vm_cleanly() {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
+    if !rootcell_test_support::require_root("builtin_boot_timeout_kills_the_running_vm_cleanly") {
         return;
     }
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIP: /dev/kvm is absent, so the built-in VMM cannot run here");
+    if !rootcell_test_support::require_kvm("builtin_boot_timeout_kills_the_running_vm_cleanly") {
         return;
     }
-    let Some(vmlinux) = find_vmlinux() else {
-        eprintln!("SKIP: no guest vmlinux (set ROOTCELL_VMLINUX or run images/build-kernel.sh)");
+    let Some(vmlinux) = rootcell_test_support::require_vmlinux("builtin_boot_timeout_kills_the_running_vm_cleanly") else {
         return;
     };
     let fx = Fixture::new();

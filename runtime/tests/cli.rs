@@ -172,30 +172,16 @@ fn errors_are_logged_as_runc_json() {
     assert!(last["time"].as_str().unwrap().ends_with('Z'));
 }
 
-/// The guest kernel the developer machines build (or `$ROOTCELL_KERNEL`).
-fn kernel() -> Option<PathBuf> {
-    if let Some(k) = std::env::var_os("ROOTCELL_KERNEL") {
-        return Some(PathBuf::from(k)).filter(|p| p.is_file());
-    }
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("ls /var/cache/rootcell/kernel-*/bzImage 2>/dev/null | head -1")
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.is_file().then_some(p)
-}
-
 #[test]
 fn guest_that_never_answers_is_reported_and_cleaned_up() {
-    let Some(kernel) = kernel() else {
-        eprintln!("no guest kernel (set ROOTCELL_KERNEL): boot-failure path not exercised");
+    let test = "guest_that_never_answers_is_reported_and_cleaned_up";
+    let Some(kernel) = rootcell_test_support::require_bzimage(test) else {
         return;
     };
-    if !Path::new("/bin/busybox").is_file()
-        || Command::new("cpio").arg("--version").output().is_err()
-    {
-        eprintln!("busybox or cpio missing: boot-failure path not exercised");
+    let tools = Path::new("/bin/busybox").is_file()
+        && Command::new("cpio").arg("--version").output().is_ok();
+    let how = "install busybox-static and cpio (scripts/install-deps.sh)";
+    if !rootcell_test_support::require(test, tools, "busybox or cpio missing", how) {
         return;
     }
     let t = tempfile::tempdir().unwrap();

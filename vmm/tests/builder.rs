@@ -184,11 +184,10 @@ fn network_cards_are_declared_after_vsock_and_fs() {
     // A private network namespace for this thread: the taps never reach the host's network.
     std::thread::spawn(|| {
         // SAFETY: unshare affects only this thread.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            println!(
-                "SKIPPED network_cards_are_declared_after_vsock_and_fs: no network namespace: {}",
-                std::io::Error::last_os_error()
-            );
+        let netns = unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0;
+        let why = format!("no network namespace: {}", std::io::Error::last_os_error());
+        let test = "network_cards_are_declared_after_vsock_and_fs";
+        if !rootcell_test_support::require(test, netns, &why, "run as root") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -178,18 +178,16 @@ impl Tap {
 /// host does not allow one or has no tun driver.
 fn in_netns(test: &str, f: impl FnOnce() + Send + 'static) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        println!("SKIPPED {test}: /dev/net/tun is absent");
+    let tun = std::path::Path::new("/dev/net/tun").exists();
+    if !rootcell_test_support::require(test, tun, "/dev/net/tun is absent", "load the tun module") {
         return;
     }
     let test = test.to_owned();
     let r = std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread's namespaces.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            println!(
-                "SKIPPED {test}: cannot create a network namespace: {}",
-                std::io::Error::last_os_error()
-            );
+        let netns = unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0;
+        let why = format!("cannot create a network namespace: {}", std::io::Error::last_os_error());
+        if !rootcell_test_support::require(&test, netns, &why, "run as root") {
             return;
         }
         f();

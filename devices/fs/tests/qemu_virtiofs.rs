@@ -1,7 +1,7 @@
 //! End to end: a real Linux guest under QEMU mounts the share served by `serve_vhost_user`.
 //!
-//! Skipped (with a printed reason) only when qemu-system-x86_64 or the guest kernel
-//! (ROOTCELL_KERNEL, else /var/cache/rootcell/kernel-*/bzImage) is missing.
+//! Needs QEMU, a guest kernel and root, found and required as `rootcell-test-support` says
+//! (missing: a failure under scripts/test.sh, SKIPPED in a bare `cargo test`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -54,29 +54,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn find_kernel() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("ROOTCELL_KERNEL") {
-        let path = PathBuf::from(path);
-        return path.is_file().then_some(path);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/var/cache/rootcell")
-        .ok()?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("kernel-"))
-        .map(|e| e.path().join("bzImage"))
-        .filter(|p| p.is_file())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn find_qemu() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
 }
 
 /// Packs a busybox initramfs with [`INIT_SCRIPT`] as /init into `out` (cpio newc, gzip).
@@ -151,12 +128,6 @@ impl Drop for BindMount {
     }
 }
 
-/// Whether the test runs as root (needed for the bind mount and the guest's chown).
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 fn host_dirs() -> HostDirs {
     let root = tempfile::tempdir().unwrap();
     let share = root.path().join("share");
@@ -186,15 +157,9 @@ fn host_dirs() -> HostDirs {
 
 /// Boots the guest against a backend for `dirs.share`; returns (console text, wall time).
 fn boot_guest(dirs: &HostDirs, read_only: bool) -> Option<(String, Duration)> {
-    let (Some(qemu), Some(kernel)) = (find_qemu(), find_kernel()) else {
-        // Written to the real stderr so the notice shows even though libtest captures output.
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"SKIPPED: needs qemu-system-x86_64 on PATH and a guest kernel \
-              (ROOTCELL_KERNEL or /var/cache/rootcell/kernel-*/bzImage)\n",
-        );
-        return None;
-    };
+    let test = "qemu_virtiofs";
+    let qemu = rootcell_test_support::require_qemu(test)?;
+    let kernel = rootcell_test_support::require_bzimage(test)?;
     let _one_at_a_time = QEMU_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let initrd = dirs.work.join("initrd.cpio.gz");
     build_initramfs(&dirs.work, &initrd);
@@ -294,8 +259,7 @@ fn assert_no_escape(console: &str) {
 
 #[test]
 fn guest_reads_writes_and_chowns_through_virtiofs() {
-    if !is_root() {
-        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIPPED: needs root\n");
+    if !rootcell_test_support::require_root("guest_reads_writes_and_chowns_through_virtiofs") {
         return;
     }
     let dirs = host_dirs();
@@ -332,8 +296,7 @@ fn guest_reads_writes_and_chowns_through_virtiofs() {
 
 #[test]
 fn read_only_share_refuses_guest_writes() {
-    if !is_root() {
-        let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIPPED: needs root\n");
+    if !rootcell_test_support::require_root("read_only_share_refuses_guest_writes") {
         return;
     }
     let dirs = host_dirs();

@@ -1,6 +1,6 @@
 //! End to end: a real guest kernel under QEMU TCG, our vhost-user vsock backend, and a static
-//! guest `/init` running an AF_VSOCK echo server. Skipped (with a printed reason) only when
-//! qemu-system-x86_64 or the guest kernel is absent.
+//! guest `/init` running an AF_VSOCK echo server. QEMU and the kernel are found and required as
+//! `rootcell-test-support` says (missing: a failure under scripts/test.sh, SKIPPED otherwise).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -13,32 +13,6 @@ use std::time::{Duration, Instant};
 use rootcell_vsock::{serve_vhost_user, VsockConfig};
 
 const TRANSFER: usize = 100 * 1024 * 1024;
-
-fn find_kernel() -> Option<PathBuf> {
-    if let Ok(k) = std::env::var("ROOTCELL_KERNEL") {
-        let p = PathBuf::from(k);
-        return p.exists().then_some(p);
-    }
-    let mut found: Vec<PathBuf> = fs::read_dir("/var/cache/rootcell")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("kernel-"))
-        .map(|e| e.path().join("bzImage"))
-        .filter(|p| p.exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn have_qemu() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
 
 /// Removes the scratch directory on every path.
 struct TempDir(PathBuf);
@@ -229,14 +203,13 @@ fn console_tail(path: &Path) -> String {
 
 #[test]
 fn echo_100mib_through_qemu_guest() {
-    let Some(kernel) = find_kernel() else {
-        println!("SKIPPED: no guest kernel (set ROOTCELL_KERNEL or build /var/cache/rootcell/kernel-*/bzImage)");
+    let test = "echo_100mib_through_qemu_guest";
+    let Some(kernel) = rootcell_test_support::require_bzimage(test) else {
         return;
     };
-    if !have_qemu() {
-        println!("SKIPPED: qemu-system-x86_64 not installed");
+    let Some(qemu) = rootcell_test_support::require_qemu(test) else {
         return;
-    }
+    };
     let dir = std::env::temp_dir().join(format!("rootcell-vsock-e2e-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).unwrap();
@@ -258,7 +231,7 @@ fn echo_100mib_through_qemu_guest() {
     )
     .expect("starting the backend");
 
-    let child = Command::new("qemu-system-x86_64")
+    let child = Command::new(&qemu)
         .args([
             "-M",
             "microvm,acpi=off,x-option-roms=off,rtc=off,memory-backend=mem",

@@ -289,8 +289,7 @@ mod tests {
 
     #[test]
     fn pause_and_resume_reach_the_vmm_and_a_stopped_guest_refuses() {
-        if !Path::new("/dev/kvm").exists() {
-            println!("SKIPPED pause_and_resume_reach_the_vmm: /dev/kvm is absent");
+        if !rootcell_test_support::require_kvm("pause_and_resume_reach_the_vmm") {
             return;
         }
         let images = crate::assets::locate_builtin().expect("guest images for the builtin VMM");

@@ -6,7 +6,7 @@ pub mod guest_driver;
 pub mod virtq;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// A serial-console writer the test can read while the guest writes.
@@ -30,14 +30,10 @@ impl Console {
     }
 }
 
-/// True when /dev/kvm exists; prints why the test is skipped otherwise.
+/// Whether /dev/kvm exists, required as `rootcell-test-support` says (missing: a failure under
+/// scripts/test.sh, SKIPPED in a bare `cargo test`).
 pub fn kvm_present(test: &str) -> bool {
-    if Path::new("/dev/kvm").exists() {
-        true
-    } else {
-        println!("SKIPPED {test}: /dev/kvm is absent on this host, so no KVM test can run");
-        false
-    }
+    rootcell_test_support::require_kvm(test)
 }
 
 /// Writes a minimal 64-bit ELF "kernel" containing `code` at physical 16 MiB, returns its path.
@@ -69,23 +65,8 @@ pub fn write_tiny_kernel(name: &str, code: &[u8]) -> PathBuf {
     p
 }
 
-/// The real guest kernel: `$ROOTCELL_VMLINUX`, else the newest `/var/cache/rootcell/kernel-*/vmlinux`;
-/// panics with how to build one if there is none.
+/// The real guest kernel (found by `rootcell-test-support`); panics with how to build one.
 pub fn find_vmlinux() -> PathBuf {
-    if let Ok(p) = std::env::var("ROOTCELL_VMLINUX") {
-        return PathBuf::from(p);
-    }
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir("/var/cache/rootcell")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("kernel-"))
-        .map(|e| e.path().join("vmlinux"))
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    found.sort();
-    found.pop().map(|(_, p)| p).expect(
-        "no guest kernel: set ROOTCELL_VMLINUX or build one with images/build-kernel.sh \
-         (expected /var/cache/rootcell/kernel-*/vmlinux)",
-    )
+    rootcell_test_support::vmlinux()
+        .expect("no guest kernel vmlinux: run scripts/build.sh (it builds and caches one), or set ROOTCELL_VMLINUX")
 }
