@@ -41,8 +41,10 @@ use crate::vm::{RunningVm, SerialOutput, VirtioSlot, Vm, VmConfig, VmReport};
 pub use crate::devices::virtio::net::NetConfig;
 
 /// Kernel parameters every builtin guest gets before the caller's: console on COM1, a reboot
-/// that pulses the i8042 (the VMM's clean exit), reboot at once on panic.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux";
+/// that pulses the i8042 (the VMM's clean exit), reboot at once on panic. The i8042 has no
+/// keyboard or mouse behind it: the kernel is told so, and does not probe for them.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.nokbd i8042.noaux i8042.nomux";
 
 /// What to boot and share for one container.
 #[derive(Debug, Clone)]

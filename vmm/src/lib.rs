@@ -12,7 +12,8 @@
 //!   goes), `boot_params`, `gdt`, `paging`, `mptable`, `cpuid`, `regs`.
 //! - [`vcpu`]: the vCPU threads and how they are stopped; [`pause`]: how they are parked while
 //!   the VM is paused ([`vm::RunningVm::pause`]).
-//! - [`devices`]: the I/O bus, COM1 serial, i8042 (reset), and the virtio devices:
+//! - [`devices`]: the I/O bus, COM1 serial, i8042 (a controller with nothing plugged in; its
+//!   reset line ends the VM), and the virtio devices:
 //!   [`devices::virtio::vsock`] and [`devices::virtio::fs`] wrap the device logic the QEMU backend
 //!   serves over vhost-user, [`devices::virtio::net`] moves frames to and from a tap; each runs
 //!   on its own I/O thread.
