@@ -260,6 +260,9 @@ fn relay_prepare(g: &Global, a: &RelayArgs) -> Result<(UnixStream, Attached, Pat
     match rootcell_protocol::recv::<_, ControlResponse>(&mut conn)? {
         Some(ControlResponse::Ok) => {}
         Some(ControlResponse::Error { message }) => bail!("{message}"),
+        Some(ControlResponse::Refused { error }) => {
+            return Err(error).context("cannot exec in the container")
+        }
         Some(ControlResponse::ProcessFailed { message, status }) => {
             return Err(crate::error::RuntimeError::Process {
                 msg: message,

@@ -1,0 +1,165 @@
+//! The control socket: one request per connection from the CLI (start, kill, pause, update...).
+
+use super::exec::serve_exec;
+use super::*;
+use crate::control::{ControlRequest, ControlResponse};
+use crate::state::{Action, StateError, Status};
+use rootcell_protocol::{Request, Response, INIT_PROCESS};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Accepts CLI connections on the control socket, one request each.
+pub(super) fn serve_control(listener: UnixListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let sh = shared.clone();
+        let _ = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                match rootcell_protocol::recv::<_, ControlRequest>(&mut conn) {
+                    Ok(Some(ControlRequest::Exec {
+                        exec_id,
+                        process,
+                        stdio,
+                    })) => {
+                        serve_exec(&sh, &mut conn, exec_id, process, stdio);
+                    }
+                    Ok(Some(req)) => {
+                        let resp = handle_control(&sh, req);
+                        let _ = rootcell_protocol::send(&mut conn, &resp);
+                        sh.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    _ => {
+                        sh.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+            });
+    }
+}
+
+/// Sends `req` to the agent; its `Ok` or error message is the answer.
+pub(super) fn forward(shared: &Shared, req: Request) -> ControlResponse {
+    let what = format!("{req:?}");
+    match shared.agent.request(req, Duration::from_secs(5)) {
+        Ok(Response::Ok) => ControlResponse::Ok,
+        Ok(Response::Error { message, .. }) => ControlResponse::Error { message },
+        Ok(other) => ControlResponse::Error {
+            message: format!("unexpected answer to {what}: {other:?}"),
+        },
+        Err(e) => ControlResponse::Error {
+            message: e.to_string(),
+        },
+    }
+}
+
+pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlResponse {
+    let err = |message: String| ControlResponse::Error { message };
+    let status = shared
+        .state
+        .lock()
+        .map(|s| s.status)
+        .unwrap_or(Status::Stopped);
+    let action = match &req {
+        ControlRequest::Ping | ControlRequest::Resize { .. } | ControlRequest::Exec { .. } => None,
+        ControlRequest::Start => Some(Action::Start),
+        ControlRequest::Pause => Some(Action::Pause),
+        ControlRequest::Resume => Some(Action::Resume),
+        ControlRequest::Update { .. } => Some(Action::Update),
+        ControlRequest::Signal { .. } => Some(Action::Signal),
+    };
+    if let Some(Err(error)) = action.map(|a| status.check(a)) {
+        return ControlResponse::Refused { error };
+    }
+    // Moves the recorded status on once the action is done, unless something else (the exit)
+    // moved it meanwhile.
+    let advance = |a: Action| {
+        shared.update(|s| {
+            if s.status == status {
+                s.status = status.after(a);
+            }
+        })
+    };
+    match req {
+        ControlRequest::Ping => ControlResponse::Ok,
+        ControlRequest::Pause | ControlRequest::Resume => {
+            let pause = req == ControlRequest::Pause;
+            match shared.vm.set_paused(pause) {
+                Ok(()) => {
+                    advance(if pause { Action::Pause } else { Action::Resume });
+                    // The guest's clock stood still while the VM was frozen.
+                    if !pause {
+                        if let Err(e) = crate::clock::sync(&shared.agent) {
+                            tracing::warn!("cannot set the guest's clock after the resume: {e:#}");
+                        }
+                    }
+                    ControlResponse::Ok
+                }
+                Err(e) => err(format!(
+                    "cannot {} the VM: {e}",
+                    if pause { "pause" } else { "resume" }
+                )),
+            }
+        }
+        ControlRequest::Start => {
+            let _s = tracing::info_span!("container_start").entered();
+            if let Err(e) = crate::clock::sync(&shared.agent) {
+                tracing::warn!("cannot set the guest's clock before the start: {e:#}");
+            }
+            match shared
+                .agent
+                .request(Request::Start, Duration::from_secs(30))
+            {
+                Ok(Response::Ok) | Ok(Response::Created { .. }) => {
+                    advance(Action::Start);
+                    ControlResponse::Ok
+                }
+                Ok(Response::Error { message, .. }) => err(message),
+                Ok(other) => err(format!("unexpected answer to Start: {other:?}")),
+                Err(e) => err(e.to_string()),
+            }
+        }
+        ControlRequest::Exec { .. } => err("exec is served on its own connection".into()),
+        ControlRequest::Resize {
+            process,
+            rows,
+            cols,
+        } => forward(
+            shared,
+            Request::Resize {
+                process,
+                rows,
+                cols,
+            },
+        ),
+        ControlRequest::Update { memory, pids } => {
+            forward(shared, Request::UpdateLimits { memory, pids })
+        }
+        ControlRequest::Signal {
+            signal,
+            all,
+            process,
+        } => {
+            let req = Request::Signal {
+                process: process.unwrap_or_else(|| INIT_PROCESS.into()),
+                signal,
+                all,
+            };
+            match shared.agent.request(req, Duration::from_secs(5)) {
+                Ok(Response::Ok) => ControlResponse::Ok,
+                Ok(Response::Error {
+                    code: rootcell_protocol::ErrorCode::NoSuchProcess,
+                    ..
+                }) => ControlResponse::Refused {
+                    error: StateError::NotRunning,
+                },
+                Ok(Response::Error { message, .. }) => err(message),
+                Ok(other) => err(format!("unexpected answer to Signal: {other:?}")),
+                Err(e) => err(e.to_string()),
+            }
+        }
+    }
+}

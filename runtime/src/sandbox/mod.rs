@@ -1,0 +1,182 @@
+//! The per-container sandbox process: the long-lived host process Docker's shim waits on. It
+//! owns a private mount namespace with the share dir, the device backends, the hypervisor, the
+//! agent connection, the stdio relays and the control socket, and exits with the container's
+//! status.
+
+use crate::agent::{AgentClient, AgentNotice};
+use crate::console;
+use crate::hypervisor::Vm;
+use crate::state::ContainerState;
+use crate::stdio::Streams;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{mpsc, Arc, Mutex};
+
+mod console_log;
+mod control;
+mod exec;
+mod prepare;
+mod serve;
+mod signals;
+
+pub use console_log::{kernel_banner, tail_lines};
+use control::serve_control;
+use prepare::prepare;
+use signals::forward_signals;
+pub use signals::{block_signals, forwarded_set};
+
+/// Guest CID of every sandbox's VM (each VM has its own vsock device).
+pub const GUEST_CID: u64 = 3;
+/// Kernel command line of the guest. `no_timer_check`: on a loaded host (many TCG guests) the
+/// kernel's timing-based IO-APIC timer check fails and the boot panics; a VM's timer is wired.
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
+/// Default bound on boot + agent handshake.
+pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 60;
+
+/// Arguments of the hidden `sandbox` subcommand.
+#[derive(Debug, Clone)]
+pub struct SandboxArgs {
+    /// State root.
+    pub root: PathBuf,
+    /// Container id.
+    pub id: String,
+    /// Fd on which to report readiness (one JSON line) before serving.
+    pub ready_fd: i32,
+    /// Console socket for `terminal: true`.
+    pub console_socket: Option<PathBuf>,
+    /// `terminal: true` without console socket: relay the pty over our own stdin/stdout.
+    pub tty_stdio: bool,
+}
+
+/// What the sandbox tells `create` on the readiness pipe.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Ready {
+    /// Created successfully.
+    pub ok: bool,
+    /// The error otherwise.
+    #[serde(default)]
+    pub error: String,
+    /// Exit status the caller should use when the process itself could not start.
+    #[serde(default)]
+    pub status: Option<i32>,
+}
+
+impl Ready {
+    /// Success.
+    pub fn ok() -> Self {
+        Ready {
+            ok: true,
+            error: String::new(),
+            status: None,
+        }
+    }
+
+    /// Failure with `e`'s message (and its process exit status, if it has one).
+    pub fn failed(e: &anyhow::Error) -> Self {
+        let status = e
+            .chain()
+            .find_map(|c| match c.downcast_ref::<crate::error::RuntimeError>() {
+                Some(crate::error::RuntimeError::Process { status, .. }) => Some(*status),
+                _ => None,
+            });
+        Ready {
+            ok: false,
+            error: format!("{e:#}"),
+            status,
+        }
+    }
+
+    /// The error to report for a failed readiness report.
+    pub fn into_error(self) -> anyhow::Error {
+        match self.status {
+            Some(status) => crate::error::RuntimeError::Process {
+                msg: self.error,
+                status,
+            }
+            .into(),
+            None => anyhow::anyhow!(self.error),
+        }
+    }
+}
+
+/// Shell-convention exit status for agent error codes that mean "the program cannot run".
+pub fn process_status(code: rootcell_protocol::ErrorCode) -> Option<i32> {
+    match code {
+        rootcell_protocol::ErrorCode::NotFound => Some(127),
+        rootcell_protocol::ErrorCode::PermissionDenied => Some(126),
+        _ => None,
+    }
+}
+
+/// Events the main loop waits for.
+enum SbEvent {
+    Agent(AgentNotice),
+    VmStopped(i32),
+}
+
+/// State shared between the sandbox's threads.
+struct Shared {
+    state: Mutex<ContainerState>,
+    vm: Arc<dyn Vm>,
+    state_path: PathBuf,
+    agent: Arc<AgentClient>,
+    /// Control requests being served; teardown waits for them so `start` gets its answer.
+    in_flight: AtomicUsize,
+    /// The terminal whose size is relayed on SIGWINCH.
+    tty_fd: Option<i32>,
+    /// Exec'd processes waiting for their exit status, by exec id.
+    exec_waiters: Mutex<HashMap<String, mpsc::Sender<i32>>>,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut ContainerState)) {
+        if let Ok(mut s) = self.state.lock() {
+            f(&mut s);
+            if let Err(e) = s.save(&self.state_path) {
+                tracing::error!("cannot write {}: {e}", self.state_path.display());
+            }
+        }
+    }
+}
+
+/// Runs the sandbox; returns the process exit status.
+pub fn main(args: SandboxArgs) -> i32 {
+    // SAFETY: the fd was set up for us by `create` and is ours alone.
+    let mut ready = unsafe { File::from_raw_fd(args.ready_fd) };
+    let report = |ready: &mut File, r: Ready| {
+        let mut line = serde_json::to_vec(&r).unwrap_or_default();
+        line.push(b'\n');
+        let _ = ready.write_all(&line);
+    };
+    match prepare(&args) {
+        Ok(sb) => {
+            report(&mut ready, Ready::ok());
+            drop(ready);
+            sb.serve()
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            report(&mut ready, Ready::failed(&e));
+            1
+        }
+    }
+}
+
+/// Everything `prepare` built, ready to serve.
+struct Sandbox {
+    shared: Arc<Shared>,
+    vm: Arc<dyn Vm>,
+    events: mpsc::Receiver<SbEvent>,
+    events_tx: mpsc::Sender<SbEvent>,
+    streams: Streams,
+    control: UnixListener,
+    run_dir: PathBuf,
+    saved_termios: Option<console::RawTerminal>,
+    /// The taps and tc filters behind the VM's network cards, undone after the VM is gone.
+    network: Option<rootcell_net::Mirror>,
+}

@@ -1,0 +1,382 @@
+//! Bringing a sandbox up: the container's namespaces, its share, hooks and network on the
+//! host, the VM, the agent's handshake, the container created in the guest, then the CPU cgroup.
+
+use super::signals::resize;
+use super::*;
+use crate::agent::{self, AgentClient};
+use crate::hypervisor::{NetCard, Vm, VmConfig};
+use crate::state::{ContainerState, Status};
+use crate::stdio::{self, Attached, TerminalMode};
+use crate::{hooks, paths, share, spec};
+use anyhow::{anyhow, bail, Context, Result};
+use oci_spec::runtime::Spec;
+use rootcell_protocol::{Request, Response, StdioSpec, INIT_PROCESS};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Brings the sandbox up, step by step: [`enter`] (namespaces, pid, cgroup), [`host_setup`]
+/// (share, createRuntime hooks, network mirror, DNS relay), [`start_vm`], [`connect_agent`]
+/// (handshake and clock), [`create_container`] (stdio, guest network, Create), then the CPU
+/// cgroup and the control socket. A VM pool or a VM shared by several containers reuses the
+/// steps it needs.
+pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
+    let Entered {
+        mut state,
+        state_path,
+        bundle,
+    } = enter(args)?;
+    let host = host_setup(&state, &bundle)?;
+    let (vm, cfg) = start_vm(args, &mut state, &state_path, &bundle, &host)?;
+    let (events_tx, events) = mpsc::channel();
+    let agent = connect_agent(&vm, &cfg, &events_tx)?;
+    let Attached {
+        streams,
+        tty_fd,
+        saved: saved_termios,
+    } = create_container(args, &agent, &state, &bundle, &host, &cfg)?;
+    if let Some(cg) = &state.cgroups_path {
+        join_cpu_cgroup(cg, &bundle.spec, &[state.pid, state.vm_pid]);
+    }
+    let HostSetup {
+        run_dir, network, ..
+    } = host;
+    let ctl_path = run_dir.join(paths::CONTROL_SOCKET);
+    let control = UnixListener::bind(&ctl_path)
+        .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
+    state.status = Status::Created;
+    state.save(&state_path)?;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        vm: vm.clone(),
+        state_path,
+        agent,
+        in_flight: AtomicUsize::new(0),
+        tty_fd,
+        exec_waiters: Mutex::default(),
+    });
+    Ok(Sandbox {
+        shared,
+        vm,
+        events,
+        events_tx,
+        streams,
+        control,
+        run_dir,
+        saved_termios,
+        network: network.map(|(m, _)| m),
+    })
+}
+
+/// The container's record and bundle, with this process in the container's namespaces.
+struct Entered {
+    state: ContainerState,
+    state_path: PathBuf,
+    bundle: spec::Bundle,
+}
+
+/// Loads the record, enters the namespaces (single-threaded still), records this process as
+/// the container's pid and joins the non-CPU cgroups (the VMM inherits them).
+fn enter(args: &SandboxArgs) -> Result<Entered> {
+    let state_path = paths::state_file(&args.root, &args.id);
+    let mut state = ContainerState::load(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let bundle = spec::load(&state.bundle)?;
+    isolate(&bundle.spec)?;
+    block_signals();
+    // Do not pin the caller's cwd (often the bundle) for the container's lifetime.
+    let _ = std::env::set_current_dir("/");
+    let me = std::process::id() as i32;
+    state.pid = me;
+    state.pid_start = crate::state::proc_stat(me).map(|s| s.0).unwrap_or(0);
+    state.save(&state_path)?;
+    if let Some(cg) = &state.cgroups_path {
+        // Before the VMM starts, so it inherits the cgroup; CPU only once the guest is up.
+        for e in crate::cgroup::join(cg, me as u32, crate::cgroup::Part::AllButCpu) {
+            tracing::warn!("cgroup: {e}");
+        }
+    }
+    Ok(Entered {
+        state,
+        state_path,
+        bundle,
+    })
+}
+
+/// What the host side prepared for the VM.
+struct HostSetup {
+    run_dir: PathBuf,
+    share_dir: PathBuf,
+    binds: Vec<spec::BindMount>,
+    /// The taps and tc filters mirroring the container's interfaces, and their description.
+    network: Option<(rootcell_net::Mirror, rootcell_protocol::net::NetworkConfig)>,
+    nets: Vec<NetCard>,
+    loopback_dns: Option<std::net::IpAddr>,
+}
+
+/// The share (rootfs and bind sources), the createRuntime hooks, the network mirror and the
+/// DNS relay.
+fn host_setup(state: &ContainerState, bundle: &spec::Bundle) -> Result<HostSetup> {
+    let _span = tracing::info_span!("host_setup", id = %state.id).entered();
+    let run_dir = state.run_dir.clone();
+    let share_dir = run_dir.join(paths::SHARE_DIR);
+    let binds = spec::bind_mounts(&bundle.spec, &bundle.dir);
+    share::build(&share_dir, &bundle.rootfs, &binds)?;
+    // Before the VM: Docker's libnetwork-setkey hook is what puts the veth into our network
+    // namespace, and the VM's network cards are made from what is there.
+    run_create_hooks(&bundle.spec, state)?;
+    let network = crate::network::mirror()?;
+    let nets = network
+        .as_ref()
+        .map(|(mirror, _)| {
+            mirror
+                .taps()
+                .iter()
+                .filter_map(|t| {
+                    Some(NetCard {
+                        tap_fd: t.raw_fd()?,
+                        mac: t.mac,
+                        mtu: t.mtu,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let loopback_dns = network
+        .as_ref()
+        .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
+    if let Some(addr) = loopback_dns {
+        crate::dns::serve(
+            &run_dir.join(paths::dns_relay_socket()),
+            &run_dir.join(paths::dns_tcp_relay_socket()),
+            addr,
+        )?;
+        tracing::info!(%addr, "relaying the guest's DNS queries to the container's loopback resolver");
+    }
+    Ok(HostSetup {
+        run_dir,
+        share_dir,
+        binds,
+        network,
+        nets,
+        loopback_dns,
+    })
+}
+
+/// Picks the hypervisor, sizes the VM from the spec and starts it; records the VMM's pid.
+fn start_vm(
+    args: &SandboxArgs,
+    state: &mut ContainerState,
+    state_path: &Path,
+    bundle: &spec::Bundle,
+    host: &HostSetup,
+) -> Result<(Arc<dyn Vm>, VmConfig)> {
+    let _span = tracing::info_span!("vm_start").entered();
+    let crate::hypervisor::Opened {
+        hypervisor: hv,
+        images,
+        selection,
+    } = crate::hypervisor::open()?;
+    let (memory_mib, vcpus) = spec::vm_resources(&bundle.spec);
+    let state_dir = paths::state_dir(&args.root, &args.id);
+    let cfg = VmConfig {
+        kernel: images.kernel,
+        initrd: images.initrd,
+        memory_mib,
+        vcpus,
+        cmdline: match std::env::var("ROOTCELL_KERNEL_ARGS") {
+            Ok(extra) if !extra.is_empty() => format!("{KERNEL_CMDLINE} {extra}"),
+            _ => KERNEL_CMDLINE.to_string(),
+        },
+        console_log: state_dir.join("console.log"),
+        hypervisor_log: state_dir.join(format!("{}.log", hv.name())),
+        socket_dir: host.run_dir.clone(),
+        vsock_uds: host.run_dir.join(paths::VSOCK_UDS),
+        guest_cid: GUEST_CID,
+        share_dir: host.share_dir.clone(),
+        share_tag: rootcell_protocol::SHARE_TAG.to_string(),
+        nets: host.nets.clone(),
+    };
+    tracing::info!(hypervisor = hv.name(), reason = %selection.reason, "starting the guest");
+    let vm: Arc<dyn Vm> = Arc::from(hv.start(&cfg)?);
+    state.vm_pid = vm.pid().unwrap_or(0);
+    state.vm_pid_start = crate::state::proc_stat(state.vm_pid)
+        .map(|s| s.0)
+        .unwrap_or(0);
+    state.save(state_path)?;
+    Ok((vm, cfg))
+}
+
+/// Waits (bounded) for the guest's agent, checks its protocol version and sets its clock.
+/// Agent notices go to `events`.
+fn connect_agent(
+    vm: &Arc<dyn Vm>,
+    cfg: &VmConfig,
+    events: &mpsc::Sender<SbEvent>,
+) -> Result<Arc<AgentClient>> {
+    let _s = tracing::info_span!("agent_ready").entered();
+    let secs = std::env::var("ROOTCELL_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_BOOT_TIMEOUT_SECS);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let stream = agent::connect_control(&cfg.vsock_uds, deadline, || vm.try_stopped().is_none())
+        .map_err(|e| {
+            let console_log = &cfg.console_log;
+            let mut tail = tail_lines(console_log, 15);
+            // The kernel's banner says how far the guest got even when later lines push it
+            // out of the tail (the built-in VMM on a software /dev/kvm prints it, then stops).
+            if let Some(banner) = kernel_banner(console_log).filter(|b| !tail.contains(b.as_str())) {
+                tail = format!("{banner}\n...\n{tail}");
+            }
+            match vm.try_stopped() {
+                Some(st) => anyhow!(
+                    "the guest stopped before its agent answered (hypervisor exit status {st}; {e}); hypervisor log: {}; last console lines:\n{tail}",
+                    tail_lines(&cfg.hypervisor_log, 5)
+                ),
+                None => anyhow!("the guest did not come up within {secs} s ({e}); last console lines:\n{tail}"),
+            }
+        })?;
+    let tx = events.clone();
+    let agent = AgentClient::start(stream, move |n| {
+        let _ = tx.send(SbEvent::Agent(n));
+    })?;
+    let hello = Request::Hello {
+        version: rootcell_protocol::PROTOCOL_VERSION,
+    };
+    match agent.request(hello, Duration::from_secs(10))? {
+        Response::Hello {
+            version,
+            kernel_release,
+        } if version == rootcell_protocol::PROTOCOL_VERSION => {
+            tracing::info!(kernel_release, "agent ready");
+        }
+        Response::Hello { version, .. } => bail!(
+            "guest agent speaks protocol version {version}, this runtime {}; rebuild the initramfs from the same rootcell release",
+            rootcell_protocol::PROTOCOL_VERSION
+        ),
+        other => bail!("unexpected answer to Hello: {other:?}"),
+    }
+    crate::clock::sync(&agent).context("cannot set the guest's clock to the host's")?;
+    Ok(agent)
+}
+
+/// Attaches the init process's stdio, configures the guest's network, and has the agent create
+/// the container (its init waits for `start`).
+fn create_container(
+    args: &SandboxArgs,
+    agent: &AgentClient,
+    state: &ContainerState,
+    bundle: &spec::Bundle,
+    host: &HostSetup,
+    cfg: &VmConfig,
+) -> Result<Attached> {
+    let _span = tracing::info_span!("container_create").entered();
+    let terminal = bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    let mode = TerminalMode {
+        terminal,
+        console_socket: args.console_socket.clone(),
+        tty_stdio: args.tty_stdio,
+    };
+    let attached = stdio::attach(&cfg.vsock_uds, INIT_PROCESS, &mode)?;
+    if let Some((_, config)) = &host.network {
+        let _s = tracing::info_span!("network_setup").entered();
+        let req = Request::ConfigureNetwork {
+            config: config.clone(),
+            loopback_dns: host.loopback_dns,
+        };
+        match agent.request(req, Duration::from_secs(30))? {
+            Response::Ok => {}
+            Response::Error { message, .. } => {
+                bail!("the guest cannot set up the container's network: {message}")
+            }
+            other => bail!("unexpected answer to ConfigureNetwork: {other:?}"),
+        }
+    }
+    let guest_spec = spec::rewrite_for_guest(&bundle.spec, &host.binds, host.network.is_some());
+    let stdio = StdioSpec {
+        stdin: !terminal,
+        stdout: !terminal,
+        stderr: !terminal,
+        terminal,
+    };
+    let create = Request::Create {
+        container_id: args.id.clone(),
+        spec: Box::new(guest_spec),
+        stdio,
+        privileged: state.guest_privileged,
+    };
+    match agent.request(create, Duration::from_secs(60))? {
+        Response::Created { pid } => tracing::info!(guest_pid = pid, "container created"),
+        Response::Error { code, message } => match process_status(code) {
+            Some(status) => {
+                let msg = format!("cannot start the container process: {message}");
+                return Err(crate::error::RuntimeError::Process { msg, status }.into());
+            }
+            None => bail!("container create failed ({code:?}): {message}"),
+        },
+        other => bail!("unexpected answer to Create: {other:?}"),
+    }
+    if let Some(fd) = attached.tty_fd {
+        resize(agent, fd);
+    }
+    Ok(attached)
+}
+
+/// Private mount namespace and the container's network namespace, before any thread exists.
+pub(super) fn isolate(spec: &Spec) -> Result<()> {
+    share::isolate_mounts()?;
+    // Hooks such as Docker's libnetwork-setkey configure the network namespace of the pid in
+    // the state (ours), so we live in the container's namespace.
+    crate::network::enter(&crate::network::check(spec)?)
+}
+
+/// prestart and createRuntime hooks, run on the host with state "creating".
+pub(super) fn run_create_hooks(spec: &Spec, state: &ContainerState) -> Result<()> {
+    let Some(h) = spec.hooks() else { return Ok(()) };
+    let mut s = state.clone();
+    s.status = Status::Creating;
+    let json = s.oci_json().to_string();
+    hooks::run(
+        "prestart",
+        h.prestart().as_deref().unwrap_or_default(),
+        &json,
+    )?;
+    hooks::run(
+        "createRuntime",
+        h.create_runtime().as_deref().unwrap_or_default(),
+        &json,
+    )?;
+    Ok(())
+}
+
+/// Moves the sandbox and the VMM into the CPU hierarchies of the container's cgroup, now that the
+/// guest has booted: the boot's CPU time stays with the caller (INGInious and `docker stats`
+/// count from here). Before `create` returns, so the shim finds the final cgroups.
+pub(super) fn join_cpu_cgroup(cg: &str, spec: &Spec, pids: &[i32]) {
+    let mut pids: Vec<i32> = pids.iter().copied().filter(|p| *p > 0).collect();
+    pids.dedup();
+    for pid in pids {
+        for e in crate::cgroup::join(cg, pid as u32, crate::cgroup::Part::Cpu) {
+            tracing::warn!("cgroup: {e}");
+        }
+    }
+    // `--cpus` also caps the host CPU time of the whole VM, as runc caps the container's.
+    let cpu = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.cpu().clone());
+    if let Some(c) = cpu {
+        for e in crate::cgroup::set_cpu(cg, c.quota(), c.period(), None) {
+            tracing::warn!("cgroup: {e}");
+        }
+    }
+}
