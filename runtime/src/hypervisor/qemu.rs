@@ -80,13 +80,93 @@ pub fn find_program() -> Result<PathBuf, HypervisorError> {
         })
 }
 
+/// A QEMU release, as `qemu-system-x86_64 --version` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct QemuVersion {
+    /// Major release (7 for Debian 12's 7.2, 10 for Debian 13's 10.0).
+    pub major: u32,
+    /// Minor release.
+    pub minor: u32,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Parses the first line of `--version` ("QEMU emulator version 10.0.13 (Debian ...)").
+pub fn parse_version(out: &str) -> Option<QemuVersion> {
+    let rest = out.split("QEMU emulator version ").nth(1)?;
+    let mut nums = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    Some(QemuVersion {
+        major: nums.next()?.ok()?,
+        minor: nums.next()?.ok()?,
+    })
+}
+
+/// Asks `program --version`; `None` if it cannot say.
+pub fn detect_version(program: &Path) -> Option<QemuVersion> {
+    let out = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Guest kernel argument that keeps TCG from running stale code (see [`tcg_kernel_args`]).
+pub const TCG_STALE_CODE_ARG: &str = "init_on_alloc=1";
+
+/// Guest kernel arguments the QEMU backend adds for `accel` and QEMU `version`, given the
+/// command line `cmdline` so far (a setting already there, e.g. from `ROOTCELL_KERNEL_ARGS`,
+/// wins).
+///
+/// Under TCG, QEMU runs guest code from translations it caches per guest-physical page and
+/// drops a page's translations only when it sees a write to that page. The vhost-user back ends
+/// (virtio-fs, vsock) write guest RAM from another process through the shared memfd, which QEMU
+/// never sees. virtio-fs reads land directly in page-cache pages, and the guest drops and
+/// re-reads a file's pages on every open (no keep-cache), so a page that held one piece of
+/// program text gets another from the back end while QEMU still holds translations of the old
+/// one: with QEMU 10.0 (Debian 13), 199 of 200 `/bin/true` runs from the share crashed (jumps to
+/// 0x28, faults at random program addresses) while the file read back byte-identical. With
+/// `init_on_alloc=1` the guest kernel zeroes every page it allocates, a CPU write QEMU sees,
+/// so a page's old translations are gone before the back end fills it. QEMU 7.2 has not shown
+/// the failure and keeps its boot as tested; any later or unknown version gets the argument.
+/// KVM has no translation cache and needs nothing.
+pub fn tcg_kernel_args(
+    accel: Accel,
+    version: Option<QemuVersion>,
+    cmdline: &str,
+) -> Option<&'static str> {
+    let old = version.is_some_and(|v| v < QemuVersion { major: 8, minor: 0 });
+    let set = cmdline
+        .split_whitespace()
+        .any(|a| a.starts_with("init_on_alloc="));
+    (accel == Accel::Tcg && !old && !set).then_some(TCG_STALE_CODE_ARG)
+}
+
 /// Escapes a value for a QEMU `-opt key=value,...` list (commas are doubled).
 fn esc(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
-/// The QEMU command line (without the program) for `cfg`.
-pub fn command_args(cfg: &VmConfig, accel: Accel, vsock_vu: &Path, fs_vu: &Path) -> Vec<String> {
+/// The QEMU command line (without the program) for `cfg`, for QEMU `version` (see
+/// [`tcg_kernel_args`]).
+pub fn command_args(
+    cfg: &VmConfig,
+    accel: Accel,
+    version: Option<QemuVersion>,
+    vsock_vu: &Path,
+    fs_vu: &Path,
+) -> Vec<String> {
+    let cmdline = match tcg_kernel_args(accel, version, &cfg.cmdline) {
+        Some(extra) => format!("{} {extra}", cfg.cmdline),
+        None => cfg.cmdline.clone(),
+    };
     let mem = format!("{}M", cfg.memory_mib);
     let (accel, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
@@ -126,7 +206,7 @@ pub fn command_args(cfg: &VmConfig, accel: Accel, vsock_vu: &Path, fs_vu: &Path)
         "-initrd",
         &cfg.initrd.display().to_string(),
     ]);
-    push(&["-append", &cfg.cmdline]);
+    push(&["-append", &cmdline]);
     push(&[
         "-chardev",
         &format!("socket,id=vsock,path={}", esc(vsock_vu)),
@@ -201,7 +281,18 @@ impl Hypervisor for Qemu {
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null());
         let mut cmd = Command::new(&self.program);
-        cmd.args(command_args(cfg, self.accel, &vsock_vu, &fs_vu))
+        // Only TCG's arguments depend on the version; KVM does not pay for asking.
+        let version = match self.accel {
+            Accel::Tcg => detect_version(&self.program),
+            Accel::Kvm => None,
+        };
+        if let Some(extra) = tcg_kernel_args(self.accel, version, &cfg.cmdline) {
+            tracing::info!(
+                qemu_version = ?version.map(|v| v.to_string()),
+                "TCG: guest kernel gets {extra} (vhost-user writes to guest RAM are invisible to QEMU's translation cache)"
+            );
+        }
+        cmd.args(command_args(cfg, self.accel, version, &vsock_vu, &fs_vu))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
@@ -374,6 +465,7 @@ mod tests {
         let a = command_args(
             &cfg(),
             Accel::Tcg,
+            Some(V7_2),
             Path::new("/r/vsock.vu"),
             Path::new("/r/fs.vu"),
         );
@@ -405,8 +497,39 @@ mod tests {
         assert!(joined.contains("-chardev socket,id=vsock,path=/r/vsock.vu -device vhost-user-vsock-device,chardev=vsock"));
         assert!(joined.contains("-chardev socket,id=fs,path=/r/fs.vu -device vhost-user-fs-device,chardev=fs,tag=rootcell"));
         assert!(!joined.contains("-netdev"), "no network card without taps");
-        let k = command_args(&cfg(), Accel::Kvm, Path::new("/a"), Path::new("/b"));
+        let k = command_args(&cfg(), Accel::Kvm, None, Path::new("/a"), Path::new("/b"));
         assert!(k.join(" ").contains("-accel kvm -cpu host"));
+    }
+
+    const V7_2: QemuVersion = QemuVersion { major: 7, minor: 2 };
+
+    #[test]
+    fn qemu_version_parsed() {
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)\nCopyright"),
+            Some(QemuVersion { major: 10, minor: 0 })
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\n"),
+            Some(V7_2)
+        );
+        assert_eq!(parse_version("qemu-system-x86_64: bad"), None);
+    }
+
+    #[test]
+    fn tcg_on_new_qemu_zeroes_allocated_pages() {
+        let v10 = Some(QemuVersion { major: 10, minor: 0 });
+        let base = cfg().cmdline;
+        let append = |accel, version| {
+            let a = command_args(&cfg(), accel, version, Path::new("/a"), Path::new("/b"));
+            a[a.iter().position(|x| x == "-append").unwrap() + 1].clone()
+        };
+        assert_eq!(append(Accel::Tcg, v10), format!("{base} init_on_alloc=1"));
+        assert_eq!(append(Accel::Tcg, None), format!("{base} init_on_alloc=1"));
+        assert_eq!(append(Accel::Tcg, Some(V7_2)), base);
+        assert_eq!(append(Accel::Kvm, v10), base);
+        // A setting the user gave (ROOTCELL_KERNEL_ARGS is already in the command line) wins.
+        assert_eq!(tcg_kernel_args(Accel::Tcg, v10, "quiet init_on_alloc=0"), None);
     }
 
     #[test]
@@ -419,7 +542,8 @@ mod tests {
                 mtu: 1450,
             });
         }
-        let joined = command_args(&c, Accel::Tcg, Path::new("/a"), Path::new("/b")).join(" ");
+        let joined = command_args(&c, Accel::Tcg, Some(V7_2), Path::new("/a"), Path::new("/b"))
+            .join(" ");
         assert!(joined.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02,host_mtu=1450"), "{joined}");
         assert!(joined.contains("-netdev tap,id=net1,fd=9 -device virtio-net-device,netdev=net1,mac=02:42:ac:12:00:05,host_mtu=1450"), "{joined}");
     }
