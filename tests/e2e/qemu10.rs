@@ -24,9 +24,12 @@ fn trixie() -> &'static Path {
     DIR.get_or_init(|| {
         let script = images_dir().join("build-trixie-root.sh");
         let started = Instant::now();
-        let o = Command::new(&script)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        // Bounded (a first build takes about 4 minutes; a stuck mirror must not hang the suite),
+        // and in a scope of its own so a timeout ends debootstrap and apt too.
+        let mut c = Command::new(&script);
+        c.env(SCOPE_VAR, unique_id("trixie-root"))
+            .stdin(std::process::Stdio::null());
+        let o = output_with_timeout(c, None, Duration::from_secs(20 * 60));
         assert!(
             o.status.success(),
             "{} failed ({}), so Debian 13's QEMU cannot be tested: {}\n\
