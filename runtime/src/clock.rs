@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// (`make`'s clock-skew check, file times on bind mounts), and cheap: one small request.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 /// Bound on one clock request (the agent answers at once unless the guest is gone or paused).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = crate::timeouts::CLOCK;
 
 /// The host's `CLOCK_REALTIME` in nanoseconds since the epoch.
 pub fn host_now_nanos() -> Result<u64> {

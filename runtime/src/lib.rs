@@ -27,3 +27,4 @@ pub mod spec;
 pub mod state;
 pub mod stdio;
 pub mod timefmt;
+pub mod timeouts;

@@ -237,13 +237,10 @@ fn spawn_sandbox(
     spawn_helper(g, &args, console.is_some())
 }
 
-/// Reads the sandbox's one-line report, bounded by the boot timeout plus a margin.
+/// Reads the sandbox's one-line report, bounded by everything the sandbox itself waits for.
 pub fn wait_ready(rd: &mut OwnedFd) -> Result<()> {
-    let boot = std::env::var("ROOTCELL_BOOT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(crate::sandbox::DEFAULT_BOOT_TIMEOUT_SECS);
-    let deadline = Instant::now() + Duration::from_secs(boot + 90);
+    let bound = crate::timeouts::create_ready(crate::sandbox::boot_timeout());
+    let deadline = Instant::now() + bound;
     let mut fds = [nix::poll::PollFd::new(
         rd.as_fd(),
         nix::poll::PollFlags::POLLIN,
@@ -251,7 +248,7 @@ pub fn wait_ready(rd: &mut OwnedFd) -> Result<()> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("the sandbox did not report within {} s", boot + 90);
+            bail!("the sandbox did not report within {} s", bound.as_secs());
         }
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         match nix::poll::poll(&mut fds, ms) {

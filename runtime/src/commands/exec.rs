@@ -16,7 +16,6 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// What `exec` was asked to run.
 #[derive(Debug, Clone, Default)]
@@ -210,7 +209,7 @@ pub fn relay_main(g: &Global, a: RelayArgs) -> i32 {
                     process: Some(exec_id.clone()),
                 }
             };
-            let _ = crate::control::call(&ctl, &req, Duration::from_secs(5));
+            let _ = crate::control::call(&ctl, &req, crate::timeouts::CLI_QUICK);
         });
     let mut conn = conn;
     let _ = conn.set_read_timeout(None);
@@ -221,7 +220,7 @@ pub fn relay_main(g: &Global, a: RelayArgs) -> i32 {
             137
         }
     };
-    if !stdio::wait_outputs(&done, outputs, Duration::from_secs(3)) {
+    if !stdio::wait_outputs(&done, outputs, crate::timeouts::OUTPUT_DRAIN) {
         tracing::warn!("exec output did not reach EOF within 3 s after exit");
     }
     drop(saved);
@@ -244,7 +243,7 @@ fn relay_prepare(g: &Global, a: &RelayArgs) -> Result<(UnixStream, Attached, Pat
     let ctl = st.control_socket();
     let mut conn = UnixStream::connect(&ctl)
         .with_context(|| format!("cannot reach the container's sandbox at {}", ctl.display()))?;
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(40)));
+    let _ = conn.set_read_timeout(Some(crate::timeouts::CLI_EXEC));
     let stdio = StdioSpec {
         stdin: !terminal,
         stdout: !terminal,
@@ -281,7 +280,7 @@ fn relay_prepare(g: &Global, a: &RelayArgs) -> Result<(UnixStream, Attached, Pat
                     rows,
                     cols,
                 },
-                Duration::from_secs(5),
+                crate::timeouts::CLI_QUICK,
             );
         }
     }

@@ -9,7 +9,6 @@ use crate::control::{self, ControlRequest, ControlResponse};
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::LinuxResources;
 use std::io::Read;
-use std::time::Duration;
 
 /// `update`: applies `resources` (a file, or `-` for stdin) to container `id`.
 pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
@@ -34,7 +33,7 @@ pub fn update(g: &Global, id: &str, resources: Option<&str>) -> Result<()> {
     let (memory, pids) = guest_limits(&res);
     if memory.is_some() || pids.is_some() {
         let req = ControlRequest::Update { memory, pids };
-        match control::call(&st.control_socket(), &req, Duration::from_secs(10))? {
+        match control::call(&st.control_socket(), &req, crate::timeouts::CLI_UPDATE)? {
             ControlResponse::Error { message } => bail!("cannot update container {id}: {message}"),
             ControlResponse::Refused { error } => {
                 return Err(error).with_context(|| format!("cannot update container {id}"))

@@ -8,7 +8,6 @@ use rootcell_protocol::{Request, Response, INIT_PROCESS};
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Accepts CLI connections on the control socket, one request each.
 pub(super) fn serve_control(listener: UnixListener, shared: Arc<Shared>) {
@@ -19,7 +18,7 @@ pub(super) fn serve_control(listener: UnixListener, shared: Arc<Shared>) {
         let _ = std::thread::Builder::new()
             .name("control-conn".into())
             .spawn(move || {
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = conn.set_read_timeout(Some(crate::timeouts::CONTROL_READ));
                 match rootcell_protocol::recv::<_, ControlRequest>(&mut conn) {
                     Ok(Some(ControlRequest::Exec {
                         exec_id,
@@ -44,7 +43,7 @@ pub(super) fn serve_control(listener: UnixListener, shared: Arc<Shared>) {
 /// Sends `req` to the agent; its `Ok` or error message is the answer.
 pub(super) fn forward(shared: &Shared, req: Request) -> ControlResponse {
     let what = format!("{req:?}");
-    match shared.agent.request(req, Duration::from_secs(5)) {
+    match shared.agent.request(req, crate::timeouts::QUICK) {
         Ok(Response::Ok) => ControlResponse::Ok,
         Ok(Response::Error { message, .. }) => ControlResponse::Error { message },
         Ok(other) => ControlResponse::Error {
@@ -111,7 +110,7 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
             }
             match shared
                 .agent
-                .request(Request::Start, Duration::from_secs(30))
+                .request(Request::Start, crate::timeouts::START)
             {
                 Ok(Response::Ok) | Ok(Response::Created { .. }) => {
                     advance(Action::Start);
@@ -148,7 +147,7 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
                 signal,
                 all,
             };
-            match shared.agent.request(req, Duration::from_secs(5)) {
+            match shared.agent.request(req, crate::timeouts::QUICK) {
                 Ok(Response::Ok) => ControlResponse::Ok,
                 Ok(Response::Error {
                     code: rootcell_protocol::ErrorCode::NoSuchProcess,

@@ -45,7 +45,7 @@ pub(super) fn serve_exec(
             process,
             stdio,
         };
-        match shared.agent.request(req, Duration::from_secs(30)) {
+        match shared.agent.request(req, crate::timeouts::START) {
             Ok(Response::Created { pid }) => {
                 guest_pid = Some(pid);
                 ControlResponse::Ok
@@ -84,9 +84,9 @@ pub(super) fn serve_exec(
 }
 
 /// How often a waiting exec checks on its relay and, without news, on its guest process.
-pub(super) const EXEC_POLL: Duration = Duration::from_millis(500);
+pub(super) const EXEC_POLL: Duration = crate::timeouts::EXEC_POLL;
 /// How often the agent is asked whether a still-unfinished exec process exists.
-pub(super) const EXEC_LIVENESS_PERIOD: Duration = Duration::from_secs(10);
+pub(super) const EXEC_LIVENESS_PERIOD: Duration = crate::timeouts::EXEC_LIVENESS_PERIOD;
 /// Consecutive checks without the process (and without its exit) that count as a lost exit.
 pub(super) const EXEC_LIVENESS_STRIKES: u32 = 3;
 
@@ -119,7 +119,7 @@ pub(super) fn wait_exec_exit(
                 signal: libc::SIGKILL,
                 all: false,
             };
-            if let Err(e) = shared.agent.request(req, Duration::from_secs(5)) {
+            if let Err(e) = shared.agent.request(req, crate::timeouts::QUICK) {
                 tracing::warn!("cannot kill exec {exec_id} in the guest: {e}");
             }
         }
@@ -130,7 +130,7 @@ pub(super) fn wait_exec_exit(
         next_check = Instant::now() + EXEC_LIVENESS_PERIOD;
         match shared
             .agent
-            .request(Request::Processes, Duration::from_secs(10))
+            .request(Request::Processes, crate::timeouts::PROCESSES)
         {
             Ok(Response::Processes { pids }) if !pids.contains(&pid) => {
                 strikes += 1;

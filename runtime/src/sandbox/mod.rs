@@ -35,8 +35,13 @@ pub const GUEST_CID: u64 = 3;
 /// Kernel command line of the guest. `no_timer_check`: on a loaded host (many TCG guests) the
 /// kernel's timing-based IO-APIC timer check fails and the boot panics; a VM's timer is wired.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
-/// Default bound on boot + agent handshake.
-pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 60;
+/// The bound on the guest's boot: `ROOTCELL_BOOT_TIMEOUT` (seconds), else the default.
+pub fn boot_timeout() -> std::time::Duration {
+    std::env::var("ROOTCELL_BOOT_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(crate::timeouts::BOOT_DEFAULT, std::time::Duration::from_secs)
+}
 
 /// Arguments of the hidden `sandbox` subcommand.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Brings the sandbox up, step by step: [`enter`] (namespaces, pid, cgroup), [`host_setup`]
 /// (share, createRuntime hooks, network mirror, DNS relay), [`start_vm`], [`connect_agent`]
@@ -217,11 +217,9 @@ fn connect_agent(
     events: &mpsc::Sender<SbEvent>,
 ) -> Result<Arc<AgentClient>> {
     let _s = tracing::info_span!("agent_ready").entered();
-    let secs = std::env::var("ROOTCELL_BOOT_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_BOOT_TIMEOUT_SECS);
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let boot = boot_timeout();
+    let secs = boot.as_secs();
+    let deadline = Instant::now() + boot;
     let stream = agent::connect_control(&cfg.vsock_uds, deadline, || vm.try_stopped().is_none())
         .map_err(|e| {
             let console_log = &cfg.console_log;
@@ -246,7 +244,7 @@ fn connect_agent(
     let hello = Request::Hello {
         version: rootcell_protocol::PROTOCOL_VERSION,
     };
-    match agent.request(hello, Duration::from_secs(10))? {
+    match agent.request(hello, crate::timeouts::HELLO)? {
         Response::Hello {
             version,
             kernel_release,
@@ -292,7 +290,7 @@ fn create_container(
             config: config.clone(),
             loopback_dns: host.loopback_dns,
         };
-        match agent.request(req, Duration::from_secs(30))? {
+        match agent.request(req, crate::timeouts::NETWORK)? {
             Response::Ok => {}
             Response::Error { message, .. } => {
                 bail!("the guest cannot set up the container's network: {message}")
@@ -313,7 +311,7 @@ fn create_container(
         stdio,
         privileged: state.guest_privileged,
     };
-    match agent.request(create, Duration::from_secs(60))? {
+    match agent.request(create, crate::timeouts::CREATE)? {
         Response::Created { pid } => tracing::info!(guest_pid = pid, "container created"),
         Response::Error { code, message } => match process_status(code) {
             Some(status) => {

@@ -108,7 +108,7 @@ impl Sandbox {
         }
         // Output still in flight after the exit event: drain it (bounded) before reporting
         // "stopped", so whoever sees that status also sees all of the output.
-        if !stdio::wait_outputs(&out_done, outputs, Duration::from_secs(3)) {
+        if !stdio::wait_outputs(&out_done, outputs, crate::timeouts::OUTPUT_DRAIN) {
             tracing::warn!("container output did not reach EOF within 3 s after exit");
         }
         shared.update(|s| {
@@ -117,10 +117,10 @@ impl Sandbox {
         });
         let _ = shared
             .agent
-            .request(Request::Shutdown, Duration::from_secs(2));
-        vm.finish(Duration::from_secs(5));
+            .request(Request::Shutdown, crate::timeouts::SHUTDOWN);
+        vm.finish(crate::timeouts::VM_FINISH);
         drop(network);
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + crate::timeouts::IN_FLIGHT;
         while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }

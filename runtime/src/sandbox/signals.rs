@@ -5,7 +5,6 @@ use crate::agent::AgentClient;
 use crate::console;
 use rootcell_protocol::{Request, INIT_PROCESS};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Blocks the signals we forward (plus SIGWINCH) in this thread, before other threads exist, so
 /// every thread inherits the mask and only the signal thread's sigwait sees them.
@@ -32,7 +31,7 @@ pub(super) fn resize(agent: &AgentClient, fd: i32) {
                 rows,
                 cols,
             },
-            Duration::from_secs(5),
+            crate::timeouts::QUICK,
         );
     }
 }
@@ -56,7 +55,7 @@ pub(super) fn forward_signals(shared: Arc<Shared>) {
             signal: n,
             all: false,
         };
-        if let Err(e) = shared.agent.request(req, Duration::from_secs(5)) {
+        if let Err(e) = shared.agent.request(req, crate::timeouts::QUICK) {
             tracing::warn!("cannot forward signal {n}: {e}");
         }
     }

@@ -201,11 +201,8 @@ impl I8042 {
             CMD_KBD_LOOP => self.pending = Pending::KbdLoop,
             CMD_AUX_LOOP => self.pending = Pending::AuxLoop,
             CMD_AUX_SEND => self.pending = Pending::AuxSend,
-            c if c >= CMD_PULSE_BASE => {
-                if c & 0x1 == 0 {
-                    self.reset();
-                }
-            }
+            // Pulsing output-port bit 0 (the CPU's reset line) low resets the machine.
+            c if c >= CMD_PULSE_BASE && c & 0x1 == 0 => self.reset(),
             // Anything else (vendor commands, the multiplexer's 0x90-0x93) does nothing.
             _ => {}
         }
