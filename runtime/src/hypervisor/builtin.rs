@@ -19,7 +19,8 @@ const WAIT_SLICE: Duration = Duration::from_millis(200);
 pub struct Builtin;
 
 /// The caller's kernel parameters without the ones [`BASE_CMDLINE`] already sets: the VMM
-/// ends a guest on an i8042 reset (`reboot=k`), so the runtime's `reboot=t` must not override it.
+/// ends a guest on an i8042 reset (`reboot=k`), so a `reboot=` from `ROOTCELL_KERNEL_ARGS` must
+/// not override it.
 pub fn guest_cmdline(cmdline: &str) -> String {
     let base_keys: Vec<&str> = BASE_CMDLINE
         .split_whitespace()

@@ -9,6 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Kernel parameters only the QEMU backend's guests get: how the guest ends (see
+/// `command_args`).
+pub const QEMU_KERNEL_ARGS: &str = "reboot=t";
+
 /// Which QEMU accelerator to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -163,9 +167,12 @@ pub fn command_args(
     vsock_vu: &Path,
     fs_vu: &Path,
 ) -> Vec<String> {
+    // microvm with acpi=off has no power-off: the agent's reboot triple-faults (`reboot=t`)
+    // and `-no-reboot` makes that QEMU's exit.
+    let base = format!("{} {QEMU_KERNEL_ARGS}", cfg.cmdline);
     let cmdline = match tcg_kernel_args(accel, version, &cfg.cmdline) {
-        Some(extra) => format!("{} {extra}", cfg.cmdline),
-        None => cfg.cmdline.clone(),
+        Some(extra) => format!("{base} {extra}"),
+        None => base,
     };
     let mem = format!("{}M", cfg.memory_mib);
     let (accel, cpu) = match accel {
@@ -448,7 +455,7 @@ mod tests {
             initrd: "/k/initrd.gz".into(),
             memory_mib: 512,
             vcpus: 2,
-            cmdline: "console=ttyS0 reboot=t panic=-1 quiet".into(),
+            cmdline: "console=ttyS0 panic=-1 quiet".into(),
             console_log: "/state/a,b/console.log".into(),
             hypervisor_log: "/state/qemu.log".into(),
             socket_dir: "/run/rootcell/r/x".into(),
@@ -484,7 +491,7 @@ mod tests {
             "memory-backend-memfd,id=mem,size=512M,share=on"
         );
         assert_eq!(after("-serial"), "file:/state/a,,b/console.log");
-        assert_eq!(after("-append"), "console=ttyS0 reboot=t panic=-1 quiet");
+        assert_eq!(after("-append"), "console=ttyS0 panic=-1 quiet reboot=t");
         assert_eq!(after("-kernel"), "/k/bzImage");
         assert_eq!(after("-initrd"), "/k/initrd.gz");
         assert_eq!(
@@ -519,7 +526,7 @@ mod tests {
     #[test]
     fn tcg_on_new_qemu_zeroes_allocated_pages() {
         let v10 = Some(QemuVersion { major: 10, minor: 0 });
-        let base = cfg().cmdline;
+        let base = format!("{} {QEMU_KERNEL_ARGS}", cfg().cmdline);
         let append = |accel, version| {
             let a = command_args(&cfg(), accel, version, Path::new("/a"), Path::new("/b"));
             a[a.iter().position(|x| x == "-append").unwrap() + 1].clone()

@@ -32,9 +32,10 @@ pub use signals::{block_signals, forwarded_set};
 
 /// Guest CID of every sandbox's VM (each VM has its own vsock device).
 pub const GUEST_CID: u64 = 3;
-/// Kernel command line of the guest. `no_timer_check`: on a loaded host (many TCG guests) the
+/// Kernel command line of the guest, whatever the backend (each backend adds what is its own,
+/// such as how the guest ends). `no_timer_check`: on a loaded host (many TCG guests) the
 /// kernel's timing-based IO-APIC timer check fails and the boot panics; a VM's timer is wired.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet no_timer_check";
+pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check";
 /// The bound on the guest's boot: `ROOTCELL_BOOT_TIMEOUT` (seconds), else the default.
 pub fn boot_timeout() -> std::time::Duration {
     std::env::var("ROOTCELL_BOOT_TIMEOUT")
