@@ -31,32 +31,14 @@ pub fn detect_accel() -> (Accel, String) {
         Ok("tcg") => return (Accel::Tcg, "ROOTCELL_ACCEL=tcg".into()),
         _ => {}
     }
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm");
-    let flags = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| {
-            s.lines().any(|l| {
-                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
-            })
-        })
-        .unwrap_or(false);
-    match (kvm, flags) {
-        (Ok(_), true) => (
-            Accel::Kvm,
-            "/dev/kvm is usable and the CPU has vmx/svm".into(),
-        ),
-        (Ok(_), false) => (
-            Accel::Tcg,
-            "/dev/kvm exists but the CPU has no vmx/svm flags (software KVM); using TCG emulation"
-                .into(),
-        ),
-        (Err(e), _) => (
-            Accel::Tcg,
-            format!("/dev/kvm is not usable ({e}); using TCG emulation"),
-        ),
-    }
+    // The same look at the host as `auto` takes (one probe, one rule).
+    let probe = super::select::HostProbe::detect();
+    let accel = if probe.hardware_kvm() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    (accel, probe.describe())
 }
 
 /// Finds the QEMU binary: `$ROOTCELL_QEMU`, else `qemu-system-x86_64` on PATH.

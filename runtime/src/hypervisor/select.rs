@@ -164,6 +164,22 @@ impl HostProbe {
     }
 }
 
+impl HostProbe {
+    /// Whether a real (hardware-assisted) KVM is there: /dev/kvm opens and the CPU has vmx/svm.
+    pub fn hardware_kvm(&self) -> bool {
+        self.kvm.is_ok() && has_hw_virt(&self.cpuinfo)
+    }
+
+    /// What the probe found, in words for logs and errors.
+    pub fn describe(&self) -> String {
+        match (&self.kvm, has_hw_virt(&self.cpuinfo)) {
+            (Ok(()), true) => "/dev/kvm is usable and the CPU has vmx/svm".into(),
+            (Ok(()), false) => "/dev/kvm exists but /proc/cpuinfo shows no vmx/svm (software KVM, which cannot boot the guest); using QEMU with TCG".into(),
+            (Err(e), _) => format!("/dev/kvm is not usable ({e}); using QEMU with TCG"),
+        }
+    }
+}
+
 /// True if a `flags` line of `cpuinfo` has vmx (Intel VT-x) or svm (AMD-V).
 pub fn has_hw_virt(cpuinfo: &str) -> bool {
     cpuinfo
@@ -173,20 +189,12 @@ pub fn has_hw_virt(cpuinfo: &str) -> bool {
 
 /// What `auto` resolves to on a host, and why.
 pub fn decide_auto(probe: &HostProbe) -> (Backend, String) {
-    match (&probe.kvm, has_hw_virt(&probe.cpuinfo)) {
-        (Ok(()), true) => (
-            Backend::Builtin,
-            "/dev/kvm is usable and the CPU has vmx/svm".into(),
-        ),
-        (Ok(()), false) => (
-            Backend::Qemu,
-            "/dev/kvm exists but /proc/cpuinfo shows no vmx/svm (software KVM, which cannot boot the guest); using QEMU with TCG".into(),
-        ),
-        (Err(e), _) => (
-            Backend::Qemu,
-            format!("/dev/kvm is not usable ({e}); using QEMU with TCG"),
-        ),
-    }
+    let backend = if probe.hardware_kvm() {
+        Backend::Builtin
+    } else {
+        Backend::Qemu
+    };
+    (backend, probe.describe())
 }
 
 /// Resolves the backend from the env value (`ROOTCELL_HYPERVISOR`, already carrying any
