@@ -229,6 +229,14 @@ pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount], guest_network: bool) 
     out
 }
 
+/// Whether the container's process asks for a terminal (`process.terminal`).
+pub fn has_terminal(spec: &Spec) -> bool {
+    spec.process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false)
+}
+
 /// Guest memory (MiB) and vCPU count from `linux.resources`.
 pub fn vm_resources(spec: &Spec) -> (u64, u32) {
     let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());

@@ -76,12 +76,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     let _span = tracing::info_span!("create", id).entered();
     crate::id::validate(id)?;
     let bundle = spec::load(&opts.bundle)?;
-    let terminal = bundle
-        .spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.terminal())
-        .unwrap_or(false);
+    let terminal = spec::has_terminal(&bundle.spec);
     if terminal && opts.console_socket.is_none() && !opts.attached {
         bail!("config.json has process.terminal: true but no --console-socket was given; a detached container needs one (or set terminal to false)");
     }

@@ -272,12 +272,7 @@ fn create_container(
     cfg: &VmConfig,
 ) -> Result<Attached> {
     let _span = tracing::info_span!("container_create").entered();
-    let terminal = bundle
-        .spec
-        .process()
-        .as_ref()
-        .and_then(|p| p.terminal())
-        .unwrap_or(false);
+    let terminal = spec::has_terminal(&bundle.spec);
     let mode = TerminalMode {
         terminal,
         console_socket: args.console_socket.clone(),
