@@ -63,9 +63,19 @@ pub(super) fn serve_exec(
             Ok(other) => ControlResponse::Error {
                 message: format!("unexpected answer to Exec: {other:?}"),
             },
-            Err(e) => ControlResponse::Error {
-                message: e.to_string(),
-            },
+            Err(e) => {
+                // A slow agent may still start the process after we gave up: it must not run
+                // on without anyone waiting for it (the agent takes requests in order).
+                let kill = Request::Signal {
+                    process: exec_id.clone(),
+                    signal: libc::SIGKILL,
+                    all: false,
+                };
+                let _ = shared.agent.request(kill, crate::timeouts::QUICK);
+                ControlResponse::Error {
+                    message: e.to_string(),
+                }
+            }
         }
     };
     let ok = first == ControlResponse::Ok;
