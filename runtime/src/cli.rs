@@ -1,7 +1,26 @@
 //! The command line, shaped like runc's (global flags before or after the subcommand).
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
 use std::path::PathBuf;
+
+impl Cli {
+    /// Parses a command line as runc does: a flag given more than once (global or a
+    /// subcommand's) takes its last value instead of being an error, since Docker puts
+    /// daemon.json `runtimeArgs` before its own copies of the same global flags. Repeatable
+    /// list flags (`exec --env`) still collect every value.
+    pub fn try_parse_runc<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut cmd = Self::command()
+            .args_override_self(true)
+            .mut_subcommands(|s| s.args_override_self(true));
+        let matches = cmd.try_get_matches_from_mut(args)?;
+        Self::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+    }
+}
 
 /// rootcell: an OCI runtime that runs every container in its own microVM.
 #[derive(Debug, Parser)]
@@ -244,6 +263,7 @@ pub enum Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn docker_style_invocations_parse() {
@@ -278,6 +298,54 @@ mod tests {
         assert!(matches!(d.command, Command::Delete { force: true, .. }));
         let r = Cli::try_parse_from(["rootcell", "run", "-b", "/b", "-d", "x"]).unwrap();
         assert!(matches!(r.command, Command::Run { detach: true, .. }));
+    }
+
+    #[test]
+    fn repeated_flags_take_the_last_value_as_runc_does() {
+        let c = Cli::try_parse_runc([
+            "rootcell",
+            "--log-format",
+            "text",
+            "--root",
+            "/first",
+            "--log",
+            "/a.log",
+            "--debug",
+            "--debug",
+            "--log-format",
+            "json",
+            "--root",
+            "/second",
+            "--log",
+            "/b.log",
+            "--systemd-cgroup",
+            "delete",
+            "--root",
+            "/third",
+            "--force",
+            "--force",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.root, PathBuf::from("/third"));
+        assert_eq!(c.log, Some(PathBuf::from("/b.log")));
+        assert!(c.debug);
+        assert!(matches!(c.command, Command::Delete { force: true, ref id } if id == "x"));
+        let c = Cli::try_parse_runc(["rootcell", "create", "-b", "/b1", "--bundle", "/b2", "c1"])
+            .unwrap();
+        assert!(matches!(c.command, Command::Create(ref a) if a.bundle == Path::new("/b2")));
+        // List flags keep every value.
+        let c = Cli::try_parse_runc(["rootcell", "exec", "-e", "A=1", "--env", "B=2", "x", "sh"])
+            .unwrap();
+        assert!(
+            matches!(c.command, Command::Exec { ref env, .. } if env == &["A=1", "B=2"]),
+            "{:?}",
+            c.command
+        );
+        // Real mistakes are still errors.
+        assert!(Cli::try_parse_runc(["rootcell", "--log-format", "xml", "state", "x"]).is_err());
+        assert!(Cli::try_parse_runc(["rootcell", "--bogus", "state", "x"]).is_err());
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //! plus a closing line per span with its duration when `--debug` is on (benchmarks read those).
 
 use serde_json::Value;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 use tracing::field::{Field, Visit};
@@ -40,6 +41,54 @@ pub fn init(file: Option<&Path>, fallback: Box<dyn Write + Send>, format: Format
         spans: debug,
     };
     let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+/// The `--log` file and format named in a raw command line (the last of each wins, as runc
+/// parses them), for errors found before the command line could be parsed; `--log-format`
+/// counts as JSON (what containerd's shim asks for) unless it says `text`.
+pub fn early_target(args: &[OsString]) -> Option<(PathBuf, Format)> {
+    let mut log = None;
+    let mut format = Format::Json;
+    let mut it = args.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (a.to_string(), None),
+        };
+        if flag != "--log" && flag != "--log-format" {
+            continue;
+        }
+        let Some(value) = inline.or_else(|| it.next().map(|v| v.into_owned())) else {
+            break;
+        };
+        if flag == "--log" {
+            log = Some(PathBuf::from(value));
+        } else {
+            format = if value == "text" {
+                Format::Text
+            } else {
+                Format::Json
+            };
+        }
+    }
+    log.filter(|l| !l.as_os_str().is_empty())
+        .map(|l| (crate::paths::absolute(&l), format))
+}
+
+/// Appends one error line to the `--log` file of a raw command line, if it names one: the
+/// shim reads the runtime's errors from there, also those from before logging was set up.
+pub fn early_error(args: &[OsString], msg: &str) {
+    let Some((path, format)) = early_target(args) else {
+        return;
+    };
+    let mut line = render(format, "error", msg, &[], &crate::timefmt::now());
+    line.push('\n');
+    if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path) {
+        let _ = f.write_all(line.as_bytes());
+    }
 }
 
 /// Writes every event at or above `max` as one line.
@@ -227,6 +276,40 @@ mod tests {
             serde_json::from_str(&render(Format::Json, "info", "hello", &f, "t")).unwrap();
         assert_eq!(v["msg"], "hello");
         assert_eq!(v["id"], "c1");
+    }
+
+    #[test]
+    fn early_errors_reach_the_last_log_file_named() {
+        let d = tempfile::tempdir().unwrap();
+        let first = d.path().join("first.json");
+        let last = d.path().join("last.json");
+        let args: Vec<OsString> = [
+            "rootcell",
+            "--log",
+            first.to_str().unwrap(),
+            "--log-format",
+            "text",
+            &format!("--log={}", last.display()),
+            "--log-format=json",
+            "create",
+            "--bogus",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(early_target(&args), Some((last.clone(), Format::Json)));
+        early_error(&args, "unexpected argument '--bogus' found");
+        assert!(!first.exists());
+        let v: serde_json::Value =
+            serde_json::from_str(std::fs::read_to_string(&last).unwrap().trim()).unwrap();
+        assert_eq!(v["level"], "error");
+        assert_eq!(v["msg"], "unexpected argument '--bogus' found");
+        assert!(v["time"].as_str().is_some_and(|t| !t.is_empty()));
+        let none: Vec<OsString> = ["rootcell", "state", "--log"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(early_target(&none), None);
     }
 
     #[test]

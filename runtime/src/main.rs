@@ -1,18 +1,30 @@
 //! rootcell: a runc-compatible OCI runtime that runs every container in its own microVM.
 
-
-use clap::Parser;
-use rootcell_runtime::{
-    cli, commands, error, hypervisor, logging, paths, rlimits, sandbox, stdio,
-};
 use cli::{Cli, Command};
 use commands::create::CreateOptions;
 use commands::Global;
+use rootcell_runtime::{cli, commands, error, hypervisor, logging, paths, rlimits, sandbox, stdio};
 use std::io::Write;
 
 fn main() {
     rlimits::remember_callers();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_runc(args.clone()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            if e.use_stderr() {
+                // Logging is not set up yet, but the shim reads errors only from --log.
+                let rendered = e.render().to_string();
+                let first = rendered
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                let msg = first.strip_prefix("error: ").unwrap_or(first);
+                logging::early_error(&args, &format!("invalid command line: {msg}"));
+            }
+            e.exit()
+        }
+    };
     if let Some(h) = cli.hypervisor {
         // The flag outranks the env; carried as the env, it reaches the re-executed sandbox
         // (set before any thread exists).

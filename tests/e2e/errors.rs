@@ -191,6 +191,93 @@ fn json_log_carries_the_error_for_dockers_shim() {
 }
 
 #[test]
+fn repeated_global_flags_take_the_last_value_like_runc() {
+    // Docker places daemon.json `runtimeArgs` before its own global flags, so an operator's
+    // `--log-format json` or `--root` arrives twice; runc takes the last one.
+    let rt = Runtime::new();
+    let log = rt.dir.path().join("log.json");
+    let decoy = rt.dir.path().join("decoy-root");
+    let bundle = Bundle::new(&["sh", "-c", "echo twice-ok"]);
+    let id = unique_id("twice");
+    let o = rt.run(&[
+        "--log-format",
+        "text",
+        "--root",
+        decoy.to_str().unwrap(),
+        "--log",
+        "/nonexistent-dir/never.log",
+        "--log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "--root",
+        rt.root().to_str().unwrap(),
+        "--log-format",
+        "json",
+        "run",
+        "--bundle",
+        bundle.path().to_str().unwrap(),
+        &id,
+    ]);
+    assert_eq!(
+        code(&o),
+        0,
+        "run with repeated global flags: {}",
+        text(&o.stderr)
+    );
+    assert_eq!(text(&o.stdout), "twice-ok\n");
+    assert!(
+        !decoy.exists(),
+        "the first --root was overridden by the last"
+    );
+    // The state and the log went where the last flags said.
+    let ls = rt.run(&[
+        "--root",
+        "/nonexistent-root",
+        "--root",
+        rt.root().to_str().unwrap(),
+        "list",
+        "-q",
+    ]);
+    assert_eq!(code(&ls), 0, "list: {}", text(&ls.stderr));
+    assert_no_leftovers(&rt, &id);
+}
+
+#[test]
+fn a_command_line_error_reaches_the_log_file_as_json() {
+    // containerd's shim shows the last JSON error line of --log; a flag rootcell does not know
+    // must show up there too, not only on stderr.
+    let rt = Runtime::new();
+    let log = rt.dir.path().join("log.json");
+    let o = rt.run(&[
+        "--log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "create",
+        "--no-such-flag",
+        "--bundle",
+        "/b",
+        "x1",
+    ]);
+    assert_ne!(code(&o), 0, "an unknown flag is an error");
+    assert!(
+        text(&o.stderr).contains("--no-such-flag"),
+        "stderr names the flag: {}",
+        text(&o.stderr)
+    );
+    let content = std::fs::read_to_string(&log).expect("the parse error was written to --log");
+    let last: serde_json::Value = serde_json::from_str(content.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("last log line is not JSON ({e}): {content}"));
+    assert_eq!(last["level"], "error", "{last}");
+    assert!(
+        last["msg"].as_str().unwrap().contains("--no-such-flag"),
+        "msg: {last}"
+    );
+    assert!(last["time"].as_str().is_some(), "{last}");
+}
+
+#[test]
 fn a_network_the_vm_cannot_have_is_refused() {
     let rt = Runtime::new();
     let net = |path: Option<&str>| {
