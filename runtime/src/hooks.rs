@@ -28,6 +28,21 @@ pub fn run(kind: &'static str, hooks: &[Hook], state_json: &str) -> Result<(), H
     Ok(())
 }
 
+/// Runs every hook of `hooks` in order, also after one fails, and logs each failure as a
+/// warning: the runtime spec's rule for poststart and poststop hooks, whose failures must not
+/// keep the remaining hooks of that phase from running. Returns the failures.
+pub fn run_all(kind: &'static str, hooks: &[Hook], state_json: &str) -> Vec<HookError> {
+    let mut failed = Vec::new();
+    for h in hooks {
+        let _span = tracing::info_span!("hook", kind, path = %h.path().display()).entered();
+        if let Err(e) = run_one(kind, h, state_json) {
+            tracing::warn!("{e}; running the remaining {kind} hooks");
+            failed.push(e);
+        }
+    }
+    failed
+}
+
 fn run_one(kind: &'static str, h: &Hook, state_json: &str) -> Result<(), HookError> {
     let err = |msg: String| HookError {
         kind,
@@ -105,6 +120,44 @@ mod tests {
             .unwrap();
         run("prestart", &[h], r#"{"id":"x"}"#).unwrap();
         assert_eq!(std::fs::read_to_string(out).unwrap(), r#"{"id":"x"}"#);
+    }
+
+    #[test]
+    fn a_failing_poststop_hook_does_not_stop_the_next_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let sh = |script: String| {
+            HookBuilder::default()
+                .path("/bin/sh")
+                .args(vec!["sh".to_string(), "-c".into(), script])
+                .build()
+                .unwrap()
+        };
+        let hooks = [
+            sh("exit 7".into()),
+            sh(format!("echo second > {}", dir.path().join("2").display())),
+            HookBuilder::default()
+                .path("/nonexistent/hook")
+                .build()
+                .unwrap(),
+            sh(format!("echo fourth > {}", dir.path().join("4").display())),
+        ];
+        let failed = run_all("poststop", &hooks, "{}");
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(failed[0].msg.contains('7'), "{}", failed[0]);
+        assert_eq!(failed[1].path, "/nonexistent/hook");
+        assert!(
+            dir.path().join("2").exists(),
+            "hook after a failing one ran"
+        );
+        assert!(
+            dir.path().join("4").exists(),
+            "hook after a missing one ran"
+        );
+        // The fatal phases keep stopping at the first failure.
+        assert!(run("prestart", &hooks[..2], "{}").is_err());
+        std::fs::remove_file(dir.path().join("2")).unwrap();
+        let _ = run("prestart", &hooks[..2], "{}");
+        assert!(!dir.path().join("2").exists());
     }
 
     #[test]

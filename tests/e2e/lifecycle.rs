@@ -204,3 +204,42 @@ fn exec_passes_exit_status_and_forwards_signals_from_its_host_process() {
     assert_eq!(code(&rt.run(&["delete", "--force", &id])), 0);
     assert_no_leftovers(&rt, &id);
 }
+
+#[test]
+fn a_failing_poststart_or_poststop_hook_does_not_stop_the_others() {
+    // Runtime spec: a failing poststart or poststop hook is logged as a warning and the
+    // remaining hooks of that phase still run.
+    let rt = Runtime::new();
+    let marks = tempfile::tempdir().unwrap();
+    let hook =
+        |script: String| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", script]});
+    let mark = |name: &str| marks.path().join(name);
+    let hooks = serde_json::json!({
+        "poststart": [
+            hook("echo poststart-boom >&2; exit 3".into()),
+            hook(format!("touch {}", mark("poststart-2").display())),
+        ],
+        "poststop": [
+            hook(format!("touch {}", mark("poststop-1").display())),
+            hook("exit 4".into()),
+            hook(format!("touch {}", mark("poststop-3").display())),
+        ],
+    });
+    let bundle = Bundle::new(&["true"]).edit(|s| s["hooks"] = hooks);
+    let id = unique_id("hooks");
+    let o = rt.run(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
+    assert_eq!(code(&o), 0, "run with failing hooks: {}", text(&o.stderr));
+    for m in ["poststart-2", "poststop-1", "poststop-3"] {
+        assert!(
+            mark(m).exists(),
+            "hook {m} did not run; stderr: {}",
+            text(&o.stderr)
+        );
+    }
+    assert!(
+        text(&o.stderr).contains("poststart-boom"),
+        "the failure is reported as a warning: {}",
+        text(&o.stderr)
+    );
+    assert_no_leftovers(&rt, &id);
+}

@@ -47,9 +47,8 @@ pub fn start(g: &Global, id: &str) -> Result<()> {
     if now.status == Status::Created {
         now.status = Status::Running;
     }
-    if let Err(e) = hooks::run("poststart", &st.poststart, &now.oci_json().to_string()) {
-        tracing::warn!("{e}");
-    }
+    // Warned and skipped, as the runtime spec says for poststart.
+    hooks::run_all("poststart", &st.poststart, &now.oci_json().to_string());
     Ok(())
 }
 
@@ -180,9 +179,8 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     }
     let mut stopped = st.clone();
     stopped.status = Status::Stopped;
-    if let Err(e) = hooks::run("poststop", &st.poststop, &stopped.oci_json().to_string()) {
-        tracing::warn!("{e}");
-    }
+    // Warned and skipped, as the runtime spec says for poststop.
+    hooks::run_all("poststop", &st.poststop, &stopped.oci_json().to_string());
     if let Some(cg) = &st.cgroups_path {
         crate::cgroup::remove(cg);
     }
