@@ -223,3 +223,27 @@ fn default_capabilities_cannot_mount() {
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "denied\n");
 }
+
+#[test]
+fn spec_device_nodes_get_exactly_their_mode() {
+    // linux.devices fileMode is the node's mode; no umask applies (runc gives 0660 for 0660).
+    let rt = Runtime::new();
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "stat -c '%a %t %T %u %g' /dev/mynull /dev/extra/myzero",
+    ])
+    .edit(|s| {
+        s["linux"]["devices"] = json!([
+            {"path": "/dev/mynull", "type": "c", "major": 1, "minor": 3, "fileMode": 0o660, "uid": 0, "gid": 0},
+            {"path": "/dev/extra/myzero", "type": "c", "major": 1, "minor": 5, "fileMode": 0o606, "uid": 1000, "gid": 5},
+        ]);
+    });
+    let o = run_bundle(&rt, &b, "devmode");
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).lines().collect::<Vec<_>>(),
+        ["660 1 3 0 0", "606 1 5 1000 5"],
+        "mode, major, minor, owner of the spec's device nodes"
+    );
+}

@@ -5,6 +5,7 @@ use super::paths::{create_mount_target, resolve_in_root, TargetKind};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Device nodes every container gets, bind-mounted from the guest's /dev (as runc does when it
@@ -89,7 +90,8 @@ fn make_node(root: &Path, d: &LinuxDevice) -> Result<(), SetupError> {
             ))
         }
     };
-    let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
+    let perm = d.file_mode().unwrap_or(0o666) & 0o7777;
+    let mode = Mode::from_bits_truncate(perm);
     let _ = std::fs::remove_file(&dest);
     match mknod(
         &dest,
@@ -106,5 +108,10 @@ fn make_node(root: &Path, d: &LinuxDevice) -> Result<(), SetupError> {
         Some(nix::unistd::Uid::from_raw(d.uid().unwrap_or(0))),
         Some(nix::unistd::Gid::from_raw(d.gid().unwrap_or(0))),
     )
-    .ctx(|| format!("chown {}", d.path().display()))
+    .ctx(|| format!("chown {}", d.path().display()))?;
+    // mknod applies the umask (the agent's is 022); the node must have exactly the spec's
+    // mode, as with runc (which clears the umask around mknod). Set after chown, which may
+    // clear set-id bits.
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(perm))
+        .ctx(|| format!("chmod {:o} {}", perm, d.path().display()))
 }
