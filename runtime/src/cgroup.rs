@@ -5,6 +5,7 @@
 //! from `update` is set on the host: it only slows the VMM down.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Where cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -207,15 +208,54 @@ fn set_cpu_at(
     errors
 }
 
+/// How long [`remove`] waits for a cgroup to empty.
+pub const REMOVE_WAIT: Duration = Duration::from_secs(10);
+
 /// Removes the leaf directory of `path` in every hierarchy (parents may be shared), and the
-/// OOM relay's holding cgroup beside it if a killed sandbox left one.
-pub fn remove(path: &str) {
-    let Some(rel) = relative(path) else { return };
+/// OOM relay's holding cgroup beside it if a killed sandbox left one. Returns what could not
+/// be removed.
+///
+/// A cgroup refuses removal (EBUSY) while a task is in it. After SIGKILL the sandbox and the
+/// VMM show as dead (zombie leaders) while their other threads are still exiting and still in
+/// the cgroup, so a busy directory is retried until it empties, for up to `REMOVE_WAIT`.
+pub fn remove(path: &str) -> Vec<String> {
+    remove_at(Path::new(CGROUP_ROOT), path, REMOVE_WAIT)
+}
+
+fn remove_at(base: &Path, path: &str, wait: Duration) -> Vec<String> {
+    let Some(rel) = relative(path) else {
+        return Vec::new();
+    };
     let mut holding = rel.clone().into_os_string();
     holding.push(crate::oom::HOLDING_SUFFIX);
-    for h in hierarchies(Path::new(CGROUP_ROOT)) {
-        let _ = std::fs::remove_dir(h.join(&rel));
-        let _ = std::fs::remove_dir(h.join(&holding));
+    let deadline = Instant::now() + wait;
+    let mut errors = Vec::new();
+    for h in hierarchies(base) {
+        for dir in [h.join(&rel), h.join(&holding)] {
+            if let Err(e) = remove_when_empty(&dir, deadline) {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                errors.push(format!(
+                    "cannot remove cgroup {}: {e} (processes still in it: {})",
+                    dir.display(),
+                    procs.split_whitespace().collect::<Vec<_>>().join(" ")
+                ));
+            }
+        }
+    }
+    errors
+}
+
+/// rmdir, retried while the cgroup is busy until `deadline`; a missing directory is fine.
+fn remove_when_empty(dir: &Path, deadline: Instant) -> std::io::Result<()> {
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -243,3 +243,67 @@ fn a_failing_poststart_or_poststop_hook_does_not_stop_the_others() {
     );
     assert_no_leftovers(&rt, &id);
 }
+
+/// The directories cgroup `rel` has (or would have) in every mounted hierarchy.
+fn host_cgroup_dirs(rel: &str) -> Vec<std::path::PathBuf> {
+    let base = std::path::Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.procs").exists() {
+        return vec![base.join(rel)];
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists() && !p.is_symlink())
+        .map(|p| p.join(rel))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Removes cgroup directories a failed test left (best effort, after its containers are gone).
+struct CgroupCleanup(Vec<std::path::PathBuf>);
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            for _ in 0..100 {
+                if !d.exists() || std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+#[test]
+fn delete_force_removes_the_host_cgroups_of_created_and_running_containers() {
+    for start in [false, true] {
+        let rt = Runtime::new();
+        let id = unique_id("cgdel");
+        let rel = format!("rootcell-e2e-{id}");
+        let dirs = host_cgroup_dirs(&rel);
+        let _cleanup = CgroupCleanup(dirs.clone());
+        let bundle = Bundle::new(&["sleep", "1000"])
+            .edit(|s| s["linux"]["cgroupsPath"] = serde_json::json!(format!("/{rel}")));
+        let (o, _, _) = rt.create(&bundle, &id);
+        assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+        assert!(
+            dirs.iter().all(|d| d.is_dir()),
+            "the sandbox joined its cgroup in every hierarchy: {dirs:?}"
+        );
+        if start {
+            assert_eq!(code(&rt.run(&["start", &id])), 0);
+        }
+        let d = rt.run(&["delete", "--force", &id]);
+        assert_eq!(code(&d), 0, "delete --force: {}", text(&d.stderr));
+        let left: Vec<_> = dirs.iter().filter(|d| d.exists()).collect();
+        assert!(
+            left.is_empty(),
+            "delete --force of a {} container left its host cgroups: {left:?}",
+            if start { "running" } else { "created" }
+        );
+        assert_no_leftovers(&rt, &id);
+    }
+}

@@ -182,7 +182,9 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     // Warned and skipped, as the runtime spec says for poststop.
     hooks::run_all("poststop", &st.poststop, &stopped.oci_json().to_string());
     if let Some(cg) = &st.cgroups_path {
-        crate::cgroup::remove(cg);
+        for e in crate::cgroup::remove(cg) {
+            tracing::warn!("{e}");
+        }
     }
     if let Err(e) = share::remove_run_dir(&st.run_dir) {
         tracing::warn!("cannot remove run dir {}: {e}", st.run_dir.display());
