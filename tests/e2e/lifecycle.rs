@@ -307,3 +307,129 @@ fn delete_force_removes_the_host_cgroups_of_created_and_running_containers() {
         assert_no_leftovers(&rt, &id);
     }
 }
+
+#[test]
+fn delete_force_of_a_missing_or_half_removed_container_succeeds_and_leaves_nothing() {
+    let rt = Runtime::new();
+    let d = rt.run(&["delete", "--force", "never-existed"]);
+    assert_eq!(
+        code(&d),
+        0,
+        "delete --force of a missing container: {}",
+        text(&d.stderr)
+    );
+    let d = rt.run(&["delete", "never-existed"]);
+    assert_ne!(
+        code(&d),
+        0,
+        "plain delete of a missing container is an error"
+    );
+    assert!(
+        text(&d.stderr).contains("does not exist"),
+        "{}",
+        text(&d.stderr)
+    );
+
+    let bundle = Bundle::new(&["sleep", "1000"]);
+    for case in [
+        "run dir gone",
+        "state file gone",
+        "both gone",
+        "state file gone, sandbox alive",
+    ] {
+        let id = unique_id("half");
+        let (o, _, _) = rt.create(&bundle, &id);
+        assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+        assert_eq!(code(&rt.run(&["start", &id])), 0);
+        if case == "state file gone, sandbox alive" {
+            std::fs::remove_file(rt.root().join(&id).join("state.json")).unwrap();
+            let d = rt.run(&["delete", "--force", &id]);
+            assert_eq!(code(&d), 0, "delete --force ({case}): {}", text(&d.stderr));
+            assert_no_leftovers(&rt, &id);
+            assert!(!run_dir(&rt.root(), &id).exists(), "run dir left ({case})");
+            continue;
+        }
+        let pid = rt.state(&id)["pid"].as_i64().unwrap() as i32;
+        // SAFETY: plain kill(2) of the sandbox pid this test created.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        rt.wait_status(&id, "stopped", Duration::from_secs(30));
+        // The sandbox (and its private mounts) are gone: the run dir holds only empty entries.
+        if case != "state file gone" {
+            std::fs::remove_dir_all(run_dir(&rt.root(), &id)).unwrap();
+        }
+        if case != "run dir gone" {
+            std::fs::remove_file(rt.root().join(&id).join("state.json")).unwrap();
+        }
+        let d = rt.run(&["delete", "--force", &id]);
+        assert_eq!(code(&d), 0, "delete --force ({case}): {}", text(&d.stderr));
+        assert!(!rt.root().join(&id).exists(), "state dir left ({case})");
+        assert!(!run_dir(&rt.root(), &id).exists(), "run dir left ({case})");
+        assert_no_leftovers(&rt, &id);
+    }
+}
+
+#[test]
+fn delete_then_delete_force_eight_ms_later_both_succeed_and_poststop_runs_once() {
+    // containerd 1.7 runs `delete --force` ~8 ms after its shim's own `delete`; runc returns 0
+    // for both, and the container's poststop hooks run once (this one takes a while, so the
+    // second delete arrives while the first is still at work).
+    let rt = Runtime::new();
+    let marks = tempfile::tempdir().unwrap();
+    let log = marks.path().join("poststop");
+    let bundle = Bundle::new(&["true"]).edit(|s| {
+        s["hooks"] = serde_json::json!({"poststop": [
+            {"path": "/bin/sh", "args": ["sh", "-c", format!("echo ran >> {}; sleep 0.3", log.display())]}
+        ]})
+    });
+    for round in 0..3 {
+        let id = unique_id("race");
+        let (o, _, _) = rt.create(&bundle, &id);
+        assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+        assert_eq!(code(&rt.run(&["start", &id])), 0);
+        rt.wait_status(&id, "stopped", Duration::from_secs(30));
+        let mut plain = rt.command(&["delete", &id]);
+        plain
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let first = plain.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(8));
+        let forced = rt.run(&["delete", "--force", &id]);
+        let first = wait_output(first);
+        assert!(
+            first.status.success(),
+            "round {round}: delete: {}",
+            text(&first.stderr)
+        );
+        assert_eq!(
+            code(&forced),
+            0,
+            "round {round}: delete --force 8 ms after delete: {}",
+            text(&forced.stderr)
+        );
+        assert_no_leftovers(&rt, &id);
+        let runs = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            runs.lines().count(),
+            round + 1,
+            "round {round}: poststop hooks run once per container"
+        );
+    }
+}
+
+/// Waits (bounded) for a spawned command and collects its stderr.
+fn wait_output(mut child: std::process::Child) -> std::process::Output {
+    use std::io::Read;
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err.read_to_end(&mut b);
+        b
+    });
+    let status = wait_with_timeout(child, COMMAND_TIMEOUT);
+    std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr: reader.join().unwrap(),
+    }
+}

@@ -122,6 +122,51 @@ fn kill_sandbox(st: &ContainerState) {
     }
 }
 
+/// SIGKILLs the process group led by `pid` and `pid` (pid-reuse checked), and waits for it.
+fn kill_group(pid: i32, start: u64) {
+    if pid > 0 && process_alive(pid, start) {
+        // SAFETY: plain kill(2); the start-time check above guards against pid reuse.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+            libc::kill(pid, libc::SIGKILL);
+        }
+        wait_gone(pid, start, Duration::from_secs(10));
+    }
+}
+
+/// The live host processes of container `id` under `root` by their command line: rootcell
+/// starts its sandbox and exec relays (each leading its own process group, with the VMM in
+/// the sandbox's) as `rootcell --root ROOT ... sandbox|exec-relay --id ID ...`.
+fn helper_processes(root: &std::path::Path, id: &str) -> Vec<(i32, u64)> {
+    let root = root.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let pair = |k: &str, v: &str| {
+            args.windows(2)
+                .any(|w| w[0] == k.as_bytes() && w[1] == v.as_bytes())
+        };
+        let helper = args
+            .iter()
+            .any(|a| *a == b"sandbox".as_slice() || *a == b"exec-relay".as_slice());
+        if helper && pair("--root", &root) && pair("--id", id) {
+            if let Some((start, _)) = crate::state::proc_stat(pid) {
+                found.push((pid, start));
+            }
+        }
+    }
+    found
+}
+
 /// Waits until `pid` is gone (or a zombie), up to `timeout`.
 fn wait_gone(pid: i32, start: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -134,11 +179,66 @@ fn wait_gone(pid: i32, start: u64, timeout: Duration) -> bool {
     true
 }
 
+/// How long a `delete` waits for another one of the same container to finish.
+const DELETE_LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// Takes an exclusive lock on a container's state dir (flock on the directory itself), so
+/// concurrent deletes — containerd runs `delete --force` a few milliseconds after its shim's
+/// own `delete` — do not run the same steps (poststop hooks, removals) at once. Waits up to
+/// [`DELETE_LOCK_WAIT`] for another holder, then goes on unlocked (`Ok(None)`, with a
+/// warning). `NotFound` if the directory is gone, also when it went while we waited.
+fn lock_state_dir(
+    dir: &std::path::Path,
+) -> std::io::Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::MetadataExt;
+    let mut f = std::fs::File::open(dir)?;
+    let deadline = Instant::now() + DELETE_LOCK_WAIT;
+    let held = loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => break held,
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                f = file;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((_, e)) => {
+                tracing::warn!(
+                    "cannot lock {} ({e}); deleting without waiting for another delete",
+                    dir.display()
+                );
+                return Ok(None);
+            }
+        }
+    };
+    // The holder may have removed the directory (or a new container taken the name).
+    let now = std::fs::metadata(dir)?;
+    let meta = held.metadata()?;
+    if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) || meta.nlink() == 0 {
+        return Err(std::io::ErrorKind::NotFound.into());
+    }
+    Ok(Some(held))
+}
+
 /// `delete [--force] ID`.
 pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     let _span = tracing::info_span!("delete", id).entered();
     crate::id::validate(id)?;
     let state_dir = paths::state_dir(&g.root, id);
+    let _lock = match lock_state_dir(&state_dir) {
+        Ok(lock) => lock,
+        // Gone, or removed by a delete that ran at the same time: nothing is left to do.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if force {
+                Ok(())
+            } else {
+                Err(RuntimeError::NotExist(id.to_string()).into())
+            };
+        }
+        Err(e) => {
+            tracing::warn!("cannot open {}: {e}", state_dir.display());
+            None
+        }
+    };
     let st = match g.load(id) {
         Ok(st) => st.refreshed(),
         Err(e) => {
@@ -150,6 +250,15 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
                     "container {id} has an unreadable state file in {}; use delete --force",
                     state_dir.display()
                 );
+            }
+            // Without a state file the sandbox and exec relays are found by their command
+            // line; they may live on (the state file went, not the container).
+            for (pid, start) in helper_processes(&g.root, id) {
+                tracing::warn!(
+                    pid,
+                    "killing a process of container {id}, whose state file is gone"
+                );
+                kill_group(pid, start);
             }
             let _ = std::fs::remove_dir_all(&state_dir);
             let _ = share::remove_run_dir(&paths::run_dir(&g.root, id));
