@@ -62,6 +62,14 @@ impl From<Response> for Reply {
     }
 }
 
+/// A terminal being set up: the agent's own pty (kept if the container has no devpts), the
+/// host's pty stream, and the socket on which the process hands over a pty of the container's.
+struct PendingPty {
+    master: std::os::fd::OwnedFd,
+    host: Option<UnixStream>,
+    offer: std::os::fd::OwnedFd,
+}
+
 struct Container {
     plan: NamespacePlan,
     init_pid: i32,
@@ -280,9 +288,6 @@ impl Agent {
             .as_ref()
             .and_then(|p| p.console_size().as_ref().map(|b| (b.height(), b.width())));
         let (stdio, pty) = self.take_stdio(INIT_PROCESS, stdio_spec)?;
-        if let (Some((h, w)), Some((master, _))) = (console_size, &pty) {
-            let _ = terminal::resize(master, h as u16, w as u16);
-        }
         let cgroup = self.make_cgroup(id, spec);
         let oom = cgroup
             .as_ref()
@@ -299,7 +304,7 @@ impl Agent {
         self.registry.note_fork();
         let prepared = prepared?;
         let pid = prepared.pid;
-        let pty = self.start_relay(pty)?;
+        let pty = self.start_relay(pty, console_size)?;
         self.registry.add(INIT_PROCESS, Entry { pid, pty });
         drop(gate);
         alog!("created container {id}: init pid {pid}");
@@ -376,9 +381,7 @@ impl Agent {
             (c.plan.clone(), c.init_pid, c.cgroup.clone())
         };
         let (stdio, pty) = self.take_stdio(exec_id, stdio_spec)?;
-        if let (Some(b), Some((master, _))) = (process.console_size(), &pty) {
-            let _ = terminal::resize(master, b.height() as u16, b.width() as u16);
-        }
+        let console_size = process.console_size().map(|b| (b.height(), b.width()));
         let req = ExecRequest {
             init_pid,
             plan: &plan,
@@ -389,7 +392,7 @@ impl Agent {
         let prepared = container::create_exec(req, process, stdio);
         self.registry.note_fork();
         let prepared = prepared?;
-        let pty = self.start_relay(pty)?;
+        let pty = self.start_relay(pty, console_size)?;
         self.registry.add(
             exec_id,
             Entry {
@@ -402,14 +405,14 @@ impl Agent {
         Ok(prepared)
     }
 
-    /// Collects the announced streams of `process`; with a terminal, opens the pty and returns
-    /// the master with the host's pty stream for relaying once the process exists.
-    #[allow(clippy::type_complexity)]
+    /// Collects the announced streams of `process`; with a terminal, opens a pty (used if the
+    /// container has no devpts of its own) and returns its master, the host's pty stream and
+    /// the socket on which the process may hand over a pty from the container's devpts.
     fn take_stdio(
         &self,
         process: &str,
         spec: StdioSpec,
-    ) -> Result<(Stdio, Option<(std::os::fd::OwnedFd, Option<UnixStream>)>), SetupError> {
+    ) -> Result<(Stdio, Option<PendingPty>), SetupError> {
         let wait = self.config.stream_wait;
         let take =
             |wanted: bool, stream: Stream| -> Result<Option<std::os::fd::OwnedFd>, SetupError> {
@@ -427,12 +430,25 @@ impl Agent {
             let host = take(true, Stream::Pty)?.map(UnixStream::from);
             let pty =
                 terminal::open_pty().map_err(|e| SetupError::other(format!("openpty: {e}")))?;
+            let (offer, offer_child) = nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::SeqPacket,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| SetupError::other(format!("socketpair for the pty: {e}")))?;
             let stdio = Stdio {
                 terminal: Some(pty.slave),
                 console_path: Some(pty.slave_path),
+                pty_offer: Some(offer_child),
                 ..Default::default()
             };
-            return Ok((stdio, Some((pty.master, host))));
+            let pending = PendingPty {
+                master: pty.master,
+                host,
+                offer,
+            };
+            return Ok((stdio, Some(pending)));
         }
         let stdio = Stdio {
             stdin: take(spec.stdin, Stream::Stdin)?,
@@ -443,13 +459,34 @@ impl Agent {
         Ok((stdio, None))
     }
 
+    /// Once the process is set up: takes the master of the pty it opened in the container
+    /// (else keeps the agent's), sets the initial size and relays it to the host's stream.
     fn start_relay(
         &self,
-        pty: Option<(std::os::fd::OwnedFd, Option<UnixStream>)>,
+        pty: Option<PendingPty>,
+        size: Option<(u64, u64)>,
     ) -> Result<Option<Arc<std::os::fd::OwnedFd>>, SetupError> {
-        let Some((master, host)) = pty else {
+        let Some(PendingPty {
+            master,
+            host,
+            offer,
+        }) = pty
+        else {
             return Ok(None);
         };
+        // The process sent it before reporting ready, so it is there or never comes.
+        let master = match terminal::try_recv_fd(&offer) {
+            Ok(Some(m)) => m,
+            Ok(None) => master,
+            Err(e) => {
+                return Err(SetupError::other(format!(
+                    "receive the container's pty: {e}"
+                )))
+            }
+        };
+        if let Some((h, w)) = size {
+            let _ = terminal::resize(&master, h as u16, w as u16);
+        }
         let master = Arc::new(master);
         if let Some(host) = host {
             terminal::relay(master.clone(), host)

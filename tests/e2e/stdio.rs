@@ -55,3 +55,48 @@ fn stdin_eof_reaches_the_process() {
         ["5", "after-eof"]
     );
 }
+
+#[test]
+fn terminal_is_a_pty_of_the_containers_own_devpts() {
+    // Under runc, `docker run -t ... tty` prints /dev/pts/0: the pty comes from the container's
+    // devpts instance and the container's /dev/console is that same pty.
+    let rt = Runtime::new();
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "tty; ls -1 /dev/pts; stat -L -c '%t:%T' /dev/console \"$(tty)\"",
+    ])
+    .edit(|s| s["process"]["terminal"] = serde_json::json!(true));
+    let id = unique_id("tty");
+    let o = rt.run(&["run", "--bundle", b.path().to_str().unwrap(), &id]);
+    assert_eq!(code(&o), 0, "run: {}", text(&o.stderr));
+    let out = text(&o.stdout).replace('\r', "");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.get(..3),
+        Some(&["/dev/pts/0", "0", "ptmx"][..]),
+        "tty names an entry of the container's /dev/pts; output: {out:?}"
+    );
+    assert!(
+        lines.len() == 5 && lines[3] == lines[4],
+        "/dev/console is the terminal's pty; output: {out:?}"
+    );
+    assert_no_leftovers(&rt, &id);
+
+    // `exec -t` gets a pty of the container's devpts too (runc: /dev/pts/N there).
+    let b = Bundle::new(&["sleep", "1000"]);
+    let id = unique_id("tty-exec");
+    let (o, _, _) = rt.create(&b, &id);
+    assert_eq!(code(&o), 0, "create: {}", text(&o.stderr));
+    assert_eq!(code(&rt.run(&["start", &id])), 0);
+    let o = rt.run(&["exec", "-t", &id, "sh", "-c", "tty; ls -1 /dev/pts"]);
+    assert_eq!(code(&o), 0, "exec -t: {}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).replace('\r', ""),
+        "/dev/pts/0\n0\nptmx\n",
+        "exec -t terminal"
+    );
+    let d = rt.run(&["delete", "--force", &id]);
+    assert_eq!(code(&d), 0, "delete --force: {}", text(&d.stderr));
+    assert_no_leftovers(&rt, &id);
+}

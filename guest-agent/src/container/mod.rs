@@ -18,11 +18,12 @@ pub use mounts::MountEnv;
 pub use spawn::{Prepared, Stdio};
 pub use spec::NamespacePlan;
 
+use crate::alog;
 use error::Context;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 use spawn::{ChildFds, ExecPlan};
-use std::os::fd::AsFd;
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
 
 /// Everything needed to create a container's init process.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +56,8 @@ pub fn create_init(req: InitRequest<'_>, stdio: Stdio) -> Result<Prepared, Setup
         .process()
         .as_ref()
         .ok_or_else(|| SetupError::other("spec has no process"))?;
-    let console = stdio.console_path.clone();
+    let fallback_console = stdio.console_path.clone();
+    let uid = process.user().uid();
     spawn::spawn(
         stdio,
         || {
@@ -67,13 +69,24 @@ pub fn create_init(req: InitRequest<'_>, stdio: Stdio) -> Result<Prepared, Setup
         |fds| {
             // A new session: the init is detached from the agent's console and can own a pty.
             nix::unistd::setsid().ctx(|| "setsid".into())?;
-            set_controlling_terminal(fds)?;
             if req.plan.has(LinuxNamespaceType::Network) {
                 // A fresh network namespace starts with lo down; containers expect 127.0.0.1.
                 crate::net::loopback_up().ctx(|| "bring up lo in the container".into())?;
             }
             set_hostname(req.spec, req.plan)?;
-            rootfs::prepare_rootfs(req.spec, req.env, console.as_deref())?;
+            // The terminal comes from the container's devpts once its mounts are up; its
+            // slave is also the container's /dev/console.
+            let console = |root: &Path| -> Result<PathBuf, SetupError> {
+                let ptmx = paths::resolve_in_root(root, Path::new("/dev/pts/ptmx"))?;
+                Ok(match use_container_pty(fds, &ptmx, uid)? {
+                    Some(n) => ptmx.with_file_name(n.to_string()),
+                    None => fallback_console.clone().unwrap_or_default(),
+                })
+            };
+            let console: Option<&rootfs::ConsoleFn<'_>> =
+                fallback_console.is_some().then_some(&console);
+            rootfs::prepare_rootfs(req.spec, req.env, console)?;
+            set_controlling_terminal(fds)?;
             finish_process(process)
         },
     )
@@ -98,6 +111,8 @@ pub fn create_exec(
         |fds| {
             if terminal {
                 nix::unistd::setsid().ctx(|| "setsid".into())?;
+                // In the container's mount namespace now: its own devpts, as for the init.
+                use_container_pty(fds, Path::new("/dev/pts/ptmx"), process.user().uid())?;
                 set_controlling_terminal(fds)?;
             }
             finish_process(process)
@@ -136,6 +151,42 @@ fn enter_namespaces(init_pid: i32, plan: &NamespacePlan) -> Result<(), SetupErro
 /// Moves the calling process into a cgroup2 directory.
 fn join_cgroup(dir: &Path) -> Result<(), SetupError> {
     std::fs::write(dir.join("cgroup.procs"), "0").ctx(|| format!("join cgroup {}", dir.display()))
+}
+
+/// Replaces the process's terminal (the agent's pty slave) with a pty opened from the devpts
+/// instance of `ptmx`, the container's own, as runc does: `tty` then names `/dev/pts/N` of the
+/// container. The master goes to the agent over the offer socket; the slave takes the place of
+/// the old one in the process's fds and belongs to the process's user (runc's
+/// fixStdioPermissions). Returns N, or `None` (the agent's pty stays) when the container has
+/// no devpts of its own.
+fn use_container_pty(fds: &ChildFds, ptmx: &Path, uid: u32) -> Result<Option<u32>, SetupError> {
+    let (Some(term), Some(offer)) = (fds.terminal, fds.pty_offer) else {
+        return Ok(None);
+    };
+    let (master, slave, n) = match crate::terminal::open_pty_at(ptmx) {
+        Ok(p) => p,
+        Err(e) => {
+            alog!(
+                "no pty from {}: {e}; the terminal stays the agent's pty",
+                ptmx.display()
+            );
+            return Ok(None);
+        }
+    };
+    nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(nix::unistd::Uid::from_raw(uid)),
+        None,
+    )
+    .ctx(|| format!("chown the container's pty {n}"))?;
+    // SAFETY: the offer fd stays open for the life of the child process.
+    let offer = unsafe { std::os::fd::BorrowedFd::borrow_raw(offer) };
+    crate::terminal::send_fd(offer, master.as_fd())
+        .map_err(|e| SetupError::other(format!("hand the container's pty to the agent: {e}")))?;
+    // stdio and the terminal share this fd number: one dup3 switches all of them.
+    nix::unistd::dup3(slave.as_raw_fd(), term, nix::fcntl::OFlag::O_CLOEXEC)
+        .ctx(|| "install the container's pty".into())?;
+    Ok(Some(n))
 }
 
 /// Makes the pty slave the controlling terminal (after setsid).

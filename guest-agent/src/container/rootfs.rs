@@ -7,14 +7,18 @@ use super::mounts::{mount_entry, propagation_flags, MountEnv};
 use crate::alog;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::Spec;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Gives the pty slave to show as /dev/console, called with the new root once the spec's
+/// mounts (the container's devpts among them) are up.
+pub type ConsoleFn<'a> = dyn Fn(&Path) -> Result<PathBuf, SetupError> + 'a;
 
 /// Builds the root filesystem and pivots into it. Must run in a fresh mount namespace (and,
 /// for a correct /proc, inside the container's pid namespace).
 pub fn prepare_rootfs(
     spec: &Spec,
     env: MountEnv,
-    console: Option<&Path>,
+    console: Option<&ConsoleFn<'_>>,
 ) -> Result<(), SetupError> {
     let root_cfg = spec
         .root()
@@ -44,7 +48,8 @@ pub fn prepare_rootfs(
     }
     let linux = spec.linux().as_ref();
     let devices = linux.and_then(|l| l.devices().clone()).unwrap_or_default();
-    setup_dev(root, &devices, console)?;
+    let console = console.map(|f| f(root)).transpose()?;
+    setup_dev(root, &devices, console.as_deref())?;
     pivot(root)?;
     if let Some(p) = linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         let flags = propagation_flags(p)

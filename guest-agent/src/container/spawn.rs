@@ -27,6 +27,9 @@ pub struct Stdio {
     pub terminal: Option<OwnedFd>,
     /// Path of the pty slave in the agent's /dev, bind-mounted as the container's /dev/console.
     pub console_path: Option<PathBuf>,
+    /// With `terminal`: a unix socket on which the process hands the agent the master of a pty
+    /// it opened in the container's own devpts; that pty then replaces `terminal`.
+    pub pty_offer: Option<OwnedFd>,
 }
 
 /// A process whose setup succeeded and that waits for [`Prepared::release`] to exec.
@@ -65,6 +68,8 @@ pub(crate) struct ChildFds {
     pub stdio: [RawFd; 3],
     /// The pty slave, if any.
     pub terminal: Option<RawFd>,
+    /// The socket for a pty master opened in the container ([`Stdio::pty_offer`]).
+    pub pty_offer: Option<RawFd>,
     report: RawFd,
     start: RawFd,
 }
@@ -235,9 +240,15 @@ fn prepare_fds(stdio: &Stdio, rep_w: &OwnedFd, start_r: &OwnedFd) -> Result<Chil
             pick(&stdio.stderr)?,
         ],
     };
+    let pty_offer = stdio
+        .pty_offer
+        .as_ref()
+        .map(|o| high(o.as_raw_fd()))
+        .transpose()?;
     Ok(ChildFds {
         stdio: stdio_fds,
         terminal,
+        pty_offer,
         report: high(rep_w.as_raw_fd())?,
         start: high(start_r.as_raw_fd())?,
     })
@@ -248,6 +259,7 @@ fn prepare_fds(stdio: &Stdio, rep_w: &OwnedFd, start_r: &OwnedFd) -> Result<Chil
 fn close_other_fds(fds: &ChildFds) {
     let mut keep: Vec<RawFd> = fds.stdio.to_vec();
     keep.extend(fds.terminal);
+    keep.extend(fds.pty_offer);
     keep.extend([fds.report, fds.start, crate::log::log_fd()]);
     keep.sort_unstable();
     keep.dedup();
