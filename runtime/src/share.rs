@@ -1,10 +1,43 @@
 //! The sandbox's private mount namespace and the share dir exported to the guest (Kata's
-//! model): `share/rootfs` is a bind of the bundle rootfs, `share/m<N>` a bind of each bind-mount
-//! source. The mounts exist only in the sandbox's namespace, so they vanish when it dies.
+//! model): a tmpfs holding `rootfs`, a bind of the bundle rootfs, and each bind-mount source
+//! bound at its own host path (`/var/lib/x` at `share/var/lib/x`), so a bind mount's root in
+//! the guest's mountinfo is the source's path, as under runc. The tmpfs and the mounts exist
+//! only in the sandbox's namespace, so they vanish when it dies; the host sees an empty dir.
 
 use crate::spec::BindMount;
 use nix::mount::{mount, MsFlags};
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
+
+/// Share entry holding the bind sources that cannot be laid out at their own path.
+pub const FALLBACK_DIR: &str = ".rootcell";
+
+/// Names each bind's entry in the share after its host path (canonical where it exists):
+/// `/var/lib/x` becomes `var/lib/x`. A source that cannot have its own path there gets
+/// `.rootcell/m<index>`: `/` itself, a path below `rootfs` or [`FALLBACK_DIR`], one with `..`
+/// or a name that is not UTF-8, and one equal to, inside or above an earlier bind's source
+/// (each bind is its own mount, with its own read-only flag).
+pub fn name_entries(binds: &mut [BindMount]) {
+    let mut taken: Vec<PathBuf> = Vec::new();
+    for b in binds.iter_mut() {
+        let real = std::fs::canonicalize(&b.source).unwrap_or_else(|_| b.source.clone());
+        let rel = real.strip_prefix("/").unwrap_or(&real).to_path_buf();
+        let mut parts = rel.components();
+        let first = parts.next();
+        let own_path = matches!(first, Some(Component::Normal(c)) if c != "rootfs" && c != FALLBACK_DIR)
+            && parts.all(|c| matches!(c, Component::Normal(_)))
+            && rel.to_str().is_some()
+            && !taken
+                .iter()
+                .any(|t| t.starts_with(&rel) || rel.starts_with(t));
+        b.name = match rel.to_str() {
+            Some(name) if own_path => {
+                taken.push(rel.clone());
+                name.to_string()
+            }
+            _ => format!("{FALLBACK_DIR}/m{}", b.index),
+        };
+    }
+}
 
 /// Errors building the share dir.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +93,8 @@ fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
     Ok(())
 }
 
-/// Creates `share` with the rootfs and bind-mount sources mounted in it.
+/// Creates `share` with the rootfs and bind-mount sources mounted in it, on a tmpfs of the
+/// sandbox's namespace (so the entries' parent directories never touch the host).
 ///
 /// The rootfs stays writable here even with `root.readonly`: the agent must still create mount
 /// points in it (as runc does) before it makes the root read-only inside the guest. Creating
@@ -71,11 +105,22 @@ pub fn build(share: &Path, rootfs: &Path, binds: &[BindMount]) -> Result<(), Sha
         move |source| ShareError { what, path, source }
     };
     std::fs::create_dir_all(share).map_err(io("create", share))?;
+    mount(
+        Some("tmpfs"),
+        share,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=4m"),
+    )
+    .map_err(fail("mount tmpfs on", share))?;
     let root_dst = share.join("rootfs");
     std::fs::create_dir(&root_dst).map_err(io("create", &root_dst))?;
     bind(rootfs, &root_dst, false)?;
     for b in binds {
         let dst = share.join(&b.name);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        }
         if b.source.is_dir() {
             std::fs::create_dir(&dst).map_err(io("create", &dst))?;
         } else {
@@ -118,6 +163,59 @@ pub fn remove_run_dir(run_dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bind(index: usize, source: &Path) -> BindMount {
+        BindMount {
+            index,
+            source: source.to_path_buf(),
+            name: String::new(),
+            read_only: false,
+        }
+    }
+
+    #[test]
+    fn bind_entries_are_named_after_their_host_path() {
+        let d = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(d.path()).unwrap();
+        std::fs::create_dir_all(real.join("data/sub")).unwrap();
+        std::fs::write(real.join("hosts"), "").unwrap();
+        std::os::unix::fs::symlink(real.join("data"), real.join("link")).unwrap();
+        let rel = |p: &str| {
+            real.join(p)
+                .strip_prefix("/")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let mut binds = vec![
+            bind(1, &real.join("data")),
+            bind(2, &real.join("hosts")),
+            bind(3, &real.join("data/sub")),
+            bind(4, &real.join("link")),
+            bind(5, Path::new("/")),
+            bind(6, Path::new("/rootfs/x")),
+            bind(7, Path::new("/a/../b")),
+            bind(8, &real.join("missing")),
+        ];
+        name_entries(&mut binds);
+        let names: Vec<&str> = binds.iter().map(|b| b.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                rel("data").as_str(),
+                rel("hosts").as_str(),
+                // Inside an earlier source, or the same directory through a symlink.
+                ".rootcell/m3",
+                ".rootcell/m4",
+                ".rootcell/m5",
+                ".rootcell/m6",
+                ".rootcell/m7",
+                // Missing sources keep their path (the bind fails later with its own error).
+                rel("missing").as_str(),
+            ]
+        );
+    }
 
     #[test]
     fn remove_run_dir_does_not_recurse_into_share() {

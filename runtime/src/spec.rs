@@ -36,7 +36,8 @@ pub struct BindMount {
     pub index: usize,
     /// Absolute host source.
     pub source: PathBuf,
-    /// Name of its entry in the share dir (`m<index>`).
+    /// Path of its entry in the share dir: the source's host path without the leading `/`
+    /// (see [`crate::share::name_entries`]).
     pub name: String,
     /// The mount options ask for read-only.
     pub read_only: bool,
@@ -174,7 +175,8 @@ fn is_bind(m: &oci_spec::runtime::Mount) -> bool {
 
 /// The bind mounts of `spec`, with host sources resolved against `bundle`.
 pub fn bind_mounts(spec: &Spec, bundle: &Path) -> Vec<BindMount> {
-    spec.mounts()
+    let mut binds: Vec<BindMount> = spec
+        .mounts()
         .iter()
         .flatten()
         .enumerate()
@@ -182,10 +184,12 @@ pub fn bind_mounts(spec: &Spec, bundle: &Path) -> Vec<BindMount> {
         .map(|(index, m)| BindMount {
             index,
             source: resolve(bundle, m.source().as_ref().expect("filtered")),
-            name: format!("m{index}"),
+            name: String::new(),
             read_only: m.options().iter().flatten().any(|o| o == "ro"),
         })
-        .collect()
+        .collect();
+    crate::share::name_entries(&mut binds);
+    binds
 }
 
 /// The spec the agent gets: rootfs and bind sources point into the guest's share mount, and
@@ -339,12 +343,20 @@ mod tests {
         let loaded = load(b.path()).unwrap();
         let binds = bind_mounts(&loaded.spec, &loaded.dir);
         assert_eq!(binds.len(), 2);
+        let real = std::fs::canonicalize(b.path()).unwrap();
+        let entry = |f: &str| {
+            real.join(f)
+                .strip_prefix("/")
+                .unwrap()
+                .display()
+                .to_string()
+        };
         assert_eq!(
             binds[0],
             BindMount {
                 index: 1,
                 source: b.path().join("rootfs"),
-                name: "m1".into(),
+                name: entry("rootfs"),
                 read_only: true
             }
         );
@@ -357,13 +369,14 @@ mod tests {
         assert_eq!(g.root().as_ref().unwrap().readonly(), Some(true));
         let m = g.mounts().as_ref().unwrap();
         assert_eq!(m[0].source().as_deref(), Some(Path::new("proc")));
+        let share = Path::new("/run/rootcell/share");
         assert_eq!(
             m[1].source().as_deref(),
-            Some(Path::new("/run/rootcell/share/m1"))
+            Some(&*share.join(entry("rootfs")))
         );
         assert_eq!(
             m[2].source().as_deref(),
-            Some(Path::new("/run/rootcell/share/m2"))
+            Some(&*share.join(entry("config.json")))
         );
         assert!(g.hooks().is_none());
     }

@@ -247,3 +247,38 @@ fn spec_device_nodes_get_exactly_their_mode() {
         "mode, major, minor, owner of the spec's device nodes"
     );
 }
+
+#[test]
+fn bind_mounts_show_their_source_path_as_root_in_mountinfo() {
+    // Under runc a bind mount's root (field 4 of /proc/self/mountinfo) is the source's path;
+    // tools that map container paths back to the host read it.
+    let rt = Runtime::new();
+    let host_dir = tempfile::tempdir().unwrap();
+    let real = std::fs::canonicalize(host_dir.path()).unwrap();
+    std::fs::create_dir(real.join("data")).unwrap();
+    std::fs::write(real.join("note"), "hello\n").unwrap();
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "while read -r id parent dev root point rest; do \
+           case $point in /data|/note) echo \"$point $root\";; esac; \
+         done < /proc/self/mountinfo; cat /note",
+    ])
+    .edit(|s| {
+        let mounts = s["mounts"].as_array_mut().unwrap();
+        mounts.push(json!({"destination": "/data", "type": "bind", "source": real.join("data"), "options": ["rbind", "rw"]}));
+        mounts.push(json!({"destination": "/note", "type": "bind", "source": real.join("note"), "options": ["bind", "ro"]}));
+    });
+    let o = run_bundle(&rt, &b, "mntroot");
+    assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
+    let want = format!(
+        "/data {}\n/note {}\nhello\n",
+        real.join("data").display(),
+        real.join("note").display()
+    );
+    assert_eq!(
+        text(&o.stdout),
+        want,
+        "bind mount roots in the guest's mountinfo"
+    );
+}
