@@ -149,22 +149,22 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
                 console_socket: a.console_socket,
                 attached: !detach,
             };
-            return commands::lifecycle::run(g, &a.id, &opts, detach, keep);
+            return commands::run::run(g, &a.id, &opts, detach, keep);
         }
-        Command::Start { id } => commands::lifecycle::start(g, &id)?,
-        Command::State { id } => out(commands::lifecycle::state(g, &id)? + "\n"),
-        Command::Kill { all, id, signal } => commands::lifecycle::kill(g, &id, &signal, all)?,
-        Command::Delete { force, id } => commands::lifecycle::delete(g, &id, force)?,
-        Command::List { format, quiet } => out(commands::info::list(g, &format, quiet)?),
-        Command::Spec { bundle } => commands::info::spec(&bundle)?,
-        Command::Pause { id } => commands::lifecycle::pause(g, &id, true)?,
-        Command::Resume { id } => commands::lifecycle::pause(g, &id, false)?,
+        Command::Start { id } => commands::start::start(g, &id)?,
+        Command::State { id } => out(commands::state::state(g, &id)? + "\n"),
+        Command::Kill { all, id, signal } => commands::kill::kill(g, &id, &signal, all)?,
+        Command::Delete { force, id } => commands::delete::delete(g, &id, force)?,
+        Command::List { format, quiet } => out(commands::list::list(g, &format, quiet)?),
+        Command::Spec { bundle } => commands::spec::spec(&bundle)?,
+        Command::Pause { id } => commands::pause::pause(g, &id, true)?,
+        Command::Resume { id } => commands::pause::pause(g, &id, false)?,
         Command::Ps {
             format,
             id,
             ps_args: _,
-        } => out(commands::lifecycle::ps(g, &id, &format)?),
-        Command::Features => out(commands::info::features() + "\n"),
+        } => out(commands::ps::ps(g, &id, &format)?),
+        Command::Features => out(commands::features::features() + "\n"),
         Command::Update { resources, id } => {
             commands::update::update(g, &id, resources.as_deref())?
         }

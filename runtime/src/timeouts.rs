@@ -42,8 +42,16 @@ pub const CLI_EXEC: Duration = CLI_START;
 pub const CLI_SIGNAL: Duration = Duration::from_secs(QUICK.as_secs() + 3);
 /// `update` waiting for the sandbox to apply limits in the guest.
 pub const CLI_UPDATE: Duration = Duration::from_secs(QUICK.as_secs() + 5);
-/// A resize or a signal forwarded by the exec relay (best effort).
+/// A resize or a signal forwarded by the exec relay, or a pause/resume (best effort).
 pub const CLI_QUICK: Duration = QUICK;
+/// `delete` waiting for a stopped container's sandbox to finish tearing its VM down (it waits
+/// [`SHUTDOWN`] + [`VM_FINISH`] + [`IN_FLIGHT`] itself), or for a killed process to be gone.
+pub const PROCESS_GONE: Duration = Duration::from_secs(10);
+/// `delete` waiting for the VMM after the sandbox is gone.
+pub const VMM_GONE: Duration = Duration::from_secs(5);
+/// `delete` waiting for another `delete` of the same container (Docker's shim and containerd
+/// may run two at once).
+pub const DELETE_LOCK: Duration = Duration::from_secs(60);
 
 /// `create` waiting for the sandbox's readiness report, given the boot bound it uses.
 pub fn create_ready(boot: Duration) -> Duration {
@@ -69,6 +77,9 @@ const _: () = assert!(CLI_START.as_secs() > CLOCK.as_secs() + START.as_secs());
 const _: () = assert!(CLI_SIGNAL.as_secs() > QUICK.as_secs());
 const _: () = assert!(CLI_UPDATE.as_secs() > QUICK.as_secs());
 const _: () = assert!(EXEC_LIVENESS_PERIOD.as_secs() >= PROCESSES.as_secs());
+const _: () = assert!(
+    PROCESS_GONE.as_secs() > SHUTDOWN.as_secs() + VM_FINISH.as_secs() + IN_FLIGHT.as_secs()
+);
 
 #[cfg(test)]
 mod tests {

@@ -264,7 +264,7 @@ pub fn wait_ready(rd: &mut OwnedFd) -> Result<()> {
 
 /// After a failed create: make sure the sandbox (and with it the VM) is gone.
 pub fn reap_failed(child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + crate::timeouts::PROCESS_GONE;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             return;

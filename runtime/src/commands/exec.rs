@@ -123,7 +123,7 @@ pub fn exec(g: &Global, id: &str, o: &ExecOptions) -> Result<i32> {
     }
     let target = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     if !o.detach {
-        super::lifecycle::relay_signals_to(target.clone());
+        super::run::relay_signals_to(target.clone());
     }
     let (mut child, mut rd) = spawn_helper(g, &args, o.console_socket.is_some())?;
     if let Err(e) = wait_ready(&mut rd) {

@@ -1,9 +1,17 @@
-//! The CLI commands.
+//! The CLI commands, one file each (as runc's).
 
 pub mod create;
+pub mod delete;
 pub mod exec;
-pub mod info;
-pub mod lifecycle;
+pub mod features;
+pub mod kill;
+pub mod list;
+pub mod pause;
+pub mod ps;
+pub mod run;
+pub mod spec;
+pub mod start;
+pub mod state;
 pub mod update;
 
 use crate::error::RuntimeError;

@@ -1,0 +1,118 @@
+//! `kill`: a signal to the container's init (or all its processes); SIGKILL works even when
+//! the guest does not answer.
+
+use super::delete::wait_gone;
+use crate::commands::Global;
+use crate::control::{self, ControlRequest, ControlResponse};
+use crate::error::RuntimeError;
+use crate::state::{process_alive, ContainerState, Status};
+use anyhow::{bail, Result};
+
+/// `kill [--all] ID SIGNAL`.
+pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
+    let sig = crate::signal::parse(signal)?;
+    let st = g.load(id)?.refreshed();
+    if !matches!(
+        st.status,
+        Status::Created | Status::Running | Status::Paused
+    ) {
+        return Err(RuntimeError::NotRunning(id.to_string()).into());
+    }
+    if st.status == Status::Paused {
+        // A frozen VM cannot take a message; only SIGKILL can be honoured (by killing it).
+        if sig != libc::SIGKILL {
+            bail!("container {id} is paused; resume it before sending signal {sig}");
+        }
+        kill_sandbox(&st);
+        return Ok(());
+    }
+    let req = ControlRequest::Signal {
+        signal: sig,
+        all,
+        process: None,
+    };
+    match control::call(&st.control_socket(), &req, crate::timeouts::CLI_SIGNAL) {
+        Ok(ControlResponse::Ok) => Ok(()),
+        Ok(ControlResponse::Refused {
+            error: crate::state::StateError::NotRunning,
+        }) => Err(RuntimeError::NotRunning(id.to_string()).into()),
+        Ok(ControlResponse::Refused { error }) if sig != libc::SIGKILL => bail!("{error}"),
+        Ok(ControlResponse::Error { message }) if sig != libc::SIGKILL => bail!("{message}"),
+        other => {
+            // SIGKILL must work even when the guest does not answer: kill the sandbox itself
+            // (its VM dies with it), which ends the container with status 137.
+            if sig == libc::SIGKILL && process_alive(st.pid, st.pid_start) {
+                tracing::warn!(
+                    ?other,
+                    "the sandbox did not deliver SIGKILL; killing the sandbox"
+                );
+                kill_sandbox(&st);
+                return Ok(());
+            }
+            match other {
+                Ok(ControlResponse::Error { message }) => bail!("{message}"),
+                Err(_) if !process_alive(st.pid, st.pid_start) => {
+                    Err(RuntimeError::NotRunning(id.to_string()).into())
+                }
+                Err(e) => Err(e.into()),
+                Ok(_) => Ok(()),
+            }
+        }
+    }
+}
+
+/// SIGKILLs the sandbox's process group and the sandbox (pid-reuse checked).
+pub(super) fn kill_sandbox(st: &ContainerState) {
+    if st.pid > 0 && process_alive(st.pid, st.pid_start) {
+        // SAFETY: plain kill(2); the start-time check above guards against pid reuse.
+        unsafe {
+            libc::kill(-st.pid, libc::SIGKILL);
+            libc::kill(st.pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// SIGKILLs the process group led by `pid` and `pid` (pid-reuse checked), and waits for it.
+pub(super) fn kill_group(pid: i32, start: u64) {
+    if pid > 0 && process_alive(pid, start) {
+        // SAFETY: plain kill(2); the start-time check above guards against pid reuse.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+            libc::kill(pid, libc::SIGKILL);
+        }
+        wait_gone(pid, start, crate::timeouts::PROCESS_GONE);
+    }
+}
+
+/// The live host processes of container `id` under `root` by their command line: rootcell
+/// starts its sandbox and exec relays (each leading its own process group, with the VMM in
+/// the sandbox's) as `rootcell --root ROOT ... sandbox|exec-relay --id ID ...`.
+pub(super) fn helper_processes(root: &std::path::Path, id: &str) -> Vec<(i32, u64)> {
+    let root = root.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let pair = |k: &str, v: &str| {
+            args.windows(2)
+                .any(|w| w[0] == k.as_bytes() && w[1] == v.as_bytes())
+        };
+        let helper = args
+            .iter()
+            .any(|a| *a == b"sandbox".as_slice() || *a == b"exec-relay".as_slice());
+        if helper && pair("--root", &root) && pair("--id", id) {
+            if let Some((start, _)) = crate::state::proc_stat(pid) {
+                found.push((pid, start));
+            }
+        }
+    }
+    found
+}
