@@ -8,6 +8,7 @@ pkgs=(
     busybox-static                                       # example and test root filesystems
     libcap-ng-dev libseccomp-dev                         # -sys crates of the device back ends
     iproute2 jq file
+    binutils                                             # nested-KVM lane: objcopy reads module dependencies
     docker.io containerd runc                            # Docker end-to-end tests and runc comparisons
     debootstrap python3-venv                             # INGInious test: grading image, INGInious venv
 )

@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The nested-KVM lane: runs a command inside an L1 Linux guest that has a real KVM.
+#
+# L1 is Debian 12's cloud kernel (images/build-l1.sh, cached) booted by QEMU TCG with `-cpu max`,
+# which gives it AMD SVM with nested paging; its /init loads kvm_amd. L1's root file system is
+# this host's root file system (virtio-fs from QEMU's virtiofsd, read-only, only the root mount,
+# no submounts) under a tmpfs overlay, with fresh /tmp, /run, /proc, /sys, /dev and a cgroup v2
+# hierarchy: the binaries, guest images and test binaries are at the same paths as on the host.
+#
+# Usage: scripts/l1.sh [options] -- COMMAND...
+#   COMMAND runs in L1 as root (bash -c), in the current directory, with the caller's ROOTCELL_*,
+#   RUST_* and TEST_* variables; its output streams to stdout. The exit status is COMMAND's.
+# Options:
+#   --timeout S        whole run, boot included (default 1800)
+#   --boot-timeout S   until L1's /init speaks (default 120)
+#   --smp N --mem MIB  L1's vCPUs and RAM (default 2, 3072)
+#   --fault F          prove the lane's failure lines: no-svm (QEMU's CPU without SVM),
+#                      no-kvm-amd, broken-kvm (/dev/kvm not a KVM), no-boot (L1 hangs before /init)
+#   --console FILE     keep L1's console log there (default: a temporary file)
+# When L1 cannot give COMMAND a working KVM, or does not come up, or runs out of time, the script
+# prints one line `l1: FAIL ...` saying which (and where L1 got to), and exits with 125. It
+# leaves no QEMU, virtiofsd or mount behind, also when it is killed (TERM/INT) or fails.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+timeout=1800 boot_timeout=120 smp=2 mem=3072 fault= console=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --timeout) timeout=$2; shift 2 ;;
+        --boot-timeout) boot_timeout=$2; shift 2 ;;
+        --smp) smp=$2; shift 2 ;;
+        --mem) mem=$2; shift 2 ;;
+        --fault) fault=$2; shift 2 ;;
+        --console) console=$2; shift 2 ;;
+        --) shift; break ;;
+        *) echo "usage: scripts/l1.sh [--timeout S] [--boot-timeout S] [--smp N] [--mem MIB] [--fault F] [--console FILE] -- COMMAND..." >&2; exit 2 ;;
+    esac
+done
+[ $# -gt 0 ] || { echo "l1: no command given" >&2; exit 2; }
+lane_fail() { echo "l1: FAIL $*"; exit 125; }
+
+qemu=${ROOTCELL_L1_QEMU:-qemu-system-x86_64}
+virtiofsd=${ROOTCELL_L1_VIRTIOFSD:-/usr/lib/qemu/virtiofsd}
+command -v "$qemu" >/dev/null || lane_fail "$qemu not found (scripts/install-deps.sh installs qemu-system-x86)"
+[ -x "$virtiofsd" ] || lane_fail "$virtiofsd not found (part of qemu-system-common)"
+l1=$("$top/images/build-l1.sh") || lane_fail "could not build the L1 kernel and initramfs (images/build-l1.sh)"
+
+tmp=$(mktemp -d /tmp/rootcell-l1.XXXXXX)
+echo "l1: work dir $tmp"
+qemu_pid= fsd_pid=
+cleanup() {
+    local p
+    for p in $qemu_pid $fsd_pid; do kill -KILL "$p" 2>/dev/null || true; done
+    for p in $qemu_pid $fsd_pid; do wait "$p" 2>/dev/null || true; done
+    # The share's bind mount lived in virtiofsd's own mount namespace: gone with it.
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'echo "l1: FAIL interrupted; last console lines:"; tail -n 20 "$log" 2>/dev/null | sed "s/^/l1:   /"; exit 125' INT TERM HUP
+log=${console:-$tmp/console.log}
+: > "$log"
+
+# The per-run archive: the command and its environment, appended to the cached initramfs.
+mkdir -p "$tmp/run/l1"
+{
+    printf 'cd %q 2>/dev/null || cd /\n' "$PWD"
+    printf 'exec bash -c %q\n' "$*"
+} > "$tmp/run/l1/cmd"
+env | grep -E '^(ROOTCELL_|RUST_|TEST_|CARGO_TERM_)' | grep -v '^ROOTCELL_L1_' |
+    while IFS='=' read -r k v; do printf '%s=%q\n' "$k" "$v"; done > "$tmp/run/l1/env"
+mv "$tmp/run/l1" "$tmp/l1" && rmdir "$tmp/run"
+install -m 0755 "$top/images/l1-init.sh" "$tmp/init"
+(cd "$tmp" && { echo init; find l1; } | cpio -o -H newc -R 0:0 --quiet) > "$tmp/run.cpio"
+cat "$l1/initramfs.cpio" "$tmp/run.cpio" > "$tmp/initramfs.cpio"
+
+# virtiofsd in a mount namespace of its own, sharing a read-only bind of / (the root mount only).
+mkdir -p "$tmp/root"
+unshare --mount --propagation private -- sh -c '
+    mount --bind / "$1" && mount -o remount,bind,ro "$1" || exit 1
+    exec "$2" --socket-path="$3" -o source="$1" -o cache=always -o sandbox=chroot -o log_level=err
+' sh "$tmp/root" "$virtiofsd" "$tmp/fs.sock" > "$tmp/virtiofsd.log" 2>&1 &
+fsd_pid=$!
+for _ in $(seq 100); do [ -S "$tmp/fs.sock" ] && break; sleep 0.1; done
+[ -S "$tmp/fs.sock" ] || lane_fail "virtiofsd did not start: $(tail -n 3 "$tmp/virtiofsd.log" | tr '\n' ' ')"
+
+cpu=max append_fault=
+case "$fault" in
+    '') ;;
+    no-svm) cpu=max,svm=off ;;
+    no-kvm-amd|broken-kvm) append_fault="rootcell.l1fault=$fault" ;;
+    no-boot) append_fault="rdinit=/nonexistent panic=0" ;;
+    *) lane_fail "unknown --fault $fault" ;;
+esac
+start=$(date +%s.%N)
+"$qemu" -nodefaults -no-user-config -M q35,memory-backend=mem -accel tcg -cpu "$cpu" -smp "$smp" -m "${mem}M" \
+    -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" \
+    -chardev "socket,id=fs,path=$tmp/fs.sock" -device vhost-user-fs-pci,chardev=fs,tag=hostroot \
+    -kernel "$l1/vmlinuz" -initrd "$tmp/initramfs.cpio" \
+    -append "console=ttyS0 quiet loglevel=3 reboot=t panic=-1 tsc=reliable $append_fault" \
+    -display none -monitor none -serial "file:$log" -no-reboot > "$tmp/qemu.log" 2>&1 &
+qemu_pid=$!
+
+# Follows the console until a RESULT or FAIL line, QEMU's exit, or a deadline.
+last_lines() {
+    if [ -s "$log" ]; then tail -n "${1:-20}" "$log" | tr -d '\r' | sed 's/^/l1:   /'; else echo "l1:   (nothing on L1's console)"; fi
+}
+printed=0 phase="booting L1 (no line from its /init yet)" booted=
+while :; do
+    now=$(date +%s.%N)
+    elapsed=$(echo "$now - $start" | bc)
+    n=$(wc -l < "$log")
+    if [ "$n" -gt "$printed" ]; then
+        sed -n "$((printed + 1)),${n}p" "$log" | tr -d '\r'
+        printed=$n
+    fi
+    if [ -z "$booted" ] && grep -q '^rootcell-l1: init:' "$log"; then booted=1; phase="L1 init (modules, root file system)"; fi
+    grep -q '^rootcell-l1: ready' "$log" && phase="running the command in L1"
+    if line=$(grep -a -m1 '^rootcell-l1: FAIL' "$log"); then
+        lane_fail "${line#rootcell-l1: FAIL }"
+    fi
+    if line=$(grep -a -m1 '^rootcell-l1: RESULT' "$log"); then
+        rc=${line#rootcell-l1: RESULT }
+        rc=${rc%%[!0-9]*}
+        echo "l1: command exited with $rc after $(printf '%.1f' "$elapsed") s in L1 (QEMU TCG, -cpu max, -smp $smp)"
+        exit "$rc"
+    fi
+    if ! kill -0 "$qemu_pid" 2>/dev/null; then
+        wait "$qemu_pid" 2>/dev/null && qrc=0 || qrc=$?
+        qemu_pid=
+        echo "l1: FAIL QEMU exited ($qrc) while $phase: $(tail -n 2 "$tmp/qemu.log" | tr '\n' ' ')"
+        last_lines; exit 125
+    fi
+    if [ -z "$booted" ] && [ "$(echo "$elapsed > $boot_timeout" | bc)" = 1 ]; then
+        echo "l1: FAIL L1 did not come up: no line from its /init within ${boot_timeout} s; last console lines:"
+        last_lines; exit 125
+    fi
+    if [ "$(echo "$elapsed > $timeout" | bc)" = 1 ]; then
+        echo "l1: FAIL timed out after ${timeout} s while $phase; L1 stopped; last console lines:"
+        last_lines 30; exit 125
+    fi
+    sleep 0.5
+done

@@ -1,0 +1,192 @@
+//! The runtime on a real KVM: end-to-end tests inside an L1 guest (QEMU TCG, `-cpu max`, so AMD
+//! SVM with nested paging) whose kvm_amd gives a working /dev/kvm. `scripts/l1.sh` boots L1 with
+//! this host's root file system read-only under a tmpfs overlay; `tests/nested/in-l1.sh` runs
+//! there: the focused set (lifecycle, exit codes, stdio integrity, errors with their no-leftover
+//! checks, one network test) with `auto`, which must pick the built-in VMM, then with
+//! `--hypervisor qemu` (QEMU -accel kvm). `ROOTCELL_NESTED_FULL=1` runs every e2e binary there.
+//!
+//! The lane's own failures are tested too: L1 without SVM, without kvm_amd, with a /dev/kvm that
+//! is not KVM, and an L1 that never comes up each end in one `l1: FAIL` line that says which,
+//! within a bound, leaving no QEMU, virtiofsd or work directory.
+//!
+//! The test binaries come from the same `target/release/deps` as this one (the README's test
+//! command builds them all before running any).
+
+use rootcell_e2e::{artifacts, processes_mentioning, text};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One L1 at a time: two TCG guests on these machines' two shared cores would starve each other.
+static L1: Mutex<()> = Mutex::new(());
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs scripts/l1.sh with `args`, bounded by `limit` (on top of the script's own bounds). Returns
+/// its output and how long it took.
+fn lane(args: &[&str], limit: Duration) -> (Output, Duration) {
+    let art = artifacts();
+    let mut c = Command::new(repo().join("scripts/l1.sh"));
+    c.args(args)
+        .current_dir(repo())
+        .env("ROOTCELL_BIN", &art.bin)
+        .env("ROOTCELL_BUNDLE", repo().join("build/bundle"))
+        .stdin(Stdio::null());
+    // Its own process group, so that a kill at the deadline takes QEMU and virtiofsd along.
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    let start = Instant::now();
+    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run scripts/l1.sh");
+    let pid = child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        while start.elapsed() < limit {
+            if d.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // SAFETY: kill(2) on the process group we created; no memory is involved.
+        unsafe { libc::kill(-pid, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_secs(5));
+        // SAFETY: as above.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        true
+    });
+    let out = child.wait_with_output().expect("wait for scripts/l1.sh");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed = watchdog.join().unwrap();
+    assert!(
+        !killed,
+        "scripts/l1.sh overran its bound of {limit:?} and was killed; its output:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    (out, start.elapsed())
+}
+
+/// The lane's work directory (`l1: work dir ...`) must be gone and no process may mention it.
+fn assert_lane_left_nothing(stdout: &str) {
+    let work = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("l1: work dir "))
+        .unwrap_or_else(|| panic!("no 'l1: work dir' line in:\n{stdout}"))
+        .trim()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_mentioning(&work).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(processes_mentioning(&work), Vec::<String>::new(), "lane processes left behind");
+    assert!(!Path::new(&work).exists(), "lane work directory {work} left behind");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&work), "lane mount left behind:\n{mounts}");
+}
+
+fn tests_dir() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .expect("test binary directory")
+        .to_path_buf()
+}
+
+#[test]
+fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
+    let _one = L1.lock().unwrap_or_else(|p| p.into_inner());
+    let full = std::env::var("ROOTCELL_NESTED_FULL").as_deref() == Ok("1");
+    let dir = tests_dir();
+    let cmd = format!(
+        "{} {}",
+        repo().join("tests/nested/in-l1.sh").display(),
+        dir.display()
+    );
+    let (limit, inner) = if full { (7200, "7000") } else { (2700, "2600") };
+    let (out, took) = lane(&["--timeout", inner, "--", &cmd], Duration::from_secs(limit));
+    let stdout = text(&out.stdout);
+    let phases: Vec<&str> = stdout.lines().filter(|l| l.starts_with("NESTED ")).collect();
+    println!("nested lane: {:.0} s in all; phases:\n{}", took.as_secs_f64(), phases.join("\n"));
+    let show = || format!("stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    if let Some(fail) = stdout.lines().find(|l| l.starts_with("l1: FAIL")) {
+        panic!("the lane itself failed: {fail}\n{}", show());
+    }
+    let mut expected = vec![];
+    for backend in ["auto", "qemu"] {
+        expected.push(format!(
+            "{backend}-picks-{}",
+            if backend == "auto" { "builtin" } else { "qemu" }
+        ));
+        for t in ["lifecycle", "process", "stdio", "errors", "network"] {
+            expected.push(format!("{backend}-{t}"));
+        }
+    }
+    for name in &expected {
+        let line = phases
+            .iter()
+            .find(|l| l.split_whitespace().nth(1) == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("phase {name} did not run in L1\n{}", show()));
+        assert!(
+            line.split_whitespace().nth(2) == Some("ok"),
+            "phase failed in L1: {line}\n{}",
+            show()
+        );
+    }
+    // With ROOTCELL_NESTED_FULL=1 there are more phases: every one must pass.
+    if let Some(bad) = phases.iter().find(|l| l.split_whitespace().nth(2) != Some("ok")) {
+        panic!("phase failed in L1: {bad}\n{}", show());
+    }
+    assert!(out.status.success(), "in-l1.sh failed\n{}", show());
+    // Each test binary really ran tests (a filter matching nothing would pass vacuously).
+    let results = stdout
+        .lines()
+        .filter(|l| l.starts_with("test result: ok.") && !l.contains(" 0 passed"))
+        .count();
+    assert!(results >= 10, "expected 10 test binaries with passing tests, saw {results}\n{}", show());
+    assert_lane_left_nothing(&stdout);
+}
+
+/// One broken L1 input: the lane must fail within `limit` with one `l1: FAIL` line containing
+/// `says`, and leave nothing.
+fn lane_fails(fault: &str, extra: &[&str], says: &str, limit: u64) -> String {
+    let _one = L1.lock().unwrap_or_else(|p| p.into_inner());
+    let mut args = vec!["--fault", fault];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "echo should-not-run"]);
+    let (out, took) = lane(&args, Duration::from_secs(limit));
+    let stdout = text(&out.stdout);
+    let show = format!("stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(125), "fault {fault} must fail the lane\n{show}");
+    let fails: Vec<&str> = stdout.lines().filter(|l| l.starts_with("l1: FAIL")).collect();
+    assert_eq!(fails.len(), 1, "one FAIL line for fault {fault}\n{show}");
+    assert!(fails[0].contains(says), "fault {fault}: '{}' does not say '{says}'\n{show}", fails[0]);
+    assert!(!stdout.contains("should-not-run"), "the command ran despite {fault}\n{show}");
+    println!("fault {fault}: {} ({:.0} s)", fails[0], took.as_secs_f64());
+    assert_lane_left_nothing(&stdout);
+    stdout
+}
+
+#[test]
+fn l1_without_svm_fails_with_one_line() {
+    lane_fails("no-svm", &[], "no svm flag", 300);
+}
+
+#[test]
+fn l1_without_kvm_amd_fails_with_one_line() {
+    lane_fails("no-kvm-amd", &[], "kvm_amd is not loaded", 300);
+}
+
+#[test]
+fn l1_with_a_broken_dev_kvm_fails_with_one_line() {
+    lane_fails("broken-kvm", &[], "/dev/kvm in L1 does not work", 300);
+}
+
+#[test]
+fn l1_that_never_comes_up_is_stopped_with_its_last_console_lines() {
+    let out = lane_fails("no-boot", &["--boot-timeout", "45"], "L1 did not come up", 300);
+    // Where L1 got to: its kernel's last words, after the FAIL line.
+    let tail = out.split("l1: FAIL").nth(1).unwrap_or_default();
+    assert!(tail.contains("l1:   ") && tail.contains("Kernel panic"), "no console tail:\n{out}");
+}
