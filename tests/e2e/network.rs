@@ -86,22 +86,34 @@ impl Drop for HostServer {
     }
 }
 
+/// The host's address on Docker's default bridge: IPAM's gateway, or, where dockerd found the
+/// bridge already there and records no gateway (seen when another daemon made docker0 first),
+/// the bridge interface's own IPv4 address.
+fn bridge_gateway(d: &DockerDaemon) -> Ipv4Addr {
+    let ipam = ok(d, &["network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}"]);
+    if let Ok(ip) = ipam.trim().parse() {
+        return ip;
+    }
+    let name = ok(
+        d,
+        &["network", "inspect", "bridge", "-f", "{{index .Options \"com.docker.network.bridge.name\"}}"],
+    );
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", name.trim()])
+        .output()
+        .expect("ip addr");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no gateway for the default bridge: IPAM says {ipam:?}, {} has {text:?}", name.trim()))
+}
+
 #[test]
 fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
     let d = daemon();
-    let gateway: Ipv4Addr = ok(
-        d,
-        &[
-            "network",
-            "inspect",
-            "bridge",
-            "-f",
-            "{{(index .IPAM.Config 0).Gateway}}",
-        ],
-    )
-    .trim()
-    .parse()
-    .unwrap();
+    let gateway = bridge_gateway(d);
     let host_port = free_port();
     let _host = HostServer::start(SocketAddr::from((gateway, host_port)), "hello-from-host");
     let runc = ok(
