@@ -98,9 +98,14 @@ fn tests_dir() -> PathBuf {
 fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
     let _one = L1.lock().unwrap_or_else(|p| p.into_inner());
     let full = std::env::var("ROOTCELL_NESTED_FULL").as_deref() == Ok("1");
+    // Every run proves the built-in VMM (`auto` picks it in L1); QEMU -accel kvm in L1 doubles
+    // the lane's ~12 minutes, so it runs with ROOTCELL_NESTED_QEMU=1 (or the full lane).
+    let with_qemu = full || std::env::var("ROOTCELL_NESTED_QEMU").as_deref() == Ok("1");
+    let backends: &[&str] = if with_qemu { &["auto", "qemu"] } else { &["auto"] };
     let dir = tests_dir();
     let cmd = format!(
-        "{} {}",
+        "NESTED_PHASES='{}' {} {}",
+        backends.join(" "),
         repo().join("tests/nested/in-l1.sh").display(),
         dir.display()
     );
@@ -114,7 +119,7 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         panic!("the lane itself failed: {fail}\n{}", show());
     }
     let mut expected = vec![];
-    for backend in ["auto", "qemu"] {
+    for &backend in backends {
         expected.push(format!(
             "{backend}-picks-{}",
             if backend == "auto" { "builtin" } else { "qemu" }
@@ -144,7 +149,8 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         .lines()
         .filter(|l| l.starts_with("test result: ok.") && !l.contains(" 0 passed"))
         .count();
-    assert!(results >= 10, "expected 10 test binaries with passing tests, saw {results}\n{}", show());
+    let want = 5 * backends.len();
+    assert!(results >= want, "expected {want} test binaries with passing tests, saw {results}\n{}", show());
     assert_lane_left_nothing(&stdout);
 }
 
