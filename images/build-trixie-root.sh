@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds a Debian 13 (trixie) root file system with its QEMU (10.x), for running rootcell's guests
-# under the QEMU that Debian 13 users have, on a Debian 12 host and without changing any host
-# package: debootstrap --variant=minbase trixie, then `apt-get install qemu-system-x86` in it. The
+# Builds a Debian 13 (trixie) root file system with its QEMU (10.x) and Docker (26.x, with containerd
+# 1.7 and runc), for running rootcell's guests under the QEMU, and rootcell under the Docker, that
+# Debian 13 users have, on a Debian 12 host and without changing any host package: debootstrap
+# --variant=minbase trixie, then `apt-get install qemu-system-x86 docker.io` in it (Docker's
+# daemons run from the root by tests/support/docker.rs, chrooted, on the host's kernel). The
 # root also gets `rootcell-qemu`, a wrapper to point ROOTCELL_QEMU at: it starts the root's
 # qemu-system-x86_64 through the root's own dynamic loader and libraries, with the root's QEMU
 # modules and firmware (QEMU_MODULE_DIR, -L).
@@ -11,7 +13,8 @@
 # A second run only prints the directory.
 #
 # Usage: images/build-trixie-root.sh   -> prints DIR; DIR/rootfs is the root, DIR/rootcell-qemu the
-#                                         wrapper, DIR/qemu-version what it reports
+#                                         wrapper, DIR/qemu-version what it reports,
+#                                         DIR/docker-version what dockerd, containerd, runc report
 # Env:   ROOTCELL_CACHE (default /var/cache/rootcell), DEBIAN_MIRROR (default
 #        http://deb.debian.org/debian)
 set -euo pipefail
@@ -19,7 +22,7 @@ cache=${ROOTCELL_CACHE:-/var/cache/rootcell}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 suite=trixie
 variant=minbase
-packages=qemu-system-x86
+packages="qemu-system-x86 docker.io containerd runc iptables procps"
 name=build-trixie-root
 [ "$(id -u)" = 0 ] || { echo "$name: needs root (debootstrap, chroot)" >&2; exit 1; }
 command -v debootstrap >/dev/null || { echo "$name: debootstrap missing: scripts/install-deps.sh installs it" >&2; exit 1; }
@@ -28,7 +31,7 @@ command -v debootstrap >/dev/null || { echo "$name: debootstrap missing: scripts
 debootstrap_version=$(dpkg-query -W -f='${Version}' debootstrap)
 key=$( { echo "debootstrap $debootstrap_version --variant=$variant $suite $mirror; apt-get install $packages"; sha256sum "$0" | cut -d' ' -f1; } | sha256sum | cut -c1-16)
 out="$cache/$suite-$key"
-done_() { [ -x "$out/rootcell-qemu" ] && [ -s "$out/qemu-version" ]; }
+done_() { [ -x "$out/rootcell-qemu" ] && [ -s "$out/qemu-version" ] && [ -s "$out/docker-version" ]; }
 if done_; then echo "$out"; exit 0; fi
 mkdir -p "$cache"
 # Concurrent builds wait for each other (the first one's result serves the others).
@@ -73,8 +76,10 @@ WRAP
 chmod 755 "$work/rootcell-qemu"
 "$work/rootcell-qemu" --version | head -1 > "$work/qemu-version" ||
     { echo "$name: the root's QEMU does not start through the wrapper" >&2; exit 1; }
+{ chroot "$root" dockerd --version && chroot "$root" containerd --version && chroot "$root" runc --version | head -1; } \
+    > "$work/docker-version" || { echo "$name: the root's dockerd, containerd or runc does not start" >&2; exit 1; }
 for m in $(grep -F " $work/" /proc/self/mounts | cut -d' ' -f2 | sort -r); do umount -l "$m" || true; done
 rm -rf "$out"; mkdir -p "$out"
-mv "$root" "$work/rootcell-qemu" "$work/qemu-version" "$out/"
-echo "$name: $(cat "$out/qemu-version") in $out ($(( $(date +%s) - start )) s)" >&2
+mv "$root" "$work/rootcell-qemu" "$work/qemu-version" "$work/docker-version" "$out/"
+echo "$name: $(cat "$out/qemu-version"), $(head -1 "$out/docker-version") in $out ($(( $(date +%s) - start )) s)" >&2
 echo "$out"

@@ -1,7 +1,13 @@
 //! Docker 20.10 drives rootcell as a `daemon.json`-style runtime: what `docker run` users do, on
 //! real guests, through a private dockerd (see `rootcell_e2e::docker`).
+//!
+//! `docker26.rs` runs these same tests against Debian 13's Docker 26 and containerd 1.7: it
+//! includes this file as a module and gives it its own `daemon()`, which every test here reaches
+//! as `crate::daemon()`.
 
-use rootcell_e2e::docker::{daemon, inspect, logs, ok, run_detached, run_rm, wait_until, IMAGE};
+use rootcell_e2e::docker::{
+    inspect, logs, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE,
+};
 use rootcell_e2e::*;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -10,9 +16,15 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The daemon the tests drive when this file is its own test binary: the host's Docker.
+#[allow(dead_code)] // unused where docker26.rs includes this file with a daemon of its own
+fn daemon() -> &'static DockerDaemon {
+    rootcell_e2e::docker::daemon()
+}
+
 #[test]
 fn run_prints_root_and_guest_kernel_under_both_names() {
-    let d = daemon();
+    let d = crate::daemon();
     let release = artifacts().kernel_release;
     for runtime in ["rootcell", "kata-runtime"] {
         let o = d.docker(&[
@@ -49,7 +61,7 @@ fn run_prints_root_and_guest_kernel_under_both_names() {
 
 #[test]
 fn exit_codes_and_runtime_errors() {
-    let d = daemon();
+    let d = crate::daemon();
     assert_eq!(code(&run_rm(d, &[], &["true"])), 0);
     assert_eq!(code(&run_rm(d, &[], &["sh", "-c", "exit 3"])), 3);
 
@@ -81,7 +93,7 @@ fn exit_codes_and_runtime_errors() {
 
 #[test]
 fn fifty_mib_through_run_i_unchanged() {
-    let d = daemon();
+    let d = crate::daemon();
     let mut data = vec![0u8; 50 << 20];
     std::fs::File::open("/dev/urandom")
         .unwrap()
@@ -104,7 +116,7 @@ fn fifty_mib_through_run_i_unchanged() {
 
 #[test]
 fn detached_logs_kill_stop_restart_rm() {
-    let d = daemon();
+    let d = crate::daemon();
     // Ignores TERM, reports USR1, ticks so `docker logs` has something to show.
     let id = run_detached(
         d,
@@ -160,7 +172,7 @@ fn detached_logs_kill_stop_restart_rm() {
 
 #[test]
 fn exec_into_a_running_container_while_it_writes() {
-    let d = daemon();
+    let d = crate::daemon();
     let id = run_detached(
         d,
         &[],
@@ -223,7 +235,7 @@ fn exec_into_a_running_container_while_it_writes() {
 
 #[test]
 fn run_options_reach_the_container() {
-    let d = daemon();
+    let d = crate::daemon();
     let rw = tempfile::tempdir().unwrap();
     let ro = tempfile::tempdir().unwrap();
     std::fs::write(ro.path().join("input"), "host-data\n").unwrap();
@@ -313,13 +325,13 @@ fn run_options_reach_the_container() {
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "1000\n1000\nro\n");
 
-    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let host_mounts = d.mountinfo();
     for extra in [&["--privileged"][..], &["--cap-add", "SYS_ADMIN"][..]] {
         let o = run_rm(d, extra, &["sh", "-c", "mount -t tmpfs guest-only-tmpfs /mnt && grep guest-only-tmpfs /proc/mounts | cut -d' ' -f2"]);
         assert_eq!(code(&o), 0, "{extra:?}: {}", text(&o.stderr));
         assert_eq!(text(&o.stdout), "/mnt\n", "{extra:?}");
     }
-    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let after = d.mountinfo();
     assert!(
         !after.contains("guest-only-tmpfs"),
         "the host is unaffected"
@@ -332,7 +344,7 @@ fn run_options_reach_the_container() {
 
 #[test]
 fn memory_cpus_and_pids_limits() {
-    let d = daemon();
+    let d = crate::daemon();
     // The container's own cgroup in the guest holds its limits, as runc's does on the host.
     let script =
         "grep MemTotal /proc/meminfo; nproc; cg=/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup); \
@@ -389,7 +401,7 @@ fn memory_cpus_and_pids_limits() {
 
 #[test]
 fn oom_kills_in_the_guest_reach_docker() {
-    let d = daemon();
+    let d = crate::daemon();
     let stopped = |id: &str| {
         wait_until("the container to stop", Duration::from_secs(60), || {
             inspect(d, id, "{{.State.Running}}") == "false"
@@ -497,7 +509,7 @@ fn openpty(rows: u16, cols: u16) -> (OwnedFd, OwnedFd) {
 
 #[test]
 fn tty_session_types_reads_and_resizes() {
-    let d = daemon();
+    let d = crate::daemon();
     let (master, slave) = openpty(24, 80);
     let name = unique_id("rc-tty");
     let mut cmd = d.command(&[
@@ -614,7 +626,7 @@ fn tty_session_types_reads_and_resizes() {
 
 #[test]
 fn top_pause_unpause_update_and_stats() {
-    let d = daemon();
+    let d = crate::daemon();
     let id = run_detached(
         d,
         &[],
@@ -703,7 +715,7 @@ fn top_pause_unpause_update_and_stats() {
 
 #[test]
 fn rm_f_of_ten_running_containers_leaves_nothing() {
-    let d = daemon();
+    let d = crate::daemon();
     let ids: Vec<String> = (0..10)
         .map(|_| run_detached(d, &[], "while true; do sleep 1; done"))
         .collect();
@@ -736,7 +748,7 @@ fn rm_f_of_ten_running_containers_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts = d.mountinfo();
     for (id, dir) in ids.iter().zip(&dirs) {
         let dir_s = dir.to_string_lossy();
         let leaked: Vec<&str> = mounts
@@ -773,7 +785,7 @@ fn cpuacct_secs(full_id: &str) -> f64 {
 fn booting_the_vm_is_not_charged_to_the_container_but_its_work_is() {
     // INGInious reads a grading container's CPU time from this cgroup and kills it past its
     // limit: booting the guest (2-4 CPU-s under TCG) must not count, the container's work must.
-    let d = daemon();
+    let d = crate::daemon();
     let id = run_detached(d, &[], "exec sleep 600");
     let full = inspect(d, &id, "{{.Id}}");
     std::thread::sleep(Duration::from_secs(5));
@@ -783,14 +795,29 @@ fn booting_the_vm_is_not_charged_to_the_container_but_its_work_is() {
         "an idle container started 5 s ago has been charged {idle:.2} CPU-s (the boot?)"
     );
     // Work in the guest shows up there, and in docker stats.
-    ok(d, &["exec", &id, "sh", "-c", "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done"]);
+    ok(
+        d,
+        &[
+            "exec",
+            &id,
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done",
+        ],
+    );
     let busy = cpuacct_secs(&full);
     assert!(
         busy > idle + 0.3,
         "a busy loop in the guest was not charged to the container's cgroup ({idle:.2} -> {busy:.2} CPU-s)"
     );
-    let stats = ok(d, &["stats", "--no-stream", "--format", "{{.CPUPerc}}", &id]);
-    assert!(stats.trim().ends_with('%'), "docker stats shows a CPU figure: {stats}");
+    let stats = ok(
+        d,
+        &["stats", "--no-stream", "--format", "{{.CPUPerc}}", &id],
+    );
+    assert!(
+        stats.trim().ends_with('%'),
+        "docker stats shows a CPU figure: {stats}"
+    );
     println!("idle container after 5 s: {idle:.3} CPU-s; after a busy exec: {busy:.3} CPU-s");
     ok(d, &["rm", "-f", &id]);
 }

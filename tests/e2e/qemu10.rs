@@ -13,47 +13,20 @@
 use rootcell_e2e::*;
 use sha2::{Digest, Sha256};
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The trixie root's cache directory, built (or found) once per test process.
+/// The trixie root's cache directory, holding Debian 13's QEMU 10.
 fn trixie() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let script = images_dir().join("build-trixie-root.sh");
-        let started = Instant::now();
-        // Bounded (a first build takes about 4 minutes; a stuck mirror must not hang the suite),
-        // and in a scope of its own so a timeout ends debootstrap and apt too.
-        let mut c = Command::new(&script);
-        c.env(SCOPE_VAR, unique_id("trixie-root"))
-            .stdin(std::process::Stdio::null());
-        let o = output_with_timeout(c, None, Duration::from_secs(20 * 60));
-        assert!(
-            o.status.success(),
-            "{} failed ({}), so Debian 13's QEMU cannot be tested: {}\n\
-             It needs root, debootstrap >= 1.0.128 (scripts/install-deps.sh) and the Debian mirror \
-             (DEBIAN_MIRROR); run it by hand to see the whole log.",
-            script.display(),
-            o.status,
-            text(&o.stderr)
-        );
-        let dir = PathBuf::from(text(&o.stdout).trim());
-        let version = std::fs::read_to_string(dir.join("qemu-version")).unwrap_or_default();
-        assert!(
-            version.starts_with("QEMU emulator version 10."),
-            "{} holds {version:?}, not QEMU 10",
-            dir.display()
-        );
-        eprintln!(
-            "{} in {} ({:.0} s to build or find)",
-            version.trim(),
-            dir.display(),
-            started.elapsed().as_secs_f64()
-        );
-        dir
-    })
+    let dir = trixie_root();
+    let version = std::fs::read_to_string(dir.join("qemu-version")).unwrap_or_default();
+    assert!(
+        version.starts_with("QEMU emulator version 10."),
+        "{} holds {version:?}, not QEMU 10",
+        dir.display()
+    );
+    dir
 }
 
 /// One guest at a time, whatever the test harness's thread count.

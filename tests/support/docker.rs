@@ -5,6 +5,16 @@
 //! test process exits (also when a test fails). The busybox image is imported from
 //! busybox-static, since no registry can be reached. [`private_daemon`] starts further daemons,
 //! each with a daemon.json of its own, stopped when dropped (or at exit).
+//!
+//! A daemon runs either the host's Docker ([`Engine::Host`], Debian 12's docker.io) or the
+//! dockerd, containerd and runc of a Debian root file system ([`Engine::Root`], Debian 13's from
+//! `images/build-trixie-root.sh`): chrooted into an overlay of that root in a mount namespace of
+//! its own, on the host's kernel, with the host's /proc, /sys, /dev and /tmp (where its private
+//! directory is, so the paths it gives rootcell are the host's too), a fresh /run (so it starts
+//! its own containerd rather than finding the host's), the directories of rootcell's binary and
+//! guest images at their host paths, and a bridge of its own with no iptables rules, so a host
+//! dockerd that may be running is not disturbed. Its mounts end with its mount namespace; at
+//! shutdown anything still running in that namespace is killed and the bridge removed.
 
 use crate::text;
 use crate::{artifacts, images_dir, output_with_timeout, COMMAND_TIMEOUT};
@@ -21,6 +31,15 @@ pub const DOCKERD: &str = "/usr/sbin/dockerd";
 /// The image every Docker test runs.
 pub const IMAGE: &str = "rootcell-busybox:test";
 
+/// Which Docker a daemon runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// The host's docker.io (`/usr/sbin/dockerd`).
+    Host,
+    /// The dockerd of the Debian root file system at this path, chrooted (see the module docs).
+    Root(PathBuf),
+}
+
 /// A running private dockerd.
 #[derive(Clone)]
 pub struct DockerDaemon {
@@ -28,6 +47,14 @@ pub struct DockerDaemon {
     socket: PathBuf,
     /// dockerd flags beyond the private directories and the runtimes.
     extra: &'static [&'static str],
+    engine: Engine,
+    /// The bridge made for an [`Engine::Root`] daemon (removed at shutdown).
+    bridge: Option<String>,
+    /// The mount namespace of an [`Engine::Root`] daemon (`mnt:[N]`): whatever still runs in it
+    /// at shutdown is killed.
+    mnt_ns: Option<String>,
+    /// The daemon's pid.
+    pid: u32,
 }
 
 static DAEMON: OnceLock<DockerDaemon> = OnceLock::new();
@@ -43,8 +70,15 @@ pub fn daemon() -> &'static DockerDaemon {
 
 /// The shared daemon, started on first use with `extra` dockerd flags (one set per test binary).
 pub fn daemon_with(extra: &'static [&'static str]) -> &'static DockerDaemon {
-    let d = DAEMON.get_or_init(|| DockerDaemon::start(extra));
+    shared_daemon(Engine::Host, extra)
+}
+
+/// The shared daemon of this test process, of `engine`, started on first use with `extra`
+/// dockerd flags (one engine and one set of flags per test binary).
+pub fn shared_daemon(engine: Engine, extra: &'static [&'static str]) -> &'static DockerDaemon {
+    let d = DAEMON.get_or_init(|| DockerDaemon::start(engine.clone(), extra));
     assert_eq!(d.extra, extra, "one test binary, one set of dockerd flags");
+    assert_eq!(d.engine, engine, "one test binary, one Docker engine");
     d
 }
 
@@ -77,8 +111,21 @@ fn shutdown(d: &DockerDaemon, child: Option<Child>) {
             let _ = d.docker(&args);
         }
     }
+    if child.is_some() && d.engine != Engine::Host {
+        // The bridges of user-defined networks outlive a stopped dockerd.
+        let _ = d.docker(&["network", "prune", "-f"]);
+    }
     if let Some(mut child) = child {
         stop_child(&mut child);
+    }
+    if let Some(ns) = &d.mnt_ns {
+        kill_namespace(ns);
+    }
+    if let Some(bridge) = &d.bridge {
+        let _ = Command::new("ip")
+            .args(["link", "del", bridge])
+            .stderr(Stdio::null())
+            .status();
     }
     // Docker bind-mounts network namespaces (the host's for --network host) under
     // exec/netns; exec itself is no mount point, so `umount -R exec` would miss them.
@@ -108,7 +155,12 @@ fn shutdown(d: &DockerDaemon, child: Option<Child>) {
 /// registers. Dropping it removes its containers and stops it; one never dropped is stopped at
 /// process exit like the shared daemon.
 pub fn private_daemon(daemon_json: &serde_json::Value) -> PrivateDaemon {
-    let (daemon, child) = DockerDaemon::spawn(&[], Some(daemon_json));
+    private_daemon_of(Engine::Host, daemon_json)
+}
+
+/// [`private_daemon`] of `engine`.
+pub fn private_daemon_of(engine: Engine, daemon_json: &serde_json::Value) -> PrivateDaemon {
+    let (daemon, child) = DockerDaemon::spawn(engine, &[], Some(daemon_json));
     OTHERS.lock().unwrap().push((daemon.clone(), child));
     PrivateDaemon(daemon)
 }
@@ -149,9 +201,90 @@ fn stop_child(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The mount namespace of `pid`, as its /proc link reads (`mnt:[N]`).
+fn mount_namespace(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// SIGKILLs every process in mount namespace `ns` until none is left (bounded): what a chrooted
+/// daemon's containerd, shims or rootcell sandboxes left behind. The namespace, and every mount
+/// in it, ends with its last process.
+fn kill_namespace(ns: &str) {
+    if mount_namespace(std::process::id()).as_deref() == Some(ns) {
+        return; // never the test's own namespace
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids: Vec<i32> = std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|&pid| mount_namespace(pid).as_deref() == Some(ns))
+                    .map(|pid| pid as i32)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if pids.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: kill(2) of a process in the mount namespace of a daemon this process
+            // started (checked above not to be our own namespace).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Makes the bridge an [`Engine::Root`] daemon uses as its default network (`--bridge`), with
+/// an address of its own, so it shares nothing with a host dockerd's docker0.
+fn make_bridge() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let name = format!("rcd{}-{n}", pid % 1_000_000);
+    let subnet = (pid as usize * 7 + n as usize) % 200 + 20;
+    let addr = format!("10.226.{subnet}.1/24");
+    let ip = |args: &[&str]| {
+        let o = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            o.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    ip(&["link", "add", &name, "type", "bridge"]);
+    ip(&["addr", "add", &addr, "dev", &name]);
+    ip(&["link", "set", &name, "up"]);
+    name
+}
+
+/// Mounts the chroot of an [`Engine::Root`] daemon in the mount namespace `unshare` made, then
+/// runs the daemon there. Arguments: root, merged dir, upper dir, overlay work dir, host paths
+/// to bind at the same place, `--`, the daemon's command line.
+const CHROOT_SCRIPT: &str = r#"set -e
+root=$1 m=$2 up=$3 wk=$4; shift 4
+mkdir -p "$m" "$up" "$wk"
+# An overlay, so the cached root is never written to.
+mount -t overlay overlay -o "lowerdir=$root,upperdir=$up,workdir=$wk" "$m"
+mount --rbind /proc "$m/proc"
+mount --rbind /sys "$m/sys"
+mount --rbind /dev "$m/dev"
+mount --bind /tmp "$m/tmp"
+mount -t tmpfs -o mode=755 tmpfs "$m/run"
+# rootcell's run directories are the host's, as they would be on a Debian 13 host.
+mkdir -p /run/rootcell "$m/run/rootcell"
+mount --rbind /run/rootcell "$m/run/rootcell"
+while [ "$1" != -- ]; do mkdir -p "$m$1"; mount --rbind "$1" "$m$1"; shift; done
+shift
+exec chroot "$m" "$@"
+"#;
+
 impl DockerDaemon {
-    fn start(extra: &'static [&'static str]) -> DockerDaemon {
-        let (d, child) = Self::spawn(extra, None);
+    fn start(engine: Engine, extra: &'static [&'static str]) -> DockerDaemon {
+        let (d, child) = Self::spawn(engine, extra, None);
         *CHILD.lock().unwrap() = Some(child);
         d
     }
@@ -159,14 +292,11 @@ impl DockerDaemon {
     /// Starts a dockerd with rootcell registered by `--add-runtime`, or with `config` as its
     /// daemon.json instead; returns once it answers and has the busybox image.
     fn spawn(
+        engine: Engine,
         extra: &'static [&'static str],
         config: Option<&serde_json::Value>,
     ) -> (DockerDaemon, Child) {
         let art = artifacts();
-        assert!(
-            Path::new(DOCKERD).exists(),
-            "dockerd missing: scripts/install-deps.sh installs docker.io"
-        );
         let dir = tempfile::Builder::new()
             .prefix("rc-docker-")
             .tempdir_in("/tmp")
@@ -174,7 +304,51 @@ impl DockerDaemon {
             .keep();
         let socket = dir.join("docker.sock");
         let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
-        let mut cmd = Command::new(DOCKERD);
+        let mut bridge = None;
+        let mut cmd = match &engine {
+            Engine::Host => {
+                assert!(
+                    Path::new(DOCKERD).exists(),
+                    "dockerd missing: scripts/install-deps.sh installs docker.io"
+                );
+                Command::new(DOCKERD)
+            }
+            Engine::Root(root) => {
+                assert!(
+                    root.join("usr/sbin/dockerd").exists(),
+                    "{} has no usr/sbin/dockerd",
+                    root.display()
+                );
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(CHROOT_SCRIPT)
+                    .arg("sh")
+                    .arg(root)
+                    .arg(dir.join("root"))
+                    .arg(dir.join("root-upper"))
+                    .arg(dir.join("root-work"));
+                // rootcell and the guest images at their host paths (build/env names them).
+                let mut binds: Vec<PathBuf> = Vec::new();
+                let images = ["ROOTCELL_KERNEL", "ROOTCELL_INITRD", "ROOTCELL_VMLINUX"]
+                    .iter()
+                    .filter_map(|k| std::env::var_os(k).map(PathBuf::from));
+                for p in std::iter::once(art.bin.clone()).chain(images) {
+                    let parent = p.parent().unwrap().to_path_buf();
+                    if !binds.contains(&parent) {
+                        binds.push(parent);
+                    }
+                }
+                c.args(&binds).arg("--").arg("dockerd");
+                let b = make_bridge();
+                // No iptables rules (the host's dockerd may own the nat and filter chains):
+                // the default network is this bridge, published ports go through docker-proxy.
+                c.arg("--bridge")
+                    .arg(&b)
+                    .args(["--iptables=false", "--ip6tables=false"]);
+                bridge = Some(b);
+                c
+            }
+        };
         cmd.arg("--data-root")
             .arg(dir.join("data"))
             .arg("--exec-root")
@@ -205,11 +379,26 @@ impl DockerDaemon {
         ATEXIT.call_once(|| unsafe {
             libc::atexit(stop_daemon_at_exit);
         });
-        let d = DockerDaemon { dir, socket, extra };
+        let mut d = DockerDaemon {
+            dir,
+            socket,
+            extra,
+            engine,
+            bridge,
+            mnt_ns: None,
+            pid: child.id(),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            if d.engine != Engine::Host && d.mnt_ns.is_none() {
+                // Once unshare has made the namespace: our own one means not yet.
+                let ns = mount_namespace(child.id());
+                if ns.is_some() && ns != mount_namespace(std::process::id()) {
+                    d.mnt_ns = ns;
+                }
+            }
             let o = d.docker(&["version", "--format", "{{.Server.Version}}"]);
-            if o.status.success() {
+            if o.status.success() && (d.engine == Engine::Host || d.mnt_ns.is_some()) {
                 break;
             }
             if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
@@ -254,6 +443,16 @@ impl DockerDaemon {
             .args(args);
         c.stdin(Stdio::null());
         c
+    }
+
+    /// The mount table the daemon and its containers' processes see (an [`Engine::Root`]
+    /// daemon's is its own namespace's), for leak checks.
+    pub fn mountinfo(&self) -> String {
+        let path = match self.engine {
+            Engine::Host => "/proc/self/mountinfo".to_string(),
+            Engine::Root(_) => format!("/proc/{}/mountinfo", self.pid),
+        };
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
     /// The daemon's log so far (for failure messages).

@@ -760,3 +760,38 @@ pub fn assert_no_leftovers(rt: &Runtime, id: &str) {
         );
     }
 }
+
+/// The cache directory of the Debian 13 (trixie) root file system that
+/// `images/build-trixie-root.sh` builds (about 5 minutes the first time, then found in
+/// `/var/cache/rootcell/trixie-<hash>/`): `rootfs/` with Debian 13's QEMU, Docker, containerd and
+/// runc, `rootcell-qemu` (that QEMU on the root's own libraries), `qemu-version` and
+/// `docker-version`. Built or found once per test process; a failed build panics saying why.
+pub fn trixie_root() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let script = images_dir().join("build-trixie-root.sh");
+        let started = Instant::now();
+        // Bounded (a stuck mirror must not hang the suite), and in a scope of its own so a
+        // timeout ends debootstrap and apt too.
+        let mut c = Command::new(&script);
+        c.env(SCOPE_VAR, unique_id("trixie-root"))
+            .stdin(Stdio::null());
+        let o = output_with_timeout(c, None, Duration::from_secs(20 * 60));
+        assert!(
+            o.status.success(),
+            "{} failed ({}), so Debian 13's packages cannot be tested: {}\n\
+             It needs root, debootstrap >= 1.0.128 (scripts/install-deps.sh) and the Debian mirror \
+             (DEBIAN_MIRROR); run it by hand to see the whole log.",
+            script.display(),
+            o.status,
+            text(&o.stderr)
+        );
+        let dir = PathBuf::from(text(&o.stdout).trim());
+        eprintln!(
+            "trixie root {} ({:.0} s to build or find)",
+            dir.display(),
+            started.elapsed().as_secs_f64()
+        );
+        dir
+    })
+}
