@@ -334,7 +334,8 @@ impl DockerDaemon {
                     .filter_map(|k| std::env::var_os(k).map(PathBuf::from));
                 for p in std::iter::once(art.bin.clone()).chain(images) {
                     let parent = p.parent().unwrap().to_path_buf();
-                    if !binds.contains(&parent) {
+                    // Never the host's / over the root (a file there is simply not seen).
+                    if parent != Path::new("/") && !binds.contains(&parent) {
                         binds.push(parent);
                     }
                 }
