@@ -42,6 +42,7 @@ qemu=${ROOTCELL_L1_QEMU:-qemu-system-x86_64}
 virtiofsd=${ROOTCELL_L1_VIRTIOFSD:-/usr/lib/qemu/virtiofsd}
 command -v "$qemu" >/dev/null || lane_fail "$qemu not found (scripts/install-deps.sh installs qemu-system-x86)"
 [ -x "$virtiofsd" ] || lane_fail "$virtiofsd not found (part of qemu-system-common)"
+echo "l1: L0 is $("$qemu" --version 2>/dev/null | head -1) ($qemu)"
 l1=$("$top/images/build-l1.sh") || lane_fail "could not build the L1 kernel and initramfs (images/build-l1.sh)"
 
 tmp=$(mktemp -d /tmp/rootcell-l1.XXXXXX)

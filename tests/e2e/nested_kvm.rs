@@ -11,8 +11,11 @@
 //!
 //! The test binaries come from the same `target/release/deps` as this one (the README's test
 //! command builds them all before running any).
+//!
+//! `ROOTCELL_NESTED_L0=qemu10` boots L1 with Debian 13's QEMU 10 (from the trixie root of
+//! `images/build-trixie-root.sh`) instead of the host's QEMU 7.2, for every test here.
 
-use rootcell_e2e::{artifacts, processes_mentioning, text};
+use rootcell_e2e::{artifacts, processes_mentioning, text, trixie_root};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
@@ -35,10 +38,21 @@ fn lane(args: &[&str], limit: Duration) -> (Output, Duration) {
         .env("ROOTCELL_BIN", &art.bin)
         .env("ROOTCELL_BUNDLE", repo().join("build/bundle"))
         .stdin(Stdio::null());
+    match std::env::var("ROOTCELL_NESTED_L0").as_deref() {
+        Ok("qemu10") => {
+            c.env("ROOTCELL_L1_QEMU", trixie_root().join("rootcell-qemu"));
+        }
+        Ok("") | Err(_) => {}
+        Ok(other) => panic!("ROOTCELL_NESTED_L0={other}: the only other L0 is qemu10"),
+    }
     // Its own process group, so that a kill at the deadline takes QEMU and virtiofsd along.
     std::os::unix::process::CommandExt::process_group(&mut c, 0);
     let start = Instant::now();
-    let child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run scripts/l1.sh");
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run scripts/l1.sh");
     let pid = child.id() as i32;
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let d = done.clone();
@@ -80,8 +94,15 @@ fn assert_lane_left_nothing(stdout: &str) {
     while !processes_mentioning(&work).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(processes_mentioning(&work), Vec::<String>::new(), "lane processes left behind");
-    assert!(!Path::new(&work).exists(), "lane work directory {work} left behind");
+    assert_eq!(
+        processes_mentioning(&work),
+        Vec::<String>::new(),
+        "lane processes left behind"
+    );
+    assert!(
+        !Path::new(&work).exists(),
+        "lane work directory {work} left behind"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&work), "lane mount left behind:\n{mounts}");
 }
@@ -108,7 +129,11 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
     // Every run proves the built-in VMM (`auto` picks it in L1); QEMU -accel kvm in L1 doubles
     // the lane's ~12 minutes, so it runs with ROOTCELL_NESTED_QEMU=1 (or the full lane).
     let with_qemu = full || std::env::var("ROOTCELL_NESTED_QEMU").as_deref() == Ok("1");
-    let backends: &[&str] = if with_qemu { &["auto", "qemu"] } else { &["auto"] };
+    let backends: &[&str] = if with_qemu {
+        &["auto", "qemu"]
+    } else {
+        &["auto"]
+    };
     let dir = tests_dir();
     let cmd = format!(
         "NESTED_PHASES='{}' {} {}",
@@ -117,10 +142,20 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         dir.display()
     );
     let (limit, inner) = if full { (7200, "7000") } else { (2700, "2600") };
-    let (out, took) = lane(&["--timeout", inner, "--", &cmd], Duration::from_secs(limit));
+    let (out, took) = lane(
+        &["--timeout", inner, "--", &cmd],
+        Duration::from_secs(limit),
+    );
     let stdout = text(&out.stdout);
-    let phases: Vec<&str> = stdout.lines().filter(|l| l.starts_with("NESTED ")).collect();
-    println!("nested lane: {:.0} s in all; phases:\n{}", took.as_secs_f64(), phases.join("\n"));
+    let phases: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("NESTED "))
+        .collect();
+    println!(
+        "nested lane: {:.0} s in all; phases:\n{}",
+        took.as_secs_f64(),
+        phases.join("\n")
+    );
     let show = || format!("stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
     if let Some(fail) = stdout.lines().find(|l| l.starts_with("l1: FAIL")) {
         panic!("the lane itself failed: {fail}\n{}", show());
@@ -147,7 +182,10 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         );
     }
     // With ROOTCELL_NESTED_FULL=1 there are more phases: every one must pass.
-    if let Some(bad) = phases.iter().find(|l| l.split_whitespace().nth(2) != Some("ok")) {
+    if let Some(bad) = phases
+        .iter()
+        .find(|l| l.split_whitespace().nth(2) != Some("ok"))
+    {
         panic!("phase failed in L1: {bad}\n{}", show());
     }
     assert!(out.status.success(), "in-l1.sh failed\n{}", show());
@@ -157,7 +195,11 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         .filter(|l| l.starts_with("test result: ok.") && !l.contains(" 0 passed"))
         .count();
     let want = 5 * backends.len();
-    assert!(results >= want, "expected {want} test binaries with passing tests, saw {results}\n{}", show());
+    assert!(
+        results >= want,
+        "expected {want} test binaries with passing tests, saw {results}\n{}",
+        show()
+    );
     assert_lane_left_nothing(&stdout);
 }
 
@@ -171,11 +213,25 @@ fn lane_fails(fault: &str, extra: &[&str], says: &str, limit: u64) -> String {
     let (out, took) = lane(&args, Duration::from_secs(limit));
     let stdout = text(&out.stdout);
     let show = format!("stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
-    assert_eq!(out.status.code(), Some(125), "fault {fault} must fail the lane\n{show}");
-    let fails: Vec<&str> = stdout.lines().filter(|l| l.starts_with("l1: FAIL")).collect();
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "fault {fault} must fail the lane\n{show}"
+    );
+    let fails: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("l1: FAIL"))
+        .collect();
     assert_eq!(fails.len(), 1, "one FAIL line for fault {fault}\n{show}");
-    assert!(fails[0].contains(says), "fault {fault}: '{}' does not say '{says}'\n{show}", fails[0]);
-    assert!(!stdout.contains("should-not-run"), "the command ran despite {fault}\n{show}");
+    assert!(
+        fails[0].contains(says),
+        "fault {fault}: '{}' does not say '{says}'\n{show}",
+        fails[0]
+    );
+    assert!(
+        !stdout.contains("should-not-run"),
+        "the command ran despite {fault}\n{show}"
+    );
     println!("fault {fault}: {} ({:.0} s)", fails[0], took.as_secs_f64());
     assert_lane_left_nothing(&stdout);
     stdout
@@ -198,8 +254,16 @@ fn l1_with_a_broken_dev_kvm_fails_with_one_line() {
 
 #[test]
 fn l1_that_never_comes_up_is_stopped_with_its_last_console_lines() {
-    let out = lane_fails("no-boot", &["--boot-timeout", "45"], "L1 did not come up", 300);
+    let out = lane_fails(
+        "no-boot",
+        &["--boot-timeout", "45"],
+        "L1 did not come up",
+        300,
+    );
     // Where L1 got to: its kernel's last words, after the FAIL line.
     let tail = out.split("l1: FAIL").nth(1).unwrap_or_default();
-    assert!(tail.contains("l1:   ") && tail.contains("Kernel panic"), "no console tail:\n{out}");
+    assert!(
+        tail.contains("l1:   ") && tail.contains("Kernel panic"),
+        "no console tail:\n{out}"
+    );
 }
