@@ -2,9 +2,9 @@
 //! by the passthrough file system. Transport-neutral: the vhost-user front end and an in-process
 //! virtio-mmio device both drive it through [`FsDevice::process_queue`].
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::mem::size_of;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
@@ -12,7 +12,7 @@ use fuse_backend_rs::passthrough::PassthroughFs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::QueueOwnedT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{ByteValued, GuestMemory};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use crate::passthrough::open_passthrough;
 use crate::readonly::is_write_request;
@@ -26,10 +26,24 @@ pub const NUM_QUEUES: usize = 2;
 /// Bytes of the request body the read-only filter looks at (OPEN and ACCESS arguments).
 const PEEK_BODY: usize = 8;
 
+/// Largest request copied out of guest memory: what fuse-backend-rs' server accepts
+/// (`MAX_BUFFER_SIZE`, 1 MiB of data, plus its 4 KiB header allowance). Longer requests are
+/// refused by the server anyway (their header's `len` says so).
+const MAX_REQUEST: usize = (1 << 20) + 0x1000;
+/// Where the copied request starts in the bounce memory (the queue's rings sit below it).
+const BOUNCE_DATA: u64 = 0x1000;
+/// FUSE_GETXATTR and FUSE_LISTXATTR, whose `size` argument the passthrough allocates as is.
+const GETXATTR: u32 = 22;
+const LISTXATTR: u32 = 23;
+/// Largest xattr value or list the kernel hands out (XATTR_SIZE_MAX, XATTR_LIST_MAX); a
+/// guest asking for more gets this much room, as getxattr(2) and listxattr(2) do.
+const XATTR_MAX: u32 = 65536;
+
 /// One virtio-fs device serving one shared directory.
 pub struct FsDevice {
     server: Server<Arc<PassthroughFs>>,
     read_only: bool,
+    bounce: Mutex<Bounce>,
 }
 
 impl FsDevice {
@@ -39,6 +53,7 @@ impl FsDevice {
         Ok(FsDevice {
             server: Server::new(Arc::new(fs)),
             read_only: config.read_only,
+            bounce: Mutex::new(Bounce::new()?),
         })
     }
 
@@ -47,7 +62,7 @@ impl FsDevice {
     ///
     /// Works with and without VIRTIO_RING_F_EVENT_IDX: notifications are re-enabled after the
     /// queue looks empty and the queue is drained again if the driver raced in a new request.
-    pub fn process_queue<M: GuestMemory>(&self, mem: &M, queue: &mut Queue) -> Result<bool, Error> {
+    pub fn process_queue(&self, mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<bool, Error> {
         let mut used_any = false;
         loop {
             queue.disable_notification(mem).map_err(queue_err)?;
@@ -79,17 +94,59 @@ impl FsDevice {
 
     /// Serves the single FUSE request in `chain`; returns the number of bytes written into the
     /// chain's device-writable buffers (the `len` of the used-ring entry).
-    pub fn handle_chain<M: GuestMemory>(
+    ///
+    /// The request is copied out of guest memory first and everything (the checks here and
+    /// fuse-backend-rs' server) reads the copy: the guest's other vCPUs can rewrite its
+    /// buffers while the device works, so a value checked in guest memory could be another
+    /// value by the time the server reads it (a read-only share's filter, the xattr sizes).
+    /// Replies are written to the guest's buffers directly.
+    pub fn handle_chain(
         &self,
-        mem: &M,
-        chain: DescriptorChain<&M>,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<u32, Error> {
+        let mut bounce = self.bounce.lock().unwrap_or_else(|e| e.into_inner());
+        let len = bounce.load(mem, &chain)?;
+        let header: InHeader = bounce
+            .mem
+            .read_obj(GuestAddress(BOUNCE_DATA))
+            .map_err(|e| Error::DescriptorChain(format!("FUSE header: {e}")))?;
+        if header.opcode == 0 {
+            // Not a FUSE opcode; fuse-backend-rs turns opcodes into its enum with a transmute
+            // when it logs at trace level, which is undefined for 0 (every other value is
+            // either a variant or clamped to its MaxOpcode).
+            return reply_error(mem, chain, header.unique, libc::ENOSYS);
+        }
         if self.read_only {
-            if let Some(unique) = self.refused_write(mem, chain.clone())? {
-                return reply_error(mem, chain, unique, libc::EROFS);
+            let mut body = [0u8; PEEK_BODY];
+            let available = len.saturating_sub(size_of::<InHeader>()).min(PEEK_BODY);
+            bounce
+                .mem
+                .read_slice(
+                    &mut body[..available],
+                    GuestAddress(BOUNCE_DATA + size_of::<InHeader>() as u64),
+                )
+                .map_err(|e| Error::DescriptorChain(format!("FUSE body: {e}")))?;
+            if is_write_request(&header, &body[..available]) {
+                return reply_error(mem, chain, header.unique, libc::EROFS);
             }
         }
-        let reader = Reader::from_descriptor_chain(mem, chain.clone()).map_err(chain_err)?;
+        if matches!(header.opcode, GETXATTR | LISTXATTR) && len >= size_of::<InHeader>() + 4 {
+            // The passthrough allocates `size` bytes before asking the kernel: 4 GiB from one
+            // request otherwise.
+            let at = GuestAddress(BOUNCE_DATA + size_of::<InHeader>() as u64);
+            let size: u32 = bounce.mem.read_obj(at).map_err(mem_err)?;
+            if size > XATTR_MAX {
+                bounce.mem.write_obj(XATTR_MAX, at).map_err(mem_err)?;
+            }
+        }
+        let Bounce {
+            mem: copy_mem,
+            queue: copy_queue,
+            avail_idx,
+        } = &mut *bounce;
+        let copy = Bounce::chain(copy_mem, copy_queue, avail_idx, len)?;
+        let reader = Reader::from_descriptor_chain(copy_mem, copy).map_err(chain_err)?;
         let writer: Writer<'_, _> = VirtioFsWriter::new(mem, chain).map_err(chain_err)?.into();
         let written = self
             .server
@@ -97,30 +154,100 @@ impl FsDevice {
             .map_err(|e| Error::DescriptorChain(format!("FUSE request: {e}")))?;
         Ok(u32::try_from(written).unwrap_or(u32::MAX))
     }
+}
 
-    /// Returns the request's `unique` when the read-only share must refuse it.
-    fn refused_write<M: GuestMemory>(
-        &self,
-        mem: &M,
-        chain: DescriptorChain<&M>,
-    ) -> Result<Option<u64>, Error> {
-        let mut reader = Reader::from_descriptor_chain(mem, chain).map_err(chain_err)?;
-        let header: InHeader = reader
-            .read_obj()
-            .map_err(|e| Error::DescriptorChain(format!("FUSE header: {e}")))?;
-        let mut body = [0u8; PEEK_BODY];
-        let available = reader.available_bytes().min(PEEK_BODY);
-        reader
-            .read_exact(&mut body[..available])
-            .map_err(|e| Error::DescriptorChain(format!("FUSE body: {e}")))?;
-        Ok(is_write_request(&header, &body[..available]).then_some(header.unique))
+/// Host memory the request is copied into, laid out as a one-entry virtqueue so that
+/// fuse-backend-rs' `Reader` (which reads only descriptor chains) can read the copy.
+struct Bounce {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    avail_idx: u16,
+}
+
+/// Addresses of the bounce queue's rings (below [`BOUNCE_DATA`]).
+const BOUNCE_DESC: u64 = 0x0;
+const BOUNCE_AVAIL: u64 = 0x100;
+const BOUNCE_USED: u64 = 0x200;
+
+impl Bounce {
+    fn new() -> Result<Self, Error> {
+        // An anonymous mapping: only the pages a request touches become resident.
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BOUNCE_DATA as usize + MAX_REQUEST)])
+                .map_err(|e| Error::GuestMemory(format!("request copy buffer: {e}")))?;
+        let mut queue = Queue::new(1).map_err(queue_err)?;
+        queue
+            .try_set_desc_table_address(GuestAddress(BOUNCE_DESC))
+            .map_err(queue_err)?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(BOUNCE_AVAIL))
+            .map_err(queue_err)?;
+        queue
+            .try_set_used_ring_address(GuestAddress(BOUNCE_USED))
+            .map_err(queue_err)?;
+        queue.set_ready(true);
+        Ok(Bounce {
+            mem,
+            queue,
+            avail_idx: 0,
+        })
+    }
+
+    /// Copies the device-readable part of `chain` (at most [`MAX_REQUEST`] bytes) into the
+    /// bounce memory; returns how many bytes were copied.
+    fn load(
+        &mut self,
+        guest: &GuestMemoryMmap,
+        chain: &DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<usize, Error> {
+        let mut at = 0usize;
+        for desc in chain.clone().readable() {
+            let n = (desc.len() as usize).min(MAX_REQUEST - at);
+            if n == 0 {
+                continue;
+            }
+            let src = guest.get_slice(desc.addr(), n).map_err(mem_err)?;
+            let dst = self
+                .mem
+                .get_slice(GuestAddress(BOUNCE_DATA + at as u64), n)
+                .map_err(mem_err)?;
+            src.copy_to_volatile_slice(dst);
+            at += n;
+        }
+        Ok(at)
+    }
+
+    /// A chain of one readable descriptor over the first `len` copied bytes.
+    /// (The parts are passed apart so the chain can borrow the memory while the queue moves.)
+    fn chain<'m>(
+        mem: &'m GuestMemoryMmap,
+        queue: &mut Queue,
+        avail_idx: &mut u16,
+        len: usize,
+    ) -> Result<DescriptorChain<&'m GuestMemoryMmap>, Error> {
+        let desc = BOUNCE_DESC;
+        mem.write_obj(BOUNCE_DATA, GuestAddress(desc))
+            .and_then(|()| mem.write_obj(len as u32, GuestAddress(desc + 8)))
+            .and_then(|()| mem.write_obj(0u16, GuestAddress(desc + 12)))
+            .and_then(|()| mem.write_obj(0u16, GuestAddress(BOUNCE_AVAIL + 4)))
+            .map_err(mem_err)?;
+        *avail_idx = avail_idx.wrapping_add(1);
+        mem.write_obj(*avail_idx, GuestAddress(BOUNCE_AVAIL + 2))
+            .map_err(mem_err)?;
+        queue
+            .pop_descriptor_chain(mem)
+            .ok_or_else(|| Error::Queue("request copy: no chain".into()))
     }
 }
 
+fn mem_err(e: vm_memory::GuestMemoryError) -> Error {
+    Error::GuestMemory(e.to_string())
+}
+
 /// Answers request `unique` with `-errno` and no payload.
-fn reply_error<M: GuestMemory>(
-    mem: &M,
-    chain: DescriptorChain<&M>,
+fn reply_error(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
     unique: u64,
     errno: i32,
 ) -> Result<u32, Error> {

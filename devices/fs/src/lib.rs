@@ -24,8 +24,8 @@ mod device;
 mod error;
 mod passthrough;
 mod readonly;
-#[cfg(test)]
-mod test_driver;
+#[cfg(any(test, feature = "test-driver"))]
+pub mod test_driver;
 mod vhost_user;
 
 use std::path::PathBuf;

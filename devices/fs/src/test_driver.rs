@@ -1,6 +1,16 @@
-//! A minimal virtio split-queue driver for tests: it lays out descriptor chains, the available
-//! ring and the used ring in guest memory exactly as a guest driver does, then reads the device's
-//! answers back from the used ring.
+//! A minimal virtio split-queue driver for tests and fuzzing: it lays out descriptor chains, the
+//! available ring and the used ring in guest memory exactly as a guest driver does, then reads the
+//! device's answers back from the used ring. [`Client`] speaks FUSE through it, and [`arena`]
+//! gives hostile requests a share they can be checked against.
+//!
+//! Built for this crate's tests and with the `test-driver` feature (the fuzz targets and the
+//! hostile-guest tests); not part of the device.
+
+pub mod arena;
+mod client;
+pub mod fuzz_input;
+
+pub use client::{Client, Reply};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -11,6 +21,8 @@ const AVAIL_RING: u64 = 0x2000;
 const USED_RING: u64 = 0x3000;
 const BUFFERS: u64 = 0x10000;
 const MEM_SIZE: usize = 0x100000;
+/// Buffer space of one chain (see [`Driver::offer`]).
+pub const SLOT_SIZE: u64 = 0x10000;
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
 
@@ -24,14 +36,23 @@ pub enum Buf<'a> {
 
 /// Guest memory plus one split virtqueue, driven from the driver side.
 pub struct Driver {
+    /// Guest RAM (1 MiB) holding the rings and the buffers.
     pub mem: GuestMemoryMmap,
+    /// The device's view of the queue, as the transport would hand it over.
     pub queue: Queue,
     next_desc: u16,
     avail_idx: u16,
     used_idx: u16,
 }
 
+impl Default for Driver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Driver {
+    /// Guest memory with one empty, ready queue of 16 entries.
     pub fn new() -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut queue = Queue::new(QUEUE_SIZE).unwrap();
@@ -53,12 +74,23 @@ impl Driver {
     /// Offers one chain; returns the head index and the addresses of the writable buffers.
     pub fn offer(&mut self, bufs: &[Buf<'_>]) -> (u16, Vec<(GuestAddress, u32)>) {
         assert!(bufs.len() <= 4, "test chains are short");
+        let room: u64 = bufs
+            .iter()
+            .map(|b| match b {
+                Buf::Readable(bytes) => (bytes.len() as u64).max(1).next_multiple_of(64),
+                Buf::Writable(len) => u64::from(*len).max(1).next_multiple_of(64),
+            })
+            .sum();
+        assert!(
+            room <= SLOT_SIZE,
+            "a chain's buffers fit its {SLOT_SIZE}-byte slot"
+        );
         // Each chain gets a fixed slot of 4 descriptors and 64 KiB of buffer space, so slots
         // can be reused round-robin without tracking which the device gave back.
         let slot = self.next_desc / 4;
         self.next_desc = (self.next_desc + 4) % QUEUE_SIZE;
         let head = slot * 4;
-        let mut addr = BUFFERS + u64::from(slot) * 0x10000;
+        let mut addr = BUFFERS + u64::from(slot) * SLOT_SIZE;
         let mut writable = Vec::new();
         for (i, buf) in bufs.iter().enumerate() {
             let index = head + i as u16;

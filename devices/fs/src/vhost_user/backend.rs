@@ -107,7 +107,7 @@ impl VhostUserBackend for FsBackend {
         let notify = {
             let mut state = vring.get_mut();
             self.device
-                .process_queue(&*guard, state.get_queue_mut())
+                .process_queue(&guard, state.get_queue_mut())
                 .map_err(io::Error::other)?
         };
         if notify {
