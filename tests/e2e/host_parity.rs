@@ -55,7 +55,11 @@ fn unset_rlimits_are_the_callers_and_set_ones_win() {
         s["linux"]["resources"] = json!({"memory": {"limit": 100 * 1024 * 1024}});
     });
     let id = unique_id("rlim");
-    let o = run_limited(&rt, &["run", "--bundle", b.path().to_str().unwrap(), &id], CALLER_LIMITS);
+    let o = run_limited(
+        &rt,
+        &["run", "--bundle", b.path().to_str().unwrap(), &id],
+        CALLER_LIMITS,
+    );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "3000\n2345\n3456\nraised\n");
     assert_no_leftovers(&rt, &id);
@@ -63,7 +67,11 @@ fn unset_rlimits_are_the_callers_and_set_ones_win() {
     // A limit config.json sets is the one the container gets.
     let b = Bundle::new(&["sh", "-c", "ulimit -n; ulimit -Hn; ulimit -u"]);
     let id = unique_id("rlim");
-    let o = run_limited(&rt, &["run", "--bundle", b.path().to_str().unwrap(), &id], CALLER_LIMITS);
+    let o = run_limited(
+        &rt,
+        &["run", "--bundle", b.path().to_str().unwrap(), &id],
+        CALLER_LIMITS,
+    );
     assert_eq!(code(&o), 0, "stderr: {}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "1024\n1024\n3000\n");
     assert_no_leftovers(&rt, &id);
@@ -81,9 +89,15 @@ fn exec_gets_the_limits_of_its_caller() {
     let (o, _, _) = rt.create(&b, &id);
     assert_eq!(code(&o), 0, "create: {}", text(&o.stderr));
     assert!(rt.run(&["start", &id]).status.success());
-    const EXEC_LIMITS: &[(libc::__rlimit_resource_t, u64, u64)] =
-        &[(libc::RLIMIT_NPROC, 3100, 4100), (libc::RLIMIT_NOFILE, 777, 888)];
-    let o = run_limited(&rt, &["exec", &id, "sh", "-c", "ulimit -u; ulimit -n; ulimit -Hn"], EXEC_LIMITS);
+    const EXEC_LIMITS: &[(libc::__rlimit_resource_t, u64, u64)] = &[
+        (libc::RLIMIT_NPROC, 3100, 4100),
+        (libc::RLIMIT_NOFILE, 777, 888),
+    ];
+    let o = run_limited(
+        &rt,
+        &["exec", &id, "sh", "-c", "ulimit -u; ulimit -n; ulimit -Hn"],
+        EXEC_LIMITS,
+    );
     let out = text(&o.stdout);
     rt.run(&["delete", "--force", &id]);
     assert_eq!(code(&o), 0, "exec stderr: {}", text(&o.stderr));
@@ -93,7 +107,10 @@ fn exec_gets_the_limits_of_its_caller() {
 
 /// The host's time now, in seconds.
 fn host_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// Asserts that `guest` (output of `date +%s`) lies within 1 s of the host's time between
@@ -156,7 +173,12 @@ fn guest_clock_follows_the_host_after_create_in_exec_and_after_a_long_pause() {
 fn file_times_on_a_bind_mount_are_the_hosts() {
     let rt = Runtime::new();
     let shared = tempfile::tempdir().unwrap();
-    let b = Bundle::new(&["sh", "-c", "touch /data/now && touch -d @1234567890 /data/fixed"]).edit(|s| {
+    let b = Bundle::new(&[
+        "sh",
+        "-c",
+        "touch /data/now && touch -d @1234567890 /data/fixed",
+    ])
+    .edit(|s| {
         s["mounts"].as_array_mut().unwrap().push(json!({
             "destination": "/data", "type": "bind",
             "source": shared.path(), "options": ["rbind", "rw"]
@@ -210,7 +232,10 @@ fn guest_privileged_gives_root_its_powers_inside_the_guest_only_when_asked() {
     let (st, out) = run_root_script(&rt, &["--guest-privileged"]);
     assert_eq!(st, 0, "{out}");
     for step in ROOT_STEPS {
-        assert!(out.contains(step), "{step} missing with --guest-privileged: {out}");
+        assert!(
+            out.contains(step),
+            "{step} missing with --guest-privileged: {out}"
+        );
     }
     let capeff = out
         .lines()
@@ -218,12 +243,18 @@ fn guest_privileged_gives_root_its_powers_inside_the_guest_only_when_asked() {
         .map(str::trim)
         .unwrap_or_default();
     let bits = u64::from_str_radix(capeff, 16).unwrap_or(0);
-    assert!(bits.count_ones() >= 40, "CapEff {capeff} is not every capability: {out}");
+    assert!(
+        bits.count_ones() >= 40,
+        "CapEff {capeff} is not every capability: {out}"
+    );
 
     // Without the policy the spec's capabilities hold, as under runc.
     let (_, out) = run_root_script(&rt, &[]);
     for step in ROOT_STEPS {
-        assert!(!out.contains(step), "{step} worked without --guest-privileged: {out}");
+        assert!(
+            !out.contains(step),
+            "{step} worked without --guest-privileged: {out}"
+        );
     }
 
     // The same policy from the config file.
@@ -233,7 +264,10 @@ fn guest_privileged_gives_root_its_powers_inside_the_guest_only_when_asked() {
     let (st, out) = run_root_script(&rt_cfg, &[]);
     assert_eq!(st, 0, "{out}");
     for step in ROOT_STEPS {
-        assert!(out.contains(step), "{step} missing with guest_privileged in the config: {out}");
+        assert!(
+            out.contains(step),
+            "{step} missing with guest_privileged in the config: {out}"
+        );
     }
 }
 
@@ -249,9 +283,20 @@ fn guest_privileged_exec_has_every_capability() {
     assert_eq!(code(&o), 0, "create: {}", text(&o.stderr));
     assert!(rt.run(&["start", &id]).status.success());
     // Docker's exec process carries the default capabilities; the policy still gives it all.
-    let o = rt.run(&["exec", &id, "sh", "-c", "mount -t tmpfs t /mnt && echo mount-ok"]);
+    let o = rt.run(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "mount -t tmpfs t /mnt && echo mount-ok",
+    ]);
     rt.run(&["delete", "--force", &id]);
-    assert!(text(&o.stdout).contains("mount-ok"), "exec: {}{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("mount-ok"),
+        "exec: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
     assert_no_leftovers(&rt, &id);
 }
 
@@ -259,13 +304,25 @@ fn guest_privileged_exec_has_every_capability() {
 fn guest_privileged_refuses_a_user_namespace_and_a_bad_config_names_itself() {
     let rt = Runtime::new();
     let b = Bundle::new(&["true"]).edit(|s| {
-        s["linux"]["namespaces"].as_array_mut().unwrap().push(json!({"type": "user"}));
+        s["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "user"}));
     });
     let id = unique_id("privu");
-    let o = rt.run(&["--guest-privileged", "run", "--bundle", b.path().to_str().unwrap(), &id]);
+    let o = rt.run(&[
+        "--guest-privileged",
+        "run",
+        "--bundle",
+        b.path().to_str().unwrap(),
+        &id,
+    ]);
     assert_ne!(code(&o), 0);
     let err = text(&o.stderr);
-    assert!(err.contains("--guest-privileged") && err.contains("user namespace"), "{err}");
+    assert!(
+        err.contains("--guest-privileged") && err.contains("user namespace"),
+        "{err}"
+    );
     assert_no_leftovers(&rt, &id);
 
     let cfg = rt.dir.path().join("bad-config.json");

@@ -90,13 +90,28 @@ impl Drop for HostServer {
 /// bridge already there and records no gateway (seen when another daemon made docker0 first),
 /// the bridge interface's own IPv4 address.
 fn bridge_gateway(d: &DockerDaemon) -> Ipv4Addr {
-    let ipam = ok(d, &["network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Gateway}}{{end}}"]);
+    let ipam = ok(
+        d,
+        &[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        ],
+    );
     if let Ok(ip) = ipam.trim().parse() {
         return ip;
     }
     let name = ok(
         d,
-        &["network", "inspect", "bridge", "-f", "{{index .Options \"com.docker.network.bridge.name\"}}"],
+        &[
+            "network",
+            "inspect",
+            "bridge",
+            "-f",
+            "{{index .Options \"com.docker.network.bridge.name\"}}",
+        ],
     );
     let out = Command::new("ip")
         .args(["-4", "-o", "addr", "show", "dev", name.trim()])
@@ -107,7 +122,12 @@ fn bridge_gateway(d: &DockerDaemon) -> Ipv4Addr {
         .skip_while(|w| *w != "inet")
         .nth(1)
         .and_then(|cidr| cidr.split('/').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no gateway for the default bridge: IPAM says {ipam:?}, {} has {text:?}", name.trim()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no gateway for the default bridge: IPAM says {ipam:?}, {} has {text:?}",
+                name.trim()
+            )
+        })
 }
 
 #[test]
