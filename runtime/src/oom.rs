@@ -194,8 +194,50 @@ impl Drop for Holding<'_> {
     }
 }
 
-/// Makes the kernel OOM-kill one sacrificial process in the memory cgroup of `cgroups_path`.
+/// Least time between two relays into one cgroup. The guest says when an OOM kill happened, and
+/// a compromised guest can say it as often as it likes: each relay forks a process that the
+/// host kernel OOM-kills, with the cgroup's processes moved and its limit lowered meanwhile.
+/// Kills closer together than this are relayed as one (Docker's `OOMKilled` and its `oom` event
+/// need one), so a flood of events costs the host at most one relay a second.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When each cgroup last had a relay (the sandbox serves one container; a map keeps it right
+/// if it ever serves more).
+static LAST_RELAY: std::sync::Mutex<Vec<(String, Instant)>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether a relay into `key` may run at `now`; records it if so. Otherwise returns how long
+/// ago the last one ran.
+fn admit(last: &mut Vec<(String, Instant)>, key: &str, now: Instant) -> Result<(), Duration> {
+    match last.iter_mut().find(|(k, _)| k == key) {
+        Some((_, at)) if now.saturating_duration_since(*at) < MIN_INTERVAL => {
+            Err(now.saturating_duration_since(*at))
+        }
+        Some((_, at)) => {
+            *at = now;
+            Ok(())
+        }
+        None => {
+            last.push((key.to_string(), now));
+            Ok(())
+        }
+    }
+}
+
+/// Makes the kernel OOM-kill one sacrificial process in the memory cgroup of `cgroups_path`,
+/// at most once per [`MIN_INTERVAL`] (a kill reported sooner is covered by the last relay).
 pub fn relay(cgroups_path: &str) -> Result<()> {
+    let admitted = {
+        let mut last = LAST_RELAY.lock().unwrap_or_else(|e| e.into_inner());
+        admit(&mut last, cgroups_path, Instant::now())
+    };
+    if let Err(ago) = admitted {
+        tracing::info!(
+            cgroup = cgroups_path,
+            "OOM kill coalesced with the relay {} ms ago",
+            ago.as_millis()
+        );
+        return Ok(());
+    }
     let Some(cg) = MemoryCgroup::find(Path::new(CGROUP_ROOT), cgroups_path) else {
         bail!("no memory cgroup for {cgroups_path:?}");
     };

@@ -191,3 +191,24 @@ fn finds_v1_and_v2_memory_cgroups_and_refuses_odd_paths() {
         assert!(MemoryCgroup::find(t.path(), bad).is_none(), "{bad}");
     }
 }
+
+#[test]
+fn relays_into_one_cgroup_are_at_least_a_second_apart() {
+    let mut last = Vec::new();
+    let t0 = Instant::now();
+    assert_eq!(admit(&mut last, "/docker/a", t0), Ok(()));
+    // A flood of events within the second: none runs.
+    for ms in [0, 1, 500, 999] {
+        let at = t0 + Duration::from_millis(ms);
+        assert_eq!(
+            admit(&mut last, "/docker/a", at),
+            Err(Duration::from_millis(ms))
+        );
+    }
+    // Another container's cgroup is not held back.
+    assert_eq!(admit(&mut last, "/docker/b", t0), Ok(()));
+    // A second later the next one runs, and starts a new interval.
+    let t1 = t0 + MIN_INTERVAL;
+    assert_eq!(admit(&mut last, "/docker/a", t1), Ok(()));
+    assert!(admit(&mut last, "/docker/a", t1 + Duration::from_millis(10)).is_err());
+}
