@@ -1,11 +1,11 @@
-//! The agent's state and request handling: one container per guest, its init and exec
-//! processes, their streams and terminals.
+//! The agent's state and request handling: the guest's containers (one per control connection;
+//! several when they share the VM), their init and exec processes, streams and terminals.
 
 use crate::alog;
 use crate::container::{
     self, spec, ExecRequest, InitRequest, MountEnv, NamespacePlan, Prepared, SetupError, Stdio,
 };
-use crate::registry::{Entry, Registry};
+use crate::registry::{self, Entry, Registry};
 use crate::sink::EventSink;
 use crate::streams::StreamTable;
 use crate::terminal;
@@ -16,8 +16,14 @@ use rootcell_protocol::{
 };
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long `Freeze` waits for the cgroup to report the new state.
+const FREEZE_WAIT: Duration = Duration::from_secs(5);
+/// How long `Remove` waits for the container's killed processes to leave its cgroup.
+const REMOVE_WAIT: Duration = Duration::from_secs(3);
 
 /// Agent-wide settings.
 #[derive(Debug, Clone)]
@@ -71,6 +77,7 @@ struct PendingPty {
 }
 
 struct Container {
+    id: String,
     plan: NamespacePlan,
     init_pid: i32,
     cgroup: Option<PathBuf>,
@@ -90,7 +97,30 @@ pub struct Agent {
     /// Live named processes.
     pub registry: Arc<Registry>,
     config: Config,
-    container: Mutex<Option<Container>>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+/// One control connection's view: the container it created (requests act on it), and where
+/// that container's events go.
+#[derive(Default)]
+pub struct Session {
+    container: Option<String>,
+    events: Option<UnixStream>,
+}
+
+impl Session {
+    /// A session whose container's events go to `conn`.
+    pub fn new(conn: UnixStream) -> Self {
+        Session {
+            container: None,
+            events: Some(conn),
+        }
+    }
+
+    /// The container this connection created, if any.
+    pub fn container(&self) -> Option<&str> {
+        self.container.as_deref()
+    }
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
@@ -117,7 +147,7 @@ impl Agent {
             streams: StreamTable::new(),
             registry: Arc::new(Registry::new()),
             config,
-            container: Mutex::new(None),
+            containers: Mutex::default(),
         }
     }
 
@@ -128,8 +158,9 @@ impl Agent {
 
     /// Called by the reaper when a named process has exited, before its exit is reported.
     pub fn process_exited(&self, name: &str, _status: i32) {
-        let oom = self.lock().as_mut().and_then(|c| {
-            if name == INIT_PROCESS {
+        let (container, process) = registry::split_key(name);
+        let oom = self.lock().get_mut(container).and_then(|c| {
+            if process == INIT_PROCESS {
                 c.pending_start = None;
             }
             c.oom.clone()
@@ -140,8 +171,55 @@ impl Agent {
         }
     }
 
-    /// Handles one request.
-    pub fn handle(&self, request: Request) -> Reply {
+    /// Handles one request of the connection whose view is `session`.
+    pub fn handle(&self, session: &mut Session, request: Request) -> Reply {
+        let Some(id) = session.container.clone() else {
+            return self.handle_unbound(session, request);
+        };
+        match request {
+            Request::Create { .. } => error(
+                ErrorCode::InvalidState,
+                format!("this connection already created container {id}"),
+            )
+            .into(),
+            Request::Start => self.start(&id),
+            Request::Exec {
+                exec_id,
+                mut process,
+                stdio,
+            } => {
+                if self.lock().get(&id).is_some_and(|c| c.privileged) {
+                    container::privileged::privilege_process(&mut process);
+                }
+                self.exec(&id, &exec_id, &process, stdio)
+            }
+            Request::Signal {
+                process,
+                signal,
+                all,
+            } => self.signal(&id, &process, signal, all).into(),
+            Request::Resize {
+                process,
+                rows,
+                cols,
+            } => self.resize(&id, &process, rows, cols).into(),
+            Request::UpdateLimits { memory, pids } => self.update_limits(&id, memory, pids).into(),
+            Request::Processes => Response::Processes {
+                pids: self.container_pids(&id),
+            }
+            .into(),
+            Request::Freeze { frozen } => self.freeze(&id, frozen).into(),
+            Request::Remove => {
+                self.remove(&id);
+                session.container = None;
+                Response::Ok.into()
+            }
+            other => self.handle_unbound(session, other),
+        }
+    }
+
+    /// Requests that need no container, and those that find none on this connection.
+    fn handle_unbound(&self, session: &mut Session, request: Request) -> Reply {
         match request {
             Request::Hello { version } => {
                 if version != PROTOCOL_VERSION {
@@ -169,34 +247,26 @@ impl Agent {
                 if privileged {
                     container::privileged::privilege_spec(&mut spec, Path::new("/dev"));
                 }
-                self.create(&container_id, &spec, stdio, privileged).into()
-            }
-            Request::Start => self.start(),
-            Request::Exec {
-                exec_id,
-                mut process,
-                stdio,
-            } => {
-                if self.lock().as_ref().is_some_and(|c| c.privileged) {
-                    container::privileged::privilege_process(&mut process);
+                let response = self.create(&container_id, &spec, stdio, privileged);
+                if matches!(response, Response::Created { .. }) {
+                    if let Some(w) = session.events.as_ref().and_then(|c| c.try_clone().ok()) {
+                        self.sink.attach(&container_id, Box::new(w));
+                    }
+                    session.container = Some(container_id);
                 }
-                self.exec(&exec_id, &process, stdio)
+                response.into()
             }
-            Request::Signal {
-                process,
-                signal,
-                all,
-            } => self.signal(&process, signal, all).into(),
-            Request::Resize {
-                process,
-                rows,
-                cols,
-            } => self.resize(&process, rows, cols).into(),
-            Request::UpdateLimits { memory, pids } => self.update_limits(memory, pids).into(),
-            Request::Processes => Response::Processes {
-                pids: self.container_pids(),
+            Request::Start | Request::UpdateLimits { .. } | Request::Freeze { .. } => {
+                error(ErrorCode::InvalidState, "no container has been created").into()
             }
+            Request::Exec { .. } => error(ErrorCode::InvalidState, "no container").into(),
+            Request::Signal { process, .. } | Request::Resize { process, .. } => error(
+                ErrorCode::NoSuchProcess,
+                format!("process {process} does not exist or has exited"),
+            )
             .into(),
+            Request::Processes => Response::Processes { pids: Vec::new() }.into(),
+            Request::Remove => Response::Ok.into(),
             Request::SetClock { unix_nanos } => crate::clock::set(unix_nanos).into(),
             Request::Shutdown => Reply {
                 response: Response::Ok,
@@ -206,8 +276,70 @@ impl Agent {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Container>> {
-        self.container.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the connection of `session`: a container it created and did not remove goes too
+    /// (its host side is gone).
+    pub fn end_session(&self, session: &mut Session) {
+        if let Some(id) = session.container.take() {
+            alog!("the control connection of container {id} closed; removing it");
+            self.remove(&id);
+        }
+    }
+
+    /// Kills `id`'s processes, removes its cgroup, and forgets it and its pending streams.
+    fn remove(&self, id: &str) {
+        let pids = self.container_pids(id);
+        let Some(c) = self.lock().remove(id) else {
+            return;
+        };
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        self.registry.forget_container(id);
+        self.streams.discard_container(id);
+        self.sink.detach(id);
+        if let Some(cg) = c.cgroup {
+            // rmdir succeeds once the killed processes have left (they are reaped by then).
+            let deadline = Instant::now() + REMOVE_WAIT;
+            while std::fs::remove_dir(&cg).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        alog!("removed container {id}");
+    }
+
+    /// Freezes or thaws `id`'s cgroup and waits (bounded) until the kernel says it is done.
+    fn freeze(&self, id: &str, frozen: bool) -> Response {
+        let Some(cg) = self.lock().get(id).and_then(|c| c.cgroup.clone()) else {
+            return error(
+                ErrorCode::Unsupported,
+                "the container has no cgroup in the guest to freeze",
+            );
+        };
+        let want = if frozen { "1" } else { "0" };
+        if let Err(e) = std::fs::write(cg.join("cgroup.freeze"), want) {
+            return error(ErrorCode::Other, format!("cannot write cgroup.freeze: {e}"));
+        }
+        let deadline = Instant::now() + FREEZE_WAIT;
+        loop {
+            let events = std::fs::read_to_string(cg.join("cgroup.events")).unwrap_or_default();
+            if events.lines().any(|l| l == format!("frozen {want}")) {
+                return Response::Ok;
+            }
+            if Instant::now() >= deadline {
+                return error(
+                    ErrorCode::Other,
+                    format!("the container's cgroup did not reach frozen {want} within 5 s"),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Gives the guest's cards the host interfaces' names, addresses and routes. Only before
@@ -217,7 +349,7 @@ impl Agent {
         config: &NetworkConfig,
         loopback_dns: Option<std::net::IpAddr>,
     ) -> Response {
-        if self.lock().is_some() {
+        if !self.lock().is_empty() {
             return Response::Error {
                 code: ErrorCode::InvalidState,
                 message: "the network is configured before the container is created".into(),
@@ -257,7 +389,7 @@ impl Agent {
     fn create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec, privileged: bool) -> Response {
         let result = self.try_create(id, spec, stdio_spec, privileged);
         if result.is_err() {
-            self.streams.discard(INIT_PROCESS);
+            self.streams.discard(&registry::key(id, INIT_PROCESS));
         }
         match result {
             Ok(pid) => Response::Created { pid },
@@ -275,11 +407,16 @@ impl Agent {
         stdio_spec: StdioSpec,
         privileged: bool,
     ) -> Result<i32, SetupError> {
-        let mut container = self.lock();
-        if container.is_some() {
+        if id.is_empty() || id.contains('/') {
+            return Err(SetupError::other(format!(
+                "invalid container id {id:?} (empty or with a '/')"
+            )));
+        }
+        let mut containers = self.lock();
+        if containers.contains_key(id) {
             return Err(SetupError::new(
                 ErrorCode::InvalidState,
-                "this guest already has a container",
+                format!("this guest already has a container {id}"),
             ));
         }
         let plan = spec::validate(spec)?;
@@ -287,11 +424,12 @@ impl Agent {
             .process()
             .as_ref()
             .and_then(|p| p.console_size().as_ref().map(|b| (b.height(), b.width())));
-        let (stdio, pty) = self.take_stdio(INIT_PROCESS, stdio_spec)?;
+        let init = registry::key(id, INIT_PROCESS);
+        let (stdio, pty) = self.take_stdio(&init, stdio_spec)?;
         let cgroup = self.make_cgroup(id, spec);
         let oom = cgroup
             .as_ref()
-            .and_then(|cg| crate::oom::watch(cg.clone(), self.sink.clone()));
+            .and_then(|cg| crate::oom::watch(id, cg.clone(), self.sink.clone()));
         let req = InitRequest {
             spec,
             plan: &plan,
@@ -305,23 +443,25 @@ impl Agent {
         let prepared = prepared?;
         let pid = prepared.pid;
         let pty = self.start_relay(pty, console_size)?;
-        self.registry.add(INIT_PROCESS, Entry { pid, pty });
+        self.registry.add(&init, Entry { pid, pty });
         drop(gate);
         alog!("created container {id}: init pid {pid}");
-        *container = Some(Container {
+        let container = Container {
+            id: id.to_string(),
             plan,
             init_pid: pid,
             cgroup,
             oom,
             pending_start: Some(prepared),
             privileged,
-        });
+        };
+        containers.insert(container.id.clone(), container);
         Ok(pid)
     }
 
-    fn start(&self) -> Reply {
-        let mut container = self.lock();
-        match container.as_mut() {
+    fn start(&self, id: &str) -> Reply {
+        let mut containers = self.lock();
+        match containers.get_mut(id) {
             None => error(ErrorCode::InvalidState, "no container has been created").into(),
             Some(c) => match c.pending_start.take() {
                 Some(p) => Reply {
@@ -329,7 +469,7 @@ impl Agent {
                     release: Some(p),
                     after: After::Nothing,
                 },
-                None if self.registry.get(INIT_PROCESS).is_some() => {
+                None if self.registry.get(&registry::key(id, INIT_PROCESS)).is_some() => {
                     error(ErrorCode::InvalidState, "the container is already started").into()
                 }
                 None => error(ErrorCode::InvalidState, "the container's init has exited").into(),
@@ -337,10 +477,10 @@ impl Agent {
         }
     }
 
-    fn exec(&self, exec_id: &str, process: &Process, stdio_spec: StdioSpec) -> Reply {
-        let result = self.try_exec(exec_id, process, stdio_spec);
+    fn exec(&self, id: &str, exec_id: &str, process: &Process, stdio_spec: StdioSpec) -> Reply {
+        let result = self.try_exec(id, exec_id, process, stdio_spec);
         if result.is_err() {
-            self.streams.discard(exec_id);
+            self.streams.discard(&registry::key(id, exec_id));
         }
         match result {
             Ok(p) => Reply {
@@ -357,22 +497,24 @@ impl Agent {
 
     fn try_exec(
         &self,
+        id: &str,
         exec_id: &str,
         process: &Process,
         stdio_spec: StdioSpec,
     ) -> Result<Prepared, SetupError> {
-        if exec_id == INIT_PROCESS || self.registry.get(exec_id).is_some() {
+        let name = registry::key(id, exec_id);
+        if exec_id == INIT_PROCESS || exec_id.contains('/') || self.registry.get(&name).is_some() {
             return Err(SetupError::new(
                 ErrorCode::InvalidState,
                 format!("process id {exec_id} is in use"),
             ));
         }
         let (plan, init_pid, cgroup) = {
-            let container = self.lock();
-            let c = container
-                .as_ref()
+            let containers = self.lock();
+            let c = containers
+                .get(id)
                 .ok_or_else(|| SetupError::new(ErrorCode::InvalidState, "no container"))?;
-            if self.registry.get(INIT_PROCESS).is_none() {
+            if self.registry.get(&registry::key(id, INIT_PROCESS)).is_none() {
                 return Err(SetupError::new(
                     ErrorCode::InvalidState,
                     "the container's init has exited",
@@ -380,7 +522,7 @@ impl Agent {
             }
             (c.plan.clone(), c.init_pid, c.cgroup.clone())
         };
-        let (stdio, pty) = self.take_stdio(exec_id, stdio_spec)?;
+        let (stdio, pty) = self.take_stdio(&name, stdio_spec)?;
         let console_size = process.console_size().map(|b| (b.height(), b.width()));
         let req = ExecRequest {
             init_pid,
@@ -394,7 +536,7 @@ impl Agent {
         let prepared = prepared?;
         let pty = self.start_relay(pty, console_size)?;
         self.registry.add(
-            exec_id,
+            &name,
             Entry {
                 pid: prepared.pid,
                 pty,
@@ -521,8 +663,8 @@ impl Agent {
         }
     }
 
-    fn update_limits(&self, memory: Option<u64>, pids: Option<i64>) -> Response {
-        let cgroup = self.lock().as_ref().map(|c| c.cgroup.clone());
+    fn update_limits(&self, id: &str, memory: Option<u64>, pids: Option<i64>) -> Response {
+        let cgroup = self.lock().get(id).map(|c| c.cgroup.clone());
         match cgroup {
             None => error(ErrorCode::InvalidState, "no container in this guest"),
             Some(None) => error(
@@ -536,16 +678,16 @@ impl Agent {
         }
     }
 
-    fn signal(&self, process: &str, signal: i32, all: bool) -> Response {
+    fn signal(&self, id: &str, process: &str, signal: i32, all: bool) -> Response {
         let sig = match nix::sys::signal::Signal::try_from(signal) {
             Ok(s) => s,
             Err(_) => return error(ErrorCode::Other, format!("invalid signal {signal}")),
         };
         let pids = if all {
-            self.container_pids()
+            self.container_pids(id)
         } else {
             self.registry
-                .get(process)
+                .get(&registry::key(id, process))
                 .map(|e| vec![e.pid])
                 .unwrap_or_default()
         };
@@ -569,8 +711,8 @@ impl Agent {
         }
     }
 
-    fn resize(&self, process: &str, rows: u16, cols: u16) -> Response {
-        match self.registry.get(process) {
+    fn resize(&self, id: &str, process: &str, rows: u16, cols: u16) -> Response {
+        match self.registry.get(&registry::key(id, process)) {
             None => error(
                 ErrorCode::NoSuchProcess,
                 format!("process {process} does not exist or has exited"),
@@ -588,26 +730,28 @@ impl Agent {
         }
     }
 
-    /// Pids of every process of the container: its cgroup and those below it if it has one,
-    /// else every process in its pid namespace; and the processes the agent started.
-    pub fn container_pids(&self) -> Vec<i32> {
+    /// Pids of every process of container `id`: its cgroup and those below it if it has one,
+    /// else every process in its pid namespace (if it has its own); and the processes the
+    /// agent started in it.
+    pub fn container_pids(&self, id: &str) -> Vec<i32> {
         let (cgroup, init_pid, has_pidns) = {
             let c = self.lock();
-            match c.as_ref() {
+            match c.get(id) {
                 None => return Vec::new(),
                 Some(c) => (
                     c.cgroup.clone(),
                     c.init_pid,
-                    c.plan.has(oci_spec::runtime::LinuxNamespaceType::Pid),
+                    c.plan.creates(oci_spec::runtime::LinuxNamespaceType::Pid),
                 ),
             }
         };
+        let init = registry::key(id, INIT_PROCESS);
         let mut pids = Vec::new();
         let found = match cgroup {
             Some(cg) => cgroup_pids(&cg, &mut pids),
             None => false,
         };
-        if !found && has_pidns && self.registry.get(INIT_PROCESS).is_some() {
+        if !found && has_pidns && self.registry.get(&init).is_some() {
             if let Ok(ns) = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")) {
                 pids = pids_in_namespace(Path::new("/proc"), &ns);
             }
@@ -615,7 +759,7 @@ impl Agent {
         // The processes the agent started, while they live, wherever they moved themselves
         // (a privileged container may put a process in a cgroup outside its own): the host
         // asks this list whether an exec it waits for still exists.
-        for pid in self.registry.pids() {
+        for pid in self.registry.pids_of(id) {
             if !pids.contains(&pid) && alive(pid) {
                 pids.push(pid);
             }
@@ -682,26 +826,28 @@ mod tests {
             Response::Error { code, .. } => code,
             other => panic!("{other:?}"),
         };
-        assert_eq!(code(agent.handle(Request::Start)), ErrorCode::InvalidState);
+        let mut s = Session::default();
+        let mut handle = |r: Request| agent.handle(&mut s, r);
+        assert_eq!(code(handle(Request::Start)), ErrorCode::InvalidState);
         let sig = Request::Signal {
             process: "init".into(),
             signal: 15,
             all: false,
         };
-        assert_eq!(code(agent.handle(sig)), ErrorCode::NoSuchProcess);
+        assert_eq!(code(handle(sig)), ErrorCode::NoSuchProcess);
         let resize = Request::Resize {
             process: "x".into(),
             rows: 1,
             cols: 1,
         };
-        assert_eq!(code(agent.handle(resize)), ErrorCode::NoSuchProcess);
+        assert_eq!(code(handle(resize)), ErrorCode::NoSuchProcess);
         let update = Request::UpdateLimits {
             memory: Some(64 << 20),
             pids: None,
         };
-        assert_eq!(code(agent.handle(update)), ErrorCode::InvalidState);
+        assert_eq!(code(handle(update)), ErrorCode::InvalidState);
         assert!(
-            matches!(agent.handle(Request::Processes).response, Response::Processes { pids } if pids.is_empty())
+            matches!(handle(Request::Processes).response, Response::Processes { pids } if pids.is_empty())
         );
     }
 }

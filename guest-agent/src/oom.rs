@@ -29,6 +29,7 @@ pub fn oom_kills(events: &str) -> u64 {
 
 /// The OOM kills of one container cgroup already reported.
 pub struct Watch {
+    container: String,
     file: std::fs::File,
     cgroup: PathBuf,
     seen: Mutex<u64>,
@@ -49,17 +50,17 @@ impl Watch {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if now > *seen {
             alog!("OOM kill in {} ({now} so far)", self.cgroup.display());
-            self.sink.event(Event::Oom);
+            self.sink.event(&self.container, Event::Oom);
             *seen = now;
         }
         true
     }
 }
 
-/// Starts a thread that sends [`Event::Oom`] whenever the cgroup's `oom_kill` count grows; it
+/// Starts a thread that sends `container` an [`Event::Oom`] whenever the cgroup's `oom_kill` count grows; it
 /// ends when the cgroup goes away. kernfs wakes poll() with POLLPRI when the file changes (the
 /// guest kernel has no inotify).
-pub fn watch(cgroup: PathBuf, sink: Arc<EventSink>) -> Option<Arc<Watch>> {
+pub fn watch(container: &str, cgroup: PathBuf, sink: Arc<EventSink>) -> Option<Arc<Watch>> {
     let path = cgroup.join("memory.events");
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
@@ -70,6 +71,7 @@ pub fn watch(cgroup: PathBuf, sink: Arc<EventSink>) -> Option<Arc<Watch>> {
     };
     let seen = Mutex::new(read_kills(&file).unwrap_or(0));
     let w = Arc::new(Watch {
+        container: container.to_string(),
         file,
         cgroup,
         seen,

@@ -15,6 +15,17 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 
+/// The registry name of `container`'s process `process` ("<container>/<process>": container
+/// ids never contain `/`), so the processes of several containers in one guest stay apart.
+pub fn key(container: &str, process: &str) -> String {
+    format!("{container}/{process}")
+}
+
+/// The container and process of a registry name made by [`key`].
+pub fn split_key(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
+}
+
 /// A named live process.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -82,6 +93,25 @@ impl Registry {
         Some(name)
     }
 
+    /// Pids of the live named processes of `container`.
+    pub fn pids_of(&self, container: &str) -> Vec<i32> {
+        let prefix = key(container, "");
+        self.lock()
+            .by_pid
+            .iter()
+            .filter(|(_, name)| name.starts_with(&prefix))
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    /// Forgets every process of `container` (it is being removed): their exits are not reported.
+    pub fn forget_container(&self, container: &str) {
+        let prefix = key(container, "");
+        let mut inner = self.lock();
+        inner.by_name.retain(|name, _| !name.starts_with(&prefix));
+        inner.by_pid.retain(|_, name| !name.starts_with(&prefix));
+    }
+
     /// Tells the reaper that a child was just forked (it may be waiting for one).
     pub fn note_fork(&self) {
         *self.forks.lock().unwrap_or_else(|p| p.into_inner()) += 1;
@@ -118,10 +148,12 @@ pub fn reap_forever(
         match reap_one(&registry) {
             Ok(Some((name, status))) => {
                 on_exit(&name, status);
-                sink.event(Event::Exit {
-                    process: name.clone(),
+                let (container, process) = split_key(&name);
+                let exit = Event::Exit {
+                    process: process.to_string(),
                     status,
-                });
+                };
+                sink.event(container, exit);
                 after_exit(&name, status);
             }
             Ok(None) => {}
@@ -188,5 +220,18 @@ mod tests {
         // An exec id reused after exit maps to the new pid only.
         r.add("e1", Entry { pid: 12, pty: None });
         assert_eq!(r.get("e1").unwrap().pid, 12);
+    }
+
+    #[test]
+    fn containers_are_kept_apart_and_forgotten_whole() {
+        let r = Registry::new();
+        r.add(&key("a", "init"), Entry { pid: 10, pty: None });
+        r.add(&key("ab", "init"), Entry { pid: 11, pty: None });
+        r.add(&key("a", "e1"), Entry { pid: 12, pty: None });
+        assert_eq!(split_key(&key("a", "e1")), ("a", "e1"));
+        r.forget_container("a");
+        assert!(r.get(&key("a", "init")).is_none());
+        assert_eq!(r.remove_pid(12), None);
+        assert_eq!(r.get(&key("ab", "init")).unwrap().pid, 11);
     }
 }

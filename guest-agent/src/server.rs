@@ -1,6 +1,6 @@
 //! Connection handling: the control connection loop and the stream connection acceptor.
 
-use crate::agent::{After, Agent};
+use crate::agent::{After, Agent, Session};
 use crate::alog;
 use crate::listener::Listener;
 use crate::registry::reap_forever;
@@ -43,10 +43,17 @@ pub fn serve(agent: Arc<Agent>, control: Listener, streams: Listener) -> io::Res
     }
 }
 
-/// Serves one control connection until EOF; it also becomes the connection events go to.
+/// Serves one control connection until EOF; once it creates a container, that container's
+/// events go to it, and the container is removed when it closes.
 pub fn control_connection(agent: &Agent, conn: UnixStream) -> io::Result<()> {
     alog!("control connection opened");
-    agent.sink.attach(Box::new(conn.try_clone()?));
+    let mut session = Session::new(conn.try_clone()?);
+    let result = serve_session(agent, &mut session, conn);
+    agent.end_session(&mut session);
+    result
+}
+
+fn serve_session(agent: &Agent, session: &mut Session, conn: UnixStream) -> io::Result<()> {
     let mut reader = conn.try_clone()?;
     let mut writer = conn;
     loop {
@@ -63,7 +70,7 @@ pub fn control_connection(agent: &Agent, conn: UnixStream) -> io::Result<()> {
             }
             Err(e) => return Err(io::Error::other(e)),
         };
-        let reply = agent.handle(msg.request);
+        let reply = agent.handle(session, msg.request);
         let (response, release) = (reply.response, reply.release);
         agent
             .sink
@@ -132,8 +139,7 @@ fn register_stream(agent: &Agent, mut conn: UnixStream) -> io::Result<()> {
         .map_err(io::Error::other)?
         .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "closed before StreamHello"))?;
     conn.set_read_timeout(None)?;
-    agent
-        .streams
-        .insert(&hello.process, hello.stream, conn.into());
+    let name = crate::registry::key(&hello.container, &hello.process);
+    agent.streams.insert(&name, hello.stream, conn.into());
     Ok(())
 }

@@ -1,27 +1,36 @@
-//! Serialised writes on the control connection: responses to requests and unsolicited events.
+//! Serialised writes on the control connections: responses to requests and unsolicited events.
 //!
-//! One lock covers every write, and a response can run a step (releasing a process) under that
-//! lock, so an `Exit` event can never overtake the response that announced the process.
-//! Events raised while no control connection exists are queued and sent on the next one.
+//! Each container has its own control connection (the one that created it), and its events go
+//! there. One lock covers every write, and a response can run a step (releasing a process)
+//! under that lock, so an `Exit` event can never overtake the response that announced the
+//! process. Events raised while a container has no connection are queued and sent when one is
+//! attached.
 
 use rootcell_protocol::{AgentMessage, Event, Response};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::Mutex;
 
-/// Events kept while the host is disconnected; beyond this the oldest are dropped.
+/// Events kept per container while its host is disconnected; beyond this the oldest are dropped.
 const MAX_QUEUED: usize = 1024;
 
 #[derive(Default)]
-struct Inner {
+struct Channel {
     events: Option<Box<dyn Write + Send>>,
     queued: VecDeque<Event>,
 }
 
-/// The writer side of the control connection, shared by all agent threads.
+/// The writer side of the control connections, shared by all agent threads.
 #[derive(Default)]
 pub struct EventSink {
-    inner: Mutex<Inner>,
+    inner: Mutex<HashMap<String, Channel>>,
+}
+
+fn send_event(w: &mut Box<dyn Write + Send>, event: &Event) -> bool {
+    let msg = AgentMessage::Event {
+        event: event.clone(),
+    };
+    rootcell_protocol::send(w, &msg).is_ok()
 }
 
 impl EventSink {
@@ -30,45 +39,39 @@ impl EventSink {
         Self::default()
     }
 
-    /// Makes `w` the connection that receives events, and flushes queued events to it.
-    pub fn attach(&self, mut w: Box<dyn Write + Send>) {
+    /// Makes `w` the connection that receives `container`'s events, and flushes its queued
+    /// events to it.
+    pub fn attach(&self, container: &str, mut w: Box<dyn Write + Send>) {
         let mut inner = self.lock();
-        while let Some(event) = inner.queued.pop_front() {
-            if rootcell_protocol::send(
-                &mut w,
-                &AgentMessage::Event {
-                    event: event.clone(),
-                },
-            )
-            .is_err()
-            {
-                inner.queued.push_front(event);
+        let ch = inner.entry(container.to_string()).or_default();
+        while let Some(event) = ch.queued.pop_front() {
+            if !send_event(&mut w, &event) {
+                ch.queued.push_front(event);
                 return;
             }
         }
-        inner.events = Some(w);
+        ch.events = Some(w);
     }
 
-    /// Sends an event now, or queues it until a connection is attached.
-    pub fn event(&self, event: Event) {
+    /// Forgets `container`'s connection and queued events (it has been removed).
+    pub fn detach(&self, container: &str) {
+        self.lock().remove(container);
+    }
+
+    /// Sends an event of `container` now, or queues it until a connection is attached.
+    pub fn event(&self, container: &str, event: Event) {
         let mut inner = self.lock();
-        if let Some(w) = inner.events.as_mut() {
-            if rootcell_protocol::send(
-                w,
-                &AgentMessage::Event {
-                    event: event.clone(),
-                },
-            )
-            .is_ok()
-            {
+        let ch = inner.entry(container.to_string()).or_default();
+        if let Some(w) = ch.events.as_mut() {
+            if send_event(w, &event) {
                 return;
             }
-            inner.events = None;
+            ch.events = None;
         }
-        if inner.queued.len() >= MAX_QUEUED {
-            inner.queued.pop_front();
+        if ch.queued.len() >= MAX_QUEUED {
+            ch.queued.pop_front();
         }
-        inner.queued.push_back(event);
+        ch.queued.push_back(event);
     }
 
     /// Runs `step` and writes its response to `w`, all while no event can be written.
@@ -84,7 +87,7 @@ impl EventSink {
             .map_err(std::io::Error::other)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -114,13 +117,17 @@ mod tests {
     #[test]
     fn events_queue_until_attached() {
         let sink = EventSink::new();
-        sink.event(Event::Exit {
-            process: "init".into(),
-            status: 3,
-        });
+        sink.event(
+            "a",
+            Event::Exit {
+                process: "init".into(),
+                status: 3,
+            },
+        );
+        sink.event("b", Event::Oom);
         let out = Shared::default();
-        sink.attach(Box::new(out.clone()));
-        sink.event(Event::Oom);
+        sink.attach("a", Box::new(out.clone()));
+        sink.event("a", Event::Oom);
         let msgs = decode(&out.0.lock().unwrap());
         assert_eq!(
             msgs,
@@ -134,6 +141,25 @@ mod tests {
                 AgentMessage::Event { event: Event::Oom }
             ]
         );
+    }
+
+    #[test]
+    fn events_go_to_their_containers_connection() {
+        let sink = EventSink::new();
+        let (a, b) = (Shared::default(), Shared::default());
+        sink.attach("a", Box::new(a.clone()));
+        sink.attach("b", Box::new(b.clone()));
+        sink.event("b", Event::Oom);
+        assert!(decode(&a.0.lock().unwrap()).is_empty());
+        assert_eq!(
+            decode(&b.0.lock().unwrap()),
+            vec![AgentMessage::Event { event: Event::Oom }]
+        );
+        // A removed container's later events are queued under a fresh entry, not sent to the
+        // old connection.
+        sink.detach("b");
+        sink.event("b", Event::Oom);
+        assert_eq!(decode(&b.0.lock().unwrap()).len(), 1);
     }
 
     #[test]

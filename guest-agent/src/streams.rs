@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Pending stream sockets keyed by (process id, stream kind).
+/// Pending stream sockets keyed by (process name, as the registry names it, stream kind).
 #[derive(Default)]
 pub struct StreamTable {
     pending: Mutex<HashMap<(String, Stream), OwnedFd>>,
@@ -46,6 +46,13 @@ impl StreamTable {
     /// Drops every stream still waiting for `process` (its creation failed or it is gone).
     pub fn discard(&self, process: &str) {
         self.lock().retain(|(p, _), _| p != process);
+    }
+
+    /// Drops every stream still waiting for a process of `container` (it is being removed);
+    /// keys are registry names ([`crate::registry::key`]).
+    pub fn discard_container(&self, container: &str) {
+        let prefix = crate::registry::key(container, "");
+        self.lock().retain(|(p, _), _| !p.starts_with(&prefix));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Stream), OwnedFd>> {

@@ -192,6 +192,7 @@ fn container_runs_in_a_real_guest() {
     send(
         &mut stdout,
         &StreamHello {
+            container: "g1".into(),
             process: "init".into(),
             stream: Stream::Stdout,
         },
@@ -201,6 +202,7 @@ fn container_runs_in_a_real_guest() {
     send(
         &mut stderr,
         &StreamHello {
+            container: "g1".into(),
             process: "init".into(),
             stream: Stream::Stderr,
         },

@@ -18,6 +18,11 @@ struct AgentProc {
     child: Child,
     dir: tempfile::TempDir,
     rootfs: PathBuf,
+    ctl: Control,
+}
+
+/// One control connection: requests, and the events that arrived on it.
+struct Control {
     control: UnixStream,
     next_id: u64,
     events: Vec<Event>,
@@ -58,25 +63,12 @@ impl AgentProc {
             });
         }
         let child = cmd.spawn().unwrap();
-        let sock = dir.path().join("control.sock");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let control = loop {
-            if let Ok(s) = UnixStream::connect(&sock) {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "agent did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        control
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        let ctl = Control::connect(dir.path());
         let mut a = AgentProc {
             child,
             dir,
             rootfs,
-            control,
-            next_id: 1,
-            events: Vec::new(),
+            ctl,
         };
         match a.request(Request::Hello {
             version: rootcell_protocol::PROTOCOL_VERSION,
@@ -91,6 +83,41 @@ impl AgentProc {
             other => panic!("bad hello answer {other:?}"),
         }
         a
+    }
+
+    /// Another control connection, as the host side of a second container in the VM opens.
+    fn connect(&self) -> Control {
+        Control::connect(self.dir.path())
+    }
+
+    fn request(&mut self, request: Request) -> Response {
+        self.ctl.request(request)
+    }
+
+    fn wait_exit(&mut self, process: &str) -> i32 {
+        self.ctl.wait_exit(process)
+    }
+}
+
+impl Control {
+    fn connect(dir: &Path) -> Self {
+        let sock = dir.join("control.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let control = loop {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "agent did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        control
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Control {
+            control,
+            next_id: 1,
+            events: Vec::new(),
+        }
     }
 
     fn request(&mut self, request: Request) -> Response {
@@ -133,11 +160,16 @@ impl AgentProc {
         }
     }
 
-    fn stream(&self, process: &str, stream: Stream) -> UnixStream {
+}
+
+impl AgentProc {
+    /// A stream for `process` of container `container`.
+    fn stream(&self, container: &str, process: &str, stream: Stream) -> UnixStream {
         let mut s = UnixStream::connect(self.dir.path().join("stream.sock")).unwrap();
         send(
             &mut s,
             &StreamHello {
+                container: container.into(),
                 process: process.into(),
                 stream,
             },
@@ -176,9 +208,9 @@ fn read_all(mut s: UnixStream) -> String {
 fn run_stdio_exec_signal_and_shutdown() {
     let mut a = AgentProc::start();
     // Streams first, as the host does; stdin is piped through `cat`.
-    let mut stdin = a.stream("init", Stream::Stdin);
-    let stdout = a.stream("init", Stream::Stdout);
-    let stderr = a.stream("init", Stream::Stderr);
+    let mut stdin = a.stream("c1", "init", Stream::Stdin);
+    let stdout = a.stream("c1", "init", Stream::Stdout);
+    let stderr = a.stream("c1", "init", Stream::Stderr);
     let spec = a.spec(
         &["sh", "-c", "hostname; cat; echo err >&2; sleep 30"],
         false,
@@ -221,7 +253,7 @@ fn run_stdio_exec_signal_and_shutdown() {
     assert_eq!(&err, b"err\n");
 
     // Exec inside the running container, with its own stdout.
-    let exec_out = a.stream("e1", Stream::Stdout);
+    let exec_out = a.stream("c1", "e1", Stream::Stdout);
     let process = Box::new(
         serde_json::from_value(json!({"args": ["sh", "-c", "hostname; exit 5"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}}))
             .unwrap(),
@@ -295,7 +327,7 @@ fn run_stdio_exec_signal_and_shutdown() {
 #[test]
 fn terminal_process_with_resize() {
     let mut a = AgentProc::start();
-    let mut pty = a.stream("init", Stream::Pty);
+    let mut pty = a.stream("t", "init", Stream::Pty);
     let spec = a.spec(
         &[
             "sh",
@@ -502,17 +534,18 @@ fn exec_storm_under_kill_reports_each_exit_exactly_once() {
         );
     }
     // Nothing more may come: no second exit, no exit of a refused exec.
-    a.control
+    a.ctl.control
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
     loop {
-        match recv::<_, AgentMessage>(&mut a.control) {
-            Ok(Some(AgentMessage::Event { event })) => a.events.push(event),
+        match recv::<_, AgentMessage>(&mut a.ctl.control) {
+            Ok(Some(AgentMessage::Event { event })) => a.ctl.events.push(event),
             Ok(other) => panic!("unexpected {other:?}"),
             Err(_) => break,
         }
     }
     let extra: Vec<_> = a
+        .ctl
         .events
         .iter()
         .filter(|e| matches!(e, Event::Exit { .. }))
@@ -528,4 +561,110 @@ fn exec_storm_under_kill_reports_each_exit_exactly_once() {
         created.len(),
         refused.len()
     );
+}
+
+/// Two containers in one guest, each created on its own control connection (as the host side
+/// of a container joining another's VM does): the second joins the first's network and IPC
+/// namespaces by `/proc/<pid>/ns/...` and has its own mount, pid and UTS namespaces; each
+/// connection gets only its own container's exits; closing the second connection removes the
+/// second container and leaves the first running.
+#[test]
+fn two_containers_share_namespaces_on_their_own_connections() {
+    let mut a = AgentProc::start();
+    let spec = a.spec(&["sleep", "1000"], false);
+    let Response::Created { pid: a_pid } = a.request(Request::Create {
+        container_id: "first".into(),
+        spec,
+        stdio: StdioSpec::default(),
+        privileged: false,
+    }) else {
+        panic!("create first")
+    };
+    assert_eq!(a.request(Request::Start), Response::Ok);
+    let ns = |pid: i32, t: &str| std::fs::read_link(format!("/proc/{pid}/ns/{t}")).unwrap();
+
+    let mut b = a.connect();
+    let out = a.stream("second", "init", Stream::Stdout);
+    let mut spec = a.spec(
+        &["sh", "-c", "hostname; echo $$; sleep 1000"],
+        false,
+    );
+    let mut linux = spec.linux().clone().unwrap();
+    linux.set_namespaces(Some(
+        serde_json::from_value(json!([
+            {"type": "pid"}, {"type": "mount"}, {"type": "uts"},
+            {"type": "ipc", "path": format!("/proc/{a_pid}/ns/ipc")},
+            {"type": "network", "path": format!("/proc/{a_pid}/ns/net")},
+        ]))
+        .unwrap(),
+    ));
+    spec.set_linux(Some(linux));
+    spec.set_hostname(Some("second".into()));
+    let Response::Created { pid: b_pid } = b.request(Request::Create {
+        container_id: "second".into(),
+        spec,
+        stdio: StdioSpec {
+            stdout: true,
+            ..Default::default()
+        },
+        privileged: false,
+    }) else {
+        panic!("create second")
+    };
+    assert_eq!(b.request(Request::Start), Response::Ok);
+    assert_eq!(ns(b_pid, "net"), ns(a_pid, "net"), "network namespace shared");
+    assert_eq!(ns(b_pid, "ipc"), ns(a_pid, "ipc"), "IPC namespace shared");
+    for t in ["mnt", "pid", "uts"] {
+        assert_ne!(ns(b_pid, t), ns(a_pid, t), "{t} namespace is the second's own");
+    }
+    out.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut lines = std::io::BufReader::new(out);
+    let mut text = String::new();
+    for _ in 0..2 {
+        std::io::BufRead::read_line(&mut lines, &mut text).unwrap();
+    }
+    assert_eq!(text, "second\n1\n", "own hostname and pid namespace");
+    // The second's processes are its own: signals by name reach only them.
+    assert_eq!(
+        b.request(Request::Signal {
+            process: "init".into(),
+            signal: 9,
+            all: false
+        }),
+        Response::Ok
+    );
+    assert_eq!(b.wait_exit("init"), 137);
+    assert!(
+        std::fs::metadata(format!("/proc/{a_pid}")).is_ok(),
+        "the first container lives on"
+    );
+    assert!(a.ctl.events.is_empty(), "no event of the second on the first's connection: {:?}", a.ctl.events);
+
+    // A third container on a connection that then closes is removed with its processes.
+    let mut c = a.connect();
+    let spec = a.spec(&["sleep", "1000"], false);
+    let Response::Created { pid: c_pid } = c.request(Request::Create {
+        container_id: "third".into(),
+        spec,
+        stdio: StdioSpec::default(),
+        privileged: false,
+    }) else {
+        panic!("create third")
+    };
+    assert_eq!(c.request(Request::Start), Response::Ok);
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{c_pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
+        assert!(Instant::now() < deadline, "the closed connection's container still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        a.request(Request::Signal {
+            process: "init".into(),
+            signal: 9,
+            all: false
+        }),
+        Response::Ok
+    );
+    assert_eq!(a.wait_exit("init"), 137);
 }

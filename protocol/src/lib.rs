@@ -3,9 +3,12 @@
 //! Transport: virtio-vsock. The host reaches the guest through the hybrid vsock unix socket
 //! (`CONNECT <port>\n` -> `OK <n>\n`), the agent listens on `AF_VSOCK`.
 //!
-//! * [`CONTROL_PORT`]: one connection carrying length-prefixed JSON frames ([`write_frame`],
-//!   [`read_frame`]). The host sends [`HostMessage`]s, the agent answers with [`AgentMessage`]s:
-//!   a [`Response`] per request (matched by id) and unsolicited [`Event`]s.
+//! * [`CONTROL_PORT`]: one connection per container carrying length-prefixed JSON frames
+//!   ([`write_frame`], [`read_frame`]). The host sends [`HostMessage`]s, the agent answers with
+//!   [`AgentMessage`]s: a [`Response`] per request (matched by id) and unsolicited [`Event`]s.
+//!   `Create` binds the connection to its container: later requests on it act on that
+//!   container, and its processes' events arrive on it. A VM holds several containers when
+//!   several connections each create one (containers that share namespaces, a pod).
 //! * [`STREAM_PORT`]: one connection per stdio stream. The host first sends one frame with a
 //!   [`StreamHello`], then the connection carries raw bytes; EOF is a socket shutdown. Streams are
 //!   attached before the request that creates the process, so no byte is lost.
@@ -22,7 +25,7 @@ pub mod net;
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.
@@ -73,8 +76,9 @@ pub enum Request {
         loopback_dns: Option<std::net::IpAddr>,
     },
     /// Build the container (namespaces, mounts, ...) and its init process, without executing
-    /// the user program yet. Paths in `spec` are guest paths (root and bind sources live under
-    /// [`GUEST_SHARE_DIR`]).
+    /// the user program yet, and bind this connection to it. Paths in `spec` are guest paths
+    /// (root and bind sources live under [`GUEST_SHARE_DIR`]); a namespace with a path is
+    /// joined (`/proc/<pid>/ns/<type>` of another container's init in this guest).
     Create {
         /// Container id.
         container_id: String,
@@ -136,6 +140,16 @@ pub enum Request {
         /// The host's `CLOCK_REALTIME` when the request was made, in nanoseconds since the epoch.
         unix_nanos: u64,
     },
+    /// Freeze (`true`) or thaw (`false`) this connection's container alone, through its cgroup:
+    /// pausing one container of a VM that holds several.
+    Freeze {
+        /// Frozen or not.
+        frozen: bool,
+    },
+    /// End this connection's container without ending the VM: kill its processes, remove its
+    /// cgroup and forget it (the other containers of the VM go on). Closing the connection
+    /// does the same.
+    Remove,
     /// Power the guest off.
     Shutdown,
 }
@@ -239,6 +253,9 @@ pub enum Event {
 /// First frame on a [`STREAM_PORT`] connection: which process and stream it carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHello {
+    /// The container the process belongs to.
+    #[serde(default)]
+    pub container: String,
     /// Process id ([`INIT_PROCESS`] or an exec id).
     pub process: String,
     /// Which stream.

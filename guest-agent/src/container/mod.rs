@@ -64,12 +64,13 @@ pub fn create_init(req: InitRequest<'_>, stdio: Stdio) -> Result<Prepared, Setup
             if let Some(cg) = req.cgroup {
                 join_cgroup(cg)?;
             }
+            join_namespaces(req.plan)?;
             nix::sched::unshare(req.plan.clone_flags()).ctx(|| "unshare namespaces".into())
         },
         |fds| {
             // A new session: the init is detached from the agent's console and can own a pty.
             nix::unistd::setsid().ctx(|| "setsid".into())?;
-            if req.plan.has(LinuxNamespaceType::Network) {
+            if req.plan.creates(LinuxNamespaceType::Network) {
                 // A fresh network namespace starts with lo down; containers expect 127.0.0.1.
                 crate::net::loopback_up().ctx(|| "bring up lo in the container".into())?;
             }
@@ -118,6 +119,26 @@ pub fn create_exec(
             finish_process(process)
         },
     )
+}
+
+/// Joins the namespaces the spec names by path (another container's in this guest), before
+/// the others are created: a joined pid namespace takes effect for the next fork.
+fn join_namespaces(plan: &NamespacePlan) -> Result<(), SetupError> {
+    for (t, path) in &plan.joined {
+        let f = std::fs::File::open(path).map_err(|e| {
+            SetupError::new(
+                rootcell_protocol::ErrorCode::NoSuchProcess,
+                format!(
+                    "cannot join the {} namespace {}: {e} (has its container exited?)",
+                    spec::ns_proc_name(*t),
+                    path.display()
+                ),
+            )
+        })?;
+        nix::sched::setns(f.as_fd(), spec::ns_flag(*t))
+            .ctx(|| format!("join the {} namespace {}", spec::ns_proc_name(*t), path.display()))?;
+    }
+    Ok(())
 }
 
 /// Joins the init's namespaces, the mount namespace last (it changes root and cwd).
@@ -212,6 +233,10 @@ fn set_hostname(spec: &Spec, plan: &NamespacePlan) -> Result<(), SetupError> {
         return Err(SetupError::other(
             "unable to set hostname without a private UTS namespace",
         ));
+    }
+    if !plan.creates(LinuxNamespaceType::Uts) {
+        // A joined UTS namespace (a pod's) keeps the name its owner gave it.
+        return Ok(());
     }
     if let Some(h) = names[0].filter(|h| !h.is_empty()) {
         nix::unistd::sethostname(h).ctx(|| format!("sethostname {h}"))?;

@@ -8,26 +8,56 @@ use super::error::SetupError;
 use crate::alog;
 use nix::sched::CloneFlags;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use std::path::{Path, PathBuf};
 
 /// The namespaces a container gets, as validated from `linux.namespaces`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NamespacePlan {
-    /// Namespace types to create (and, for exec, to join), in spec order.
+    /// Namespace types the container has apart from the agent's (created or joined), in spec
+    /// order: an exec joins the init's namespace of each.
     pub types: Vec<LinuxNamespaceType>,
+    /// Those of `types` that are joined rather than created: another container's namespace in
+    /// this guest (`/proc/<pid>/ns/<type>` of its init), for containers sharing a VM.
+    pub joined: Vec<(LinuxNamespaceType, PathBuf)>,
 }
 
 impl NamespacePlan {
-    /// The `unshare`/`clone` flags for these namespaces.
+    /// The `unshare`/`clone` flags for the namespaces to create.
     pub fn clone_flags(&self) -> CloneFlags {
         self.types
             .iter()
+            .filter(|t| !self.joins(**t))
             .fold(CloneFlags::empty(), |f, t| f | ns_flag(*t))
     }
 
-    /// Whether the container has its own namespace of this type.
+    /// Whether the container has a namespace of this type apart from the agent's.
     pub fn has(&self, t: LinuxNamespaceType) -> bool {
         self.types.contains(&t)
     }
+
+    /// Whether the container's namespace of this type is created for it (not joined).
+    pub fn creates(&self, t: LinuxNamespaceType) -> bool {
+        self.has(t) && !self.joins(t)
+    }
+
+    fn joins(&self, t: LinuxNamespaceType) -> bool {
+        self.joined.iter().any(|(j, _)| *j == t)
+    }
+}
+
+/// Whether `path` names a namespace of a process in this guest (`/proc/<pid>/ns/<name>` with
+/// `name` the type's): the only paths the host hands over to be joined.
+fn guest_namespace_path(path: &Path, t: LinuxNamespaceType) -> bool {
+    let mut parts = path.components().map(|c| c.as_os_str().to_str());
+    parts.next() == Some(Some("/"))
+        && parts.next() == Some(Some("proc"))
+        && parts
+            .next()
+            .flatten()
+            .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        && parts.next() == Some(Some("ns"))
+        && parts.next() == Some(Some(ns_proc_name(t)))
+        && parts.next().is_none()
 }
 
 /// The clone flag of a namespace type.
@@ -93,7 +123,10 @@ pub fn validate(spec: &Spec) -> Result<NamespacePlan, SetupError> {
             _ => {}
         }
         if let Some(path) = ns.path() {
-            if t == LinuxNamespaceType::Network {
+            let joinable = !matches!(t, LinuxNamespaceType::Mount | LinuxNamespaceType::User);
+            if joinable && guest_namespace_path(path, t) {
+                plan.joined.push((t, path.clone()));
+            } else if t == LinuxNamespaceType::Network {
                 // Docker hands over the network namespace it prepared on the host; that one cannot
                 // cross the VM boundary, so the container gets a fresh one inside the guest.
                 alog!(
@@ -221,7 +254,15 @@ mod tests {
         let cases = [
             spec_with(r#"{"type":"mount"},{"type":"user"}"#, ""),
             spec_with(
-                r#"{"type":"mount"},{"type":"ipc","path":"/proc/1/ns/ipc"}"#,
+                r#"{"type":"mount"},{"type":"ipc","path":"/run/netns/x"}"#,
+                "",
+            ),
+            spec_with(
+                r#"{"type":"mount","path":"/proc/1/ns/mnt"}"#,
+                "",
+            ),
+            spec_with(
+                r#"{"type":"mount"},{"type":"ipc","path":"/proc/1/ns/net"}"#,
                 "",
             ),
             spec_with(r#"{"type":"pid"}"#, ""),
@@ -233,6 +274,22 @@ mod tests {
         for spec in cases {
             assert_eq!(validate(&spec).unwrap_err().code, ErrorCode::Unsupported);
         }
+    }
+
+    #[test]
+    fn another_containers_namespaces_are_joined() {
+        let spec = spec_with(
+            r#"{"type":"mount"},{"type":"network","path":"/proc/12/ns/net"},{"type":"ipc","path":"/proc/12/ns/ipc"},{"type":"pid"}"#,
+            "",
+        );
+        let plan = validate(&spec).unwrap();
+        assert!(plan.has(LinuxNamespaceType::Network) && !plan.creates(LinuxNamespaceType::Network));
+        assert!(plan.creates(LinuxNamespaceType::Pid));
+        assert_eq!(
+            plan.clone_flags(),
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID
+        );
+        assert_eq!(plan.joined.len(), 2);
     }
 
     #[test]
