@@ -14,9 +14,9 @@ use rootcell_protocol::net::NetworkConfig;
 use rootcell_protocol::{
     ErrorCode, Request, Response, StdioSpec, Stream, INIT_PROCESS, PROTOCOL_VERSION,
 };
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -469,7 +469,11 @@ impl Agent {
                     release: Some(p),
                     after: After::Nothing,
                 },
-                None if self.registry.get(&registry::key(id, INIT_PROCESS)).is_some() => {
+                None if self
+                    .registry
+                    .get(&registry::key(id, INIT_PROCESS))
+                    .is_some() =>
+                {
                     error(ErrorCode::InvalidState, "the container is already started").into()
                 }
                 None => error(ErrorCode::InvalidState, "the container's init has exited").into(),
@@ -514,7 +518,11 @@ impl Agent {
             let c = containers
                 .get(id)
                 .ok_or_else(|| SetupError::new(ErrorCode::InvalidState, "no container"))?;
-            if self.registry.get(&registry::key(id, INIT_PROCESS)).is_none() {
+            if self
+                .registry
+                .get(&registry::key(id, INIT_PROCESS))
+                .is_none()
+            {
                 return Err(SetupError::new(
                     ErrorCode::InvalidState,
                     "the container's init has exited",

@@ -159,7 +159,6 @@ impl Control {
             }
         }
     }
-
 }
 
 impl AgentProc {
@@ -534,7 +533,8 @@ fn exec_storm_under_kill_reports_each_exit_exactly_once() {
         );
     }
     // Nothing more may come: no second exit, no exit of a refused exec.
-    a.ctl.control
+    a.ctl
+        .control
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
     loop {
@@ -585,10 +585,7 @@ fn two_containers_share_namespaces_on_their_own_connections() {
 
     let mut b = a.connect();
     let out = a.stream("second", "init", Stream::Stdout);
-    let mut spec = a.spec(
-        &["sh", "-c", "hostname; echo $$; sleep 1000"],
-        false,
-    );
+    let mut spec = a.spec(&["sh", "-c", "hostname; echo $$; sleep 1000"], false);
     let mut linux = spec.linux().clone().unwrap();
     linux.set_namespaces(Some(
         serde_json::from_value(json!([
@@ -612,10 +609,18 @@ fn two_containers_share_namespaces_on_their_own_connections() {
         panic!("create second")
     };
     assert_eq!(b.request(Request::Start), Response::Ok);
-    assert_eq!(ns(b_pid, "net"), ns(a_pid, "net"), "network namespace shared");
+    assert_eq!(
+        ns(b_pid, "net"),
+        ns(a_pid, "net"),
+        "network namespace shared"
+    );
     assert_eq!(ns(b_pid, "ipc"), ns(a_pid, "ipc"), "IPC namespace shared");
     for t in ["mnt", "pid", "uts"] {
-        assert_ne!(ns(b_pid, t), ns(a_pid, t), "{t} namespace is the second's own");
+        assert_ne!(
+            ns(b_pid, t),
+            ns(a_pid, t),
+            "{t} namespace is the second's own"
+        );
     }
     out.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut lines = std::io::BufReader::new(out);
@@ -638,7 +643,11 @@ fn two_containers_share_namespaces_on_their_own_connections() {
         std::fs::metadata(format!("/proc/{a_pid}")).is_ok(),
         "the first container lives on"
     );
-    assert!(a.ctl.events.is_empty(), "no event of the second on the first's connection: {:?}", a.ctl.events);
+    assert!(
+        a.ctl.events.is_empty(),
+        "no event of the second on the first's connection: {:?}",
+        a.ctl.events
+    );
 
     // A third container on a connection that then closes is removed with its processes.
     let mut c = a.connect();
@@ -655,7 +664,10 @@ fn two_containers_share_namespaces_on_their_own_connections() {
     drop(c);
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(format!("/proc/{c_pid}/stat")).is_ok_and(|s| !s.contains(") Z")) {
-        assert!(Instant::now() < deadline, "the closed connection's container still runs");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's container still runs"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(

@@ -6,6 +6,7 @@
 
 use crate::spec::BindMount;
 use nix::mount::{mount, MsFlags};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Component, Path, PathBuf};
 
 /// Share entry holding the bind sources that cannot be laid out at their own path.
@@ -129,6 +130,142 @@ pub fn build(share: &Path, rootfs: &Path, binds: &[BindMount]) -> Result<(), Sha
         bind(&b.source, &dst, b.read_only)?;
     }
     Ok(())
+}
+
+/// Where, inside a VM owner's share, a container joining that VM gets its own entries: its
+/// rootfs and bind sources under `.rootcell/c/<id>/`, named as in a share of its own.
+pub fn member_entry(share: &Path, id: &str) -> PathBuf {
+    share.join(FALLBACK_DIR).join("c").join(id)
+}
+
+/// A mount tree cloned from the namespace it was made in (`open_tree(OPEN_TREE_CLONE)`), not
+/// attached anywhere yet: the way to carry a host path into the VM owner's private mount
+/// namespace, which a plain bind mount cannot reach across.
+pub struct DetachedTree(std::os::fd::OwnedFd);
+
+// The new mount API's flags (linux/mount.h); libc exports them only for some targets.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// Clones the mount tree at `path` (recursively) as a detached tree.
+pub fn clone_tree(path: &Path) -> Result<DetachedTree, ShareError> {
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| ShareError {
+            what: "clone the mount tree of",
+            path: path.display().to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        })?;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    // SAFETY: open_tree(2) with a valid NUL-terminated path; it returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(ShareError {
+            what: "clone the mount tree of",
+            path: path.display().to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the fd was just returned to us and nothing else owns it.
+    Ok(DetachedTree(unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+    }))
+}
+
+/// Attaches a detached tree on `dst` (an existing file or directory) in this namespace.
+fn attach_tree(tree: DetachedTree, dst: &Path) -> Result<(), ShareError> {
+    let c = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes()).map_err(|_| ShareError {
+        what: "attach a mount tree on",
+        path: dst.display().to_string(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })?;
+    let empty = c"";
+    // SAFETY: move_mount(2) of the tree fd (empty path) onto a valid NUL-terminated path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.0.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(ShareError {
+            what: "attach a mount tree on",
+            path: dst.display().to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// A joining container's rootfs and bind sources, cloned in the host's namespace.
+pub struct MemberTrees {
+    rootfs: DetachedTree,
+    binds: Vec<(BindMount, DetachedTree)>,
+}
+
+/// Clones the rootfs and bind sources (call before leaving the host's mount namespace).
+pub fn clone_member(rootfs: &Path, binds: &[BindMount]) -> Result<MemberTrees, ShareError> {
+    Ok(MemberTrees {
+        rootfs: clone_tree(rootfs)?,
+        binds: binds
+            .iter()
+            .map(|b| Ok((b.clone(), clone_tree(&b.source)?)))
+            .collect::<Result<_, ShareError>>()?,
+    })
+}
+
+/// Attaches a joining container's trees at [`member_entry`] of the owner's `share` (we are in
+/// the owner's mount namespace); returns the mount points, to detach when it ends.
+pub fn attach_member(
+    share: &Path,
+    id: &str,
+    trees: MemberTrees,
+) -> Result<Vec<PathBuf>, ShareError> {
+    let io = |what: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| ShareError { what, path, source }
+    };
+    let entry = member_entry(share, id);
+    let root_dst = entry.join("rootfs");
+    std::fs::create_dir_all(&root_dst).map_err(io("create", &root_dst))?;
+    let mut mounted = Vec::new();
+    attach_tree(trees.rootfs, &root_dst)?;
+    mounted.push(root_dst);
+    for (b, tree) in trees.binds {
+        let dst = entry.join(&b.name);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        }
+        if b.source.is_dir() {
+            std::fs::create_dir(&dst).map_err(io("create", &dst))?;
+        } else {
+            std::fs::File::create(&dst).map_err(io("create", &dst))?;
+        }
+        attach_tree(tree, &dst)?;
+        mounted.push(dst.clone());
+        if b.read_only {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(None::<&str>, &dst, None::<&str>, flags, None::<&str>)
+                .map_err(fail("remount read-only", &dst))?;
+        }
+    }
+    Ok(mounted)
+}
+
+/// Detaches a joining container's entries (lazily: the guest may still hold files open) and
+/// removes the mount points it can. Never recurses into them.
+pub fn detach_member(mounted: &[PathBuf]) {
+    for m in mounted.iter().rev() {
+        if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!("cannot detach {}: {e}", m.display());
+            continue;
+        }
+        let _ = std::fs::remove_dir(m).or_else(|_| std::fs::remove_file(m));
+    }
 }
 
 /// Removes a run dir without ever recursing into the share dir's entries: in the host's mount

@@ -2,7 +2,6 @@
 
 use crate::error::RuntimeError;
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use rootcell_protocol::GUEST_SHARE_DIR;
 use std::path::{Path, PathBuf};
 
 /// Default guest memory when config.json sets no memory limit.
@@ -192,30 +191,60 @@ pub fn bind_mounts(spec: &Spec, bundle: &Path) -> Vec<BindMount> {
     binds
 }
 
-/// The spec the agent gets: rootfs and bind sources point into the guest's share mount, and
-/// host-only parts (hooks) are dropped.
-pub fn rewrite_for_guest(spec: &Spec, binds: &[BindMount], guest_network: bool) -> Spec {
+/// How a container's namespaces map into the guest.
+#[derive(Debug, Clone, Copy)]
+pub enum GuestNamespaces<'a> {
+    /// The container has the VM to itself. With `guest_network` (mirrored interfaces) it uses
+    /// the guest's own network namespace, where the agent configured them; otherwise it gets a
+    /// fresh one, loopback only.
+    Own {
+        /// The guest's network was configured for the container.
+        guest_network: bool,
+    },
+    /// The container joins namespaces of another container in that one's VM.
+    Joined(&'a crate::join::Join),
+}
+
+/// The spec the agent gets: rootfs and bind sources point into the guest's share mount
+/// (`share`: where this container's entries are in the guest), namespaces as `namespaces`
+/// says, and host-only parts (hooks) are dropped.
+pub fn rewrite_for_guest(
+    spec: &Spec,
+    binds: &[BindMount],
+    share: &Path,
+    namespaces: GuestNamespaces<'_>,
+) -> Spec {
     let mut out = spec.clone();
-    if let Some(namespaces) = out
+    if let Some(list) = out
         .linux_mut()
         .as_mut()
         .and_then(|l| l.namespaces_mut().as_mut())
     {
-        // The host's namespace path means nothing in the guest. With mirrored interfaces the
-        // container uses the guest's own network namespace, where the agent configured them
-        // (the VM holds this one container); otherwise it gets a fresh one, loopback only.
-        if guest_network {
-            namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
-        } else {
-            for n in namespaces
-                .iter_mut()
-                .filter(|n| n.typ() == LinuxNamespaceType::Network)
-            {
-                n.set_path(None);
+        match namespaces {
+            // The host's namespace path means nothing in the guest.
+            GuestNamespaces::Own {
+                guest_network: true,
+            } => {
+                list.retain(|n| n.typ() != LinuxNamespaceType::Network);
+            }
+            GuestNamespaces::Own {
+                guest_network: false,
+            } => {
+                for n in list
+                    .iter_mut()
+                    .filter(|n| n.typ() == LinuxNamespaceType::Network)
+                {
+                    n.set_path(None);
+                }
+            }
+            GuestNamespaces::Joined(join) => {
+                for n in list.iter_mut() {
+                    let guest = join.guest_path(n.typ()).map(Path::to_path_buf);
+                    n.set_path(guest);
+                }
             }
         }
     }
-    let share = Path::new(GUEST_SHARE_DIR);
     if let Some(root) = out.root_mut() {
         root.set_path(share.join("rootfs"));
     }
@@ -268,6 +297,7 @@ pub fn vm_resources(spec: &Spec) -> (u64, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rootcell_protocol::GUEST_SHARE_DIR;
 
     fn bundle_with(config: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -361,7 +391,14 @@ mod tests {
             }
         );
         assert!(!binds[1].read_only);
-        let g = rewrite_for_guest(&loaded.spec, &binds, false);
+        let g = rewrite_for_guest(
+            &loaded.spec,
+            &binds,
+            Path::new(GUEST_SHARE_DIR),
+            GuestNamespaces::Own {
+                guest_network: false,
+            },
+        );
         assert_eq!(
             g.root().as_ref().unwrap().path(),
             Path::new("/run/rootcell/share/rootfs")

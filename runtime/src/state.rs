@@ -160,9 +160,36 @@ pub struct ContainerState {
     /// Poststop hooks from config.json, run by `delete`.
     #[serde(default)]
     pub poststop: Vec<oci_spec::runtime::Hook>,
+    /// The container's init pid inside its guest (0 until created there): another container
+    /// joining its namespaces joins `/proc/<guest_pid>/ns/...` of that guest.
+    #[serde(default)]
+    pub guest_pid: i32,
+    /// Guest RAM of the VM the container runs in, in MiB (0 until it runs).
+    #[serde(default)]
+    pub vm_memory_mib: u64,
+    /// Set when the container runs in another container's VM rather than in its own.
+    #[serde(default)]
+    pub shares_vm: Option<SharedVm>,
+}
+
+/// The VM a container shares with the container that booted it (its namespaces joined it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedVm {
+    /// Id of the container whose sandbox runs the VM.
+    pub owner: String,
+    /// That container's run dir (its hybrid vsock socket and share dir are there).
+    pub owner_run_dir: PathBuf,
 }
 
 impl ContainerState {
+    /// The hybrid vsock socket of the VM the container runs in (its own, or its owner's).
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.shares_vm
+            .as_ref()
+            .map_or(&self.run_dir, |s| &s.owner_run_dir)
+            .join(crate::paths::VSOCK_UDS)
+    }
+
     /// The sandbox's control socket.
     pub fn control_socket(&self) -> PathBuf {
         self.run_dir.join(crate::paths::CONTROL_SOCKET)
@@ -236,6 +263,9 @@ mod tests {
 
     fn sample() -> ContainerState {
         ContainerState {
+            guest_pid: 0,
+            vm_memory_mib: 0,
+            shares_vm: None,
             id: "c1".into(),
             bundle: "/b".into(),
             rootfs: "/b/rootfs".into(),
@@ -260,9 +290,8 @@ mod tests {
         use Action::*;
         use Status::*;
         let all = [Creating, Created, Running, Paused, Stopped];
-        let allowed = |a: Action| -> Vec<Status> {
-            all.into_iter().filter(|s| s.check(a).is_ok()).collect()
-        };
+        let allowed =
+            |a: Action| -> Vec<Status> { all.into_iter().filter(|s| s.check(a).is_ok()).collect() };
         assert_eq!(allowed(Start), [Created]);
         assert_eq!(allowed(Exec), [Created, Running]);
         assert_eq!(allowed(Signal), [Created, Running]);

@@ -55,12 +55,13 @@ pub struct TerminalMode {
     pub tty_stdio: bool,
 }
 
-/// Connects the streams `process` needs through the hybrid vsock socket `uds`.
-pub fn attach(uds: &Path, process: &str, mode: &TerminalMode) -> Result<Attached> {
+/// Connects the streams `process` of `container` needs through the hybrid vsock socket `uds`.
+pub fn attach(uds: &Path, container: &str, process: &str, mode: &TerminalMode) -> Result<Attached> {
     let open = |stream: Stream| {
         agent::open_stream(
             uds,
             &StreamHello {
+                container: container.into(),
                 process: process.into(),
                 stream,
             },

@@ -135,8 +135,13 @@ fn join_namespaces(plan: &NamespacePlan) -> Result<(), SetupError> {
                 ),
             )
         })?;
-        nix::sched::setns(f.as_fd(), spec::ns_flag(*t))
-            .ctx(|| format!("join the {} namespace {}", spec::ns_proc_name(*t), path.display()))?;
+        nix::sched::setns(f.as_fd(), spec::ns_flag(*t)).ctx(|| {
+            format!(
+                "join the {} namespace {}",
+                spec::ns_proc_name(*t),
+                path.display()
+            )
+        })?;
     }
     Ok(())
 }

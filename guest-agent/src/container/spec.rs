@@ -257,10 +257,7 @@ mod tests {
                 r#"{"type":"mount"},{"type":"ipc","path":"/run/netns/x"}"#,
                 "",
             ),
-            spec_with(
-                r#"{"type":"mount","path":"/proc/1/ns/mnt"}"#,
-                "",
-            ),
+            spec_with(r#"{"type":"mount","path":"/proc/1/ns/mnt"}"#, ""),
             spec_with(
                 r#"{"type":"mount"},{"type":"ipc","path":"/proc/1/ns/net"}"#,
                 "",
@@ -283,7 +280,9 @@ mod tests {
             "",
         );
         let plan = validate(&spec).unwrap();
-        assert!(plan.has(LinuxNamespaceType::Network) && !plan.creates(LinuxNamespaceType::Network));
+        assert!(
+            plan.has(LinuxNamespaceType::Network) && !plan.creates(LinuxNamespaceType::Network)
+        );
         assert!(plan.creates(LinuxNamespaceType::Pid));
         assert_eq!(
             plan.clone_flags(),

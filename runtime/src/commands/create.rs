@@ -80,8 +80,22 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     if terminal && opts.console_socket.is_none() && !opts.attached {
         bail!("config.json has process.terminal: true but no --console-socket was given; a detached container needs one (or set terminal to false)");
     }
-    // A network the VM cannot have is refused before anything is made.
-    crate::network::check(&bundle.spec)?;
+    // Joining a running rootcell container's namespaces puts the container in that one's VM;
+    // otherwise a network the VM cannot have is refused before anything is made.
+    let shares_vm = match crate::join::resolve(&g.root, &bundle.spec)? {
+        Some(join) => {
+            join.check_fits(id, &bundle.spec)?;
+            tracing::info!(owner = %join.owner.id, "joining the VM of container {}", join.owner.id);
+            Some(crate::state::SharedVm {
+                owner: join.owner.id.clone(),
+                owner_run_dir: join.owner.run_dir.clone(),
+            })
+        }
+        None => {
+            crate::network::check(&bundle.spec)?;
+            None
+        }
+    };
     // Fail on missing boot files before making anything.
     crate::hypervisor::preflight()?;
     let guest_privileged = g.guest_privileged
@@ -145,6 +159,9 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
         guest_privileged,
         poststart: hooks.poststart().clone().unwrap_or_default(),
         poststop: hooks.poststop().clone().unwrap_or_default(),
+        guest_pid: 0,
+        vm_memory_mib: 0,
+        shares_vm,
     };
     state.save(&paths::state_file(&g.root, id))?;
 

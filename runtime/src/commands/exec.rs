@@ -239,7 +239,7 @@ fn relay_prepare(g: &Global, a: &RelayArgs) -> Result<(UnixStream, Attached, Pat
         terminal,
         ..a.mode.clone()
     };
-    let attached = stdio::attach(&st.run_dir.join(paths::VSOCK_UDS), &a.exec_id, &mode)?;
+    let attached = stdio::attach(&st.vsock_uds(), &st.id, &a.exec_id, &mode)?;
     let ctl = st.control_socket();
     let mut conn = UnixStream::connect(&ctl)
         .with_context(|| format!("cannot reach the container's sandbox at {}", ctl.display()))?;

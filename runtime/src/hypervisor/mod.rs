@@ -2,6 +2,7 @@
 //! virtio-fs share: QEMU, or rootcell's own VMM (`builtin`); [`select`] decides which.
 
 pub mod builtin;
+pub mod joined;
 pub mod qemu;
 pub mod select;
 

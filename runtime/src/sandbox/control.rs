@@ -86,7 +86,15 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
         ControlRequest::Ping => ControlResponse::Ok,
         ControlRequest::Pause | ControlRequest::Resume => {
             let pause = req == ControlRequest::Pause;
-            match shared.vm.set_paused(pause) {
+            let paused = match shared.role {
+                Role::Owner => shared.vm.set_paused(pause),
+                // In another container's VM only this container's cgroup is frozen.
+                Role::Member { .. } => match forward(shared, Request::Freeze { frozen: pause }) {
+                    ControlResponse::Ok => Ok(()),
+                    other => Err(std::io::Error::other(format!("{other:?}"))),
+                },
+            };
+            match paused {
                 Ok(()) => {
                     advance(if pause { Action::Pause } else { Action::Resume });
                     // The guest's clock stood still while the VM was frozen.
@@ -108,10 +116,7 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
             if let Err(e) = crate::clock::sync(&shared.agent) {
                 tracing::warn!("cannot set the guest's clock before the start: {e:#}");
             }
-            match shared
-                .agent
-                .request(Request::Start, crate::timeouts::START)
-            {
+            match shared.agent.request(Request::Start, crate::timeouts::START) {
                 Ok(Response::Ok) | Ok(Response::Created { .. }) => {
                     advance(Action::Start);
                     ControlResponse::Ok

@@ -20,6 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 mod console_log;
 mod control;
 mod exec;
+mod member;
 mod prepare;
 mod serve;
 mod signals;
@@ -41,7 +42,10 @@ pub fn boot_timeout() -> std::time::Duration {
     std::env::var("ROOTCELL_BOOT_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .map_or(crate::timeouts::BOOT_DEFAULT, std::time::Duration::from_secs)
+        .map_or(
+            crate::timeouts::BOOT_DEFAULT,
+            std::time::Duration::from_secs,
+        )
 }
 
 /// Arguments of the hidden `sandbox` subcommand.
@@ -137,6 +141,22 @@ struct Shared {
     tty_fd: Option<i32>,
     /// Exec'd processes waiting for their exit status, by exec id.
     exec_waiters: Mutex<HashMap<String, mpsc::Sender<i32>>>,
+    /// Whether the VM is ours or another container's.
+    role: Role,
+}
+
+/// A sandbox's relation to the VM its container runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// The sandbox booted the VM and ends it when its container ends (containers that joined
+    /// it end with it).
+    Owner,
+    /// The container joined another container's VM: ending it removes only the container (and
+    /// detaches its entries, `mounts`, from the owner's share); pausing freezes its cgroup.
+    Member {
+        /// Mount points of its rootfs and bind sources in the owner's share.
+        mounts: Vec<PathBuf>,
+    },
 }
 
 impl Shared {

@@ -23,6 +23,12 @@ use std::time::Instant;
 /// cgroup and the control socket. A VM pool or a VM shared by several containers reuses the
 /// steps it needs.
 pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
+    let state_path = paths::state_file(&args.root, &args.id);
+    let recorded = ContainerState::load(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    if recorded.shares_vm.is_some() {
+        return super::member::prepare(args);
+    }
     let Entered {
         mut state,
         state_path,
@@ -31,12 +37,16 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     let host = host_setup(&state, &bundle)?;
     let (vm, cfg) = start_vm(args, &mut state, &state_path, &bundle, &host)?;
     let (events_tx, events) = mpsc::channel();
-    let agent = connect_agent(&vm, &cfg, &events_tx)?;
-    let Attached {
-        streams,
-        tty_fd,
-        saved: saved_termios,
-    } = create_container(args, &agent, &state, &bundle, &host, &cfg)?;
+    let agent = connect_agent(&vm, &VmLogs::of(&cfg), &events_tx)?;
+    let (
+        Attached {
+            streams,
+            tty_fd,
+            saved: saved_termios,
+        },
+        guest_pid,
+    ) = create_container(args, &agent, &state, &bundle, &host, &cfg)?;
+    state.guest_pid = guest_pid;
     if let Some(cg) = &state.cgroups_path {
         join_cpu_cgroup(cg, &bundle.spec, &[state.pid, state.vm_pid]);
     }
@@ -56,6 +66,7 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         in_flight: AtomicUsize::new(0),
         tty_fd,
         exec_waiters: Mutex::default(),
+        role: Role::Owner,
     });
     Ok(Sandbox {
         shared,
@@ -201,6 +212,7 @@ fn start_vm(
     };
     tracing::info!(hypervisor = hv.name(), reason = %selection.reason, "starting the guest");
     let vm: Arc<dyn Vm> = Arc::from(hv.start(&cfg)?);
+    state.vm_memory_mib = cfg.memory_mib;
     state.vm_pid = vm.pid().unwrap_or(0);
     state.vm_pid_start = crate::state::proc_stat(state.vm_pid)
         .map(|s| s.0)
@@ -209,11 +221,31 @@ fn start_vm(
     Ok((vm, cfg))
 }
 
+/// Where to reach a VM's agent and where it says how far it got.
+pub(super) struct VmLogs {
+    /// The hybrid vsock socket.
+    pub vsock_uds: PathBuf,
+    /// The serial console's log.
+    pub console_log: PathBuf,
+    /// The hypervisor's own log.
+    pub hypervisor_log: PathBuf,
+}
+
+impl VmLogs {
+    fn of(cfg: &VmConfig) -> Self {
+        VmLogs {
+            vsock_uds: cfg.vsock_uds.clone(),
+            console_log: cfg.console_log.clone(),
+            hypervisor_log: cfg.hypervisor_log.clone(),
+        }
+    }
+}
+
 /// Waits (bounded) for the guest's agent, checks its protocol version and sets its clock.
 /// Agent notices go to `events`.
-fn connect_agent(
+pub(super) fn connect_agent(
     vm: &Arc<dyn Vm>,
-    cfg: &VmConfig,
+    cfg: &VmLogs,
     events: &mpsc::Sender<SbEvent>,
 ) -> Result<Arc<AgentClient>> {
     let _s = tracing::info_span!("agent_ready").entered();
@@ -261,8 +293,8 @@ fn connect_agent(
     Ok(agent)
 }
 
-/// Attaches the init process's stdio, configures the guest's network, and has the agent create
-/// the container (its init waits for `start`).
+/// Configures the guest's network, attaches the init process's stdio and has the agent create
+/// the container (its init waits for `start`); returns the init's guest pid too.
 fn create_container(
     args: &SandboxArgs,
     agent: &AgentClient,
@@ -270,15 +302,8 @@ fn create_container(
     bundle: &spec::Bundle,
     host: &HostSetup,
     cfg: &VmConfig,
-) -> Result<Attached> {
+) -> Result<(Attached, i32)> {
     let _span = tracing::info_span!("container_create").entered();
-    let terminal = spec::has_terminal(&bundle.spec);
-    let mode = TerminalMode {
-        terminal,
-        console_socket: args.console_socket.clone(),
-        tty_stdio: args.tty_stdio,
-    };
-    let attached = stdio::attach(&cfg.vsock_uds, INIT_PROCESS, &mode)?;
     if let Some((_, config)) = &host.network {
         let _s = tracing::info_span!("network_setup").entered();
         let req = Request::ConfigureNetwork {
@@ -293,7 +318,39 @@ fn create_container(
             other => bail!("unexpected answer to ConfigureNetwork: {other:?}"),
         }
     }
-    let guest_spec = spec::rewrite_for_guest(&bundle.spec, &host.binds, host.network.is_some());
+    let guest_spec = spec::rewrite_for_guest(
+        &bundle.spec,
+        &host.binds,
+        Path::new(rootcell_protocol::GUEST_SHARE_DIR),
+        spec::GuestNamespaces::Own {
+            guest_network: host.network.is_some(),
+        },
+    );
+    create_init(
+        args,
+        agent,
+        &cfg.vsock_uds,
+        guest_spec,
+        state.guest_privileged,
+    )
+}
+
+/// Attaches the init process's stdio through `uds` and has the agent create the container from
+/// `guest_spec`; returns the streams and the init's guest pid.
+pub(super) fn create_init(
+    args: &SandboxArgs,
+    agent: &AgentClient,
+    uds: &Path,
+    guest_spec: Spec,
+    privileged: bool,
+) -> Result<(Attached, i32)> {
+    let terminal = spec::has_terminal(&guest_spec);
+    let mode = TerminalMode {
+        terminal,
+        console_socket: args.console_socket.clone(),
+        tty_stdio: args.tty_stdio,
+    };
+    let attached = stdio::attach(uds, &args.id, INIT_PROCESS, &mode)?;
     let stdio = StdioSpec {
         stdin: !terminal,
         stdout: !terminal,
@@ -304,10 +361,13 @@ fn create_container(
         container_id: args.id.clone(),
         spec: Box::new(guest_spec),
         stdio,
-        privileged: state.guest_privileged,
+        privileged,
     };
-    match agent.request(create, crate::timeouts::CREATE)? {
-        Response::Created { pid } => tracing::info!(guest_pid = pid, "container created"),
+    let guest_pid = match agent.request(create, crate::timeouts::CREATE)? {
+        Response::Created { pid } => {
+            tracing::info!(guest_pid = pid, "container created");
+            pid
+        }
         Response::Error { code, message } => match process_status(code) {
             Some(status) => {
                 let msg = format!("cannot start the container process: {message}");
@@ -316,11 +376,11 @@ fn create_container(
             None => bail!("container create failed ({code:?}): {message}"),
         },
         other => bail!("unexpected answer to Create: {other:?}"),
-    }
+    };
     if let Some(fd) = attached.tty_fd {
         resize(agent, fd);
     }
-    Ok(attached)
+    Ok((attached, guest_pid))
 }
 
 /// Private mount namespace and the container's network namespace, before any thread exists.

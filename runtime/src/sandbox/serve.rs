@@ -115,9 +115,20 @@ impl Sandbox {
             s.status = Status::Stopped;
             s.exit_status = Some(status);
         });
-        let _ = shared
-            .agent
-            .request(Request::Shutdown, crate::timeouts::SHUTDOWN);
+        match &shared.role {
+            Role::Owner => {
+                let _ = shared
+                    .agent
+                    .request(Request::Shutdown, crate::timeouts::SHUTDOWN);
+            }
+            Role::Member { mounts } => {
+                // The VM and its other containers go on; only ours is removed.
+                let _ = shared
+                    .agent
+                    .request(Request::Remove, crate::timeouts::SHUTDOWN);
+                crate::share::detach_member(mounts);
+            }
+        }
         vm.finish(crate::timeouts::VM_FINISH);
         drop(network);
         let deadline = Instant::now() + crate::timeouts::IN_FLIGHT;
