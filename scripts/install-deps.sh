@@ -11,6 +11,7 @@ pkgs=(
     binutils                                             # nested-KVM lane: objcopy reads module dependencies
     docker.io containerd runc                            # Docker end-to-end tests and runc comparisons
     debootstrap python3-venv                             # INGInious test: grading image, INGInious venv
+    podman containernetworking-plugins catatonit        # Podman pods sharing a VM (tests/e2e/shared_vm.rs)
 )
 missing=()
 for p in "${pkgs[@]}"; do

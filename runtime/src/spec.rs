@@ -121,11 +121,14 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<PathBuf, RuntimeError> {
         .and_then(|l| l.namespaces().clone())
         .unwrap_or_default();
     for (i, ns) in namespaces.iter().enumerate() {
-        if ns.path().is_some() && ns.typ() != LinuxNamespaceType::Network {
+        // Other namespaces may be joined when they are a rootcell container's (see join.rs).
+        if ns.path().is_some()
+            && matches!(ns.typ(), LinuxNamespaceType::Mount | LinuxNamespaceType::User)
+        {
             return Err(RuntimeError::Unsupported {
                 field: format!("linux.namespaces[{i}].path"),
                 msg: format!(
-                    "joining an existing {} namespace is not supported (every container has its own VM); remove the path",
+                    "joining an existing {} namespace is not supported (a container has its own root file system in its VM); remove the path",
                     ns.typ()
                 ),
             });

@@ -257,6 +257,11 @@ fn inginious_grades_need_root_tasks_through_rootcell() {
         !ran || (r["stdout"] == "as root:0\n" && r["code"] == 0),
         || format!("{label}: run_student --run-as-root: got {r}"),
     );
+    let n = rs.custom("share_network");
+    c.check(
+        !ran || (n["stdout"] == "hello from the grader's localhost\n" && n["code"] == 0),
+        || format!("{label}: run_student --share-network reaching the grader's 127.0.0.1: got {n}"),
+    );
 
     let ov = results.iter().find(|j| j.0["task"] == "overflow").unwrap();
     c.check(ov.result() == "overflow", || {
