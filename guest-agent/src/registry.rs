@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 
-/// The registry name of `container`'s process `process` ("<container>/<process>": container
+/// The registry name of `container`'s process `process` (`<container>/<process>`: container
 /// ids never contain `/`), so the processes of several containers in one guest stay apart.
 pub fn key(container: &str, process: &str) -> String {
     format!("{container}/{process}")

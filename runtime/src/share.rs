@@ -268,6 +268,34 @@ pub fn detach_member(mounted: &[PathBuf]) {
     }
 }
 
+/// Detaches what is still attached of joining container `id` in the share of the VM owner whose
+/// sandbox is `owner_pid` (its own sandbox was killed before it could): the mount points under
+/// its entry, as the owner's mount namespace lists them, unmounted there with `nsenter`.
+pub fn detach_member_from_outside(owner_pid: i32, owner_share: &Path, id: &str) {
+    let entry = member_entry(owner_share, id);
+    let Ok(info) = std::fs::read_to_string(format!("/proc/{owner_pid}/mountinfo")) else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(&entry))
+        .collect();
+    // Deepest first; the kernel escapes spaces in mountinfo, which our entries never contain.
+    points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in points {
+        let st = std::process::Command::new("nsenter")
+            .arg("--target")
+            .arg(owner_pid.to_string())
+            .args(["--mount", "--", "umount", "--lazy", m])
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            tracing::warn!("cannot detach {m} in the VM owner's namespace (sandbox {owner_pid})");
+        }
+    }
+}
+
 /// Removes a run dir without ever recursing into the share dir's entries: in the host's mount
 /// namespace they are empty mount points, and a recursive delete that ran where they are still
 /// mounted would delete the container's files.

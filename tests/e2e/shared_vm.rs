@@ -12,7 +12,8 @@ const SERVER: &str = "mkdir -p /www && echo hello-from-a > /www/index.html && ec
                       && exec httpd -f -p 127.0.0.1:8080 -h /www";
 
 /// A client loop: fetch the first container's page (retrying while it comes up).
-const FETCH: &str = "for i in $(seq 100); do wget -q -O - http://127.0.0.1:8080/ && break; sleep 0.2; done";
+const FETCH: &str =
+    "for i in $(seq 100); do wget -q -O - http://127.0.0.1:8080/ && break; sleep 0.2; done";
 
 /// Sets namespace `kind`'s path in a spec (adding the namespace if missing).
 fn join_ns(spec: &mut serde_json::Value, kind: &str, path: &str) {
@@ -34,11 +35,19 @@ fn vmms_of(run_dir: &std::path::Path) -> Vec<String> {
 /// Nothing of container `id` is left (while other containers of the same root may run): no
 /// process, state or run dir, no mount in this namespace or in any sandbox's.
 fn nothing_of(rt: &Runtime, id: &str) {
-    wait_for("the container's processes to end", Duration::from_secs(10), || {
-        processes_mentioning(id).is_empty()
-    });
-    assert!(!rt.root().join(id).exists(), "state dir of {id} left behind");
-    assert!(!run_dir(&rt.root(), id).exists(), "run dir of {id} left behind");
+    wait_for(
+        "the container's processes to end",
+        Duration::from_secs(10),
+        || processes_mentioning(id).is_empty(),
+    );
+    assert!(
+        !rt.root().join(id).exists(),
+        "state dir of {id} left behind"
+    );
+    assert!(
+        !run_dir(&rt.root(), id).exists(),
+        "run dir of {id} left behind"
+    );
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(m) = std::fs::read_to_string(e.path().join("mountinfo")) {
             assert!(
@@ -79,10 +88,15 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     let (o, b_out, _) = rt.create(&b_bundle, &b);
     assert_eq!(code(&o), 0, "create {b}: {}", text(&o.stderr));
     assert_eq!(code(&rt.run(&["start", &b])), 0);
-    wait_for("the second container's fetch", Duration::from_secs(60), || {
-        std::fs::read_to_string(&b_out).is_ok_and(|s| s.contains("fetched"))
-    });
-    eprintln!("second container: create to fetched in {:?}", started.elapsed());
+    wait_for(
+        "the second container's fetch",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&b_out).is_ok_and(|s| s.contains("fetched")),
+    );
+    eprintln!(
+        "second container: create to fetched in {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         std::fs::read_to_string(&b_out).unwrap(),
         "hello-from-a\nown-root\nfetched\n",
@@ -91,23 +105,88 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     // One VM: the first's; none of the second's own.
     let a_run = run_dir(&rt.root(), &a);
     let b_run = run_dir(&rt.root(), &b);
-    assert_eq!(vmms_of(&b_run), Vec::<String>::new(), "the second container booted no VM");
+    assert_eq!(
+        vmms_of(&b_run),
+        Vec::<String>::new(),
+        "the second container booted no VM"
+    );
     let host_pid_b = rt.state(&b)["pid"].as_i64().unwrap();
-    assert!(host_pid_b > 0 && host_pid_b != a_pid, "each has its own host process");
+    assert!(
+        host_pid_b > 0 && host_pid_b != a_pid,
+        "each has its own host process"
+    );
 
     // exec into each sees its own root.
-    let o = rt.run(&["exec", &a, "sh", "-c", "cat /a-only; test -e /b-only || echo no-b"]);
-    assert_eq!(text(&o.stdout), "a\nno-b\n", "exec into the first: {}", text(&o.stderr));
-    let o = rt.run(&["exec", &b, "sh", "-c", "cat /b-only; test -e /a-only || echo no-a"]);
-    assert_eq!(text(&o.stdout), "b\nno-a\n", "exec into the second: {}", text(&o.stderr));
+    let o = rt.run(&[
+        "exec",
+        &a,
+        "sh",
+        "-c",
+        "cat /a-only; test -e /b-only || echo no-b",
+    ]);
+    assert_eq!(
+        text(&o.stdout),
+        "a\nno-b\n",
+        "exec into the first: {}",
+        text(&o.stderr)
+    );
+    let o = rt.run(&[
+        "exec",
+        &b,
+        "sh",
+        "-c",
+        "cat /b-only; test -e /a-only || echo no-a",
+    ]);
+    assert_eq!(
+        text(&o.stdout),
+        "b\nno-a\n",
+        "exec into the second: {}",
+        text(&o.stderr)
+    );
 
     // Pausing the second freezes only it.
     assert_eq!(code(&rt.run(&["pause", &b])), 0);
     assert_eq!(rt.state(&b)["status"], "paused");
-    let o = rt.run(&["exec", &a, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
-    assert_eq!(text(&o.stdout), "hello-from-a\n", "the first serves while the second is paused");
+    let o = rt.run(&[
+        "exec",
+        &a,
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "http://127.0.0.1:8080/",
+    ]);
+    assert_eq!(
+        text(&o.stdout),
+        "hello-from-a\n",
+        "the first serves while the second is paused"
+    );
     assert_eq!(code(&rt.run(&["resume", &b])), 0);
     assert_eq!(rt.state(&b)["status"], "running");
+
+    // A third, killed with SIGKILL at its sandbox, then deleted: its entries leave the first's
+    // share too.
+    let c = unique_id("vm-c");
+    let c_bundle = Bundle::new(&["sleep", "1000"]).edit(|s| {
+        join_ns(s, "network", &format!("/proc/{a_pid}/ns/net"));
+    });
+    let (o, _, _) = rt.create(&c_bundle, &c);
+    assert_eq!(code(&o), 0, "create {c}: {}", text(&o.stderr));
+    let c_pid = rt.state(&c)["pid"].as_i64().unwrap() as i32;
+    let in_a = |id: &str| {
+        std::fs::read_to_string(format!("/proc/{a_pid}/mountinfo"))
+            .unwrap()
+            .contains(&format!("/c/{id}/"))
+    };
+    assert!(
+        in_a(&c),
+        "the third's rootfs is attached in the first's share"
+    );
+    // SAFETY: plain kill(2) of the sandbox process the test created.
+    unsafe { libc::kill(c_pid, libc::SIGKILL) };
+    assert_eq!(code(&rt.run(&["delete", "--force", &c])), 0);
+    assert!(!in_a(&c), "delete detached the killed container's entries");
+    nothing_of(&rt, &c);
 
     // The second ends with its own status; the first goes on serving.
     assert_eq!(code(&rt.run(&["kill", &b, "KILL"])), 0);
@@ -115,14 +194,31 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     assert_eq!(st["status"], "stopped");
     assert_eq!(code(&rt.run(&["delete", &b])), 0);
     assert_eq!(rt.state(&a)["status"], "running");
-    let o = rt.run(&["exec", &a, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
-    assert_eq!(text(&o.stdout), "hello-from-a\n", "the first still serves: {}", text(&o.stderr));
+    let o = rt.run(&[
+        "exec",
+        &a,
+        "wget",
+        "-q",
+        "-O",
+        "-",
+        "http://127.0.0.1:8080/",
+    ]);
+    assert_eq!(
+        text(&o.stdout),
+        "hello-from-a\n",
+        "the first still serves: {}",
+        text(&o.stderr)
+    );
     let mounts = std::fs::read_to_string(format!("/proc/{a_pid}/mountinfo")).unwrap();
     assert!(
         !mounts.contains(&format!("/c/{b}/")),
         "the second's entries left the first's share: {mounts}"
     );
-    assert!(processes_mentioning(&b).is_empty(), "{:?}", processes_mentioning(&b));
+    assert!(
+        processes_mentioning(&b).is_empty(),
+        "{:?}",
+        processes_mentioning(&b)
+    );
     assert!(!b_run.exists(), "run dir of {b} left behind");
 
     assert_eq!(code(&rt.run(&["kill", &a, "KILL"])), 0);
@@ -188,7 +284,11 @@ fn joins_that_cannot_work_are_refused() {
     let b = Bundle::new(&["true"]).edit(|s| join_ns(s, "network", &format!("/proc/{pid}/ns/net")));
     refused(&b, &unique_id("rf-net"), "already used by process");
     let b = Bundle::new(&["true"]).edit(|s| join_ns(s, "ipc", &format!("/proc/{pid}/ns/ipc")));
-    refused(&b, &unique_id("rf-ipc"), "not one of a running rootcell container");
+    refused(
+        &b,
+        &unique_id("rf-ipc"),
+        "not one of a running rootcell container",
+    );
     let _ = other.kill();
     let _ = other.wait();
 
@@ -211,7 +311,8 @@ fn joins_that_cannot_work_are_refused() {
 
     // A stopped rootcell container: its namespaces are gone.
     assert_eq!(code(&rt.run(&["delete", "--force", &a])), 0);
-    let b = Bundle::new(&["true"]).edit(|s| join_ns(s, "network", &format!("/proc/{a_pid}/ns/net")));
+    let b =
+        Bundle::new(&["true"]).edit(|s| join_ns(s, "network", &format!("/proc/{a_pid}/ns/net")));
     refused(&b, &unique_id("rf-stopped"), "cannot be opened");
     assert_no_leftovers(&rt, &a);
 }
@@ -226,18 +327,35 @@ fn docker_network_container_mode_shares_the_vm() {
     let net = format!("container:{a}");
     let script = format!("{FETCH}; test -e /a-only || echo own-root");
     let o = d.docker(&[
-        "run", "--rm", "--runtime", "rootcell", "--network", &net, IMAGE, "sh", "-c", &script,
+        "run",
+        "--rm",
+        "--runtime",
+        "rootcell",
+        "--network",
+        &net,
+        IMAGE,
+        "sh",
+        "-c",
+        &script,
     ]);
     assert_eq!(code(&o), 0, "{}\n{}", text(&o.stderr), d.log_tail(20));
     assert_eq!(text(&o.stdout), "hello-from-a\nown-root\n");
 
     let b = run_detached(d, &["--network", &net], "echo b > /b-only; exec sleep 1000");
     let exec = |id: &str, script: &str| ok(d, &["exec", id, "sh", "-c", script]);
-    wait_for("the second container's file", Duration::from_secs(30), || {
-        d.docker(&["exec", &b, "cat", "/b-only"]).status.success()
-    });
-    assert_eq!(exec(&b, "cat /b-only; test -e /a-only || echo no-a"), "b\nno-a\n");
-    assert_eq!(exec(&a, "cat /a-only; test -e /b-only || echo no-b"), "a\nno-b\n");
+    wait_for(
+        "the second container's file",
+        Duration::from_secs(30),
+        || d.docker(&["exec", &b, "cat", "/b-only"]).status.success(),
+    );
+    assert_eq!(
+        exec(&b, "cat /b-only; test -e /a-only || echo no-a"),
+        "b\nno-a\n"
+    );
+    assert_eq!(
+        exec(&a, "cat /a-only; test -e /b-only || echo no-b"),
+        "a\nno-b\n"
+    );
     ok(d, &["rm", "-f", &b]);
     assert_eq!(
         exec(&a, "wget -q -O - http://127.0.0.1:8080/"),
@@ -245,12 +363,46 @@ fn docker_network_container_mode_shares_the_vm() {
         "A serves after B is removed"
     );
     ok(d, &["rm", "-f", &a]);
+
+    // A runc container's namespace: refused, saying why, and nothing is left.
+    let r = ok(
+        d,
+        &["run", "-d", "--runtime", "runc", IMAGE, "sleep", "1000"],
+    );
+    let r = r.trim().to_string();
+    let o = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "rootcell",
+        "--network",
+        &format!("container:{r}"),
+        IMAGE,
+        "true",
+    ]);
+    assert_ne!(
+        code(&o),
+        0,
+        "joining a runc container's network was accepted"
+    );
+    assert!(
+        text(&o.stderr).contains("already used by process"),
+        "the refusal says why: {}",
+        text(&o.stderr)
+    );
+    ok(d, &["rm", "-f", &r]);
     let root = d.runtime_root();
     for id in [&a, &b] {
-        wait_for("the container's processes to end", Duration::from_secs(15), || {
-            processes_mentioning(id).is_empty()
-        });
-        assert!(!root.join(id).exists(), "state of {id} left in {}", root.display());
+        wait_for(
+            "the container's processes to end",
+            Duration::from_secs(15),
+            || processes_mentioning(id).is_empty(),
+        );
+        assert!(
+            !root.join(id).exists(),
+            "state of {id} left in {}",
+            root.display()
+        );
     }
 }
 
@@ -347,10 +499,28 @@ fn podman_pod_is_one_vm() {
     let p = Podman::new();
     let pod = unique_id("pod");
     p.ok(&["pod", "create", "--name", &pod]);
-    let server = p.ok(&["run", "-d", "--pod", &pod, "rootcell-busybox:test", "sh", "-c", SERVER]);
+    let server = p.ok(&[
+        "run",
+        "-d",
+        "--pod",
+        &pod,
+        "rootcell-busybox:test",
+        "sh",
+        "-c",
+        SERVER,
+    ]);
     let server = server.trim().to_string();
     let script = format!("{FETCH}; test -e /a-only || echo own-root");
-    let out = p.ok(&["run", "--rm", "--pod", &pod, "rootcell-busybox:test", "sh", "-c", &script]);
+    let out = p.ok(&[
+        "run",
+        "--rm",
+        "--pod",
+        &pod,
+        "rootcell-busybox:test",
+        "sh",
+        "-c",
+        &script,
+    ]);
     assert_eq!(out, "hello-from-a\nown-root\n");
     // One VM for the whole pod: the server's record names the infra container's VM, and only
     // the infra container's sandbox started a VMM. (Podman gives rootcell its default root.)
@@ -358,16 +528,25 @@ fn podman_pod_is_one_vm() {
     let infra = infra.trim();
     let record = |id: &str| -> serde_json::Value {
         let path = format!("/run/rootcell/{id}/state.json");
-        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))).unwrap()
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}")))
+            .unwrap()
     };
     let srv = record(&server);
-    assert_eq!(srv["shares_vm"]["owner"], infra, "the server runs in the infra container's VM: {srv}");
-    assert_eq!(srv["vm_pid"], 0, "the server started no VMM of its own: {srv}");
+    assert_eq!(
+        srv["shares_vm"]["owner"], infra,
+        "the server runs in the infra container's VM: {srv}"
+    );
+    assert_eq!(
+        srv["vm_pid"], 0,
+        "the server started no VMM of its own: {srv}"
+    );
     assert!(record(infra)["vm_pid"].as_i64().unwrap() > 0);
     p.ok(&["pod", "rm", "-f", &pod]);
     for id in [infra, server.as_str()] {
-        wait_for("the pod's processes to end", Duration::from_secs(15), || {
-            processes_mentioning(id).is_empty()
-        });
+        wait_for(
+            "the pod's processes to end",
+            Duration::from_secs(15),
+            || processes_mentioning(id).is_empty(),
+        );
     }
 }

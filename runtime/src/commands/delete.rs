@@ -112,7 +112,9 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
         );
     }
     // A stopped container's sandbox may still be tearing its VM down: give it a moment.
-    if st.status == Status::Stopped && !wait_gone(st.pid, st.pid_start, crate::timeouts::PROCESS_GONE) {
+    if st.status == Status::Stopped
+        && !wait_gone(st.pid, st.pid_start, crate::timeouts::PROCESS_GONE)
+    {
         tracing::warn!(
             pid = st.pid,
             "sandbox still alive 10 s after the container stopped; killing it"
@@ -126,6 +128,18 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
         // SAFETY: plain kill(2), pid-reuse checked above.
         unsafe { libc::kill(st.vm_pid, libc::SIGKILL) };
         wait_gone(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE);
+    }
+    if let Some(vm) = &st.shares_vm {
+        // Its entries in the owner's share, if its sandbox could not detach them.
+        if let Ok(owner) = g.load(&vm.owner) {
+            if process_alive(owner.pid, owner.pid_start) {
+                share::detach_member_from_outside(
+                    owner.pid,
+                    &vm.owner_run_dir.join(paths::SHARE_DIR),
+                    id,
+                );
+            }
+        }
     }
     let mut stopped = st.clone();
     stopped.status = Status::Stopped;
