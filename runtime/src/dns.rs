@@ -10,12 +10,20 @@ use rootcell_protocol::dns::{read_message, splice, write_message};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How long the resolver may take to answer one query.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a TCP connection to the resolver may stay silent.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long a guest connection to the UDP relay may stay silent (the agent sends its query at
+/// once; a guest that connects and says nothing must not hold a host thread for good).
+const QUERY_IDLE: Duration = Duration::from_secs(10);
+/// Most guest connections served at once, per relay port: each holds a host thread, and a guest
+/// can open connections as fast as it likes. More are closed at once (the guest's resolver
+/// retries, as after a lost datagram).
+const MAX_ACTIVE: usize = 64;
 
 /// The first nameserver on a loopback address in the container's /etc/resolv.conf (a bind
 /// mount in config.json, as Docker gives it), if any.
@@ -45,7 +53,7 @@ fn first_loopback_nameserver(resolv_conf: &str) -> Option<IpAddr> {
 /// each on a thread of its own.
 pub fn serve(udp_socket: &Path, tcp_socket: &Path, resolver: IpAddr) -> Result<()> {
     let resolver = SocketAddr::new(resolver, 53);
-    listen(udp_socket, move |conn| answer(conn, resolver))?;
+    listen(udp_socket, move |conn| answer(conn, resolver, QUERY_IDLE))?;
     listen(tcp_socket, move |conn| pass_through(conn, resolver))
 }
 
@@ -56,32 +64,46 @@ fn pass_through(conn: UnixStream, resolver: SocketAddr) -> Result<()> {
     Ok(splice(conn, tcp, TCP_IDLE)?)
 }
 
-/// Serves each connection to `socket` with `handle` on a thread of its own.
+/// Serves each connection to `socket` with `handle` on a thread of its own, at most
+/// [`MAX_ACTIVE`] at a time (a connection beyond that is closed unanswered).
 fn listen(
     socket: &Path,
     handle: impl Fn(UnixStream) -> Result<()> + Send + Sync + Copy + 'static,
 ) -> Result<()> {
     let listener = UnixListener::bind(socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    let active = std::sync::Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("dns-relay".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                let _ = std::thread::Builder::new()
-                    .name("dns-query".into())
-                    .spawn(move || {
-                        if let Err(e) = handle(conn) {
-                            tracing::debug!("dns relay: {e:#}");
-                        }
-                    });
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_ACTIVE {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!("dns relay: {MAX_ACTIVE} connections busy, closing one");
+                    continue;
+                }
+                let done = active.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("dns-query".into())
+                        .spawn(move || {
+                            if let Err(e) = handle(conn) {
+                                tracing::debug!("dns relay: {e:#}");
+                            }
+                            done.fetch_sub(1, Ordering::SeqCst);
+                        });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                }
             }
         })
         .context("cannot start the DNS relay thread")?;
     Ok(())
 }
 
-/// Answers the queries of one guest connection.
-fn answer(mut conn: UnixStream, resolver: SocketAddr) -> Result<()> {
+/// Answers the queries of one guest connection; a connection silent for `idle` is closed.
+fn answer(mut conn: UnixStream, resolver: SocketAddr, idle: Duration) -> Result<()> {
+    conn.set_read_timeout(Some(idle))?;
     let bind: SocketAddr = if resolver.is_ipv4() {
         "127.0.0.1:0"
     } else {
@@ -136,13 +158,77 @@ mod tests {
             }
         });
         let (mut guest, host) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || answer(host, addr));
+        let relay = std::thread::spawn(move || answer(host, addr, QUERY_IDLE));
         for q in [&b"q1"[..], b"q2"] {
             write_message(&mut guest, q).unwrap();
             assert_eq!(read_message(&mut guest).unwrap(), [b"answer:", q].concat());
         }
         drop(guest);
         relay.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_silent_guest_connection_is_closed_after_the_idle_time() {
+        let resolver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (guest, host) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = answer(
+                host,
+                resolver.local_addr().unwrap(),
+                Duration::from_millis(200),
+            );
+            let _ = tx.send(r.is_ok());
+        });
+        // Bounded: without the idle limit the relay would wait on the guest for good.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
+        drop(guest);
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_are_closed_unanswered() {
+        use std::io::Read;
+        static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("relay.sock");
+        // A handler that holds its connection until released, as a silent guest would.
+        listen(&socket, |_conn| {
+            while !RELEASE.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        })
+        .unwrap();
+        let held: Vec<UnixStream> = (0..MAX_ACTIVE)
+            .map(|_| UnixStream::connect(&socket).unwrap())
+            .collect();
+        // The one past the cap is closed by the relay: EOF, not a wait.
+        let mut extra = UnixStream::connect(&socket).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(extra.read(&mut buf).unwrap(), 0);
+        // The held ones were all taken (none closed), and the relay serves again once they end.
+        for mut c in &held {
+            c.set_nonblocking(true).unwrap();
+            let r = c.read(&mut buf);
+            assert!(matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock));
+        }
+        RELEASE.store(true, Ordering::SeqCst);
+        drop(held);
+        std::thread::sleep(Duration::from_millis(200));
+        RELEASE.store(false, Ordering::SeqCst);
+        let mut again = UnixStream::connect(&socket).unwrap();
+        again
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let r = again.read(&mut buf);
+        assert!(
+            r.is_err(),
+            "a connection under the cap is served (held), not closed: {r:?}"
+        );
+        RELEASE.store(true, Ordering::SeqCst);
     }
 
     #[test]

@@ -39,6 +39,11 @@ const LISTENER_TOKEN: u64 = 0;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 64;
+/// Most connections the muxer holds at once. Each is a host socket (and, behind the host
+/// services a guest reaches, often a thread); a guest can ask for a connection per packet, so
+/// past this a guest's connection request is refused with RST. Far above what a sandbox uses
+/// (a control connection, a few streams per process, DNS relay queries).
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// What an epoll token refers to.
 #[derive(Debug, Clone, Copy)]
@@ -464,6 +469,14 @@ impl VsockMuxer {
 
     /// A guest connects to host port P: forward to `<uds_path>_<P>` if something listens there.
     fn guest_connect(&mut self, h: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            tracing::debug!(
+                port = h.dst_port,
+                "guest connect refused: {MAX_CONNECTIONS} connections open"
+            );
+            self.reply_rst(h);
+            return;
+        }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", h.dst_port));
         let stream = match UnixStream::connect(&path) {

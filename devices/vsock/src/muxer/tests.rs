@@ -472,6 +472,53 @@ fn guest_initiated_connection() {
 }
 
 #[test]
+fn guest_connections_beyond_the_cap_are_refused() {
+    // Room for the muxer's sockets and the listener's accepted ends.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.max(limit.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.dir.join("v.sock_1053")).unwrap();
+    // Accept as they come, so the muxer's blocking connect never waits on a full backlog.
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            match s {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+            if held.len() == MAX_CONNECTIONS {
+                break;
+            }
+        }
+        held
+    });
+    for port in 0..MAX_CONNECTIONS as u32 {
+        h.send(hdr(op::REQUEST, 10_000 + port, 1053), &[]).unwrap();
+        let (resp, _) = h.expect(op::RESPONSE);
+        assert_eq!(resp.dst_port, 10_000 + port);
+    }
+    let held = holder.join().unwrap();
+    assert_eq!(held.len(), MAX_CONNECTIONS);
+    // One more is refused, and the muxer holds no more sockets than the cap.
+    h.send(hdr(op::REQUEST, 9_999, 1053), &[]).unwrap();
+    let (rst, _) = h.expect(op::RST);
+    assert_eq!((rst.src_port, rst.dst_port), (1053, 9_999));
+    assert_eq!(h.muxer.conns.len(), MAX_CONNECTIONS);
+    // Once one closes (the guest resets it), a new connection is accepted again.
+    h.send(hdr(op::RST, 10_000, 1053), &[]).unwrap();
+    assert_eq!(h.muxer.conns.len(), MAX_CONNECTIONS - 1);
+    drop(held);
+}
+
+#[test]
 fn host_client_disappearing_resets_guest() {
     let mut h = Harness::new();
     let (c, req) = h.host_conn(1024);
