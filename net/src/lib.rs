@@ -3,13 +3,15 @@
 //! Host side ([`scan`], [`mirror`]): in the container's network namespace, describe each
 //! interface and join it to a new tap device with tc redirect filters (Kata's "tcfilter"
 //! model), so a VM's virtio-net card backed by the tap sits on the container's network
-//! with the interface's MAC. Guest side ([`apply`]): give the card with that MAC the
+//! with the interface's MAC; what the guest sends leaves only with the interface's MAC and
+//! addresses (see the `guard` module). Guest side ([`apply`]): give the card with that MAC the
 //! interface's name, MTU, addresses and routes.
 //!
 //! Every function works on the calling thread's current network namespace.
 
 mod apply;
 mod error;
+mod guard;
 mod links;
 mod mirror;
 mod netlink;

@@ -4,7 +4,7 @@ use crate::error::NetError;
 use crate::links::{self, LinkChange};
 use crate::netlink::Netlink;
 use crate::scan::check_mirrorable;
-use crate::{netns, tap, tc};
+use crate::{guard, netns, tap, tc};
 use rootcell_protocol::net::{MacAddr, NetworkConfig};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -57,8 +57,10 @@ pub struct Mirror {
 /// network namespace) to a new tap `rctap<N>` in the same namespace.
 ///
 /// For each interface: open the tap (not persistent, with a virtio-net header), give it the
-/// interface's MTU, bring it up, add an ingress qdisc to both, and a u32 match-all filter on
-/// each that redirects every frame to the other's egress. Fails if an interface already has
+/// interface's MTU, bring it up, add an ingress qdisc to both, a u32 match-all filter on the
+/// interface that redirects every frame to the tap's egress, and on the tap the anti-spoofing
+/// filter of `guard` (drops what does not carry the interface's MAC and addresses) followed
+/// by a match-all filter that redirects the rest to the interface's egress. Fails if an interface already has
 /// an ingress qdisc. On error everything done so far is undone and the error names the step
 /// and the interface.
 pub fn mirror(config: &NetworkConfig) -> Result<Mirror, NetError> {
@@ -137,6 +139,13 @@ pub fn mirror(config: &NetworkConfig) -> Result<Mirror, NetError> {
         tc::add_redirect(&mut nl, link.index, tap_index).map_err(|e| {
             NetError::netlink(
                 step(&format!("redirecting {} to {tap_name}", iface.name)),
+                e,
+            )
+        })?;
+        // Guest -> network: only what carries the container's own MAC and addresses.
+        guard::protect(&mut nl, tap_index, iface).map_err(|e| {
+            NetError::netlink(
+                step(&format!("adding the anti-spoofing filter to {tap_name}")),
                 e,
             )
         })?;

@@ -8,7 +8,25 @@ const PEER_MAC: [u8; 6] = [0x02, 0x42, 0xac, 0x11, 0x00, 0x99];
 /// IEEE "local experimental" EtherType: nobody else sends it.
 const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
 /// `struct virtio_net_hdr` without mergeable buffers.
-const VNET_HDR_LEN: usize = 10;
+pub(super) const VNET_HDR_LEN: usize = 10;
+
+/// An Ethernet frame of EtherType `ethertype`.
+pub(super) fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A 20-byte IPv4 header (protocol 253, experimental) from `src` to `dst`.
+pub(super) fn ipv4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut h = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 253, 0, 0];
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h
+}
 
 fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
@@ -20,7 +38,7 @@ fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
 }
 
 /// An AF_PACKET socket bound to `ifname` in the calling thread's namespace.
-fn packet_socket(ifname: &str) -> OwnedFd {
+pub(super) fn packet_socket(ifname: &str) -> OwnedFd {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket calls on a descriptor this function owns.
     unsafe {
@@ -47,7 +65,7 @@ fn packet_socket(ifname: &str) -> OwnedFd {
     }
 }
 
-fn write_all(fd: BorrowedFd<'_>, data: &[u8]) {
+pub(super) fn write_all(fd: BorrowedFd<'_>, data: &[u8]) {
     let n = nix::unistd::write(fd, data).unwrap();
     assert_eq!(n, data.len());
 }
@@ -128,8 +146,18 @@ fn frames_cross_between_peer_and_tap_and_drop_leaves_nothing() {
         let got = read_until(tap_fd, b"hello from the peer");
         assert_eq!(&got[VNET_HDR_LEN..], &inbound[..]);
 
-        // Tap -> veth -> peer: a frame written with a zeroed header arrives unchanged.
-        let outbound = frame(PEER_MAC, ETH0_MAC, b"hello from the guest");
+        // Tap -> veth -> peer: a frame written with a zeroed header arrives unchanged (an
+        // IPv4 packet from the interface's own MAC and address: the guard lets it pass).
+        let outbound = eth(
+            PEER_MAC,
+            ETH0_MAC,
+            0x0800,
+            &[
+                ipv4([172, 17, 0, 2], [172, 17, 0, 99]),
+                b"hello from the guest".to_vec(),
+            ]
+            .concat(),
+        );
         let mut with_hdr = vec![0u8; VNET_HDR_LEN];
         with_hdr.extend_from_slice(&outbound);
         write_all(tap_fd, &with_hdr);

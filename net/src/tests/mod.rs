@@ -3,6 +3,7 @@
 //! the namespaces, and every device in them, go away with their last reference.
 
 mod apply;
+mod guard;
 mod mirror;
 mod scan;
 
