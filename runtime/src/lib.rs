@@ -15,6 +15,7 @@ pub mod error;
 pub mod hooks;
 pub mod hypervisor;
 pub mod id;
+pub mod jail;
 pub mod join;
 pub mod logging;
 pub mod network;

@@ -17,6 +17,9 @@ pub const VSOCK_VHOST_SOCKET: &str = "vsock.vu";
 pub const FS_VHOST_SOCKET: &str = "fs.vu";
 /// Hybrid vsock unix socket (host side of guest ports).
 pub const VSOCK_UDS: &str = "vsock.sock";
+/// Empty directory in the run dir on which a jailed VMM mounts its root (in its own mount
+/// namespace; on the host it stays empty).
+pub const VMM_ROOT_DIR: &str = "vmm-root";
 
 /// File name (in the run dir) of the host end of the guest's DNS relay: the hybrid vsock
 /// device connects guest connections to host port P to `<VSOCK_UDS>_<P>`.

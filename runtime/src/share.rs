@@ -313,6 +313,8 @@ pub fn remove_run_dir(run_dir: &Path) -> std::io::Result<()> {
         }
         std::fs::remove_dir(&share)?;
     }
+    // Empty on the host (the jail's root is mounted only in the VMM's mount namespace).
+    let _ = std::fs::remove_dir(run_dir.join(crate::paths::VMM_ROOT_DIR));
     match std::fs::read_dir(run_dir) {
         Ok(entries) => {
             for e in entries.flatten() {

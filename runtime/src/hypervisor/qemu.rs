@@ -3,6 +3,7 @@
 //! otherwise.
 
 use super::{Hypervisor, HypervisorError, Vm, VmConfig};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -140,14 +141,55 @@ fn esc(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
+/// How QEMU reaches its vhost-user back ends and its console.
+#[derive(Debug, Clone, Copy)]
+pub enum Plumbing<'a> {
+    /// By path: QEMU connects to the sockets and creates the console log itself.
+    Paths {
+        /// The vsock back end's vhost-user socket.
+        vsock: &'a Path,
+        /// The virtio-fs back end's vhost-user socket.
+        fs: &'a Path,
+    },
+    /// By inherited descriptors (a jailed QEMU sees none of these paths): sockets already
+    /// connected to the back ends, and the console log opened for writing.
+    Fds {
+        /// Connected to the vsock back end.
+        vsock: RawFd,
+        /// Connected to the virtio-fs back end.
+        fs: RawFd,
+        /// The console log, open for writing.
+        console: RawFd,
+    },
+}
+
 /// The QEMU command line (without the program) for `cfg`, for QEMU `version` (see
-/// [`tcg_kernel_args`]).
+/// [`tcg_kernel_args`]), reaching its back ends by path.
 pub fn command_args(
     cfg: &VmConfig,
     accel: Accel,
     version: Option<QemuVersion>,
     vsock_vu: &Path,
     fs_vu: &Path,
+) -> Vec<String> {
+    command_args_with(
+        cfg,
+        accel,
+        version,
+        Plumbing::Paths {
+            vsock: vsock_vu,
+            fs: fs_vu,
+        },
+    )
+}
+
+/// The QEMU command line (without the program) for `cfg`, for QEMU `version`, with its back
+/// ends and console reached as `plumbing` says.
+pub fn command_args_with(
+    cfg: &VmConfig,
+    accel: Accel,
+    version: Option<QemuVersion>,
+    plumbing: Plumbing<'_>,
 ) -> Vec<String> {
     // microvm with acpi=off has no power-off: the agent's reboot triple-faults (`reboot=t`)
     // and `-no-reboot` makes that QEMU's exit.
@@ -188,7 +230,18 @@ pub fn command_args(
         "-sandbox",
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
-    push(&["-serial", &format!("file:{}", esc(&cfg.console_log))]);
+    let (vsock_dev, fs_dev) = match plumbing {
+        Plumbing::Paths { vsock, fs } => {
+            push(&["-serial", &format!("file:{}", esc(&cfg.console_log))]);
+            (format!("path={}", esc(vsock)), format!("path={}", esc(fs)))
+        }
+        Plumbing::Fds { vsock, fs, console } => {
+            // An fd set: QEMU's file chardev opens /dev/fdset/N by duplicating the fd.
+            push(&["-add-fd", &format!("fd={console},set=1")]);
+            push(&["-serial", "file:/dev/fdset/1"]);
+            (format!("fd={vsock}"), format!("fd={fs}"))
+        }
+    };
     push(&[
         "-kernel",
         &cfg.kernel.display().to_string(),
@@ -196,10 +249,7 @@ pub fn command_args(
         &cfg.initrd.display().to_string(),
     ]);
     push(&["-append", &cmdline]);
-    push(&[
-        "-chardev",
-        &format!("socket,id=vsock,path={}", esc(vsock_vu)),
-    ]);
+    push(&["-chardev", &format!("socket,id=vsock,{vsock_dev}")]);
     push(&["-device", "vhost-user-vsock-device,chardev=vsock"]);
     for (i, n) in cfg.nets.iter().enumerate() {
         // The tap fd is inherited (see `Qemu::start`); QEMU reads its vnet-header flag itself.
@@ -212,7 +262,7 @@ pub fn command_args(
             ),
         ]);
     }
-    push(&["-chardev", &format!("socket,id=fs,path={}", esc(fs_vu))]);
+    push(&["-chardev", &format!("socket,id=fs,{fs_dev}")]);
     push(&[
         "-device",
         &format!("vhost-user-fs-device,chardev=fs,tag={}", cfg.share_tag),
@@ -281,13 +331,42 @@ impl Hypervisor for Qemu {
                 "TCG: guest kernel gets {extra} (vhost-user writes to guest RAM are invisible to QEMU's translation cache)"
             );
         }
-        cmd.args(command_args(cfg, self.accel, version, &vsock_vu, &fs_vu))
+        let stop_backends = || {
+            vsock.stop();
+            fs.stop();
+        };
+        let jailed = if crate::jail::enabled() {
+            Some(
+                JailedStart::prepare(cfg, &self.program, self.accel, &vsock_vu, &fs_vu).map_err(
+                    |source| {
+                        stop_backends();
+                        HypervisorError::Spawn {
+                            program: self.program.clone(),
+                            source,
+                        }
+                    },
+                )?,
+            )
+        } else {
+            tracing::warn!("ROOTCELL_JAIL=0: QEMU runs as root in the host's file system view");
+            None
+        };
+        let args = match &jailed {
+            Some(j) => command_args_with(&j.cfg, self.accel, version, j.plumbing()),
+            None => command_args(cfg, self.accel, version, &vsock_vu, &fs_vu),
+        };
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
         let parent = std::process::id() as i32;
-        let tap_fds: Vec<i32> = cfg.nets.iter().map(|n| n.tap_fd).collect();
-        // SAFETY: only async-signal-safe calls between fork and exec.
+        let mut inherit: Vec<i32> = cfg.nets.iter().map(|n| n.tap_fd).collect();
+        if let Some(j) = &jailed {
+            inherit.extend(j.fds());
+        }
+        let jail = jailed.as_ref().map(|j| std::sync::Arc::clone(&j.jail));
+        // SAFETY: only async-signal-safe calls between fork and exec (ProcessJail::enter
+        // allocates nothing).
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU must not outlive the sandbox, even on SIGKILL. The death signal follows
@@ -297,16 +376,28 @@ impl Hypervisor for Qemu {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // The taps were opened close-on-exec; QEMU gets them by number.
-                for &fd in &tap_fds {
+                // The taps (and the jail's sockets and console) were opened close-on-exec;
+                // QEMU gets them by number.
+                for &fd in &inherit {
                     if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                // Last: it changes the uid and sets the death signal again (a uid change
+                // clears it).
+                if let Some(jail) = &jail {
+                    jail.enter()?;
+                }
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| {
+        // spawn returns once the child has exec'd: fork, the jail and exec.
+        let spawn_started = Instant::now();
+        let spawned = cmd.spawn();
+        let spawn_us = spawn_started.elapsed().as_micros() as u64;
+        // The jail's copies of the descriptors are QEMU's now (or nobody's).
+        drop(jailed);
+        let child = spawned.map_err(|source| {
             vsock.stop();
             fs.stop();
             HypervisorError::Spawn {
@@ -314,12 +405,122 @@ impl Hypervisor for Qemu {
                 source,
             }
         })?;
-        tracing::info!(qemu_pid = child.id(), accel = ?self.accel, mem_mib = cfg.memory_mib, vcpus = cfg.vcpus, "qemu started");
+        tracing::info!(qemu_pid = child.id(), accel = ?self.accel, mem_mib = cfg.memory_mib, vcpus = cfg.vcpus, jailed = crate::jail::enabled(), spawn_us, "qemu started");
         Ok(Box::new(QemuVm {
             pid: child.id() as i32,
             child: Mutex::new(Some(child)),
             backends: Mutex::new(Some((vsock, fs))),
         }))
+    }
+}
+
+/// What a jailed QEMU is started with: the jail, and the descriptors it inherits in place of
+/// paths it cannot see.
+struct JailedStart {
+    jail: std::sync::Arc<crate::jail::process::ProcessJail>,
+    /// `cfg` with the kernel and initramfs at their places inside the jail.
+    cfg: VmConfig,
+    vsock: OwnedFd,
+    fs: OwnedFd,
+    console: OwnedFd,
+}
+
+/// Where the guest's boot files appear inside QEMU's jail.
+const JAIL_KERNEL: &str = "/vm/kernel";
+const JAIL_INITRD: &str = "/vm/initrd";
+
+impl JailedStart {
+    /// Connects to the back ends, opens the console log, and lays out QEMU's root: /usr
+    /// read-only (Debian's QEMU is dynamically linked: its loader, libraries and firmware
+    /// live there) with the host's /lib, /bin... symlinks or read-only binds and
+    /// /etc/ld.so.cache, the directory of `program` if it is not under /usr (a wrapper such
+    /// as the tests' QEMU 10), the kernel and initramfs, /dev/null, /dev/zero, /dev/urandom,
+    /// and for KVM a /dev/kvm node owned by the jailed uid.
+    fn prepare(
+        cfg: &VmConfig,
+        program: &Path,
+        accel: Accel,
+        vsock_vu: &Path,
+        fs_vu: &Path,
+    ) -> std::io::Result<Self> {
+        use crate::jail::process::ProcessJail;
+        use std::os::unix::fs::DirBuilderExt;
+        let connect = |p: &Path| -> std::io::Result<OwnedFd> {
+            let s = std::os::unix::net::UnixStream::connect(p).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("connecting to {}: {e}", p.display()))
+            })?;
+            Ok(OwnedFd::from(s))
+        };
+        let vsock = connect(vsock_vu)?;
+        let fs = connect(fs_vu)?;
+        let console = OwnedFd::from(std::fs::File::create(&cfg.console_log).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{}: {e}", cfg.console_log.display()))
+        })?);
+
+        let root = cfg.socket_dir.join(crate::paths::VMM_ROOT_DIR);
+        match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", root.display()),
+                ))
+            }
+            _ => {}
+        }
+        let mut jail = ProcessJail::new(&root, libc::SIGKILL)?;
+        for top in ["/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin"] {
+            jail.mirror(Path::new(top))?;
+        }
+        jail.bind(Path::new("/usr"), Path::new("/usr"), false)?;
+        if Path::new("/etc/ld.so.cache").exists() {
+            jail.bind(
+                Path::new("/etc/ld.so.cache"),
+                Path::new("/etc/ld.so.cache"),
+                false,
+            )?;
+        }
+        let program = std::fs::canonicalize(program)?;
+        if !program.starts_with("/usr") {
+            if let Some(dir) = program.parent() {
+                jail.bind(dir, dir, false)?;
+            }
+        }
+        jail.bind(&cfg.kernel, Path::new(JAIL_KERNEL), false)?;
+        jail.bind(&cfg.initrd, Path::new(JAIL_INITRD), false)?;
+        jail.bind(Path::new("/dev/null"), Path::new("/dev/null"), true)?;
+        jail.bind(Path::new("/dev/zero"), Path::new("/dev/zero"), false)?;
+        jail.bind(Path::new("/dev/urandom"), Path::new("/dev/urandom"), false)?;
+        if accel == Accel::Kvm {
+            // A node of its own, owned by the jailed uid: /dev/kvm is often root's alone
+            // (0600), and giving QEMU group root instead would be a privilege of its own.
+            jail.own_device(Path::new("/dev/kvm"), Path::new("/dev/kvm"))?;
+        }
+        let mut jailed_cfg = cfg.clone();
+        jailed_cfg.kernel = JAIL_KERNEL.into();
+        jailed_cfg.initrd = JAIL_INITRD.into();
+        Ok(JailedStart {
+            jail: std::sync::Arc::new(jail),
+            cfg: jailed_cfg,
+            vsock,
+            fs,
+            console,
+        })
+    }
+
+    fn plumbing(&self) -> Plumbing<'_> {
+        Plumbing::Fds {
+            vsock: self.vsock.as_raw_fd(),
+            fs: self.fs.as_raw_fd(),
+            console: self.console.as_raw_fd(),
+        }
+    }
+
+    fn fds(&self) -> [RawFd; 3] {
+        [
+            self.vsock.as_raw_fd(),
+            self.fs.as_raw_fd(),
+            self.console.as_raw_fd(),
+        ]
     }
 }
 

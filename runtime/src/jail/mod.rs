@@ -1,0 +1,24 @@
+//! Confinement of what the guest can drive (issue 16): a VMM escape should land in a jail.
+//!
+//! * [`process`]: the VMM process (QEMU) runs as an unprivileged uid/gid of its own, without
+//!   capabilities and unable to regain any (empty bounding set, no_new_privs), in mount, IPC,
+//!   UTS and network namespaces of its own whose root is a small read-only tmpfs holding only
+//!   what QEMU needs to start; what root must open is opened before and passed in.
+//!
+//! The uid and gid of a jailed VMM are [`UID_BASE`] + its pid: unique among the processes
+//! alive at any moment (a pid is below 2^22), so no two VMMs share an identity that would let
+//! one signal or ptrace the other, and nothing needs allocating or releasing. The range
+//! `UID_BASE .. UID_BASE + 2^22` is reserved for this.
+
+pub mod process;
+
+/// First uid (and gid) of the range reserved for jailed VMMs: 2113929216.
+pub const UID_BASE: u32 = 0x7e00_0000;
+/// Size of the reserved range: the kernel's largest pid_max (2^22).
+pub const UID_RANGE: u32 = 1 << 22;
+
+/// Whether VMMs are jailed: yes unless `ROOTCELL_JAIL=0` (for debugging a VMM with host
+/// tools; the log says so).
+pub fn enabled() -> bool {
+    std::env::var("ROOTCELL_JAIL").map_or(true, |v| v != "0")
+}

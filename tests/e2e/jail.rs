@@ -1,0 +1,149 @@
+//! A jailed VMM (issue 16): for a running container on QEMU, the QEMU process runs as an
+//! unprivileged uid/gid from rootcell's reserved range, with no capabilities and no way to
+//! regain them, under its own seccomp filter, in a mount namespace whose root is not the
+//! host's and holds only what it needs, and still in the container's host cgroup; the
+//! container works. Real guest.
+
+use rootcell_e2e::*;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// rootcell's reserved range for jailed VMMs (runtime/src/jail/mod.rs).
+const UID_BASE: u64 = 0x7e00_0000;
+const UID_RANGE: u64 = 1 << 22;
+
+/// The children of `pid` whose command name starts with `prefix`.
+fn children_named(pid: i32, prefix: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let comm = &stat[stat.find('(').unwrap() + 1..close];
+        let ppid: i32 = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if ppid == pid && comm.starts_with(prefix) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in status:\n{status}"))
+        .trim()
+        .to_string()
+}
+
+fn listing(dir: &str) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
+    let rt = Runtime::new().env("ROOTCELL_HYPERVISOR", "qemu");
+    let id = unique_id("jail");
+    let cgroup = format!("/{id}");
+    let b = Bundle::new(&["sleep", "120"]).edit(|s| {
+        s["linux"]["cgroupsPath"] = serde_json::json!(cgroup);
+    });
+    let (o, _, _) = rt.create(&b, &id);
+    assert_eq!(code(&o), 0, "create: {}", text(&o.stderr));
+    let o = rt.run(&["start", &id]);
+    assert_eq!(code(&o), 0, "start: {}", text(&o.stderr));
+    let sandbox = rt.wait_status(&id, "running", Duration::from_secs(60))["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let qemus = children_named(sandbox, "qemu");
+    assert_eq!(
+        qemus.len(),
+        1,
+        "QEMU children of sandbox {sandbox}: {qemus:?}"
+    );
+    let q = qemus[0];
+    let status = std::fs::read_to_string(format!("/proc/{q}/status")).unwrap();
+
+    // An identity of its own: uid = gid = base + pid, every one of real/effective/saved/fs.
+    let want = (UID_BASE + q as u64).to_string();
+    for field in ["Uid", "Gid"] {
+        let ids: Vec<String> = status_field(&status, field)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        assert_eq!(ids, vec![want.clone(); 4], "{field}:\n{status}");
+    }
+    let id_num: u64 = want.parse().unwrap();
+    assert!((UID_BASE..UID_BASE + UID_RANGE).contains(&id_num));
+    assert_eq!(status_field(&status, "Groups"), "", "{status}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(&status, caps),
+            "0000000000000000",
+            "{caps}:\n{status}"
+        );
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1", "{status}");
+    assert_eq!(status_field(&status, "Seccomp"), "2", "{status}");
+
+    // Its root is not the host's: other namespaces, and only what QEMU needs is there.
+    for ns in ["mnt", "net", "ipc"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{q}/ns/{ns}")).unwrap();
+        assert_ne!(mine, its, "QEMU shares our {ns} namespace");
+    }
+    let root = format!("/proc/{q}/root");
+    let top = listing(&root);
+    assert_ne!(top, listing("/"), "QEMU's root lists like the host's");
+    for absent in ["root", "home", "proc", "sys", "run", "tmp", "var", "work"] {
+        assert!(!top.contains(absent), "/{absent} in QEMU's root: {top:?}");
+    }
+    assert_eq!(
+        listing(&format!("{root}/vm")),
+        BTreeSet::from(["kernel".to_string(), "initrd".to_string()])
+    );
+    assert_eq!(
+        listing(&format!("{root}/etc")),
+        BTreeSet::from(["ld.so.cache".to_string()])
+    );
+    // Read-only: even root cannot write there through QEMU's view.
+    let probe = std::fs::write(format!("{root}/probe"), b"x");
+    assert!(probe.is_err(), "QEMU's root is writable");
+
+    // Still in the container's host cgroup (memory is joined at once, cpu after create).
+    let cgroups = std::fs::read_to_string(format!("/proc/{q}/cgroup")).unwrap();
+    for controller in ["memory", "cpu"] {
+        assert!(
+            cgroups.lines().any(|l| l
+                .split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == controller))
+                && l.ends_with(&cgroup)),
+            "QEMU not in {cgroup} for {controller}:\n{cgroups}"
+        );
+    }
+
+    // And the container works through it.
+    let o = rt.run(&["exec", &id, "sh", "-c", "echo jailed-ok"]);
+    assert_eq!(text(&o.stdout).trim(), "jailed-ok", "{}", text(&o.stderr));
+
+    let o = rt.run(&["delete", "--force", &id]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert_no_leftovers(&rt, &id);
+}
