@@ -88,7 +88,7 @@ boot_bare() {
 boot_rootcell() {
     local rtc_on=0
     [ "$rtc" = on ] && rtc_on=1
-    ROOTCELL_KERNEL=$1 ROOTCELL_KERNEL_ARGS="nokaslr $3" ROOTCELL_QEMU="$top/bench/qemu-wrap.sh" BENCH_RTC_ON=$rtc_on \
+    ROOTCELL_KERNEL=$1 ROOTCELL_KERNEL_ARGS="nokaslr $3" ROOTCELL_QEMU="$top/bench/qemu-wrap.sh" ROOTCELL_JAIL=0 BENCH_RTC_ON=$rtc_on \
         BENCH_QEMU_EXTRA="${icount[*]} -plugin $work/insn-count.so$2,out=$4" \
         timeout 600 "$ROOTCELL_BIN" --root "$work/state-rc" run --bundle "$work/bundle" "insn-$$-$RANDOM" >/dev/null 2>"$work/err" \
         || echo "bench: rootcell run with $1 $3 failed: $(tail -3 "$work/err")" >&2

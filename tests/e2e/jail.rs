@@ -2,7 +2,8 @@
 //! unprivileged uid/gid from rootcell's reserved range, with no capabilities and no way to
 //! regain them, under its own seccomp filter, in a mount namespace whose root is not the
 //! host's and holds only what it needs, and still in the container's host cgroup; the
-//! container works. Real guest.
+//! virtio-fs and vsock back-end threads run under seccomp with the capabilities designed for
+//! them; the container works. Real guest.
 
 use rootcell_e2e::*;
 use std::collections::BTreeSet;
@@ -138,6 +139,60 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
             "QEMU not in {cgroup} for {controller}:\n{cgroups}"
         );
     }
+
+    // The device back ends, threads of the sandbox: every thread serving virtio-fs or vsock
+    // runs under seccomp, virtio-fs with exactly the ownership capabilities, vsock with none;
+    // the sandbox's other threads are not affected.
+    let fs_caps = format!(
+        "{:016x}",
+        [0u32, 1, 2, 3, 4, 6, 7, 27, 31]
+            .iter()
+            .fold(0u64, |m, c| m | 1 << c)
+    );
+    let mut backends = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let dir = t.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let Ok(st) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        let (seccomp, eff, prm, bnd) = (
+            status_field(&st, "Seccomp"),
+            status_field(&st, "CapEff"),
+            status_field(&st, "CapPrm"),
+            status_field(&st, "CapBnd"),
+        );
+        let comm = comm.trim().to_string();
+        match comm.as_str() {
+            "rootcell-fs" | "rootcell-fs-vho" | "vsock-vhost-use" | "rootcell-vsock"
+            | "vring_worker" => {
+                assert_eq!(seccomp, "2", "{comm}:\n{st}");
+                assert_eq!(eff, prm, "{comm}:\n{st}");
+                assert_eq!(eff, bnd, "{comm}:\n{st}");
+                assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{comm}");
+                backends.push((comm, eff));
+            }
+            _ => assert_eq!(
+                seccomp, "0",
+                "the sandbox's {comm} thread is not a back end"
+            ),
+        }
+    }
+    backends.sort();
+    let zero = "0".repeat(16);
+    let mut want = vec![
+        ("rootcell-fs".to_string(), fs_caps.clone()),
+        ("rootcell-fs-vho".to_string(), fs_caps.clone()),
+        ("rootcell-vsock".to_string(), zero.clone()),
+        ("vring_worker".to_string(), zero.clone()),
+        ("vring_worker".to_string(), fs_caps.clone()),
+        ("vsock-vhost-use".to_string(), zero.clone()),
+    ];
+    want.sort();
+    assert_eq!(backends, want, "back-end threads (name, CapEff)");
 
     // And the container works through it.
     let o = rt.run(&["exec", &id, "sh", "-c", "echo jailed-ok"]);

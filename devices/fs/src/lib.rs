@@ -32,7 +32,7 @@ use std::path::PathBuf;
 
 pub use device::{FsDevice, HIPRIO_QUEUE, NUM_QUEUES};
 pub use error::Error;
-pub use vhost_user::{serve_vhost_user, BackendHandle};
+pub use vhost_user::{serve_vhost_user, serve_vhost_user_confined, BackendHandle, Confine};
 /// The virtio-queue version the device's queue types come from.
 pub use virtio_queue;
 /// The vm-memory version the device's memory types come from (pinned by fuse-backend-rs).

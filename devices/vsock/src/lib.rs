@@ -19,7 +19,7 @@ mod vhost_user;
 use std::path::PathBuf;
 
 pub use muxer::VsockMuxer;
-pub use vhost_user::{serve_vhost_user, BackendHandle};
+pub use vhost_user::{serve_vhost_user, serve_vhost_user_confined, BackendHandle, Confine};
 
 /// Configuration of one vsock device.
 #[derive(Debug, Clone)]

@@ -207,6 +207,22 @@ pub fn serve_vhost_user(
     vhost_user_socket: &Path,
     config: VsockConfig,
 ) -> Result<BackendHandle, Error> {
+    serve_vhost_user_confined(vhost_user_socket, config, None)
+}
+
+/// Confines the calling thread (e.g. seccomp and capabilities); runs first on the serving
+/// thread, so every thread the back end starts afterwards inherits it.
+pub type Confine = Box<dyn FnOnce() -> io::Result<()> + Send>;
+
+/// [`serve_vhost_user`], with the serving thread confined by `confine` before it builds the
+/// vhost-user daemon (whose request and vring threads it then spawns): every thread that
+/// handles guest packets runs confined. The sockets are bound before, by the caller's thread.
+/// A failing `confine` fails this call.
+pub fn serve_vhost_user_confined(
+    vhost_user_socket: &Path,
+    config: VsockConfig,
+    confine: Option<Confine>,
+) -> Result<BackendHandle, Error> {
     let muxer = VsockMuxer::new(config.guest_cid, &config.uds_path)?;
     let muxer_fd = muxer.epoll_fd();
     let bind_err = |e: VhostUserError| Error::BindVhostUser {
@@ -219,19 +235,6 @@ pub fn serve_vhost_user(
     let setup = |what| move |source| Error::Setup { what, source };
     let exit =
         new_event_consumer_and_notifier(EventFlag::NONBLOCK).map_err(setup("worker exit event"))?;
-    let backend = Arc::new(RwLock::new(VsockBackend {
-        muxer,
-        mem: None,
-        exit,
-    }));
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let daemon = VhostUserDaemon::new("rootcell-vsock".into(), backend, mem)
-        .map_err(|e| Error::Daemon(e.to_string()))?;
-    for handler in daemon.get_epoll_handlers() {
-        handler
-            .register_listener(muxer_fd, EventSet::IN, MUXER_EVENT as u64)
-            .map_err(setup("muxer event registration"))?;
-    }
     let stop = Arc::new(StopState {
         requested: AtomicBool::new(false),
         wake: EventFd::new(EFD_NONBLOCK).map_err(setup("stop eventfd"))?,
@@ -239,10 +242,59 @@ pub fn serve_vhost_user(
     });
     let socket_path = vhost_user_socket.to_owned();
     let thread_stop = stop.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     let thread = std::thread::Builder::new()
         .name("vsock-vhost-user".into())
-        .spawn(move || run(daemon, listener, socket_path, thread_stop))
+        .spawn(move || {
+            if let Some(confine) = confine {
+                if let Err(source) = confine() {
+                    let _ = ready_tx.send(Err(Error::Setup {
+                        what: "confining the vsock thread",
+                        source,
+                    }));
+                    return Ok(());
+                }
+            }
+            // The daemon starts its vring worker thread here, after the confinement.
+            let daemon = (|| {
+                let backend = Arc::new(RwLock::new(VsockBackend {
+                    muxer,
+                    mem: None,
+                    exit,
+                }));
+                let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+                let daemon = VhostUserDaemon::new("rootcell-vsock".into(), backend, mem)
+                    .map_err(|e| Error::Daemon(e.to_string()))?;
+                for handler in daemon.get_epoll_handlers() {
+                    handler
+                        .register_listener(muxer_fd, EventSet::IN, MUXER_EVENT as u64)
+                        .map_err(|source| Error::Setup {
+                            what: "muxer event registration",
+                            source,
+                        })?;
+                }
+                Ok(daemon)
+            })();
+            match daemon {
+                Ok(daemon) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(daemon, listener, socket_path, thread_stop)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    let _ = std::fs::remove_file(&socket_path);
+                    Ok(())
+                }
+            }
+        })
         .map_err(setup("serving thread"))?;
+    let ready = ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(Error::Daemon("the vsock thread ended early".into())));
+    if let Err(e) = ready {
+        let _ = thread.join();
+        return Err(e);
+    }
     Ok(BackendHandle {
         stop,
         thread: Some(thread),

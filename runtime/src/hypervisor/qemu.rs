@@ -224,6 +224,9 @@ pub fn command_args_with(
         &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
     ]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    // Names the container's run dir, so `ps` (and the soak test) can tell which container a
+    // QEMU serves: a jailed QEMU's command line has no other path of it.
+    push(&["-name", &format!("guest={}", esc(&cfg.socket_dir))]);
     // QEMU's own seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no scheduler or
     // resource changes. The guest drives QEMU's device code, so that code gets only what it needs.
     push(&[
@@ -291,23 +294,32 @@ impl Hypervisor for Qemu {
     fn start(&self, cfg: &VmConfig) -> Result<Box<dyn Vm>, HypervisorError> {
         let vsock_vu = cfg.socket_dir.join(crate::paths::VSOCK_VHOST_SOCKET);
         let fs_vu = cfg.socket_dir.join(crate::paths::FS_VHOST_SOCKET);
-        let vsock = rootcell_vsock::serve_vhost_user(
+        // Jailed: the back-end threads confine themselves before serving the guest.
+        let jail = crate::jail::enabled();
+        let confine = |role: crate::jail::thread::Role| {
+            move || -> std::io::Result<()> { crate::jail::thread::confine(role) }
+        };
+        let vsock = rootcell_vsock::serve_vhost_user_confined(
             &vsock_vu,
             rootcell_vsock::VsockConfig {
                 guest_cid: cfg.guest_cid,
                 uds_path: cfg.vsock_uds.clone(),
             },
+            jail.then(|| {
+                Box::new(confine(crate::jail::thread::Role::Vsock)) as rootcell_vsock::Confine
+            }),
         )
         .map_err(|e| HypervisorError::Device {
             device: "vsock",
             msg: e.to_string(),
         })?;
-        let fs = rootcell_fs::serve_vhost_user(
+        let fs = rootcell_fs::serve_vhost_user_confined(
             &fs_vu,
             rootcell_fs::FsConfig {
                 shared_dir: cfg.share_dir.clone(),
                 read_only: false,
             },
+            jail.then(|| Box::new(confine(crate::jail::thread::Role::Fs)) as rootcell_fs::Confine),
         )
         .map_err(|e| {
             vsock.stop();
@@ -335,7 +347,7 @@ impl Hypervisor for Qemu {
             vsock.stop();
             fs.stop();
         };
-        let jailed = if crate::jail::enabled() {
+        let jailed = if jail {
             Some(
                 JailedStart::prepare(cfg, &self.program, self.accel, &vsock_vu, &fs_vu).map_err(
                     |source| {

@@ -4,6 +4,9 @@
 //!   capabilities and unable to regain any (empty bounding set, no_new_privs), in mount, IPC,
 //!   UTS and network namespaces of its own whose root is a small read-only tmpfs holding only
 //!   what QEMU needs to start; what root must open is opened before and passed in.
+//! * [`thread`]: the vhost-user device back ends, threads of the sandbox process, confine
+//!   themselves: capabilities (virtio-fs keeps what ownership pass-through needs, vsock
+//!   none) and seccomp allow-lists.
 //!
 //! The uid and gid of a jailed VMM are [`UID_BASE`] + its pid: unique among the processes
 //! alive at any moment (a pid is below 2^22), so no two VMMs share an identity that would let
@@ -11,6 +14,7 @@
 //! `UID_BASE .. UID_BASE + 2^22` is reserved for this.
 
 pub mod process;
+pub mod thread;
 
 /// First uid (and gid) of the range reserved for jailed VMMs: 2113929216.
 pub const UID_BASE: u32 = 0x7e00_0000;

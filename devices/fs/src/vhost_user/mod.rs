@@ -35,25 +35,64 @@ pub fn serve_vhost_user(
     vhost_user_socket: &Path,
     config: FsConfig,
 ) -> Result<BackendHandle, Error> {
+    serve_vhost_user_confined(vhost_user_socket, config, None)
+}
+
+/// Confines the calling thread (e.g. seccomp and capabilities); runs first on the serving
+/// thread, so every thread the back end starts afterwards inherits it.
+pub type Confine = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
+
+/// [`serve_vhost_user`], with the serving thread confined by `confine` before it builds the
+/// vhost-user daemon (whose request and vring threads it then spawns): every thread that
+/// handles guest requests runs confined. A failing `confine` fails this call.
+pub fn serve_vhost_user_confined(
+    vhost_user_socket: &Path,
+    config: FsConfig,
+    confine: Option<Confine>,
+) -> Result<BackendHandle, Error> {
     let device = FsDevice::new(&config)?;
     raise_nofile_limit();
-    let backend = Arc::new(FsBackend::new(device));
-    let daemon = VhostUserDaemon::new(
-        "rootcell-fs-vhost".to_owned(),
-        backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| Error::Daemon(e.to_string()))?;
     let listener = Listener::new(vhost_user_socket, true).map_err(|e| Error::Listen {
         path: vhost_user_socket.to_owned(),
         reason: e.to_string(),
     })?;
     let stop = Arc::new(StopSignal::new()?);
     let thread_stop = Arc::clone(&stop);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     let thread = std::thread::Builder::new()
         .name("rootcell-fs".to_owned())
-        .spawn(move || run(listener, daemon, &thread_stop))
+        .spawn(move || {
+            if let Some(confine) = confine {
+                if let Err(e) = confine() {
+                    let _ = ready_tx.send(Err(Error::os("confining the virtio-fs thread", e)));
+                    return Ok(());
+                }
+            }
+            let daemon = VhostUserDaemon::new(
+                "rootcell-fs-vhost".to_owned(),
+                Arc::new(FsBackend::new(device)),
+                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            )
+            .map_err(|e| Error::Daemon(e.to_string()));
+            match daemon {
+                Ok(daemon) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(listener, daemon, &thread_stop)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    Ok(())
+                }
+            }
+        })
         .map_err(|e| Error::os("spawning the virtio-fs thread", e))?;
+    let ready = ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(Error::Daemon("the virtio-fs thread ended early".into())));
+    if let Err(e) = ready {
+        let _ = thread.join();
+        return Err(e);
+    }
     Ok(BackendHandle {
         stop,
         thread: Mutex::new(Some(thread)),

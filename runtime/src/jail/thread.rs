@@ -1,0 +1,378 @@
+//! Per-thread confinement of the vhost-user device back ends (virtio-fs, vsock), which run as
+//! threads of the sandbox process: capabilities, no_new_privs and seccomp are properties of a
+//! thread, and threads a confined thread starts inherit them, so the back end's serving thread
+//! confines itself before it starts the vhost-user daemon's request and vring threads (see
+//! `serve_vhost_user_confined` in the device crates).
+//!
+//! * virtio-fs keeps exactly the capabilities ownership pass-through needs ([`FS_CAPS`]): in
+//!   effective, permitted and bounding sets; nothing inheritable or ambient.
+//! * vsock keeps none.
+//! * seccomp, three filters: an allow-list per role (installed last) (anything else fails with EPERM, which the
+//!   back end reports to the guest as an I/O error), a deny-list of what only an attacker would
+//!   call (exec, ptrace, mounts and namespaces, module and BPF loading, keyrings, new
+//!   processes), which kills the process, and clone3 answered with ENOSYS so thread creation
+//!   falls back to clone, whose flags the allow-list can check (threads only).
+//!
+//! The threads keep uid 0 (the fs back end switches to the guest caller's uid per request and
+//! back): without capabilities that is the uid of root-owned files only, and the vsock allow
+//! list has no call that opens, creates or removes a file.
+
+use caps::{CapSet, Capability, CapsHashSet};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+use std::collections::BTreeMap;
+use std::io;
+
+/// Which back end a thread serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// virtio-fs (fuse-backend-rs passthrough over vhost-user).
+    Fs,
+    /// The vsock muxer over vhost-user.
+    Vsock,
+}
+
+/// Capabilities the virtio-fs thread keeps, and why: `CHOWN` (guest chown shows on the host),
+/// `DAC_OVERRIDE` and `DAC_READ_SEARCH` (root in the guest reads and writes files whatever
+/// their mode, as on a local disk), `FOWNER` (chmod, utimes and xattrs of files the caller
+/// does not own), `FSETID` (keeping set-id bits on write and chown, which fuse-backend-rs
+/// raises per request), `SETUID` and `SETGID` (taking the guest caller's uid and gid on this
+/// thread to create files with that owner), `MKNOD` (device nodes in images), `SETFCAP`
+/// (file capabilities in images, the `security.capability` xattr).
+pub const FS_CAPS: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETGID,
+    Capability::CAP_MKNOD,
+    Capability::CAP_SETFCAP,
+];
+
+/// Any thread of a back end: memory, locks, time, signals' return, its own exit, epoll,
+/// eventfds, moving bytes on the fds it holds (the vhost-user socket with its SCM_RIGHTS,
+/// queues' eventfds), mapping the guest's memory the VMM hands over.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_eventfd2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_accept4,
+];
+
+/// The vsock muxer's own: unix sockets (connecting to `<uds>_<port>` for guest-initiated
+/// connections), nothing on the file system.
+const VSOCK: &[i64] = &[
+    libc::SYS_connect,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+];
+
+/// The virtio-fs passthrough's file system calls (fuse-backend-rs), the guest caller's
+/// credentials per request, and raising CAP_FSETID around a write.
+const FS: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_fstatfs,
+    libc::SYS_statfs,
+    libc::SYS_getdents64,
+    libc::SYS_readlinkat,
+    libc::SYS_dup,
+    libc::SYS_flock,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_copy_file_range,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_mkdirat,
+    libc::SYS_mknodat,
+    libc::SYS_symlinkat,
+    libc::SYS_linkat,
+    libc::SYS_unlinkat,
+    libc::SYS_unlink,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_utimensat,
+    libc::SYS_umask,
+    libc::SYS_getxattr,
+    libc::SYS_lgetxattr,
+    libc::SYS_fgetxattr,
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_removexattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_fremovexattr,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_capget,
+    libc::SYS_capset,
+];
+
+/// Calls that only an attacker would make from a back end: they kill the process.
+const FORBIDDEN: &[i64] = &[
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_setns,
+    libc::SYS_unshare,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_bpf,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+];
+
+fn err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("seccomp filter: {e}"))
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> io::Result<SeccompCondition> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(err)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> io::Result<SeccompRule> {
+    SeccompRule::new(conds).map_err(err)
+}
+
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> io::Result<BpfProgram> {
+    let arch = std::env::consts::ARCH.try_into().map_err(err)?;
+    SeccompFilter::new(rules, mismatch, matched, arch)
+        .map_err(err)?
+        .try_into()
+        .map_err(err)
+}
+
+/// The three filters of `role`, in the order they must be installed.
+pub fn filters(role: Role) -> io::Result<Vec<BpfProgram>> {
+    let mut allow: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let extra = match role {
+        Role::Fs => FS,
+        Role::Vsock => VSOCK,
+    };
+    for &nr in COMMON.iter().chain(extra) {
+        allow.insert(nr, Vec::new());
+    }
+    // Answered with ENOSYS by the clone3 filter (see below).
+    allow.insert(libc::SYS_clone3, Vec::new());
+    // New threads only (the daemon's request and vring threads).
+    let thread = libc::CLONE_THREAD as u64;
+    allow.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    // Naming those threads.
+    allow.insert(
+        libc::SYS_prctl,
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::Eq,
+            libc::PR_SET_NAME as u64,
+        )?])?],
+    );
+    let mut fcntls = vec![
+        libc::F_GETFD,
+        libc::F_SETFD,
+        libc::F_GETFL,
+        libc::F_SETFL,
+        libc::F_DUPFD_CLOEXEC,
+    ];
+    if role == Role::Fs {
+        fcntls.extend([
+            libc::F_GETLK,
+            libc::F_SETLK,
+            libc::F_SETLKW,
+            libc::F_OFD_GETLK,
+            libc::F_OFD_SETLK,
+            libc::F_OFD_SETLKW,
+        ]);
+        // Its own RLIMIT_NOFILE only.
+        allow.insert(
+            libc::SYS_prlimit64,
+            vec![rule(vec![cond(0, SeccompCmpOp::Eq, 0)?])?],
+        );
+    } else {
+        // Unix sockets only: no network from this thread.
+        allow.insert(
+            libc::SYS_socket,
+            vec![rule(vec![cond(
+                0,
+                SeccompCmpOp::Eq,
+                libc::AF_UNIX as u64,
+            )?])?],
+        );
+    }
+    allow.insert(
+        libc::SYS_fcntl,
+        fcntls
+            .into_iter()
+            .map(|c| rule(vec![cond(1, SeccompCmpOp::Eq, c as u64)?]))
+            .collect::<io::Result<_>>()?,
+    );
+    allow.insert(
+        libc::SYS_ioctl,
+        [libc::FIONBIO, libc::FIOCLEX]
+            .into_iter()
+            .map(|c| rule(vec![cond(1, SeccompCmpOp::Eq, c)?]))
+            .collect::<io::Result<_>>()?,
+    );
+    let allow = compile(
+        allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+    )?;
+
+    let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
+        FORBIDDEN.iter().map(|&nr| (nr, Vec::new())).collect();
+    // A clone that makes a process, not a thread.
+    deny.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(thread), 0)?])?],
+    );
+    let deny = compile(deny, SeccompAction::Allow, SeccompAction::KillProcess)?;
+
+    let clone3 = compile(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )?;
+    // The allow-list goes last: once it is in, installing another filter is no longer
+    // allowed. Of two errno answers the last installed filter's wins, so it allows clone3
+    // and leaves the ENOSYS to the filter before it.
+    Ok(vec![deny, clone3, allow])
+}
+
+/// The capabilities `role` keeps.
+pub fn kept_caps(role: Role) -> CapsHashSet {
+    match role {
+        Role::Fs => FS_CAPS.iter().copied().collect(),
+        Role::Vsock => CapsHashSet::new(),
+    }
+}
+
+/// Confines the calling thread as `role`: capabilities, then seccomp (which sets
+/// no_new_privs). Irreversible for this thread and every thread it starts later.
+pub fn confine(role: Role) -> io::Result<()> {
+    let filters = filters(role)?;
+    restrict_caps(role)?;
+    for f in &filters {
+        seccompiler::apply_filter(f).map_err(|e| err(format!("installing: {e}")))?;
+    }
+    tracing::debug!(?role, "back-end thread confined");
+    Ok(())
+}
+
+fn restrict_caps(role: Role) -> io::Result<()> {
+    let keep = kept_caps(role);
+    let caps_err = |what: &'static str| {
+        move |e: caps::errors::CapsError| io::Error::other(format!("{what}: {e}"))
+    };
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            // EINVAL for a capability this kernel does not know: nothing to drop.
+            if caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+                caps::drop(None, CapSet::Bounding, cap).map_err(caps_err("bounding set"))?;
+            }
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(caps_err("ambient set"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_err("inheritable set"))?;
+    // Effective first: it must stay within the permitted set at every step.
+    let effective = caps::read(None, CapSet::Effective).map_err(caps_err("reading"))?;
+    caps::set(
+        None,
+        CapSet::Effective,
+        &effective.intersection(&keep).copied().collect(),
+    )
+    .map_err(caps_err("effective set"))?;
+    let permitted = caps::read(None, CapSet::Permitted).map_err(caps_err("reading"))?;
+    caps::set(
+        None,
+        CapSet::Permitted,
+        &permitted.intersection(&keep).copied().collect(),
+    )
+    .map_err(caps_err("permitted set"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
