@@ -282,6 +282,54 @@ pub fn vmm_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     )
 }
 
+/// Capabilities a virtio-fs thread keeps, for ownership pass-through: `CHOWN` (guest chown
+/// shows on the host), `DAC_OVERRIDE` and `DAC_READ_SEARCH` (root in the guest reads and
+/// writes whatever the mode), `FOWNER` (chmod, utimes, xattrs of others' files), `FSETID`
+/// (set-id bits kept on write and chown), `SETUID` and `SETGID` (creating files as the guest
+/// caller, per request on this thread), `MKNOD` (device nodes in images), `SETFCAP` (file
+/// capabilities in images). Every other device thread, and every vCPU thread, keeps none.
+pub const FS_CAPS: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_MKNOD,
+    caps::Capability::CAP_SETFCAP,
+];
+
+/// Restricts the calling thread's capabilities to `keep`: the bounding, effective and
+/// permitted sets hold at most `keep`, the inheritable and ambient sets nothing. Threads it
+/// starts later inherit that; other threads of the process keep theirs.
+pub fn keep_caps(keep: &[caps::Capability]) -> Result<()> {
+    use caps::CapSet;
+    let fail = |what: &'static str| {
+        move |e: caps::errors::CapsError| Error::Host {
+            what,
+            source: std::io::Error::other(e.to_string()),
+        }
+    };
+    let keep: caps::CapsHashSet = keep.iter().copied().collect();
+    for cap in caps::all() {
+        // A capability this kernel does not know is not in the bounding set to drop.
+        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(fail("dropping a bounding capability"))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(fail("clearing ambient capabilities"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(fail("clearing inheritable capabilities"))?;
+    // Effective first: it must stay within the permitted set at every step.
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        let now = caps::read(None, set).map_err(fail("reading capabilities"))?;
+        caps::set(None, set, &now.intersection(&keep).copied().collect())
+            .map_err(fail("restricting capabilities"))?;
+    }
+    Ok(())
+}
+
 /// Installs `filter` on the calling thread (sets no_new_privs first, as seccomp requires).
 pub fn apply(filter: &BpfProgram) -> Result<()> {
     seccompiler::apply_filter(filter).map_err(|e| Error::Host {

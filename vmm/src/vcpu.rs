@@ -104,8 +104,8 @@ fn describe(exit: &VcpuExit<'_>) -> String {
 
 impl Vcpu {
     /// Starts the thread; it runs until `stop` is set (and it is kicked) or the VM exits, and
-    /// parks while `gate` asks it to. With `seccomp`, the thread confines itself before its
-    /// first KVM_RUN.
+    /// parks while `gate` asks it to. With `seccomp`, the thread drops every capability and
+    /// installs the filter before its first KVM_RUN.
     pub fn spawn(
         self,
         bus: Arc<Bus>,
@@ -123,7 +123,10 @@ impl Vcpu {
             .name(format!("vcpu{}", self.cpu))
             .spawn(move || {
                 if let Some(filter) = seccomp {
-                    if let Err(e) = crate::seccomp::apply(&filter) {
+                    // A vCPU thread needs no capability: KVM_RUN on fds it already holds.
+                    if let Err(e) =
+                        crate::seccomp::keep_caps(&[]).and_then(|()| crate::seccomp::apply(&filter))
+                    {
                         latch.request(VmExit::Error {
                             cpu: self.cpu,
                             message: e.to_string(),

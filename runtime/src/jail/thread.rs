@@ -17,7 +17,7 @@
 //! back): without capabilities that is the uid of root-owned files only, and the vsock allow
 //! list has no call that opens, creates or removes a file.
 
-use caps::{CapSet, Capability, CapsHashSet};
+use caps::{Capability, CapsHashSet};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
@@ -34,24 +34,10 @@ pub enum Role {
     Vsock,
 }
 
-/// Capabilities the virtio-fs thread keeps, and why: `CHOWN` (guest chown shows on the host),
-/// `DAC_OVERRIDE` and `DAC_READ_SEARCH` (root in the guest reads and writes files whatever
-/// their mode, as on a local disk), `FOWNER` (chmod, utimes and xattrs of files the caller
-/// does not own), `FSETID` (keeping set-id bits on write and chown, which fuse-backend-rs
-/// raises per request), `SETUID` and `SETGID` (taking the guest caller's uid and gid on this
-/// thread to create files with that owner), `MKNOD` (device nodes in images), `SETFCAP`
-/// (file capabilities in images, the `security.capability` xattr).
-pub const FS_CAPS: &[Capability] = &[
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_DAC_READ_SEARCH,
-    Capability::CAP_FOWNER,
-    Capability::CAP_FSETID,
-    Capability::CAP_SETUID,
-    Capability::CAP_SETGID,
-    Capability::CAP_MKNOD,
-    Capability::CAP_SETFCAP,
-];
+/// Capabilities the virtio-fs thread keeps (the built-in VMM's virtio-fs thread keeps the same;
+/// the list and the reasons are in [`rootcell_vmm::seccomp::FS_CAPS`]): CHOWN, DAC_OVERRIDE,
+/// DAC_READ_SEARCH, FOWNER, FSETID, SETUID, SETGID, MKNOD, SETFCAP.
+pub const FS_CAPS: &[Capability] = rootcell_vmm::seccomp::FS_CAPS;
 
 /// Any thread of a back end: memory, locks, time, signals' return, its own exit, epoll,
 /// eventfds, moving bytes on the fds it holds (the vhost-user socket with its SCM_RIGHTS,
@@ -342,36 +328,8 @@ pub fn confine(role: Role) -> io::Result<()> {
 }
 
 fn restrict_caps(role: Role) -> io::Result<()> {
-    let keep = kept_caps(role);
-    let caps_err = |what: &'static str| {
-        move |e: caps::errors::CapsError| io::Error::other(format!("{what}: {e}"))
-    };
-    for cap in caps::all() {
-        if !keep.contains(&cap) {
-            // EINVAL for a capability this kernel does not know: nothing to drop.
-            if caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
-                caps::drop(None, CapSet::Bounding, cap).map_err(caps_err("bounding set"))?;
-            }
-        }
-    }
-    caps::clear(None, CapSet::Ambient).map_err(caps_err("ambient set"))?;
-    caps::clear(None, CapSet::Inheritable).map_err(caps_err("inheritable set"))?;
-    // Effective first: it must stay within the permitted set at every step.
-    let effective = caps::read(None, CapSet::Effective).map_err(caps_err("reading"))?;
-    caps::set(
-        None,
-        CapSet::Effective,
-        &effective.intersection(&keep).copied().collect(),
-    )
-    .map_err(caps_err("effective set"))?;
-    let permitted = caps::read(None, CapSet::Permitted).map_err(caps_err("reading"))?;
-    caps::set(
-        None,
-        CapSet::Permitted,
-        &permitted.intersection(&keep).copied().collect(),
-    )
-    .map_err(caps_err("permitted set"))?;
-    Ok(())
+    let keep: Vec<Capability> = kept_caps(role).into_iter().collect();
+    rootcell_vmm::seccomp::keep_caps(&keep).map_err(|e| io::Error::other(e.to_string()))
 }
 
 #[cfg(test)]

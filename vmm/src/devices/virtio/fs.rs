@@ -69,7 +69,10 @@ impl VirtioFs {
                 device: Some(device),
                 active: None,
             },
-            Some(crate::seccomp::fs_io_filter),
+            Some(crate::devices::virtio::worker::Confinement {
+                filter: crate::seccomp::fs_io_filter,
+                caps: crate::seccomp::FS_CAPS,
+            }),
         )
         .map_err(FsDeviceError::Thread)?;
         Ok(VirtioFs { config: space, io })

@@ -51,7 +51,10 @@ impl VsockDevice {
                 muxer,
                 active: None,
             },
-            Some(crate::seccomp::vsock_io_filter),
+            Some(crate::devices::virtio::worker::Confinement {
+                filter: crate::seccomp::vsock_io_filter,
+                caps: &[],
+            }),
         )
         .map_err(VsockDeviceError::Thread)?;
         Ok(VsockDevice {

@@ -35,6 +35,15 @@ pub(crate) use queue_device::{
 /// Builds a device thread's seccomp allowlist for a given violation action.
 pub(crate) type FilterFn = fn(seccompiler::SeccompAction) -> crate::Result<seccompiler::BpfProgram>;
 
+/// How a device thread confines itself: the capabilities it keeps, then its seccomp allowlist.
+#[derive(Clone, Copy)]
+pub(crate) struct Confinement {
+    /// Builds the allowlist.
+    pub filter: FilterFn,
+    /// Capabilities kept (see [`crate::seccomp::FS_CAPS`]); none for most devices.
+    pub caps: &'static [caps::Capability],
+}
+
 /// What a confined device thread's forbidden syscall does: kill the whole process, like the
 /// vCPU filter (the kernel's audit log names the syscall).
 const ON_VIOLATION: seccompiler::SeccompAction = seccompiler::SeccompAction::KillProcess;
@@ -86,18 +95,19 @@ impl<A: Send + 'static> std::fmt::Debug for WorkerHandle<A> {
 }
 
 impl<A: Send + 'static> WorkerHandle<A> {
-    /// Spawns thread `name` running `worker`, confined by the allowlist `filter` builds (if
-    /// any) before it serves anything.
+    /// Spawns thread `name` running `worker`, confined as `confine` says (if at all: its
+    /// capabilities restricted, then the allowlist installed) before it serves anything.
     pub(crate) fn spawn<W>(
         name: &str,
         mut worker: W,
-        filter: Option<FilterFn>,
+        confine: Option<Confinement>,
     ) -> std::io::Result<Self>
     where
         W: DeviceWorker<Activation = A>,
     {
-        let filter = filter
-            .map(|build| build(ON_VIOLATION))
+        let caps = confine.map(|c| c.caps);
+        let filter = confine
+            .map(|c| (c.filter)(ON_VIOLATION))
             .transpose()
             .map_err(|e| std::io::Error::other(format!("seccomp filter for {name}: {e}")))?;
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -114,6 +124,12 @@ impl<A: Send + 'static> WorkerHandle<A> {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                if let Some(keep) = caps {
+                    if let Err(e) = crate::seccomp::keep_caps(keep) {
+                        let _ = confined_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                }
                 if let Some(f) = filter {
                     if let Err(e) = crate::seccomp::apply(&f) {
                         let _ = confined_tx.send(Err(e.to_string()));

@@ -135,7 +135,10 @@ impl NetDevice {
         let io = QueueWorker::spawn(
             "net-io",
             NetWorker::new(config.tap.clone(), counters.clone()),
-            Some(crate::seccomp::net_io_filter),
+            Some(crate::devices::virtio::worker::Confinement {
+                filter: crate::seccomp::net_io_filter,
+                caps: &[],
+            }),
         )
         .map_err(NetDeviceError::Thread)?;
         Ok(NetDevice {

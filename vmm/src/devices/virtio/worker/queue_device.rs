@@ -9,7 +9,7 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{DeviceWorker, FilterFn, WorkerHandle};
+use super::{Confinement, DeviceWorker, WorkerHandle};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -104,13 +104,17 @@ pub(crate) struct QueueWorker {
 
 impl QueueWorker {
     /// Spawns the I/O thread (see [`WorkerHandle::spawn`]).
-    pub(crate) fn spawn<W>(name: &str, worker: W, filter: Option<FilterFn>) -> std::io::Result<Self>
+    pub(crate) fn spawn<W>(
+        name: &str,
+        worker: W,
+        confine: Option<Confinement>,
+    ) -> std::io::Result<Self>
     where
         W: DeviceWorker<Activation = Activation>,
     {
         Ok(QueueWorker {
             acked: 0,
-            handle: WorkerHandle::spawn(name, worker, filter)?,
+            handle: WorkerHandle::spawn(name, worker, confine)?,
         })
     }
 
