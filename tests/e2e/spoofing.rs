@@ -81,7 +81,7 @@ fn capture(
                 );
                 (n, sll.sll_pkttype)
             };
-            if n > 0 && pkttype != libc::PACKET_OUTGOING as u8 {
+            if n > 0 && pkttype != libc::PACKET_OUTGOING {
                 frames.push(buf[..n as usize].to_vec());
             }
         }
