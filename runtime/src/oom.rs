@@ -224,7 +224,7 @@ fn admit(last: &mut Vec<(String, Instant)>, key: &str, now: Instant) -> Result<(
 }
 
 /// Makes the kernel OOM-kill one sacrificial process in the memory cgroup of `cgroups_path`,
-/// at most once per [`MIN_INTERVAL`] (a kill reported sooner is covered by the last relay).
+/// at most once per `MIN_INTERVAL` (a kill reported sooner is covered by the last relay).
 pub fn relay(cgroups_path: &str) -> Result<()> {
     let admitted = {
         let mut last = LAST_RELAY.lock().unwrap_or_else(|e| e.into_inner());
