@@ -286,6 +286,22 @@ pub fn recv<R: Read, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>, FrameE
     read_frame(r)
 }
 
+/// The `/proc/<pid>/ns/` file name of a namespace type (the host and the agent name a
+/// namespace to join by it).
+pub fn ns_file_name(t: oci_spec::runtime::LinuxNamespaceType) -> &'static str {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    match t {
+        T::Mount => "mnt",
+        T::Cgroup => "cgroup",
+        T::Uts => "uts",
+        T::Ipc => "ipc",
+        T::User => "user",
+        T::Pid => "pid",
+        T::Network => "net",
+        T::Time => "time",
+    }
+}
+
 /// Shell-convention exit status from a raw `waitpid` status.
 pub fn exit_status_from_wait(raw: i32) -> i32 {
     if raw & 0x7f == 0 {

@@ -25,19 +25,7 @@ pub struct Join {
     pub namespaces: Vec<(LinuxNamespaceType, PathBuf)>,
 }
 
-/// The `/proc/<pid>/ns/<name>` file name of a namespace type.
-pub fn ns_name(t: LinuxNamespaceType) -> &'static str {
-    match t {
-        LinuxNamespaceType::Mount => "mnt",
-        LinuxNamespaceType::Cgroup => "cgroup",
-        LinuxNamespaceType::Uts => "uts",
-        LinuxNamespaceType::Ipc => "ipc",
-        LinuxNamespaceType::User => "user",
-        LinuxNamespaceType::Pid => "pid",
-        LinuxNamespaceType::Network => "net",
-        LinuxNamespaceType::Time => "time",
-    }
-}
+use rootcell_protocol::ns_file_name as ns_name;
 
 /// The pid of a `/proc/<pid>/ns/<anything>` path.
 fn proc_pid(path: &Path) -> Option<i32> {

@@ -94,6 +94,25 @@ fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
     Ok(())
 }
 
+/// Creates the mount point of bind `b` in `share` (a directory or a file, like its source) and
+/// its parents; returns it.
+fn mount_point(share: &Path, b: &BindMount) -> Result<PathBuf, ShareError> {
+    let io = |what: &'static str, p: &Path| {
+        let path = p.display().to_string();
+        move |source| ShareError { what, path, source }
+    };
+    let dst = share.join(&b.name);
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    }
+    if b.source.is_dir() {
+        std::fs::create_dir(&dst).map_err(io("create", &dst))?;
+    } else {
+        std::fs::File::create(&dst).map_err(io("create", &dst))?;
+    }
+    Ok(dst)
+}
+
 /// Creates `share` with the rootfs and bind-mount sources mounted in it, on a tmpfs of the
 /// sandbox's namespace (so the entries' parent directories never touch the host).
 ///
@@ -118,15 +137,7 @@ pub fn build(share: &Path, rootfs: &Path, binds: &[BindMount]) -> Result<(), Sha
     std::fs::create_dir(&root_dst).map_err(io("create", &root_dst))?;
     bind(rootfs, &root_dst, false)?;
     for b in binds {
-        let dst = share.join(&b.name);
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-        }
-        if b.source.is_dir() {
-            std::fs::create_dir(&dst).map_err(io("create", &dst))?;
-        } else {
-            std::fs::File::create(&dst).map_err(io("create", &dst))?;
-        }
+        let dst = mount_point(share, b)?;
         bind(&b.source, &dst, b.read_only)?;
     }
     Ok(())
@@ -236,15 +247,7 @@ pub fn attach_member(
     attach_tree(trees.rootfs, &root_dst)?;
     mounted.push(root_dst);
     for (b, tree) in trees.binds {
-        let dst = entry.join(&b.name);
-        if let Some(parent) = dst.parent() {
-            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-        }
-        if b.source.is_dir() {
-            std::fs::create_dir(&dst).map_err(io("create", &dst))?;
-        } else {
-            std::fs::File::create(&dst).map_err(io("create", &dst))?;
-        }
+        let dst = mount_point(&entry, &b)?;
         attach_tree(tree, &dst)?;
         mounted.push(dst.clone());
         if b.read_only {

@@ -2,6 +2,7 @@
 //! container's namespaces runs in that container's VM, with its own rootfs, stdio, exit status
 //! and lifecycle; joins that cannot work are refused with one line and leave nothing.
 
+use rootcell_e2e::docker::wait_until;
 use rootcell_e2e::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ fn vmms_of(run_dir: &std::path::Path) -> Vec<String> {
 /// Nothing of container `id` is left (while other containers of the same root may run): no
 /// process, state or run dir, no mount in this namespace or in any sandbox's.
 fn nothing_of(rt: &Runtime, id: &str) {
-    wait_for(
+    wait_until(
         "the container's processes to end",
         Duration::from_secs(10),
         || processes_mentioning(id).is_empty(),
@@ -59,13 +60,6 @@ fn nothing_of(rt: &Runtime, id: &str) {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
@@ -88,7 +82,7 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     let (o, b_out, _) = rt.create(&b_bundle, &b);
     assert_eq!(code(&o), 0, "create {b}: {}", text(&o.stderr));
     assert_eq!(code(&rt.run(&["start", &b])), 0);
-    wait_for(
+    wait_until(
         "the second container's fetch",
         Duration::from_secs(60),
         || std::fs::read_to_string(&b_out).is_ok_and(|s| s.contains("fetched")),
@@ -144,20 +138,17 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
         text(&o.stderr)
     );
 
+    // What the first container's server answers, fetched from inside it.
+    let served = || {
+        let o = rt.run(&["exec", &a, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
+        text(&o.stdout) + &text(&o.stderr)
+    };
+
     // Pausing the second freezes only it.
     assert_eq!(code(&rt.run(&["pause", &b])), 0);
     assert_eq!(rt.state(&b)["status"], "paused");
-    let o = rt.run(&[
-        "exec",
-        &a,
-        "wget",
-        "-q",
-        "-O",
-        "-",
-        "http://127.0.0.1:8080/",
-    ]);
     assert_eq!(
-        text(&o.stdout),
+        served(),
         "hello-from-a\n",
         "the first serves while the second is paused"
     );
@@ -194,21 +185,7 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     assert_eq!(st["status"], "stopped");
     assert_eq!(code(&rt.run(&["delete", &b])), 0);
     assert_eq!(rt.state(&a)["status"], "running");
-    let o = rt.run(&[
-        "exec",
-        &a,
-        "wget",
-        "-q",
-        "-O",
-        "-",
-        "http://127.0.0.1:8080/",
-    ]);
-    assert_eq!(
-        text(&o.stdout),
-        "hello-from-a\n",
-        "the first still serves: {}",
-        text(&o.stderr)
-    );
+    assert_eq!(served(), "hello-from-a\n", "the first still serves");
     let mounts = std::fs::read_to_string(format!("/proc/{a_pid}/mountinfo")).unwrap();
     assert!(
         !mounts.contains(&format!("/c/{b}/")),
@@ -241,7 +218,7 @@ fn the_owner_ending_stops_the_containers_in_its_vm() {
     assert_eq!(code(&o), 0, "create {a}: {}", text(&o.stderr));
     assert_eq!(code(&rt.run(&["start", &a])), 0);
     let a_pid = rt.state(&a)["pid"].as_i64().unwrap();
-    wait_for("the first container", Duration::from_secs(30), || {
+    wait_until("the first container", Duration::from_secs(30), || {
         std::fs::read_to_string(&a_out).is_ok_and(|s| s.contains("up"))
     });
     let b_bundle = Bundle::new(&["sleep", "1000"]).edit(|s| {
@@ -343,7 +320,7 @@ fn docker_network_container_mode_shares_the_vm() {
 
     let b = run_detached(d, &["--network", &net], "echo b > /b-only; exec sleep 1000");
     let exec = |id: &str, script: &str| ok(d, &["exec", id, "sh", "-c", script]);
-    wait_for(
+    wait_until(
         "the second container's file",
         Duration::from_secs(30),
         || d.docker(&["exec", &b, "cat", "/b-only"]).status.success(),
@@ -393,7 +370,7 @@ fn docker_network_container_mode_shares_the_vm() {
     ok(d, &["rm", "-f", &r]);
     let root = d.runtime_root();
     for id in [&a, &b] {
-        wait_for(
+        wait_until(
             "the container's processes to end",
             Duration::from_secs(15),
             || processes_mentioning(id).is_empty(),
@@ -543,7 +520,7 @@ fn podman_pod_is_one_vm() {
     assert!(record(infra)["vm_pid"].as_i64().unwrap() > 0);
     p.ok(&["pod", "rm", "-f", &pod]);
     for id in [infra, server.as_str()] {
-        wait_for(
+        wait_until(
             "the pod's processes to end",
             Duration::from_secs(15),
             || processes_mentioning(id).is_empty(),

@@ -74,19 +74,7 @@ pub fn ns_flag(t: LinuxNamespaceType) -> CloneFlags {
     }
 }
 
-/// The `/proc/<pid>/ns/<name>` file name of a namespace type.
-pub fn ns_proc_name(t: LinuxNamespaceType) -> &'static str {
-    match t {
-        LinuxNamespaceType::Mount => "mnt",
-        LinuxNamespaceType::Cgroup => "cgroup",
-        LinuxNamespaceType::Uts => "uts",
-        LinuxNamespaceType::Ipc => "ipc",
-        LinuxNamespaceType::User => "user",
-        LinuxNamespaceType::Pid => "pid",
-        LinuxNamespaceType::Network => "net",
-        LinuxNamespaceType::Time => "time",
-    }
-}
+pub use rootcell_protocol::ns_file_name as ns_proc_name;
 
 /// Validates a container spec; returns the namespaces to create.
 pub fn validate(spec: &Spec) -> Result<NamespacePlan, SetupError> {

@@ -6,13 +6,12 @@
 use super::prepare::{connect_agent, create_init, join_cpu_cgroup, run_create_hooks, VmLogs};
 use super::*;
 use crate::hypervisor::joined::JoinedVm;
-use crate::state::{ContainerState, Status};
+use crate::state::ContainerState;
 use crate::{paths, share, spec};
 use anyhow::{anyhow, Context, Result};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 
 /// Detaches the container's share entries unless disarmed (a failed create leaves nothing in
 /// the owner's share).
@@ -91,24 +90,12 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         join_cpu_cgroup(cg, &bundle.spec, &[me]);
     }
     let run_dir = state.run_dir.clone();
-    let ctl_path = run_dir.join(paths::CONTROL_SOCKET);
-    let control = UnixListener::bind(&ctl_path)
-        .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
-    state.status = Status::Created;
-    state.save(&state_path)?;
     attachment.armed = false;
-    let shared = Arc::new(Shared {
-        state: Mutex::new(state),
-        vm: vm.clone(),
-        state_path,
-        agent,
-        in_flight: AtomicUsize::new(0),
-        tty_fd: attached.tty_fd,
-        exec_waiters: Mutex::default(),
-        role: Role::Member {
-            mounts: std::mem::take(&mut attachment.mounts),
-        },
-    });
+    let role = Role::Member {
+        mounts: std::mem::take(&mut attachment.mounts),
+    };
+    let (shared, control) =
+        Shared::created(state, state_path, vm.clone(), agent, attached.tty_fd, role)?;
     Ok(Sandbox {
         shared,
         vm,

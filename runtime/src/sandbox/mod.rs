@@ -160,6 +160,35 @@ enum Role {
 }
 
 impl Shared {
+    /// The shared state of a sandbox whose container is created: records it as such, and
+    /// listens on its control socket in `run_dir`.
+    fn created(
+        mut state: ContainerState,
+        state_path: PathBuf,
+        vm: Arc<dyn Vm>,
+        agent: Arc<AgentClient>,
+        tty_fd: Option<i32>,
+        role: Role,
+    ) -> anyhow::Result<(Arc<Shared>, UnixListener)> {
+        use anyhow::Context;
+        let ctl_path = state.run_dir.join(crate::paths::CONTROL_SOCKET);
+        let control = UnixListener::bind(&ctl_path)
+            .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
+        state.status = crate::state::Status::Created;
+        state.save(&state_path)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            vm,
+            state_path,
+            agent,
+            in_flight: AtomicUsize::new(0),
+            tty_fd,
+            exec_waiters: Mutex::default(),
+            role,
+        });
+        Ok((shared, control))
+    }
+
     fn update(&self, f: impl FnOnce(&mut ContainerState)) {
         if let Ok(mut s) = self.state.lock() {
             f(&mut s);

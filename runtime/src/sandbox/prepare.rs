@@ -11,10 +11,8 @@ use crate::{hooks, paths, share, spec};
 use anyhow::{anyhow, bail, Context, Result};
 use oci_spec::runtime::Spec;
 use rootcell_protocol::{Request, Response, StdioSpec, INIT_PROCESS};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 /// Brings the sandbox up, step by step: [`enter`] (namespaces, pid, cgroup), [`host_setup`]
@@ -53,21 +51,8 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     let HostSetup {
         run_dir, network, ..
     } = host;
-    let ctl_path = run_dir.join(paths::CONTROL_SOCKET);
-    let control = UnixListener::bind(&ctl_path)
-        .with_context(|| format!("cannot listen on {}", ctl_path.display()))?;
-    state.status = Status::Created;
-    state.save(&state_path)?;
-    let shared = Arc::new(Shared {
-        state: Mutex::new(state),
-        vm: vm.clone(),
-        state_path,
-        agent,
-        in_flight: AtomicUsize::new(0),
-        tty_fd,
-        exec_waiters: Mutex::default(),
-        role: Role::Owner,
-    });
+    let (shared, control) =
+        Shared::created(state, state_path, vm.clone(), agent, tty_fd, Role::Owner)?;
     Ok(Sandbox {
         shared,
         vm,
