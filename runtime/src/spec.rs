@@ -341,11 +341,11 @@ mod tests {
 
         let ns = bundle_with(
             r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},"process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
-            "linux":{"namespaces":[{"type":"pid","path":"/proc/1/ns/pid"}]}}"#,
+            "linux":{"namespaces":[{"type":"mount","path":"/proc/1/ns/mnt"}]}}"#,
         );
         let e = load(ns.path()).unwrap_err().to_string();
         assert!(
-            e.contains("linux.namespaces[0].path") && e.contains("pid namespace"),
+            e.contains("linux.namespaces[0].path") && e.contains("mount namespace"),
             "{e}"
         );
 
