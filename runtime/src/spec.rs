@@ -345,7 +345,7 @@ mod tests {
         );
         let e = load(ns.path()).unwrap_err().to_string();
         assert!(
-            e.contains("linux.namespaces[0].path") && e.contains("mount namespace"),
+            e.contains("linux.namespaces[0].path") && e.contains("mnt namespace"),
             "{e}"
         );
 
