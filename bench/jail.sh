@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The cost of the VMM jail (issue 16): `run /bin/true` wall time, QEMU's time from spawn to
 # agent ready as the sandbox logs it, and one idle container's QEMU PSS, with the jail
-# (default) and without it (ROOTCELL_JAIL=0), alternating so machine load hits both alike.
+# (default, ROOTCELL_JAIL=1), with only QEMU's jail (=qemu), only the back ends' confinement
+# (=backends) and without either (=0), alternating so machine load hits all alike.
 # Prints figures; asserts nothing.
 #
 # Usage: bench/jail.sh [N]    (N runs of each, default 6)
@@ -22,9 +23,10 @@ boot_ms() {
     }
 }
 
-for mode in 1 0; do : > "$work/wall-$mode"; : > "$work/boot-$mode"; : > "$work/spawn-$mode"; done
+modes="1 qemu backends 0"
+for mode in $modes; do : > "$work/wall-$mode"; : > "$work/boot-$mode"; : > "$work/spawn-$mode"; done
 for i in $(seq "$n"); do
-    for mode in 1 0; do
+    for mode in $modes; do
         log="$work/log-$mode-$i"
         t0=$(now_ms)
         ROOTCELL_JAIL=$mode rc --log "$log" run --bundle "$work/true" "true-$$-$mode-$i" </dev/null >/dev/null
@@ -35,9 +37,9 @@ for i in $(seq "$n"); do
 done
 
 printf '\nVMM jail cost, %d runs each (median min max)\nmachine: %s\n' "$n" "$(machine)"
-for mode in 1 0; do
-    name=$([ "$mode" = 1 ] && echo jailed || echo unjailed)
-    printf '%-9s run /bin/true %s ms; qemu start -> agent ready %s ms; spawn (fork, jail, exec) %s us\n' "$name" \
+for mode in $modes; do
+    name="JAIL=$mode"
+    printf '%-14s run /bin/true %s ms; qemu start -> agent ready %s ms; spawn (fork, jail, exec) %s us\n' "$name" \
         "$(stats < "$work/wall-$mode")" "$(grep -v - "$work/boot-$mode" | stats)" "$(stats < "$work/spawn-$mode")"
 done
 for mode in 1 0; do
@@ -47,8 +49,7 @@ for mode in 1 0; do
     sleep "${SETTLE:-3}"
     sb=$(rc state "$id" | jq -r .pid)
     q=$(pgrep -P "$sb" -f qemu-system | head -1)
-    printf '%-9s idle QEMU: PSS %s KiB, RSS %s KiB; sandbox PSS %s KiB\n' \
-        "$([ "$mode" = 1 ] && echo jailed || echo unjailed)" \
+    printf '%-14s idle QEMU: PSS %s KiB, RSS %s KiB; sandbox PSS %s KiB\n' "JAIL=$mode" \
         "$(kib "/proc/$q/smaps_rollup" Pss)" "$(kib "/proc/$q/smaps_rollup" Rss)" "$(kib "/proc/$sb/smaps_rollup" Pss)"
     rc delete --force "$id" >/dev/null 2>&1 || true
 done

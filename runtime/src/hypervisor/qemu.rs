@@ -295,7 +295,7 @@ impl Hypervisor for Qemu {
         let vsock_vu = cfg.socket_dir.join(crate::paths::VSOCK_VHOST_SOCKET);
         let fs_vu = cfg.socket_dir.join(crate::paths::FS_VHOST_SOCKET);
         // Jailed: the back-end threads confine themselves before serving the guest.
-        let jail = crate::jail::enabled();
+        let confine_backends = crate::jail::backends_enabled();
         let confine = |role: crate::jail::thread::Role| {
             move || -> std::io::Result<()> { crate::jail::thread::confine(role) }
         };
@@ -305,7 +305,7 @@ impl Hypervisor for Qemu {
                 guest_cid: cfg.guest_cid,
                 uds_path: cfg.vsock_uds.clone(),
             },
-            jail.then(|| {
+            confine_backends.then(|| {
                 Box::new(confine(crate::jail::thread::Role::Vsock)) as rootcell_vsock::Confine
             }),
         )
@@ -319,7 +319,8 @@ impl Hypervisor for Qemu {
                 shared_dir: cfg.share_dir.clone(),
                 read_only: false,
             },
-            jail.then(|| Box::new(confine(crate::jail::thread::Role::Fs)) as rootcell_fs::Confine),
+            confine_backends
+                .then(|| Box::new(confine(crate::jail::thread::Role::Fs)) as rootcell_fs::Confine),
         )
         .map_err(|e| {
             vsock.stop();
@@ -347,7 +348,7 @@ impl Hypervisor for Qemu {
             vsock.stop();
             fs.stop();
         };
-        let jailed = if jail {
+        let jailed = if crate::jail::qemu_enabled() {
             Some(
                 JailedStart::prepare(cfg, &self.program, self.accel, &vsock_vu, &fs_vu).map_err(
                     |source| {
@@ -360,7 +361,10 @@ impl Hypervisor for Qemu {
                 )?,
             )
         } else {
-            tracing::warn!("ROOTCELL_JAIL=0: QEMU runs as root in the host's file system view");
+            tracing::warn!(
+                "ROOTCELL_JAIL={}: QEMU runs as root in the host's file system view",
+                std::env::var("ROOTCELL_JAIL").unwrap_or_default()
+            );
             None
         };
         let args = match &jailed {
@@ -417,7 +421,7 @@ impl Hypervisor for Qemu {
                 source,
             }
         })?;
-        tracing::info!(qemu_pid = child.id(), accel = ?self.accel, mem_mib = cfg.memory_mib, vcpus = cfg.vcpus, jailed = crate::jail::enabled(), spawn_us, "qemu started");
+        tracing::info!(qemu_pid = child.id(), accel = ?self.accel, mem_mib = cfg.memory_mib, vcpus = cfg.vcpus, jailed = crate::jail::qemu_enabled(), backends_confined = confine_backends, spawn_us, "qemu started");
         Ok(Box::new(QemuVm {
             pid: child.id() as i32,
             child: Mutex::new(Some(child)),

@@ -21,8 +21,23 @@ pub const UID_BASE: u32 = 0x7e00_0000;
 /// Size of the reserved range: the kernel's largest pid_max (2^22).
 pub const UID_RANGE: u32 = 1 << 22;
 
-/// Whether VMMs are jailed: yes unless `ROOTCELL_JAIL=0` (for debugging a VMM with host
-/// tools; the log says so).
+/// Whether VMMs are jailed and back ends confined: yes unless `ROOTCELL_JAIL=0` (for debugging
+/// a VMM with host tools; the log says so). `ROOTCELL_JAIL=qemu` or `=backends` applies only
+/// that half, to measure what each costs.
 pub fn enabled() -> bool {
-    std::env::var("ROOTCELL_JAIL").map_or(true, |v| v != "0")
+    qemu_enabled() || backends_enabled()
+}
+
+/// Whether QEMU runs in its jail (see [`enabled`]).
+pub fn qemu_enabled() -> bool {
+    !matches!(setting().as_deref(), Some("0") | Some("backends"))
+}
+
+/// Whether the device back-end threads confine themselves (see [`enabled`]).
+pub fn backends_enabled() -> bool {
+    !matches!(setting().as_deref(), Some("0") | Some("qemu"))
+}
+
+fn setting() -> Option<String> {
+    std::env::var("ROOTCELL_JAIL").ok()
 }
