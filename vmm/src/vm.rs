@@ -246,7 +246,7 @@ impl Vm {
         let out: Box<dyn Write + Send> = match config.serial {
             SerialOutput::Sink => Box::new(std::io::sink()),
             SerialOutput::Writer(w) => w,
-            SerialOutput::File(p) => Box::new(
+            SerialOutput::File(p) => Box::new(serial::Capped::new(
                 OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -255,7 +255,8 @@ impl Vm {
                         path: p.clone(),
                         source,
                     })?,
-            ),
+                serial::CONSOLE_LOG_CAP,
+            )),
         };
         let bus = Bus::new(serial::new(irq, out), i8042::new(latch.clone()));
 
