@@ -1,5 +1,6 @@
 //! The container's network namespace on the host: which one the spec asks for, refusing what a
-//! VM cannot have (the host's stack, or one shared with another container), and mirroring its
+//! VM cannot have (the host's stack, or one shared with a process that is not a rootcell
+//! container: joining one that is is [`crate::join`]'s), and mirroring its
 //! interfaces into the VM (tap devices + tc redirect, see `rootcell-net`).
 
 use crate::error::RuntimeError;
@@ -66,9 +67,10 @@ pub fn check(spec: &Spec) -> Result<Namespace, RuntimeError> {
     }
     if let Some((pid, comm)) = other_user(id) {
         return Err(unsupported(format!(
-            "network namespace {} is already used by process {pid} ({comm}), e.g. another \
-             container (docker --network container:ID); a VM cannot share a network stack \
-             with another container; give it a network of its own",
+            "network namespace {} is already used by process {pid} ({comm}), which is not a \
+             rootcell container (a runc container, say); a VM has its own kernel and can share \
+             a network stack only with another rootcell container, in whose VM it then runs; \
+             give it a network of its own",
             path.display()
         )));
     }
