@@ -240,6 +240,27 @@ pub fn attach_member(
         let path = p.display().to_string();
         move |source| ShareError { what, path, source }
     };
+    // The share is the owner's tmpfs, a mount of its own: anything else means we are not where
+    // the owner's back end serves from, and must not write to the host's file system.
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+    let parent = share.parent().unwrap_or(share);
+    match (dev(share), dev(parent)) {
+        (Ok(a), Ok(b)) if a != b => {}
+        (Err(source), _) | (_, Err(source)) => {
+            return Err(ShareError {
+                what: "find the VM's share",
+                path: share.display().to_string(),
+                source,
+            })
+        }
+        _ => {
+            return Err(ShareError {
+                what: "find the VM's share (not mounted in its sandbox's namespace)",
+                path: share.display().to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
+        }
+    }
     let entry = member_entry(share, id);
     let root_dst = entry.join("rootfs");
     std::fs::create_dir_all(&root_dst).map_err(io("create", &root_dst))?;

@@ -821,3 +821,91 @@ fn booting_the_vm_is_not_charged_to_the_container_but_its_work_is() {
     println!("idle container after 5 s: {idle:.3} CPU-s; after a busy exec: {busy:.3} CPU-s");
     ok(d, &["rm", "-f", &id]);
 }
+
+/// Docker: `--network container:A` puts the second container in A's VM; `docker exec` reaches
+/// each; removing the second leaves A serving; removing A last leaves nothing.
+#[test]
+fn docker_network_container_mode_shares_the_vm() {
+    let d = crate::daemon();
+    let a = run_detached(d, &[], LOCAL_SERVER);
+    let net = format!("container:{a}");
+    let script = format!("{LOCAL_FETCH}; test -e /a-only || echo own-root");
+    let o = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "rootcell",
+        "--network",
+        &net,
+        IMAGE,
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert_eq!(code(&o), 0, "{}\n{}", text(&o.stderr), d.log_tail(20));
+    assert_eq!(text(&o.stdout), "hello-from-a\nown-root\n");
+
+    let b = run_detached(d, &["--network", &net], "echo b > /b-only; exec sleep 1000");
+    let exec = |id: &str, script: &str| ok(d, &["exec", id, "sh", "-c", script]);
+    wait_until(
+        "the second container's file",
+        Duration::from_secs(30),
+        || d.docker(&["exec", &b, "cat", "/b-only"]).status.success(),
+    );
+    assert_eq!(
+        exec(&b, "cat /b-only; test -e /a-only || echo no-a"),
+        "b\nno-a\n"
+    );
+    assert_eq!(
+        exec(&a, "cat /a-only; test -e /b-only || echo no-b"),
+        "a\nno-b\n"
+    );
+    ok(d, &["rm", "-f", &b]);
+    assert_eq!(
+        exec(&a, "wget -q -O - http://127.0.0.1:8080/"),
+        "hello-from-a\n",
+        "A serves after B is removed"
+    );
+    ok(d, &["rm", "-f", &a]);
+
+    // A runc container's namespace: refused, saying why, and nothing is left.
+    let r = ok(
+        d,
+        &["run", "-d", "--runtime", "runc", IMAGE, "sleep", "1000"],
+    );
+    let r = r.trim().to_string();
+    let o = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "rootcell",
+        "--network",
+        &format!("container:{r}"),
+        IMAGE,
+        "true",
+    ]);
+    assert_ne!(
+        code(&o),
+        0,
+        "joining a runc container's network was accepted"
+    );
+    assert!(
+        text(&o.stderr).contains("already used by process"),
+        "the refusal says why: {}",
+        text(&o.stderr)
+    );
+    ok(d, &["rm", "-f", &r]);
+    let root = d.runtime_root();
+    for id in [&a, &b] {
+        wait_until(
+            "the container's processes to end",
+            Duration::from_secs(15),
+            || processes_mentioning(id).is_empty(),
+        );
+        assert!(
+            !root.join(id).exists(),
+            "state of {id} left in {}",
+            root.display()
+        );
+    }
+}

@@ -1,20 +1,12 @@
 //! Containers that share a VM (issue 14): a container whose spec joins a running rootcell
 //! container's namespaces runs in that container's VM, with its own rootfs, stdio, exit status
-//! and lifecycle; joins that cannot work are refused with one line and leave nothing.
+//! and lifecycle; joins that cannot work are refused with one line and leave nothing. (Docker's
+//! `--network container:` is in docker.rs, so it also runs against Docker 26.)
 
 use rootcell_e2e::docker::wait_until;
 use rootcell_e2e::*;
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-/// A server in the first container: busybox httpd on 127.0.0.1:8080 serving `hello-from-a`,
-/// and a file only its root has.
-const SERVER: &str = "mkdir -p /www && echo hello-from-a > /www/index.html && echo a > /a-only \
-                      && exec httpd -f -p 127.0.0.1:8080 -h /www";
-
-/// A client loop: fetch the first container's page (retrying while it comes up).
-const FETCH: &str =
-    "for i in $(seq 100); do wget -q -O - http://127.0.0.1:8080/ && break; sleep 0.2; done";
 
 /// Sets namespace `kind`'s path in a spec (adding the namespace if missing).
 fn join_ns(spec: &mut serde_json::Value, kind: &str, path: &str) {
@@ -66,14 +58,14 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     let rt = Runtime::new();
     let a = unique_id("vm-a");
     let b = unique_id("vm-b");
-    let a_bundle = Bundle::new(&["sh", "-c", SERVER]);
+    let a_bundle = Bundle::new(&["sh", "-c", LOCAL_SERVER]);
     let (o, _, _) = rt.create(&a_bundle, &a);
     assert_eq!(code(&o), 0, "create {a}: {}", text(&o.stderr));
     assert_eq!(code(&rt.run(&["start", &a])), 0);
     let a_pid = rt.state(&a)["pid"].as_i64().unwrap();
 
     let script = format!(
-        "{FETCH}; test -e /a-only || echo own-root; echo b > /b-only; echo fetched; exec sleep 1000"
+        "{LOCAL_FETCH}; test -e /a-only || echo own-root; echo b > /b-only; echo fetched; exec sleep 1000"
     );
     let b_bundle = Bundle::new(&["sh", "-c", &script]).edit(|s| {
         join_ns(s, "network", &format!("/proc/{a_pid}/ns/net"));
@@ -294,95 +286,6 @@ fn joins_that_cannot_work_are_refused() {
     assert_no_leftovers(&rt, &a);
 }
 
-/// Docker: `--network container:A` puts the second container in A's VM; `docker exec` reaches
-/// each; removing the second leaves A serving; removing A last leaves nothing.
-#[test]
-fn docker_network_container_mode_shares_the_vm() {
-    use rootcell_e2e::docker::{daemon, ok, run_detached, IMAGE};
-    let d = daemon();
-    let a = run_detached(d, &[], SERVER);
-    let net = format!("container:{a}");
-    let script = format!("{FETCH}; test -e /a-only || echo own-root");
-    let o = d.docker(&[
-        "run",
-        "--rm",
-        "--runtime",
-        "rootcell",
-        "--network",
-        &net,
-        IMAGE,
-        "sh",
-        "-c",
-        &script,
-    ]);
-    assert_eq!(code(&o), 0, "{}\n{}", text(&o.stderr), d.log_tail(20));
-    assert_eq!(text(&o.stdout), "hello-from-a\nown-root\n");
-
-    let b = run_detached(d, &["--network", &net], "echo b > /b-only; exec sleep 1000");
-    let exec = |id: &str, script: &str| ok(d, &["exec", id, "sh", "-c", script]);
-    wait_until(
-        "the second container's file",
-        Duration::from_secs(30),
-        || d.docker(&["exec", &b, "cat", "/b-only"]).status.success(),
-    );
-    assert_eq!(
-        exec(&b, "cat /b-only; test -e /a-only || echo no-a"),
-        "b\nno-a\n"
-    );
-    assert_eq!(
-        exec(&a, "cat /a-only; test -e /b-only || echo no-b"),
-        "a\nno-b\n"
-    );
-    ok(d, &["rm", "-f", &b]);
-    assert_eq!(
-        exec(&a, "wget -q -O - http://127.0.0.1:8080/"),
-        "hello-from-a\n",
-        "A serves after B is removed"
-    );
-    ok(d, &["rm", "-f", &a]);
-
-    // A runc container's namespace: refused, saying why, and nothing is left.
-    let r = ok(
-        d,
-        &["run", "-d", "--runtime", "runc", IMAGE, "sleep", "1000"],
-    );
-    let r = r.trim().to_string();
-    let o = d.docker(&[
-        "run",
-        "--rm",
-        "--runtime",
-        "rootcell",
-        "--network",
-        &format!("container:{r}"),
-        IMAGE,
-        "true",
-    ]);
-    assert_ne!(
-        code(&o),
-        0,
-        "joining a runc container's network was accepted"
-    );
-    assert!(
-        text(&o.stderr).contains("already used by process"),
-        "the refusal says why: {}",
-        text(&o.stderr)
-    );
-    ok(d, &["rm", "-f", &r]);
-    let root = d.runtime_root();
-    for id in [&a, &b] {
-        wait_until(
-            "the container's processes to end",
-            Duration::from_secs(15),
-            || processes_mentioning(id).is_empty(),
-        );
-        assert!(
-            !root.join(id).exists(),
-            "state of {id} left in {}",
-            root.display()
-        );
-    }
-}
-
 /// A private Podman (own storage, run root and runtime root), driving rootcell by path.
 struct Podman {
     dir: tempfile::TempDir,
@@ -484,10 +387,10 @@ fn podman_pod_is_one_vm() {
         "rootcell-busybox:test",
         "sh",
         "-c",
-        SERVER,
+        LOCAL_SERVER,
     ]);
     let server = server.trim().to_string();
-    let script = format!("{FETCH}; test -e /a-only || echo own-root");
+    let script = format!("{LOCAL_FETCH}; test -e /a-only || echo own-root");
     let out = p.ok(&[
         "run",
         "--rm",

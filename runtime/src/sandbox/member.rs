@@ -132,6 +132,11 @@ fn enter_owner(owner: &ContainerState, spec: &oci_spec::runtime::Spec) -> Result
             owner.id
         )
     })?;
+    // Its root too: setns puts us at the namespace's root, which is not the sandbox's when the
+    // runtime runs chrooted (a dockerd from another root file system).
+    let root_path = format!("/proc/{}/root", owner.pid);
+    let root = std::fs::File::open(&root_path)
+        .with_context(|| format!("cannot open the root of container {}'s sandbox", owner.id))?;
     if !crate::state::process_alive(owner.pid, owner.pid_start) {
         anyhow::bail!(
             "container {} has stopped; its VM cannot be joined",
@@ -144,6 +149,10 @@ fn enter_owner(owner: &ContainerState, spec: &oci_spec::runtime::Spec) -> Result
             owner.id
         )
     })?;
+    nix::unistd::fchdir(std::os::fd::AsRawFd::as_raw_fd(&root))
+        .and_then(|()| nix::unistd::chroot("."))
+        .and_then(|()| nix::unistd::chdir("/"))
+        .with_context(|| format!("cannot take the root of container {}'s sandbox", owner.id))?;
     nix::sched::setns(net.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("cannot join network namespace {}", net_path.display()))
 }
