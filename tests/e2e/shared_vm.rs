@@ -428,5 +428,9 @@ fn podman_pod_is_one_vm() {
             Duration::from_secs(15),
             || processes_mentioning(id).is_empty(),
         );
+        let state = std::path::Path::new("/run/rootcell").join(id);
+        assert!(!state.exists(), "{} left behind", state.display());
+        let run = run_dir(std::path::Path::new("/run/rootcell"), id);
+        assert!(!run.exists(), "{} left behind", run.display());
     }
 }
