@@ -205,7 +205,8 @@ fn the_owner_ending_stops_the_containers_in_its_vm() {
     let rt = Runtime::new();
     let a = unique_id("own-a");
     let b = unique_id("own-b");
-    let a_bundle = Bundle::new(&["sh", "-c", "echo up; exec sleep 1000"]);
+    let a_bundle = Bundle::new(&["sh", "-c", "echo up; exec sleep 1000"])
+        .edit(|s| s["hostname"] = json!("pod-a"));
     let (o, a_out, _) = rt.create(&a_bundle, &a);
     assert_eq!(code(&o), 0, "create {a}: {}", text(&o.stderr));
     assert_eq!(code(&rt.run(&["start", &a])), 0);
@@ -216,10 +217,22 @@ fn the_owner_ending_stops_the_containers_in_its_vm() {
     let b_bundle = Bundle::new(&["sleep", "1000"]).edit(|s| {
         join_ns(s, "network", &format!("/proc/{a_pid}/ns/net"));
         join_ns(s, "ipc", &format!("/proc/{a_pid}/ns/ipc"));
+        join_ns(s, "pid", &format!("/proc/{a_pid}/ns/pid"));
+        join_ns(s, "uts", &format!("/proc/{a_pid}/ns/uts"));
+        s["hostname"] = json!("not-applied");
     });
     let (o, _, _) = rt.create(&b_bundle, &b);
     assert_eq!(code(&o), 0, "create {b}: {}", text(&o.stderr));
     assert_eq!(code(&rt.run(&["start", &b])), 0);
+    // The joined PID and UTS namespaces are the first's: its init is pid 1 there, its name is
+    // the one the second sees.
+    let o = rt.run(&["exec", &b, "sh", "-c", "hostname; tr '\\0' ' ' < /proc/1/cmdline"]);
+    assert_eq!(
+        text(&o.stdout),
+        "pod-a\nsleep 1000 ",
+        "exec into the second: {}",
+        text(&o.stderr)
+    );
     assert_eq!(code(&rt.run(&["kill", &a, "KILL"])), 0);
     rt.wait_status(&a, "stopped", Duration::from_secs(30));
     rt.wait_status(&b, "stopped", Duration::from_secs(30));
