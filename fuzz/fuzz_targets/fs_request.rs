@@ -17,10 +17,21 @@ thread_local! {
     static ARENA: RefCell<Option<Arena>> = const { RefCell::new(None) };
 }
 
+/// At exit (libFuzzer ends a timed run with exit(3)), drops the arena on the exiting thread,
+/// which is the fuzzing thread: unmounting it lets its directory be removed, so a run leaves
+/// nothing in /tmp. A crash leaves an empty directory behind.
+extern "C" fn drop_arena() {
+    let _ = ARENA.try_with(|cell| cell.borrow_mut().take());
+}
+
 fuzz_target!(|data: &[u8]| {
     ARENA.with(|cell| {
         let mut cell = cell.borrow_mut();
-        let arena = cell.get_or_insert_with(|| Arena::new().expect("arena (needs root)"));
+        let arena = cell.get_or_insert_with(|| {
+            // SAFETY: registers a plain extern "C" function; called once.
+            unsafe { libc::atexit(drop_arena) };
+            Arena::new().expect("arena (needs root)")
+        });
         fuzz_input::run(arena, data);
     });
 });
