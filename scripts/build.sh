@@ -12,7 +12,7 @@ echo "build: guest kernel $(cat "$kdir/release") in $kdir" >&2
 
 echo "build: agent (static) and runtime" >&2
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet -p rootcell-agent --target x86_64-unknown-linux-gnu
-cargo build --release --quiet -p rootcell
+cargo build --release --quiet -p rootcell -p containerd-shim-rootcell-v2
 mkdir -p build
 images/build-initramfs.sh target/x86_64-unknown-linux-gnu/release/rootcell-agent build/initramfs.cpio >/dev/null
 cp "$kdir/bzImage" "$kdir/vmlinux" build/

@@ -5,6 +5,7 @@
 //! environment that `scripts/test.sh` sets (`build/env`); without it the tests fail and say how
 //! to run them, rather than passing vacuously.
 
+pub mod containerd;
 pub mod docker;
 pub mod inginious;
 pub mod netns;

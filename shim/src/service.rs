@@ -1,0 +1,610 @@
+//! The task service containerd talks to: one shim serves every container of a pod.
+
+use crate::io;
+use crate::runtime::Rootcell;
+use containerd_shim as shim;
+use shim::api::{self, Status};
+use shim::monitor::{monitor_subscribe, Subject, Topic};
+use shim::protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskPaused, TaskResumed, TaskStart};
+use shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use shim::protos::protobuf::MessageDyn;
+use shim::publisher::RemotePublisher;
+use shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long an exit whose pid is not known yet is kept for the process that will claim it (an
+/// exec'd process can exit before its pid file is read).
+const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
+
+/// One process: a container's init (the sandbox) or an exec'd one (its relay).
+#[derive(Default)]
+struct Proc {
+    pid: u32,
+    status: Option<Status>,
+    exit: Option<(u32, Timestamp)>,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+    /// An exec's process.json, written at Exec and used at Start.
+    process_file: Option<PathBuf>,
+}
+
+struct Container {
+    bundle: PathBuf,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+}
+
+#[derive(Default)]
+struct State {
+    containers: HashMap<String, Container>,
+    unclaimed: HashMap<u32, (i32, Instant)>,
+}
+
+struct Inner {
+    rt: Rootcell,
+    publisher: RemotePublisher,
+    namespace: String,
+    exit: Arc<ExitSignal>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// The task service.
+#[derive(Clone)]
+pub struct Service(Arc<Inner>);
+
+fn err(msg: impl Into<String>) -> shim::protos::ttrpc::Error {
+    let msg = msg.into();
+    log::error!("{msg}");
+    shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
+        shim::protos::ttrpc::Code::UNKNOWN,
+        msg,
+    ))
+}
+
+fn not_found(what: &str) -> shim::protos::ttrpc::Error {
+    shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
+        shim::protos::ttrpc::Code::NOT_FOUND,
+        format!("{what} not found"),
+    ))
+}
+
+fn now() -> Timestamp {
+    shim::util::timestamp().unwrap_or_default()
+}
+
+impl Service {
+    /// The service, with the thread that turns reaped pids into task exits.
+    pub fn new(
+        rt: Rootcell,
+        publisher: RemotePublisher,
+        namespace: String,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        let s = Service(Arc::new(Inner {
+            rt,
+            publisher,
+            namespace,
+            exit,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        }));
+        let sub = monitor_subscribe(Topic::Pid).expect("subscribing to exits");
+        let me = s.clone();
+        std::thread::spawn(move || {
+            while let Ok(e) = sub.rx.recv() {
+                if let Subject::Pid(pid) = e.subject {
+                    me.exited(pid as u32, e.exit_code);
+                }
+            }
+        });
+        s
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, topic: &str, ev: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .0
+            .publisher
+            .publish(Context::default(), topic, &self.0.namespace, ev)
+        {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+
+    /// A reaped pid: the exit of a container's init or exec, or one claimed later.
+    fn exited(&self, pid: u32, code: i32) {
+        let mut st = self.lock();
+        st.unclaimed.retain(|_, (_, t)| t.elapsed() < UNCLAIMED_TTL);
+        let mut found = None;
+        for (cid, c) in st.containers.iter_mut() {
+            if c.init.pid == pid && c.init.exit.is_none() {
+                found = Some((cid.clone(), cid.clone(), mark_exit(&mut c.init, code)));
+                break;
+            }
+            if let Some((eid, p)) = c
+                .execs
+                .iter_mut()
+                .find(|(_, p)| p.pid == pid && p.exit.is_none())
+            {
+                found = Some((cid.clone(), eid.clone(), mark_exit(p, code)));
+                break;
+            }
+        }
+        match found {
+            Some((cid, id, ts)) => {
+                drop(st);
+                self.0.changed.notify_all();
+                log::info!("{cid} process {id} (pid {pid}) exited with {code}");
+                self.publish(
+                    "/tasks/exit",
+                    Box::new(TaskExit {
+                        container_id: cid,
+                        id,
+                        pid,
+                        exit_status: code as u32,
+                        exited_at: Some(ts).into(),
+                        ..Default::default()
+                    }),
+                );
+            }
+            None => {
+                st.unclaimed.insert(pid, (code, Instant::now()));
+            }
+        }
+    }
+
+    /// A pid just learned from a pid file: takes an exit that came before it.
+    fn claim(&self, cid: &str, exec: Option<&str>, pid: u32) {
+        let mut st = self.lock();
+        let early = st.unclaimed.remove(&pid);
+        if let Some(c) = st.containers.get_mut(cid) {
+            let p = match exec {
+                None => Some(&mut c.init),
+                Some(e) => c.execs.get_mut(e),
+            };
+            if let Some(p) = p {
+                p.pid = pid;
+                p.status = Some(Status::RUNNING);
+            }
+        }
+        drop(st);
+        if let Some((code, _)) = early {
+            self.exited(pid, code);
+        }
+    }
+
+    fn with_proc<T>(&self, id: &str, exec_id: &str, f: impl FnOnce(&mut Proc, &PathBuf) -> T) -> TtrpcResult<T> {
+        let mut st = self.lock();
+        let c = st.containers.get_mut(id).ok_or_else(|| not_found(&format!("container {id}")))?;
+        let bundle = c.bundle.clone();
+        let p = if exec_id.is_empty() {
+            &mut c.init
+        } else {
+            c.execs
+                .get_mut(exec_id)
+                .ok_or_else(|| not_found(&format!("exec {exec_id} of {id}")))?
+        };
+        Ok(f(p, &bundle))
+    }
+
+    fn rootcell(&self, args: &[&str]) -> TtrpcResult<String> {
+        self.0.rt.run(args).map_err(err)
+    }
+}
+
+fn mark_exit(p: &mut Proc, code: i32) -> Timestamp {
+    let ts = now();
+    p.exit = Some((code as u32, ts.clone()));
+    p.status = Some(Status::STOPPED);
+    ts
+}
+
+fn read_pid(path: &std::path::Path) -> Result<u32, String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read pid file {}: {e}", path.display()))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("bad pid file {}: {e}", path.display()))
+}
+
+impl shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        let bundle = PathBuf::from(&req.bundle);
+        if req.terminal {
+            return Err(err("a terminal (-t) is not supported by the rootcell shim yet"));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(err("checkpoint/restore is not supported by rootcell"));
+        }
+        let rootfs = bundle.join("rootfs");
+        if !req.rootfs.is_empty() {
+            let _ = std::fs::create_dir_all(&rootfs);
+            for m in &req.rootfs {
+                shim::mount::mount_rootfs(
+                    Some(m.type_.as_str()),
+                    Some(m.source.as_str()),
+                    &m.options,
+                    &rootfs,
+                )
+                .map_err(|e| {
+                    io::unmount_rootfs(&rootfs);
+                    err(format!("cannot mount the rootfs of {id}: {e}"))
+                })?;
+            }
+        }
+        self.lock().containers.insert(
+            id.clone(),
+            Container {
+                bundle: bundle.clone(),
+                init: Proc {
+                    status: Some(Status::CREATED),
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                },
+                execs: HashMap::new(),
+            },
+        );
+        let fail = |msg: String| {
+            self.lock().containers.remove(&id);
+            io::unmount_rootfs(&rootfs);
+            err(msg)
+        };
+        let stdio = io::open(&req.stdin, &req.stdout, &req.stderr)
+            .map_err(|e| fail(format!("stdio of {id}: {e}")))?;
+        let pid_file = bundle.join("init.pid");
+        let args = [
+            "create".to_string(),
+            "--bundle".into(),
+            bundle.display().to_string(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+            id.clone(),
+        ];
+        self.0
+            .rt
+            .run_with_stdio(&args, stdio, &bundle.join("log.json"))
+            .map_err(|e| fail(format!("create {id}: {e}")))?;
+        let pid = read_pid(&pid_file).map_err(fail)?;
+        self.claim(&id, None, pid);
+        self.with_proc(&id, "", |p, _| {
+            if p.exit.is_none() {
+                p.status = Some(Status::CREATED);
+            }
+        })?;
+        self.publish(
+            "/tasks/create",
+            Box::new(TaskCreate {
+                container_id: id.clone(),
+                bundle: req.bundle.clone(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+        let id = req.id.as_str();
+        if req.exec_id.is_empty() {
+            self.rootcell(&["start", id])?;
+            let pid = self.with_proc(id, "", |p, _| {
+                if p.exit.is_none() {
+                    p.status = Some(Status::RUNNING);
+                }
+                p.pid
+            })?;
+            self.publish(
+                "/tasks/start",
+                Box::new(TaskStart {
+                    container_id: id.to_string(),
+                    pid,
+                    ..Default::default()
+                }),
+            );
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        let eid = req.exec_id.as_str();
+        let (file, stdin, stdout, stderr, bundle) = self.with_proc(id, eid, |p, b| {
+            (
+                p.process_file.clone(),
+                p.stdin.clone(),
+                p.stdout.clone(),
+                p.stderr.clone(),
+                b.clone(),
+            )
+        })?;
+        let file = file.ok_or_else(|| err(format!("exec {eid} of {id} has no process")))?;
+        let stdio = io::open(&stdin, &stdout, &stderr).map_err(|e| err(format!("stdio of exec {eid}: {e}")))?;
+        let pid_file = bundle.join(format!("exec-{eid}.pid"));
+        let args = [
+            "exec".to_string(),
+            "--detach".into(),
+            "--process".into(),
+            file.display().to_string(),
+            "--pid-file".into(),
+            pid_file.display().to_string(),
+            id.to_string(),
+        ];
+        self.0
+            .rt
+            .run_with_stdio(&args, stdio, &bundle.join(format!("exec-{eid}.log.json")))
+            .map_err(|e| err(format!("exec {eid} in {id}: {e}")))?;
+        let pid = read_pid(&pid_file).map_err(err)?;
+        self.claim(id, Some(eid), pid);
+        self.publish(
+            "/tasks/exec-started",
+            Box::new(TaskExecStarted {
+                container_id: id.to_string(),
+                exec_id: eid.to_string(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+        self.with_proc(&req.id, &req.exec_id, |p, b| {
+            let mut r = api::StateResponse {
+                id: if req.exec_id.is_empty() { req.id.clone() } else { req.exec_id.clone() },
+                exec_id: req.exec_id.clone(),
+                bundle: b.display().to_string(),
+                pid: p.pid,
+                stdin: p.stdin.clone(),
+                stdout: p.stdout.clone(),
+                stderr: p.stderr.clone(),
+                terminal: p.terminal,
+                ..Default::default()
+            };
+            r.set_status(p.status.unwrap_or(Status::UNKNOWN));
+            if let Some((code, ts)) = &p.exit {
+                r.exit_status = *code;
+                r.exited_at = Some(ts.clone()).into();
+            }
+            r
+        })
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let (pid, done) = self.with_proc(&req.id, &req.exec_id, |p, _| (p.pid, p.exit.is_some()))?;
+        if done {
+            return Err(shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
+                shim::protos::ttrpc::Code::NOT_FOUND,
+                "process already finished",
+            )));
+        }
+        if req.exec_id.is_empty() {
+            let sig = req.signal.to_string();
+            if req.all {
+                self.rootcell(&["kill", "--all", &req.id, &sig])?;
+            } else {
+                self.rootcell(&["kill", &req.id, &sig])?;
+            }
+        } else if pid > 0 {
+            // The exec relay forwards the signals it gets to its process in the guest.
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|e| err(e.to_string()))?,
+            )
+            .map_err(|e| err(format!("kill exec {}: {e}", req.exec_id)))?;
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+        let id = req.id.as_str();
+        if !req.exec_id.is_empty() {
+            let p = {
+                let mut st = self.lock();
+                let c = st.containers.get_mut(id).ok_or_else(|| not_found(id))?;
+                c.execs.remove(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+            };
+            if let Some(f) = &p.process_file {
+                let _ = std::fs::remove_file(f);
+            }
+            let (code, ts) = p.exit.clone().unwrap_or((0, now()));
+            return Ok(api::DeleteResponse {
+                pid: p.pid,
+                exit_status: code,
+                exited_at: Some(ts).into(),
+                ..Default::default()
+            });
+        }
+        let bundle = self.with_proc(id, "", |_, b| b.clone())?;
+        self.rootcell(&["delete", "--force", id])?;
+        io::unmount_rootfs(&bundle.join("rootfs"));
+        let c = self.lock().containers.remove(id).ok_or_else(|| not_found(id))?;
+        let (code, ts) = c.init.exit.clone().unwrap_or((128 + libc::SIGKILL as u32, now()));
+        self.publish(
+            "/tasks/delete",
+            Box::new(TaskDelete {
+                container_id: id.to_string(),
+                pid: c.init.pid,
+                exit_status: code,
+                exited_at: Some(ts.clone()).into(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::DeleteResponse {
+            pid: c.init.pid,
+            exit_status: code,
+            exited_at: Some(ts).into(),
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        if req.terminal {
+            return Err(err("a terminal (exec -t) is not supported by the rootcell shim yet"));
+        }
+        let bundle = self.with_proc(&req.id, "", |_, b| b.clone())?;
+        let file = bundle.join(format!("exec-{}.process.json", req.exec_id));
+        std::fs::write(&file, &req.spec.value).map_err(|e| err(format!("exec {}: {e}", req.exec_id)))?;
+        {
+            let mut st = self.lock();
+            let c = st.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+            if c.execs.contains_key(&req.exec_id) {
+                return Err(err(format!("exec {} already exists", req.exec_id)));
+            }
+            c.execs.insert(
+                req.exec_id.clone(),
+                Proc {
+                    status: Some(Status::CREATED),
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    process_file: Some(file),
+                    ..Default::default()
+                },
+            );
+        }
+        self.publish(
+            "/tasks/exec-added",
+            Box::new(TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(&self, _ctx: &TtrpcContext, _req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
+        // No terminals yet, so nothing to resize.
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        // The stdin copier closes the container's stdin when containerd's writer closes the
+        // FIFO, which is what follows a CloseIO.
+        Ok(api::Empty::new())
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.rootcell(&["pause", &req.id])?;
+        self.with_proc(&req.id, "", |p, _| p.status = Some(Status::PAUSED))?;
+        self.publish(
+            "/tasks/paused",
+            Box::new(TaskPaused {
+                container_id: req.id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.rootcell(&["resume", &req.id])?;
+        self.with_proc(&req.id, "", |p, _| p.status = Some(Status::RUNNING))?;
+        self.publish(
+            "/tasks/resumed",
+            Box::new(TaskResumed {
+                container_id: req.id.clone(),
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let bundle = self.with_proc(&req.id, "", |_, b| b.clone())?;
+        let file = bundle.join("update-resources.json");
+        std::fs::write(&file, &req.resources.value).map_err(|e| err(e.to_string()))?;
+        let r = self.rootcell(&["update", "--resources", &file.display().to_string(), &req.id]);
+        let _ = std::fs::remove_file(&file);
+        r.map(|_| api::Empty::new())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let mut st = self.lock();
+        loop {
+            let c = st.containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            let p = if req.exec_id.is_empty() {
+                Some(&c.init)
+            } else {
+                c.execs.get(&req.exec_id)
+            };
+            let p = p.ok_or_else(|| not_found(&req.exec_id))?;
+            if let Some((code, ts)) = &p.exit {
+                return Ok(api::WaitResponse {
+                    exit_status: *code,
+                    exited_at: Some(ts.clone()).into(),
+                    ..Default::default()
+                });
+            }
+            st = self.0.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let out = self.rootcell(&["ps", "--format", "json", &req.id])?;
+        let pids: Vec<u32> = serde_json::from_str(&out).unwrap_or_default();
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| shim::protos::types::task::ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let pid = self.with_proc(&req.id, "", |p, _| p.pid)?;
+        // The sandbox (and with it the VM) lives in the container's cgroup on the host.
+        let cg = shim::cgroup::get_cgroup(pid).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
+        let m = shim::cgroup::collect_metrics(&cg).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
+        let any = shim::util::convert_to_any(Box::new(m)).map_err(|e| err(e.to_string()))?;
+        Ok(api::StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
+    }
+
+    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.with_proc(&req.id, "", |p, _| p.pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        // One shim serves a whole pod: it ends with the last container.
+        if self.lock().containers.is_empty() {
+            self.0.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}

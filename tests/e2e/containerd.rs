@@ -1,0 +1,143 @@
+//! containerd (Debian's 1.6, private) running busybox through `containerd-shim-rootcell-v2`:
+//! `ctr run --runtime io.containerd.rootcell.v2`, exit codes, exec, kill, pause/resume, metrics,
+//! and the cleanup path after the shim is killed.
+
+use rootcell_e2e::containerd::{Containerd, IMAGE};
+use rootcell_e2e::{processes_mentioning, text, unique_id};
+use std::time::{Duration, Instant};
+
+const RUNTIME: &str = "io.containerd.rootcell.v2";
+
+fn enabled() -> bool {
+    std::env::var("ROOTCELL_E2E").is_ok()
+}
+
+/// Waits until `ctr task ls` shows `id` with `status`.
+fn wait_task(c: &Containerd, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = c.ctr(&["task", "ls"]);
+        let out = text(&o.stdout);
+        if out.lines().any(|l| l.starts_with(id) && l.contains(status)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "task {id} never {status}: {out}\n{}", c.log_tail(40));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Nothing of the test's containers is left: no process under the rootcell root, no mount
+/// under containerd's directories, no rootcell state.
+fn assert_clean(c: &Containerd) {
+    let root = c.rootcell_root();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let procs = processes_mentioning(&root.display().to_string());
+        if procs.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left: {procs:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "rootcell state left: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let task_dir = c.dir().join("state/io.containerd.runtime.v2.task").display().to_string();
+    let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&task_dir)).collect();
+    assert!(leaked.is_empty(), "mounts left: {leaked:#?}");
+}
+
+#[test]
+fn ctr_run_exec_kill_pause_metrics() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start();
+
+    // Output and exit code of a run to completion.
+    let id = unique_id("ctrd");
+    let t = Instant::now();
+    let o = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", "echo hello from $(uname -r); exit 7"]);
+    eprintln!("ctr run to exit: {} ms", t.elapsed().as_millis());
+    assert_eq!(o.status.code(), Some(7), "stdout {} stderr {}\n{}", text(&o.stdout), text(&o.stderr), c.log_tail(40));
+    assert!(text(&o.stdout).contains("hello from"), "{}", text(&o.stdout));
+    assert_clean(&c);
+
+    // A long-running task: exec, pause/resume, metrics, kill.
+    let id = unique_id("ctrd");
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--memory-limit", "67108864", IMAGE, &id, "sleep", "600"]);
+    assert!(o.status.success(), "{}\n{}", text(&o.stderr), c.log_tail(40));
+    wait_task(&c, &id, "RUNNING");
+
+    let o = c.ctr(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"]);
+    assert_eq!(o.status.code(), Some(5), "{}\n{}", text(&o.stderr), c.log_tail(40));
+    assert!(text(&o.stdout).contains("exec-out"), "{}", text(&o.stdout));
+    assert!(text(&o.stderr).contains("exec-err"), "{}", text(&o.stderr));
+
+    let o = c.ctr(&["task", "pause", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_task(&c, &id, "PAUSED");
+    let o = c.ctr(&["task", "resume", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_task(&c, &id, "RUNNING");
+    let o = c.ctr(&["task", "exec", "--exec-id", "e2", &id, "true"]);
+    assert_eq!(o.status.code(), Some(0), "exec after resume: {}", text(&o.stderr));
+
+    let o = c.ctr(&["task", "metrics", &id]);
+    eprintln!("metrics: {}{}", text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("memory"), "{}", text(&o.stdout));
+
+    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_task(&c, &id, "STOPPED");
+    let o = c.ctr(&["task", "ls"]);
+    let line = text(&o.stdout);
+    assert!(line.lines().any(|l| l.starts_with(&id) && l.contains("STOPPED")), "{line}");
+    let o = c.ctr(&["task", "delete", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = c.ctr(&["container", "delete", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_clean(&c);
+}
+
+#[test]
+fn killed_shim_is_cleaned_up_by_containerd() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start();
+    let id = unique_id("ctrd");
+    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sleep", "600"]);
+    assert!(o.status.success(), "{}\n{}", text(&o.stderr), c.log_tail(40));
+    wait_task(&c, &id, "RUNNING");
+    // The shim serving this task: its command line names the task id and our containerd.
+    let shim: Vec<i32> = processes_mentioning("containerd-shim-rootcell-v2")
+        .iter()
+        .filter(|p| p.contains(&id))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(shim.len(), 1, "{shim:?}");
+    // SAFETY: kill(2) on the shim this test's containerd started.
+    unsafe { libc::kill(shim[0], libc::SIGKILL) };
+    // containerd notices the dead shim, runs `containerd-shim-rootcell-v2 delete` and marks
+    // the task stopped; deleting it then leaves nothing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = c.ctr(&["task", "ls"]);
+        let out = text(&o.stdout);
+        if !out.lines().any(|l| l.starts_with(&id) && l.contains("RUNNING")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task still running after its shim died: {out}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = c.ctr(&["task", "delete", &id]);
+    let o = c.ctr(&["container", "delete", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_clean(&c);
+}

@@ -1,0 +1,191 @@
+//! A private containerd (Debian's 1.6) for the shim end-to-end tests: its own root, state,
+//! socket and config in a temporary directory, `containerd-shim-rootcell-v2` and `rootcell` found
+//! on its PATH (the release build beside the `rootcell` under test), a busybox image imported
+//! as an OCI archive built from busybox-static, and stopped (with every process that mentions
+//! its directory, and the mounts under it) when dropped.
+
+use crate::{artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Debian's containerd.
+pub const CONTAINERD: &str = "/usr/bin/containerd";
+/// Debian's ctr.
+pub const CTR: &str = "/usr/bin/ctr";
+/// The image every containerd test runs.
+pub const IMAGE: &str = "docker.io/library/rootcell-busybox:test";
+/// The containerd namespace the tests use.
+pub const NAMESPACE: &str = "rootcell-e2e";
+
+/// A running private containerd.
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn digest(b: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(b))
+}
+
+impl Containerd {
+    /// Starts containerd and imports the busybox image.
+    pub fn start() -> Self {
+        let a = artifacts();
+        let bin_dir = a.bin.parent().unwrap().to_path_buf();
+        assert!(
+            bin_dir.join("containerd-shim-rootcell-v2").exists(),
+            "{} has no containerd-shim-rootcell-v2: run scripts/build.sh",
+            bin_dir.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("rc-ctrd-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/c.sock\"\n[ttrpc]\n  address = \"{0}/c.sock.ttrpc\"\n[debug]\n  level = \"debug\"\n",
+            d.display()
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new(CONTAINERD)
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let c = Containerd {
+            dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(Instant::now() < deadline, "containerd did not start: {}", c.log_tail(30));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.import_busybox();
+        c
+    }
+
+    /// The private directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where the shim keeps rootcell's state for the test namespace.
+    pub fn rootcell_root(&self) -> PathBuf {
+        self.dir().join("state/rootcell").join(NAMESPACE)
+    }
+
+    /// `ctr ARGS` against this containerd, in the test namespace, bounded.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        output_with_timeout(self.ctr_command(args), None, COMMAND_TIMEOUT)
+    }
+
+    /// The `ctr ARGS` command (to run it in the background).
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(CTR);
+        c.arg("--address")
+            .arg(self.dir().join("c.sock"))
+            .args(["--namespace", NAMESPACE])
+            .args(args);
+        c
+    }
+
+    /// The last lines of containerd's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let l = std::fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default();
+        let v: Vec<&str> = l.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Builds an OCI image archive of busybox-static and imports it.
+    fn import_busybox(&self) {
+        let d = self.dir().join("image");
+        let rootfs = d.join("rootfs");
+        let o = Command::new(images_dir().join("make-rootfs.sh")).arg(&rootfs).output().unwrap();
+        assert!(o.status.success(), "make-rootfs: {}", text(&o.stderr));
+        let layer = Command::new("tar").arg("-C").arg(&rootfs).args(["-c", "."]).output().unwrap();
+        assert!(layer.status.success());
+        let layer = layer.stdout;
+        let layout = d.join("layout");
+        let blobs = layout.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |b: &[u8]| {
+            let dg = digest(b);
+            std::fs::write(blobs.join(dg.trim_start_matches("sha256:")), b).unwrap();
+            (dg, b.len())
+        };
+        let (ldg, lsize) = put(&layer);
+        let config = serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Cmd": ["sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+            "rootfs": {"type": "layers", "diff_ids": [ldg]}
+        })
+        .to_string();
+        let (cdg, csize) = put(config.as_bytes());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdg, "size": csize},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": ldg, "size": lsize}]
+        })
+        .to_string();
+        let (mdg, msize) = put(manifest.as_bytes());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdg, "size": msize,
+                "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "test"}}]
+        });
+        std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let tar = d.join("image.tar");
+        let o = Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg(".").output().unwrap();
+        assert!(o.status.success());
+        let o = self.ctr(&["images", "import", &tar.display().to_string()]);
+        assert!(o.status.success(), "ctr images import: {}{}", text(&o.stdout), text(&o.stderr));
+        let _ = std::fs::remove_dir_all(&rootfs);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Shims, sandboxes and VMs all mention the private directory.
+        let needle = self.dir().display().to_string();
+        for p in processes_mentioning(&needle) {
+            if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a process of this test's private containerd.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&needle))
+            .collect();
+        points.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in points {
+            let _ = Command::new("umount").args(["-l", m]).status();
+        }
+    }
+}
