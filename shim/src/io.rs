@@ -10,7 +10,7 @@ use std::path::Path;
 
 /// Opens an output (stdout, stderr): a FIFO whose reader containerd (or ctr) already holds or
 /// is opening, or a `file://` URI. Empty means none.
-fn open_output(uri: &str) -> std::io::Result<Option<File>> {
+pub fn open_output(uri: &str) -> std::io::Result<Option<File>> {
     if uri.is_empty() {
         return Ok(None);
     }

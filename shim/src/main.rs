@@ -12,7 +12,9 @@
 //! which from inside the shim would re-execute the shim; the runc command-line contract is the
 //! one rootcell already keeps for Docker and Podman, so both front ends run the same code.
 
+mod console;
 mod io;
+mod oom;
 mod runtime;
 mod service;
 

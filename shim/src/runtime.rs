@@ -81,7 +81,8 @@ impl Rootcell {
         if code == 0 {
             Ok(out)
         } else {
-            Err(last_line(&err).unwrap_or_else(|| format!("rootcell {} exited with {code}", args[0])))
+            Err(last_line(&err)
+                .unwrap_or_else(|| format!("rootcell {} exited with {code}", args[0])))
         }
     }
 
@@ -104,7 +105,8 @@ impl Rootcell {
         if code == 0 {
             return Ok(());
         }
-        Err(last_log_error(log).unwrap_or_else(|| format!("rootcell {} exited with {code}", args[0])))
+        Err(last_log_error(log)
+            .unwrap_or_else(|| format!("rootcell {} exited with {code}", args[0])))
     }
 }
 

@@ -1,16 +1,22 @@
 //! The task service containerd talks to: one shim serves every container of a pod.
 
+use crate::console::{self, ConsoleSocket};
 use crate::io;
 use crate::runtime::Rootcell;
+use crate::runtime::Stdio3;
 use containerd_shim as shim;
 use shim::api::{self, Status};
 use shim::monitor::{monitor_subscribe, Subject, Topic};
-use shim::protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskPaused, TaskResumed, TaskStart};
+use shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
 use shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use shim::protos::protobuf::MessageDyn;
 use shim::publisher::RemotePublisher;
 use shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,6 +37,8 @@ struct Proc {
     terminal: bool,
     /// An exec's process.json, written at Exec and used at Start.
     process_file: Option<PathBuf>,
+    /// The pty master of a process with a terminal.
+    console: Option<File>,
 }
 
 struct Container {
@@ -182,9 +190,17 @@ impl Service {
         }
     }
 
-    fn with_proc<T>(&self, id: &str, exec_id: &str, f: impl FnOnce(&mut Proc, &PathBuf) -> T) -> TtrpcResult<T> {
+    fn with_proc<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&mut Proc, &PathBuf) -> T,
+    ) -> TtrpcResult<T> {
         let mut st = self.lock();
-        let c = st.containers.get_mut(id).ok_or_else(|| not_found(&format!("container {id}")))?;
+        let c = st
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(&format!("container {id}")))?;
         let bundle = c.bundle.clone();
         let p = if exec_id.is_empty() {
             &mut c.init
@@ -194,6 +210,32 @@ impl Service {
                 .ok_or_else(|| not_found(&format!("exec {exec_id} of {id}")))?
         };
         Ok(f(p, &bundle))
+    }
+
+    /// The stdio a rootcell command gets: the FIFOs themselves, or, with a terminal, nothing
+    /// (the process's stdio is the pty) and a console socket for the master.
+    fn stdio(
+        terminal: bool,
+        stdin: &str,
+        stdout: &str,
+        stderr: &str,
+    ) -> std::io::Result<(Stdio3, Option<ConsoleSocket>)> {
+        if terminal {
+            let none = Stdio3 {
+                stdin: None,
+                stdout: None,
+                stderr: None,
+            };
+            return Ok((none, Some(ConsoleSocket::new()?)));
+        }
+        Ok((io::open(stdin, stdout, stderr)?, None))
+    }
+
+    /// Takes the pty master rootcell sent and relays it to the FIFOs.
+    fn attach(c: ConsoleSocket, stdin: &str, stdout: &str) -> std::io::Result<File> {
+        let master = c.master()?;
+        console::relay(&master, stdin, io::open_output(stdout)?)?;
+        Ok(master)
     }
 
     fn rootcell(&self, args: &[&str]) -> TtrpcResult<String> {
@@ -224,9 +266,6 @@ impl shim::Task for Service {
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let id = req.id.clone();
         let bundle = PathBuf::from(&req.bundle);
-        if req.terminal {
-            return Err(err("a terminal (-t) is not supported by the rootcell shim yet"));
-        }
         if !req.checkpoint.is_empty() {
             return Err(err("checkpoint/restore is not supported by rootcell"));
         }
@@ -266,23 +305,45 @@ impl shim::Task for Service {
             io::unmount_rootfs(&rootfs);
             err(msg)
         };
-        let stdio = io::open(&req.stdin, &req.stdout, &req.stderr)
+        let (stdio, console) = Self::stdio(req.terminal, &req.stdin, &req.stdout, &req.stderr)
             .map_err(|e| fail(format!("stdio of {id}: {e}")))?;
         let pid_file = bundle.join("init.pid");
-        let args = [
+        let mut args = vec![
             "create".to_string(),
             "--bundle".into(),
             bundle.display().to_string(),
             "--pid-file".into(),
             pid_file.display().to_string(),
-            id.clone(),
         ];
+        if let Some(c) = &console {
+            args.extend(["--console-socket".into(), c.path().display().to_string()]);
+        }
+        args.push(id.clone());
         self.0
             .rt
             .run_with_stdio(&args, stdio, &bundle.join("log.json"))
             .map_err(|e| fail(format!("create {id}: {e}")))?;
         let pid = read_pid(&pid_file).map_err(fail)?;
+        if let Some(c) = console {
+            let master = Self::attach(c, &req.stdin, &req.stdout)
+                .map_err(|e| fail(format!("terminal of {id}: {e}")))?;
+            self.with_proc(&id, "", |p, _| p.console = Some(master))?;
+        }
         self.claim(&id, None, pid);
+        let me = self.clone();
+        let cid = id.clone();
+        if !crate::oom::watch(pid, move || {
+            log::info!("{cid}: OOM kill");
+            me.publish(
+                "/tasks/oom",
+                Box::new(TaskOOM {
+                    container_id: cid.clone(),
+                    ..Default::default()
+                }),
+            );
+        }) {
+            log::info!("{id}: no v1 memory cgroup to watch for OOM kills");
+        }
         self.with_proc(&id, "", |p, _| {
             if p.exit.is_none() {
                 p.status = Some(Status::CREATED);
@@ -303,7 +364,11 @@ impl shim::Task for Service {
         })
     }
 
-    fn start(&self, _ctx: &TtrpcContext, req: api::StartRequest) -> TtrpcResult<api::StartResponse> {
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
         let id = req.id.as_str();
         if req.exec_id.is_empty() {
             self.rootcell(&["start", id])?;
@@ -327,32 +392,42 @@ impl shim::Task for Service {
             });
         }
         let eid = req.exec_id.as_str();
-        let (file, stdin, stdout, stderr, bundle) = self.with_proc(id, eid, |p, b| {
+        let (file, stdin, stdout, stderr, terminal, bundle) = self.with_proc(id, eid, |p, b| {
             (
                 p.process_file.clone(),
                 p.stdin.clone(),
                 p.stdout.clone(),
                 p.stderr.clone(),
+                p.terminal,
                 b.clone(),
             )
         })?;
         let file = file.ok_or_else(|| err(format!("exec {eid} of {id} has no process")))?;
-        let stdio = io::open(&stdin, &stdout, &stderr).map_err(|e| err(format!("stdio of exec {eid}: {e}")))?;
+        let (stdio, console) = Self::stdio(terminal, &stdin, &stdout, &stderr)
+            .map_err(|e| err(format!("stdio of exec {eid}: {e}")))?;
         let pid_file = bundle.join(format!("exec-{eid}.pid"));
-        let args = [
+        let mut args = vec![
             "exec".to_string(),
             "--detach".into(),
             "--process".into(),
             file.display().to_string(),
             "--pid-file".into(),
             pid_file.display().to_string(),
-            id.to_string(),
         ];
+        if let Some(c) = &console {
+            args.extend(["--console-socket".into(), c.path().display().to_string()]);
+        }
+        args.push(id.to_string());
         self.0
             .rt
             .run_with_stdio(&args, stdio, &bundle.join(format!("exec-{eid}.log.json")))
             .map_err(|e| err(format!("exec {eid} in {id}: {e}")))?;
         let pid = read_pid(&pid_file).map_err(err)?;
+        if let Some(c) = console {
+            let master = Self::attach(c, &stdin, &stdout)
+                .map_err(|e| err(format!("terminal of exec {eid}: {e}")))?;
+            self.with_proc(id, eid, |p, _| p.console = Some(master))?;
+        }
         self.claim(id, Some(eid), pid);
         self.publish(
             "/tasks/exec-started",
@@ -369,10 +444,18 @@ impl shim::Task for Service {
         })
     }
 
-    fn state(&self, _ctx: &TtrpcContext, req: api::StateRequest) -> TtrpcResult<api::StateResponse> {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
         self.with_proc(&req.id, &req.exec_id, |p, b| {
             let mut r = api::StateResponse {
-                id: if req.exec_id.is_empty() { req.id.clone() } else { req.exec_id.clone() },
+                id: if req.exec_id.is_empty() {
+                    req.id.clone()
+                } else {
+                    req.exec_id.clone()
+                },
                 exec_id: req.exec_id.clone(),
                 bundle: b.display().to_string(),
                 pid: p.pid,
@@ -392,12 +475,15 @@ impl shim::Task for Service {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (pid, done) = self.with_proc(&req.id, &req.exec_id, |p, _| (p.pid, p.exit.is_some()))?;
+        let (pid, done) =
+            self.with_proc(&req.id, &req.exec_id, |p, _| (p.pid, p.exit.is_some()))?;
         if done {
-            return Err(shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
-                shim::protos::ttrpc::Code::NOT_FOUND,
-                "process already finished",
-            )));
+            return Err(shim::protos::ttrpc::Error::RpcStatus(
+                shim::protos::ttrpc::get_status(
+                    shim::protos::ttrpc::Code::NOT_FOUND,
+                    "process already finished",
+                ),
+            ));
         }
         if req.exec_id.is_empty() {
             let sig = req.signal.to_string();
@@ -410,20 +496,27 @@ impl shim::Task for Service {
             // The exec relay forwards the signals it gets to its process in the guest.
             nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|e| err(e.to_string()))?,
+                nix::sys::signal::Signal::try_from(req.signal as i32)
+                    .map_err(|e| err(e.to_string()))?,
             )
             .map_err(|e| err(format!("kill exec {}: {e}", req.exec_id)))?;
         }
         Ok(api::Empty::new())
     }
 
-    fn delete(&self, _ctx: &TtrpcContext, req: api::DeleteRequest) -> TtrpcResult<api::DeleteResponse> {
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
         let id = req.id.as_str();
         if !req.exec_id.is_empty() {
             let p = {
                 let mut st = self.lock();
                 let c = st.containers.get_mut(id).ok_or_else(|| not_found(id))?;
-                c.execs.remove(&req.exec_id).ok_or_else(|| not_found(&req.exec_id))?
+                c.execs
+                    .remove(&req.exec_id)
+                    .ok_or_else(|| not_found(&req.exec_id))?
             };
             if let Some(f) = &p.process_file {
                 let _ = std::fs::remove_file(f);
@@ -439,8 +532,16 @@ impl shim::Task for Service {
         let bundle = self.with_proc(id, "", |_, b| b.clone())?;
         self.rootcell(&["delete", "--force", id])?;
         io::unmount_rootfs(&bundle.join("rootfs"));
-        let c = self.lock().containers.remove(id).ok_or_else(|| not_found(id))?;
-        let (code, ts) = c.init.exit.clone().unwrap_or((128 + libc::SIGKILL as u32, now()));
+        let c = self
+            .lock()
+            .containers
+            .remove(id)
+            .ok_or_else(|| not_found(id))?;
+        let (code, ts) = c
+            .init
+            .exit
+            .clone()
+            .unwrap_or((128 + libc::SIGKILL as u32, now()));
         self.publish(
             "/tasks/delete",
             Box::new(TaskDelete {
@@ -460,15 +561,16 @@ impl shim::Task for Service {
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        if req.terminal {
-            return Err(err("a terminal (exec -t) is not supported by the rootcell shim yet"));
-        }
         let bundle = self.with_proc(&req.id, "", |_, b| b.clone())?;
         let file = bundle.join(format!("exec-{}.process.json", req.exec_id));
-        std::fs::write(&file, &req.spec.value).map_err(|e| err(format!("exec {}: {e}", req.exec_id)))?;
+        std::fs::write(&file, &req.spec.value)
+            .map_err(|e| err(format!("exec {}: {e}", req.exec_id)))?;
         {
             let mut st = self.lock();
-            let c = st.containers.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+            let c = st
+                .containers
+                .get_mut(&req.id)
+                .ok_or_else(|| not_found(&req.id))?;
             if c.execs.contains_key(&req.exec_id) {
                 return Err(err(format!("exec {} already exists", req.exec_id)));
             }
@@ -496,9 +598,21 @@ impl shim::Task for Service {
         Ok(api::Empty::new())
     }
 
-    fn resize_pty(&self, _ctx: &TtrpcContext, _req: api::ResizePtyRequest) -> TtrpcResult<api::Empty> {
-        // No terminals yet, so nothing to resize.
-        Ok(api::Empty::new())
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let r = self.with_proc(&req.id, &req.exec_id, |p, _| {
+            p.console
+                .as_ref()
+                .map(|m| console::resize(m, req.width, req.height))
+        })?;
+        match r {
+            Some(Err(e)) => Err(err(format!("resize {}: {e}", req.id))),
+            // A process without a terminal has nothing to resize.
+            _ => Ok(api::Empty::new()),
+        }
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
@@ -537,7 +651,12 @@ impl shim::Task for Service {
         let bundle = self.with_proc(&req.id, "", |_, b| b.clone())?;
         let file = bundle.join("update-resources.json");
         std::fs::write(&file, &req.resources.value).map_err(|e| err(e.to_string()))?;
-        let r = self.rootcell(&["update", "--resources", &file.display().to_string(), &req.id]);
+        let r = self.rootcell(&[
+            "update",
+            "--resources",
+            &file.display().to_string(),
+            &req.id,
+        ]);
         let _ = std::fs::remove_file(&file);
         r.map(|_| api::Empty::new())
     }
@@ -545,7 +664,10 @@ impl shim::Task for Service {
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let mut st = self.lock();
         loop {
-            let c = st.containers.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            let c = st
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found(&req.id))?;
             let p = if req.exec_id.is_empty() {
                 Some(&c.init)
             } else {
@@ -578,11 +700,17 @@ impl shim::Task for Service {
         })
     }
 
-    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
         let pid = self.with_proc(&req.id, "", |p, _| p.pid)?;
         // The sandbox (and with it the VM) lives in the container's cgroup on the host.
-        let cg = shim::cgroup::get_cgroup(pid).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
-        let m = shim::cgroup::collect_metrics(&cg).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
+        let cg =
+            shim::cgroup::get_cgroup(pid).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
+        let m = shim::cgroup::collect_metrics(&cg)
+            .map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
         let any = shim::util::convert_to_any(Box::new(m)).map_err(|e| err(e.to_string()))?;
         Ok(api::StatsResponse {
             stats: Some(any).into(),
@@ -590,7 +718,11 @@ impl shim::Task for Service {
         })
     }
 
-    fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
         let task_pid = self.with_proc(&req.id, "", |p, _| p.pid).unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),

@@ -21,18 +21,27 @@ fn wait_task(c: &Containerd, id: &str, status: &str) {
         if out.lines().any(|l| l.starts_with(id) && l.contains(status)) {
             return;
         }
-        assert!(Instant::now() < deadline, "task {id} never {status}: {out}\n{}", c.log_tail(40));
+        assert!(
+            Instant::now() < deadline,
+            "task {id} never {status}: {out}\n{}",
+            c.log_tail(40)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
 /// Nothing of the test's containers is left: no process under the rootcell root, no mount
 /// under containerd's directories, no rootcell state.
-fn assert_clean(c: &Containerd) {
+fn assert_clean(c: &Containerd, ids: &[&str]) {
     let root = c.rootcell_root();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let procs = processes_mentioning(&root.display().to_string());
+        // The sandbox names the root, the VMM and the shim (which ends with its last task) the
+        // container id.
+        let mut procs = processes_mentioning(&root.display().to_string());
+        for id in ids {
+            procs.extend(processes_mentioning(id));
+        }
         if procs.is_empty() {
             break;
         }
@@ -44,7 +53,11 @@ fn assert_clean(c: &Containerd) {
         .unwrap_or_default();
     assert!(left.is_empty(), "rootcell state left: {left:?}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let task_dir = c.dir().join("state/io.containerd.runtime.v2.task").display().to_string();
+    let task_dir = c
+        .dir()
+        .join("state/io.containerd.runtime.v2.task")
+        .display()
+        .to_string();
     let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&task_dir)).collect();
     assert!(leaked.is_empty(), "mounts left: {leaked:#?}");
 }
@@ -60,20 +73,72 @@ fn ctr_run_exec_kill_pause_metrics() {
     // Output and exit code of a run to completion.
     let id = unique_id("ctrd");
     let t = Instant::now();
-    let o = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "sh", "-c", "echo hello from $(uname -r); exit 7"]);
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "echo hello from $(uname -r); exit 7",
+    ]);
     eprintln!("ctr run to exit: {} ms", t.elapsed().as_millis());
-    assert_eq!(o.status.code(), Some(7), "stdout {} stderr {}\n{}", text(&o.stdout), text(&o.stderr), c.log_tail(40));
-    assert!(text(&o.stdout).contains("hello from"), "{}", text(&o.stdout));
-    assert_clean(&c);
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "stdout {} stderr {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    assert!(
+        text(&o.stdout).contains("hello from"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert_clean(&c, &[&id]);
 
     // A long-running task: exec, pause/resume, metrics, kill.
     let id = unique_id("ctrd");
-    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, "--memory-limit", "67108864", IMAGE, &id, "sleep", "600"]);
-    assert!(o.status.success(), "{}\n{}", text(&o.stderr), c.log_tail(40));
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "67108864",
+        IMAGE,
+        &id,
+        "sleep",
+        "600",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
     wait_task(&c, &id, "RUNNING");
 
-    let o = c.ctr(&["task", "exec", "--exec-id", "e1", &id, "sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"]);
-    assert_eq!(o.status.code(), Some(5), "{}\n{}", text(&o.stderr), c.log_tail(40));
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo exec-out; echo exec-err >&2; exit 5",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
     assert!(text(&o.stdout).contains("exec-out"), "{}", text(&o.stdout));
     assert!(text(&o.stderr).contains("exec-err"), "{}", text(&o.stderr));
 
@@ -84,7 +149,12 @@ fn ctr_run_exec_kill_pause_metrics() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     wait_task(&c, &id, "RUNNING");
     let o = c.ctr(&["task", "exec", "--exec-id", "e2", &id, "true"]);
-    assert_eq!(o.status.code(), Some(0), "exec after resume: {}", text(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "exec after resume: {}",
+        text(&o.stderr)
+    );
 
     let o = c.ctr(&["task", "metrics", &id]);
     eprintln!("metrics: {}{}", text(&o.stdout), text(&o.stderr));
@@ -96,12 +166,16 @@ fn ctr_run_exec_kill_pause_metrics() {
     wait_task(&c, &id, "STOPPED");
     let o = c.ctr(&["task", "ls"]);
     let line = text(&o.stdout);
-    assert!(line.lines().any(|l| l.starts_with(&id) && l.contains("STOPPED")), "{line}");
+    assert!(
+        line.lines()
+            .any(|l| l.starts_with(&id) && l.contains("STOPPED")),
+        "{line}"
+    );
     let o = c.ctr(&["task", "delete", &id]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let o = c.ctr(&["container", "delete", &id]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_clean(&c);
+    assert_clean(&c, &[&id]);
 }
 
 #[test]
@@ -112,8 +186,22 @@ fn killed_shim_is_cleaned_up_by_containerd() {
     }
     let c = Containerd::start();
     let id = unique_id("ctrd");
-    let o = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, &id, "sleep", "600"]);
-    assert!(o.status.success(), "{}\n{}", text(&o.stderr), c.log_tail(40));
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sleep",
+        "600",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
     wait_task(&c, &id, "RUNNING");
     // The shim serving this task: its command line names the task id and our containerd.
     let shim: Vec<i32> = processes_mentioning("containerd-shim-rootcell-v2")
@@ -130,14 +218,106 @@ fn killed_shim_is_cleaned_up_by_containerd() {
     loop {
         let o = c.ctr(&["task", "ls"]);
         let out = text(&o.stdout);
-        if !out.lines().any(|l| l.starts_with(&id) && l.contains("RUNNING")) {
+        if !out
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "task still running after its shim died: {out}");
+        assert!(
+            Instant::now() < deadline,
+            "task still running after its shim died: {out}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let _ = c.ctr(&["task", "delete", &id]);
     let o = c.ctr(&["container", "delete", &id]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_clean(&c);
+    assert_clean(&c, &[&id]);
+}
+
+#[test]
+fn tty_and_oom_event() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start();
+
+    // `ctr run -t` needs a terminal of its own: script(1) gives it one.
+    let id = unique_id("ctrd");
+    let ctr = c.ctr_command(&[
+        "run",
+        "--rm",
+        "-t",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "tty; stty size; exit 3",
+    ]);
+    let line = std::iter::once(ctr.get_program())
+        .chain(ctr.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let o = rootcell_e2e::output_with_timeout(
+        {
+            let mut s = std::process::Command::new("script");
+            s.args(["-qec", &line, "/dev/null"]);
+            s
+        },
+        None,
+        rootcell_e2e::COMMAND_TIMEOUT,
+    );
+    let out = text(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{out} {}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    assert!(out.contains("/dev/pts/"), "tty in the container: {out}");
+    assert_clean(&c, &[&id]);
+
+    // An OOM kill in the guest under a memory limit reaches containerd as a /tasks/oom event.
+    let mut events = c
+        .ctr_command(&["events"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = unique_id("ctrd");
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "33554432",
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "tail /dev/zero",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(137),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = events.kill();
+    let mut ev = String::new();
+    use std::io::Read;
+    let _ = events.stdout.take().unwrap().read_to_string(&mut ev);
+    let _ = events.wait();
+    let oom: Vec<&str> = ev.lines().filter(|l| l.contains("/tasks/oom")).collect();
+    assert!(!oom.is_empty(), "no /tasks/oom event: {ev}");
+    assert!(oom.iter().any(|l| l.contains(&id)), "{oom:?}");
+    assert_clean(&c, &[&id]);
 }

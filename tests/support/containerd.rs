@@ -4,7 +4,9 @@
 //! as an OCI archive built from busybox-static, and stopped (with every process that mentions
 //! its directory, and the mounts under it) when dropped.
 
-use crate::{artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT};
+use crate::{
+    artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT,
+};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -49,7 +51,11 @@ impl Containerd {
             d.display()
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
-        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
         let child = Command::new(CONTAINERD)
             .arg("--config")
@@ -66,7 +72,11 @@ impl Containerd {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not start: {}", c.log_tail(30));
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log_tail(30)
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         c.import_busybox();
@@ -109,9 +119,17 @@ impl Containerd {
     fn import_busybox(&self) {
         let d = self.dir().join("image");
         let rootfs = d.join("rootfs");
-        let o = Command::new(images_dir().join("make-rootfs.sh")).arg(&rootfs).output().unwrap();
+        let o = Command::new(images_dir().join("make-rootfs.sh"))
+            .arg(&rootfs)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "make-rootfs: {}", text(&o.stderr));
-        let layer = Command::new("tar").arg("-C").arg(&rootfs).args(["-c", "."]).output().unwrap();
+        let layer = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .args(["-c", "."])
+            .output()
+            .unwrap();
         assert!(layer.status.success());
         let layer = layer.stdout;
         let layout = d.join("layout");
@@ -144,12 +162,28 @@ impl Containerd {
                 "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "test"}}]
         });
         std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-        std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        std::fs::write(
+            layout.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
         let tar = d.join("image.tar");
-        let o = Command::new("tar").arg("-C").arg(&layout).arg("-cf").arg(&tar).arg(".").output().unwrap();
+        let o = Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .output()
+            .unwrap();
         assert!(o.status.success());
         let o = self.ctr(&["images", "import", &tar.display().to_string()]);
-        assert!(o.status.success(), "ctr images import: {}{}", text(&o.stdout), text(&o.stderr));
+        assert!(
+            o.status.success(),
+            "ctr images import: {}{}",
+            text(&o.stdout),
+            text(&o.stderr)
+        );
         let _ = std::fs::remove_dir_all(&rootfs);
     }
 }
