@@ -321,3 +321,86 @@ fn tty_and_oom_event() {
     assert!(oom.iter().any(|l| l.contains(&id)), "{oom:?}");
     assert_clean(&c, &[&id]);
 }
+
+/// The pid of a running task, from `ctr task ls`.
+fn task_pid(c: &Containerd, id: &str) -> String {
+    let o = c.ctr(&["task", "ls"]);
+    let out = text(&o.stdout);
+    out.lines()
+        .find(|l| l.starts_with(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_else(|| panic!("no task {id}: {out}"))
+        .to_string()
+}
+
+/// What containerd's CRI plugin does for a pod, done with `ctr`: the second container carries
+/// the pod's `io.kubernetes.cri.sandbox-id` annotation (so containerd reaches the pod's shim)
+/// and the sandbox container's namespace paths (so rootcell puts it in that VM).
+#[test]
+fn pod_annotation_shares_the_shim_and_the_vm() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start();
+    let pod = unique_id("pod");
+    let sandbox_ann = format!("io.kubernetes.cri.sandbox-id={pod}");
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &sandbox_ann,
+        IMAGE,
+        &pod,
+        "sh",
+        "-c",
+        "mkdir /www; echo pod-hello > /www/x; exec httpd -f -p 8080 -h /www",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    wait_task(&c, &pod, "RUNNING");
+    let pid = task_pid(&c, &pod);
+    let member = unique_id("member");
+    let ns = |t: &str| {
+        format!(
+            "{t}:/proc/{pid}/ns/{}",
+            if t == "network" { "net" } else { t }
+        )
+    };
+    let o = c.ctr(&[
+        "run", "--rm", "--runtime", RUNTIME, "--annotation", &sandbox_ann,
+        "--with-ns", &ns("network"), "--with-ns", &ns("ipc"), "--with-ns", &ns("uts"),
+        IMAGE, &member, "sh", "-c",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do wget -qO- http://127.0.0.1:8080/x && exit 0; sleep 0.5; done; exit 1",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}{}\n{}",
+        text(&o.stdout),
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    assert!(text(&o.stdout).contains("pod-hello"), "{}", text(&o.stdout));
+    // One shim for the pod: none was started for the member.
+    let shims: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
+        .into_iter()
+        .filter(|p| p.contains(&c.dir().display().to_string()))
+        .collect();
+    assert_eq!(shims.len(), 1, "{shims:#?}");
+    assert!(shims[0].contains(&pod), "{shims:#?}");
+    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", &pod]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_task(&c, &pod, "STOPPED");
+    let o = c.ctr(&["task", "delete", &pod]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = c.ctr(&["container", "delete", &pod]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_clean(&c, &[&pod, &member]);
+}

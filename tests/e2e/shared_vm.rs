@@ -52,7 +52,6 @@ fn nothing_of(rt: &Runtime, id: &str) {
     }
 }
 
-
 #[test]
 fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     let rt = Runtime::new();
@@ -132,7 +131,15 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
 
     // What the first container's server answers, fetched from inside it.
     let served = || {
-        let o = rt.run(&["exec", &a, "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"]);
+        let o = rt.run(&[
+            "exec",
+            &a,
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "http://127.0.0.1:8080/",
+        ]);
         text(&o.stdout) + &text(&o.stderr)
     };
 
@@ -226,7 +233,13 @@ fn the_owner_ending_stops_the_containers_in_its_vm() {
     assert_eq!(code(&rt.run(&["start", &b])), 0);
     // The joined PID and UTS namespaces are the first's: its init is pid 1 there, its name is
     // the one the second sees.
-    let o = rt.run(&["exec", &b, "sh", "-c", "hostname; tr '\\0' ' ' < /proc/1/cmdline"]);
+    let o = rt.run(&[
+        "exec",
+        &b,
+        "sh",
+        "-c",
+        "hostname; tr '\\0' ' ' < /proc/1/cmdline",
+    ]);
     assert_eq!(
         text(&o.stdout),
         "pod-a\nsleep 1000 ",

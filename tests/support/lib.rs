@@ -593,7 +593,8 @@ impl Bundle {
 
 /// For containers that share a VM: a server in the first container: busybox httpd on 127.0.0.1:8080 serving `hello-from-a`,
 /// and a file only its root has.
-pub const LOCAL_SERVER: &str = "mkdir -p /www && echo hello-from-a > /www/index.html && echo a > /a-only \
+pub const LOCAL_SERVER: &str =
+    "mkdir -p /www && echo hello-from-a > /www/index.html && echo a > /a-only \
                       && exec httpd -f -p 127.0.0.1:8080 -h /www";
 
 /// A client loop: fetch the first container's page (retrying while it comes up).
