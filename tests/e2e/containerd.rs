@@ -404,3 +404,33 @@ fn pod_annotation_shares_the_shim_and_the_vm() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_clean(&c, &[&pod, &member]);
 }
+
+/// A program that cannot run: ctr fails with rootcell's message, and nothing is left.
+#[test]
+fn missing_program_is_a_clear_error_and_leaves_nothing() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start();
+    let id = unique_id("ctrd");
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "/no/such/program",
+    ]);
+    let err = text(&o.stderr);
+    eprintln!("ctr: {err}");
+    assert!(!o.status.success());
+    assert!(
+        err.contains("/no/such/program"),
+        "{err}\n{}",
+        c.log_tail(40)
+    );
+    let _ = c.ctr(&["container", "delete", &id]);
+    assert_clean(&c, &[&id]);
+}
