@@ -236,6 +236,18 @@ fn killed_shim_is_cleaned_up_by_containerd() {
     assert_clean(&c, &[&id]);
 }
 
+/// Runs `cmd` with a terminal of its own (script(1)), bounded.
+fn in_terminal(cmd: std::process::Command) -> std::process::Output {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut s = std::process::Command::new("script");
+    s.args(["-qec", &line, "/dev/null"]);
+    rootcell_e2e::output_with_timeout(s, None, rootcell_e2e::COMMAND_TIMEOUT)
+}
+
 #[test]
 fn tty_and_oom_event() {
     if !enabled() {
@@ -258,20 +270,7 @@ fn tty_and_oom_event() {
         "-c",
         "tty; stty size; exit 3",
     ]);
-    let line = std::iter::once(ctr.get_program())
-        .chain(ctr.get_args())
-        .map(|a| format!("'{}'", a.to_string_lossy()))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let o = rootcell_e2e::output_with_timeout(
-        {
-            let mut s = std::process::Command::new("script");
-            s.args(["-qec", &line, "/dev/null"]);
-            s
-        },
-        None,
-        rootcell_e2e::COMMAND_TIMEOUT,
-    );
+    let o = in_terminal(ctr);
     let out = text(&o.stdout);
     assert_eq!(
         o.status.code(),
@@ -281,6 +280,47 @@ fn tty_and_oom_event() {
         c.log_tail(40)
     );
     assert!(out.contains("/dev/pts/"), "tty in the container: {out}");
+    assert_clean(&c, &[&id]);
+
+    // `ctr task exec -t` into a running container.
+    let id = unique_id("ctrd");
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sleep",
+        "600",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_task(&c, &id, "RUNNING");
+    let o = in_terminal(c.ctr_command(&[
+        "task",
+        "exec",
+        "-t",
+        "--exec-id",
+        "t1",
+        &id,
+        "sh",
+        "-c",
+        "tty; exit 4",
+    ]));
+    let out = text(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{out} {}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    assert!(out.contains("/dev/pts/"), "tty in the exec: {out}");
+    let o = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    wait_task(&c, &id, "STOPPED");
+    let _ = c.ctr(&["task", "delete", &id]);
+    let _ = c.ctr(&["container", "delete", &id]);
     assert_clean(&c, &[&id]);
 
     // An OOM kill in the guest under a memory limit reaches containerd as a /tasks/oom event.
