@@ -239,9 +239,9 @@ pub fn command_args_with(
             (format!("path={}", esc(vsock)), format!("path={}", esc(fs)))
         }
         Plumbing::Fds { vsock, fs, console } => {
-            // An fd set: QEMU's file chardev opens /dev/fdset/N by duplicating the fd.
-            push(&["-add-fd", &format!("fd={console},set=1")]);
-            push(&["-serial", "file:/dev/fdset/1"]);
+            // A connected socket: the sandbox reads it and keeps the log (capped).
+            push(&["-chardev", &format!("socket,id=console,fd={console}")]);
+            push(&["-serial", "chardev:console"]);
             (format!("fd={vsock}"), format!("fd={fs}"))
         }
     };
@@ -441,6 +441,26 @@ struct JailedStart {
     console: OwnedFd,
 }
 
+/// One end of a socket pair whose other end's reader copies the guest's console into `log`, at most
+/// [`CONSOLE_LOG_CAP`](rootcell_vmm::devices::serial::CONSOLE_LOG_CAP) bytes of it: the guest
+/// decides how much it prints (root in a privileged container can write to the UART without
+/// end), and the log lives on /run, in host RAM. The same cap as the built-in VMM's console.
+fn capped_console(log: &Path) -> std::io::Result<OwnedFd> {
+    use rootcell_vmm::devices::serial::{Capped, CONSOLE_LOG_CAP};
+    let file = std::fs::File::create(log)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", log.display())))?;
+    let (read, write) = std::os::unix::net::UnixStream::pair()?;
+    std::thread::Builder::new()
+        .name("console-log".into())
+        .spawn(move || {
+            let mut from = read;
+            let mut to = Capped::new(file, CONSOLE_LOG_CAP);
+            // Ends at EOF: QEMU and this process both closed the other end.
+            let _ = std::io::copy(&mut from, &mut to);
+        })?;
+    Ok(OwnedFd::from(write))
+}
+
 /// Where the guest's boot files appear inside QEMU's jail.
 const JAIL_KERNEL: &str = "/vm/kernel";
 const JAIL_INITRD: &str = "/vm/initrd";
@@ -462,16 +482,31 @@ impl JailedStart {
         use crate::jail::process::ProcessJail;
         use std::os::unix::fs::DirBuilderExt;
         let connect = |p: &Path| -> std::io::Result<OwnedFd> {
-            let s = std::os::unix::net::UnixStream::connect(p).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("connecting to {}: {e}", p.display()))
-            })?;
-            Ok(OwnedFd::from(s))
+            // The back end listens before it reports ready, yet a connect was seen refused once
+            // in a loaded test run (cause not found): retry that error briefly.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            loop {
+                match std::os::unix::net::UnixStream::connect(p) {
+                    Ok(s) => return Ok(OwnedFd::from(s)),
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tracing::warn!("connecting to {}: {e}; retrying", p.display());
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("connecting to {}: {e}", p.display()),
+                        ))
+                    }
+                }
+            }
         };
         let vsock = connect(vsock_vu)?;
         let fs = connect(fs_vu)?;
-        let console = OwnedFd::from(std::fs::File::create(&cfg.console_log).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("{}: {e}", cfg.console_log.display()))
-        })?);
+        let console = capped_console(&cfg.console_log)?;
 
         let root = cfg.socket_dir.join(crate::paths::VMM_ROOT_DIR);
         match std::fs::DirBuilder::new().mode(0o700).create(&root) {

@@ -120,3 +120,35 @@ fn one_virtio_net_card_per_tap() {
     assert!(joined.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02,host_mtu=1450"), "{joined}");
     assert!(joined.contains("-netdev tap,id=net1,fd=9 -device virtio-net-device,netdev=net1,mac=02:42:ac:12:00:05,host_mtu=1450"), "{joined}");
 }
+
+#[test]
+fn the_console_log_keeps_the_head_and_stops_at_the_cap() {
+    use rootcell_vmm::devices::serial::CONSOLE_LOG_CAP;
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let write = capped_console(&log).unwrap();
+    let mut guest = std::fs::File::from(write);
+    guest.write_all(b"Linux version x\n").unwrap();
+    let chunk = vec![b'y'; 1 << 20];
+    for _ in 0..(CONSOLE_LOG_CAP >> 20) + 4 {
+        guest.write_all(&chunk).unwrap();
+    }
+    drop(guest);
+    // The reader finishes at EOF.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let t = std::fs::read(&log).unwrap();
+        if t.ends_with(b"]\n") || std::time::Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(text.starts_with(b"Linux version x\n"));
+    assert!(
+        text.len() as u64 <= CONSOLE_LOG_CAP + 100,
+        "{} bytes kept",
+        text.len()
+    );
+    assert!(String::from_utf8_lossy(&text[text.len() - 100..]).contains("console log cut here"));
+}
