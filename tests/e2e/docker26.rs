@@ -1,6 +1,6 @@
 //! Debian 13's Docker 26, containerd 1.7 and runc drive rootcell as a daemon.json `path` runtime,
-//! as on a Debian 13 host: every test of `docker.rs` (included below as a module) against that
-//! Docker, plus the daemon.json forms Docker 26 has beyond 20.10 (`runtimeArgs` through its
+//! as on a Debian 13 host: every test of `docker.rs` and `network.rs` (included below as
+//! modules) against that Docker, plus the daemon.json forms Docker 26 has beyond 20.10 (`runtimeArgs` through its
 //! wrapper script, and `runtimeType` with `options.BinaryName`).
 //!
 //! The daemons are the ones of the trixie root that `images/build-trixie-root.sh` builds (cached
@@ -30,6 +30,11 @@ fn daemon() -> &'static DockerDaemon {
 /// The tests of docker.rs, against Docker 26.
 #[path = "docker.rs"]
 mod docker;
+
+/// The tests of network.rs (default bridge, `-p`, user-defined networks by name, `--network
+/// none`), against Docker 26; its tests that need no Docker run here again too (seconds).
+#[path = "network.rs"]
+mod network;
 
 /// `docker version`'s line for `component` (`Engine`, `containerd`, `runc`): its version.
 fn component_version(d: &DockerDaemon, component: &str) -> String {

@@ -1,15 +1,22 @@
 //! Docker networking reaches the guest: the container's veth is mirrored into the VM, so the
 //! default bridge, published ports and user-defined networks work as with runc (real dockerd,
 //! real guests).
+//!
+//! `docker26.rs` includes this file as a module with its own `daemon()` (Debian 13's Docker 26);
+//! the tests reach theirs as `crate::daemon()`.
 
-use rootcell_e2e::docker::{
-    daemon, inspect, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE,
-};
+use rootcell_e2e::docker::{inspect, ok, run_detached, run_rm, wait_until, DockerDaemon, IMAGE};
 use rootcell_e2e::*;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// The daemon the tests drive when this file is its own test binary: the host's Docker.
+#[allow(dead_code)] // unused where docker26.rs includes this file with a daemon of its own
+fn daemon() -> &'static DockerDaemon {
+    rootcell_e2e::docker::daemon()
+}
 
 /// A busybox httpd answering `GET /` with `body` on port 8080.
 fn httpd_script(body: &str) -> String {
@@ -132,7 +139,7 @@ fn bridge_gateway(d: &DockerDaemon) -> Ipv4Addr {
 
 #[test]
 fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
-    let d = daemon();
+    let d = crate::daemon();
     let gateway = bridge_gateway(d);
     let host_port = free_port();
     let _host = HostServer::start(SocketAddr::from((gateway, host_port)), "hello-from-host");
@@ -191,7 +198,7 @@ fn default_bridge_gives_the_docker_address_and_reaches_host_and_peers() {
 
 #[test]
 fn published_port_reaches_a_server_in_the_guest() {
-    let d = daemon();
+    let d = crate::daemon();
     let port = free_port();
     let id = run_detached(
         d,
@@ -207,7 +214,7 @@ fn published_port_reaches_a_server_in_the_guest() {
 
 #[test]
 fn user_defined_network_resolves_rootcell_peers_by_name() {
-    let d = daemon();
+    let d = crate::daemon();
     let net = unique_id("rcnet");
     ok(d, &["network", "create", &net]);
     let server = unique_id("rc-srv");
@@ -271,7 +278,7 @@ fn dns_tcp_query(name: &str) -> Vec<u8> {
 
 #[test]
 fn root_changes_the_guest_network_not_the_host() {
-    let d = daemon();
+    let d = crate::daemon();
     let id = run_detached(
         d,
         &["--cap-add", "NET_ADMIN"],
@@ -338,7 +345,7 @@ fn root_changes_the_guest_network_not_the_host() {
 
 #[test]
 fn network_none_is_loopback_only_and_the_hosts_stack_is_refused() {
-    let d = daemon();
+    let d = crate::daemon();
     let o = run_rm(
         d,
         &["--network", "none"],

@@ -7,8 +7,13 @@
 # sandbox or VMM process, no mount of the runtime's, no run directory left in L1.
 #
 # Usage: in-l1.sh TESTS_DIR      (the directory holding the e2e test binaries, target/release/deps)
-# Env:   the build/env variables (ROOTCELL_BIN, ...); ROOTCELL_NESTED_FULL=1 runs every test of
-#        every e2e binary found instead of the focused set; NESTED_PHASES (default "auto qemu").
+# Env:   the build/env variables (ROOTCELL_BIN, ...); NESTED_SET: smoke (a few tests of each
+#        binary, what the README's test command runs), focused (default: the whole focused set),
+#        full (every test of every e2e binary found; also ROOTCELL_NESTED_FULL=1);
+#        NESTED_PHASES (default "auto qemu"); NESTED_BINARY_TIMEOUT (seconds per test binary,
+#        default 1200): past it the binary is killed after a dump of what every rootcell process
+#        and thread in L1 was doing (state, wait channel, system call) and the containers' last
+#        console lines.
 set -uo pipefail
 dir=${1:?usage: in-l1.sh TESTS_DIR}
 export ROOTCELL_E2E=1
@@ -49,9 +54,72 @@ focused=(
     "errors"
     "network a_prepared_network_namespace_is_mirrored_into_the_guest"
 )
-if [ "${ROOTCELL_NESTED_FULL:-}" = 1 ]; then
-    focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd)
-fi
+# The smoke set: the same binaries, fewer tests (about 5 minutes on the built-in VMM in L1).
+smoke=(
+    "lifecycle create_start_state_exit_delete sigkill_of_sandbox_then_delete_force_leaves_nothing exec_passes_exit_status"
+    "process exit_codes_pass_through kill_9_gives_137"
+    "stdio hundred_mib_of_random_bytes_round_trip stdin_eof_reaches_the_process stderr_only_write_stays_on_stderr"
+    "errors duplicate_and_unknown_ids json_log_carries_the_error missing_vmlinux_for_the_builtin_hypervisor"
+    "network a_prepared_network_namespace_is_mirrored_into_the_guest"
+)
+set_name=${NESTED_SET:-focused}
+[ "${ROOTCELL_NESTED_FULL:-}" = 1 ] && set_name=full
+case "$set_name" in
+    smoke) focused=("${smoke[@]}") ;;
+    focused) ;;
+    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd) ;;
+    *) echo "in-l1: NESTED_SET=$set_name: use smoke, focused or full" >&2; exit 2 ;;
+esac
+echo "in-l1: $set_name set"
+
+# A heartbeat on the console: if a run goes quiet, its absence says L1 itself stopped (not a
+# test waiting), which the stall dump below cannot say.
+( while sleep 120; do echo "in-l1: heartbeat: L1 up $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"; done ) &
+heartbeat=$!
+trap 'kill "$heartbeat" 2>/dev/null' EXIT
+
+# What every rootcell process and thread in L1 is doing, and the last console lines of the
+# containers' guests: printed when a test binary overruns its bound, before it is killed.
+stall_dump() {
+    echo "== in-l1: STALL: $1 overran ${NESTED_BINARY_TIMEOUT:-1200} s; what L1 is doing:"
+    uptime
+    for p in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
+        case "$cmd" in
+            *qemu-system*|"$ROOTCELL_BIN"*|*rootcell*|*"$1"*) ;;
+            *) continue ;;
+        esac
+        echo "-- ${p#/proc/}: ${cmd:0:160}"
+        for t in "$p"/task/*; do
+            printf '   %s %s state=%s wchan=%s syscall=%s\n' "${t##*/}" "$(cat "$t/comm" 2>/dev/null)" \
+                "$(cut -d' ' -f3 "$t/stat" 2>/dev/null)" "$(cat "$t/wchan" 2>/dev/null)" \
+                "$(cut -d' ' -f1 "$t/syscall" 2>/dev/null)"
+        done
+    done
+    # Console logs live in the state directories (under the tests' --root, in /tmp or /run).
+    find /tmp /run -name console.log 2>/dev/null | while read -r c; do
+        [ -s "$c" ] && { echo "-- last lines of $c:"; tail -n 8 "$c"; }
+    done
+    dmesg 2>/dev/null | tail -n 15
+}
+
+# Runs a test binary bounded; on overrun dumps what L1 is doing, then kills it.
+run_bounded() { # binary args...
+    local b=$1 limit=${NESTED_BINARY_TIMEOUT:-1200} pid rc start
+    start=$(date +%s)
+    "$@" --test-threads=1 --color never 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ $(( $(date +%s) - start )) -ge "$limit" ]; then
+            stall_dump "$(basename "$b")"
+            kill -KILL "$pid" 2>/dev/null
+            break
+        fi
+        sleep 1
+    done
+    wait "$pid"; rc=$?
+    return "$rc"
+}
 
 for phase in ${NESTED_PHASES:-auto qemu}; do
     case "$phase" in
@@ -83,7 +151,7 @@ for phase in ${NESTED_PHASES:-auto qemu}; do
         start=$(date +%s)
         if [ -z "$b" ]; then report "$phase-$target" "$start" 1 "no test binary $target-* in $dir (cargo test --release --no-run builds it)"; continue; fi
         echo "== $phase: $target $*"
-        timeout 1200 "$b" --test-threads=1 --color never "$@" 2>&1
+        run_bounded "$b" "$@"
         rc=$?
         left=$(leftovers)
         why=""
