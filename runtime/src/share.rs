@@ -311,7 +311,9 @@ pub fn detach_member_from_outside(owner_pid: i32, owner_share: &Path, id: &str) 
         let st = std::process::Command::new("nsenter")
             .arg("--target")
             .arg(owner_pid.to_string())
-            .args(["--mount", "--", "umount", "--lazy", m])
+            // --root: mountinfo's paths are relative to the owner's root (a chroot, if the
+            // runtime runs in one), and so must umount's be.
+            .args(["--mount", "--root", "--", "umount", "--lazy", m])
             .stderr(std::process::Stdio::null())
             .status();
         if !st.is_ok_and(|s| s.success()) {

@@ -160,3 +160,32 @@ fn runtime_args_and_the_runtime_type_form_both_run_containers() {
     }
     drop(d);
 }
+
+#[test]
+fn network_container_joins_the_first_containers_vm_from_a_chroot() {
+    // The runtime runs in the daemon's chroot here: joining the owner's mount namespace must
+    // keep the owner's root, not the namespace's real root (where the share's paths differ).
+    let d = daemon();
+    let a = run_detached(d, &[], "exec sleep 600");
+    let boot_id = "cat /proc/sys/kernel/random/boot_id";
+    let first = ok(d, &["exec", &a, "sh", "-c", boot_id]);
+    let o = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "rootcell",
+        "--network",
+        &format!("container:{a}"),
+        IMAGE,
+        "sh",
+        "-c",
+        boot_id,
+    ]);
+    assert_eq!(code(&o), 0, "{}\n{}", text(&o.stderr), d.log_tail(20));
+    assert_eq!(
+        text(&o.stdout),
+        first,
+        "the second container runs in the first's VM"
+    );
+    ok(d, &["rm", "-f", &a]);
+}
