@@ -16,7 +16,7 @@ busybox=/bin/busybox
 
 # Modules L1 loads, in this order after their dependencies (resolved from modules.dep).
 modules=(virtio_pci virtiofs overlay irqbypass kvm kvm-amd tun veth bridge sch_ingress act_mirred
-         cls_u32 vsock)
+         cls_u32 cls_bpf vsock)
 
 pkg=${ROOTCELL_L1_KERNEL_PKG:-$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
     awk '/Depends: linux-image-[0-9]/ {print $2; exit}')}
