@@ -12,6 +12,7 @@ pkgs=(
     docker.io containerd runc                            # Docker end-to-end tests and runc comparisons
     debootstrap python3-venv                             # INGInious test: grading image, INGInious venv
     podman containernetworking-plugins catatonit        # Podman pods sharing a VM (tests/e2e/shared_vm.rs)
+    protobuf-compiler                                    # CRI bindings (k8s-cri) of the containerd CRI test
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -2,7 +2,8 @@
 //! `ctr run --runtime io.containerd.rootcell.v2`, exit codes, exec, kill, pause/resume, metrics,
 //! and the cleanup path after the shim is killed.
 
-use rootcell_e2e::containerd::{Containerd, IMAGE};
+use rootcell_e2e::containerd::{Containerd, CRI_NAMESPACE, IMAGE};
+use rootcell_e2e::cri::{Cri, Pod};
 use rootcell_e2e::{processes_mentioning, text, unique_id};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,12 @@ fn wait_task(c: &Containerd, id: &str, status: &str) {
 /// Nothing of the test's containers is left: no process under the rootcell root, no mount
 /// under containerd's directories, no rootcell state.
 fn assert_clean(c: &Containerd, ids: &[&str]) {
-    let root = c.rootcell_root();
+    assert_clean_in(c, &c.rootcell_root(), ids)
+}
+
+/// [`assert_clean`] for the rootcell state root `root` (one per containerd namespace).
+fn assert_clean_in(c: &Containerd, root: &std::path::Path, ids: &[&str]) {
+    let root = root.to_path_buf();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         // The sandbox names the root, the VMM and the shim (which ends with its last task) the
@@ -473,4 +479,244 @@ fn missing_program_is_a_clear_error_and_leaves_nothing() {
     );
     let _ = c.ctr(&["container", "delete", &id]);
     assert_clean(&c, &[&id]);
+}
+
+/// Connects to the CRI plugin of `c` (it serves a moment after containerd answers ctr).
+fn cri_client(c: &Containerd) -> Cri {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Cri::connect(&c.cri_socket()).and_then(|mut k| k.version().map(|_| k)) {
+            Ok(k) => return k,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "CRI never answered: {e}\n{}",
+                c.log_tail(40)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until CRI reports container `id` running.
+fn wait_running(c: &Containerd, cri: &mut Cri, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = cri.container_state(id).unwrap();
+        if s == "ContainerRunning" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} is {s}\n{}",
+            c.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The parent pid of `pid`, from /proc/PID/stat (after the parenthesised command name).
+fn ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+}
+
+/// The pids of the QEMU processes below `c`'s rootcell shims (the shim is the subreaper of the
+/// sandboxes that run the VMs).
+fn vmms_of(c: &Containerd) -> Vec<u32> {
+    let dir = c.dir().display().to_string();
+    let shims: Vec<u32> = processes_mentioning("containerd-shim-rootcell-v2")
+        .into_iter()
+        .filter(|p| p.contains(&dir))
+        .filter_map(|p| p.split(':').next().and_then(|s| s.parse().ok()))
+        .collect();
+    processes_mentioning("qemu-system")
+        .into_iter()
+        .filter_map(|p| p.split(':').next().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|&q| {
+            let mut p = q;
+            for _ in 0..32 {
+                match ppid(p) {
+                    Some(pp) if shims.contains(&pp) => return true,
+                    Some(pp) if pp > 1 => p = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+/// A Kubernetes-style pod through containerd's CRI gRPC API with the `rootcell` runtime handler:
+/// RunPodSandbox, two containers that talk over 127.0.0.1, ExecSync, the CRI log file, one VM for
+/// the pod, and StopPodSandbox + RemovePodSandbox leaving nothing.
+#[test]
+fn cri_pod_with_two_containers_is_one_vm() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start_cri();
+    let mut cri = cri_client(&c);
+    let logs = c.dir().join("pods/web");
+    std::fs::create_dir_all(&logs).unwrap();
+    let t = Instant::now();
+    let pod: Pod = cri
+        .run_pod(&unique_id("pod"), "rootcell", &logs)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(60)));
+    eprintln!("RunPodSandbox: {} ms", t.elapsed().as_millis());
+    // CRI gave the pod a CNI network namespace, which rootcell took for the pod's VM.
+    let netns = cri.pod_netns(&pod.id).unwrap();
+    assert!(netns.starts_with("/var/run/netns/cni-"), "netns {netns:?}");
+    assert!(std::path::Path::new(&netns).exists());
+
+    let web = cri
+        .create_container(
+            &pod,
+            "web",
+            IMAGE,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www; echo pod-hello > /www/x; exec httpd -f -p 8080 -h /www",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("CreateContainer web: {e}\n{}", c.log_tail(60)));
+    cri.start_container(&web)
+        .unwrap_or_else(|e| panic!("StartContainer web: {e}\n{}", c.log_tail(60)));
+    wait_running(&c, &mut cri, &web);
+    let client = cri
+        .create_container(
+            &pod,
+            "client",
+            IMAGE,
+            &[
+                "sh",
+                "-c",
+                "for i in $(seq 1 40); do wget -qO- http://127.0.0.1:8080/x && break; sleep 0.5; done; echo client-done; exec sleep 600",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("CreateContainer client: {e}\n{}", c.log_tail(60)));
+    cri.start_container(&client)
+        .unwrap_or_else(|e| panic!("StartContainer client: {e}\n{}", c.log_tail(60)));
+    wait_running(&c, &mut cri, &client);
+
+    // The client's output, in the CRI log format ("TIME stdout F LINE"), in the pod's log dir.
+    let log = logs.join("client.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = std::fs::read_to_string(&log).unwrap_or_default();
+        if l.contains("client-done") {
+            assert!(
+                l.lines()
+                    .any(|x| x.contains(" stdout F pod-hello") || x.contains(" stdout P pod-hello")),
+                "{l}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "client log {}: {l:?}\n{}",
+            log.display(),
+            c.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // ExecSync into the server: output, error output and exit code.
+    let (code, out, err) = cri
+        .exec_sync(&web, &["sh", "-c", "cat /www/x; echo to-err >&2; exit 3"], 60)
+        .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", c.log_tail(60)));
+    assert_eq!((code, out.as_str(), err.as_str()), (3, "pod-hello\n", "to-err\n"));
+
+    // One VM for the pod (sandbox + two containers), one shim.
+    let vmms = vmms_of(&c);
+    assert_eq!(
+        vmms.len(),
+        1,
+        "{vmms:?} {:#?}",
+        processes_mentioning("qemu-system")
+    );
+    let shims: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
+        .into_iter()
+        .filter(|p| p.contains(&c.dir().display().to_string()))
+        .collect();
+    assert_eq!(shims.len(), 1, "{shims:#?}");
+
+    let t = Instant::now();
+    cri.stop_pod(&pod.id)
+        .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log_tail(60)));
+    cri.remove_pod(&pod.id)
+        .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log_tail(60)));
+    eprintln!("StopPodSandbox + RemovePodSandbox: {} ms", t.elapsed().as_millis());
+    assert_clean_in(
+        &c,
+        &c.rootcell_root_in(CRI_NAMESPACE),
+        &[&pod.id, &web, &client],
+    );
+    for q in vmms {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{q}")).exists(),
+            "the pod's QEMU {q} is left"
+        );
+    }
+    assert!(!std::path::Path::new(&netns).exists(), "{netns} left");
+    // Nor the sandbox's /dev/shm or any other mount of the pod or its containers.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let leaked: Vec<&str> = mounts
+        .lines()
+        .filter(|l| [&pod.id, &web, &client].iter().any(|id| l.contains(id.as_str())))
+        .collect();
+    assert!(leaked.is_empty(), "mounts left: {leaked:#?}");
+}
+
+/// Benchmark (bench/containerd.sh; printed, not asserted): through one CRI containerd, pod start
+/// (RunPodSandbox) to its first container running, and a second container added to the running
+/// pod, for the `rootcell` handler against `runc`. `BENCH_N` runs per handler (default 3).
+#[test]
+#[ignore = "benchmark: bench/containerd.sh"]
+fn cri_bench() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let c = Containerd::start_cri();
+    let mut cri = cri_client(&c);
+    let stats = |mut v: Vec<u128>| {
+        v.sort();
+        format!(
+            "median {} ms (min {}, max {}, n={})",
+            v[v.len() / 2],
+            v[0],
+            v[v.len() - 1],
+            v.len()
+        )
+    };
+    for handler in ["runc", "rootcell"] {
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            let logs = c.dir().join(format!("pods/{handler}-{i}"));
+            std::fs::create_dir_all(&logs).unwrap();
+            let t0 = Instant::now();
+            let pod = cri
+                .run_pod(&unique_id("bench"), handler, &logs)
+                .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(60)));
+            let a = cri
+                .create_container(&pod, "a", IMAGE, &["sleep", "600"])
+                .unwrap();
+            cri.start_container(&a).unwrap();
+            wait_running(&c, &mut cri, &a);
+            first.push(t0.elapsed().as_millis());
+            let t1 = Instant::now();
+            let b = cri
+                .create_container(&pod, "b", IMAGE, &["sleep", "600"])
+                .unwrap();
+            cri.start_container(&b).unwrap();
+            wait_running(&c, &mut cri, &b);
+            second.push(t1.elapsed().as_millis());
+            cri.stop_pod(&pod.id).unwrap();
+            cri.remove_pod(&pod.id).unwrap();
+        }
+        println!("containerd CRI {handler:8} pod start to first container running: {}", stats(first));
+        println!("containerd CRI {handler:8} second container added to the pod:     {}", stats(second));
+    }
 }

@@ -20,6 +20,60 @@ pub const CTR: &str = "/usr/bin/ctr";
 pub const IMAGE: &str = "docker.io/library/rootcell-busybox:test";
 /// The containerd namespace the tests use.
 pub const NAMESPACE: &str = "rootcell-e2e";
+/// The containerd namespace of the CRI plugin.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+/// The pod sandbox ("pause") image of the CRI tests: busybox-static sleeping (no registry here).
+pub const PAUSE_IMAGE: &str = "docker.io/library/rootcell-pause:test";
+
+/// The CNI subnet of this test process's CRI containerds: one /24 per process and containerd, so
+/// concurrent tests' bridges do not overlap.
+fn cni_subnet() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = (std::process::id() * 7 + N.fetch_add(1, Ordering::Relaxed)) % 200;
+    format!("10.213.{}.0/24", n + 20)
+}
+
+/// What names a private containerd's CNI network and bridge (from its directory's random name).
+fn cni_tag(d: &Path) -> String {
+    let name = d.file_name().unwrap().to_string_lossy().to_string();
+    name.chars().rev().take(6).collect()
+}
+
+/// The CRI plugin section of a private containerd's config in `d`, and its CNI config
+/// (written to `d/cni`): bridge + host-local, with IPAM state inside `d`.
+fn cri_config(d: &Path) -> String {
+    let cni = d.join("cni");
+    std::fs::create_dir_all(&cni).unwrap();
+    let tag = cni_tag(d);
+    let conf = serde_json::json!({
+        "cniVersion": "0.4.0",
+        "name": format!("rc-{tag}"),
+        "plugins": [
+            {"type": "bridge", "bridge": format!("rc{tag}"), "isGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "subnet": cni_subnet(),
+                      "dataDir": d.join("cni-ipam").display().to_string()}},
+        ]
+    });
+    std::fs::write(cni.join("10-rc.conflist"), conf.to_string()).unwrap();
+    format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.rootcell]
+      runtime_type = "io.containerd.rootcell.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{}"
+"#,
+        cni.display()
+    )
+}
 
 /// A running private containerd.
 pub struct Containerd {
@@ -32,8 +86,25 @@ fn digest(b: &[u8]) -> String {
 }
 
 impl Containerd {
-    /// Starts containerd and imports the busybox image.
+    /// Starts containerd (CRI plugin disabled) and imports the busybox image.
     pub fn start() -> Self {
+        let c = Self::launch(false);
+        c.import_image(NAMESPACE, IMAGE, &["sh"]);
+        c
+    }
+
+    /// Starts containerd with its CRI plugin: runtime handlers `runc` (the default) and
+    /// `rootcell`, a bridge + host-local CNI network of its own (Debian's plugins, a subnet
+    /// from `cni_subnet`), the CRI socket at `cri_socket()`, and the busybox and pause
+    /// ([`PAUSE_IMAGE`]) images in the CRI namespace `k8s.io`.
+    pub fn start_cri() -> Self {
+        let c = Self::launch(true);
+        c.import_image(CRI_NAMESPACE, IMAGE, &["sh"]);
+        c.import_image(CRI_NAMESPACE, PAUSE_IMAGE, &["sleep", "2147483647"]);
+        c
+    }
+
+    fn launch(cri: bool) -> Self {
         let a = artifacts();
         let bin_dir = a.bin.parent().unwrap().to_path_buf();
         assert!(
@@ -46,10 +117,19 @@ impl Containerd {
             .tempdir_in("/tmp")
             .unwrap();
         let d = dir.path();
-        let config = format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{0}/c.sock\"\n[ttrpc]\n  address = \"{0}/c.sock.ttrpc\"\n[debug]\n  level = \"debug\"\n",
+        let mut config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/c.sock\"\n[ttrpc]\n  address = \"{0}/c.sock.ttrpc\"\n[debug]\n  level = \"debug\"\n",
             d.display()
         );
+        if cri {
+            config.push_str(&cri_config(d));
+        } else {
+            config = config.replacen(
+                "[grpc]",
+                "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]",
+                1,
+            );
+        }
         std::fs::write(d.join("config.toml"), config).unwrap();
         let path = format!(
             "{}:{}",
@@ -79,8 +159,12 @@ impl Containerd {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        c.import_busybox();
         c
+    }
+
+    /// containerd's CRI socket (the same gRPC socket as ctr's).
+    pub fn cri_socket(&self) -> PathBuf {
+        self.dir().join("c.sock")
     }
 
     /// The private directory.
@@ -90,7 +174,12 @@ impl Containerd {
 
     /// Where the shim keeps rootcell's state for the test namespace.
     pub fn rootcell_root(&self) -> PathBuf {
-        self.dir().join("state/rootcell").join(NAMESPACE)
+        self.rootcell_root_in(NAMESPACE)
+    }
+
+    /// Where the shim keeps rootcell's state for containerd namespace `ns`.
+    pub fn rootcell_root_in(&self, ns: &str) -> PathBuf {
+        self.dir().join("state/rootcell").join(ns)
     }
 
     /// `ctr ARGS` against this containerd, in the test namespace, bounded.
@@ -100,10 +189,15 @@ impl Containerd {
 
     /// The `ctr ARGS` command (to run it in the background).
     pub fn ctr_command(&self, args: &[&str]) -> Command {
+        self.ctr_command_in(NAMESPACE, args)
+    }
+
+    /// The `ctr ARGS` command in containerd namespace `ns`.
+    pub fn ctr_command_in(&self, ns: &str, args: &[&str]) -> Command {
         let mut c = Command::new(CTR);
         c.arg("--address")
             .arg(self.dir().join("c.sock"))
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", ns])
             .args(args);
         c
     }
@@ -115,9 +209,10 @@ impl Containerd {
         v[v.len().saturating_sub(lines)..].join("\n")
     }
 
-    /// Builds an OCI image archive of busybox-static and imports it.
-    fn import_busybox(&self) {
-        let d = self.dir().join("image");
+    /// Builds an OCI image archive of busybox-static named `name` with command `cmd` and
+    /// imports it into containerd namespace `ns`.
+    fn import_image(&self, ns: &str, name: &str, cmd: &[&str]) {
+        let d = self.dir().join("image").join(name.replace(['/', ':'], "_"));
         let rootfs = d.join("rootfs");
         let o = Command::new(images_dir().join("make-rootfs.sh"))
             .arg(&rootfs)
@@ -143,7 +238,7 @@ impl Containerd {
         let (ldg, lsize) = put(&layer);
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
-            "config": {"Cmd": ["sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+            "config": {"Cmd": cmd, "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
             "rootfs": {"type": "layers", "diff_ids": [ldg]}
         })
         .to_string();
@@ -159,7 +254,7 @@ impl Containerd {
         let index = serde_json::json!({
             "schemaVersion": 2,
             "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdg, "size": msize,
-                "annotations": {"io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "test"}}]
+                "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "test"}}]
         });
         std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
         std::fs::write(
@@ -177,7 +272,11 @@ impl Containerd {
             .output()
             .unwrap();
         assert!(o.status.success());
-        let o = self.ctr(&["images", "import", &tar.display().to_string()]);
+        let o = output_with_timeout(
+            self.ctr_command_in(ns, &["images", "import", &tar.display().to_string()]),
+            None,
+            COMMAND_TIMEOUT,
+        );
         assert!(
             o.status.success(),
             "ctr images import: {}{}",
@@ -221,5 +320,10 @@ impl Drop for Containerd {
         for m in points {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
+        // The CNI bridge of a CRI containerd (absent otherwise: the command then just fails).
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("rc{}", cni_tag(self.dir()))])
+            .stderr(Stdio::null())
+            .status();
     }
 }

@@ -6,6 +6,7 @@
 //! to run them, rather than passing vacuously.
 
 pub mod containerd;
+pub mod cri;
 pub mod docker;
 pub mod inginious;
 pub mod netns;
