@@ -13,5 +13,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 "$here/docker.sh" 5
 "$here/net.sh" 200 3
 "$here/shared_vm.sh" 5
+"$here/containerd.sh" 5
 # Last: it fills the machine (stops at 60 containers or a 90 s start).
 "$here/density.sh" 60 90 1024

@@ -11,5 +11,6 @@ cd "$top"
 # shellcheck disable=SC1091
 source "${ROOTCELL_ENV:-build/env}" || { echo "bench: run scripts/build.sh first" >&2; exit 1; }
 export ROOTCELL_BIN ROOTCELL_KERNEL ROOTCELL_VMLINUX ROOTCELL_INITRD ROOTCELL_KERNEL_RELEASE
+echo "containerd CRI pods, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 BENCH_N=${1:-3} ROOTCELL_E2E=1 cargo test --release --quiet -p rootcell-e2e --test containerd \
     -- --ignored --exact cri_bench --nocapture 2>&1 | grep '^containerd CRI'

@@ -624,9 +624,16 @@ fn cri_pod_with_two_containers_is_one_vm() {
 
     // ExecSync into the server: output, error output and exit code.
     let (code, out, err) = cri
-        .exec_sync(&web, &["sh", "-c", "cat /www/x; echo to-err >&2; exit 3"], 60)
+        .exec_sync(
+            &web,
+            &["sh", "-c", "cat /www/x; echo to-err >&2; exit 3"],
+            60,
+        )
         .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", c.log_tail(60)));
-    assert_eq!((code, out.as_str(), err.as_str()), (3, "pod-hello\n", "to-err\n"));
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (3, "pod-hello\n", "to-err\n")
+    );
 
     // One VM for the pod (sandbox + two containers), one shim.
     let vmms = vmms_of(&c);
@@ -647,7 +654,10 @@ fn cri_pod_with_two_containers_is_one_vm() {
         .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log_tail(60)));
     cri.remove_pod(&pod.id)
         .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log_tail(60)));
-    eprintln!("StopPodSandbox + RemovePodSandbox: {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "StopPodSandbox + RemovePodSandbox: {} ms",
+        t.elapsed().as_millis()
+    );
     assert_clean_in(
         &c,
         &c.rootcell_root_in(CRI_NAMESPACE),
@@ -664,7 +674,11 @@ fn cri_pod_with_two_containers_is_one_vm() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let leaked: Vec<&str> = mounts
         .lines()
-        .filter(|l| [&pod.id, &web, &client].iter().any(|id| l.contains(id.as_str())))
+        .filter(|l| {
+            [&pod.id, &web, &client]
+                .iter()
+                .any(|id| l.contains(id.as_str()))
+        })
         .collect();
     assert!(leaked.is_empty(), "mounts left: {leaked:#?}");
 }
@@ -716,7 +730,13 @@ fn cri_bench() {
             cri.stop_pod(&pod.id).unwrap();
             cri.remove_pod(&pod.id).unwrap();
         }
-        println!("containerd CRI {handler:8} pod start to first container running: {}", stats(first));
-        println!("containerd CRI {handler:8} second container added to the pod:     {}", stats(second));
+        println!(
+            "containerd CRI {handler:8} pod start to first container running: {}",
+            stats(first)
+        );
+        println!(
+            "containerd CRI {handler:8} second container added to the pod:     {}",
+            stats(second)
+        );
     }
 }

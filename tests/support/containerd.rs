@@ -61,16 +61,22 @@ fn cri_config(d: &Path) -> String {
   sandbox_image = "{PAUSE_IMAGE}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # The sandbox's oom_score_adj (-998) is below what this host lets the tests' processes set
+  # (no CAP_SYS_RESOURCE here): runc's init then fails. Kubernetes-in-a-container setups do the same.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      Root = "{0}/runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.rootcell]
       runtime_type = "io.containerd.rootcell.v2"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "{}"
+    conf_dir = "{1}"
 "#,
+        d.display(),
         cni.display()
     )
 }

@@ -214,9 +214,12 @@ impl Cri {
     /// `RemovePodSandbox`.
     pub fn remove_pod(&mut self, id: &str) -> Result<(), CriError> {
         self.rt
-            .block_on(self.client.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            }))
+            .block_on(
+                self.client
+                    .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                        pod_sandbox_id: id.into(),
+                    }),
+            )
             .map_err(status)?;
         Ok(())
     }
@@ -225,10 +228,13 @@ impl Cri {
     pub fn pod_netns(&mut self, id: &str) -> Result<String, CriError> {
         let r = self
             .rt
-            .block_on(self.client.pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: id.into(),
-                verbose: true,
-            }))
+            .block_on(
+                self.client
+                    .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                        pod_sandbox_id: id.into(),
+                        verbose: true,
+                    }),
+            )
             .map_err(status)?
             .into_inner();
         let info = r.info.get("info").cloned().unwrap_or_default();
