@@ -683,6 +683,41 @@ fn cri_pod_with_two_containers_is_one_vm() {
     assert!(leaked.is_empty(), "mounts left: {leaked:#?}");
 }
 
+/// A `hostNetwork: true` pod with the `rootcell` handler: RunPodSandbox fails with rootcell's
+/// reason (a VM cannot share the host's network stack), and nothing is left.
+#[test]
+fn cri_host_network_pod_is_refused_clearly() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start_cri();
+    let mut cri = cri_client(&c);
+    let logs = c.dir().join("pods/hostnet");
+    std::fs::create_dir_all(&logs).unwrap();
+    let name = unique_id("hostnet");
+    let err = match cri.run_pod_with(&name, "rootcell", &logs, true) {
+        Ok(p) => panic!("a hostNetwork pod started: {}", p.id),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("RunPodSandbox: {err}");
+    assert!(err.contains("host's network"), "{err}");
+    // The shim that containerd started for the pod ends with its failed task.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let shims: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
+            .into_iter()
+            .filter(|p| p.contains(&c.dir().display().to_string()))
+            .collect();
+        if shims.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "shim left: {shims:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_clean_in(&c, &c.rootcell_root_in(CRI_NAMESPACE), &[&name]);
+}
+
 /// Benchmark (bench/containerd.sh; printed, not asserted): through one CRI containerd, pod start
 /// (RunPodSandbox) to its first container running, and a second container added to the running
 /// pod, for the `rootcell` handler against `runc`. `BENCH_N` runs per handler (default 3).

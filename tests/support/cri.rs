@@ -88,6 +88,23 @@ impl Cri {
     /// `RunPodSandbox` of a pod named `name` with runtime handler `handler` (empty: the
     /// default), its logs under `log_dir`.
     pub fn run_pod(&mut self, name: &str, handler: &str, log_dir: &Path) -> Result<Pod, CriError> {
+        self.run_pod_with(name, handler, log_dir, false)
+    }
+
+    /// [`Cri::run_pod`], with `host_network` (Kubernetes' `hostNetwork: true`: the pod shares
+    /// the node's network namespace).
+    pub fn run_pod_with(
+        &mut self,
+        name: &str,
+        handler: &str,
+        log_dir: &Path,
+        host_network: bool,
+    ) -> Result<Pod, CriError> {
+        let network = if host_network {
+            cri::NamespaceMode::Node
+        } else {
+            cri::NamespaceMode::Pod
+        };
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
@@ -99,6 +116,13 @@ impl Cri {
             log_directory: log_dir.display().to_string(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: String::new(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: network as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
