@@ -718,6 +718,48 @@ fn cri_host_network_pod_is_refused_clearly() {
     assert_clean_in(&c, &c.rootcell_root_in(CRI_NAMESPACE), &[&name]);
 }
 
+/// A container that does not fit the pod's VM (its memory limit is more than the VM booted
+/// with): StartContainer fails with rootcell's reason, the pod's other container goes on, and
+/// removing the pod leaves nothing.
+#[test]
+fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return;
+    }
+    let c = Containerd::start_cri();
+    let mut cri = cri_client(&c);
+    let logs = c.dir().join("pods/big");
+    std::fs::create_dir_all(&logs).unwrap();
+    let pod = cri
+        .run_pod(&unique_id("big"), "rootcell", &logs)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(60)));
+    let small = cri
+        .create_container(&pod, "small", IMAGE, &["sleep", "600"])
+        .unwrap();
+    cri.start_container(&small).unwrap();
+    wait_running(&c, &mut cri, &small);
+    let big = cri
+        .create_container_with(&pod, "big", IMAGE, &["sleep", "600"], 64 << 30)
+        .unwrap_or_else(|e| panic!("CreateContainer big: {e}\n{}", c.log_tail(60)));
+    let err = match cri.start_container(&big) {
+        Ok(()) => panic!("a 64 GiB container started in the pod's VM"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("StartContainer: {err}");
+    assert!(err.contains("does not fit in the VM"), "{err}");
+    // The pod is unharmed.
+    let (code, out, _) = cri.exec_sync(&small, &["echo", "still-here"], 60).unwrap();
+    assert_eq!((code, out.as_str()), (0, "still-here\n"));
+    cri.stop_pod(&pod.id).unwrap();
+    cri.remove_pod(&pod.id).unwrap();
+    assert_clean_in(
+        &c,
+        &c.rootcell_root_in(CRI_NAMESPACE),
+        &[&pod.id, &small, &big],
+    );
+}
+
 /// Benchmark (bench/containerd.sh; printed, not asserted): through one CRI containerd, pod start
 /// (RunPodSandbox) to its first container running, and a second container added to the running
 /// pod, for the `rootcell` handler against `runc`. `BENCH_N` runs per handler (default 3).

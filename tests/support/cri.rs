@@ -150,6 +150,18 @@ impl Cri {
         image: &str,
         command: &[&str],
     ) -> Result<String, CriError> {
+        self.create_container_with(pod, name, image, command, 0)
+    }
+
+    /// [`Cri::create_container`] with a memory limit (`memory_limit_in_bytes`; 0: none).
+    pub fn create_container_with(
+        &mut self,
+        pod: &Pod,
+        name: &str,
+        image: &str,
+        command: &[&str],
+        memory_limit: i64,
+    ) -> Result<String, CriError> {
         let config = cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: name.into(),
@@ -162,6 +174,13 @@ impl Cri {
             }),
             command: command.iter().map(|s| s.to_string()).collect(),
             log_path: format!("{name}.log"),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: memory_limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let r = self
