@@ -189,6 +189,6 @@ mod tests {
         }
         let _ = child.kill();
         let _ = child.wait();
-        assert!(e.contains("another container"), "{e}");
+        assert!(e.contains("not a rootcell container"), "{e}");
     }
 }
