@@ -128,7 +128,10 @@ fn join_at(base: &Path, path: &str, pid: u32, part: Part) -> Vec<String> {
         )];
     };
     let mut errors = Vec::new();
-    for h in hierarchies(base).into_iter().filter(|h| part.covers(base, h)) {
+    for h in hierarchies(base)
+        .into_iter()
+        .filter(|h| part.covers(base, h))
+    {
         let mut dir = h.clone();
         for comp in rel.components() {
             let parent = dir.clone();
@@ -347,11 +350,16 @@ mod tests {
             std::fs::create_dir(d.path().join(h)).unwrap();
             std::fs::write(d.path().join(h).join("cgroup.procs"), "").unwrap();
         }
-        let procs = |h: &str| std::fs::read_to_string(d.path().join(h).join("c1/cgroup.procs")).ok();
+        let procs =
+            |h: &str| std::fs::read_to_string(d.path().join(h).join("c1/cgroup.procs")).ok();
         assert!(join_at(d.path(), "/c1", 42, Part::AllButCpu).is_empty());
         assert_eq!(procs("memory").as_deref(), Some("42"));
         assert_eq!(procs("pids").as_deref(), Some("42"));
-        assert_eq!(procs("cpu,cpuacct"), None, "CPU joined before the guest is up");
+        assert_eq!(
+            procs("cpu,cpuacct"),
+            None,
+            "CPU joined before the guest is up"
+        );
         assert!(join_at(d.path(), "/c1", 42, Part::Cpu).is_empty());
         assert_eq!(procs("cpu,cpuacct").as_deref(), Some("42"));
 

@@ -123,7 +123,10 @@ pub fn validate(spec: &Spec, bundle: &Path) -> Result<PathBuf, RuntimeError> {
     for (i, ns) in namespaces.iter().enumerate() {
         // Other namespaces may be joined when they are a rootcell container's (see join.rs).
         if ns.path().is_some()
-            && matches!(ns.typ(), LinuxNamespaceType::Mount | LinuxNamespaceType::User)
+            && matches!(
+                ns.typ(),
+                LinuxNamespaceType::Mount | LinuxNamespaceType::User
+            )
         {
             return Err(RuntimeError::Unsupported {
                 field: format!("linux.namespaces[{i}].path"),
@@ -273,14 +276,27 @@ pub fn has_terminal(spec: &Spec) -> bool {
         .unwrap_or(false)
 }
 
-/// Guest memory (MiB) and vCPU count from `linux.resources`.
+/// The annotation containerd's CRI plugin puts on a pod's sandbox (pause) container: the memory
+/// limit of the whole pod in bytes (kubelet's pod-level resources), which the pause container
+/// itself does not get as a limit.
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+
+/// Guest memory (MiB) and vCPU count from `linux.resources`; for a Kubernetes pod's sandbox
+/// container, whose VM every container of the pod joins, at least the pod's memory
+/// ([`CRI_SANDBOX_MEMORY`]) so that they fit.
 pub fn vm_resources(spec: &Spec) -> (u64, u32) {
     let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
-    let mem = res
+    let own = res
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
-        .and_then(memory_mib_for_limit)
-        .unwrap_or(DEFAULT_MEMORY_MIB);
+        .and_then(memory_mib_for_limit);
+    let pod = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(CRI_SANDBOX_MEMORY))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .and_then(memory_mib_for_limit);
+    let mem = own.max(pod).unwrap_or(DEFAULT_MEMORY_MIB);
     // Online CPUs, not available_parallelism(): that one honours the cgroup CPU quota, which the
     // sandbox sets on itself from this same spec before it sizes the VM.
     // SAFETY: sysconf only reads a system value.
@@ -444,5 +460,23 @@ mod tests {
             vm_resources(&load(b.path()).unwrap().spec).0,
             MIN_MEMORY_MIB
         );
+    }
+
+    #[test]
+    fn a_pod_sandbox_vm_holds_the_pods_memory() {
+        let with = |ann: &str, limit: &str| {
+            bundle_with(&format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"}},
+                "annotations":{{"{CRI_SANDBOX_MEMORY}":"{ann}"}},"linux":{{"resources":{{"memory":{{"limit":{limit}}}}}}}}}"#
+            ))
+        };
+        let mem = |b: &tempfile::TempDir| vm_resources(&load(b.path()).unwrap().spec).0;
+        // The pod's 1 GiB, not the default, when the pause container has no limit.
+        assert_eq!(mem(&with("1073741824", "0")), 1024 + GUEST_OVERHEAD_MIB);
+        // The larger of the pod's and the container's own.
+        assert_eq!(mem(&with("1048576", "268435456")), 256 + GUEST_OVERHEAD_MIB);
+        // Zero or garbage: as without the annotation.
+        assert_eq!(mem(&with("0", "0")), DEFAULT_MEMORY_MIB);
+        assert_eq!(mem(&with("lots", "0")), DEFAULT_MEMORY_MIB);
     }
 }

@@ -147,7 +147,8 @@ type Case<'a> = (&'a str, &'a [&'a str], Vec<(&'a str, &'a str)>);
 
 #[test]
 fn missing_vmlinux_fails_cleanly_by_flag_env_and_config() {
-    if !rootcell_test_support::require_root("missing_vmlinux_fails_cleanly_by_flag_env_and_config") {
+    if !rootcell_test_support::require_root("missing_vmlinux_fails_cleanly_by_flag_env_and_config")
+    {
         return;
     }
     let fx = Fixture::new();
@@ -183,7 +184,9 @@ fn missing_vmlinux_fails_cleanly_by_flag_env_and_config() {
 
 #[test]
 fn bad_selection_is_a_clear_error_before_anything_is_made() {
-    if !rootcell_test_support::require_root("bad_selection_is_a_clear_error_before_anything_is_made") {
+    if !rootcell_test_support::require_root(
+        "bad_selection_is_a_clear_error_before_anything_is_made",
+    ) {
         return;
     }
     let fx = Fixture::new();
@@ -253,7 +256,9 @@ fn real_builtin_boot_is_bounded_and_quotes_the_console() {
     if !rootcell_test_support::require_kvm("real_builtin_boot_is_bounded_and_quotes_the_console") {
         return;
     }
-    let Some(vmlinux) = rootcell_test_support::require_vmlinux("real_builtin_boot_is_bounded_and_quotes_the_console") else {
+    let Some(vmlinux) = rootcell_test_support::require_vmlinux(
+        "real_builtin_boot_is_bounded_and_quotes_the_console",
+    ) else {
         return;
     };
     let fx = Fixture::new();
@@ -322,7 +327,9 @@ fn builtin_boot_timeout_kills_the_running_vm_cleanly() {
     if !rootcell_test_support::require_kvm("builtin_boot_timeout_kills_the_running_vm_cleanly") {
         return;
     }
-    let Some(vmlinux) = rootcell_test_support::require_vmlinux("builtin_boot_timeout_kills_the_running_vm_cleanly") else {
+    let Some(vmlinux) =
+        rootcell_test_support::require_vmlinux("builtin_boot_timeout_kills_the_running_vm_cleanly")
+    else {
         return;
     };
     let fx = Fixture::new();

@@ -696,7 +696,7 @@ fn cri_host_network_pod_is_refused_clearly() {
     let logs = c.dir().join("pods/hostnet");
     std::fs::create_dir_all(&logs).unwrap();
     let name = unique_id("hostnet");
-    let err = match cri.run_pod_with(&name, "rootcell", &logs, true) {
+    let err = match cri.run_pod_with(&name, "rootcell", &logs, true, 0) {
         Ok(p) => panic!("a hostNetwork pod started: {}", p.id),
         Err(e) => e.to_string(),
     };
@@ -758,6 +758,31 @@ fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
         &c.rootcell_root_in(CRI_NAMESPACE),
         &[&pod.id, &small, &big],
     );
+
+    // A pod whose pod-level memory (what kubelet passes for the pod's containers) is 1 GiB: its
+    // VM is sized for it, and a 700 MiB container, too big for a default VM, runs in it.
+    let pod = cri
+        .run_pod_with(&unique_id("big"), "rootcell", &logs, false, 1 << 30)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(60)));
+    let big = cri
+        .create_container_with(&pod, "big2", IMAGE, &["sleep", "600"], 700 << 20)
+        .unwrap();
+    cri.start_container(&big)
+        .unwrap_or_else(|e| panic!("StartContainer in a 1 GiB pod: {e}\n{}", c.log_tail(60)));
+    wait_running(&c, &mut cri, &big);
+    let (code, out, _) = cri
+        .exec_sync(&big, &["sh", "-c", "grep MemTotal /proc/meminfo"], 60)
+        .unwrap();
+    let kib: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(code, 0, "{out}");
+    assert!(kib > 900 * 1024, "guest MemTotal {kib} KiB");
+    cri.stop_pod(&pod.id).unwrap();
+    cri.remove_pod(&pod.id).unwrap();
+    assert_clean_in(&c, &c.rootcell_root_in(CRI_NAMESPACE), &[&pod.id, &big]);
 }
 
 /// Benchmark (bench/containerd.sh; printed, not asserted): through one CRI containerd, pod start

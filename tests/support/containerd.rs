@@ -326,6 +326,34 @@ impl Drop for Containerd {
         for m in points {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
+        // The CNI network namespaces of pods this CRI containerd had no time to remove (a failed
+        // test): those whose eth0 is in its subnet.
+        let conf =
+            std::fs::read_to_string(self.dir().join("cni/10-rc.conflist")).unwrap_or_default();
+        let subnet = serde_json::from_str::<serde_json::Value>(&conf)
+            .ok()
+            .and_then(|v| {
+                v["plugins"][0]["ipam"]["subnet"]
+                    .as_str()
+                    .and_then(|s| s.strip_suffix("0/24"))
+                    .map(str::to_string)
+            });
+        if let (Some(prefix), Ok(dir)) = (subnet, std::fs::read_dir("/var/run/netns")) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("cni-") {
+                    continue;
+                }
+                let o = Command::new("nsenter")
+                    .arg(format!("--net={}", e.path().display()))
+                    .args(["ip", "-4", "-o", "addr", "show", "eth0"])
+                    .stderr(Stdio::null())
+                    .output();
+                if o.is_ok_and(|o| text(&o.stdout).contains(&format!(" {prefix}"))) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+        }
         // The CNI bridge of a CRI containerd (absent otherwise: the command then just fails).
         let _ = Command::new("ip")
             .args(["link", "del", &format!("rc{}", cni_tag(self.dir()))])

@@ -88,17 +88,19 @@ impl Cri {
     /// `RunPodSandbox` of a pod named `name` with runtime handler `handler` (empty: the
     /// default), its logs under `log_dir`.
     pub fn run_pod(&mut self, name: &str, handler: &str, log_dir: &Path) -> Result<Pod, CriError> {
-        self.run_pod_with(name, handler, log_dir, false)
+        self.run_pod_with(name, handler, log_dir, false, 0)
     }
 
     /// [`Cri::run_pod`], with `host_network` (Kubernetes' `hostNetwork: true`: the pod shares
-    /// the node's network namespace).
+    /// the node's network namespace) and the pod-level memory limit kubelet passes
+    /// (`linux.resources.memory_limit_in_bytes`; 0: none).
     pub fn run_pod_with(
         &mut self,
         name: &str,
         handler: &str,
         log_dir: &Path,
         host_network: bool,
+        pod_memory: i64,
     ) -> Result<Pod, CriError> {
         let network = if host_network {
             cri::NamespaceMode::Node
@@ -121,6 +123,10 @@ impl Cri {
                         network: network as i32,
                         ..Default::default()
                     }),
+                    ..Default::default()
+                }),
+                resources: (pod_memory > 0).then(|| cri::LinuxContainerResources {
+                    memory_limit_in_bytes: pod_memory,
                     ..Default::default()
                 }),
                 ..Default::default()
