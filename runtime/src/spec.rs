@@ -281,20 +281,29 @@ pub fn has_terminal(spec: &Spec) -> bool {
 /// itself does not get as a limit.
 pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 
+/// The pod's CPU quota (µs per period) that containerd's CRI plugin puts on a pod's sandbox.
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+/// The period (µs) of [`CRI_SANDBOX_CPU_QUOTA`].
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
 /// Guest memory (MiB) and vCPU count from `linux.resources`; for a Kubernetes pod's sandbox
 /// container, whose VM every container of the pod joins, at least the pod's memory
-/// ([`CRI_SANDBOX_MEMORY`]) so that they fit.
+/// ([`CRI_SANDBOX_MEMORY`]) and CPUs ([`CRI_SANDBOX_CPU_QUOTA`] / [`CRI_SANDBOX_CPU_PERIOD`]) so
+/// that they fit.
 pub fn vm_resources(spec: &Spec) -> (u64, u32) {
     let res = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     let own = res
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
         .and_then(memory_mib_for_limit);
-    let pod = spec
-        .annotations()
-        .as_ref()
-        .and_then(|a| a.get(CRI_SANDBOX_MEMORY))
-        .and_then(|v| v.trim().parse::<i64>().ok())
+    let annotation = |k: &str| {
+        spec.annotations()
+            .as_ref()
+            .and_then(|a| a.get(k))
+            .map(|v| v.trim().to_string())
+    };
+    let pod = annotation(CRI_SANDBOX_MEMORY)
+        .and_then(|v| v.parse::<i64>().ok())
         .and_then(memory_mib_for_limit);
     let mem = own.max(pod).unwrap_or(DEFAULT_MEMORY_MIB);
     // Online CPUs, not available_parallelism(): that one honours the cgroup CPU quota, which the
@@ -302,12 +311,19 @@ pub fn vm_resources(spec: &Spec) -> (u64, u32) {
     // SAFETY: sysconf only reads a system value.
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     let host_cpus = u32::try_from(online).unwrap_or(1);
-    let cpus = res
+    let quota_cpus = |q: Option<i64>, p: Option<u64>| match (q, p) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
+        _ => None,
+    };
+    let own_cpus = res
         .and_then(|r| r.cpu().as_ref())
-        .and_then(|c| match (c.quota(), c.period()) {
-            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p) as u32),
-            _ => None,
-        })
+        .and_then(|c| quota_cpus(c.quota(), c.period()));
+    let pod_cpus = quota_cpus(
+        annotation(CRI_SANDBOX_CPU_QUOTA).and_then(|v| v.parse().ok()),
+        annotation(CRI_SANDBOX_CPU_PERIOD).and_then(|v| v.parse().ok()),
+    );
+    let cpus = own_cpus
+        .max(pod_cpus)
         .unwrap_or(1)
         .clamp(1, host_cpus.max(1));
     (mem, cpus)
@@ -478,5 +494,20 @@ mod tests {
         // Zero or garbage: as without the annotation.
         assert_eq!(mem(&with("0", "0")), DEFAULT_MEMORY_MIB);
         assert_eq!(mem(&with("lots", "0")), DEFAULT_MEMORY_MIB);
+    }
+
+    #[test]
+    fn a_pod_sandbox_vm_has_the_pods_cpus() {
+        let b = bundle_with(&format!(
+            r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"}},
+            "annotations":{{"{CRI_SANDBOX_CPU_QUOTA}":"150000","{CRI_SANDBOX_CPU_PERIOD}":"100000"}}}}"#
+        ));
+        let host = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(vm_resources(&load(b.path()).unwrap().spec).1, 2.min(host));
+        let b = bundle_with(&format!(
+            r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"process":{{"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"}},
+            "annotations":{{"{CRI_SANDBOX_CPU_QUOTA}":"-1","{CRI_SANDBOX_CPU_PERIOD}":"100000"}}}}"#
+        ));
+        assert_eq!(vm_resources(&load(b.path()).unwrap().spec).1, 1);
     }
 }

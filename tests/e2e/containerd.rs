@@ -696,7 +696,7 @@ fn cri_host_network_pod_is_refused_clearly() {
     let logs = c.dir().join("pods/hostnet");
     std::fs::create_dir_all(&logs).unwrap();
     let name = unique_id("hostnet");
-    let err = match cri.run_pod_with(&name, "rootcell", &logs, true, 0) {
+    let err = match cri.run_pod_with(&name, "rootcell", &logs, true, 0, 0) {
         Ok(p) => panic!("a hostNetwork pod started: {}", p.id),
         Err(e) => e.to_string(),
     };
@@ -759,10 +759,11 @@ fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
         &[&pod.id, &small, &big],
     );
 
-    // A pod whose pod-level memory (what kubelet passes for the pod's containers) is 1 GiB: its
-    // VM is sized for it, and a 700 MiB container, too big for a default VM, runs in it.
+    // A pod whose pod-level resources (what kubelet passes for the pod's containers) are 1 GiB
+    // and 2 CPUs: its VM is sized for them, and a 700 MiB container, too big for a default VM,
+    // runs in it and sees both CPUs (this host has 2).
     let pod = cri
-        .run_pod_with(&unique_id("big"), "rootcell", &logs, false, 1 << 30)
+        .run_pod_with(&unique_id("big"), "rootcell", &logs, false, 1 << 30, 2)
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log_tail(60)));
     let big = cri
         .create_container_with(&pod, "big2", IMAGE, &["sleep", "600"], 700 << 20)
@@ -780,6 +781,8 @@ fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
         .unwrap_or(0);
     assert_eq!(code, 0, "{out}");
     assert!(kib > 900 * 1024, "guest MemTotal {kib} KiB");
+    let (code, out, _) = cri.exec_sync(&big, &["nproc"], 60).unwrap();
+    assert_eq!((code, out.trim()), (0, "2"), "guest CPUs");
     cri.stop_pod(&pod.id).unwrap();
     cri.remove_pod(&pod.id).unwrap();
     assert_clean_in(&c, &c.rootcell_root_in(CRI_NAMESPACE), &[&pod.id, &big]);

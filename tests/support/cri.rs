@@ -88,12 +88,12 @@ impl Cri {
     /// `RunPodSandbox` of a pod named `name` with runtime handler `handler` (empty: the
     /// default), its logs under `log_dir`.
     pub fn run_pod(&mut self, name: &str, handler: &str, log_dir: &Path) -> Result<Pod, CriError> {
-        self.run_pod_with(name, handler, log_dir, false, 0)
+        self.run_pod_with(name, handler, log_dir, false, 0, 0)
     }
 
     /// [`Cri::run_pod`], with `host_network` (Kubernetes' `hostNetwork: true`: the pod shares
-    /// the node's network namespace) and the pod-level memory limit kubelet passes
-    /// (`linux.resources.memory_limit_in_bytes`; 0: none).
+    /// the node's network namespace) and the pod-level memory limit and CPUs kubelet passes
+    /// (`linux.resources`: `memory_limit_in_bytes`, a CFS quota of `pod_cpus` periods; 0: none).
     pub fn run_pod_with(
         &mut self,
         name: &str,
@@ -101,6 +101,7 @@ impl Cri {
         log_dir: &Path,
         host_network: bool,
         pod_memory: i64,
+        pod_cpus: i64,
     ) -> Result<Pod, CriError> {
         let network = if host_network {
             cri::NamespaceMode::Node
@@ -125,8 +126,10 @@ impl Cri {
                     }),
                     ..Default::default()
                 }),
-                resources: (pod_memory > 0).then(|| cri::LinuxContainerResources {
+                resources: (pod_memory > 0 || pod_cpus > 0).then(|| cri::LinuxContainerResources {
                     memory_limit_in_bytes: pod_memory,
+                    cpu_period: if pod_cpus > 0 { 100_000 } else { 0 },
+                    cpu_quota: pod_cpus * 100_000,
                     ..Default::default()
                 }),
                 ..Default::default()
