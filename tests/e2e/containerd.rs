@@ -2,7 +2,7 @@
 //! `ctr run --runtime io.containerd.rootcell.v2`, exit codes, exec, kill, pause/resume, metrics,
 //! and the cleanup path after the shim is killed.
 
-use rootcell_e2e::containerd::{Containerd, CRI_NAMESPACE, IMAGE};
+use rootcell_e2e::containerd::{Containerd, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE};
 use rootcell_e2e::cri::{Cri, Pod};
 use rootcell_e2e::{processes_mentioning, text, unique_id};
 use std::time::{Duration, Instant};
@@ -485,8 +485,20 @@ fn missing_program_is_a_clear_error_and_leaves_nothing() {
 fn cri_client(c: &Containerd) -> Cri {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match Cri::connect(&c.cri_socket()).and_then(|mut k| k.version().map(|_| k)) {
-            Ok(k) => return k,
+        // Ready when it answers and has seen both imported images (without the pause image,
+        // RunPodSandbox would try to pull it from a registry).
+        let ready = Cri::connect(&c.cri_socket()).and_then(|mut k| {
+            k.version()?;
+            let ok = k.has_image(PAUSE_IMAGE)? && k.has_image(IMAGE)?;
+            Ok((k, ok))
+        });
+        match ready {
+            Ok((k, true)) => return k,
+            Ok((_, false)) => assert!(
+                Instant::now() < deadline,
+                "CRI never saw the imported images\n{}",
+                c.log_tail(40)
+            ),
             Err(e) => assert!(
                 Instant::now() < deadline,
                 "CRI never answered: {e}\n{}",

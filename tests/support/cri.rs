@@ -3,6 +3,7 @@
 //! `k8s-cri` bindings (kubelet and crictl are not available here).
 
 use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub struct Pod {
 pub struct Cri {
     rt: tokio::runtime::Runtime,
     client: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
 }
 
 /// A CRI call that failed: the gRPC status message.
@@ -69,7 +71,8 @@ impl Cri {
             .map_err(|e| CriError(format!("connecting to {}: {e}", socket.display())))?;
         Ok(Cri {
             rt,
-            client: RuntimeServiceClient::new(channel),
+            client: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
         })
     }
 
@@ -83,6 +86,23 @@ impl Cri {
             .map_err(status)?
             .into_inner();
         Ok(format!("{} {}", r.runtime_name, r.runtime_version))
+    }
+
+    /// Whether the CRI plugin knows image `image` (`ImageStatus`): it learns of images imported
+    /// with ctr from containerd's events, a moment after the import.
+    pub fn has_image(&mut self, image: &str) -> Result<bool, CriError> {
+        let r = self
+            .rt
+            .block_on(self.images.image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            }))
+            .map_err(status)?
+            .into_inner();
+        Ok(r.image.is_some())
     }
 
     /// `RunPodSandbox` of a pod named `name` with runtime handler `handler` (empty: the
