@@ -49,8 +49,21 @@ if [ "$1" != stage2 ]; then
     mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot ||
         fail "cannot mount the overlay root (host root read-only + tmpfs)"
     for d in proc sys dev; do mount --move "/$d" "/newroot/$d"; done
+    # Paths under /tmp or /run the command needs (scripts/l1.sh lists them) survive the fresh
+    # tmpfs mounts: held aside as binds of the overlay's view, then moved back in place.
+    n=0
+    while read -r p; do
+        [ -d "/newroot$p" ] || fail "$p (needed in L1) is not on the host's root file system"
+        n=$((n + 1)); mkdir -p "/keep/$n"
+        mount --bind "/newroot$p" "/keep/$n" || fail "cannot keep $p in L1"
+    done < /l1/keep
     mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
     mount -t tmpfs -o mode=0755 tmpfs /newroot/run
+    n=0
+    while read -r p; do
+        n=$((n + 1)); mkdir -p "/newroot$p"
+        mount --move "/keep/$n" "/newroot$p" || fail "cannot put $p back in L1"
+    done < /l1/keep
     mkdir -p /newroot/run/l1 /newroot/var/lib /newroot/var/tmp
     cp /init /newroot/run/l1/init
     cp /l1/cmd /l1/env /newroot/run/l1/ 2>/dev/null || fail "no command in the initramfs (/l1/cmd)"

@@ -68,6 +68,13 @@ mkdir -p "$tmp/run/l1"
 } > "$tmp/run/l1/cmd"
 env | grep -E '^(ROOTCELL_|RUST_|TEST_|CARGO_TERM_)' | grep -v '^ROOTCELL_L1_' |
     while IFS='=' read -r k v; do printf '%s=%q\n' "$k" "$v"; done > "$tmp/run/l1/env"
+# L1 mounts a fresh /tmp and /run: paths the command needs that live there (a checkout cloned
+# under /tmp, the guest images it built) are kept, bound over from L1's view of the host's root.
+for p in "$top" "$PWD" "${ROOTCELL_BIN:-}" "${ROOTCELL_KERNEL:-}" "${ROOTCELL_VMLINUX:-}" "${ROOTCELL_INITRD:-}"; do
+    [ -n "$p" ] || continue
+    [ -d "$p" ] || p=$(dirname "$p")
+    case $p in /tmp/*|/run/*) echo "$p" ;; esac
+done | sort -u > "$tmp/run/l1/keep"
 mv "$tmp/run/l1" "$tmp/l1" && rmdir "$tmp/run"
 install -m 0755 "$top/images/l1-init.sh" "$tmp/init"
 (cd "$tmp" && { echo init; find l1; } | cpio -o -H newc -R 0:0 --quiet) > "$tmp/run.cpio"
