@@ -13,6 +13,15 @@ fn enabled() -> bool {
     std::env::var("ROOTCELL_E2E").is_ok()
 }
 
+/// A private containerd made by `start`, or `None` (the test is skipped) outside the e2e run.
+fn containerd(start: fn() -> Containerd) -> Option<Containerd> {
+    if !enabled() {
+        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+        return None;
+    }
+    Some(start())
+}
+
 /// Waits until `ctr task ls` shows `id` with `status`.
 fn wait_task(c: &Containerd, id: &str, status: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -70,11 +79,9 @@ fn assert_clean_in(c: &Containerd, root: &std::path::Path, ids: &[&str]) {
 
 #[test]
 fn ctr_run_exec_kill_pause_metrics() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start) else {
         return;
-    }
-    let c = Containerd::start();
+    };
 
     // Output and exit code of a run to completion.
     let id = unique_id("ctrd");
@@ -186,11 +193,9 @@ fn ctr_run_exec_kill_pause_metrics() {
 
 #[test]
 fn killed_shim_is_cleaned_up_by_containerd() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start) else {
         return;
-    }
-    let c = Containerd::start();
+    };
     let id = unique_id("ctrd");
     let o = c.ctr(&[
         "run",
@@ -256,11 +261,9 @@ fn in_terminal(cmd: std::process::Command) -> std::process::Output {
 
 #[test]
 fn tty_and_oom_event() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start) else {
         return;
-    }
-    let c = Containerd::start();
+    };
 
     // `ctr run -t` needs a terminal of its own: script(1) gives it one.
     let id = unique_id("ctrd");
@@ -384,11 +387,9 @@ fn task_pid(c: &Containerd, id: &str) -> String {
 /// and the sandbox container's namespace paths (so rootcell puts it in that VM).
 #[test]
 fn pod_annotation_shares_the_shim_and_the_vm() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start) else {
         return;
-    }
-    let c = Containerd::start();
+    };
     let pod = unique_id("pod");
     let sandbox_ann = format!("io.kubernetes.cri.sandbox-id={pod}");
     let o = c.ctr(&[
@@ -454,11 +455,9 @@ fn pod_annotation_shares_the_shim_and_the_vm() {
 /// A program that cannot run: ctr fails with rootcell's message, and nothing is left.
 #[test]
 fn missing_program_is_a_clear_error_and_leaves_nothing() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start) else {
         return;
-    }
-    let c = Containerd::start();
+    };
     let id = unique_id("ctrd");
     let o = c.ctr(&[
         "run",
@@ -563,11 +562,9 @@ fn vmms_of(c: &Containerd) -> Vec<u32> {
 /// the pod, and StopPodSandbox + RemovePodSandbox leaving nothing.
 #[test]
 fn cri_pod_with_two_containers_is_one_vm() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start_cri) else {
         return;
-    }
-    let c = Containerd::start_cri();
+    };
     let mut cri = cri_client(&c);
     let logs = c.dir().join("pods/web");
     std::fs::create_dir_all(&logs).unwrap();
@@ -699,11 +696,9 @@ fn cri_pod_with_two_containers_is_one_vm() {
 /// reason (a VM cannot share the host's network stack), and nothing is left.
 #[test]
 fn cri_host_network_pod_is_refused_clearly() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start_cri) else {
         return;
-    }
-    let c = Containerd::start_cri();
+    };
     let mut cri = cri_client(&c);
     let logs = c.dir().join("pods/hostnet");
     std::fs::create_dir_all(&logs).unwrap();
@@ -735,11 +730,9 @@ fn cri_host_network_pod_is_refused_clearly() {
 /// removing the pod leaves nothing.
 #[test]
 fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
-    if !enabled() {
-        eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
+    let Some(c) = containerd(Containerd::start_cri) else {
         return;
-    }
-    let c = Containerd::start_cri();
+    };
     let mut cri = cri_client(&c);
     let logs = c.dir().join("pods/big");
     std::fs::create_dir_all(&logs).unwrap();
