@@ -202,7 +202,7 @@ fn stop_child(child: &mut Child) {
 }
 
 /// The mount namespace of `pid`, as its /proc link reads (`mnt:[N]`).
-fn mount_namespace(pid: u32) -> Option<String> {
+pub(crate) fn mount_namespace(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
@@ -211,7 +211,7 @@ fn mount_namespace(pid: u32) -> Option<String> {
 /// SIGKILLs every process in mount namespace `ns` until none is left (bounded): what a chrooted
 /// daemon's containerd, shims or rootcell sandboxes left behind. The namespace, and every mount
 /// in it, ends with its last process.
-fn kill_namespace(ns: &str) {
+pub(crate) fn kill_namespace(ns: &str) {
     if mount_namespace(std::process::id()).as_deref() == Some(ns) {
         return; // never the test's own namespace
     }
@@ -236,6 +236,23 @@ fn kill_namespace(ns: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The host directories a chrooted daemon needs at their host paths: rootcell's (and its shim's)
+/// and the guest images' (build/env names them).
+pub(crate) fn runtime_binds() -> Vec<PathBuf> {
+    let mut binds: Vec<PathBuf> = Vec::new();
+    let images = ["ROOTCELL_KERNEL", "ROOTCELL_INITRD", "ROOTCELL_VMLINUX"]
+        .iter()
+        .filter_map(|k| std::env::var_os(k).map(PathBuf::from));
+    for p in std::iter::once(artifacts().bin).chain(images) {
+        let parent = p.parent().unwrap().to_path_buf();
+        // Never the host's / over the root (a file there is simply not seen).
+        if parent != Path::new("/") && !binds.contains(&parent) {
+            binds.push(parent);
+        }
+    }
+    binds
 }
 
 /// Makes the bridge an [`Engine::Root`] daemon uses as its default network (`--bridge`), with
@@ -264,7 +281,7 @@ fn make_bridge() -> String {
 /// Mounts the chroot of an [`Engine::Root`] daemon in the mount namespace `unshare` made, then
 /// runs the daemon there. Arguments: root, merged dir, upper dir, overlay work dir, host paths
 /// to bind at the same place, `--`, the daemon's command line.
-const CHROOT_SCRIPT: &str = r#"set -e
+pub(crate) const CHROOT_SCRIPT: &str = r#"set -e
 root=$1 m=$2 up=$3 wk=$4; shift 4
 mkdir -p "$m" "$up" "$wk"
 # An overlay, so the cached root is never written to.
@@ -327,19 +344,7 @@ impl DockerDaemon {
                     .arg(dir.join("root"))
                     .arg(dir.join("root-upper"))
                     .arg(dir.join("root-work"));
-                // rootcell and the guest images at their host paths (build/env names them).
-                let mut binds: Vec<PathBuf> = Vec::new();
-                let images = ["ROOTCELL_KERNEL", "ROOTCELL_INITRD", "ROOTCELL_VMLINUX"]
-                    .iter()
-                    .filter_map(|k| std::env::var_os(k).map(PathBuf::from));
-                for p in std::iter::once(art.bin.clone()).chain(images) {
-                    let parent = p.parent().unwrap().to_path_buf();
-                    // Never the host's / over the root (a file there is simply not seen).
-                    if parent != Path::new("/") && !binds.contains(&parent) {
-                        binds.push(parent);
-                    }
-                }
-                c.args(&binds).arg("--").arg("dockerd");
+                c.args(runtime_binds()).arg("--").arg("dockerd");
                 let b = make_bridge();
                 // No iptables rules (the host's dockerd may own the nat and filter chains):
                 // the default network is this bridge, published ports go through docker-proxy.
