@@ -13,7 +13,7 @@
 //! CNI plugins at /usr/lib/cni, which the root lacks. Its `ctr` runs in that namespace and root
 //! (`nsenter`), and whatever is left in the namespace is killed when it is dropped.
 
-use crate::docker::{kill_namespace, mount_namespace, runtime_binds, Engine, CHROOT_SCRIPT};
+use crate::docker::{kill_namespace, runtime_binds, Engine, MountNamespace, CHROOT_SCRIPT};
 use crate::{
     artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT,
 };
@@ -98,8 +98,8 @@ pub struct Containerd {
     engine: Engine,
     /// The containerd process (for an [`Engine::Root`] one: in its namespace and chroot).
     pid: u32,
-    /// An [`Engine::Root`] containerd's mount namespace (`mnt:[N]`).
-    mnt_ns: Option<String>,
+    /// An [`Engine::Root`] containerd's mount namespace.
+    mnt_ns: Option<MountNamespace>,
 }
 
 fn digest(b: &[u8]) -> String {
@@ -225,14 +225,14 @@ impl Containerd {
             // Once unshare has made the namespace (our own one means not yet); ctr runs in it.
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let ns = mount_namespace(c.pid);
-                if ns.is_some() && ns != mount_namespace(std::process::id()) {
-                    c.mnt_ns = ns;
+                c.mnt_ns = MountNamespace::of_if_not_ours(c.pid);
+                if c.mnt_ns.is_some() {
                     break;
                 }
+                let exited = c.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten());
                 assert!(
-                    Instant::now() < deadline,
-                    "the chrooted containerd never got its mount namespace: {}",
+                    Instant::now() < deadline && exited.is_none(),
+                    "the chrooted containerd never got its mount namespace ({exited:?}): {}",
                     c.log_tail(30)
                 );
                 std::thread::sleep(Duration::from_millis(50));
@@ -441,9 +441,9 @@ impl Drop for Containerd {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        if let Some(ns) = &self.mnt_ns {
-            // Its mounts end with the namespace's last process.
-            kill_namespace(ns);
+        if let Some(ns) = self.mnt_ns.take() {
+            // Its mounts end with the namespace's last process (and `ns`, dropped here).
+            kill_namespace(&ns);
         }
         // Containers a failed test left to a dead shim: rootcell removes their run dirs (under
         // /run/rootcell/r, outside the private directory) and host cgroups.

@@ -52,7 +52,7 @@ pub struct DockerDaemon {
     bridge: Option<String>,
     /// The mount namespace of an [`Engine::Root`] daemon (`mnt:[N]`): whatever still runs in it
     /// at shutdown is killed.
-    mnt_ns: Option<String>,
+    mnt_ns: Option<MountNamespace>,
     /// The daemon's pid.
     pid: u32,
 }
@@ -202,16 +202,46 @@ fn stop_child(child: &mut Child) {
 }
 
 /// The mount namespace of `pid`, as its /proc link reads (`mnt:[N]`).
-pub(crate) fn mount_namespace(pid: u32) -> Option<String> {
+fn mount_namespace(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// A chrooted daemon's mount namespace, held open: its number (`mnt:[N]`) names it only while
+/// it exists, and the kernel gives a freed number to the next new namespace at once, so
+/// [`kill_namespace`] of a namespace that had already ended could kill the processes of another
+/// test's daemon started in the meantime (seen: a concurrent test's containerd and QEMU killed).
+/// Holding it keeps the number taken until the holder is dropped.
+#[derive(Clone, Debug)]
+pub(crate) struct MountNamespace {
+    /// `mnt:[N]`.
+    name: String,
+    _held: std::sync::Arc<std::fs::File>,
+}
+
+impl MountNamespace {
+    /// The mount namespace `pid` is in, if it is not ours (not made yet by `unshare`).
+    pub(crate) fn of_if_not_ours(pid: u32) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok()?;
+        // From the open file itself: the process may move to another namespace meanwhile.
+        let name = format!("mnt:[{}]", f.metadata().ok()?.ino());
+        if Some(&name) == mount_namespace(std::process::id()).as_ref() {
+            return None;
+        }
+        Some(MountNamespace {
+            name,
+            _held: std::sync::Arc::new(f),
+        })
+    }
+}
+
 /// SIGKILLs every process in mount namespace `ns` until none is left (bounded): what a chrooted
 /// daemon's containerd, shims or rootcell sandboxes left behind. The namespace, and every mount
-/// in it, ends with its last process.
-pub(crate) fn kill_namespace(ns: &str) {
+/// in it, ends once its last process is gone and `ns` is dropped.
+pub(crate) fn kill_namespace(ns: &MountNamespace) {
+    let ns = ns.name.as_str();
     if mount_namespace(std::process::id()).as_deref() == Some(ns) {
         return; // never the test's own namespace
     }
@@ -398,10 +428,7 @@ impl DockerDaemon {
         loop {
             if d.engine != Engine::Host && d.mnt_ns.is_none() {
                 // Once unshare has made the namespace: our own one means not yet.
-                let ns = mount_namespace(child.id());
-                if ns.is_some() && ns != mount_namespace(std::process::id()) {
-                    d.mnt_ns = ns;
-                }
+                d.mnt_ns = MountNamespace::of_if_not_ours(child.id());
             }
             let o = d.docker(&["version", "--format", "{{.Server.Version}}"]);
             if o.status.success() && (d.engine == Engine::Host || d.mnt_ns.is_some()) {
