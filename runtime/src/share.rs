@@ -86,6 +86,18 @@ fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), ShareError> {
         None::<&str>,
     )
     .map_err(fail("bind mount onto", dst))?;
+    let c = path_cstr(dst, "bind mount onto")?;
+    set_mount_attrs(
+        libc::AT_FDCWD,
+        &c,
+        libc::AT_RECURSIVE as libc::c_uint,
+        MOUNT_ATTR_NODEV,
+    )
+    .map_err(|source| ShareError {
+        what: "make nodev",
+        path: dst.display().to_string(),
+        source,
+    })?;
     if read_only {
         let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
@@ -140,7 +152,71 @@ pub fn build(share: &Path, rootfs: &Path, binds: &[BindMount]) -> Result<(), Sha
         let dst = mount_point(share, b)?;
         bind(&b.source, &dst, b.read_only)?;
     }
+    // Shared (within this namespace only: it was made rprivate): the virtio-fs back end's
+    // threads serve from a namespace of their own whose copy of the share is a slave of this
+    // one, and what is attached here later (containers joining the VM) must reach them.
+    mount(
+        None::<&str>,
+        share,
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(fail("make shared", share))
+}
+
+// mount_setattr(2) (linux/mount.h); libc has the syscall number but not these.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// `struct mount_attr` (MOUNT_ATTR_SIZE_VER0).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Adds `attrs` (MOUNT_ATTR_*) to the mount at `dirfd`/`path`, and with AT_RECURSIVE in
+/// `flags` to every mount below it, leaving their other flags as they are. Works on a
+/// detached tree too (AT_EMPTY_PATH), before it is attached: a mount propagated from an
+/// attached one copies its flags at that moment, so flags must be set before.
+fn set_mount_attrs(
+    dirfd: libc::c_int,
+    path: &std::ffi::CStr,
+    flags: libc::c_uint,
+    attrs: u64,
+) -> std::io::Result<()> {
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr(2) reads `attr` (of the size passed) and the NUL-terminated path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
+}
+
+fn path_cstr(p: &Path, what: &'static str) -> Result<std::ffi::CString, ShareError> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| ShareError {
+        what,
+        path: p.display().to_string(),
+        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+    })
 }
 
 /// Where, inside a VM owner's share, a container joining that VM gets its own entries: its
@@ -183,14 +259,29 @@ pub fn clone_tree(path: &Path) -> Result<DetachedTree, ShareError> {
     }))
 }
 
-/// Attaches a detached tree on `dst` (an existing file or directory) in this namespace.
-fn attach_tree(tree: DetachedTree, dst: &Path) -> Result<(), ShareError> {
-    let c = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes()).map_err(|_| ShareError {
-        what: "attach a mount tree on",
-        path: dst.display().to_string(),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-    })?;
+/// Attaches a detached tree on `dst` (an existing file or directory) in this namespace: nodev
+/// throughout, read-only at its top if asked, both set before it is attached (so the copies
+/// propagated to the virtio-fs back end's namespace have them too).
+fn attach_tree(tree: DetachedTree, dst: &Path, read_only: bool) -> Result<(), ShareError> {
+    let c = path_cstr(dst, "attach a mount tree on")?;
     let empty = c"";
+    let attrs = |flags: libc::c_int, attrs: u64| {
+        set_mount_attrs(
+            tree.0.as_raw_fd(),
+            empty,
+            (libc::AT_EMPTY_PATH | flags) as libc::c_uint,
+            attrs,
+        )
+        .map_err(|source| ShareError {
+            what: "set nodev/read-only on the mount tree for",
+            path: dst.display().to_string(),
+            source,
+        })
+    };
+    attrs(libc::AT_RECURSIVE, MOUNT_ATTR_NODEV)?;
+    if read_only {
+        attrs(0, MOUNT_ATTR_RDONLY)?;
+    }
     // SAFETY: move_mount(2) of the tree fd (empty path) onto a valid NUL-terminated path.
     let r = unsafe {
         libc::syscall(
@@ -265,17 +356,12 @@ pub fn attach_member(
     let root_dst = entry.join("rootfs");
     std::fs::create_dir_all(&root_dst).map_err(io("create", &root_dst))?;
     let mut mounted = Vec::new();
-    attach_tree(trees.rootfs, &root_dst)?;
+    attach_tree(trees.rootfs, &root_dst, false)?;
     mounted.push(root_dst);
     for (b, tree) in trees.binds {
         let dst = mount_point(&entry, &b)?;
-        attach_tree(tree, &dst)?;
+        attach_tree(tree, &dst, b.read_only)?;
         mounted.push(dst.clone());
-        if b.read_only {
-            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, &dst, None::<&str>, flags, None::<&str>)
-                .map_err(fail("remount read-only", &dst))?;
-        }
     }
     Ok(mounted)
 }

@@ -194,6 +194,101 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
     want.sort();
     assert_eq!(backends, want, "back-end threads (name, CapEff)");
 
+    // The virtio-fs threads serve from a mount namespace of their own whose root holds the
+    // share and the process's fd directory (the passthrough's xattr calls name
+    // /proc/self/fd/N), nothing of the host's; `..` stays there, and the only mounts are
+    // those, all nodev.
+    let sandbox_ns = std::fs::read_link(format!("/proc/{sandbox}/ns/mnt")).unwrap();
+    let mut fs_threads = 0;
+    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let dir = t.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let st = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let is_fs = match comm.trim() {
+            "rootcell-fs" | "rootcell-fs-vho" => true,
+            "vring_worker" => status_field(&st, "CapEff") == fs_caps,
+            _ => false,
+        };
+        let ns = std::fs::read_link(dir.join("ns/mnt")).unwrap();
+        let root = dir.join("root");
+        if !is_fs {
+            assert_eq!(ns, sandbox_ns, "{comm} left the sandbox's mount namespace");
+            continue;
+        }
+        fs_threads += 1;
+        assert_ne!(
+            ns, sandbox_ns,
+            "{comm} serves from the sandbox's mount namespace"
+        );
+        let top = listing(root.to_str().unwrap());
+        assert_eq!(
+            top,
+            BTreeSet::from(["share".to_string(), "proc".to_string()]),
+            "{comm}'s root"
+        );
+        assert_eq!(
+            listing(root.join("..").to_str().unwrap()),
+            top,
+            "{comm}: .."
+        );
+        assert_eq!(
+            listing(root.join("proc").to_str().unwrap()),
+            BTreeSet::from(["self".to_string()])
+        );
+        let share = listing(root.join("share").to_str().unwrap());
+        assert!(share.contains("rootfs"), "{comm}'s share: {share:?}");
+        assert_eq!(
+            listing(root.join("share/rootfs").to_str().unwrap()),
+            listing(b.rootfs().to_str().unwrap()),
+            "{comm}: the share's rootfs is the bundle's"
+        );
+        let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
+        for l in mountinfo.lines() {
+            let point = l.split(' ').nth(4).unwrap_or_default();
+            assert!(
+                ["/", "/proc/self/fd", "/share"].contains(&point) || point.starts_with("/share/"),
+                "{comm} has a mount beside the share:\n{mountinfo}"
+            );
+            // Per-mount options (field 6): the share's binds are nodev.
+            let opts = l.split(' ').nth(5).unwrap_or_default();
+            assert!(
+                opts.split(',').any(|o| o == "nodev"),
+                "{comm}: not nodev: {l}"
+            );
+        }
+    }
+    assert_eq!(fs_threads, 3, "virtio-fs threads found");
+
+    // A device node in the share opens nothing on the host: the back end's mounts are nodev.
+    // (Made from the host side, as an image's /dev entries are; the guest never gets this
+    // far, its own kernel opens device nodes locally.)
+    let node = b.rootfs().join("hostnull");
+    let made = std::process::Command::new("mknod")
+        .args([node.to_str().unwrap(), "c", "1", "3"])
+        .status()
+        .unwrap();
+    assert!(made.success(), "mknod");
+    let fs_tid = std::fs::read_dir(format!("/proc/{sandbox}/task"))
+        .unwrap()
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "rootcell-fs")
+        })
+        .expect("rootcell-fs thread")
+        .path();
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(fs_tid.join("root/share/rootfs/hostnull"));
+    assert_eq!(
+        opened.map(|_| ()).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EACCES)),
+        "a device node in the share opened a host device"
+    );
+    std::fs::remove_file(&node).unwrap();
+
     // And the container works through it.
     let o = rt.run(&["exec", &id, "sh", "-c", "echo jailed-ok"]);
     assert_eq!(text(&o.stdout).trim(), "jailed-ok", "{}", text(&o.stderr));

@@ -4,7 +4,8 @@
 //! - [`FsDevice`] is the transport-neutral device logic (virtio-queue + vm-memory).
 //! - [`bridge`] lets a VMM on other rust-vmm versions hand over its guest RAM and queues.
 //! - [`serve_vhost_user`] serves it to QEMU's `vhost-user-fs-device` from background threads
-//!   of the calling process (no fork, no chroot; the caller's mount namespace is what is served).
+//!   of the calling process (no fork); with [`Jail::share_root`] its threads get a mount
+//!   namespace whose root is the share ([`share_root`]), otherwise they see the caller's.
 //!
 //! QEMU side (what the backend needs from the VMM command line):
 //! - guest RAM must be shareable: `-object memory-backend-memfd,id=mem,size=..,share=on` and
@@ -15,15 +16,18 @@
 //! - in the guest: `mount -t virtiofs TAG /mnt`.
 //!
 //! Host requirements: runs as root (ownership pass-through, chown), `/proc` mounted in the
-//! caller's mount namespace (the passthrough reopens inodes through `/proc/self/fd`). The soft
-//! RLIMIT_NOFILE of the process is raised to its hard limit (one fd per guest-known inode).
-//! No seccomp filter is installed: the backend threads share the caller's process.
+//! caller's mount namespace (the passthrough opens `/proc/self/fd`, through which it reopens
+//! inodes, before any pivot into the share). The soft RLIMIT_NOFILE of the process is raised
+//! to its hard limit (one fd per guest-known inode). Capabilities and seccomp are the
+//! caller's to add through [`Jail::confine`].
 
 pub mod bridge;
 mod device;
 mod error;
 mod passthrough;
 mod readonly;
+pub mod share_root;
+pub mod syscalls;
 #[cfg(any(test, feature = "test-driver"))]
 pub mod test_driver;
 mod vhost_user;
@@ -32,7 +36,7 @@ use std::path::PathBuf;
 
 pub use device::{FsDevice, HIPRIO_QUEUE, NUM_QUEUES};
 pub use error::Error;
-pub use vhost_user::{serve_vhost_user, serve_vhost_user_confined, BackendHandle, Confine};
+pub use vhost_user::{serve_vhost_user, serve_vhost_user_confined, BackendHandle, Confine, Jail};
 /// The virtio-queue version the device's queue types come from.
 pub use virtio_queue;
 /// The vm-memory version the device's memory types come from (pinned by fuse-backend-rs).

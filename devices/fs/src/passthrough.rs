@@ -34,19 +34,25 @@ use crate::{Error, FsConfig};
 /// How long the guest may trust a cached entry or attribute before asking again.
 const CACHE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Opens `config.shared_dir` as a passthrough file system ready to serve requests.
-pub fn open_passthrough(config: &FsConfig) -> Result<PassthroughFs, Error> {
-    let path = &config.shared_dir;
+/// Checks that `path` is a directory that can be shared.
+pub fn check_shared_dir(path: &std::path::Path) -> Result<(), Error> {
     let meta = std::fs::metadata(path).map_err(|source| Error::SharedDir {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     })?;
     if !meta.is_dir() {
         return Err(Error::SharedDir {
-            path: path.clone(),
+            path: path.to_owned(),
             source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
         });
     }
+    Ok(())
+}
+
+/// Opens `config.shared_dir` as a passthrough file system ready to serve requests.
+pub fn open_passthrough(config: &FsConfig) -> Result<PassthroughFs, Error> {
+    let path = &config.shared_dir;
+    check_shared_dir(path)?;
     let root_dir = path
         .to_str()
         .ok_or_else(|| Error::SharedDir {

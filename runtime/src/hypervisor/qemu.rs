@@ -319,8 +319,13 @@ impl Hypervisor for Qemu {
                 shared_dir: cfg.share_dir.clone(),
                 read_only: false,
             },
-            confine_backends
-                .then(|| Box::new(confine(crate::jail::thread::Role::Fs)) as rootcell_fs::Confine),
+            // Its threads' root is the share: they see no other file system.
+            rootcell_fs::Jail {
+                share_root: confine_backends,
+                confine: confine_backends.then(|| {
+                    Box::new(confine(crate::jail::thread::Role::Fs)) as rootcell_fs::Confine
+                }),
+            },
         )
         .map_err(|e| {
             vsock.stop();

@@ -43,8 +43,13 @@ impl Client {
             shared_dir: dir.to_owned(),
             read_only,
         };
+        Self::with_device(FsDevice::new(&config)?)
+    }
+
+    /// Negotiates FUSE 7.31 with a device already opened.
+    pub fn with_device(device: FsDevice) -> Result<Self, Error> {
         let mut client = Client {
-            device: FsDevice::new(&config)?,
+            device,
             driver: Driver::new(),
             unique: 0,
         };

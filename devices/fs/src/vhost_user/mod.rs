@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::backend::FsBackend;
 use crate::device::FsDevice;
-use crate::passthrough::raise_nofile_limit;
+use crate::passthrough::{check_shared_dir, raise_nofile_limit};
 use crate::{Error, FsConfig};
 
 /// Starts a vhost-user-fs backend: binds and listens on `vhost_user_socket` (QEMU connects to it
@@ -35,39 +35,83 @@ pub fn serve_vhost_user(
     vhost_user_socket: &Path,
     config: FsConfig,
 ) -> Result<BackendHandle, Error> {
-    serve_vhost_user_confined(vhost_user_socket, config, None)
+    serve_vhost_user_confined(vhost_user_socket, config, Jail::default())
 }
 
 /// Confines the calling thread (e.g. seccomp and capabilities); runs first on the serving
 /// thread, so every thread the back end starts afterwards inherits it.
 pub type Confine = Box<dyn FnOnce() -> std::io::Result<()> + Send>;
 
-/// [`serve_vhost_user`], with the serving thread confined by `confine` before it builds the
+/// How the serving thread confines itself before it starts the threads that handle guest
+/// requests (they inherit all of it).
+#[derive(Default)]
+pub struct Jail {
+    /// Serve from a mount namespace whose root is the share and nothing else (see
+    /// [`crate::share_root`]); needs CAP_SYS_ADMIN, so it comes before `confine`. Mounts the
+    /// caller attaches inside the share later reach the back end if the share is a shared
+    /// mount in the caller's namespace.
+    pub share_root: bool,
+    /// Then this (capabilities, seccomp).
+    pub confine: Option<Confine>,
+}
+
+/// [`serve_vhost_user`], with the serving thread confined as `jail` says before it builds the
 /// vhost-user daemon (whose request and vring threads it then spawns): every thread that
-/// handles guest requests runs confined. A failing `confine` fails this call.
+/// handles guest requests runs confined. A failing step fails this call.
 pub fn serve_vhost_user_confined(
     vhost_user_socket: &Path,
     config: FsConfig,
-    confine: Option<Confine>,
+    jail: Jail,
 ) -> Result<BackendHandle, Error> {
-    let device = FsDevice::new(&config)?;
+    // With its own root the device is opened on the serving thread, between the namespace
+    // and the pivot; the share is checked here anyway, so a bad one fails before listening.
+    let mut device = if jail.share_root {
+        check_shared_dir(&config.shared_dir)?;
+        None
+    } else {
+        Some(FsDevice::new(&config)?)
+    };
     raise_nofile_limit();
-    let listener = Listener::new(vhost_user_socket, true).map_err(|e| Error::Listen {
-        path: vhost_user_socket.to_owned(),
-        reason: e.to_string(),
-    })?;
+    // Bound here (not by vhost's `Listener::new`, which would remove the file by path from the
+    // serving thread, whose root is the share); the handle removes it.
+    let _ = std::fs::remove_file(vhost_user_socket);
+    let listener = std::os::unix::net::UnixListener::bind(vhost_user_socket)
+        .map(Listener::from)
+        .map_err(|e| Error::Listen {
+            path: vhost_user_socket.to_owned(),
+            reason: e.to_string(),
+        })?;
     let stop = Arc::new(StopSignal::new()?);
     let thread_stop = Arc::clone(&stop);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     let thread = std::thread::Builder::new()
         .name("rootcell-fs".to_owned())
         .spawn(move || {
-            if let Some(confine) = confine {
-                if let Err(e) = confine() {
-                    let _ = ready_tx.send(Err(Error::os("confining the virtio-fs thread", e)));
+            let confined = (|| {
+                if jail.share_root {
+                    crate::share_root::enter(&config.shared_dir).map_err(|e| {
+                        Error::os("giving the virtio-fs thread the share as root", e)
+                    })?;
+                    device = Some(FsDevice::new(&FsConfig {
+                        shared_dir: crate::share_root::SHARE_PATH.into(),
+                        read_only: config.read_only,
+                    })?);
+                    crate::share_root::pivot().map_err(|e| {
+                        Error::os("giving the virtio-fs thread the share as root", e)
+                    })?;
+                }
+                if let Some(confine) = jail.confine {
+                    confine().map_err(|e| Error::os("confining the virtio-fs thread", e))?;
+                }
+                device.ok_or_else(|| Error::Daemon("no device".into()))
+            })();
+            let device = match confined {
+                Ok(device) => device,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                     return Ok(());
                 }
-            }
+            };
             let daemon = VhostUserDaemon::new(
                 "rootcell-fs-vhost".to_owned(),
                 Arc::new(FsBackend::new(device)),
@@ -86,6 +130,7 @@ pub fn serve_vhost_user_confined(
             }
         })
         .map_err(|e| Error::os("spawning the virtio-fs thread", e))?;
+    let socket = SocketFile(vhost_user_socket.to_owned());
     let ready = ready_rx
         .recv()
         .unwrap_or_else(|_| Err(Error::Daemon("the virtio-fs thread ended early".into())));
@@ -96,13 +141,24 @@ pub fn serve_vhost_user_confined(
     Ok(BackendHandle {
         stop,
         thread: Mutex::new(Some(thread)),
+        _socket: socket,
     })
+}
+
+/// The listening socket's file, removed when the handle goes (or the start fails).
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Handle on a running vhost-user-fs backend.
 pub struct BackendHandle {
     stop: Arc<StopSignal>,
     thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
+    _socket: SocketFile,
 }
 
 impl BackendHandle {
@@ -113,6 +169,7 @@ impl BackendHandle {
             Some(thread) => thread.join().map_err(|_| Error::Panicked)?,
             None => Ok(()),
         }
+        // `self` drops here: the socket file goes.
     }
 
     /// Asks the backend threads to finish (idempotent); also done on drop.
@@ -190,8 +247,7 @@ fn run(
         .map_err(|e| Error::Daemon(e.to_string()))?;
     stop.set_connections(conn::accepted_connections(&listener));
     let outcome = daemon.wait();
-    // Dropping the daemon signals the vring worker's exit event and joins it; the listener's
-    // drop removes the socket file.
+    // Dropping the daemon signals the vring worker's exit event and joins it.
     drop(daemon);
     drop(listener);
     match outcome {
