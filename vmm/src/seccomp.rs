@@ -170,92 +170,18 @@ pub fn vsock_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     )
 }
 
-/// File system syscalls the virtio-fs passthrough (fuse-backend-rs) makes on behalf of the
-/// guest, plus reopening the share on reset (which reads /proc/self/mountinfo).
-const FS_SYSCALLS: &[i64] = &[
-    // open, stat, list
-    libc::SYS_openat,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_fstat,
-    libc::SYS_newfstatat,
-    libc::SYS_statx,
-    libc::SYS_fstatfs,
-    libc::SYS_statfs,
-    libc::SYS_getdents64,
-    libc::SYS_readlinkat,
-    libc::SYS_lseek,
-    libc::SYS_dup,
-    libc::SYS_flock,
-    // data
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_copy_file_range,
-    libc::SYS_fallocate,
-    libc::SYS_ftruncate,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    // namespace changes
-    libc::SYS_mkdirat,
-    libc::SYS_mknodat,
-    libc::SYS_symlinkat,
-    libc::SYS_linkat,
-    libc::SYS_unlinkat,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    // attributes
-    libc::SYS_fchmod,
-    libc::SYS_fchmodat,
-    libc::SYS_fchown,
-    libc::SYS_fchownat,
-    libc::SYS_utimensat,
-    libc::SYS_umask,
-    libc::SYS_getxattr,
-    libc::SYS_lgetxattr,
-    libc::SYS_fgetxattr,
-    libc::SYS_setxattr,
-    libc::SYS_lsetxattr,
-    libc::SYS_fsetxattr,
-    libc::SYS_listxattr,
-    libc::SYS_llistxattr,
-    libc::SYS_flistxattr,
-    libc::SYS_removexattr,
-    libc::SYS_lremovexattr,
-    libc::SYS_fremovexattr,
-    // the guest caller's credentials, taken per request by this thread only
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
-    libc::SYS_getuid,
-    libc::SYS_geteuid,
-    libc::SYS_getgid,
-    libc::SYS_getegid,
-    // std's HashMap seeds
-    libc::SYS_getrandom,
-];
-
 /// The allowlist for the virtio-fs I/O thread: epoll, the queue eventfds, and the file system
 /// calls of the passthrough. No sockets, processes or mounts.
+///
+/// The file system part is the one list both transports use,
+/// [`rootcell_fs::syscalls::PASSTHROUGH_SYSCALLS`] (and its fcntl commands and prlimit rule).
 pub fn fs_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
+    use rootcell_fs::syscalls::{PASSTHROUGH_FCNTLS, PASSTHROUGH_SYSCALLS, PRLIMIT_OWN_PROCESS};
     build_spec(
         &Spec {
-            syscalls: &device_io(FS_SYSCALLS),
-            fcntls: &[
-                libc::F_GETFL,
-                libc::F_SETFL,
-                libc::F_SETFD,
-                libc::F_GETLK,
-                libc::F_SETLK,
-                libc::F_SETLKW,
-                libc::F_OFD_GETLK,
-                libc::F_OFD_SETLK,
-                libc::F_OFD_SETLKW,
-            ],
-            // Raising its own RLIMIT_NOFILE when the share is reopened; no other process.
-            arg_eq: &[(libc::SYS_prlimit64, 0, 0)],
+            syscalls: &device_io(PASSTHROUGH_SYSCALLS),
+            fcntls: PASSTHROUGH_FCNTLS,
+            arg_eq: &[(libc::SYS_prlimit64, 0, PRLIMIT_OWN_PROCESS)],
             ..Spec::default()
         },
         on_violation,

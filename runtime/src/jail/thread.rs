@@ -97,64 +97,6 @@ const VSOCK: &[i64] = &[
     libc::SYS_getpeername,
 ];
 
-/// The virtio-fs passthrough's file system calls (fuse-backend-rs), the guest caller's
-/// credentials per request, and raising CAP_FSETID around a write.
-const FS: &[i64] = &[
-    libc::SYS_openat,
-    libc::SYS_newfstatat,
-    libc::SYS_fstatfs,
-    libc::SYS_statfs,
-    libc::SYS_getdents64,
-    libc::SYS_readlinkat,
-    libc::SYS_dup,
-    libc::SYS_flock,
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_preadv,
-    libc::SYS_pwritev,
-    libc::SYS_preadv2,
-    libc::SYS_pwritev2,
-    libc::SYS_copy_file_range,
-    libc::SYS_fallocate,
-    libc::SYS_ftruncate,
-    libc::SYS_fsync,
-    libc::SYS_fdatasync,
-    libc::SYS_mkdirat,
-    libc::SYS_mknodat,
-    libc::SYS_symlinkat,
-    libc::SYS_linkat,
-    libc::SYS_unlinkat,
-    libc::SYS_unlink,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
-    libc::SYS_fchmod,
-    libc::SYS_fchmodat,
-    libc::SYS_fchown,
-    libc::SYS_fchownat,
-    libc::SYS_utimensat,
-    libc::SYS_umask,
-    libc::SYS_getxattr,
-    libc::SYS_lgetxattr,
-    libc::SYS_fgetxattr,
-    libc::SYS_setxattr,
-    libc::SYS_lsetxattr,
-    libc::SYS_fsetxattr,
-    libc::SYS_listxattr,
-    libc::SYS_llistxattr,
-    libc::SYS_flistxattr,
-    libc::SYS_removexattr,
-    libc::SYS_lremovexattr,
-    libc::SYS_fremovexattr,
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
-    libc::SYS_getuid,
-    libc::SYS_geteuid,
-    libc::SYS_getgid,
-    libc::SYS_getegid,
-    libc::SYS_capget,
-    libc::SYS_capset,
-];
-
 /// Calls that only an attacker would make from a back end: they kill the process.
 const FORBIDDEN: &[i64] = &[
     libc::SYS_execve,
@@ -207,8 +149,9 @@ fn compile(
 /// The three filters of `role`, in the order they must be installed.
 pub fn filters(role: Role) -> io::Result<Vec<BpfProgram>> {
     let mut allow: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    // virtio-fs: the passthrough's calls, the one list the built-in VMM's fs thread uses too.
     let extra = match role {
-        Role::Fs => FS,
+        Role::Fs => rootcell_fs::syscalls::PASSTHROUGH_SYSCALLS,
         Role::Vsock => VSOCK,
     };
     for &nr in COMMON.iter().chain(extra) {
@@ -243,18 +186,17 @@ pub fn filters(role: Role) -> io::Result<Vec<BpfProgram>> {
         libc::F_DUPFD_CLOEXEC,
     ];
     if role == Role::Fs {
-        fcntls.extend([
-            libc::F_GETLK,
-            libc::F_SETLK,
-            libc::F_SETLKW,
-            libc::F_OFD_GETLK,
-            libc::F_OFD_SETLK,
-            libc::F_OFD_SETLKW,
-        ]);
+        fcntls.extend(rootcell_fs::syscalls::PASSTHROUGH_FCNTLS);
+        fcntls.sort_unstable();
+        fcntls.dedup();
         // Its own RLIMIT_NOFILE only.
         allow.insert(
             libc::SYS_prlimit64,
-            vec![rule(vec![cond(0, SeccompCmpOp::Eq, 0)?])?],
+            vec![rule(vec![cond(
+                0,
+                SeccompCmpOp::Eq,
+                rootcell_fs::syscalls::PRLIMIT_OWN_PROCESS,
+            )?])?],
         );
     } else {
         // Unix sockets only: no network from this thread.
