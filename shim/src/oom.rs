@@ -1,32 +1,80 @@
 //! OOM events: rootcell relays an OOM kill inside the guest to a real one in the container's
 //! memory cgroup on the host (runtime/src/oom.rs); the shim watches that cgroup as runc's shim
-//! does (cgroup v1: an eventfd registered for `memory.oom_control`).
+//! does: on cgroup v1 an eventfd registered for `memory.oom_control`, on cgroup v2 the
+//! `oom_kill` count in `memory.events`.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// The v1 memory cgroup directory of `pid`.
-fn memory_cgroup(pid: u32) -> Option<PathBuf> {
-    let data = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = data.lines().find_map(|l| {
+/// Where the host's cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// How often a v2 watch reads `memory.events`. A poll rather than inotify: one small read a
+/// second per container costs nothing, and an OOM event a second late is still the same event.
+const V2_POLL: Duration = Duration::from_secs(1);
+
+/// The memory cgroup of a process.
+#[derive(Debug, PartialEq)]
+enum MemoryCgroup {
+    /// A v1 memory controller directory.
+    V1(PathBuf),
+    /// A v2 (unified) cgroup directory with the memory controller.
+    V2(PathBuf),
+}
+
+/// The memory cgroup named by `/proc/PID/cgroup` text `data`, with the hierarchies under
+/// `root`: the v1 memory controller's if there is one (a hybrid host), else the unified one's.
+fn memory_cgroup_in(data: &str, root: &Path) -> Option<MemoryCgroup> {
+    let mut unified = None;
+    for l in data.lines() {
         let mut f = l.splitn(3, ':');
-        let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
-        ctl.split(',')
-            .any(|c| c == "memory")
-            .then(|| path.to_string())
-    })?;
-    let dir = PathBuf::from("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'));
-    dir.join("memory.oom_control").exists().then_some(dir)
+        let (Some(_), Some(ctl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if ctl.split(',').any(|c| c == "memory") {
+            let dir = root.join("memory").join(rel);
+            if dir.join("memory.oom_control").exists() {
+                return Some(MemoryCgroup::V1(dir));
+            }
+        } else if ctl.is_empty() {
+            unified = Some(rel.to_string());
+        }
+    }
+    let rel = unified?;
+    // A pure v2 host mounts the unified hierarchy at the root; only there does it carry the
+    // memory controller (a hybrid host's /sys/fs/cgroup/unified has none).
+    let dir = root.join(rel);
+    dir.join("memory.events")
+        .exists()
+        .then_some(MemoryCgroup::V2(dir))
+}
+
+/// The `oom_kill` count of a v2 `memory.events` text.
+fn oom_kills(events: &str) -> Option<u64> {
+    events
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Calls `on_oom` for each OOM kill in `pid`'s memory cgroup, until the cgroup goes. Returns
-/// false if there is nothing to watch (no v1 memory cgroup).
+/// false if there is nothing to watch (no memory cgroup).
 pub fn watch(pid: u32, on_oom: impl Fn() + Send + 'static) -> bool {
-    let Some(dir) = memory_cgroup(pid) else {
+    let Ok(data) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
         return false;
     };
+    match memory_cgroup_in(&data, Path::new(CGROUP_ROOT)) {
+        Some(MemoryCgroup::V1(dir)) => watch_v1(dir, on_oom),
+        Some(MemoryCgroup::V2(dir)) => watch_v2(dir, on_oom),
+        None => false,
+    }
+}
+
+fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
     let Ok(control) = File::open(dir.join("memory.oom_control")) else {
         return false;
     };
@@ -53,4 +101,93 @@ pub fn watch(pid: u32, on_oom: impl Fn() + Send + 'static) -> bool {
         }
     });
     true
+}
+
+fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
+    let file = dir.join("memory.events");
+    let Some(mut seen) = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|e| oom_kills(&e))
+    else {
+        return false;
+    };
+    std::thread::spawn(move || {
+        // Ends when the cgroup (and with it the file) goes.
+        while let Some(n) = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|e| oom_kills(&e))
+        {
+            for _ in seen..n {
+                on_oom();
+            }
+            seen = seen.max(n);
+            std::thread::sleep(V2_POLL);
+        }
+    });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_memory_controller_wins_on_a_hybrid_host() {
+        let root = tempfile_dir("hybrid");
+        std::fs::create_dir_all(root.join("memory/ns/c")).unwrap();
+        std::fs::write(root.join("memory/ns/c/memory.oom_control"), "").unwrap();
+        let data = "12:memory:/ns/c\n1:name=systemd:/x\n0::/ns/c\n";
+        assert_eq!(
+            memory_cgroup_in(data, &root),
+            Some(MemoryCgroup::V1(root.join("memory/ns/c")))
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn unified_cgroup_with_memory_events_on_a_v2_host() {
+        let root = tempfile_dir("v2");
+        std::fs::create_dir_all(root.join("ns/c")).unwrap();
+        std::fs::write(root.join("ns/c/memory.events"), "oom 0\noom_kill 0\n").unwrap();
+        assert_eq!(
+            memory_cgroup_in("0::/ns/c\n", &root),
+            Some(MemoryCgroup::V2(root.join("ns/c")))
+        );
+        // No memory controller there (a hybrid host's unified tree): nothing to watch.
+        assert_eq!(memory_cgroup_in("0::/other\n", &root), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn oom_kill_count_is_read_from_memory_events() {
+        let e = "low 0\nhigh 0\nmax 12\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(oom_kills(e), Some(2));
+        assert_eq!(oom_kills("max 1\n"), None);
+    }
+
+    #[test]
+    fn a_v2_watch_reports_each_new_oom_kill_and_ends_with_the_cgroup() {
+        let root = tempfile_dir("watch");
+        std::fs::create_dir_all(&root).unwrap();
+        let events = root.join("memory.events");
+        std::fs::write(&events, "oom 1\noom_kill 1\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        assert!(watch_v2(root.clone(), move || tx.send(()).unwrap()));
+        // The kill that came before the watch is not reported; two new ones are.
+        std::fs::write(&events, "oom 3\noom_kill 3\n").unwrap();
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
+        std::fs::remove_dir_all(&root).unwrap();
+        // The thread ends (dropping the sender) once the file is gone.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        );
+    }
+
+    fn tempfile_dir(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("rc-shim-oom-{tag}-{}", std::process::id()))
+    }
 }

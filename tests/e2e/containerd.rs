@@ -1,11 +1,24 @@
 //! containerd (Debian's 1.6, private) running busybox through `containerd-shim-rootcell-v2`:
 //! `ctr run --runtime io.containerd.rootcell.v2`, exit codes, exec, kill, pause/resume, metrics,
-//! and the cleanup path after the shim is killed.
+//! and the cleanup path after the shim is killed; Kubernetes-style pods through its CRI plugin.
+//! After every container: no process, VMM, run dir, mount, cgroup or rootcell state is left.
+//!
+//! `containerd17.rs` runs these same tests against Debian 13's containerd 1.7: it includes this
+//! file as a module and gives it its own `engine()`, which every test here reaches as
+//! `crate::engine()`.
 
 use rootcell_e2e::containerd::{Containerd, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE};
 use rootcell_e2e::cri::{Cri, Pod};
-use rootcell_e2e::{processes_mentioning, text, unique_id};
+use rootcell_e2e::docker::Engine;
+use rootcell_e2e::{processes_mentioning, run_dir, text, unique_id};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// The containerd the tests drive when this file is its own test binary: the host's (1.6).
+#[allow(dead_code)] // unused where containerd17.rs includes this file with an engine of its own
+fn engine() -> Engine {
+    Engine::Host
+}
 
 const RUNTIME: &str = "io.containerd.rootcell.v2";
 
@@ -13,13 +26,18 @@ fn enabled() -> bool {
     std::env::var("ROOTCELL_E2E").is_ok()
 }
 
-/// A private containerd made by `start`, or `None` (the test is skipped) outside the e2e run.
-fn containerd(start: fn() -> Containerd) -> Option<Containerd> {
+/// A private containerd of this binary's engine (with its CRI plugin if `cri`), or `None` (the
+/// test is skipped) outside the e2e run.
+fn containerd(cri: bool) -> Option<Containerd> {
     if !enabled() {
         eprintln!("skipped: set ROOTCELL_E2E=1 (scripts/test.sh does)");
         return None;
     }
-    Some(start())
+    Some(if cri {
+        Containerd::start_cri_on(crate::engine())
+    } else {
+        Containerd::start_on(crate::engine())
+    })
 }
 
 /// Waits until `ctr task ls` shows `id` with `status`.
@@ -46,16 +64,46 @@ fn assert_clean(c: &Containerd, ids: &[&str]) {
     assert_clean_in(c, &c.rootcell_root(), ids)
 }
 
-/// [`assert_clean`] for the rootcell state root `root` (one per containerd namespace).
+/// The host cgroup directories (any v1 controller, or the v2 tree) named after one of `ids`, up
+/// to three levels down: where containerd's cgroupsPath (`/NAMESPACE/ID`) puts a container.
+fn cgroups_named(ids: &[&str]) -> Vec<PathBuf> {
+    fn walk(dir: &Path, depth: u32, ids: &[&str], found: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let p = e.path();
+            if ids.iter().any(|id| e.file_name().to_str() == Some(*id)) {
+                found.push(p.clone());
+            }
+            if depth > 1 {
+                walk(&p, depth - 1, ids, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), 4, ids, &mut found);
+    found
+}
+
+/// [`assert_clean`] for the rootcell state root `root` (one per containerd namespace): no
+/// process names the root, a container id or a container's run dir (the sandbox names the
+/// root, the shim the id, the VMM its run dir's sockets); no run dir under /run/rootcell/r, no
+/// rootcell state, no mount of containerd's tasks or of the containers, no host cgroup.
 fn assert_clean_in(c: &Containerd, root: &std::path::Path, ids: &[&str]) {
     let root = root.to_path_buf();
+    let run_dirs: Vec<PathBuf> = ids.iter().map(|id| run_dir(&root, id)).collect();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        // The sandbox names the root, the VMM and the shim (which ends with its last task) the
-        // container id.
         let mut procs = processes_mentioning(&root.display().to_string());
         for id in ids {
             procs.extend(processes_mentioning(id));
+        }
+        for d in &run_dirs {
+            procs.extend(processes_mentioning(&d.display().to_string()));
         }
         if procs.is_empty() {
             break;
@@ -67,19 +115,26 @@ fn assert_clean_in(c: &Containerd, root: &std::path::Path, ids: &[&str]) {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "rootcell state left: {left:?}");
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let stray: Vec<_> = run_dirs.iter().filter(|d| d.exists()).collect();
+    assert!(stray.is_empty(), "run dirs left: {stray:?} (ids {ids:?})");
+    let mounts = c.mountinfo();
     let task_dir = c
         .dir()
         .join("state/io.containerd.runtime.v2.task")
         .display()
         .to_string();
-    let leaked: Vec<&str> = mounts.lines().filter(|l| l.contains(&task_dir)).collect();
+    let leaked: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(&task_dir) || ids.iter().any(|id| l.contains(id)))
+        .collect();
     assert!(leaked.is_empty(), "mounts left: {leaked:#?}");
+    let cgroups = cgroups_named(ids);
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:#?}");
 }
 
 #[test]
 fn ctr_run_exec_kill_pause_metrics() {
-    let Some(c) = containerd(Containerd::start) else {
+    let Some(c) = containerd(false) else {
         return;
     };
 
@@ -134,6 +189,16 @@ fn ctr_run_exec_kill_pause_metrics() {
         c.log_tail(40)
     );
     wait_task(&c, &id, "RUNNING");
+    // What assert_clean looks for is there while the container runs.
+    assert!(
+        run_dir(&c.rootcell_root(), &id).exists(),
+        "no run dir {}",
+        run_dir(&c.rootcell_root(), &id).display()
+    );
+    assert!(
+        !cgroups_named(&[&id]).is_empty(),
+        "no host cgroup named {id}"
+    );
 
     let o = c.ctr(&[
         "task",
@@ -169,6 +234,27 @@ fn ctr_run_exec_kill_pause_metrics() {
         text(&o.stderr)
     );
 
+    // Pids (`ctr task ps`): the host processes that hold the container, its sandbox (the
+    // task's pid) and its VMM; the guest's processes live in another kernel.
+    let o = c.ctr(&["task", "ps", &id]);
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let pids: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let task = task_pid(&c, &id);
+    assert_eq!(pids.len(), 2, "ctr task ps: {out}");
+    assert!(pids.contains(&task.as_str()), "task pid {task}: {out}");
+    let vmm = pids.iter().find(|p| **p != task).unwrap();
+    let cmd = std::fs::read(format!("/proc/{vmm}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmd).contains("qemu-system"),
+        "the other pid is not the VMM: {}",
+        String::from_utf8_lossy(&cmd)
+    );
+
     let o = c.ctr(&["task", "metrics", &id]);
     eprintln!("metrics: {}{}", text(&o.stdout), text(&o.stderr));
     assert!(o.status.success(), "{}", text(&o.stderr));
@@ -193,7 +279,7 @@ fn ctr_run_exec_kill_pause_metrics() {
 
 #[test]
 fn killed_shim_is_cleaned_up_by_containerd() {
-    let Some(c) = containerd(Containerd::start) else {
+    let Some(c) = containerd(false) else {
         return;
     };
     let id = unique_id("ctrd");
@@ -261,7 +347,7 @@ fn in_terminal(cmd: std::process::Command) -> std::process::Output {
 
 #[test]
 fn tty_and_oom_event() {
-    let Some(c) = containerd(Containerd::start) else {
+    let Some(c) = containerd(false) else {
         return;
     };
 
@@ -387,7 +473,7 @@ fn task_pid(c: &Containerd, id: &str) -> String {
 /// and the sandbox container's namespace paths (so rootcell puts it in that VM).
 #[test]
 fn pod_annotation_shares_the_shim_and_the_vm() {
-    let Some(c) = containerd(Containerd::start) else {
+    let Some(c) = containerd(false) else {
         return;
     };
     let pod = unique_id("pod");
@@ -455,7 +541,7 @@ fn pod_annotation_shares_the_shim_and_the_vm() {
 /// A program that cannot run: ctr fails with rootcell's message, and nothing is left.
 #[test]
 fn missing_program_is_a_clear_error_and_leaves_nothing() {
-    let Some(c) = containerd(Containerd::start) else {
+    let Some(c) = containerd(false) else {
         return;
     };
     let id = unique_id("ctrd");
@@ -562,7 +648,7 @@ fn vmms_of(c: &Containerd) -> Vec<u32> {
 /// the pod, and StopPodSandbox + RemovePodSandbox leaving nothing.
 #[test]
 fn cri_pod_with_two_containers_is_one_vm() {
-    let Some(c) = containerd(Containerd::start_cri) else {
+    let Some(c) = containerd(true) else {
         return;
     };
     let mut cri = cri_client(&c);
@@ -576,7 +662,7 @@ fn cri_pod_with_two_containers_is_one_vm() {
     // CRI gave the pod a CNI network namespace, which rootcell took for the pod's VM.
     let netns = cri.pod_netns(&pod.id).unwrap();
     assert!(netns.starts_with("/var/run/netns/cni-"), "netns {netns:?}");
-    assert!(std::path::Path::new(&netns).exists());
+    assert!(c.host_path(&netns).exists(), "{netns} missing");
 
     let web = cri
         .create_container(
@@ -644,6 +730,26 @@ fn cri_pod_with_two_containers_is_one_vm() {
         (3, "pod-hello\n", "to-err\n")
     );
 
+    // UpdateContainerResources (through the shim's Update) reaches the container's cgroup in
+    // the guest.
+    let limits = [
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+    ];
+    // Without a limit of its own the container may use the VM's RAM less the guest's share.
+    let (code, out, err) = cri.exec_sync(&web, &limits, 60).unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(out.trim(), (200u64 << 20).to_string(), "before the update");
+    cri.update_memory(&web, 200 << 20)
+        .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", c.log_tail(60)));
+    let (code, out, err) = cri.exec_sync(&web, &limits, 60).unwrap();
+    assert_eq!(
+        (code, out.trim()),
+        (0, (200u64 << 20).to_string().as_str()),
+        "{err}"
+    );
+
     // One VM for the pod (sandbox + two containers), one shim.
     let vmms = vmms_of(&c);
     assert_eq!(
@@ -678,9 +784,9 @@ fn cri_pod_with_two_containers_is_one_vm() {
             "the pod's QEMU {q} is left"
         );
     }
-    assert!(!std::path::Path::new(&netns).exists(), "{netns} left");
+    assert!(!c.host_path(&netns).exists(), "{netns} left");
     // Nor the sandbox's /dev/shm or any other mount of the pod or its containers.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mounts = c.mountinfo();
     let leaked: Vec<&str> = mounts
         .lines()
         .filter(|l| {
@@ -696,7 +802,7 @@ fn cri_pod_with_two_containers_is_one_vm() {
 /// reason (a VM cannot share the host's network stack), and nothing is left.
 #[test]
 fn cri_host_network_pod_is_refused_clearly() {
-    let Some(c) = containerd(Containerd::start_cri) else {
+    let Some(c) = containerd(true) else {
         return;
     };
     let mut cri = cri_client(&c);
@@ -730,7 +836,7 @@ fn cri_host_network_pod_is_refused_clearly() {
 /// removing the pod leaves nothing.
 #[test]
 fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
-    let Some(c) = containerd(Containerd::start_cri) else {
+    let Some(c) = containerd(true) else {
         return;
     };
     let mut cri = cri_client(&c);
@@ -803,7 +909,7 @@ fn cri_bench() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let c = Containerd::start_cri();
+    let c = Containerd::start_cri_on(crate::engine());
     let mut cri = cri_client(&c);
     let stats = |mut v: Vec<u128>| {
         v.sort();

@@ -1,9 +1,19 @@
-//! A private containerd (Debian's 1.6) for the shim end-to-end tests: its own root, state,
-//! socket and config in a temporary directory, `containerd-shim-rootcell-v2` and `rootcell` found
-//! on its PATH (the release build beside the `rootcell` under test), a busybox image imported
-//! as an OCI archive built from busybox-static, and stopped (with every process that mentions
-//! its directory, and the mounts under it) when dropped.
+//! A private containerd for the shim end-to-end tests: its own root, state, socket and config in
+//! a temporary directory, `containerd-shim-rootcell-v2` and `rootcell` found on its PATH (the
+//! release build beside the `rootcell` under test), a busybox image imported as an OCI archive
+//! built from busybox-static, and stopped (with every process that mentions its directory, and
+//! the mounts under it) when dropped.
+//!
+//! Either the host's containerd ([`Engine::Host`], Debian 12's 1.6) or the containerd and `ctr`
+//! of a Debian root file system ([`Engine::Root`], Debian 13's 1.7 from
+//! `images/build-trixie-root.sh`), chrooted in a mount namespace of its own exactly as
+//! [`crate::docker`] runs that root's dockerd: the host's /proc, /sys, /dev, /tmp (where the
+//! private directory is, so the paths it hands the shim are the host's too) and /run/rootcell, a
+//! fresh /run, rootcell's directories at their host paths, and (for the CRI plugin) the host's
+//! CNI plugins at /usr/lib/cni, which the root lacks. Its `ctr` runs in that namespace and root
+//! (`nsenter`), and whatever is left in the namespace is killed when it is dropped.
 
+use crate::docker::{kill_namespace, runtime_binds, Engine, MountNamespace, CHROOT_SCRIPT};
 use crate::{
     artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT,
 };
@@ -85,6 +95,11 @@ fn cri_config(d: &Path) -> String {
 pub struct Containerd {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    engine: Engine,
+    /// The containerd process (for an [`Engine::Root`] one: in its namespace and chroot).
+    pid: u32,
+    /// An [`Engine::Root`] containerd's mount namespace.
+    mnt_ns: Option<MountNamespace>,
 }
 
 fn digest(b: &[u8]) -> String {
@@ -92,9 +107,14 @@ fn digest(b: &[u8]) -> String {
 }
 
 impl Containerd {
-    /// Starts containerd (CRI plugin disabled) and imports the busybox image.
+    /// Starts the host's containerd (CRI plugin disabled) and imports the busybox image.
     pub fn start() -> Self {
-        let c = Self::launch(false);
+        Self::start_on(Engine::Host)
+    }
+
+    /// [`Containerd::start`] of `engine`.
+    pub fn start_on(engine: Engine) -> Self {
+        let c = Self::launch(engine, false);
         c.import_image(NAMESPACE, IMAGE, &["sh"]);
         c
     }
@@ -104,13 +124,18 @@ impl Containerd {
     /// from `cni_subnet`), the CRI socket at `cri_socket()`, and the busybox and pause
     /// ([`PAUSE_IMAGE`]) images in the CRI namespace `k8s.io`.
     pub fn start_cri() -> Self {
-        let c = Self::launch(true);
+        Self::start_cri_on(Engine::Host)
+    }
+
+    /// [`Containerd::start_cri`] of `engine`.
+    pub fn start_cri_on(engine: Engine) -> Self {
+        let c = Self::launch(engine, true);
         c.import_image(CRI_NAMESPACE, IMAGE, &["sh"]);
         c.import_image(CRI_NAMESPACE, PAUSE_IMAGE, &["sleep", "2147483647"]);
         c
     }
 
-    fn launch(cri: bool) -> Self {
+    fn launch(engine: Engine, cri: bool) -> Self {
         let a = artifacts();
         let bin_dir = a.bin.parent().unwrap().to_path_buf();
         assert!(
@@ -137,25 +162,82 @@ impl Containerd {
             );
         }
         std::fs::write(d.join("config.toml"), config).unwrap();
-        let path = format!(
-            "{}:{}",
-            bin_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new(CONTAINERD)
+        let mut cmd = match &engine {
+            Engine::Host => {
+                let mut c = Command::new(CONTAINERD);
+                c.env(
+                    "PATH",
+                    format!(
+                        "{}:{}",
+                        bin_dir.display(),
+                        std::env::var("PATH").unwrap_or_default()
+                    ),
+                );
+                c
+            }
+            Engine::Root(root) => {
+                assert!(
+                    root.join("usr/bin/containerd").exists(),
+                    "{} has no usr/bin/containerd",
+                    root.display()
+                );
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(CHROOT_SCRIPT)
+                    .arg("sh")
+                    .arg(root)
+                    .arg(d.join("root"))
+                    .arg(d.join("root-upper"))
+                    .arg(d.join("root-work"))
+                    .args(runtime_binds());
+                if cri {
+                    // The root has no CNI plugins (Debian's containernetworking-plugins is not
+                    // in it): the host's, which need nothing but libc.
+                    c.arg("/usr/lib/cni");
+                }
+                c.args(["--", "containerd"]).env(
+                    "PATH",
+                    format!(
+                        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                        bin_dir.display()
+                    ),
+                );
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(d.join("config.toml"))
-            .env("PATH", path)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("starting containerd");
-        let c = Containerd {
+        let mut c = Containerd {
             dir,
+            pid: child.id(),
             child: Some(child),
+            engine,
+            mnt_ns: None,
         };
+        if c.engine != Engine::Host {
+            // Once unshare has made the namespace (our own one means not yet); ctr runs in it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                c.mnt_ns = MountNamespace::of_if_not_ours(c.pid);
+                if c.mnt_ns.is_some() {
+                    break;
+                }
+                let exited = c.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten());
+                assert!(
+                    Instant::now() < deadline && exited.is_none(),
+                    "the chrooted containerd never got its mount namespace ({exited:?}): {}",
+                    c.log_tail(30)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.ctr(&["version"]).status.success() {
             assert!(
@@ -176,6 +258,38 @@ impl Containerd {
     /// The private directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Which containerd this is.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The mount table containerd, its shims and rootcell see (an [`Engine::Root`] one's is its
+    /// own namespace's), for leak checks.
+    pub fn mountinfo(&self) -> String {
+        let path = match self.engine {
+            Engine::Host => "/proc/self/mountinfo".to_string(),
+            Engine::Root(_) => format!("/proc/{}/mountinfo", self.pid),
+        };
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// Where the host sees `path` as containerd and its shims see it (an [`Engine::Root`]
+    /// one's fresh /run, for example, is only visible through its root).
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        match self.engine {
+            Engine::Host => PathBuf::from(path),
+            Engine::Root(_) => {
+                // Debian's /var/run is a symlink to /run, which the host would resolve to its
+                // own /run: follow it here.
+                let path = path.strip_prefix("/var/run/").map_or_else(
+                    || path.trim_start_matches('/').to_string(),
+                    |rest| format!("run/{rest}"),
+                );
+                PathBuf::from(format!("/proc/{}/root", self.pid)).join(path)
+            }
+        }
     }
 
     /// Where the shim keeps rootcell's state for the test namespace.
@@ -200,7 +314,18 @@ impl Containerd {
 
     /// The `ctr ARGS` command in containerd namespace `ns`.
     pub fn ctr_command_in(&self, ns: &str, args: &[&str]) -> Command {
-        let mut c = Command::new(CTR);
+        let mut c = match self.engine {
+            Engine::Host => Command::new(CTR),
+            Engine::Root(_) => {
+                // The root's own ctr, in containerd's namespace and chroot (its FIFOs in the
+                // same /run as the shim's view of them).
+                let mut c = Command::new("nsenter");
+                c.arg("--target")
+                    .arg(self.pid.to_string())
+                    .args(["--mount", "--root", "--wd=/", "--", "ctr"]);
+                c
+            }
+        };
         c.arg("--address")
             .arg(self.dir().join("c.sock"))
             .args(["--namespace", ns])
@@ -314,6 +439,29 @@ impl Drop for Containerd {
             if let Some(pid) = p.split(':').next().and_then(|s| s.parse::<i32>().ok()) {
                 // SAFETY: kill(2) on a process of this test's private containerd.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(ns) = self.mnt_ns.take() {
+            // Its mounts end with the namespace's last process (and `ns`, dropped here).
+            kill_namespace(&ns);
+        }
+        // Containers a failed test left to a dead shim: rootcell removes their run dirs (under
+        // /run/rootcell/r, outside the private directory) and host cgroups.
+        let bin = artifacts().bin;
+        for ns in std::fs::read_dir(self.dir().join("state/rootcell"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for c in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                let mut cmd = Command::new(&bin);
+                cmd.arg("--root")
+                    .arg(ns.path())
+                    .args(["delete", "--force"])
+                    .arg(c.file_name())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                let _ = output_with_timeout(cmd, None, COMMAND_TIMEOUT);
             }
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -273,6 +273,24 @@ impl Cri {
         ))
     }
 
+    /// `UpdateContainerResources` with a new memory limit (what kubelet sends when a pod is
+    /// resized).
+    pub fn update_memory(&mut self, id: &str, memory_limit: i64) -> Result<(), CriError> {
+        self.rt
+            .block_on(self.client.update_container_resources(
+                cri::UpdateContainerResourcesRequest {
+                    container_id: id.into(),
+                    linux: Some(cri::LinuxContainerResources {
+                        memory_limit_in_bytes: memory_limit,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .map_err(status)?;
+        Ok(())
+    }
+
     /// `StopPodSandbox`.
     pub fn stop_pod(&mut self, id: &str) -> Result<(), CriError> {
         self.rt

@@ -52,7 +52,7 @@ pub struct DockerDaemon {
     bridge: Option<String>,
     /// The mount namespace of an [`Engine::Root`] daemon (`mnt:[N]`): whatever still runs in it
     /// at shutdown is killed.
-    mnt_ns: Option<String>,
+    mnt_ns: Option<MountNamespace>,
     /// The daemon's pid.
     pid: u32,
 }
@@ -208,10 +208,40 @@ fn mount_namespace(pid: u32) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// A chrooted daemon's mount namespace, held open: its number (`mnt:[N]`) names it only while
+/// it exists, and the kernel gives a freed number to the next new namespace at once, so
+/// [`kill_namespace`] of a namespace that had already ended could kill the processes of another
+/// test's daemon started in the meantime (seen: a concurrent test's containerd and QEMU killed).
+/// Holding it keeps the number taken until the holder is dropped.
+#[derive(Clone, Debug)]
+pub(crate) struct MountNamespace {
+    /// `mnt:[N]`.
+    name: String,
+    _held: std::sync::Arc<std::fs::File>,
+}
+
+impl MountNamespace {
+    /// The mount namespace `pid` is in, if it is not ours (not made yet by `unshare`).
+    pub(crate) fn of_if_not_ours(pid: u32) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let f = std::fs::File::open(format!("/proc/{pid}/ns/mnt")).ok()?;
+        // From the open file itself: the process may move to another namespace meanwhile.
+        let name = format!("mnt:[{}]", f.metadata().ok()?.ino());
+        if Some(&name) == mount_namespace(std::process::id()).as_ref() {
+            return None;
+        }
+        Some(MountNamespace {
+            name,
+            _held: std::sync::Arc::new(f),
+        })
+    }
+}
+
 /// SIGKILLs every process in mount namespace `ns` until none is left (bounded): what a chrooted
 /// daemon's containerd, shims or rootcell sandboxes left behind. The namespace, and every mount
-/// in it, ends with its last process.
-fn kill_namespace(ns: &str) {
+/// in it, ends once its last process is gone and `ns` is dropped.
+pub(crate) fn kill_namespace(ns: &MountNamespace) {
+    let ns = ns.name.as_str();
     if mount_namespace(std::process::id()).as_deref() == Some(ns) {
         return; // never the test's own namespace
     }
@@ -236,6 +266,23 @@ fn kill_namespace(ns: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The host directories a chrooted daemon needs at their host paths: rootcell's (and its shim's)
+/// and the guest images' (build/env names them).
+pub(crate) fn runtime_binds() -> Vec<PathBuf> {
+    let mut binds: Vec<PathBuf> = Vec::new();
+    let images = ["ROOTCELL_KERNEL", "ROOTCELL_INITRD", "ROOTCELL_VMLINUX"]
+        .iter()
+        .filter_map(|k| std::env::var_os(k).map(PathBuf::from));
+    for p in std::iter::once(artifacts().bin).chain(images) {
+        let parent = p.parent().unwrap().to_path_buf();
+        // Never the host's / over the root (a file there is simply not seen).
+        if parent != Path::new("/") && !binds.contains(&parent) {
+            binds.push(parent);
+        }
+    }
+    binds
 }
 
 /// Makes the bridge an [`Engine::Root`] daemon uses as its default network (`--bridge`), with
@@ -264,7 +311,7 @@ fn make_bridge() -> String {
 /// Mounts the chroot of an [`Engine::Root`] daemon in the mount namespace `unshare` made, then
 /// runs the daemon there. Arguments: root, merged dir, upper dir, overlay work dir, host paths
 /// to bind at the same place, `--`, the daemon's command line.
-const CHROOT_SCRIPT: &str = r#"set -e
+pub(crate) const CHROOT_SCRIPT: &str = r#"set -e
 root=$1 m=$2 up=$3 wk=$4; shift 4
 mkdir -p "$m" "$up" "$wk"
 # An overlay, so the cached root is never written to.
@@ -327,19 +374,7 @@ impl DockerDaemon {
                     .arg(dir.join("root"))
                     .arg(dir.join("root-upper"))
                     .arg(dir.join("root-work"));
-                // rootcell and the guest images at their host paths (build/env names them).
-                let mut binds: Vec<PathBuf> = Vec::new();
-                let images = ["ROOTCELL_KERNEL", "ROOTCELL_INITRD", "ROOTCELL_VMLINUX"]
-                    .iter()
-                    .filter_map(|k| std::env::var_os(k).map(PathBuf::from));
-                for p in std::iter::once(art.bin.clone()).chain(images) {
-                    let parent = p.parent().unwrap().to_path_buf();
-                    // Never the host's / over the root (a file there is simply not seen).
-                    if parent != Path::new("/") && !binds.contains(&parent) {
-                        binds.push(parent);
-                    }
-                }
-                c.args(&binds).arg("--").arg("dockerd");
+                c.args(runtime_binds()).arg("--").arg("dockerd");
                 let b = make_bridge();
                 // No iptables rules (the host's dockerd may own the nat and filter chains):
                 // the default network is this bridge, published ports go through docker-proxy.
@@ -393,10 +428,7 @@ impl DockerDaemon {
         loop {
             if d.engine != Engine::Host && d.mnt_ns.is_none() {
                 // Once unshare has made the namespace: our own one means not yet.
-                let ns = mount_namespace(child.id());
-                if ns.is_some() && ns != mount_namespace(std::process::id()) {
-                    d.mnt_ns = ns;
-                }
+                d.mnt_ns = MountNamespace::of_if_not_ours(child.id());
             }
             let o = d.docker(&["version", "--format", "{{.Server.Version}}"]);
             if o.status.success() && (d.engine == Engine::Host || d.mnt_ns.is_some()) {
