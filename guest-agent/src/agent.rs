@@ -208,6 +208,7 @@ impl Agent {
                 pids: self.container_pids(&id),
             }
             .into(),
+            Request::Stats => self.stats(&id).into(),
             Request::Freeze { frozen } => self.freeze(&id, frozen).into(),
             Request::Remove => {
                 self.remove(&id);
@@ -256,7 +257,10 @@ impl Agent {
                 }
                 response.into()
             }
-            Request::Start | Request::UpdateLimits { .. } | Request::Freeze { .. } => {
+            Request::Start
+            | Request::UpdateLimits { .. }
+            | Request::Freeze { .. }
+            | Request::Stats => {
                 error(ErrorCode::InvalidState, "no container has been created").into()
             }
             Request::Exec { .. } => error(ErrorCode::InvalidState, "no container").into(),
@@ -681,6 +685,21 @@ impl Agent {
             ),
             Some(Some(cg)) => match crate::resources::update(&cg, memory, pids) {
                 Ok(()) => Response::Ok,
+                Err(message) => error(ErrorCode::Other, message),
+            },
+        }
+    }
+
+    fn stats(&self, id: &str) -> Response {
+        let cgroup = self.lock().get(id).map(|c| c.cgroup.clone());
+        match cgroup {
+            None => error(ErrorCode::InvalidState, "no container in this guest"),
+            Some(None) => error(
+                ErrorCode::Unsupported,
+                "the container has no cgroup in the guest (no cgroup2 mounted)",
+            ),
+            Some(Some(cg)) => match crate::resources::stats(&cg) {
+                Ok(stats) => Response::Stats { stats },
                 Err(message) => error(ErrorCode::Other, message),
             },
         }

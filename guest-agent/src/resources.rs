@@ -51,6 +51,48 @@ pub fn update(cgroup: &Path, memory: Option<u64>, pids: Option<i64>) -> Result<(
     Ok(())
 }
 
+/// The container's usage and limits, read from its cgroup.
+pub fn stats(cgroup: &Path) -> Result<rootcell_protocol::ContainerStats, String> {
+    let read = |file: &str| {
+        std::fs::read_to_string(cgroup.join(file))
+            .map_err(|e| format!("cannot read the container's {file}: {e}"))
+    };
+    let cpu = read("cpu.stat").unwrap_or_default();
+    Ok(stats_of(
+        &read("memory.current")?,
+        &read("memory.max")?,
+        &cpu,
+        &read("pids.current").unwrap_or_default(),
+        &read("pids.max").unwrap_or_default(),
+    ))
+}
+
+/// [`stats`] from the files' contents (`max` is no limit; a missing value counts 0).
+fn stats_of(
+    memory_current: &str,
+    memory_max: &str,
+    cpu_stat: &str,
+    pids_current: &str,
+    pids_max: &str,
+) -> rootcell_protocol::ContainerStats {
+    let num = |s: &str| s.trim().parse::<u64>().ok();
+    let cpu = |key: &str| {
+        cpu_stat
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    rootcell_protocol::ContainerStats {
+        memory_usage: num(memory_current).unwrap_or(0),
+        memory_limit: num(memory_max),
+        cpu_usage_usec: cpu("usage_usec"),
+        cpu_user_usec: cpu("user_usec"),
+        cpu_system_usec: cpu("system_usec"),
+        pids_current: num(pids_current).unwrap_or(0),
+        pids_limit: num(pids_max),
+    }
+}
+
 fn set(cgroup: &Path, file: &str, value: &str) -> Result<(), String> {
     std::fs::write(cgroup.join(file), value)
         .map_err(|e| format!("cannot set the container's {file} to {value}: {e}"))
@@ -86,6 +128,30 @@ fn write(cgroup: &Path, file: &str, value: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_are_read_from_the_cgroup_v2_files() {
+        let s = stats_of(
+            "1048576\n",
+            "67108864\n",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\n",
+            "2\n",
+            "max\n",
+        );
+        assert_eq!(s.memory_usage, 1 << 20);
+        assert_eq!(s.memory_limit, Some(64 << 20));
+        assert_eq!(
+            (s.cpu_usage_usec, s.cpu_user_usec, s.cpu_system_usec),
+            (1500, 1000, 500)
+        );
+        assert_eq!((s.pids_current, s.pids_limit), (2, None));
+        // No cpu or pids controller: zeros, not an error.
+        let s = stats_of("5", "max", "", "", "");
+        assert_eq!(
+            (s.memory_limit, s.cpu_usage_usec, s.pids_current),
+            (None, 0, 0)
+        );
+    }
 
     #[test]
     fn memory_max_is_the_request_capped_below_the_guest_ram() {

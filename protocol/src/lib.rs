@@ -133,6 +133,8 @@ pub enum Request {
         #[serde(default)]
         pids: Option<i64>,
     },
+    /// The container's resource usage, from its cgroup in the guest (`ctr task metrics`).
+    Stats,
     /// Set the guest's wall clock (`CLOCK_REALTIME`) to the host's: a guest has no battery-backed
     /// clock of its own, and an emulated one falls behind. Sent after `Hello`, before `Start`,
     /// `Exec` and after a resume, and periodically while the container lives.
@@ -208,6 +210,11 @@ pub enum Response {
         /// Pids.
         pids: Vec<i32>,
     },
+    /// Answer to `Stats`.
+    Stats {
+        /// The container's usage and limits.
+        stats: ContainerStats,
+    },
     /// The request failed.
     Error {
         /// What kind of failure, so the host can map it to exit codes.
@@ -215,6 +222,25 @@ pub enum Response {
         /// Human-readable, one line.
         message: String,
     },
+}
+
+/// A container's resource usage and limits, from its cgroup (v2) in the guest.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    /// Memory in use, bytes (`memory.current`).
+    pub memory_usage: u64,
+    /// Memory limit, bytes (`memory.max`); `None` when unlimited.
+    pub memory_limit: Option<u64>,
+    /// CPU time, microseconds (`cpu.stat` `usage_usec`).
+    pub cpu_usage_usec: u64,
+    /// CPU time in user mode, microseconds.
+    pub cpu_user_usec: u64,
+    /// CPU time in kernel mode, microseconds.
+    pub cpu_system_usec: u64,
+    /// Processes (`pids.current`).
+    pub pids_current: u64,
+    /// Process limit (`pids.max`); `None` when unlimited.
+    pub pids_limit: Option<u64>,
 }
 
 /// Classes of failures the host maps to runtime behaviour.

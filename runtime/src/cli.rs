@@ -216,8 +216,20 @@ pub enum Command {
         /// Container id.
         id: String,
     },
-    /// Not supported yet: events, checkpoint, restore.
-    #[command(name = "events", aliases = ["checkpoint", "restore"], hide = true)]
+    /// One sample of the container's resource usage in the guest (`--stats`; a stream of
+    /// events is not supported).
+    Events {
+        /// Print one stats sample and exit (the only form supported).
+        #[arg(long)]
+        stats: bool,
+        /// runc's sampling interval (accepted, unused: there is no stream).
+        #[arg(long)]
+        interval: Option<String>,
+        /// Container id.
+        id: String,
+    },
+    /// Not supported yet: checkpoint, restore.
+    #[command(name = "checkpoint", aliases = ["restore"], hide = true)]
     Unsupported {
         /// Whatever was passed.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

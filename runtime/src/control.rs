@@ -49,6 +49,8 @@ pub enum ControlRequest {
         /// Process limit; negative removes it.
         pids: Option<i64>,
     },
+    /// The container's resource usage in the guest (`rootcell events --stats`).
+    Stats,
     /// Liveness probe.
     Ping,
     /// Freeze the VM (`rootcell pause`).
@@ -80,6 +82,11 @@ pub enum ControlResponse {
     Refused {
         /// The rule that refused it.
         error: crate::state::StateError,
+    },
+    /// Answer to [`ControlRequest::Stats`].
+    Stats {
+        /// Usage and limits from the container's cgroup in the guest.
+        stats: rootcell_protocol::ContainerStats,
     },
     /// Failed; `message` is shown to the user as is.
     Error {

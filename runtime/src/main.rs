@@ -168,6 +168,12 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
         Command::Update { resources, id } => {
             commands::update::update(g, &id, resources.as_deref())?
         }
+        Command::Events { stats, id, .. } => {
+            if !stats {
+                anyhow::bail!("`events` without --stats (a stream of events) is not supported by this rootcell version; `events --stats ID` prints one sample");
+            }
+            out(commands::events::stats(g, &id)?)
+        }
         Command::Unsupported { .. } => {
             let name = std::env::args()
                 .skip(1)

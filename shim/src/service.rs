@@ -250,6 +250,45 @@ fn mark_exit(p: &mut Proc, code: i32) -> Timestamp {
     ts
 }
 
+/// containerd's cgroup v1 metrics (what `ctr task metrics` and CRI's ContainerStats read) from
+/// one line of `rootcell events --stats`.
+fn metrics_from_events(line: &str) -> Result<shim::protos::cgroups::metrics::Metrics, String> {
+    use shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, PidsStat};
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad stats from rootcell: {e}"))?;
+    let d = &v["data"];
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    let mut m = shim::protos::cgroups::metrics::Metrics::new();
+    m.memory = Some(MemoryStat {
+        usage: Some(MemoryEntry {
+            usage: n(&d["memory"]["usage"]["usage"]),
+            limit: n(&d["memory"]["usage"]["limit"]),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    })
+    .into();
+    m.cpu = Some(CPUStat {
+        usage: Some(CPUUsage {
+            total: n(&d["cpu"]["usage"]["total"]),
+            user: n(&d["cpu"]["usage"]["user"]),
+            kernel: n(&d["cpu"]["usage"]["kernel"]),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    })
+    .into();
+    m.pids = Some(PidsStat {
+        current: n(&d["pids"]["current"]),
+        limit: n(&d["pids"]["limit"]),
+        ..Default::default()
+    })
+    .into();
+    Ok(m)
+}
+
 fn read_pid(path: &std::path::Path) -> Result<u32, String> {
     std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read pid file {}: {e}", path.display()))?
@@ -705,12 +744,11 @@ impl shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let pid = self.with_proc(&req.id, "", |p, _| p.pid)?;
-        // The sandbox (and with it the VM) lives in the container's cgroup on the host.
-        let cg =
-            shim::cgroup::get_cgroup(pid).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
-        let m = shim::cgroup::collect_metrics(&cg)
-            .map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
+        self.with_proc(&req.id, "", |_, _| ())?;
+        // The container's own usage, from its cgroup in the guest (runc's `events --stats`
+        // shape), not the VM's host cgroup, which holds the whole VM.
+        let out = self.rootcell(&["events", "--stats", &req.id])?;
+        let m = metrics_from_events(&out).map_err(|e| err(format!("stats of {}: {e}", req.id)))?;
         let any = shim::util::convert_to_any(Box::new(m)).map_err(|e| err(e.to_string()))?;
         Ok(api::StatsResponse {
             stats: Some(any).into(),
@@ -738,5 +776,22 @@ impl shim::Task for Service {
             self.0.exit.signal();
         }
         Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_come_from_rootcells_events_stats_line() {
+        let line = r#"{"type":"stats","id":"c","data":{"cpu":{"usage":{"total":3000,"user":2000,"kernel":1000}},"memory":{"usage":{"usage":4096,"limit":67108864}},"pids":{"current":2,"limit":0}}}"#;
+        let m = metrics_from_events(line).unwrap();
+        assert_eq!(m.memory.usage.usage, 4096);
+        assert_eq!(m.memory.usage.limit, 64 << 20);
+        assert_eq!(m.cpu.usage.total, 3000);
+        assert_eq!(m.cpu.usage.kernel, 1000);
+        assert_eq!((m.pids.current, m.pids.limit), (2, 0));
+        assert!(metrics_from_events("not json").is_err());
     }
 }

@@ -255,10 +255,22 @@ fn ctr_run_exec_kill_pause_metrics() {
         String::from_utf8_lossy(&cmd)
     );
 
+    // Metrics: the container's own usage and limits, from its cgroup in the guest (the VM's
+    // host cgroup has no limit and holds the whole VM, ~100 MiB and more).
     let o = c.ctr(&["task", "metrics", &id]);
-    eprintln!("metrics: {}{}", text(&o.stdout), text(&o.stderr));
+    let out = text(&o.stdout);
+    eprintln!("metrics: {out}{}", text(&o.stderr));
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(text(&o.stdout).contains("memory"), "{}", text(&o.stdout));
+    let metric = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {out}"))
+    };
+    assert_eq!(metric("memory.limit_in_bytes"), 64 << 20, "{out}");
+    let usage = metric("memory.usage_in_bytes");
+    assert!(usage > 0 && usage < 64 << 20, "memory usage {usage}: {out}");
+    let pids = metric("pids.current");
+    assert!((1..10).contains(&pids), "pids.current {pids}: {out}");
 
     let o = c.ctr(&["task", "kill", "-s", "SIGKILL", &id]);
     assert!(o.status.success(), "{}", text(&o.stderr));

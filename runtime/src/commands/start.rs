@@ -25,6 +25,7 @@ pub fn start(g: &Global, id: &str) -> Result<()> {
     ) {
         Ok(ControlResponse::Ok) | Ok(ControlResponse::Exited { .. }) => {}
         Ok(ControlResponse::Error { message }) => bail!("{message}"),
+        Ok(ControlResponse::Stats { .. }) => bail!("the sandbox answered Start with stats"),
         Ok(ControlResponse::Refused { error }) => return Err(error.into()),
         Ok(ControlResponse::ProcessFailed { message, status }) => {
             return Err(RuntimeError::Process {

@@ -63,7 +63,10 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
         .map(|s| s.status)
         .unwrap_or(Status::Stopped);
     let action = match &req {
-        ControlRequest::Ping | ControlRequest::Resize { .. } | ControlRequest::Exec { .. } => None,
+        ControlRequest::Ping
+        | ControlRequest::Resize { .. }
+        | ControlRequest::Exec { .. }
+        | ControlRequest::Stats => None,
         ControlRequest::Start => Some(Action::Start),
         ControlRequest::Pause => Some(Action::Pause),
         ControlRequest::Resume => Some(Action::Resume),
@@ -127,6 +130,17 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
             }
         }
         ControlRequest::Exec { .. } => err("exec is served on its own connection".into()),
+        // A paused VM's agent cannot answer; a frozen member's can (only its cgroup is frozen).
+        ControlRequest::Stats if status == Status::Paused && matches!(shared.role, Role::Owner) => {
+            err("the container is paused: its VM cannot report usage".into())
+        }
+        ControlRequest::Stats => match shared.agent.request(Request::Stats, crate::timeouts::QUICK)
+        {
+            Ok(Response::Stats { stats }) => ControlResponse::Stats { stats },
+            Ok(Response::Error { message, .. }) => err(message),
+            Ok(other) => err(format!("unexpected answer to Stats: {other:?}")),
+            Err(e) => err(e.to_string()),
+        },
         ControlRequest::Resize {
             process,
             rows,
