@@ -762,6 +762,15 @@ fn cri_pod_with_two_containers_is_one_vm() {
         "{err}"
     );
 
+    // ContainerStats (kubelet's view, from the shim's metrics): the server's own usage in the
+    // guest, a few MiB, not the pod VM's host cgroup (the whole VM, over 100 MiB).
+    let (mem, cpu) = cri
+        .container_stats(&web)
+        .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", c.log_tail(60)));
+    eprintln!("ContainerStats web: working set {mem} B, cpu {cpu} ns");
+    assert!(mem > 0 && mem < 32 << 20, "working set {mem}");
+    assert!(cpu > 0, "cpu {cpu}");
+
     // One VM for the pod (sandbox + two containers), one shim.
     let vmms = vmms_of(&c);
     assert_eq!(

@@ -291,6 +291,28 @@ impl Cri {
         Ok(())
     }
 
+    /// `ContainerStats` (what kubelet reads for `kubectl top`): (memory working set bytes,
+    /// CPU time in nanoseconds).
+    pub fn container_stats(&mut self, id: &str) -> Result<(u64, u64), CriError> {
+        let r = self
+            .rt
+            .block_on(self.client.container_stats(cri::ContainerStatsRequest {
+                container_id: id.into(),
+            }))
+            .map_err(status)?
+            .into_inner();
+        let s = r.stats.unwrap_or_default();
+        let mem = s
+            .memory
+            .and_then(|m| m.working_set_bytes)
+            .map_or(0, |v| v.value);
+        let cpu = s
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map_or(0, |v| v.value);
+        Ok((mem, cpu))
+    }
+
     /// `StopPodSandbox`.
     pub fn stop_pod(&mut self, id: &str) -> Result<(), CriError> {
         self.rt
