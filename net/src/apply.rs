@@ -13,7 +13,8 @@ use rootcell_protocol::net::{IpPrefix, NetworkConfig};
 use std::net::{IpAddr, Ipv4Addr};
 
 /// Configures the calling thread's network namespace after `config`: for each interface the
-/// link with its MAC is taken down, renamed, given the MTU and addresses and brought up;
+/// link with its MAC (or with [`rootcell_protocol::net::Interface::card`], which then takes the
+/// interface's MAC) is taken down, renamed, given the MTU and addresses and brought up;
 /// then the routes are added, routes without a gateway first. Loopback is left alone.
 pub fn apply(config: &NetworkConfig) -> Result<(), NetError> {
     let mut nl = Netlink::open().map_err(|e| NetError::netlink("opening a netlink socket", e))?;
@@ -24,9 +25,11 @@ pub fn apply(config: &NetworkConfig) -> Result<(), NetError> {
     for iface in &config.interfaces {
         let card = present
             .iter()
-            .find(|l| !l.flags.contains(LinkFlags::Loopback) && l.mac() == Some(iface.mac))
+            .find(|l| {
+                !l.flags.contains(LinkFlags::Loopback) && l.mac() == Some(iface.card_mac())
+            })
             .ok_or_else(|| NetError::NoSuchMac {
-                mac: iface.mac.to_string(),
+                mac: iface.card_mac().to_string(),
                 name: iface.name.clone(),
                 present: present_macs(&present),
             })?;
@@ -43,8 +46,10 @@ pub fn apply(config: &NetworkConfig) -> Result<(), NetError> {
             card.index,
             LinkChange {
                 up: Some(false),
-                mtu: None,
                 name: rename,
+                // A card booted before the interface existed takes the interface's MAC.
+                mac: iface.card.map(|_| iface.mac),
+                ..LinkChange::default()
             },
         )
         .map_err(|e| NetError::netlink(step(&format!("taking {} down", card.name)), e))?;
@@ -55,9 +60,9 @@ pub fn apply(config: &NetworkConfig) -> Result<(), NetError> {
             &mut nl,
             card.index,
             LinkChange {
-                up: None,
                 mtu: Some(iface.mtu),
                 name: (card.name != iface.name).then_some(iface.name.as_str()),
+                ..LinkChange::default()
             },
         )
         .map_err(|e| NetError::netlink(step(&format!("setting name and MTU {}", iface.mtu)), e))?;

@@ -371,6 +371,7 @@ mod tests {
     #[test]
     fn the_program_ends_in_returns_and_grows_with_addresses() {
         let mut iface = Interface {
+            card: None,
             name: "eth0".into(),
             mac: MacAddr([0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
             mtu: 1500,

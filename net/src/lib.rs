@@ -18,14 +18,16 @@ mod netlink;
 mod netns;
 mod routes;
 mod scan;
+mod spare;
 mod tap;
 mod tc;
 
 pub use apply::apply;
 pub use error::NetError;
-pub use mirror::{mirror, Mirror, Tap};
+pub use mirror::{mirror, mirror_onto, Mirror, Tap};
 pub use rootcell_protocol::net::{Interface, IpPrefix, MacAddr, NetworkConfig, Route};
 pub use scan::scan;
+pub use spare::{move_link, spare_tap};
 
 #[cfg(test)]
 mod tests;

@@ -120,6 +120,10 @@ pub(crate) struct LinkChange<'a> {
     pub mtu: Option<u32>,
     /// New name.
     pub name: Option<&'a str>,
+    /// New hardware address.
+    pub mac: Option<MacAddr>,
+    /// Move the link into the network namespace this descriptor refers to.
+    pub netns_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Applies `change` to link `index` in one RTM_SETLINK request.
@@ -137,6 +141,12 @@ pub(crate) fn set_link(nl: &mut Netlink, index: u32, change: LinkChange<'_>) -> 
     }
     if let Some(name) = change.name {
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    }
+    if let Some(mac) = change.mac {
+        msg.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
+    }
+    if let Some(fd) = change.netns_fd {
+        msg.attributes.push(LinkAttribute::NetNsFd(fd));
     }
     nl.request(RouteNetlinkMessage::SetLink(msg), 0)
 }

@@ -64,6 +64,13 @@ pub struct Mirror {
 /// an ingress qdisc. On error everything done so far is undone and the error names the step
 /// and the interface.
 pub fn mirror(config: &NetworkConfig) -> Result<Mirror, NetError> {
+    mirror_onto(config, &[])
+}
+
+/// [`mirror`], except that interface `n` is joined to the tap named `spares[n]`, already in
+/// this namespace and open elsewhere (a VM booted ahead of need holds its descriptor, see
+/// [`crate::spare_tap`]), where one is given; the [`Tap`] then holds no descriptor.
+pub fn mirror_onto(config: &NetworkConfig, spares: &[String]) -> Result<Mirror, NetError> {
     let netns =
         netns::current().map_err(|e| NetError::io("opening the current network namespace", e))?;
     let mut nl = Netlink::open().map_err(|e| NetError::netlink("opening a netlink socket", e))?;
@@ -89,15 +96,21 @@ pub fn mirror(config: &NetworkConfig) -> Result<Mirror, NetError> {
             ))));
         }
 
-        let tap_name = format!("rctap{n}");
-        let fd = tap::open_tap(&tap_name)
-            .map_err(|e| NetError::io(step(&format!("creating tap {tap_name}")), e))?;
+        let (tap_name, fd) = match spares.get(n) {
+            Some(spare) => (spare.clone(), None),
+            None => {
+                let name = format!("rctap{n}");
+                let fd = tap::open_tap(&name)
+                    .map_err(|e| NetError::io(step(&format!("creating tap {name}")), e))?;
+                (name, Some(fd))
+            }
+        };
         m.taps.push(Tap {
             name: tap_name.clone(),
             interface: iface.name.clone(),
             mac: iface.mac,
             mtu: iface.mtu,
-            fd: Some(fd),
+            fd,
         });
         let tap_index = links::links(&mut nl)
             .map_err(|e| NetError::netlink(step("listing links"), e))?
@@ -116,7 +129,7 @@ pub fn mirror(config: &NetworkConfig) -> Result<Mirror, NetError> {
             LinkChange {
                 up: Some(true),
                 mtu: Some(iface.mtu),
-                name: None,
+                ..LinkChange::default()
             },
         )
         .map_err(|e| {

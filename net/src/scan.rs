@@ -46,6 +46,7 @@ pub fn scan() -> Result<NetworkConfig, NetError> {
         let mac = check_mirrorable(link)?;
         chosen.push((link.index, link.name.clone()));
         config.interfaces.push(Interface {
+            card: None,
             name: link.name.clone(),
             mac,
             mtu: link.mtu,

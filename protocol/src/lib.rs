@@ -25,7 +25,7 @@ pub mod net;
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.

@@ -29,6 +29,18 @@ pub struct Interface {
     pub mtu: u32,
     /// Addresses with their prefix lengths.
     pub addresses: Vec<IpPrefix>,
+    /// The MAC of the guest card that stands for this interface, when it is not `mac`: a VM
+    /// booted ahead of need (a pool's) has cards with MACs of its own, and the agent gives the
+    /// card `mac` before anything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<MacAddr>,
+}
+
+impl Interface {
+    /// The MAC the guest card has before it is configured.
+    pub fn card_mac(&self) -> MacAddr {
+        self.card.unwrap_or(self.mac)
+    }
 }
 
 /// A route of the container's main routing table.
@@ -162,6 +174,7 @@ mod tests {
     fn prefixes_and_macs_round_trip_as_text() {
         let cfg = NetworkConfig {
             interfaces: vec![Interface {
+                card: None,
                 name: "eth0".into(),
                 mac: "02:42:ac:11:00:02".parse().unwrap(),
                 mtu: 1500,

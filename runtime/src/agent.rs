@@ -141,6 +141,13 @@ impl AgentClient {
         }))
     }
 
+    /// Hangs up: the agent sees the connection close, and the reader thread ends.
+    pub fn close(&self) {
+        if let Ok(w) = self.writer.lock() {
+            let _ = w.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     /// Sends `request` and waits up to `timeout` for its response.
     pub fn request(&self, request: Request, timeout: Duration) -> Result<Response, AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

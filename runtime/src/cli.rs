@@ -89,6 +89,34 @@ pub struct CreateArgs {
     pub id: String,
 }
 
+/// `rootcell pool` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Serve the pool configured in /etc/rootcell/config.json ("pool") until SIGTERM.
+    Serve,
+    /// Print the pool's counts as JSON.
+    Status,
+    /// Internal: one pooled VM's process.
+    #[command(hide = true)]
+    Vm {
+        /// The VM's name.
+        #[arg(long)]
+        name: String,
+        /// Its run dir.
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// Guest RAM in MiB.
+        #[arg(long)]
+        memory_mib: u64,
+        /// vCPUs.
+        #[arg(long)]
+        vcpus: u32,
+        /// The server's pid.
+        #[arg(long)]
+        server_pid: i32,
+    },
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -253,6 +281,12 @@ pub enum Command {
         /// Relay the pty over our own stdio.
         #[arg(long)]
         tty_stdio: bool,
+    },
+    /// Keep VMs booted ahead of need, so containers start without waiting for a boot.
+    Pool {
+        /// What to do.
+        #[command(subcommand)]
+        command: PoolCommand,
     },
     /// Internal: the per-container sandbox process.
     #[command(hide = true)]

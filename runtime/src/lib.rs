@@ -21,6 +21,8 @@ pub mod logging;
 pub mod network;
 pub mod oom;
 pub mod paths;
+pub mod pidfd;
+pub mod pool;
 pub mod rlimits;
 pub mod sandbox;
 pub mod share;

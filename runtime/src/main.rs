@@ -164,6 +164,7 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
             id,
             ps_args: _,
         } => out(commands::ps::ps(g, &id, &format)?),
+        Command::Pool { command } => return commands::pool::pool(g, command),
         Command::Features => out(commands::features::features() + "\n"),
         Command::Update { resources, id } => {
             commands::update::update(g, &id, resources.as_deref())?

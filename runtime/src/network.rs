@@ -112,14 +112,29 @@ pub fn enter(ns: &Namespace) -> Result<()> {
 /// The interfaces of the current namespace mirrored to taps for the VM, with the description
 /// the agent rebuilds them from; `None` when there is nothing but loopback (`--network none`).
 pub fn mirror() -> Result<Option<(rootcell_net::Mirror, rootcell_protocol::net::NetworkConfig)>> {
+    mirror_onto(&[])
+}
+
+/// [`mirror`] onto taps that already exist in the namespace (a pooled VM's, see
+/// [`rootcell_net::mirror_onto`]), one per interface; more interfaces than taps is an error.
+pub fn mirror_onto(
+    spares: &[String],
+) -> Result<Option<(rootcell_net::Mirror, rootcell_protocol::net::NetworkConfig)>> {
     let config = rootcell_net::scan().context("cannot read the container's network")?;
+    if !spares.is_empty() && config.interfaces.len() > spares.len() {
+        anyhow::bail!(
+            "the container has {} network interfaces and the VM {} cards",
+            config.interfaces.len(),
+            spares.len()
+        );
+    }
     if config.interfaces.is_empty() {
         return Ok(None);
     }
     for i in &config.interfaces {
         tracing::info!(interface = %i.name, mac = %i.mac, mtu = i.mtu, addresses = ?i.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "mirroring into the VM");
     }
-    let mirror = rootcell_net::mirror(&config)
+    let mirror = rootcell_net::mirror_onto(&config, spares)
         .context("cannot mirror the container's network into the VM")?;
     Ok(Some((mirror, config)))
 }

@@ -152,9 +152,33 @@ pub fn build(share: &Path, rootfs: &Path, binds: &[BindMount]) -> Result<(), Sha
         let dst = mount_point(share, b)?;
         bind(&b.source, &dst, b.read_only)?;
     }
-    // Shared (within this namespace only: it was made rprivate): the virtio-fs back end's
-    // threads serve from a namespace of their own whose copy of the share is a slave of this
-    // one, and what is attached here later (containers joining the VM) must reach them.
+    make_shared(share)
+}
+
+/// Creates `share` as an empty tmpfs of this namespace, where containers' entries are attached
+/// later (a VM booted ahead of need: see [`member_entry`] and [`attach_member`]).
+pub fn build_empty(share: &Path) -> Result<(), ShareError> {
+    std::fs::create_dir_all(share).map_err(|source| ShareError {
+        what: "create",
+        path: share.display().to_string(),
+        source,
+    })?;
+    mount(
+        Some("tmpfs"),
+        share,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=4m"),
+    )
+    .map_err(fail("mount tmpfs on", share))?;
+    make_shared(share)
+}
+
+/// Makes the share shared (within this namespace only: it was made rprivate): the virtio-fs
+/// back end's threads serve from a namespace of their own whose copy of the share is a slave of
+/// this one, and what is attached here later (containers joining the VM, or claiming it from
+/// the pool) must reach them.
+fn make_shared(share: &Path) -> Result<(), ShareError> {
     mount(
         None::<&str>,
         share,

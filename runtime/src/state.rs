@@ -170,6 +170,22 @@ pub struct ContainerState {
     /// Set when the container runs in another container's VM rather than in its own.
     #[serde(default)]
     pub shares_vm: Option<SharedVm>,
+    /// Set when the container runs in a VM taken from the pool.
+    #[serde(default)]
+    pub pooled: Option<PooledVmRecord>,
+}
+
+/// The pool VM a container took (see [`crate::pool`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PooledVmRecord {
+    /// Its name in the pool's log.
+    pub name: String,
+    /// The process that runs it (its share is in that process's mount namespace).
+    pub holder_pid: i32,
+    /// Start time of `holder_pid`.
+    pub holder_pid_start: u64,
+    /// Its run dir (hybrid vsock socket, share dir, console log).
+    pub run_dir: PathBuf,
 }
 
 /// The VM a container shares with the container that booted it (its namespaces joined it).
@@ -182,12 +198,23 @@ pub struct SharedVm {
 }
 
 impl ContainerState {
+    /// The run dir of the VM the container runs in: its own, its owner's, or its pool VM's.
+    pub fn vm_run_dir(&self) -> &Path {
+        match (&self.shares_vm, &self.pooled) {
+            (Some(s), _) => &s.owner_run_dir,
+            (None, Some(p)) => &p.run_dir,
+            (None, None) => &self.run_dir,
+        }
+    }
+
+    /// The process in whose mount namespace the VM's share is (for a VM the container owns).
+    pub fn vm_share_pid(&self) -> i32 {
+        self.pooled.as_ref().map_or(self.pid, |p| p.holder_pid)
+    }
+
     /// The hybrid vsock socket of the VM the container runs in (its own, or its owner's).
     pub fn vsock_uds(&self) -> PathBuf {
-        self.shares_vm
-            .as_ref()
-            .map_or(&self.run_dir, |s| &s.owner_run_dir)
-            .join(crate::paths::VSOCK_UDS)
+        self.vm_run_dir().join(crate::paths::VSOCK_UDS)
     }
 
     /// The sandbox's control socket.
@@ -266,6 +293,7 @@ mod tests {
             guest_pid: 0,
             vm_memory_mib: 0,
             shares_vm: None,
+            pooled: None,
             id: "c1".into(),
             bundle: "/b".into(),
             rootfs: "/b/rootfs".into(),

@@ -15,6 +15,7 @@ fn guest_config() -> NetworkConfig {
     NetworkConfig {
         interfaces: vec![
             Interface {
+                card: None,
                 name: "eth0".into(),
                 mac: "02:42:ac:11:00:02".parse().unwrap(),
                 mtu: 1400,
@@ -24,6 +25,7 @@ fn guest_config() -> NetworkConfig {
                 ],
             },
             Interface {
+                card: None,
                 name: "eth1".into(),
                 mac: "02:42:ac:12:00:02".parse().unwrap(),
                 mtu: 9000,

@@ -189,6 +189,7 @@ fn teardown_from_a_thread_in_another_namespace_reaches_the_mirrored_one() {
 
 fn iface(name: &str, mac: &str) -> Interface {
     Interface {
+        card: None,
         name: name.into(),
         mac: mac.parse().unwrap(),
         mtu: 1500,

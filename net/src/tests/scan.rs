@@ -21,6 +21,7 @@ fn scan_describes_a_docker_like_namespace() {
     });
     let expected = NetworkConfig {
         interfaces: vec![Interface {
+            card: None,
             name: "eth0".into(),
             mac: "02:42:ac:11:00:02".parse().unwrap(),
             mtu: 1400,

@@ -88,7 +88,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
             tracing::info!(owner = %join.owner.id, "joining the VM of container {}", join.owner.id);
             Some(crate::state::SharedVm {
                 owner: join.owner.id.clone(),
-                owner_run_dir: join.owner.run_dir.clone(),
+                owner_run_dir: join.owner.vm_run_dir().to_path_buf(),
             })
         }
         None => {
@@ -162,6 +162,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
         guest_pid: 0,
         vm_memory_mib: 0,
         shares_vm,
+        pooled: None,
     };
     state.save(&paths::state_file(&g.root, id))?;
 

@@ -129,12 +129,21 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
         unsafe { libc::kill(st.vm_pid, libc::SIGKILL) };
         wait_gone(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE);
     }
+    if let Some(p) = &st.pooled {
+        // A pool VM's holder ends with its claimant; this one's did not get to.
+        if process_alive(p.holder_pid, p.holder_pid_start) {
+            // SAFETY: plain kill(2), pid-reuse checked just above.
+            unsafe { libc::kill(p.holder_pid, libc::SIGKILL) };
+            wait_gone(p.holder_pid, p.holder_pid_start, crate::timeouts::VMM_GONE);
+        }
+        let _ = share::remove_run_dir(&p.run_dir);
+    }
     if let Some(vm) = &st.shares_vm {
         // Its entries in the owner's share, if its sandbox could not detach them.
         if let Ok(owner) = g.load(&vm.owner) {
             if process_alive(owner.pid, owner.pid_start) {
                 share::detach_member_from_outside(
-                    owner.pid,
+                    owner.vm_share_pid(),
                     &vm.owner_run_dir.join(paths::SHARE_DIR),
                     id,
                 );

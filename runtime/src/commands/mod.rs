@@ -8,6 +8,7 @@ pub mod features;
 pub mod kill;
 pub mod list;
 pub mod pause;
+pub mod pool;
 pub mod ps;
 pub mod run;
 pub mod spec;

@@ -3,6 +3,7 @@
 
 pub mod builtin;
 pub mod joined;
+pub mod pooled;
 pub mod qemu;
 pub mod select;
 

@@ -116,6 +116,9 @@ pub struct FileConfig {
     /// The guest privilege policy for every container (as `--guest-privileged`).
     #[serde(default)]
     pub guest_privileged: Option<bool>,
+    /// The VM pool `rootcell pool serve` keeps (see [`crate::pool`]).
+    #[serde(default)]
+    pub pool: Option<crate::pool::PoolConfig>,
 }
 
 /// Parses config file text; `path` is only for the error.
@@ -235,7 +238,7 @@ pub fn resolve(
 }
 
 /// The config file's path (`ROOTCELL_CONFIG` or the default) and whether the user named it.
-fn config_path_from_env() -> (PathBuf, bool) {
+pub fn config_path_from_env() -> (PathBuf, bool) {
     match std::env::var_os(CONFIG_ENV) {
         Some(p) if !p.is_empty() => (PathBuf::from(p), true),
         _ => (PathBuf::from(DEFAULT_CONFIG), false),

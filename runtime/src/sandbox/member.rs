@@ -54,7 +54,7 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
             tracing::warn!("cgroup: {e}");
         }
     }
-    let share_dir = join.owner.run_dir.join(paths::SHARE_DIR);
+    let share_dir = join.owner.vm_run_dir().join(paths::SHARE_DIR);
     let mut attachment = Attachment {
         mounts: share::attach_member(&share_dir, &args.id, trees)?,
         armed: true,
@@ -125,7 +125,10 @@ fn enter_owner(owner: &ContainerState, spec: &oci_spec::runtime::Spec) -> Result
     // Both opened before either is entered: the paths are the host's.
     let net = std::fs::File::open(&net_path)
         .with_context(|| format!("cannot open network namespace {}", net_path.display()))?;
-    let mnt_path = format!("/proc/{}/ns/mnt", owner.pid);
+    // The process whose mount namespace has the share: the owner's sandbox, or its pool VM's
+    // holder.
+    let share_pid = owner.vm_share_pid();
+    let mnt_path = format!("/proc/{share_pid}/ns/mnt");
     let mnt = std::fs::File::open(&mnt_path).with_context(|| {
         format!(
             "cannot open the mount namespace of container {}'s sandbox ({mnt_path})",
@@ -134,7 +137,7 @@ fn enter_owner(owner: &ContainerState, spec: &oci_spec::runtime::Spec) -> Result
     })?;
     // Its root too: setns puts us at the namespace's root, which is not the sandbox's when the
     // runtime runs chrooted (a dockerd from another root file system).
-    let root_path = format!("/proc/{}/root", owner.pid);
+    let root_path = format!("/proc/{share_pid}/root");
     let root = std::fs::File::open(&root_path)
         .with_context(|| format!("cannot open the root of container {}'s sandbox", owner.id))?;
     if !crate::state::process_alive(owner.pid, owner.pid_start) {

@@ -24,6 +24,7 @@ mod member;
 mod prepare;
 mod serve;
 mod signals;
+mod warm;
 
 pub use console_log::{kernel_banner, tail_lines};
 use control::serve_control;
@@ -37,6 +38,23 @@ pub const GUEST_CID: u64 = 3;
 /// such as how the guest ends). `no_timer_check`: on a loaded host (many TCG guests) the
 /// kernel's timing-based IO-APIC timer check fails and the boot panics; a VM's timer is wired.
 pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check";
+/// The guest's kernel command line: [`KERNEL_CMDLINE`] and `$ROOTCELL_KERNEL_ARGS`.
+pub fn kernel_cmdline() -> String {
+    match std::env::var("ROOTCELL_KERNEL_ARGS") {
+        Ok(extra) if !extra.is_empty() => format!("{KERNEL_CMDLINE} {extra}"),
+        _ => KERNEL_CMDLINE.to_string(),
+    }
+}
+
+/// Waits (bounded) for the agent of a VM just booted from `cfg` and checks its protocol
+/// version, then hangs up: what a pooled VM does before it is offered.
+pub fn await_agent(vm: &Arc<dyn Vm>, cfg: &crate::hypervisor::VmConfig) -> anyhow::Result<()> {
+    let (tx, _rx) = mpsc::channel();
+    let agent = prepare::connect_agent(vm, &prepare::VmLogs::of(cfg), &tx)?;
+    agent.close();
+    Ok(())
+}
+
 /// The bound on the guest's boot: `ROOTCELL_BOOT_TIMEOUT` (seconds), else the default.
 pub fn boot_timeout() -> std::time::Duration {
     std::env::var("ROOTCELL_BOOT_TIMEOUT")

@@ -32,7 +32,14 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         state_path,
         bundle,
     } = enter(args)?;
-    let host = host_setup(&state, &bundle)?;
+    let mut hooks_run = false;
+    if let Some(claimed) = super::warm::claim(&bundle.spec) {
+        match super::warm::prepare(args, &mut state, &state_path, &bundle, claimed)? {
+            super::warm::Outcome::Ready(sb) => return Ok(*sb),
+            super::warm::Outcome::Declined => hooks_run = true,
+        }
+    }
+    let host = host_setup(&state, &bundle, hooks_run)?;
     let (vm, cfg) = start_vm(args, &mut state, &state_path, &bundle, &host)?;
     let (events_tx, events) = mpsc::channel();
     let agent = connect_agent(&vm, &VmLogs::of(&cfg), &events_tx)?;
@@ -113,8 +120,8 @@ struct HostSetup {
 }
 
 /// The share (rootfs and bind sources), the createRuntime hooks, the network mirror and the
-/// DNS relay.
-fn host_setup(state: &ContainerState, bundle: &spec::Bundle) -> Result<HostSetup> {
+/// DNS relay (the hooks only if they have not run yet).
+fn host_setup(state: &ContainerState, bundle: &spec::Bundle, hooks_run: bool) -> Result<HostSetup> {
     let _span = tracing::info_span!("host_setup", id = %state.id).entered();
     let run_dir = state.run_dir.clone();
     let share_dir = run_dir.join(paths::SHARE_DIR);
@@ -122,7 +129,9 @@ fn host_setup(state: &ContainerState, bundle: &spec::Bundle) -> Result<HostSetup
     share::build(&share_dir, &bundle.rootfs, &binds)?;
     // Before the VM: Docker's libnetwork-setkey hook is what puts the veth into our network
     // namespace, and the VM's network cards are made from what is there.
-    run_create_hooks(&bundle.spec, state)?;
+    if !hooks_run {
+        run_create_hooks(&bundle.spec, state)?;
+    }
     let network = crate::network::mirror()?;
     let nets = network
         .as_ref()
@@ -182,10 +191,7 @@ fn start_vm(
         initrd: images.initrd,
         memory_mib,
         vcpus,
-        cmdline: match std::env::var("ROOTCELL_KERNEL_ARGS") {
-            Ok(extra) if !extra.is_empty() => format!("{KERNEL_CMDLINE} {extra}"),
-            _ => KERNEL_CMDLINE.to_string(),
-        },
+        cmdline: kernel_cmdline(),
         console_log: state_dir.join("console.log"),
         hypervisor_log: state_dir.join(format!("{}.log", hv.name())),
         socket_dir: host.run_dir.clone(),
@@ -217,7 +223,7 @@ pub(super) struct VmLogs {
 }
 
 impl VmLogs {
-    fn of(cfg: &VmConfig) -> Self {
+    pub(super) fn of(cfg: &VmConfig) -> Self {
         VmLogs {
             vsock_uds: cfg.vsock_uds.clone(),
             console_log: cfg.console_log.clone(),

@@ -1,0 +1,86 @@
+//! A VM taken from the pool, as its container's sandbox sees it: it runs in its holder's
+//! process (see [`crate::pool::holder`]), which ends it when asked, when the sandbox ends, or
+//! when the guest stops.
+
+use super::Vm;
+use crate::pidfd::Pidfd;
+use crate::pool::{claim::Claimed, HolderReply, HolderRequest};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// A claimed pool VM.
+#[derive(Debug)]
+pub struct PooledVm {
+    holder: Pidfd,
+    vm_pid: i32,
+    run_dir: std::path::PathBuf,
+    conn: Mutex<std::os::unix::net::UnixStream>,
+    socket: std::path::PathBuf,
+}
+
+impl PooledVm {
+    /// Takes over a claimed VM; fails if its holder is already gone.
+    pub fn new(c: Claimed) -> std::io::Result<Self> {
+        let h = &c.handover;
+        Ok(PooledVm {
+            holder: Pidfd::open(h.holder_pid, h.holder_pid_start)?,
+            vm_pid: h.vm_pid,
+            run_dir: h.run_dir.clone(),
+            conn: Mutex::new(c.conn),
+            socket: c.socket,
+        })
+    }
+}
+
+impl Vm for PooledVm {
+    fn pid(&self) -> Option<i32> {
+        Some(self.vm_pid)
+    }
+
+    fn wait_stopped(&self) -> i32 {
+        self.holder.wait(None);
+        137
+    }
+
+    fn try_stopped(&self) -> Option<i32> {
+        self.holder.exited().then_some(137)
+    }
+
+    fn kill(&self) {
+        // The hypervisor dies with its holder (PR_SET_PDEATHSIG), the built-in VMM is in it.
+        let _ = self.holder.signal(libc::SIGKILL);
+    }
+
+    fn set_paused(&self, paused: bool) -> std::io::Result<()> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| std::io::Error::other("pool VM connection poisoned"))?;
+        let err = |e: crate::pool::PoolError| std::io::Error::other(e.to_string());
+        crate::pool::send(&mut c, &self.socket, &HolderRequest::Pause(paused)).map_err(err)?;
+        match crate::pool::recv::<HolderReply>(&mut *c, &self.socket).map_err(err)? {
+            Some(HolderReply::Ok) => Ok(()),
+            Some(HolderReply::Error(e)) => Err(std::io::Error::other(e)),
+            _ => Err(std::io::Error::other("the pool VM's holder is gone")),
+        }
+    }
+
+    fn finish(&self, timeout: Duration) {
+        if !self.holder.wait(Some(timeout)) {
+            tracing::warn!(holder = self.holder.pid(), "pool VM did not stop in time: killing it");
+            self.kill();
+            self.holder.wait(Some(crate::timeouts::VMM_GONE));
+        }
+        // Its holder removes it; after SIGKILL nobody else would.
+        let _ = crate::share::remove_run_dir(&self.run_dir);
+    }
+}
+
+impl Drop for PooledVm {
+    fn drop(&mut self) {
+        // A VM is used once: the holder ends it when we hang up.
+        if let Ok(c) = self.conn.lock() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

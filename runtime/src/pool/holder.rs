@@ -1,0 +1,305 @@
+//! A pooled VM's own process (`rootcell pool vm`, started by the server): boots the VM with an
+//! empty share and a spare tap, each in namespaces of its own, waits to be claimed, then keeps
+//! the VM for the container that claimed it until that container (or the VM) ends.
+//!
+//! Unclaimed, it ends its VM when the server ends, so a server killed with SIGKILL leaves
+//! nothing behind; claimed, it no longer depends on the server at all.
+
+use super::{Handover, HolderReply, HolderRequest, Shape, CARD_MTU, CLAIM_SOCKET, TAP_NAME};
+use crate::hypervisor::{NetCard, Vm, VmConfig};
+use crate::pidfd::Pidfd;
+use crate::{paths, share};
+use anyhow::{anyhow, bail, Context, Result};
+use rootcell_protocol::net::MacAddr;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+/// Arguments of `rootcell pool vm`.
+#[derive(Debug, Clone)]
+pub struct HolderArgs {
+    /// The VM's name in the pool.
+    pub name: String,
+    /// Its run dir (created here).
+    pub run_dir: PathBuf,
+    /// Its shape.
+    pub shape: Shape,
+    /// The server's pid: unclaimed, the VM ends when the server does.
+    pub server_pid: i32,
+}
+
+/// What a holder tells the server on its stdout, one JSON line each.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HolderNews {
+    /// Booted and waiting for a claim.
+    Ready,
+    /// Claimed by the sandbox with this pid.
+    Claimed(i32),
+    /// Could not boot.
+    Failed(String),
+}
+
+/// Events of the holder's main loop.
+enum Ev {
+    VmStopped(i32),
+    ServerGone,
+    Signal(i32),
+    Conn(UnixStream),
+    ClaimantGone,
+}
+
+/// Runs the holder; returns its exit status.
+pub fn main(args: HolderArgs) -> i32 {
+    let news = |n: HolderNews| {
+        let mut line = serde_json::to_vec(&n).unwrap_or_default();
+        line.push(b'\n');
+        // The server may be gone; the VM's fate does not depend on this line.
+        let mut out = std::io::stdout();
+        let _ = out.write_all(&line).and_then(|()| out.flush());
+    };
+    match run(&args, &news) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(vm = args.name, "{e:#}");
+            news(HolderNews::Failed(format!("{e:#}")));
+            1
+        }
+    }
+}
+
+fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
+    // Single-threaded still: namespaces first, and the signals every thread must not take.
+    share::isolate_mounts()?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("cannot create the VM's network namespace")?;
+    let mut signals = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGHUP,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().context("cannot block signals")?;
+    let server = Pidfd::open(args.server_pid, 0)
+        .with_context(|| format!("the pool server (pid {}) is gone", args.server_pid))?;
+    let _ = std::fs::write(args.run_dir.join("holder.pid"), std::process::id().to_string());
+
+    let share_dir = args.run_dir.join(paths::SHARE_DIR);
+    share::build_empty(&share_dir)?;
+    let tap = rootcell_net::spare_tap(TAP_NAME).context("cannot make the VM's tap")?;
+    let card_mac = random_mac();
+    let opened = crate::hypervisor::open()?;
+    let hv_name = opened.hypervisor.name();
+    let cfg = VmConfig {
+        kernel: opened.images.kernel.clone(),
+        initrd: opened.images.initrd.clone(),
+        memory_mib: args.shape.memory_mib,
+        vcpus: args.shape.vcpus,
+        cmdline: crate::sandbox::kernel_cmdline(),
+        console_log: args.run_dir.join("console.log"),
+        hypervisor_log: args.run_dir.join(format!("{hv_name}.log")),
+        socket_dir: args.run_dir.clone(),
+        vsock_uds: args.run_dir.join(paths::VSOCK_UDS),
+        guest_cid: crate::sandbox::GUEST_CID,
+        share_dir: share_dir.clone(),
+        share_tag: rootcell_protocol::SHARE_TAG.to_string(),
+        nets: vec![NetCard {
+            tap_fd: tap.as_raw_fd(),
+            mac: card_mac,
+            mtu: CARD_MTU,
+        }],
+    };
+    tracing::info!(vm = args.name, hypervisor = hv_name, shape = %args.shape, "booting a pool VM");
+    let started = std::time::Instant::now();
+    let vm: Arc<dyn Vm> = Arc::from(opened.hypervisor.start(&cfg)?);
+    // The hypervisor holds the tap now.
+    drop(tap);
+    let result = serve(args, &cfg, &vm, server, card_mac, started, news, &signals);
+    vm.kill();
+    vm.finish(Duration::from_secs(2));
+    let _ = nix::mount::umount2(&share_dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = share::remove_run_dir(&args.run_dir);
+    result
+}
+
+/// Waits for the agent, then for a claim, then for the end of the VM or of its claimant.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    args: &HolderArgs,
+    cfg: &VmConfig,
+    vm: &Arc<dyn Vm>,
+    server: Pidfd,
+    card_mac: MacAddr,
+    started: std::time::Instant,
+    news: &dyn Fn(HolderNews),
+    signals: &nix::sys::signal::SigSet,
+) -> Result<()> {
+    crate::sandbox::await_agent(vm, cfg)?;
+    tracing::info!(vm = args.name, boot_ms = started.elapsed().as_millis() as u64, "pool VM ready");
+    let ready_since = super::now_secs();
+    let claim_path = args.run_dir.join(CLAIM_SOCKET);
+    let listener = UnixListener::bind(&claim_path)
+        .with_context(|| format!("cannot listen on {}", claim_path.display()))?;
+    std::fs::set_permissions(&claim_path, std::fs::Permissions::from_mode(0o600))?;
+
+    let (tx, rx) = mpsc::channel();
+    let t = tx.clone();
+    let v = vm.clone();
+    std::thread::spawn(move || {
+        let st = v.wait_stopped();
+        let _ = t.send(Ev::VmStopped(st));
+    });
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        server.wait(None);
+        let _ = t.send(Ev::ServerGone);
+    });
+    let t = tx.clone();
+    let set = *signals;
+    std::thread::spawn(move || loop {
+        if let Ok(sig) = set.wait() {
+            let _ = t.send(Ev::Signal(sig as i32));
+        }
+    });
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            if t.send(Ev::Conn(c)).is_err() {
+                return;
+            }
+        }
+    });
+    news(HolderNews::Ready);
+
+    // Unclaimed.
+    let (conn, claimant) = loop {
+        match rx.recv() {
+            Ok(Ev::Conn(c)) => match accept_claim(args, c, card_mac, ready_since, vm) {
+                Ok(claimed) => break claimed,
+                Err(e) => tracing::warn!(vm = args.name, "refused a claim: {e:#}"),
+            },
+            Ok(Ev::VmStopped(st)) => bail!("the VM stopped before it was claimed (hypervisor status {st}); last console lines:\n{}", crate::sandbox::tail_lines(&cfg.console_log, 10)),
+            Ok(Ev::ServerGone) => {
+                tracing::info!(vm = args.name, "the pool server is gone: ending the unclaimed VM");
+                return Ok(());
+            }
+            Ok(Ev::Signal(sig)) => {
+                tracing::info!(vm = args.name, sig, "ending the unclaimed VM");
+                return Ok(());
+            }
+            Ok(Ev::ClaimantGone) | Err(_) => return Ok(()),
+        }
+    };
+    let _ = std::fs::remove_file(&claim_path);
+    news(HolderNews::Claimed(claimant.pid()));
+    tracing::info!(vm = args.name, claimant = claimant.pid(), "claimed");
+
+    // Claimed: the VM is the claimant's until it or the VM ends.
+    let t = tx.clone();
+    std::thread::spawn(move || {
+        claimant.wait(None);
+        let _ = t.send(Ev::ClaimantGone);
+    });
+    let t = tx.clone();
+    let v = vm.clone();
+    std::thread::spawn(move || {
+        serve_claimant(conn, &*v);
+        let _ = t.send(Ev::ClaimantGone);
+    });
+    drop(tx);
+    loop {
+        match rx.recv() {
+            Ok(Ev::VmStopped(_)) | Ok(Ev::ClaimantGone) | Err(_) => return Ok(()),
+            Ok(Ev::Signal(sig)) => {
+                tracing::warn!(vm = args.name, sig, "signalled: ending the claimed VM");
+                return Ok(());
+            }
+            // Late connections find no claim to make; the server no longer matters.
+            Ok(Ev::Conn(_)) | Ok(Ev::ServerGone) => {}
+        }
+    }
+}
+
+/// Checks a claim and answers it; returns the connection (kept for pause requests) and the
+/// claimant.
+fn accept_claim(
+    args: &HolderArgs,
+    mut c: UnixStream,
+    card_mac: MacAddr,
+    ready_since: u64,
+    vm: &Arc<dyn Vm>,
+) -> Result<(UnixStream, Pidfd)> {
+    let path = args.run_dir.join(CLAIM_SOCKET);
+    let _ = c.set_read_timeout(Some(crate::timeouts::QUICK));
+    let req: HolderRequest = super::recv(&mut c, &path)?
+        .ok_or_else(|| anyhow!("the claimant closed the connection"))?;
+    let HolderRequest::Claim { pid } = req else {
+        bail!("expected a claim, got {req:?}");
+    };
+    let cred = nix::sys::socket::getsockopt(&c, nix::sys::socket::sockopt::PeerCredentials)
+        .context("cannot read the claimant's credentials")?;
+    if cred.pid() != pid || cred.uid() != nix::unistd::geteuid().as_raw() {
+        let msg = format!(
+            "claim for pid {pid} from pid {} uid {}",
+            cred.pid(),
+            cred.uid()
+        );
+        let _ = super::send(&mut c, &path, &HolderReply::Error(msg.clone()));
+        bail!(msg);
+    }
+    let claimant = Pidfd::open(pid, 0).context("cannot watch the claimant")?;
+    let me = std::process::id() as i32;
+    let start = |p: i32| crate::state::proc_stat(p).map(|s| s.0).unwrap_or(0);
+    let vm_pid = vm.pid().unwrap_or(me);
+    let h = Handover {
+        name: args.name.clone(),
+        holder_pid: me,
+        holder_pid_start: start(me),
+        vm_pid,
+        vm_pid_start: start(vm_pid),
+        run_dir: args.run_dir.clone(),
+        shape: args.shape,
+        card_mac,
+        netns: PathBuf::from(format!("/proc/{me}/ns/net")),
+        ready_since,
+    };
+    super::send(&mut c, &path, &HolderReply::Claimed(h))?;
+    let _ = c.set_read_timeout(None);
+    Ok((c, claimant))
+}
+
+/// Answers the claimant's requests until it closes the connection.
+fn serve_claimant(mut c: UnixStream, vm: &dyn Vm) {
+    let path = Path::new("claimant");
+    while let Ok(Some(req)) = super::recv::<HolderRequest>(&mut c, path) {
+        let reply = match req {
+            HolderRequest::Pause(p) => match vm.set_paused(p) {
+                Ok(()) => HolderReply::Ok,
+                Err(e) => HolderReply::Error(e.to_string()),
+            },
+            HolderRequest::Claim { .. } => HolderReply::Error("already claimed".into()),
+        };
+        if super::send(&mut c, path, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// A locally administered unicast MAC (the guest's until the container's replaces it).
+fn random_mac() -> MacAddr {
+    let mut b = [0u8; 6];
+    let _ = getrandom(&mut b);
+    b[0] = (b[0] & 0xfc) | 0x02;
+    MacAddr(b)
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}

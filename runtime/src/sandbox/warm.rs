@@ -1,0 +1,196 @@
+//! Bringing a sandbox up on a VM taken from the pool (see [`crate::pool`]): the same steps as a
+//! cold start, minus the boot. The VM's holder and hypervisor join the container's cgroup,
+//! its tap moves into the container's network namespace and is mirrored like a tap made now,
+//! the rootfs and bind sources are attached to its share, and the agent gets the container.
+
+use super::prepare::{connect_agent, create_init, join_cpu_cgroup, run_create_hooks, VmLogs};
+use super::*;
+use crate::hypervisor::pooled::PooledVm;
+use crate::pool::{claim::Claimed, Shape, CARD_MTU, TAP_NAME};
+use crate::state::{ContainerState, PooledVmRecord};
+use crate::{paths, share, spec};
+use anyhow::{anyhow, bail, Context, Result};
+use rootcell_protocol::{Request, Response};
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::{mpsc, Arc};
+
+/// What became of a claimed VM.
+pub(super) enum Outcome {
+    /// The container is created in it.
+    Ready(Box<Sandbox>),
+    /// It does not suit the container after all (more interfaces than it has cards, or a
+    /// larger MTU): it is ended, and the caller boots one; the hooks have run.
+    Declined,
+}
+
+/// Claims a pool VM that fits what `spec` asks for, unless the pool is off, absent or empty
+/// (the log says which).
+pub(super) fn claim(spec: &oci_spec::runtime::Spec) -> Option<Claimed> {
+    let (memory_mib, vcpus) = spec::vm_resources(spec);
+    crate::pool::claim::take(Shape { memory_mib, vcpus })
+}
+
+/// Creates the container in the claimed VM.
+pub(super) fn prepare(
+    args: &SandboxArgs,
+    state: &mut ContainerState,
+    state_path: &Path,
+    bundle: &spec::Bundle,
+    claimed: Claimed,
+) -> Result<Outcome> {
+    let _span = tracing::info_span!("warm_start", vm = %claimed.handover.name).entered();
+    let h = claimed.handover.clone();
+    let pooled = PooledVm::new(claimed).context("the pool VM ended before it could be used")?;
+    let vm: Arc<dyn Vm> = Arc::new(pooled);
+    // From the claim on, the VM's host processes count as the container's.
+    state.vm_pid = h.vm_pid;
+    state.vm_pid_start = h.vm_pid_start;
+    state.vm_memory_mib = h.shape.memory_mib;
+    state.pooled = Some(PooledVmRecord {
+        name: h.name.clone(),
+        holder_pid: h.holder_pid,
+        holder_pid_start: h.holder_pid_start,
+        run_dir: h.run_dir.clone(),
+    });
+    state.save(state_path)?;
+    if let Some(cg) = &state.cgroups_path {
+        for pid in [h.holder_pid, h.vm_pid] {
+            for e in crate::cgroup::join(cg, pid as u32, crate::cgroup::Part::AllButCpu) {
+                tracing::warn!("cgroup: {e}");
+            }
+        }
+        join_cpu_cgroup(cg, &bundle.spec, &[state.pid, h.holder_pid, h.vm_pid]);
+    }
+    let holder_ns = std::fs::File::open(&h.netns)
+        .with_context(|| format!("cannot open the pool VM's network namespace {}", h.netns.display()))?;
+    let own_ns = std::fs::File::open("/proc/thread-self/ns/net")
+        .context("cannot open the container's network namespace")?;
+    rootcell_net::move_link(TAP_NAME, &holder_ns, &own_ns)?;
+
+    run_create_hooks(&bundle.spec, state)?;
+    let scanned = rootcell_net::scan().context("cannot read the container's network")?;
+    if scanned.interfaces.len() > 1 || scanned.interfaces.iter().any(|i| i.mtu > CARD_MTU) {
+        tracing::info!(
+            interfaces = scanned.interfaces.len(),
+            "the pool VM has one card of MTU {CARD_MTU} at most and does not suit this container: booting a VM instead"
+        );
+        // Its tap must be gone before a cold start makes its own of the same name.
+        vm.kill();
+        vm.finish(crate::timeouts::VM_FINISH);
+        state.pooled = None;
+        state.vm_pid = 0;
+        state.vm_pid_start = 0;
+        state.save(state_path)?;
+        return Ok(Outcome::Declined);
+    }
+    let network = crate::network::mirror_onto(&[TAP_NAME.to_string()])?;
+    let run_dir = state.run_dir.clone();
+    let loopback_dns = network
+        .as_ref()
+        .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
+    if let Some(addr) = loopback_dns {
+        crate::dns::serve(
+            &h.run_dir.join(paths::dns_relay_socket()),
+            &h.run_dir.join(paths::dns_tcp_relay_socket()),
+            addr,
+        )?;
+    }
+
+    let binds = spec::bind_mounts(&bundle.spec, &bundle.dir);
+    let trees = share::clone_member(&bundle.rootfs, &binds)?;
+    attach_in(h.holder_pid, &h.run_dir.join(paths::SHARE_DIR), &args.id, trees)?;
+
+    let logs = VmLogs {
+        vsock_uds: h.run_dir.join(paths::VSOCK_UDS),
+        console_log: h.run_dir.join("console.log"),
+        hypervisor_log: h.run_dir.join("qemu.log"),
+    };
+    let (events_tx, events) = mpsc::channel();
+    let agent = connect_agent(&vm, &logs, &events_tx)?;
+    if let Some((_, config)) = &network {
+        let mut config = config.clone();
+        if let Some(first) = config.interfaces.first_mut() {
+            first.card = Some(h.card_mac);
+        }
+        let req = Request::ConfigureNetwork {
+            config,
+            loopback_dns,
+        };
+        match agent.request(req, crate::timeouts::NETWORK)? {
+            Response::Ok => {}
+            Response::Error { message, .. } => {
+                bail!("the guest cannot set up the container's network: {message}")
+            }
+            other => bail!("unexpected answer to ConfigureNetwork: {other:?}"),
+        }
+    }
+    let entry = share::member_entry(Path::new(rootcell_protocol::GUEST_SHARE_DIR), &args.id);
+    let guest_spec = spec::rewrite_for_guest(
+        &bundle.spec,
+        &binds,
+        &entry,
+        spec::GuestNamespaces::Own {
+            guest_network: network.is_some(),
+        },
+    );
+    let (attached, guest_pid) = create_init(
+        args,
+        &agent,
+        &logs.vsock_uds,
+        guest_spec,
+        state.guest_privileged,
+    )?;
+    state.guest_pid = guest_pid;
+    let (shared, control) = Shared::created(
+        state.clone(),
+        state_path.to_path_buf(),
+        vm.clone(),
+        agent,
+        attached.tty_fd,
+        Role::Owner,
+    )?;
+    Ok(Outcome::Ready(Box::new(Sandbox {
+        shared,
+        vm,
+        events,
+        events_tx,
+        streams: attached.streams,
+        control,
+        run_dir,
+        saved_termios: attached.saved,
+        network: network.map(|(m, _)| m),
+    })))
+}
+
+/// Attaches the container's trees to the share of the pool VM run by `holder_pid`, from a
+/// thread that enters that process's mount namespace (the sandbox itself stays in its own, so
+/// hooks and everything else see the host as in a cold start).
+fn attach_in(
+    holder_pid: i32,
+    share_dir: &Path,
+    id: &str,
+    trees: share::MemberTrees,
+) -> Result<Vec<PathBuf>> {
+    let mnt = std::fs::File::open(format!("/proc/{holder_pid}/ns/mnt"))
+        .context("cannot open the pool VM's mount namespace")?;
+    let root = std::fs::File::open(format!("/proc/{holder_pid}/root"))
+        .context("cannot open the pool VM's root")?;
+    let share_dir = share_dir.to_path_buf();
+    let id = id.to_string();
+    std::thread::spawn(move || -> Result<Vec<PathBuf>> {
+        // A thread may change mount namespace once it no longer shares the process's root
+        // and cwd (setns(2)); the thread and its namespace end together.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
+            .context("cannot unshare the attaching thread's file system attributes")?;
+        nix::sched::setns(mnt.as_fd(), nix::sched::CloneFlags::CLONE_NEWNS)
+            .context("cannot enter the pool VM's mount namespace")?;
+        nix::unistd::fchdir(std::os::fd::AsRawFd::as_raw_fd(&root))
+            .and_then(|()| nix::unistd::chroot("."))
+            .and_then(|()| nix::unistd::chdir("/"))
+            .context("cannot take the pool VM's root")?;
+        Ok(share::attach_member(&share_dir, &id, trees)?)
+    })
+    .join()
+    .map_err(|_| anyhow!("the attaching thread panicked"))?
+}
