@@ -1,6 +1,7 @@
 # A private dockerd for the Docker benchmarks (sourced after lib.sh, not run): its own data-root,
 # exec-root and socket under $work, rootcell registered by path, the busybox image imported as
-# rootcell-bench:busybox; stopped (with every container it still has) on exit.
+# rootcell-bench:busybox; stopped (with every container it still has) on exit. Set
+# dockerd_extra_args before sourcing for more dockerd flags (e.g. another --add-runtime).
 docker_bin=/usr/bin/docker
 [ -x /usr/sbin/dockerd ] && [ -x "$docker_bin" ] || { echo "bench: Debian's docker.io is needed (scripts/install-deps.sh)" >&2; exit 1; }
 
@@ -8,7 +9,7 @@ d="$work/docker"
 mkdir -p "$d"
 sock="$d/docker.sock"
 /usr/sbin/dockerd --data-root "$d/data" --exec-root "$d/exec" --pidfile "$d/dockerd.pid" \
-    --host "unix://$sock" --add-runtime "rootcell=$ROOTCELL_BIN" >"$d/dockerd.log" 2>&1 &
+    --host "unix://$sock" --add-runtime "rootcell=$ROOTCELL_BIN" ${dockerd_extra_args:-} >"$d/dockerd.log" 2>&1 &
 dockerd_pid=$!
 stop_dockerd() {
     local ids

@@ -10,6 +10,7 @@ pkgs=(
     iproute2 jq file
     binutils                                             # nested-KVM lane: objcopy reads module dependencies
     docker.io containerd runc                            # Docker end-to-end tests and runc comparisons
+    runsc                                                # gVisor, compared in bench/pool.sh
     debootstrap python3-venv                             # INGInious test: grading image, INGInious venv
     podman containernetworking-plugins catatonit        # Podman pods sharing a VM (tests/e2e/shared_vm.rs)
     protobuf-compiler                                    # CRI bindings (k8s-cri) of the containerd CRI test

@@ -1,0 +1,336 @@
+//! Warm starts (issue 15): with `rootcell pool serve` running, containers take a VM booted
+//! ahead of need instead of booting one, and behave as on a cold VM: stdio, exit codes, bind
+//! mounts, the lifecycle, cgroups, Docker's run/exec/stop and published ports. A VM serves one
+//! container only; the pool refills; killing the server (mid-claim included) or stopping it
+//! leaves no VM, process or directory behind, and containers still start (cold).
+
+use rootcell_e2e::docker::{inspect, ok, run_detached, wait_until, DockerDaemon, IMAGE};
+use rootcell_e2e::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// Longest a pool may take to have its VMs ready (TCG boots on a loaded 2-core host).
+const READY_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A `rootcell pool serve` of its own (own directory and config), stopped (SIGTERM) on drop.
+struct Pool {
+    dir: PathBuf,
+    server: Option<Child>,
+    log: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Pool {
+    /// Starts a pool of `count` VMs of 512 MiB and 1 vCPU for `rt` (whose commands then
+    /// claim from it) and waits until they are ready.
+    fn start(rt: &Runtime, count: usize) -> Pool {
+        let tmp = tempfile::Builder::new().prefix("rcpool").tempdir_in("/tmp").unwrap();
+        let dir = tmp.path().join("p");
+        let config = tmp.path().join("config.json");
+        std::fs::write(
+            &config,
+            json!({"pool": {"vms": [{"memory_mib": 512, "vcpus": 1, "count": count}]}}).to_string(),
+        )
+        .unwrap();
+        let log = tmp.path().join("pool.log");
+        let mut pool = Pool {
+            dir,
+            server: None,
+            log,
+            _tmp: tmp,
+        };
+        pool.spawn(rt, &config);
+        pool.wait_ready(rt, count);
+        pool
+    }
+
+    fn spawn(&mut self, rt: &Runtime, config: &Path) {
+        let mut c = rt.command(&["--log", self.log.to_str().unwrap(), "pool", "serve"]);
+        c.env("ROOTCELL_POOL_DIR", &self.dir)
+            .env("ROOTCELL_CONFIG", config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.server = Some(c.spawn().expect("start rootcell pool serve"));
+    }
+
+    /// `rootcell pool status` as JSON (`Null` if it fails).
+    fn status(&self, rt: &Runtime) -> Value {
+        let mut c = rt.command(&["pool", "status"]);
+        c.env("ROOTCELL_POOL_DIR", &self.dir).stdin(Stdio::null());
+        let o = output_with_timeout(c, None, Duration::from_secs(20));
+        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
+    }
+
+    fn wait_ready(&self, rt: &Runtime, n: usize) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let st = self.status(rt);
+            if st["shapes"][0]["ready"].as_u64() == Some(n as u64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pool did not get {n} VMs ready within {} s: status {st}; log:\n{}",
+                READY_TIMEOUT.as_secs(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn server_pid(&self) -> i32 {
+        self.server.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM, bounded wait.
+    fn stop(&mut self) {
+        if let Some(child) = self.server.take() {
+            // SAFETY: signalling the server this test started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let st = wait_with_timeout(child, Duration::from_secs(60));
+            assert!(st.success(), "pool serve exited with {st} after SIGTERM");
+        }
+    }
+
+    /// VM dirs in the pool's directory.
+    fn vm_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Asserts that nothing of the pool is left: no process, VM dir or mount mentions it.
+    fn assert_gone(&self) {
+        let needle = self.dir.to_string_lossy().into_owned();
+        wait_until("the pool's processes to end", Duration::from_secs(30), || {
+            processes_mentioning(&needle).is_empty()
+        });
+        assert_eq!(self.vm_dirs(), Vec::<String>::new(), "pool VM dirs left behind");
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(m) = std::fs::read_to_string(e.path().join("mountinfo")) {
+                assert!(
+                    !m.contains(&needle),
+                    "a mount of the pool is left in {}",
+                    e.path().display()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            // SAFETY: signalling the server this test started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && !matches!(c.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A runtime whose commands claim from `pool` and log to `log`.
+fn runtime_for(pool_dir: &Path) -> Runtime {
+    Runtime::new().env("ROOTCELL_POOL_DIR", pool_dir.to_str().unwrap())
+}
+
+/// The pool VM a container's state records (`None`: it booted cold).
+fn pooled_of(rt: &Runtime, id: &str) -> Option<Value> {
+    let st: Value = serde_json::from_slice(
+        &std::fs::read(rt.root().join(id).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    Some(st["pooled"].clone()).filter(|p| !p.is_null())
+}
+
+#[test]
+fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
+    let rt = Runtime::new();
+    let mut pool = Pool::start(&rt, 2);
+    let rt = runtime_for(&pool.dir);
+
+    // `run`: stdio, exit code and a bind mount, in a VM that booted before the container.
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in"), "from-the-host\n").unwrap();
+    let bundle = Bundle::new(&["sh", "-c", "cat /data/in; echo to-stderr >&2; echo written > /data/out; exit 7"])
+        .edit(|s| {
+            s["mounts"].as_array_mut().unwrap().push(json!({
+                "destination": "/data", "type": "bind", "source": data.path(), "options": ["rbind", "rw"]
+            }));
+        });
+    let log = rt.dir.path().join("run.log");
+    let id = unique_id("warm-run");
+    let started = Instant::now();
+    let o = rt.run(&[
+        "--log",
+        log.to_str().unwrap(),
+        "run",
+        "--bundle",
+        bundle.path().to_str().unwrap(),
+        &id,
+    ]);
+    eprintln!("warm run took {} ms", started.elapsed().as_millis());
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code(&o), 7, "exit code of a warm run: {}\nlog:\n{log_text}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "from-the-host");
+    assert!(text(&o.stderr).contains("to-stderr"), "{}", text(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("out")).unwrap().trim(),
+        "written"
+    );
+    assert!(
+        log_text.contains("from the pool (no boot)"),
+        "the claim is not in the log:\n{log_text}"
+    );
+    assert_no_leftovers(&rt, &id);
+
+    // create/start/delete, with a cgroup: the VM's host processes are the container's.
+    let cg = format!("/rootcell-e2e/{}", unique_id("pool"));
+    let gate = tempfile::tempdir().unwrap();
+    let bundle = Bundle::new(&["sh", "-c", "while [ ! -e /gate/go ]; do sleep 0.1; done; echo done"])
+        .edit(|s| {
+            s["linux"]["cgroupsPath"] = json!(cg);
+            s["mounts"].as_array_mut().unwrap().push(json!({
+                "destination": "/gate", "type": "bind", "source": gate.path(), "options": ["rbind", "rw"]
+            }));
+        });
+    let id2 = unique_id("warm-life");
+    let (o, out, _) = rt.create(&bundle, &id2);
+    assert_eq!(code(&o), 0, "create: {}", text(&o.stderr));
+    assert_eq!(rt.state(&id2)["status"], "created");
+    let pooled = pooled_of(&rt, &id2).expect("the container took a pool VM");
+    let holder = pooled["holder_pid"].as_i64().unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{holder}/cgroup")).unwrap();
+    assert!(
+        cgroups.lines().any(|l| l.ends_with(&cg)),
+        "the pool VM's holder {holder} is not in the container's cgroup {cg}:\n{cgroups}"
+    );
+    assert_eq!(code(&rt.run(&["start", &id2])), 0);
+    std::fs::write(gate.path().join("go"), "").unwrap();
+    rt.wait_status(&id2, "stopped", Duration::from_secs(60));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "done");
+    assert_eq!(code(&rt.run(&["delete", &id2])), 0);
+    assert_no_leftovers(&rt, &id2);
+    wait_until("the used VM's holder to end", Duration::from_secs(20), || {
+        !Path::new(&format!("/proc/{holder}")).exists()
+    });
+    let vm = pooled["name"].as_str().unwrap().to_string();
+    assert!(
+        !pool.vm_dirs().contains(&vm),
+        "the VM {vm} of a deleted container is still in the pool: {:?}",
+        pool.vm_dirs()
+    );
+
+    // The pool refills, and never hands out the same VM twice.
+    pool.wait_ready(&rt, 2);
+    let st = pool.status(&rt);
+    assert!(st["shapes"][0]["claims_total"].as_u64() >= Some(2), "{st}");
+    let names: Vec<String> = pool.log_text().lines().filter(|l| l.contains("pool VM claimed")).map(String::from).collect();
+    assert_eq!(names.len(), 2, "two claims in the pool's log:\n{}", pool.log_text());
+    assert_ne!(names[0].split("vm=").nth(1), names[1].split("vm=").nth(1), "{names:?}");
+
+    pool.stop();
+    pool.assert_gone();
+}
+
+#[test]
+fn killing_the_pool_server_mid_claim_loses_no_container_and_leaks_nothing() {
+    let rt = Runtime::new();
+    let mut pool = Pool::start(&rt, 1);
+    let rt = runtime_for(&pool.dir);
+    let bundle = Bundle::new(&["echo", "hello"]);
+    // A run in flight while the server is killed: it takes the VM, or boots one.
+    let id = unique_id("kill-mid");
+    let mut c = rt.command(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    // SAFETY: killing the server this test started.
+    unsafe { libc::kill(pool.server_pid(), libc::SIGKILL) };
+    let _ = pool.server.take().map(|mut s| s.wait());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(code(&o), 0, "a run while the server died: {}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "hello");
+    // More runs: the stale socket means a cold boot, not an error.
+    for n in 0..2 {
+        let id = unique_id(&format!("after-kill{n}"));
+        let o = rt.run(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
+        assert_eq!(code(&o), 0, "run {n} after the server died: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout).trim(), "hello");
+        assert_no_leftovers(&rt, &id);
+    }
+    // Its unclaimed VM ended with it.
+    pool.assert_gone();
+}
+
+/// The Docker daemon of this binary, whose rootcell claims from [`docker_pool`] (the env
+/// reaches the runtime through dockerd, containerd and the shim).
+fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {
+    static P: std::sync::OnceLock<(Pool, &'static DockerDaemon)> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let rt = Box::leak(Box::new(Runtime::new()));
+        let pool = Pool::start(rt, 2);
+        std::env::set_var("ROOTCELL_POOL_DIR", &pool.dir);
+        (pool, rootcell_e2e::docker::daemon())
+    })
+}
+
+#[test]
+fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
+    let (pool, d) = docker_pool();
+    let rt = Runtime::new();
+    let before = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
+    let started = Instant::now();
+    let o = rootcell_e2e::docker::run_rm(d, &[], &["sh", "-c", "echo warm-docker; exit 3"]);
+    eprintln!("warm docker run --rm took {} ms", started.elapsed().as_millis());
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "warm-docker");
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let id = run_detached(
+        d,
+        &["-p", &format!("{port}:8080")],
+        "mkdir -p /tmp/www && echo warm-http > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www",
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut body = String::new();
+    wait_until("the published port to answer", Duration::from_secs(60), || {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(s, "GET / HTTP/1.0\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        body = out.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_string();
+        !body.is_empty()
+    });
+    assert_eq!(body, "warm-http");
+    assert_eq!(ok(d, &["exec", &id, "cat", "/tmp/www/index.html"]).trim(), "warm-http");
+    ok(d, &["stop", "-t", "2", &id]);
+    assert_eq!(inspect(d, &id, "{{.State.Running}}"), "false");
+    ok(d, &["rm", &id]);
+    let after = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
+    assert_eq!(after - before, 2, "both Docker containers took pool VMs:\n{}", pool.log_text());
+    let _ = IMAGE;
+}
