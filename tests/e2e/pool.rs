@@ -287,8 +287,29 @@ fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {
         let rt = Box::leak(Box::new(Runtime::new()));
         let pool = Pool::start(rt, 2);
         std::env::set_var("ROOTCELL_POOL_DIR", &pool.dir);
+        DOCKER_POOL_SERVER.store(pool.server_pid(), std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: registering a plain extern "C" function to run at process exit, once (before
+        // the daemon's own, so it runs after the daemon has stopped its containers).
+        unsafe { libc::atexit(stop_docker_pool) };
         (pool, rootcell_e2e::docker::daemon())
     })
+}
+
+/// The server of [`docker_pool`], which as a static is never dropped.
+static DOCKER_POOL_SERVER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn stop_docker_pool() {
+    let pid = DOCKER_POOL_SERVER.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: signalling the server this process started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut status = 0;
+        // SAFETY: reaping our own child, without blocking.
+        while Instant::now() < deadline && unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[test]
@@ -333,4 +354,33 @@ fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
     let after = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
     assert_eq!(after - before, 2, "both Docker containers took pool VMs:\n{}", pool.log_text());
     let _ = IMAGE;
+}
+
+#[test]
+fn inginious_grades_need_root_and_run_student_on_warm_vms() {
+    let (pool, _) = docker_pool();
+    let rt = Runtime::new();
+    let before = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
+    pool.wait_ready(&rt, 2);
+    let g = rootcell_e2e::inginious::Grading::start(
+        json!({"path": artifacts().bin, "runtimeArgs": ["--guest-privileged"]}),
+    );
+    let (_, results) = g.submit(&["need_root", "run_student"], Duration::from_secs(300));
+    for j in &results {
+        assert_eq!(j.result(), "success", "{} on warm VMs:\n{}", j.0["task"], j.summary());
+    }
+    let nr = results.iter().find(|j| j.0["task"] == "need_root").unwrap();
+    for k in ["root", "mount_tmpfs", "dummy_interface", "ip_forward", "hostname"] {
+        assert_eq!(nr.custom(k), "ok", "need_root check {k} on a warm VM: {}", nr.summary());
+    }
+    // The guest's clock was set at the claim, not at the (earlier) boot.
+    let (t0, t1) = nr.host_window();
+    let date: f64 = nr.custom("date").as_str().unwrap_or("0").parse().unwrap_or(0.0);
+    assert!(date >= t0 - 5.0 && date <= t1 + 5.0, "the grading script's date {date} is outside {t0}..{t1}");
+    let rs = results.iter().find(|j| j.0["task"] == "run_student").unwrap();
+    let w = rs.custom("as_worker");
+    assert!(w["stdout"] == "hello from the grader:4242\n" && w["code"] == 3, "run_student on warm VMs: {w}");
+    drop(g);
+    let after = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
+    assert!(after - before >= 2, "the grading containers took no pool VMs ({before} -> {after}):\n{}", pool.log_text());
 }
