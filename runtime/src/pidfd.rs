@@ -82,7 +82,10 @@ mod tests {
 
     #[test]
     fn sees_a_process_exit_and_refuses_a_reused_pid() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id() as i32;
         let start = crate::state::proc_stat(pid).unwrap().0;
         let p = Pidfd::open(pid, start).unwrap();

@@ -26,7 +26,10 @@ impl Pool {
     /// Starts a pool of `count` VMs of 512 MiB and 1 vCPU for `rt` (whose commands then
     /// claim from it) and waits until they are ready.
     fn start(rt: &Runtime, count: usize) -> Pool {
-        let tmp = tempfile::Builder::new().prefix("rcpool").tempdir_in("/tmp").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("rcpool")
+            .tempdir_in("/tmp")
+            .unwrap();
         let dir = tmp.path().join("p");
         let config = tmp.path().join("config.json");
         std::fs::write(
@@ -114,10 +117,16 @@ impl Pool {
     /// Asserts that nothing of the pool is left: no process, VM dir or mount mentions it.
     fn assert_gone(&self) {
         let needle = self.dir.to_string_lossy().into_owned();
-        wait_until("the pool's processes to end", Duration::from_secs(30), || {
-            processes_mentioning(&needle).is_empty()
-        });
-        assert_eq!(self.vm_dirs(), Vec::<String>::new(), "pool VM dirs left behind");
+        wait_until(
+            "the pool's processes to end",
+            Duration::from_secs(30),
+            || processes_mentioning(&needle).is_empty(),
+        );
+        assert_eq!(
+            self.vm_dirs(),
+            Vec::<String>::new(),
+            "pool VM dirs left behind"
+        );
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
             if let Ok(m) = std::fs::read_to_string(e.path().join("mountinfo")) {
                 assert!(
@@ -152,10 +161,9 @@ fn runtime_for(pool_dir: &Path) -> Runtime {
 
 /// The pool VM a container's state records (`None`: it booted cold).
 fn pooled_of(rt: &Runtime, id: &str) -> Option<Value> {
-    let st: Value = serde_json::from_slice(
-        &std::fs::read(rt.root().join(id).join("state.json")).unwrap(),
-    )
-    .unwrap();
+    let st: Value =
+        serde_json::from_slice(&std::fs::read(rt.root().join(id).join("state.json")).unwrap())
+            .unwrap();
     Some(st["pooled"].clone()).filter(|p| !p.is_null())
 }
 
@@ -187,11 +195,18 @@ fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
     ]);
     eprintln!("warm run took {} ms", started.elapsed().as_millis());
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(code(&o), 7, "exit code of a warm run: {}\nlog:\n{log_text}", text(&o.stderr));
+    assert_eq!(
+        code(&o),
+        7,
+        "exit code of a warm run: {}\nlog:\n{log_text}",
+        text(&o.stderr)
+    );
     assert_eq!(text(&o.stdout).trim(), "from-the-host");
     assert!(text(&o.stderr).contains("to-stderr"), "{}", text(&o.stderr));
     assert_eq!(
-        std::fs::read_to_string(data.path().join("out")).unwrap().trim(),
+        std::fs::read_to_string(data.path().join("out"))
+            .unwrap()
+            .trim(),
         "written"
     );
     assert!(
@@ -227,9 +242,11 @@ fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "done");
     assert_eq!(code(&rt.run(&["delete", &id2])), 0);
     assert_no_leftovers(&rt, &id2);
-    wait_until("the used VM's holder to end", Duration::from_secs(20), || {
-        !Path::new(&format!("/proc/{holder}")).exists()
-    });
+    wait_until(
+        "the used VM's holder to end",
+        Duration::from_secs(20),
+        || !Path::new(&format!("/proc/{holder}")).exists(),
+    );
     let vm = pooled["name"].as_str().unwrap().to_string();
     assert!(
         !pool.vm_dirs().contains(&vm),
@@ -241,9 +258,23 @@ fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
     pool.wait_ready(&rt, 2);
     let st = pool.status(&rt);
     assert!(st["shapes"][0]["claims_total"].as_u64() >= Some(2), "{st}");
-    let names: Vec<String> = pool.log_text().lines().filter(|l| l.contains("pool VM claimed")).map(String::from).collect();
-    assert_eq!(names.len(), 2, "two claims in the pool's log:\n{}", pool.log_text());
-    assert_ne!(names[0].split("vm=").nth(1), names[1].split("vm=").nth(1), "{names:?}");
+    let names: Vec<String> = pool
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("pool VM claimed"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "two claims in the pool's log:\n{}",
+        pool.log_text()
+    );
+    assert_ne!(
+        names[0].split("vm=").nth(1),
+        names[1].split("vm=").nth(1),
+        "{names:?}"
+    );
 
     pool.stop();
     pool.assert_gone();
@@ -258,20 +289,32 @@ fn killing_the_pool_server_mid_claim_loses_no_container_and_leaks_nothing() {
     // A run in flight while the server is killed: it takes the VM, or boots one.
     let id = unique_id("kill-mid");
     let mut c = rt.command(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
-    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let child = c.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(150));
     // SAFETY: killing the server this test started.
     unsafe { libc::kill(pool.server_pid(), libc::SIGKILL) };
     let _ = pool.server.take().map(|mut s| s.wait());
     let o = child.wait_with_output().unwrap();
-    assert_eq!(code(&o), 0, "a run while the server died: {}", text(&o.stderr));
+    assert_eq!(
+        code(&o),
+        0,
+        "a run while the server died: {}",
+        text(&o.stderr)
+    );
     assert_eq!(text(&o.stdout).trim(), "hello");
     // More runs: the stale socket means a cold boot, not an error.
     for n in 0..2 {
         let id = unique_id(&format!("after-kill{n}"));
         let o = rt.run(&["run", "--bundle", bundle.path().to_str().unwrap(), &id]);
-        assert_eq!(code(&o), 0, "run {n} after the server died: {}", text(&o.stderr));
+        assert_eq!(
+            code(&o),
+            0,
+            "run {n} after the server died: {}",
+            text(&o.stderr)
+        );
         assert_eq!(text(&o.stdout).trim(), "hello");
         assert_no_leftovers(&rt, &id);
     }
@@ -306,7 +349,9 @@ extern "C" fn stop_docker_pool() {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut status = 0;
         // SAFETY: reaping our own child, without blocking.
-        while Instant::now() < deadline && unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+        while Instant::now() < deadline
+            && unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0
+        {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -316,10 +361,15 @@ extern "C" fn stop_docker_pool() {
 fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
     let (pool, d) = docker_pool();
     let rt = Runtime::new();
-    let before = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
+    let before = pool.status(&rt)["shapes"][0]["claims_total"]
+        .as_u64()
+        .unwrap_or(0);
     let started = Instant::now();
     let o = rootcell_e2e::docker::run_rm(d, &[], &["sh", "-c", "echo warm-docker; exit 3"]);
-    eprintln!("warm docker run --rm took {} ms", started.elapsed().as_millis());
+    eprintln!(
+        "warm docker run --rm took {} ms",
+        started.elapsed().as_millis()
+    );
     assert_eq!(code(&o), 3, "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout).trim(), "warm-docker");
 
@@ -334,25 +384,45 @@ fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
     );
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut body = String::new();
-    wait_until("the published port to answer", Duration::from_secs(60), || {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = write!(s, "GET / HTTP/1.0\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        body = out.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_string();
-        !body.is_empty()
-    });
+    wait_until(
+        "the published port to answer",
+        Duration::from_secs(60),
+        || {
+            use std::io::{Read, Write};
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = write!(s, "GET / HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            body = out
+                .split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            !body.is_empty()
+        },
+    );
     assert_eq!(body, "warm-http");
-    assert_eq!(ok(d, &["exec", &id, "cat", "/tmp/www/index.html"]).trim(), "warm-http");
+    assert_eq!(
+        ok(d, &["exec", &id, "cat", "/tmp/www/index.html"]).trim(),
+        "warm-http"
+    );
     ok(d, &["stop", "-t", "2", &id]);
     assert_eq!(inspect(d, &id, "{{.State.Running}}"), "false");
     ok(d, &["rm", &id]);
-    let after = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
-    assert_eq!(after - before, 2, "both Docker containers took pool VMs:\n{}", pool.log_text());
+    let after = pool.status(&rt)["shapes"][0]["claims_total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        after - before,
+        2,
+        "both Docker containers took pool VMs:\n{}",
+        pool.log_text()
+    );
     let _ = IMAGE;
 }
 
@@ -360,27 +430,66 @@ fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
 fn inginious_grades_need_root_and_run_student_on_warm_vms() {
     let (pool, _) = docker_pool();
     let rt = Runtime::new();
-    let before = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
+    let before = pool.status(&rt)["shapes"][0]["claims_total"]
+        .as_u64()
+        .unwrap_or(0);
     pool.wait_ready(&rt, 2);
     let g = rootcell_e2e::inginious::Grading::start(
         json!({"path": artifacts().bin, "runtimeArgs": ["--guest-privileged"]}),
     );
     let (_, results) = g.submit(&["need_root", "run_student"], Duration::from_secs(300));
     for j in &results {
-        assert_eq!(j.result(), "success", "{} on warm VMs:\n{}", j.0["task"], j.summary());
+        assert_eq!(
+            j.result(),
+            "success",
+            "{} on warm VMs:\n{}",
+            j.0["task"],
+            j.summary()
+        );
     }
     let nr = results.iter().find(|j| j.0["task"] == "need_root").unwrap();
-    for k in ["root", "mount_tmpfs", "dummy_interface", "ip_forward", "hostname"] {
-        assert_eq!(nr.custom(k), "ok", "need_root check {k} on a warm VM: {}", nr.summary());
+    for k in [
+        "root",
+        "mount_tmpfs",
+        "dummy_interface",
+        "ip_forward",
+        "hostname",
+    ] {
+        assert_eq!(
+            nr.custom(k),
+            "ok",
+            "need_root check {k} on a warm VM: {}",
+            nr.summary()
+        );
     }
     // The guest's clock was set at the claim, not at the (earlier) boot.
     let (t0, t1) = nr.host_window();
-    let date: f64 = nr.custom("date").as_str().unwrap_or("0").parse().unwrap_or(0.0);
-    assert!(date >= t0 - 5.0 && date <= t1 + 5.0, "the grading script's date {date} is outside {t0}..{t1}");
-    let rs = results.iter().find(|j| j.0["task"] == "run_student").unwrap();
+    let date: f64 = nr
+        .custom("date")
+        .as_str()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0.0);
+    assert!(
+        date >= t0 - 5.0 && date <= t1 + 5.0,
+        "the grading script's date {date} is outside {t0}..{t1}"
+    );
+    let rs = results
+        .iter()
+        .find(|j| j.0["task"] == "run_student")
+        .unwrap();
     let w = rs.custom("as_worker");
-    assert!(w["stdout"] == "hello from the grader:4242\n" && w["code"] == 3, "run_student on warm VMs: {w}");
+    assert!(
+        w["stdout"] == "hello from the grader:4242\n" && w["code"] == 3,
+        "run_student on warm VMs: {w}"
+    );
     drop(g);
-    let after = pool.status(&rt)["shapes"][0]["claims_total"].as_u64().unwrap_or(0);
-    assert!(after - before >= 2, "the grading containers took no pool VMs ({before} -> {after}):\n{}", pool.log_text());
+    let after = pool.status(&rt)["shapes"][0]["claims_total"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        after - before >= 2,
+        "the grading containers took no pool VMs ({before} -> {after}):\n{}",
+        pool.log_text()
+    );
 }

@@ -67,7 +67,10 @@ impl Vm for PooledVm {
 
     fn finish(&self, timeout: Duration) {
         if !self.holder.wait(Some(timeout)) {
-            tracing::warn!(holder = self.holder.pid(), "pool VM did not stop in time: killing it");
+            tracing::warn!(
+                holder = self.holder.pid(),
+                "pool VM did not stop in time: killing it"
+            );
             self.kill();
             self.holder.wait(Some(crate::timeouts::VMM_GONE));
         }

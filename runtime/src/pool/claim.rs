@@ -28,7 +28,10 @@ pub fn take(need: Shape) -> Option<Claimed> {
     }
     let sock = super::dir().join(super::SERVER_SOCKET);
     if std::fs::symlink_metadata(&sock).is_err() {
-        tracing::info!("booting a VM: no VM pool is running ({} is absent)", sock.display());
+        tracing::info!(
+            "booting a VM: no VM pool is running ({} is absent)",
+            sock.display()
+        );
         return None;
     }
     match try_take(need, &sock) {

@@ -88,7 +88,10 @@ fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
     signals.thread_block().context("cannot block signals")?;
     let server = Pidfd::open(args.server_pid, 0)
         .with_context(|| format!("the pool server (pid {}) is gone", args.server_pid))?;
-    let _ = std::fs::write(args.run_dir.join("holder.pid"), std::process::id().to_string());
+    let _ = std::fs::write(
+        args.run_dir.join("holder.pid"),
+        std::process::id().to_string(),
+    );
 
     let share_dir = args.run_dir.join(paths::SHARE_DIR);
     share::build_empty(&share_dir)?;
@@ -141,7 +144,11 @@ fn serve(
     signals: &nix::sys::signal::SigSet,
 ) -> Result<()> {
     crate::sandbox::await_agent(vm, cfg)?;
-    tracing::info!(vm = args.name, boot_ms = started.elapsed().as_millis() as u64, "pool VM ready");
+    tracing::info!(
+        vm = args.name,
+        boot_ms = started.elapsed().as_millis() as u64,
+        "pool VM ready"
+    );
     let ready_since = super::now_secs();
     let claim_path = args.run_dir.join(CLAIM_SOCKET);
     let listener = UnixListener::bind(&claim_path)
@@ -237,8 +244,8 @@ fn accept_claim(
 ) -> Result<(UnixStream, Pidfd)> {
     let path = args.run_dir.join(CLAIM_SOCKET);
     let _ = c.set_read_timeout(Some(crate::timeouts::QUICK));
-    let req: HolderRequest = super::recv(&mut c, &path)?
-        .ok_or_else(|| anyhow!("the claimant closed the connection"))?;
+    let req: HolderRequest =
+        super::recv(&mut c, &path)?.ok_or_else(|| anyhow!("the claimant closed the connection"))?;
     let HolderRequest::Claim { pid } = req else {
         bail!("expected a claim, got {req:?}");
     };

@@ -405,14 +405,23 @@ mod tests {
 
     #[test]
     fn config_parses_with_defaults_and_refuses_unknown_fields() {
-        let c: PoolConfig =
-            serde_json::from_str(r#"{"vms": [{"memory_mib": 512}, {"memory_mib": 256, "vcpus": 2, "count": 3}]}"#)
-                .unwrap();
+        let c: PoolConfig = serde_json::from_str(
+            r#"{"vms": [{"memory_mib": 512}, {"memory_mib": 256, "vcpus": 2, "count": 3}]}"#,
+        )
+        .unwrap();
         assert_eq!(
             c.vms,
             [
-                ShapeConfig { memory_mib: 512, vcpus: 1, count: 1 },
-                ShapeConfig { memory_mib: 256, vcpus: 2, count: 3 },
+                ShapeConfig {
+                    memory_mib: 512,
+                    vcpus: 1,
+                    count: 1
+                },
+                ShapeConfig {
+                    memory_mib: 256,
+                    vcpus: 2,
+                    count: 3
+                },
             ]
         );
         assert!(serde_json::from_str::<PoolConfig>(r#"{"vms": [{"memory": 512}]}"#).is_err());
@@ -420,11 +429,26 @@ mod tests {
 
     #[test]
     fn a_shape_fits_with_the_same_cpus_and_enough_memory() {
-        let vm = Shape { memory_mib: 512, vcpus: 1 };
-        assert!(vm.fits(&Shape { memory_mib: 164, vcpus: 1 }));
-        assert!(vm.fits(&Shape { memory_mib: 512, vcpus: 1 }));
-        assert!(!vm.fits(&Shape { memory_mib: 576, vcpus: 1 }));
-        assert!(!vm.fits(&Shape { memory_mib: 164, vcpus: 2 }));
+        let vm = Shape {
+            memory_mib: 512,
+            vcpus: 1,
+        };
+        assert!(vm.fits(&Shape {
+            memory_mib: 164,
+            vcpus: 1
+        }));
+        assert!(vm.fits(&Shape {
+            memory_mib: 512,
+            vcpus: 1
+        }));
+        assert!(!vm.fits(&Shape {
+            memory_mib: 576,
+            vcpus: 1
+        }));
+        assert!(!vm.fits(&Shape {
+            memory_mib: 164,
+            vcpus: 2
+        }));
     }
 
     #[test]

@@ -106,11 +106,15 @@ pub fn serve(g: &Global) -> Result<i32> {
     signals.thread_block().context("cannot block signals")?;
 
     let (key, _) = BootKey::current()?;
-    let listener =
-        UnixListener::bind(&sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("cannot listen on {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %sock.display(), backend = key.backend, "VM pool serving: {}", config.vms.iter().map(|v| format!("{} x ({} MiB, {} vCPU)", v.count, v.memory_mib, v.vcpus)).collect::<Vec<_>>().join(", "));
-    let counters = config.vms.iter().map(|_| ShapeCounters::default()).collect();
+    let counters = config
+        .vms
+        .iter()
+        .map(|_| ShapeCounters::default())
+        .collect();
     let server = Arc::new(Server {
         pool: Mutex::new(Pool {
             config,
@@ -173,7 +177,10 @@ fn refill(s: &Arc<Server>) {
         for slot in &pool.slots {
             if let SlotState::HandedOut(at) = slot.state {
                 if at.elapsed() > HANDOUT_TIMEOUT {
-                    tracing::warn!(vm = slot.name, "handed out but not claimed in time: ending it");
+                    tracing::warn!(
+                        vm = slot.name,
+                        "handed out but not claimed in time: ending it"
+                    );
                     let _ = slot.holder.signal(libc::SIGTERM);
                 }
             }

@@ -62,8 +62,12 @@ pub(super) fn prepare(
         }
         join_cpu_cgroup(cg, &bundle.spec, &[state.pid, h.holder_pid, h.vm_pid]);
     }
-    let holder_ns = std::fs::File::open(&h.netns)
-        .with_context(|| format!("cannot open the pool VM's network namespace {}", h.netns.display()))?;
+    let holder_ns = std::fs::File::open(&h.netns).with_context(|| {
+        format!(
+            "cannot open the pool VM's network namespace {}",
+            h.netns.display()
+        )
+    })?;
     let own_ns = std::fs::File::open("/proc/thread-self/ns/net")
         .context("cannot open the container's network namespace")?;
     rootcell_net::move_link(TAP_NAME, &holder_ns, &own_ns)?;
@@ -99,7 +103,12 @@ pub(super) fn prepare(
 
     let binds = spec::bind_mounts(&bundle.spec, &bundle.dir);
     let trees = share::clone_member(&bundle.rootfs, &binds)?;
-    attach_in(h.holder_pid, &h.run_dir.join(paths::SHARE_DIR), &args.id, trees)?;
+    attach_in(
+        h.holder_pid,
+        &h.run_dir.join(paths::SHARE_DIR),
+        &args.id,
+        trees,
+    )?;
 
     let logs = VmLogs {
         vsock_uds: h.run_dir.join(paths::VSOCK_UDS),
