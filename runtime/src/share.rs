@@ -136,15 +136,7 @@ pub fn build(share: &Path, rootfs: &Path, binds: &[BindMount]) -> Result<(), Sha
         let path = p.display().to_string();
         move |source| ShareError { what, path, source }
     };
-    std::fs::create_dir_all(share).map_err(io("create", share))?;
-    mount(
-        Some("tmpfs"),
-        share,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755,size=4m"),
-    )
-    .map_err(fail("mount tmpfs on", share))?;
+    build_empty(share)?;
     let root_dst = share.join("rootfs");
     std::fs::create_dir(&root_dst).map_err(io("create", &root_dst))?;
     bind(rootfs, &root_dst, false)?;
