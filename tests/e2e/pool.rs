@@ -358,7 +358,7 @@ extern "C" fn stop_docker_pool() {
 }
 
 #[test]
-fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
+fn docker_run_exec_stop_ports_and_inginious_on_warm_vms() {
     let (pool, d) = docker_pool();
     let rt = Runtime::new();
     let before = pool.status(&rt)["shapes"][0]["claims_total"]
@@ -424,9 +424,12 @@ fn docker_run_exec_stop_and_published_ports_on_warm_vms() {
         pool.log_text()
     );
     let _ = IMAGE;
+    inginious_grades_need_root_and_run_student_on_warm_vms();
 }
 
-#[test]
+/// INGInious' daemon has no bridge (`"bridge": "none"`), and a dockerd started so deletes the
+/// host's docker0, which the Docker test's daemon uses: it runs after that test, in the same
+/// test function.
 fn inginious_grades_need_root_and_run_student_on_warm_vms() {
     let (pool, _) = docker_pool();
     let rt = Runtime::new();
