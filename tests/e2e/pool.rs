@@ -348,10 +348,11 @@ extern "C" fn stop_docker_pool() {
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut status = 0;
-        // SAFETY: reaping our own child, without blocking.
-        while Instant::now() < deadline
-            && unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0
-        {
+        let reaped = |status: &mut i32| {
+            // SAFETY: reaping our own child, without blocking.
+            unsafe { libc::waitpid(pid, status, libc::WNOHANG) != 0 }
+        };
+        while Instant::now() < deadline && !reaped(&mut status) {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
