@@ -72,6 +72,9 @@ pub struct BuiltinConfig {
     pub fs_tag: String,
     /// Refuse guest writes to the share.
     pub fs_read_only: bool,
+    /// Serve the share from a mount namespace whose root holds only it
+    /// ([`VirtioFs::with_share_root`]).
+    pub fs_share_root: bool,
     /// One virtio-net card per entry, in order; the guest finds each card by its MAC.
     /// Empty: no network card.
     pub net: Vec<NetConfig>,
@@ -97,6 +100,7 @@ impl BuiltinConfig {
             fs_shared_dir: fs_shared_dir.into(),
             fs_tag: rootcell_protocol::SHARE_TAG.to_owned(),
             fs_read_only: false,
+            fs_share_root: false,
             net: Vec::new(),
         }
     }
@@ -130,13 +134,15 @@ impl BuiltinVm {
             uds_path: config.vsock_uds.clone(),
         })
         .map_err(vsock_err)?;
-        let fs = VirtioFs::new(
-            &FsConfig {
-                shared_dir: config.fs_shared_dir.clone(),
-                read_only: config.fs_read_only,
-            },
-            &config.fs_tag,
-        )
+        let fs_config = FsConfig {
+            shared_dir: config.fs_shared_dir.clone(),
+            read_only: config.fs_read_only,
+        };
+        let fs = if config.fs_share_root {
+            VirtioFs::with_share_root(&fs_config, &config.fs_tag)
+        } else {
+            VirtioFs::new(&fs_config, &config.fs_tag)
+        }
         .map_err(fs_err)?;
         let nets = config
             .net

@@ -42,6 +42,7 @@ const XATTR_MAX: u32 = 65536;
 /// One virtio-fs device serving one shared directory.
 pub struct FsDevice {
     server: Server<Arc<PassthroughFs>>,
+    fs: Arc<PassthroughFs>,
     read_only: bool,
     bounce: Mutex<Bounce>,
 }
@@ -49,12 +50,21 @@ pub struct FsDevice {
 impl FsDevice {
     /// Opens the share described by `config`.
     pub fn new(config: &FsConfig) -> Result<Self, Error> {
-        let fs = open_passthrough(config)?;
+        let fs = Arc::new(open_passthrough(config)?);
         Ok(FsDevice {
-            server: Server::new(Arc::new(fs)),
+            server: Server::new(Arc::clone(&fs)),
+            fs,
             read_only: config.read_only,
             bounce: Mutex::new(Bounce::new()?),
         })
+    }
+
+    /// Forgets every inode and open handle the guest held (their fds are closed) and opens
+    /// the share's root again, as FUSE_DESTROY does: what a device reset needs, without
+    /// opening a new passthrough (which needs `/proc/self/mountinfo`).
+    pub fn forget_all(&self) {
+        use fuse_backend_rs::api::filesystem::FileSystem;
+        self.fs.destroy();
     }
 
     /// Drains `queue`, answering every available request; returns whether the driver must be

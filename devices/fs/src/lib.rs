@@ -36,6 +36,7 @@ use std::path::PathBuf;
 
 pub use device::{FsDevice, HIPRIO_QUEUE, NUM_QUEUES};
 pub use error::Error;
+pub use passthrough::check_shared_dir;
 pub use vhost_user::{serve_vhost_user, serve_vhost_user_confined, BackendHandle, Confine, Jail};
 /// The virtio-queue version the device's queue types come from.
 pub use virtio_queue;

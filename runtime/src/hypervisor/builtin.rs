@@ -78,6 +78,8 @@ impl Hypervisor for Builtin {
         c.vcpus = vcpus;
         c.console_log = Some(cfg.console_log.clone());
         c.guest_cid = cfg.guest_cid;
+        // Confined like QEMU's back end: its virtio-fs thread's root holds only the share.
+        c.fs_share_root = crate::jail::backends_enabled();
         c.fs_tag = cfg.share_tag.clone();
         let started = Instant::now();
         // BuiltinVm::start leaves nothing behind on error (no thread, socket or console file).

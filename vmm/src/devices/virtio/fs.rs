@@ -54,10 +54,29 @@ pub struct VirtioFs {
 impl VirtioFs {
     /// Opens `config.shared_dir` for the guest to mount as `tag` and starts the I/O thread.
     pub fn new(config: &FsConfig, tag: &str) -> Result<Self, FsDeviceError> {
+        Self::build(config, tag, false)
+    }
+
+    /// [`VirtioFs::new`], with the I/O thread serving from a mount namespace of its own whose
+    /// root holds the share and nothing of the host's ([`rootcell_fs::share_root`]); needs
+    /// CAP_SYS_ADMIN. Mounts attached inside the share later reach it if the share is a
+    /// shared mount in the caller's namespace.
+    pub fn with_share_root(config: &FsConfig, tag: &str) -> Result<Self, FsDeviceError> {
+        Self::build(config, tag, true)
+    }
+
+    fn build(config: &FsConfig, tag: &str, share_root: bool) -> Result<Self, FsDeviceError> {
         if tag.is_empty() || tag.len() > MAX_TAG_LEN {
             return Err(FsDeviceError::Tag(tag.to_owned()));
         }
-        let device = FsDevice::new(config)?;
+        // With its own root the device is opened on the I/O thread (between its namespace and
+        // the pivot); the share is checked here anyway, so a bad one fails now.
+        let device = if share_root {
+            rootcell_fs::check_shared_dir(&config.shared_dir)?;
+            None
+        } else {
+            Some(FsDevice::new(config)?)
+        };
         let mut space = [0u8; MAX_TAG_LEN + 4];
         space[..tag.len()].copy_from_slice(tag.as_bytes());
         let request_queues = (rootcell_fs::NUM_QUEUES - 1) as u32;
@@ -66,8 +85,9 @@ impl VirtioFs {
             "virtiofs-io",
             FsWorker {
                 config: config.clone(),
-                device: Some(device),
+                device,
                 active: None,
+                share_root,
             },
             Some(crate::devices::virtio::worker::Confinement {
                 filter: crate::seccomp::fs_io_filter,
@@ -117,6 +137,8 @@ struct FsWorker {
     config: FsConfig,
     device: Option<FsDevice>,
     active: Option<Active>,
+    /// Serving from [`rootcell_fs::share_root`]'s root (set up in `on_thread`).
+    share_root: bool,
 }
 
 /// Describes every region of the VMM's guest RAM for [`guest_memory_view`].
@@ -140,6 +162,18 @@ impl DeviceWorker for FsWorker {
 
     fn start(&mut self, _epoll: &Epoll) -> std::io::Result<()> {
         Ok(())
+    }
+
+    fn on_thread(&mut self) -> Result<(), String> {
+        if !self.share_root {
+            return Ok(());
+        }
+        let fail =
+            |e: std::io::Error| format!("giving the virtio-fs thread the share as root: {e}");
+        rootcell_fs::share_root::enter(&self.config.shared_dir).map_err(fail)?;
+        self.config.shared_dir = rootcell_fs::share_root::SHARE_PATH.into();
+        self.device = Some(FsDevice::new(&self.config).map_err(|e| e.to_string())?);
+        rootcell_fs::share_root::pivot().map_err(fail)
     }
 
     fn activate(&mut self, epoll: &Epoll, act: Activation) -> Result<(), String> {
@@ -188,6 +222,14 @@ impl DeviceWorker for FsWorker {
                 unwatch(epoll, q.notify.as_raw_fd());
             }
         }
+        if self.share_root {
+            // No /proc/self/mountinfo in this root to open a new passthrough with: the same
+            // one forgets every inode and handle the old driver held instead.
+            if let Some(d) = &self.device {
+                d.forget_all();
+            }
+            return true;
+        }
         // A fresh passthrough forgets every inode the old driver held (one fd each); it is
         // reopened now, or at the next activation if the share is unavailable right now.
         self.device = None;
@@ -212,5 +254,69 @@ impl DeviceWorker for FsWorker {
             Ok(false) => {}
             Err(e) => log::warn!("virtio-fs queue {token}: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &std::path::Path) -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// With `with_share_root`, the I/O thread's root holds the share and `/proc/self/fd` only,
+    /// its mount namespace is its own, it runs under its filter, and a device reset (which
+    /// cannot open a new passthrough there) still works. Needs root.
+    #[test]
+    fn the_io_thread_serves_from_a_root_holding_only_the_share() {
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let share = tmp.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        let marker = format!("marker-{}", std::process::id());
+        std::fs::write(share.join(&marker), b"x").unwrap();
+        let mut dev = VirtioFs::with_share_root(
+            &FsConfig {
+                shared_dir: share,
+                read_only: false,
+            },
+            "t",
+        )
+        .unwrap();
+        let ours = std::fs::read_link("/proc/thread-self/ns/mnt").unwrap();
+        // Other tests may run I/O threads of the same name: ours is the one with our marker.
+        let io = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .map(|t| t.path())
+            .find(|t| {
+                std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "virtiofs-io")
+                    && t.join("root/share").join(&marker).exists()
+            })
+            .expect("the I/O thread, serving our share under /share");
+        let root = io.join("root");
+        assert_eq!(
+            names(&root),
+            ["proc".to_string(), "share".to_string()].into()
+        );
+        assert_eq!(names(&root.join("..")), names(&root));
+        assert_ne!(std::fs::read_link(io.join("ns/mnt")).unwrap(), ours);
+        let status = std::fs::read_to_string(io.join("status")).unwrap();
+        assert!(status.contains("Seccomp:\t2"), "{status}");
+        // A reset forgets everything through the same passthrough; the thread survives it.
+        assert!(dev.io().reset(), "reset answered");
+        assert!(io.join("status").exists(), "the I/O thread is still there");
+        drop(dev);
     }
 }

@@ -62,6 +62,12 @@ pub(crate) trait DeviceWorker: Send + 'static {
     type Activation: Send + 'static;
     /// Registers the fds the worker watches for its whole life (e.g. a host socket).
     fn start(&mut self, epoll: &Epoll) -> std::io::Result<()>;
+    /// Runs first on the I/O thread, before it is confined (still with the caller's
+    /// capabilities): for what only that thread may do, such as giving itself a mount
+    /// namespace of its own.
+    fn on_thread(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Takes over the queues and registers their notify eventfds.
     fn activate(&mut self, epoll: &Epoll, activation: Self::Activation) -> Result<(), String>;
     /// Unregisters and drops the queues; returns false if the device cannot start over.
@@ -124,6 +130,10 @@ impl<A: Send + 'static> WorkerHandle<A> {
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                if let Err(e) = worker.on_thread() {
+                    let _ = confined_tx.send(Err(e));
+                    return;
+                }
                 if let Some(keep) = caps {
                     if let Err(e) = crate::seccomp::keep_caps(keep) {
                         let _ = confined_tx.send(Err(e.to_string()));
