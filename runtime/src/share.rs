@@ -530,4 +530,84 @@ mod tests {
         assert!(!run.exists());
         remove_run_dir(&run).unwrap();
     }
+
+    /// A joining container's trees, attached to a share that a back end serves from its own
+    /// namespace (`rootcell_fs::share_root`): the back end sees them, read-only where asked and
+    /// nodev throughout (set before attaching: a propagated copy takes the flags of that
+    /// moment), and sees them go when they are detached. Needs root.
+    #[test]
+    fn a_joining_containers_trees_reach_the_back_end_nodev_and_read_only() {
+        if !rootcell_test_support::require_root("a_joining_containers_trees_reach_the_back_end") {
+            return;
+        }
+        std::thread::spawn(|| {
+            // This thread plays the sandbox: a namespace of its own, the share a shared tmpfs.
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
+            )
+            .unwrap();
+            let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+            mount(None::<&str>, "/", None::<&str>, flags, None::<&str>).unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            let (rootfs, data, share) = (
+                tmp.path().join("rootfs"),
+                tmp.path().join("data"),
+                tmp.path().join("share"),
+            );
+            std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+            std::fs::create_dir(&data).unwrap();
+            std::fs::write(data.join("f"), b"x").unwrap();
+            build(&share, &rootfs, &[]).unwrap();
+            // The back end, as the virtio-fs thread sets itself up.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+            let backend_share = share.clone();
+            let backend = std::thread::spawn(move || {
+                rootcell_fs::share_root::enter(&backend_share).unwrap();
+                rootcell_fs::share_root::pivot().unwrap();
+                // SAFETY: gettid has no arguments.
+                tx.send(unsafe { libc::gettid() }).unwrap();
+                let _ = stop_rx.recv();
+            });
+            let tid = rx.recv().unwrap();
+            let root = PathBuf::from(format!("/proc/self/task/{tid}/root/share"));
+
+            let mut binds = vec![BindMount {
+                index: 3,
+                source: data.clone(),
+                name: String::new(),
+                read_only: true,
+            }];
+            name_entries(&mut binds);
+            let trees = clone_member(&rootfs, &binds).unwrap();
+            let mounted = attach_member(&share, "m1", trees).unwrap();
+            let entry = root.join(".rootcell/c/m1");
+            let seen = entry.join(&binds[0].name).join("f");
+            assert_eq!(
+                std::fs::read(&seen).unwrap(),
+                b"x",
+                "the back end sees the bind"
+            );
+            let err = std::fs::write(&seen, b"y").unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EROFS), "read-only there too");
+            assert!(entry.join("rootfs/bin").is_dir(), "and the rootfs");
+            let info = std::fs::read_to_string(format!("/proc/self/task/{tid}/mountinfo")).unwrap();
+            let member: Vec<&str> = info
+                .lines()
+                .filter(|l| l.contains("/.rootcell/c/m1"))
+                .collect();
+            assert_eq!(member.len(), 2, "{info}");
+            for l in &member {
+                let opts = l.split(' ').nth(5).unwrap();
+                assert!(opts.split(',').any(|o| o == "nodev"), "not nodev: {l}");
+            }
+            detach_member(&mounted);
+            assert!(!seen.exists(), "detached for the back end too");
+            stop_tx.send(()).unwrap();
+            backend.join().unwrap();
+            nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
 }
