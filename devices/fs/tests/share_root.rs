@@ -111,6 +111,20 @@ fn back_end_threads_see_only_the_share_and_later_attachments() {
         let my_ns = std::fs::read_link("/proc/thread-self/ns/mnt").unwrap();
 
         let socket = tmp.path().join("fs.sock");
+        // What the namespace costs at start: the same back end started without it first.
+        let plain = Instant::now();
+        let h = rootcell_fs::serve_vhost_user(
+            &tmp.path().join("plain.sock"),
+            FsConfig {
+                shared_dir: share.clone(),
+                read_only: false,
+            },
+        )
+        .expect("plain back end starts");
+        let plain = plain.elapsed();
+        h.stop();
+        h.wait().expect("plain back end ends");
+        let started = Instant::now();
         let handle = serve_vhost_user_confined(
             &socket,
             FsConfig {
@@ -123,6 +137,10 @@ fn back_end_threads_see_only_the_share_and_later_attachments() {
             },
         )
         .expect("back end starts");
+        eprintln!(
+            "start: {:?} with the share root, {plain:?} without",
+            started.elapsed()
+        );
         let tid = thread_named("rootcell-fs");
         let root = PathBuf::from(format!("/proc/self/task/{tid}/root"));
 
