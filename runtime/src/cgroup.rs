@@ -132,9 +132,13 @@ fn join_at(base: &Path, path: &str, pid: u32, part: Part) -> Vec<String> {
         .into_iter()
         .filter(|h| part.covers(base, h))
     {
+        let unified = h == base;
         let mut dir = h.clone();
         for comp in rel.components() {
             let parent = dir.clone();
+            if unified {
+                enable_controllers(&parent);
+            }
             dir.push(comp);
             if !dir.exists() {
                 if let Err(e) = std::fs::create_dir(&dir) {
@@ -154,6 +158,29 @@ fn join_at(base: &Path, path: &str, pid: u32, part: Part) -> Vec<String> {
         }
     }
     errors
+}
+
+/// On cgroup v2 a cgroup has the controllers its parent lists in `cgroup.subtree_control`, and
+/// nothing else: without this, the container's cgroup under a parent rootcell made (Docker's
+/// `/docker`) has no `memory.*`, `cpu.*` or `pids.*` files, so `docker stats` reads nothing and
+/// an OOM kill cannot be relayed. Enables in `parent` every controller it has, as runc does on
+/// the way down to a container's cgroup. Each is tried alone: one the kernel refuses here (a
+/// parent with processes of its own takes no domain controllers) does not stop the others, and
+/// is no error for the join (the cgroup still counts what it can).
+fn enable_controllers(parent: &Path) {
+    let Ok(available) = std::fs::read_to_string(parent.join("cgroup.controllers")) else {
+        return;
+    };
+    let enabled =
+        std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    for c in available.split_whitespace() {
+        if enabled.split_whitespace().any(|e| e == c) {
+            continue;
+        }
+        if let Err(e) = std::fs::write(parent.join("cgroup.subtree_control"), format!("+{c}")) {
+            tracing::debug!(cgroup = %parent.display(), controller = c, "cannot enable: {e}");
+        }
+    }
 }
 
 /// Sets CPU bandwidth and weight of `path` wherever a hierarchy has the cpu controller (v1
@@ -373,5 +400,30 @@ mod tests {
             std::fs::read_to_string(v2.path().join("c1/cgroup.procs")).unwrap(),
             "7"
         );
+    }
+
+    #[test]
+    fn v2_join_enables_the_parents_controllers_on_the_way_down() {
+        let v2 = tempfile::tempdir().unwrap();
+        let root = v2.path();
+        std::fs::write(root.join("cgroup.procs"), "").unwrap();
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        std::fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+        // `/docker` exists already with controllers of its own (the kernel would fill these in).
+        std::fs::create_dir(root.join("docker")).unwrap();
+        std::fs::write(root.join("docker/cgroup.controllers"), "memory pids\n").unwrap();
+        std::fs::write(root.join("docker/cgroup.subtree_control"), "pids\n").unwrap();
+        assert!(join_at(root, "/docker/c1", 7, Part::Cpu).is_empty());
+        // A plain file keeps only the last write: the last controller not yet enabled.
+        assert_eq!(
+            std::fs::read_to_string(root.join("cgroup.subtree_control")).unwrap(),
+            "+pids"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("docker/cgroup.subtree_control")).unwrap(),
+            "+memory"
+        );
+        // Not in the leaf: the sandbox lives there, and a cgroup with processes takes none.
+        assert!(!root.join("docker/c1/cgroup.subtree_control").exists());
     }
 }

@@ -178,7 +178,14 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
             "{backend}-picks-{}",
             if backend == "auto" { "builtin" } else { "qemu" }
         ));
-        for t in ["lifecycle", "process", "stdio", "errors", "network"] {
+        for t in [
+            "lifecycle",
+            "process",
+            "stdio",
+            "errors",
+            "docker",
+            "network",
+        ] {
             expected.push(format!("{backend}-{t}"));
         }
     }
@@ -206,7 +213,7 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         .lines()
         .filter(|l| l.starts_with("test result: ok.") && !l.contains(" 0 passed"))
         .count();
-    let want = 5 * backends.len();
+    let want = 6 * backends.len();
     assert!(
         results >= want,
         "expected {want} test binaries with passing tests, saw {results}\n{}",

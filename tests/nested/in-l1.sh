@@ -46,13 +46,17 @@ leftovers() {
     echo "$left"
 }
 
-# The focused set: lifecycle, exit codes, stdio integrity, errors, one network test.
+# The focused set: lifecycle, exit codes, stdio integrity, errors, Docker on L1's cgroup v2
+# (a private dockerd with rootcell registered: run, --memory with an OOM kill, stats, the host
+# cgroup's CPU quota and charge), and the network tests: a prepared namespace mirrored into
+# virtio-net, Docker's default bridge, -p and a user-defined network by name.
 focused=(
     "lifecycle"
     "process exit_codes_pass_through missing_executable_exits_127 non_executable_file_exits_126 kill_9_gives_137 kill_term_gives_143"
     "stdio"
     "errors"
-    "network a_prepared_network_namespace_is_mirrored_into_the_guest"
+    "docker run_prints_root_and_guest_kernel_under_both_names exit_codes_and_runtime_errors oom_kills_in_the_guest_reach_docker top_pause_unpause_update_and_stats memory_cpus_and_pids_limits booting_the_vm_is_not_charged"
+    "network a_prepared_network_namespace_is_mirrored_into_the_guest default_bridge_gives_the_docker_address published_port_reaches_a_server user_defined_network_resolves_rootcell_peers_by_name"
 )
 # The smoke set: the same binaries, fewer tests (about 5 minutes on the built-in VMM in L1).
 smoke=(
@@ -60,6 +64,7 @@ smoke=(
     "process exit_codes_pass_through kill_9_gives_137"
     "stdio hundred_mib_of_random_bytes_round_trip stdin_eof_reaches_the_process stderr_only_write_stays_on_stderr"
     "errors duplicate_and_unknown_ids json_log_carries_the_error missing_vmlinux_for_the_builtin_hypervisor"
+    "docker run_prints_root_and_guest_kernel_under_both_names"
     "network a_prepared_network_namespace_is_mirrored_into_the_guest"
 )
 set_name=${NESTED_SET:-focused}
