@@ -82,6 +82,11 @@ ctrls=$(sed 's/[^ ][^ ]*/+&/g' /sys/fs/cgroup/cgroup.controllers)
 [ -n "$ctrls" ] && echo "$ctrls" > /sys/fs/cgroup/cgroup.subtree_control
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 ln -sf /proc/self/fd /dev/fd
+# `quiet` keeps the boot cheap; from here on, warnings reach the console too (level < 5), so a
+# soft lockup in L1's kernel comes with its stack traces, of every CPU (scripts/l1.sh stops L1
+# on one and shows them).
+echo 5 > /proc/sys/kernel/printk
+echo 1 > /proc/sys/kernel/softlockup_all_cpu_backtrace
 ip link set lo up
 hostname rootcell-l1
 

@@ -131,6 +131,16 @@ while :; do
         echo "l1: command exited with $rc after $(printf '%.1f' "$elapsed") s in L1 (QEMU TCG, -cpu max, -smp $smp)"
         exit "$rc"
     fi
+    # A soft lockup in L1's kernel that lasts (seen: its KVM's kvm-pit worker and a vCPU thread
+    # both stuck for good, reported every 28 s) stops everything in L1, the command's own bounds
+    # included: say so once it is reported a third time, with the traces L1 prints (its /init
+    # raises the console log level for them), rather than wait for --timeout. One report alone
+    # may be L1 starved by a loaded host.
+    if [ "$(grep -ac 'BUG: soft lockup' "$log")" -ge 3 ]; then
+        line=$(grep -a 'BUG: soft lockup' "$log" | tail -1 | tr -d '\r' | sed 's/^\[ *[0-9.]*\] //')
+        echo "l1: FAIL L1's kernel locked up while $phase ($line); L1 stopped; last console lines:"
+        last_lines 60; exit 125
+    fi
     if ! kill -0 "$qemu_pid" 2>/dev/null; then
         wait "$qemu_pid" 2>/dev/null && qrc=0 || qrc=$?
         qemu_pid=

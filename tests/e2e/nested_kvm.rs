@@ -154,10 +154,32 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         "focused" => (2700, "2600"),
         _ => (1500, "1400"),
     };
-    let (out, took) = lane(
-        &["--timeout", inner, "--", &cmd],
-        Duration::from_secs(limit),
-    );
+    // L1's own kernel has been seen to lock up for good: its KVM's kvm-pit worker and a vCPU
+    // thread both stuck, reported every 28 s (once in six L1 boots on the day it was caught).
+    // scripts/l1.sh then stops L1 with one `l1: FAIL L1's kernel locked up` line and L1's stack
+    // traces. A VMM in user space should not be able to hang the kernel's KVM; the likeliest
+    // suspect is the emulated CPU's nested SVM. So the lane gets one more try, and the first
+    // one's traces are printed; any other failure fails at once.
+    let mut tries = 0;
+    let (out, took) = loop {
+        tries += 1;
+        let (out, took) = lane(
+            &["--timeout", inner, "--", &cmd],
+            Duration::from_secs(limit),
+        );
+        let stdout = text(&out.stdout);
+        match stdout.find("l1: FAIL L1's kernel locked up") {
+            Some(at) if tries < 2 => {
+                println!(
+                    "nested lane: L1's kernel locked up after {:.0} s; trying once more. Where:\n{}",
+                    took.as_secs_f64(),
+                    &stdout[at..]
+                );
+                assert_lane_left_nothing(&stdout);
+            }
+            _ => break (out, took),
+        }
+    };
     let stdout = text(&out.stdout);
     let phases: Vec<&str> = stdout
         .lines()
