@@ -322,6 +322,79 @@ fn killing_the_pool_server_mid_claim_loses_no_container_and_leaks_nothing() {
     pool.assert_gone();
 }
 
+#[test]
+fn a_dead_pool_vm_a_shape_no_pool_has_and_an_untrusted_socket_mean_cold_starts() {
+    let rt = Runtime::new();
+    let pool = Pool::start(&rt, 1);
+    let rt = runtime_for(&pool.dir);
+    let bundle = Bundle::new(&["echo", "hello"]);
+    let run_logged = |rt: &Runtime, bundle: &Bundle, what: &str| -> String {
+        let log = rt.dir.path().join(format!("{what}.log"));
+        let id = unique_id(what);
+        let o = rt.run(&[
+            "--log",
+            log.to_str().unwrap(),
+            "run",
+            "--bundle",
+            bundle.path().to_str().unwrap(),
+            &id,
+        ]);
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(code(&o), 0, "{what}: {}\nlog:\n{log}", text(&o.stderr));
+        assert_eq!(text(&o.stdout).trim(), "hello", "{what}");
+        assert_no_leftovers(rt, &id);
+        log
+    };
+
+    // The ready VM's hypervisor dies: the pool drops it and boots another; nobody gets it.
+    let dir = pool.dir.to_string_lossy().into_owned();
+    let qemu: Vec<i32> = processes_mentioning(&dir)
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(qemu.len(), 1, "one ready VM's QEMU: {qemu:?}");
+    // SAFETY: killing the QEMU of this test's pool.
+    unsafe { libc::kill(qemu[0], libc::SIGKILL) };
+    wait_until(
+        "the pool to replace its dead VM",
+        Duration::from_secs(30),
+        || {
+            let st = pool.status(&rt);
+            st["shapes"][0]["failed_boots"].as_u64() == Some(1) || st["shapes"][0]["booting"] == 1
+        },
+    );
+    pool.wait_ready(&rt, 1);
+    let log = run_logged(&rt, &bundle, "after-dead-vm");
+    assert!(log.contains("from the pool (no boot)"), "{log}");
+
+    // A container that needs more memory than any pooled VM has boots its own.
+    let big = Bundle::new(&["echo", "hello"]).edit(|s| {
+        s["linux"]["resources"] = json!({"memory": {"limit": 1024_i64 * 1024 * 1024}});
+    });
+    let log = run_logged(&rt, &big, "no-shape");
+    assert!(
+        log.contains("the pool has no shape that fits 1088 MiB, 1 vCPU"),
+        "{log}"
+    );
+
+    // A pool directory others may write to is not trusted.
+    let fake = tempfile::Builder::new()
+        .prefix("rcfake")
+        .tempdir_in("/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(fake.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let _listener = std::os::unix::net::UnixListener::bind(fake.path().join("pool.sock")).unwrap();
+    let rt2 = runtime_for(fake.path());
+    let log = run_logged(&rt2, &bundle, "untrusted");
+    assert!(
+        log.contains("booting a VM: cannot take one from the pool")
+            && log.contains("lets others write"),
+        "{log}"
+    );
+}
+
 /// The Docker daemon of this binary, whose rootcell claims from [`docker_pool`] (the env
 /// reaches the runtime through dockerd, containerd and the shim).
 fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {
