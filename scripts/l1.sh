@@ -144,6 +144,14 @@ while :; do
     if ! kill -0 "$qemu_pid" 2>/dev/null; then
         wait "$qemu_pid" 2>/dev/null && qrc=0 || qrc=$?
         qemu_pid=
+        # A panic of L1's kernel ends QEMU too (panic=-1 reboots, -no-reboot exits). Seen once:
+        # `BUG: TASK stack guard page was hit` in a vcpu thread, page faults recursing on a %gs
+        # access (a GS base not L1's own after leaving its guest), then `corrupted stack end`.
+        if line=$(grep -a -m1 -E 'Kernel panic|BUG: TASK stack guard page' "$log"); then
+            line=$(echo "$line" | tr -d '\r' | sed 's/^\[ *[0-9.]*\] //')
+            echo "l1: FAIL L1's kernel crashed while $phase ($line); last console lines:"
+            last_lines 40; exit 125
+        fi
         echo "l1: FAIL QEMU exited ($qrc) while $phase: $(tail -n 2 "$tmp/qemu.log" | tr '\n' ' ')"
         last_lines; exit 125
     fi
