@@ -167,6 +167,20 @@ fn pooled_of(rt: &Runtime, id: &str) -> Option<Value> {
     Some(st["pooled"].clone()).filter(|p| !p.is_null())
 }
 
+/// `run` of `bundle` as `id` with its log in a file; the output and the log.
+fn run_with_log(rt: &Runtime, bundle: &Bundle, id: &str) -> (std::process::Output, String) {
+    let log = rt.dir.path().join(format!("{id}.log"));
+    let o = rt.run(&[
+        "--log",
+        log.to_str().unwrap(),
+        "run",
+        "--bundle",
+        bundle.path().to_str().unwrap(),
+        id,
+    ]);
+    (o, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
 #[test]
 fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
     let rt = Runtime::new();
@@ -182,19 +196,10 @@ fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
                 "destination": "/data", "type": "bind", "source": data.path(), "options": ["rbind", "rw"]
             }));
         });
-    let log = rt.dir.path().join("run.log");
     let id = unique_id("warm-run");
     let started = Instant::now();
-    let o = rt.run(&[
-        "--log",
-        log.to_str().unwrap(),
-        "run",
-        "--bundle",
-        bundle.path().to_str().unwrap(),
-        &id,
-    ]);
+    let (o, log_text) = run_with_log(&rt, &bundle, &id);
     eprintln!("warm run took {} ms", started.elapsed().as_millis());
-    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         code(&o),
         7,
@@ -329,17 +334,8 @@ fn a_dead_pool_vm_a_shape_no_pool_has_and_an_untrusted_socket_mean_cold_starts()
     let rt = runtime_for(&pool.dir);
     let bundle = Bundle::new(&["echo", "hello"]);
     let run_logged = |rt: &Runtime, bundle: &Bundle, what: &str| -> String {
-        let log = rt.dir.path().join(format!("{what}.log"));
         let id = unique_id(what);
-        let o = rt.run(&[
-            "--log",
-            log.to_str().unwrap(),
-            "run",
-            "--bundle",
-            bundle.path().to_str().unwrap(),
-            &id,
-        ]);
-        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let (o, log) = run_with_log(rt, bundle, &id);
         assert_eq!(code(&o), 0, "{what}: {}\nlog:\n{log}", text(&o.stderr));
         assert_eq!(text(&o.stdout).trim(), "hello", "{what}");
         assert_no_leftovers(rt, &id);

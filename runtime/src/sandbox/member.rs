@@ -89,22 +89,18 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     if let Some(cg) = &state.cgroups_path {
         join_cpu_cgroup(cg, &bundle.spec, &[me]);
     }
-    let run_dir = state.run_dir.clone();
     attachment.armed = false;
     let role = Role::Member {
         mounts: std::mem::take(&mut attachment.mounts),
     };
-    let (shared, control) =
-        Shared::created(state, state_path, vm.clone(), agent, attached.tty_fd, role)?;
-    Ok(Sandbox {
-        shared,
+    Sandbox::assemble(Parts {
+        state,
+        state_path,
         vm,
-        events,
-        events_tx,
-        streams: attached.streams,
-        control,
-        run_dir,
-        saved_termios: attached.saved,
+        agent,
+        attached,
+        events: (events_tx, events),
+        role,
         network: None,
     })
 }

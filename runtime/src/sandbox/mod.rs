@@ -240,6 +240,45 @@ pub fn main(args: SandboxArgs) -> i32 {
     }
 }
 
+/// What a created container's sandbox is made of, however its VM came about (booted, taken
+/// from the pool, or another container's).
+struct Parts {
+    state: ContainerState,
+    state_path: PathBuf,
+    vm: Arc<dyn Vm>,
+    agent: Arc<AgentClient>,
+    attached: crate::stdio::Attached,
+    events: (mpsc::Sender<SbEvent>, mpsc::Receiver<SbEvent>),
+    role: Role,
+    network: Option<rootcell_net::Mirror>,
+}
+
+impl Sandbox {
+    /// Records the container as created, listens on its control socket, and puts it together.
+    fn assemble(p: Parts) -> anyhow::Result<Sandbox> {
+        let run_dir = p.state.run_dir.clone();
+        let (shared, control) = Shared::created(
+            p.state,
+            p.state_path,
+            p.vm.clone(),
+            p.agent,
+            p.attached.tty_fd,
+            p.role,
+        )?;
+        Ok(Sandbox {
+            shared,
+            vm: p.vm,
+            events_tx: p.events.0,
+            events: p.events.1,
+            streams: p.attached.streams,
+            control,
+            run_dir,
+            saved_termios: p.attached.saved,
+            network: p.network,
+        })
+    }
+}
+
 /// Everything `prepare` built, ready to serve.
 struct Sandbox {
     shared: Arc<Shared>,

@@ -43,33 +43,20 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     let (vm, cfg) = start_vm(args, &mut state, &state_path, &bundle, &host)?;
     let (events_tx, events) = mpsc::channel();
     let agent = connect_agent(&vm, &VmLogs::of(&cfg), &events_tx)?;
-    let (
-        Attached {
-            streams,
-            tty_fd,
-            saved: saved_termios,
-        },
-        guest_pid,
-    ) = create_container(args, &agent, &state, &bundle, &host, &cfg)?;
+    let (attached, guest_pid) = create_container(args, &agent, &state, &bundle, &host, &cfg)?;
     state.guest_pid = guest_pid;
     if let Some(cg) = &state.cgroups_path {
         join_cpu_cgroup(cg, &bundle.spec, &[state.pid, state.vm_pid]);
     }
-    let HostSetup {
-        run_dir, network, ..
-    } = host;
-    let (shared, control) =
-        Shared::created(state, state_path, vm.clone(), agent, tty_fd, Role::Owner)?;
-    Ok(Sandbox {
-        shared,
+    Sandbox::assemble(Parts {
+        state,
+        state_path,
         vm,
-        events,
-        events_tx,
-        streams,
-        control,
-        run_dir,
-        saved_termios,
-        network: network.map(|(m, _)| m),
+        agent,
+        attached,
+        events: (events_tx, events),
+        role: Role::Owner,
+        network: host.network.map(|(m, _)| m),
     })
 }
 

@@ -89,7 +89,6 @@ pub(super) fn prepare(
         return Ok(Outcome::Declined);
     }
     let network = crate::network::mirror_onto(&[TAP_NAME.to_string()])?;
-    let run_dir = state.run_dir.clone();
     let loopback_dns = network
         .as_ref()
         .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
@@ -151,25 +150,17 @@ pub(super) fn prepare(
         state.guest_privileged,
     )?;
     state.guest_pid = guest_pid;
-    let (shared, control) = Shared::created(
-        state.clone(),
-        state_path.to_path_buf(),
-        vm.clone(),
-        agent,
-        attached.tty_fd,
-        Role::Owner,
-    )?;
-    Ok(Outcome::Ready(Box::new(Sandbox {
-        shared,
+    Sandbox::assemble(Parts {
+        state: state.clone(),
+        state_path: state_path.to_path_buf(),
         vm,
-        events,
-        events_tx,
-        streams: attached.streams,
-        control,
-        run_dir,
-        saved_termios: attached.saved,
+        agent,
+        attached,
+        events: (events_tx, events),
+        role: Role::Owner,
         network: network.map(|(m, _)| m),
-    })))
+    })
+    .map(|sb| Outcome::Ready(Box::new(sb)))
 }
 
 /// Attaches the container's trees to the share of the pool VM run by `holder_pid`, from a
