@@ -361,6 +361,7 @@ impl Podman {
     fn command(&self, args: &[&str]) -> std::process::Command {
         let d = self.dir.path();
         let mut c = std::process::Command::new("podman");
+        no_host_pool(&mut c);
         c.arg("--root")
             .arg(d.join("storage"))
             .arg("--runroot")

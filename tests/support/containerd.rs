@@ -206,6 +206,7 @@ impl Containerd {
                 c
             }
         };
+        crate::no_host_pool(&mut cmd);
         let child = cmd
             .arg("--config")
             .arg(d.join("config.toml"))

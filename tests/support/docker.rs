@@ -406,6 +406,7 @@ impl DockerDaemon {
                     .arg(format!("kata-runtime={}", art.bin.display()));
             }
         }
+        crate::no_host_pool(&mut cmd);
         cmd.args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -41,6 +41,18 @@ pub struct Artifacts {
     pub kernel_release: String,
 }
 
+/// Where the tests' runtimes look for a VM pool unless a test names one
+/// (`ROOTCELL_POOL_DIR`): nowhere, so a pool running on the host does not change what they
+/// test (each container boots its own VM).
+pub const NO_POOL_DIR: &str = "/run/rootcell-e2e-no-pool";
+
+/// Points `c` at no VM pool, unless this process names one (tests/e2e/pool.rs).
+pub fn no_host_pool(c: &mut Command) {
+    if std::env::var_os("ROOTCELL_POOL_DIR").is_none() {
+        c.env("ROOTCELL_POOL_DIR", NO_POOL_DIR);
+    }
+}
+
 /// Reads the artifact paths from the environment, or panics with instructions.
 pub fn artifacts() -> Artifacts {
     let get = |k: &str| {
@@ -137,6 +149,7 @@ impl Runtime {
         let mut c = Command::new(&self.art.bin);
         c.arg("--root").arg(self.root()).args(args);
         c.env(SCOPE_VAR, &self.scope);
+        no_host_pool(&mut c);
         for (k, v) in &self.extra_env {
             c.env(k, v);
         }
