@@ -16,6 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering::SeqCst};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
@@ -44,6 +45,11 @@ pub enum HolderNews {
     Failed(String),
 }
 
+/// A pooled VM's fate, decided once: claimed by a container, or ended with the pool.
+const UNCLAIMED: u8 = 0;
+const CLAIMED: u8 = 1;
+const ENDING: u8 = 2;
+
 /// Events of the holder's main loop.
 enum Ev {
     VmStopped(i32),
@@ -62,14 +68,20 @@ pub fn main(args: HolderArgs) -> i32 {
         let mut out = std::io::stdout();
         let _ = out.write_all(&line).and_then(|()| out.flush());
     };
-    match run(&args, &news) {
+    let status = match run(&args, &news) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(vm = args.name, "{e:#}");
             news(HolderNews::Failed(format!("{e:#}")));
             1
         }
-    }
+    };
+    // Whatever happened, the VM's directory goes with it (the share is mounted only in this
+    // process's namespace; detached first all the same).
+    let share_dir = args.run_dir.join(paths::SHARE_DIR);
+    let _ = nix::mount::umount2(&share_dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = share::remove_run_dir(&args.run_dir);
+    status
 }
 
 fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
@@ -126,8 +138,6 @@ fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
     let result = serve(args, &cfg, &vm, server, card_mac, started, news, &signals);
     vm.kill();
     vm.finish(Duration::from_secs(2));
-    let _ = nix::mount::umount2(&share_dir, nix::mount::MntFlags::MNT_DETACH);
-    let _ = share::remove_run_dir(&args.run_dir);
     result
 }
 
@@ -143,7 +153,38 @@ fn serve(
     news: &dyn Fn(HolderNews),
     signals: &nix::sys::signal::SigSet,
 ) -> Result<()> {
-    crate::sandbox::await_agent(vm, cfg)?;
+    // Watched from the start: a server or a signal that ends the pool while the VM still boots
+    // ends the boot too (the wait for the agent sees the VM stop).
+    let fate = Arc::new(AtomicU8::new(UNCLAIMED));
+    let (tx, rx) = mpsc::channel();
+    let t = tx.clone();
+    let (v, f) = (vm.clone(), fate.clone());
+    std::thread::spawn(move || {
+        server.wait(None);
+        // Unless it was claimed first, the VM is nobody's now.
+        if f.compare_exchange(UNCLAIMED, ENDING, SeqCst, SeqCst)
+            .is_ok()
+        {
+            v.kill();
+        }
+        let _ = t.send(Ev::ServerGone);
+    });
+    let t = tx.clone();
+    let set = *signals;
+    let v = vm.clone();
+    std::thread::spawn(move || loop {
+        if let Ok(sig) = set.wait() {
+            v.kill();
+            let _ = t.send(Ev::Signal(sig as i32));
+        }
+    });
+    if let Err(e) = crate::sandbox::await_agent(vm, cfg) {
+        if let Ok(Ev::ServerGone | Ev::Signal(_)) = rx.recv_timeout(Duration::from_secs(1)) {
+            tracing::info!(vm = args.name, "the pool is stopping: boot abandoned");
+            return Ok(());
+        }
+        return Err(e);
+    }
     tracing::info!(
         vm = args.name,
         boot_ms = started.elapsed().as_millis() as u64,
@@ -155,24 +196,11 @@ fn serve(
         .with_context(|| format!("cannot listen on {}", claim_path.display()))?;
     std::fs::set_permissions(&claim_path, std::fs::Permissions::from_mode(0o600))?;
 
-    let (tx, rx) = mpsc::channel();
     let t = tx.clone();
     let v = vm.clone();
     std::thread::spawn(move || {
         let st = v.wait_stopped();
         let _ = t.send(Ev::VmStopped(st));
-    });
-    let t = tx.clone();
-    std::thread::spawn(move || {
-        server.wait(None);
-        let _ = t.send(Ev::ServerGone);
-    });
-    let t = tx.clone();
-    let set = *signals;
-    std::thread::spawn(move || loop {
-        if let Ok(sig) = set.wait() {
-            let _ = t.send(Ev::Signal(sig as i32));
-        }
     });
     let t = tx.clone();
     std::thread::spawn(move || {
@@ -187,7 +215,7 @@ fn serve(
     // Unclaimed.
     let (conn, claimant) = loop {
         match rx.recv() {
-            Ok(Ev::Conn(c)) => match accept_claim(args, c, card_mac, ready_since, vm) {
+            Ok(Ev::Conn(c)) => match accept_claim(args, c, card_mac, ready_since, vm, &fate) {
                 Ok(claimed) => break claimed,
                 Err(e) => tracing::warn!(vm = args.name, "refused a claim: {e:#}"),
             },
@@ -241,6 +269,7 @@ fn accept_claim(
     card_mac: MacAddr,
     ready_since: u64,
     vm: &Arc<dyn Vm>,
+    fate: &AtomicU8,
 ) -> Result<(UnixStream, Pidfd)> {
     let path = args.run_dir.join(CLAIM_SOCKET);
     let _ = c.set_read_timeout(Some(crate::timeouts::QUICK));
@@ -276,6 +305,16 @@ fn accept_claim(
         netns: PathBuf::from(format!("/proc/{me}/ns/net")),
         ready_since,
     };
+    // Claimed from here on, unless the server's end came first (then the VM is being ended).
+    if fate
+        .compare_exchange(UNCLAIMED, CLAIMED, SeqCst, SeqCst)
+        .is_err()
+        || vm.try_stopped().is_some()
+    {
+        let msg = "the pool is stopping and this VM with it".to_string();
+        let _ = super::send(&mut c, &path, &HolderReply::Error(msg.clone()));
+        bail!(msg);
+    }
     super::send(&mut c, &path, &HolderReply::Claimed(h))?;
     let _ = c.set_read_timeout(None);
     Ok((c, claimant))
