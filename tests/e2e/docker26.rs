@@ -101,7 +101,8 @@ fn the_daemon_is_debian_13s_docker_26_with_containerd_1_7() {
     ok(d, &["rm", "-f", &id]);
 }
 
-/// A private Docker 26 with rootcell registered in the two forms 20.10 lacks.
+/// A private Docker 26 with rootcell registered in the forms 20.10 lacks, its containerd shim
+/// included.
 fn forms_daemon() -> PrivateDaemon {
     let bin = artifacts().bin;
     private_daemon_of(
@@ -115,7 +116,10 @@ fn forms_daemon() -> PrivateDaemon {
                 "rc-shim": {
                     "runtimeType": "io.containerd.runc.v2",
                     "options": {"BinaryName": bin}
-                }
+                },
+                // rootcell's own containerd shim (issue 18), by the absolute path of its binary
+                // (by name, `--runtime io.containerd.rootcell.v2` needs it on containerd's PATH).
+                "rc-v2": {"runtimeType": bin.with_file_name("containerd-shim-rootcell-v2")}
             }
         }),
     )
@@ -125,7 +129,7 @@ fn forms_daemon() -> PrivateDaemon {
 fn runtime_args_and_the_runtime_type_form_both_run_containers() {
     let d = forms_daemon();
     let release = artifacts().kernel_release;
-    for runtime in ["rc-args", "rc-shim"] {
+    for runtime in ["rc-args", "rc-shim", "rc-v2"] {
         let o = d.docker(&[
             "run",
             "--rm",
@@ -158,6 +162,17 @@ fn runtime_args_and_the_runtime_type_form_both_run_containers() {
         let o = d.docker(&["run", "--rm", "--runtime", runtime, IMAGE, "/no/such"]);
         assert_eq!(code(&o), 127, "{runtime}: {}", text(&o.stderr));
     }
+    // rc-v2 really is rootcell's shim: a running container's shim process is it.
+    let id = ok(
+        &d,
+        &["run", "-d", "--runtime", "rc-v2", IMAGE, "sleep", "600"],
+    );
+    let shims: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
+        .into_iter()
+        .filter(|p| p.contains(id.trim()))
+        .collect();
+    assert_eq!(shims.len(), 1, "one rootcell shim for {id}: {shims:#?}");
+    ok(&d, &["rm", "-f", id.trim()]);
     drop(d);
 }
 
