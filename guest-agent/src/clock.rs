@@ -42,7 +42,10 @@ pub fn set(unix_nanos: u64) -> Response {
     }
     if step >= LOGGED_STEP_NANOS {
         let dir = if target > now { "forward" } else { "back" };
-        alog!("clock: stepped {dir} by {:.3} s to the host's time", step as f64 / 1e9);
+        alog!(
+            "clock: stepped {dir} by {:.3} s to the host's time",
+            step as f64 / 1e9
+        );
     }
     Response::Ok
 }

@@ -25,9 +25,7 @@ pub fn apply(config: &NetworkConfig) -> Result<(), NetError> {
     for iface in &config.interfaces {
         let card = present
             .iter()
-            .find(|l| {
-                !l.flags.contains(LinkFlags::Loopback) && l.mac() == Some(iface.card_mac())
-            })
+            .find(|l| !l.flags.contains(LinkFlags::Loopback) && l.mac() == Some(iface.card_mac()))
             .ok_or_else(|| NetError::NoSuchMac {
                 mac: iface.card_mac().to_string(),
                 name: iface.name.clone(),

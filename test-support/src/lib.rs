@@ -50,7 +50,8 @@ fn image(env: &str, name: &str) -> Option<PathBuf> {
 }
 
 /// How to get the guest images.
-const BUILD_HINT: &str = "run scripts/build.sh (it builds and caches the guest kernel) and `source build/env`";
+const BUILD_HINT: &str =
+    "run scripts/build.sh (it builds and caches the guest kernel) and `source build/env`";
 
 /// The guest `bzImage` for QEMU (`ROOTCELL_KERNEL`, else the newest cached one).
 pub fn bzimage() -> Option<PathBuf> {
@@ -101,7 +102,12 @@ pub fn require_vmlinux(test: &str) -> Option<PathBuf> {
 
 /// [`initrd`], or `None` after [`require`] said why.
 pub fn require_initrd(test: &str) -> Option<PathBuf> {
-    found(test, initrd(), "no agent initramfs (ROOTCELL_INITRD)", BUILD_HINT)
+    found(
+        test,
+        initrd(),
+        "no agent initramfs (ROOTCELL_INITRD)",
+        BUILD_HINT,
+    )
 }
 
 /// [`qemu`], or `None` after [`require`] said why.
@@ -118,7 +124,12 @@ pub fn is_root() -> bool {
 
 /// [`require`] of root (mount namespaces, taps, cgroups).
 pub fn require_root(test: &str) -> bool {
-    require(test, is_root(), "needs root", "run the tests as root, as scripts/test.sh does")
+    require(
+        test,
+        is_root(),
+        "needs root",
+        "run the tests as root, as scripts/test.sh does",
+    )
 }
 
 /// [`require`] of `/dev/kvm` (any KVM, also a software one: enough for device-level tests).

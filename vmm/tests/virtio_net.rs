@@ -186,7 +186,10 @@ fn in_netns(test: &str, f: impl FnOnce() + Send + 'static) {
     let r = std::thread::spawn(move || {
         // SAFETY: unshare affects only this thread's namespaces.
         let netns = unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0;
-        let why = format!("cannot create a network namespace: {}", std::io::Error::last_os_error());
+        let why = format!(
+            "cannot create a network namespace: {}",
+            std::io::Error::last_os_error()
+        );
         if !rootcell_test_support::require(&test, netns, &why, "run as root") {
             return;
         }

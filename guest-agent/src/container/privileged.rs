@@ -59,7 +59,10 @@ pub fn privilege_spec(spec: &mut Spec, guest_dev: &Path) {
 /// `/sys` and the cgroup tree under it are mounted read-only by Docker's default spec; a
 /// privileged container gets them writable.
 fn make_writable_if_sysfs(m: &mut Mount) {
-    let sysfs = matches!(m.typ().as_deref(), Some("sysfs") | Some("cgroup") | Some("cgroup2"));
+    let sysfs = matches!(
+        m.typ().as_deref(),
+        Some("sysfs") | Some("cgroup") | Some("cgroup2")
+    );
     if !sysfs {
         return;
     }
@@ -145,7 +148,13 @@ mod tests {
         let mut spec = docker_like_spec();
         let dev = tempfile::tempdir().unwrap();
         privilege_spec(&mut spec, dev.path());
-        let caps = spec.process().as_ref().unwrap().capabilities().clone().unwrap();
+        let caps = spec
+            .process()
+            .as_ref()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
         let all = all_capabilities();
         assert!(all.contains(&Capability::SysAdmin) && all.contains(&Capability::NetAdmin));
         assert_eq!(caps.bounding().as_ref(), Some(&all));
@@ -165,9 +174,17 @@ mod tests {
         let mounts = spec.mounts().as_ref().unwrap();
         for m in &mounts[..2] {
             let o = m.options().as_ref().unwrap();
-            assert!(!o.iter().any(|o| o == "ro") && o.iter().any(|o| o == "rw"), "{o:?}");
+            assert!(
+                !o.iter().any(|o| o == "ro") && o.iter().any(|o| o == "rw"),
+                "{o:?}"
+            );
         }
-        assert!(mounts[2].options().as_ref().unwrap().iter().any(|o| o == "ro"));
+        assert!(mounts[2]
+            .options()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|o| o == "ro"));
     }
 
     #[test]

@@ -305,9 +305,15 @@ mod tests {
         let (_, mut dev) = controller();
         dev.write(CMD, CMD_AUX_LOOP).unwrap();
         dev.write(DATA, 0x5a).unwrap();
-        assert_eq!(dev.read(CMD) & (STR_OBF | STR_AUXDATA), STR_OBF | STR_AUXDATA);
+        assert_eq!(
+            dev.read(CMD) & (STR_OBF | STR_AUXDATA),
+            STR_OBF | STR_AUXDATA
+        );
         assert_eq!(dev.read(DATA), 0x5a);
-        assert_eq!(command(&mut dev, CMD_KBD_LOOP, &[0xa5], 1), Some(vec![0xa5]));
+        assert_eq!(
+            command(&mut dev, CMD_KBD_LOOP, &[0xa5], 1),
+            Some(vec![0xa5])
+        );
         assert_eq!(dev.read(CMD) & STR_OBF, 0);
     }
 
@@ -316,7 +322,10 @@ mod tests {
         let (_, mut dev) = controller();
         // A keyboard command (reset) with no keyboard, then a mouse byte with no mouse.
         dev.write(DATA, 0xff).unwrap();
-        assert_eq!(dev.read(CMD) & (STR_OBF | STR_TIMEOUT), STR_OBF | STR_TIMEOUT);
+        assert_eq!(
+            dev.read(CMD) & (STR_OBF | STR_TIMEOUT),
+            STR_OBF | STR_TIMEOUT
+        );
         assert_eq!(dev.read(DATA), 0xff);
         dev.write(CMD, CMD_AUX_SEND).unwrap();
         dev.write(DATA, 0xf2).unwrap();
@@ -331,7 +340,9 @@ mod tests {
         for i in 0..100u8 {
             command(&mut dev, CMD_KBD_LOOP, &[i], 0).unwrap();
         }
-        let drained: Vec<u8> = std::iter::from_fn(|| wait_read(&mut dev)).take(200).collect();
+        let drained: Vec<u8> = std::iter::from_fn(|| wait_read(&mut dev))
+            .take(200)
+            .collect();
         assert_eq!(drained, (84..100).collect::<Vec<u8>>());
     }
 
@@ -347,7 +358,10 @@ mod tests {
     #[test]
     fn output_port_write_with_reset_line_low_resets() {
         let (latch, mut dev) = controller();
-        assert_eq!(command(&mut dev, CMD_READ_OUTPUT_PORT, &[], 1), Some(vec![OUTPUT_PORT]));
+        assert_eq!(
+            command(&mut dev, CMD_READ_OUTPUT_PORT, &[], 1),
+            Some(vec![OUTPUT_PORT])
+        );
         command(&mut dev, CMD_WRITE_OUTPUT_PORT, &[OUTPUT_PORT], 0).unwrap();
         assert_eq!(latch.get(), None, "reset line kept high");
         command(&mut dev, CMD_WRITE_OUTPUT_PORT, &[OUTPUT_PORT & !1], 0).unwrap();
