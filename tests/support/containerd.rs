@@ -13,7 +13,7 @@
 //! CNI plugins at /usr/lib/cni, which the root lacks. Its `ctr` runs in that namespace and root
 //! (`nsenter`), and whatever is left in the namespace is killed when it is dropped.
 
-use crate::docker::{kill_namespace, runtime_binds, Engine, MountNamespace, CHROOT_SCRIPT};
+use crate::docker::{kill_namespace, Engine, MountNamespace};
 use crate::{
     artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT,
 };
@@ -182,15 +182,7 @@ impl Containerd {
                     "{} has no usr/bin/containerd",
                     root.display()
                 );
-                let mut c = Command::new("unshare");
-                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-                    .arg(CHROOT_SCRIPT)
-                    .arg("sh")
-                    .arg(root)
-                    .arg(d.join("root"))
-                    .arg(d.join("root-upper"))
-                    .arg(d.join("root-work"))
-                    .args(runtime_binds());
+                let mut c = crate::docker::chroot_command(root, d);
                 if cri {
                     // The root has no CNI plugins (Debian's containernetworking-plugins is not
                     // in it): the host's, which need nothing but libc.

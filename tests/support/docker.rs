@@ -268,6 +268,22 @@ pub(crate) fn kill_namespace(ns: &MountNamespace) {
     }
 }
 
+/// `unshare ... sh -c CHROOT_SCRIPT` for a daemon chrooted in `root` with its overlay's
+/// directories under `dir` and the runtime's directories bound in; the caller adds further
+/// bind sources, then `--` and the daemon's command line.
+pub(crate) fn chroot_command(root: &Path, dir: &Path) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(CHROOT_SCRIPT)
+        .arg("sh")
+        .arg(root)
+        .arg(dir.join("root"))
+        .arg(dir.join("root-upper"))
+        .arg(dir.join("root-work"))
+        .args(runtime_binds());
+    c
+}
+
 /// The host directories a chrooted daemon needs at their host paths: rootcell's (and its shim's)
 /// and the guest images' (build/env names them).
 pub(crate) fn runtime_binds() -> Vec<PathBuf> {
@@ -366,15 +382,8 @@ impl DockerDaemon {
                     "{} has no usr/sbin/dockerd",
                     root.display()
                 );
-                let mut c = Command::new("unshare");
-                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-                    .arg(CHROOT_SCRIPT)
-                    .arg("sh")
-                    .arg(root)
-                    .arg(dir.join("root"))
-                    .arg(dir.join("root-upper"))
-                    .arg(dir.join("root-work"));
-                c.args(runtime_binds()).arg("--").arg("dockerd");
+                let mut c = chroot_command(root, &dir);
+                c.arg("--").arg("dockerd");
                 let b = make_bridge();
                 // No iptables rules (the host's dockerd may own the nat and filter chains):
                 // the default network is this bridge, published ports go through docker-proxy.
