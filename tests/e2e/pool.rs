@@ -400,6 +400,7 @@ fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {
         let pool = Pool::start(rt, 2);
         std::env::set_var("ROOTCELL_POOL_DIR", &pool.dir);
         DOCKER_POOL_SERVER.store(pool.server_pid(), std::sync::atomic::Ordering::SeqCst);
+        let _ = DOCKER_POOL_TMP.set(pool._tmp.path().to_path_buf());
         // SAFETY: registering a plain extern "C" function to run at process exit, once (before
         // the daemon's own, so it runs after the daemon has stopped its containers).
         unsafe { libc::atexit(stop_docker_pool) };
@@ -409,6 +410,8 @@ fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {
 
 /// The server of [`docker_pool`], which as a static is never dropped.
 static DOCKER_POOL_SERVER: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Its temporary directory (config, log, pool dir), removed at exit for the same reason.
+static DOCKER_POOL_TMP: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 extern "C" fn stop_docker_pool() {
     let pid = DOCKER_POOL_SERVER.load(std::sync::atomic::Ordering::SeqCst);
@@ -424,6 +427,9 @@ extern "C" fn stop_docker_pool() {
         while Instant::now() < deadline && !reaped(&mut status) {
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+    if let Some(dir) = DOCKER_POOL_TMP.get() {
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
 
