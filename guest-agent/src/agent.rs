@@ -675,33 +675,37 @@ impl Agent {
         }
     }
 
-    fn update_limits(&self, id: &str, memory: Option<u64>, pids: Option<i64>) -> Response {
-        let cgroup = self.lock().get(id).map(|c| c.cgroup.clone());
-        match cgroup {
-            None => error(ErrorCode::InvalidState, "no container in this guest"),
-            Some(None) => error(
+    /// The cgroup of container `id` in the guest, or the answer saying why there is none.
+    fn cgroup_of(&self, id: &str) -> Result<PathBuf, Response> {
+        match self.lock().get(id).map(|c| c.cgroup.clone()) {
+            None => Err(error(ErrorCode::InvalidState, "no container in this guest")),
+            Some(None) => Err(error(
                 ErrorCode::Unsupported,
                 "the container has no cgroup in the guest (no cgroup2 mounted)",
-            ),
-            Some(Some(cg)) => match crate::resources::update(&cg, memory, pids) {
-                Ok(()) => Response::Ok,
-                Err(message) => error(ErrorCode::Other, message),
-            },
+            )),
+            Some(Some(cg)) => Ok(cg),
+        }
+    }
+
+    fn update_limits(&self, id: &str, memory: Option<u64>, pids: Option<i64>) -> Response {
+        let cg = match self.cgroup_of(id) {
+            Ok(cg) => cg,
+            Err(answer) => return answer,
+        };
+        match crate::resources::update(&cg, memory, pids) {
+            Ok(()) => Response::Ok,
+            Err(message) => error(ErrorCode::Other, message),
         }
     }
 
     fn stats(&self, id: &str) -> Response {
-        let cgroup = self.lock().get(id).map(|c| c.cgroup.clone());
-        match cgroup {
-            None => error(ErrorCode::InvalidState, "no container in this guest"),
-            Some(None) => error(
-                ErrorCode::Unsupported,
-                "the container has no cgroup in the guest (no cgroup2 mounted)",
-            ),
-            Some(Some(cg)) => match crate::resources::stats(&cg) {
-                Ok(stats) => Response::Stats { stats },
-                Err(message) => error(ErrorCode::Other, message),
-            },
+        let cg = match self.cgroup_of(id) {
+            Ok(cg) => cg,
+            Err(answer) => return answer,
+        };
+        match crate::resources::stats(&cg) {
+            Ok(stats) => Response::Stats { stats },
+            Err(message) => error(ErrorCode::Other, message),
         }
     }
 
