@@ -176,6 +176,132 @@ fn runtime_args_and_the_runtime_type_form_both_run_containers() {
     drop(d);
 }
 
+/// Docker 23+ selects rootcell's shim by its runtime name alone, with nothing in daemon.json,
+/// once the shim is installed where containerd looks for `containerd-shim-rootcell-v2`: on its
+/// PATH. The install is `scripts/setup.sh`'s (both binaries into /usr/local/bin), done here in
+/// the daemon's own root; the daemon was started without them, so only this install can be what
+/// containerd finds.
+#[test]
+fn docker_selects_the_shim_by_runtime_name_from_containerds_path() {
+    const RUNTIME: &str = "io.containerd.rootcell.v2";
+    const SHIM: &str = "/usr/local/bin/containerd-shim-rootcell-v2";
+    let d = private_daemon_of(engine(), &json!({}));
+    // Through /proc/PID/root: the daemon's chroot, its overlay and mount namespace, as dockerd and
+    // the containerd it starts see it.
+    let root = std::path::PathBuf::from(format!("/proc/{}/root", d.pid()));
+    let path = std::fs::read(format!("/proc/{}/environ", d.pid())).unwrap();
+    let path = String::from_utf8_lossy(&path)
+        .split('\0')
+        .find_map(|v| v.strip_prefix("PATH=").map(String::from))
+        .unwrap_or_default();
+    assert!(
+        path.split(':').any(|p| p == "/usr/local/bin"),
+        "the daemon's PATH has no /usr/local/bin: {path}"
+    );
+    assert!(
+        !root.join(SHIM.trim_start_matches('/')).exists(),
+        "the root has a shim before the install"
+    );
+    // Not installed yet: Docker accepts the name, containerd finds no such shim and says so.
+    let o = d.docker(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "true"]);
+    assert_ne!(code(&o), 0, "ran without the shim installed");
+    assert!(
+        text(&o.stderr).contains("containerd-shim-rootcell-v2"),
+        "{}",
+        text(&o.stderr)
+    );
+    println!("before the install: {}", text(&o.stderr).trim());
+    let bin = artifacts().bin;
+    for (from, to) in [
+        (bin.clone(), "/usr/local/bin/rootcell"),
+        (bin.with_file_name("containerd-shim-rootcell-v2"), SHIM),
+    ] {
+        let st = std::process::Command::new("install")
+            .args(["-D", "-m", "0755"])
+            .arg(&from)
+            .arg(root.join(to.trim_start_matches('/')))
+            .status()
+            .unwrap();
+        assert!(st.success(), "install {} {to}", from.display());
+    }
+
+    let release = artifacts().kernel_release;
+    let o = d.docker(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "sh",
+        "-c",
+        "id -u; uname -r; exit 7",
+    ]);
+    assert_eq!(
+        code(&o),
+        7,
+        "{}\ndockerd log:\n{}",
+        text(&o.stderr),
+        d.log_tail(20)
+    );
+    assert_eq!(text(&o.stdout), format!("0\n{release}\n"));
+    println!("--runtime {RUNTIME}: exit 7, stdout {:?}", text(&o.stdout));
+
+    // One shim per container, and it is the installed binary: two running containers, each with
+    // exactly one shim whose command line names it, started from /usr/local/bin in the root.
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            ok(
+                &d,
+                &["run", "-d", "--runtime", RUNTIME, IMAGE, "sleep", "600"],
+            )
+            .trim()
+            .to_string()
+        })
+        .collect();
+    for id in &ids {
+        assert_eq!(
+            inspect(&d, id, "{{.HostConfig.Runtime}}"),
+            RUNTIME,
+            "the runtime Docker records for {id}"
+        );
+        let shims: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
+            .into_iter()
+            .filter(|p| p.contains(id.as_str()))
+            .collect();
+        assert_eq!(shims.len(), 1, "one rootcell shim for {id}: {shims:#?}");
+        let pid = shims[0].split(':').next().unwrap();
+        let argv0 = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv0 = String::from_utf8_lossy(argv0.split(|&b| b == 0).next().unwrap()).into_owned();
+        assert_eq!(argv0, SHIM, "the shim containerd started for {id}");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+            d.dir().join("root"),
+            "the shim of {id} runs in the daemon's root"
+        );
+        println!("{id}: shim pid {pid}, {argv0}");
+    }
+    let mut args = vec!["rm", "-f"];
+    args.extend(ids.iter().map(String::as_str));
+    ok(&d, &args);
+    // Removing the containers ends their shims.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
+            .into_iter()
+            .filter(|p| ids.iter().any(|id| p.contains(id.as_str())))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shims left after docker rm: {left:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    drop(d);
+}
+
 #[test]
 fn network_container_joins_the_first_containers_vm_from_a_chroot() {
     // The runtime runs in the daemon's chroot here: joining the owner's mount namespace must

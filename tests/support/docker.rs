@@ -463,6 +463,12 @@ impl DockerDaemon {
         &self.socket
     }
 
+    /// The daemon's pid (dockerd's: an [`Engine::Root`] daemon's `unshare` and `chroot` exec it
+    /// in place). `/proc/PID/root` is the daemon's root file system as it sees it.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The daemon's private directory (data-root, exec-root, socket, log).
     pub fn dir(&self) -> &Path {
         &self.dir
