@@ -1,16 +1,171 @@
-//! The container's stdio from what containerd gives (FIFO paths or `file://` URIs), and the
-//! rootfs mounts containerd hands the shim.
+//! The container's stdio from what containerd gives (FIFO paths, `file://` or `binary://`
+//! URIs), and the rootfs mounts containerd hands the shim.
 
 use crate::runtime::Stdio3;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long a logging binary has to say it is ready (close its fd 5) before the process it logs
+/// for fails to start.
+const LOGGER_READY: Duration = Duration::from_secs(10);
+
+/// Whose output a logging binary gets: containerd hands a logger these two in its environment.
+pub struct LogFor<'a> {
+    /// The container's id (an exec's id for an exec'd process, as containerd's runc shim does).
+    pub id: &'a str,
+    /// The containerd namespace.
+    pub namespace: &'a str,
+}
+
+/// A logging binary started for one process's output; the shim's reaper reaps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logger {
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// The program and arguments of a `binary:///PATH?KEY=VALUE&...` URI: every query pair becomes
+/// two arguments, KEY then VALUE, as containerd's own shims pass them (in the URI's order here).
+fn parse_binary_uri(uri: &str) -> std::io::Result<(PathBuf, Vec<String>)> {
+    let bad = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "bad logging URI {uri}: {why} (expected binary:///ABSOLUTE/PATH[?KEY=VALUE&...])"
+            ),
+        )
+    };
+    let rest = uri
+        .strip_prefix("binary://")
+        .ok_or_else(|| bad("not binary://"))?;
+    let rest = rest.split('#').next().unwrap_or_default();
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let path = decode(path);
+    if !path.starts_with('/') || path.trim_end_matches('/').is_empty() {
+        return Err(bad("the program must be an absolute path (no host part)"));
+    }
+    let mut args = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        // Query strings spell a space as '+'.
+        let pair = pair.replace('+', " ");
+        let (k, v) = pair.split_once('=').unwrap_or((&pair, ""));
+        args.push(decode(k));
+        args.push(decode(v));
+    }
+    Ok((PathBuf::from(path), args))
+}
+
+/// Starts the logging binary of a `binary://` URI the way containerd's shims do: the process's
+/// stdout and stderr are pipes whose read ends the logger gets as fds 3 and 4, fd 5 is a pipe it
+/// closes once it is ready (waited for here, bounded), its environment holds only CONTAINER_ID
+/// and CONTAINER_NAMESPACE, and its stdio is /dev/null. Returns the write ends (the process's
+/// stdout and stderr) and the logger. The logger sees EOF once every holder of the write ends
+/// (the container's sandbox) is gone.
+pub fn start_logger(uri: &str, who: &LogFor<'_>) -> std::io::Result<(File, File, Logger)> {
+    let (program, args) = parse_binary_uri(uri)?;
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(std::io::Error::from);
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    // Copies numbered above 5, so that moving them to 3, 4 and 5 in the child never overwrites
+    // one that is still to be moved.
+    let high = |fd: &OwnedFd| -> std::io::Result<OwnedFd> {
+        let n =
+            fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(10)).map_err(std::io::Error::from)?;
+        // SAFETY: `n` is the new descriptor F_DUPFD_CLOEXEC just returned; nothing else owns it.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) })
+    };
+    let child_fds = [high(&out_r)?, high(&err_r)?, high(&ready_w)?];
+    drop((out_r, err_r, ready_w));
+    let raw: Vec<i32> = child_fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new(&program);
+    cmd.args(&args)
+        .env_clear()
+        .env("CONTAINER_ID", who.id)
+        .env("CONTAINER_NAMESPACE", who.namespace)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2(2), which is
+    // async-signal-safe; the descriptors it reads are open (held by `child_fds` until spawn
+    // returns). dup2 clears close-on-exec on the new descriptor, so 3, 4 and 5 survive the exec
+    // while every other descriptor of the shim (all close-on-exec) does not.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in raw.iter().enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot start logging binary {}: {e}", program.display()),
+        )
+    })?;
+    // Our copies of the read ends and of the ready pipe's write end: only the logger holds them.
+    drop(child_fds);
+    drop(cmd);
+    let logger = Logger { pid: child.id() };
+    // Ready once fd 5 reads EOF: the logger closed it (or exited).
+    let mut fds = [nix::poll::PollFd::new(
+        ready_r.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let timeout = nix::poll::PollTimeout::try_from(LOGGER_READY.as_millis() as i32)
+        .unwrap_or(nix::poll::PollTimeout::MAX);
+    let ready = loop {
+        match nix::poll::poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break Err(std::io::Error::from(e)),
+            Ok(0) => {
+                break Err(std::io::Error::other(format!(
+                    "logging binary {} did not close its fd 5 within {} s",
+                    program.display(),
+                    LOGGER_READY.as_secs()
+                )))
+            }
+            Ok(_) => break Ok(()),
+        }
+    };
+    if let Err(e) = ready {
+        // Not reaped yet (only the shim's reaper reaps it), so the pid is still the logger's.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(logger.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        return Err(e);
+    }
+    Ok((File::from(out_w), File::from(err_w), logger))
+}
 
 /// Opens an output (stdout, stderr): a FIFO whose reader containerd (or ctr) already holds or
-/// is opening, or a `file://` URI. Empty means none.
-pub fn open_output(uri: &str) -> std::io::Result<Option<File>> {
+/// is opening, a `file://` URI, or a `binary://` logger (then only its stdout pipe is used: the
+/// caller is a terminal's relay). Empty means none.
+pub fn open_output(uri: &str, who: &LogFor<'_>) -> std::io::Result<(Option<File>, Option<Logger>)> {
+    if uri.starts_with("binary://") {
+        let (out, _err, logger) = start_logger(uri, who)?;
+        return Ok((Some(out), Some(logger)));
+    }
+    Ok((open_plain_output(uri)?, None))
+}
+
+/// [`open_output`] of a FIFO or `file://` URI.
+fn open_plain_output(uri: &str) -> std::io::Result<Option<File>> {
     if uri.is_empty() {
         return Ok(None);
     }
@@ -26,7 +181,7 @@ pub fn open_output(uri: &str) -> std::io::Result<Option<File>> {
     }
     if uri.contains("://") {
         return Err(std::io::Error::other(format!(
-            "stdio URI {uri} is not supported by the rootcell shim (FIFO paths and file:// are)"
+            "stdio URI {uri} is not supported by the rootcell shim (FIFO paths, file:// and binary:// are)"
         )));
     }
     // Non-blocking so that a reader that went away cannot hang the shim; a reader blocked in
@@ -71,13 +226,36 @@ fn open_input(path: &str) -> std::io::Result<Option<File>> {
     Ok(Some(File::from(r)))
 }
 
-/// The three stdio files for a process.
-pub fn open(stdin: &str, stdout: &str, stderr: &str) -> std::io::Result<Stdio3> {
-    Ok(Stdio3 {
+/// The three stdio files for a process, and the logging binary started for its output. A
+/// `binary://` stdout takes stderr too (containerd gives a logger both, as fds 3 and 4; its
+/// clients set both to the same URI).
+pub fn open(
+    stdin: &str,
+    stdout: &str,
+    stderr: &str,
+    who: &LogFor<'_>,
+) -> std::io::Result<(Stdio3, Option<Logger>)> {
+    if stdout.starts_with("binary://") {
+        let (out, err, logger) = start_logger(stdout, who)?;
+        let stdin = open_input(stdin).inspect_err(|_| {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(logger.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        })?;
+        let stdio = Stdio3 {
+            stdin,
+            stdout: Some(out),
+            stderr: Some(err),
+        };
+        return Ok((stdio, Some(logger)));
+    }
+    let stdio = Stdio3 {
         stdin: open_input(stdin)?,
-        stdout: open_output(stdout)?,
-        stderr: open_output(stderr)?,
-    })
+        stdout: open_plain_output(stdout)?,
+        stderr: open_plain_output(stderr)?,
+    };
+    Ok((stdio, None))
 }
 
 /// Unmounts what the shim mounted on a bundle's rootfs (nothing if it is not a mount point).
@@ -86,5 +264,89 @@ pub fn unmount_rootfs(rootfs: &Path) {
         if nix::mount::umount2(rootfs, nix::mount::MntFlags::MNT_DETACH).is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binary_uri_program_and_arguments() {
+        let (p, a) =
+            parse_binary_uri("binary:///usr/bin/log%20ger?--driver=json&dir=/var/log+x").unwrap();
+        assert_eq!(p, PathBuf::from("/usr/bin/log ger"));
+        assert_eq!(a, ["--driver", "json", "dir", "/var/log x"]);
+        // The form containerd's docs show, with an empty host and four slashes.
+        let (p, a) = parse_binary_uri("binary:////opt/logger").unwrap();
+        assert_eq!(p, PathBuf::from("//opt/logger"));
+        assert!(a.is_empty());
+        for bad in [
+            "binary://host/logger",
+            "binary://",
+            "binary:///",
+            "file:///x",
+        ] {
+            let e = parse_binary_uri(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(bad) && e.contains("binary:///ABSOLUTE/PATH"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_logger_gets_the_output_on_fds_3_and_4_and_its_environment() {
+        let dir = tempfile_dir();
+        let script = dir.join("logger");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nd=$2\necho \"$1 $CONTAINER_NAMESPACE/$CONTAINER_ID ${HOME:-nohome}\" > $d/env\nexec 5>&-\ncat <&3 > $d/out &\ncat <&4 > $d/err\nwait\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let uri = format!("binary://{}?dir={}", script.display(), dir.display());
+        let who = LogFor {
+            id: "c1",
+            namespace: "ns",
+        };
+        let (mut out, mut err, logger) = start_logger(&uri, &who).unwrap();
+        use std::io::Write;
+        out.write_all(b"to stdout\n").unwrap();
+        err.write_all(b"to stderr\n").unwrap();
+        drop((out, err));
+        let st =
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(logger.pid as i32), None).unwrap();
+        assert_eq!(
+            st,
+            nix::sys::wait::WaitStatus::Exited(nix::unistd::Pid::from_raw(logger.pid as i32), 0)
+        );
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("env"), "dir ns/c1 nohome\n");
+        assert_eq!(read("out"), "to stdout\n");
+        assert_eq!(read("err"), "to stderr\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_logger_is_a_clear_error() {
+        let who = LogFor {
+            id: "c1",
+            namespace: "ns",
+        };
+        let e = start_logger("binary:///no/such/logger", &who)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cannot start logging binary /no/such/logger"),
+            "{e}"
+        );
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rc-shim-io-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 }

@@ -21,6 +21,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// How long a process's logging binary has, once the process is deleted, to finish and exit
+/// before it is killed (containerd's runc shim waits as long).
+const LOGGER_GRACE: Duration = Duration::from_secs(10);
+
 /// How long an exit whose pid is not known yet is kept for the process that will claim it (an
 /// exec'd process can exit before its pid file is read).
 const UNCLAIMED_TTL: Duration = Duration::from_secs(60);
@@ -39,6 +43,8 @@ struct Proc {
     process_file: Option<PathBuf>,
     /// The pty master of a process with a terminal.
     console: Option<File>,
+    /// The logging binary of a `binary://` stdout, until it exits.
+    logger: Option<u32>,
 }
 
 struct Container {
@@ -134,6 +140,17 @@ impl Service {
         st.unclaimed.retain(|_, (_, t)| t.elapsed() < UNCLAIMED_TTL);
         let mut found = None;
         for (cid, c) in st.containers.iter_mut() {
+            let logger = std::iter::once(&mut c.init)
+                .chain(c.execs.values_mut())
+                .find(|p| p.logger == Some(pid));
+            if let Some(p) = logger {
+                p.logger = None;
+                let cid = cid.clone();
+                drop(st);
+                self.0.changed.notify_all();
+                log::info!("{cid}: logging binary (pid {pid}) exited with {code}");
+                return;
+            }
             if c.init.pid == pid && c.init.exit.is_none() {
                 found = Some((cid.clone(), cid.clone(), mark_exit(&mut c.init, code)));
                 break;
@@ -167,6 +184,53 @@ impl Service {
             None => {
                 st.unclaimed.insert(pid, (code, Instant::now()));
             }
+        }
+    }
+
+    /// Records the logging binary of a process, unless it already exited.
+    fn set_logger(&self, cid: &str, exec: &str, logger: Option<io::Logger>) {
+        let Some(io::Logger { pid }) = logger else {
+            return;
+        };
+        let mut st = self.lock();
+        if st.unclaimed.remove(&pid).is_some() {
+            return;
+        }
+        if let Some(p) = proc_of(&mut st, cid, exec) {
+            p.logger = Some(pid);
+        }
+    }
+
+    /// Waits (bounded) for the logging binary of a process that has ended to drain what the
+    /// process wrote and exit, so that its log is complete when `delete` returns; kills it
+    /// after [`LOGGER_GRACE`].
+    fn end_logger(&self, cid: &str, exec: &str) {
+        let deadline = Instant::now() + LOGGER_GRACE;
+        let mut st = self.lock();
+        loop {
+            let Some(pid) = proc_of(&mut st, cid, exec).and_then(|p| p.logger) else {
+                return;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "{cid}: logging binary (pid {pid}) still runs {} s after its process ended: killed",
+                    LOGGER_GRACE.as_secs()
+                );
+                // Its exit has not been seen yet, so (but for the moment between the reaper's
+                // wait and that record) the pid is still the logger's.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return;
+            }
+            st = self
+                .0
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -212,34 +276,54 @@ impl Service {
         Ok(f(p, &bundle))
     }
 
-    /// The stdio a rootcell command gets: the FIFOs themselves, or, with a terminal, nothing
-    /// (the process's stdio is the pty) and a console socket for the master.
+    /// The stdio a rootcell command gets: the FIFOs themselves (or the pipes of a logging
+    /// binary, also returned), or, with a terminal, nothing (the process's stdio is the pty) and
+    /// a console socket for the master.
     fn stdio(
         terminal: bool,
         stdin: &str,
         stdout: &str,
         stderr: &str,
-    ) -> std::io::Result<(Stdio3, Option<ConsoleSocket>)> {
+        who: &io::LogFor<'_>,
+    ) -> std::io::Result<(Stdio3, Option<ConsoleSocket>, Option<io::Logger>)> {
         if terminal {
             let none = Stdio3 {
                 stdin: None,
                 stdout: None,
                 stderr: None,
             };
-            return Ok((none, Some(ConsoleSocket::new()?)));
+            return Ok((none, Some(ConsoleSocket::new()?), None));
         }
-        Ok((io::open(stdin, stdout, stderr)?, None))
+        let (stdio, logger) = io::open(stdin, stdout, stderr, who)?;
+        Ok((stdio, None, logger))
     }
 
-    /// Takes the pty master rootcell sent and relays it to the FIFOs.
-    fn attach(c: ConsoleSocket, stdin: &str, stdout: &str) -> std::io::Result<File> {
+    /// Takes the pty master rootcell sent and relays it to the FIFOs (or to a logging binary,
+    /// returned).
+    fn attach(
+        c: ConsoleSocket,
+        stdin: &str,
+        stdout: &str,
+        who: &io::LogFor<'_>,
+    ) -> std::io::Result<(File, Option<io::Logger>)> {
         let master = c.master()?;
-        console::relay(&master, stdin, io::open_output(stdout)?)?;
-        Ok(master)
+        let (out, logger) = io::open_output(stdout, who)?;
+        console::relay(&master, stdin, out)?;
+        Ok((master, logger))
     }
 
     fn rootcell(&self, args: &[&str]) -> TtrpcResult<String> {
         self.0.rt.run(args).map_err(err)
+    }
+}
+
+/// Process `exec` (empty: the init) of container `cid`.
+fn proc_of<'a>(st: &'a mut State, cid: &str, exec: &str) -> Option<&'a mut Proc> {
+    let c = st.containers.get_mut(cid)?;
+    if exec.is_empty() {
+        Some(&mut c.init)
+    } else {
+        c.execs.get_mut(exec)
     }
 }
 
@@ -344,8 +428,14 @@ impl shim::Task for Service {
             io::unmount_rootfs(&rootfs);
             err(msg)
         };
-        let (stdio, console) = Self::stdio(req.terminal, &req.stdin, &req.stdout, &req.stderr)
-            .map_err(|e| fail(format!("stdio of {id}: {e}")))?;
+        let who = io::LogFor {
+            id: &id,
+            namespace: &self.0.namespace,
+        };
+        let (stdio, console, logger) =
+            Self::stdio(req.terminal, &req.stdin, &req.stdout, &req.stderr, &who)
+                .map_err(|e| fail(format!("stdio of {id}: {e}")))?;
+        self.set_logger(&id, "", logger);
         let pid_file = bundle.join("init.pid");
         let mut args = vec![
             "create".to_string(),
@@ -364,9 +454,10 @@ impl shim::Task for Service {
             .map_err(|e| fail(format!("create {id}: {e}")))?;
         let pid = read_pid(&pid_file).map_err(fail)?;
         if let Some(c) = console {
-            let master = Self::attach(c, &req.stdin, &req.stdout)
+            let (master, logger) = Self::attach(c, &req.stdin, &req.stdout, &who)
                 .map_err(|e| fail(format!("terminal of {id}: {e}")))?;
             self.with_proc(&id, "", |p, _| p.console = Some(master))?;
+            self.set_logger(&id, "", logger);
         }
         self.claim(&id, None, pid);
         let me = self.clone();
@@ -442,8 +533,13 @@ impl shim::Task for Service {
             )
         })?;
         let file = file.ok_or_else(|| err(format!("exec {eid} of {id} has no process")))?;
-        let (stdio, console) = Self::stdio(terminal, &stdin, &stdout, &stderr)
+        let who = io::LogFor {
+            id: eid,
+            namespace: &self.0.namespace,
+        };
+        let (stdio, console, logger) = Self::stdio(terminal, &stdin, &stdout, &stderr, &who)
             .map_err(|e| err(format!("stdio of exec {eid}: {e}")))?;
+        self.set_logger(id, eid, logger);
         let pid_file = bundle.join(format!("exec-{eid}.pid"));
         let mut args = vec![
             "exec".to_string(),
@@ -463,9 +559,10 @@ impl shim::Task for Service {
             .map_err(|e| err(format!("exec {eid} in {id}: {e}")))?;
         let pid = read_pid(&pid_file).map_err(err)?;
         if let Some(c) = console {
-            let master = Self::attach(c, &stdin, &stdout)
+            let (master, logger) = Self::attach(c, &stdin, &stdout, &who)
                 .map_err(|e| err(format!("terminal of exec {eid}: {e}")))?;
             self.with_proc(id, eid, |p, _| p.console = Some(master))?;
+            self.set_logger(id, eid, logger);
         }
         self.claim(id, Some(eid), pid);
         self.publish(
@@ -550,6 +647,7 @@ impl shim::Task for Service {
     ) -> TtrpcResult<api::DeleteResponse> {
         let id = req.id.as_str();
         if !req.exec_id.is_empty() {
+            self.end_logger(id, &req.exec_id);
             let p = {
                 let mut st = self.lock();
                 let c = st.containers.get_mut(id).ok_or_else(|| not_found(id))?;
@@ -570,6 +668,7 @@ impl shim::Task for Service {
         }
         let bundle = self.with_proc(id, "", |_, b| b.clone())?;
         self.rootcell(&["delete", "--force", id])?;
+        self.end_logger(id, "");
         io::unmount_rootfs(&bundle.join("rootfs"));
         let c = self
             .lock()

@@ -7,7 +7,7 @@
 //! file as a module and gives it its own `engine()`, which every test here reaches as
 //! `crate::engine()`.
 
-use rootcell_e2e::containerd::{Containerd, CRI_NAMESPACE, IMAGE, PAUSE_IMAGE};
+use rootcell_e2e::containerd::{Containerd, CRI_NAMESPACE, IMAGE, NAMESPACE, PAUSE_IMAGE};
 use rootcell_e2e::cri::{Cri, Pod};
 use rootcell_e2e::docker::Engine;
 use rootcell_e2e::{processes_mentioning, run_dir, text, unique_id};
@@ -342,6 +342,185 @@ fn killed_shim_is_cleaned_up_by_containerd() {
     let _ = c.ctr(&["task", "delete", &id]);
     let o = c.ctr(&["container", "delete", &id]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_clean(&c, &[&id]);
+}
+
+/// A containerd logging binary, as a user would write one: records its arguments and
+/// environment, closes fd 5 to say it is ready, copies fd 3 (the container's stdout) and fd 4
+/// (its stderr) to files until both end, then leaves a `done` mark.
+const LOGGER: &str = r#"#!/bin/sh
+[ "$1" = dir ] || exit 2
+d=$2
+echo "$CONTAINER_NAMESPACE/$CONTAINER_ID" > "$d/env"
+exec 5>&-
+cat <&3 > "$d/stdout" &
+cat <&4 > "$d/stderr"
+wait
+echo done > "$d/done"
+"#;
+
+/// `ctr run --log-uri binary://...` hands the container's stdout and stderr to a logging binary
+/// (containerd's protocol: fds 3 and 4, ready on fd 5), `file://` to a file; a logger that
+/// cannot start fails the run clearly. Nothing is left, the logger included.
+#[test]
+fn log_uris_binary_and_file() {
+    let Some(c) = containerd(false) else {
+        return;
+    };
+    // Under /tmp, which the chrooted containerd of the 1.7 lane sees at the same path.
+    let dir = tempfile::Builder::new()
+        .prefix("rc-logger-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = dir.path();
+    let logger = d.join("logger");
+    std::fs::write(&logger, LOGGER).unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = "echo to stdout; echo to stderr >&2; exit 3";
+
+    let id = unique_id("ctrd");
+    let uri = format!("binary://{}?dir={}", logger.display(), d.display());
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &uri,
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "stdout {} stderr {}\n{}",
+        text(&o.stdout),
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    let read =
+        |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_else(|e| format!("({f}: {e})"));
+    // All there when ctr returns: the shim's delete waits for the logger to finish.
+    assert_eq!(read("stdout"), "to stdout\n");
+    assert_eq!(read("stderr"), "to stderr\n");
+    assert_eq!(read("env"), format!("{NAMESPACE}/{id}\n"));
+    assert_eq!(read("done"), "done\n", "the logger had not finished");
+    assert!(
+        processes_mentioning(&logger.display().to_string()).is_empty(),
+        "logger left"
+    );
+    assert_clean(&c, &[&id]);
+
+    // An exec's output through its own logger, which gets the exec's id.
+    let id = unique_id("ctrd");
+    let o = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        &id,
+        "sleep",
+        "600",
+    ]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    wait_task(&c, &id, "RUNNING");
+    let exec_dir = d.join("exec");
+    std::fs::create_dir(&exec_dir).unwrap();
+    let uri = format!("binary://{}?dir={}", logger.display(), exec_dir.display());
+    let o = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "--log-uri",
+        &uri,
+        &id,
+        "sh",
+        "-c",
+        "echo exec out; echo exec err >&2; exit 4",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    let read_exec = |f: &str| {
+        std::fs::read_to_string(exec_dir.join(f)).unwrap_or_else(|e| format!("({f}: {e})"))
+    };
+    assert_eq!(read_exec("stdout"), "exec out\n");
+    assert_eq!(read_exec("stderr"), "exec err\n");
+    assert_eq!(read_exec("env"), format!("{NAMESPACE}/e1\n"));
+    assert_eq!(
+        read_exec("done"),
+        "done\n",
+        "the exec's logger had not finished"
+    );
+    let _ = c.ctr(&["task", "kill", "--signal", "SIGKILL", &id]);
+    wait_task(&c, &id, "STOPPED");
+    let _ = c.ctr(&["task", "delete", &id]);
+    let _ = c.ctr(&["container", "delete", &id]);
+    assert_clean(&c, &[&id]);
+
+    // file://: both streams appended to one file.
+    let id = unique_id("ctrd");
+    let log = d.join("file.log");
+    let uri = format!("file://{}", log.display());
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &uri,
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["to stderr", "to stdout"]);
+    assert_clean(&c, &[&id]);
+
+    // A logger that is not there: the task fails to start, saying which logger.
+    let id = unique_id("ctrd");
+    let o = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        "binary:///no/such/logger",
+        IMAGE,
+        &id,
+        "true",
+    ]);
+    let err = text(&o.stderr);
+    eprintln!("ctr with a missing logger: {err}");
+    assert!(!o.status.success());
+    assert!(
+        err.contains("cannot start logging binary /no/such/logger"),
+        "{err}\n{}",
+        c.log_tail(20)
+    );
+    let _ = c.ctr(&["container", "delete", &id]);
     assert_clean(&c, &[&id]);
 }
 
