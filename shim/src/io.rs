@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// How long a logging binary has to say it is ready (close its fd 5) before the process it logs
 /// for fails to start.
-const LOGGER_READY: Duration = Duration::from_secs(10);
+const LOGGER_READY: Duration = Duration::from_secs(if cfg!(test) { 1 } else { 10 });
 
 /// Whose output a logging binary gets: containerd hands a logger these two in its environment.
 pub struct LogFor<'a> {
@@ -344,8 +344,43 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_logger_that_never_says_ready_is_killed_and_the_start_fails() {
+        let dir = tempfile_dir_named("never");
+        let script = dir.join("logger");
+        std::fs::write(&script, "#!/bin/sh\necho $$ > \"$0.pid\"\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let who = LogFor {
+            id: "c1",
+            namespace: "ns",
+        };
+        let uri = format!("binary://{}", script.display());
+        let e = start_logger(&uri, &who).unwrap_err().to_string();
+        assert!(e.contains("did not close its fd 5 within 1 s"), "{e}");
+        // Killed, not left sleeping.
+        let pid: i32 = std::fs::read_to_string(dir.join("logger.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let st = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
+        assert!(
+            matches!(
+                st,
+                nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)
+            ),
+            "{st:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn tempfile_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("rc-shim-io-{}", std::process::id()));
+        tempfile_dir_named("ok")
+    }
+
+    fn tempfile_dir_named(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rc-shim-io-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
     }
