@@ -49,7 +49,8 @@ leftovers() {
 # The focused set: lifecycle, exit codes, stdio integrity, errors, Docker on L1's cgroup v2
 # (a private dockerd with rootcell registered: run, --memory with an OOM kill, stats, the host
 # cgroup's CPU quota and charge), and the network tests: a prepared namespace mirrored into
-# virtio-net, Docker's default bridge, -p and a user-defined network by name.
+# virtio-net, Docker's default bridge, -p and a user-defined network by name; and containerd 1.6
+# with rootcell's shim on cgroup v2 (ctr run/exec/kill/pause/metrics, -t, an OOM event).
 focused=(
     "lifecycle"
     "process exit_codes_pass_through missing_executable_exits_127 non_executable_file_exits_126 kill_9_gives_137 kill_term_gives_143"
@@ -57,6 +58,7 @@ focused=(
     "errors"
     "docker run_prints_root_and_guest_kernel_under_both_names exit_codes_and_runtime_errors oom_kills_in_the_guest_reach_docker top_pause_unpause_update_and_stats memory_cpus_and_pids_limits booting_the_vm_is_not_charged"
     "network a_prepared_network_namespace_is_mirrored_into_the_guest default_bridge_gives_the_docker_address published_port_reaches_a_server user_defined_network_resolves_rootcell_peers_by_name"
+    "containerd ctr_run_exec_kill_pause_metrics tty_and_oom_event"
 )
 # The smoke set: the same binaries, fewer tests (about 5 minutes on the built-in VMM in L1).
 smoke=(
@@ -72,7 +74,7 @@ set_name=${NESTED_SET:-focused}
 case "$set_name" in
     smoke) focused=("${smoke[@]}") ;;
     focused) ;;
-    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd) ;;
+    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd) ;;
     *) echo "in-l1: NESTED_SET=$set_name: use smoke, focused or full" >&2; exit 2 ;;
 esac
 echo "in-l1: $set_name set"
