@@ -767,6 +767,47 @@ fn missing_program_is_a_clear_error_and_leaves_nothing() {
     assert_clean(&c, &[&id]);
 }
 
+/// A root file system rootcell cannot share into a VM (`ctr run --rootfs`, a path containerd's
+/// snapshotter does not manage): missing, or a file rather than a directory. ctr fails with
+/// rootcell's reason naming the rootfs, and nothing is left.
+#[test]
+fn rootfs_that_cannot_be_shared_is_a_clear_error_and_leaves_nothing() {
+    let Some(c) = containerd(false) else {
+        return;
+    };
+    // Under /tmp, which the chrooted containerd of the 1.7 lane sees at the same path.
+    let dir = tempfile::Builder::new()
+        .prefix("rc-rootfs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    for rootfs in [dir.path().join("no-such-dir"), file] {
+        let id = unique_id("ctrd");
+        let rootfs = rootfs.display().to_string();
+        let o = c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--rootfs",
+            &rootfs,
+            &id,
+            "/bin/true",
+        ]);
+        let err = text(&o.stderr);
+        eprintln!("ctr run --rootfs {rootfs}: {err}");
+        assert!(!o.status.success(), "ran with rootfs {rootfs}");
+        assert!(
+            err.contains("rootfs") && err.contains(&rootfs),
+            "{err}\n{}",
+            c.log_tail(20)
+        );
+        let _ = c.ctr(&["container", "delete", &id]);
+        assert_clean(&c, &[&id]);
+    }
+}
+
 /// Connects to the CRI plugin of `c` (it serves a moment after containerd answers ctr).
 fn cri_client(c: &Containerd) -> Cri {
     let deadline = Instant::now() + Duration::from_secs(30);
