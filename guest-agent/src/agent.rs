@@ -272,11 +272,16 @@ impl Agent {
             Request::Processes => Response::Processes { pids: Vec::new() }.into(),
             Request::Remove => Response::Ok.into(),
             Request::SetClock { unix_nanos } => crate::clock::set(unix_nanos).into(),
-            Request::Shutdown => Reply {
-                response: Response::Ok,
-                release: None,
-                after: After::Shutdown,
-            },
+            Request::Shutdown => {
+                // Synced before the answer: once the host has it, everything the container
+                // wrote (mmap'd pages too) is on the host, and the host may end the VM at once.
+                nix::unistd::sync();
+                Reply {
+                    response: Response::Ok,
+                    release: None,
+                    after: After::Shutdown,
+                }
+            }
         }
     }
 

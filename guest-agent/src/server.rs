@@ -96,10 +96,10 @@ fn serve_session(agent: &Agent, session: &mut Session, conn: UnixStream) -> io::
     }
 }
 
-/// Syncs and powers off (reboot + QEMU -no-reboot); outside a guest, just exits.
+/// Powers off (reboot + QEMU -no-reboot; the request synced before it was answered); outside a
+/// guest, just exits.
 fn shutdown(agent: &Agent) -> ! {
     alog!("shutting down");
-    nix::unistd::sync();
     if agent.config().reboot_on_shutdown {
         // SAFETY: reboot(2); the guest is booted with reboot=t and QEMU with -no-reboot.
         unsafe { libc::reboot(libc::RB_AUTOBOOT) };

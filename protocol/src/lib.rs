@@ -25,7 +25,7 @@ pub mod net;
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.
@@ -152,7 +152,9 @@ pub enum Request {
     /// cgroup and forget it (the other containers of the VM go on). Closing the connection
     /// does the same.
     Remove,
-    /// Power the guest off.
+    /// Power the guest off. The agent syncs the guest's file systems before it answers, so
+    /// once the answer is in, the host may end the VM without waiting for the power-off
+    /// (since version 7).
     Shutdown,
 }
 

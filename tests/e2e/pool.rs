@@ -181,6 +181,44 @@ fn run_with_log(rt: &Runtime, bundle: &Bundle, id: &str) -> (std::process::Outpu
     (o, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
+/// The distinct nice values of the threads of `pid` and of its children (the hypervisor).
+fn thread_nices(pid: i32) -> Vec<i64> {
+    let mut pids = vec![pid];
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    let mut nices: Vec<i64> = pids
+        .iter()
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter_map(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // Field 19 (nice), counted after the command's closing parenthesis (field 2).
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(16)?
+                .parse()
+                .ok()
+        })
+        .collect();
+    nices.sort_unstable();
+    nices.dedup();
+    nices
+}
+
 #[test]
 fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
     let rt = Runtime::new();
@@ -241,6 +279,34 @@ fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
         cgroups.lines().any(|l| l.ends_with(&cg)),
         "the pool VM's holder {holder} is not in the container's cgroup {cg}:\n{cgroups}"
     );
+    // The claimed VM runs at normal priority; a ready one (the pool's other VM) is niced, so
+    // that a refill's boot yields the CPU to running containers.
+    assert_eq!(
+        thread_nices(holder as i32),
+        vec![0],
+        "nice values of the claimed VM's threads"
+    );
+    let ready_holder = pool
+        .vm_dirs()
+        .into_iter()
+        .filter(|d| *d != pooled["name"].as_str().unwrap())
+        .find_map(|d| {
+            let dir = pool.dir.join(d);
+            dir.join("claim.sock").exists().then(|| {
+                std::fs::read_to_string(dir.join("holder.pid"))
+                    .ok()?
+                    .trim()
+                    .parse::<i32>()
+                    .ok()
+            })?
+        });
+    if let Some(h) = ready_holder {
+        assert_eq!(
+            thread_nices(h),
+            vec![10],
+            "nice values of a ready pool VM's threads"
+        );
+    }
     assert_eq!(code(&rt.run(&["start", &id2])), 0);
     std::fs::write(gate.path().join("go"), "").unwrap();
     rt.wait_status(&id2, "stopped", Duration::from_secs(60));

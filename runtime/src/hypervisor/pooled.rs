@@ -65,6 +65,14 @@ impl Vm for PooledVm {
         }
     }
 
+    fn end(&self) {
+        // Hanging up is the holder's cue to end the VM and clean up after it (a SIGKILL would
+        // leave its hypervisor to die later through PR_SET_PDEATHSIG, and its dir to us).
+        if let Ok(c) = self.conn.lock() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     fn finish(&self, timeout: Duration) {
         if !self.holder.wait(Some(timeout)) {
             tracing::warn!(

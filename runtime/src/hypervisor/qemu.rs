@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -431,6 +432,7 @@ impl Hypervisor for Qemu {
             pid: child.id() as i32,
             child: Mutex::new(Some(child)),
             backends: Mutex::new(Some((vsock, fs))),
+            killed: AtomicBool::new(false),
         }))
     }
 }
@@ -585,6 +587,8 @@ struct QemuVm {
     pid: i32,
     child: Mutex<Option<Child>>,
     backends: Mutex<Option<(rootcell_vsock::BackendHandle, rootcell_fs::BackendHandle)>>,
+    /// SIGKILL was sent: `finish` need not wait for a power-off.
+    killed: AtomicBool,
 }
 
 /// waitid(WEXITED|WNOWAIT|extra) on `pid`: the exit status, without reaping.
@@ -637,6 +641,7 @@ impl Vm for QemuVm {
     fn kill(&self) {
         if let Ok(guard) = self.child.lock() {
             if guard.is_some() {
+                self.killed.store(true, Ordering::SeqCst);
                 // SAFETY: kill(2) has no memory effects; the child is not reaped yet, so the
                 // pid cannot have been reused.
                 unsafe { libc::kill(self.pid, libc::SIGKILL) };
@@ -663,7 +668,11 @@ impl Vm for QemuVm {
 
     fn finish(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while self.try_stopped().is_none() && Instant::now() < deadline {
+        // Once killed, the wait below is all that is left (polling would only add its period).
+        while !self.killed.load(Ordering::SeqCst)
+            && self.try_stopped().is_none()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.kill();

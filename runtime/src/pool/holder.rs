@@ -5,7 +5,9 @@
 //! Unclaimed, it ends its VM when the server ends, so a server killed with SIGKILL leaves
 //! nothing behind; claimed, it no longer depends on the server at all.
 
-use super::{Handover, HolderReply, HolderRequest, Shape, CARD_MTU, CLAIM_SOCKET, TAP_NAME};
+use super::{
+    Handover, HolderReply, HolderRequest, Shape, CARD_MTU, CLAIM_SOCKET, POOL_NICE, TAP_NAME,
+};
 use crate::hypervisor::{NetCard, Vm, VmConfig};
 use crate::pidfd::Pidfd;
 use crate::{paths, share};
@@ -98,6 +100,8 @@ fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
         signals.add(s);
     }
     signals.thread_block().context("cannot block signals")?;
+    // Before any thread or the hypervisor exists: they inherit it.
+    set_nice(0, POOL_NICE);
     let server = Pidfd::open(args.server_pid, 0)
         .with_context(|| format!("the pool server (pid {}) is gone", args.server_pid))?;
     let _ = std::fs::write(
@@ -137,7 +141,8 @@ fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
     drop(tap);
     let result = serve(args, &cfg, &vm, server, card_mac, started, news, &signals);
     vm.kill();
-    vm.finish(Duration::from_secs(2));
+    // Killed: nothing to wait for but the hypervisor's exit itself.
+    vm.finish(Duration::ZERO);
     result
 }
 
@@ -315,6 +320,11 @@ fn accept_claim(
         let _ = super::send(&mut c, &path, &HolderReply::Error(msg.clone()));
         bail!(msg);
     }
+    // The container's now: it runs at the priority of everything else (threads are niced one
+    // by one; the hypervisor's threads so far, and those it starts later inherit from them).
+    for pid in [me, vm_pid] {
+        renice_all(pid, 0);
+    }
     super::send(&mut c, &path, &HolderReply::Claimed(h))?;
     let _ = c.set_read_timeout(None);
     Ok((c, claimant))
@@ -348,4 +358,31 @@ fn random_mac() -> MacAddr {
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// Sets the nice value of thread `tid` (0: the calling thread); logged if it fails.
+fn set_nice(tid: i32, nice: i32) {
+    // SAFETY: setpriority(2) only changes a scheduling attribute of the given thread.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if r != 0 {
+        tracing::warn!(
+            tid,
+            nice,
+            "cannot set the nice value: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Sets the nice value of every thread of process `pid`.
+fn renice_all(pid: i32, nice: i32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+    {
+        set_nice(tid, nice);
+    }
 }

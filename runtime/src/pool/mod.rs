@@ -33,6 +33,10 @@ pub const SERVER_SOCKET: &str = "pool.sock";
 pub const CLAIM_SOCKET: &str = "claim.sock";
 /// Name of a pooled VM's tap, in the holder's namespace and then in the container's.
 pub const TAP_NAME: &str = "rctap0";
+/// Nice value of an unclaimed pool VM (holder and hypervisor, every thread): a VM booting to
+/// refill the pool yields the CPU to running containers, the one just claimed among them, and
+/// still boots on a busy host (the boot timeout is 60 s). A claimed VM runs at nice 0.
+pub const POOL_NICE: i32 = 10;
 /// MTU of a pooled VM's card: the guest's virtio-net takes it as its largest MTU, so it must
 /// cover the container interface's (Docker's default is 1500; jumbo frames fit too).
 pub const CARD_MTU: u32 = 9000;

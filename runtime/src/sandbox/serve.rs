@@ -117,9 +117,19 @@ impl Sandbox {
         });
         match &shared.role {
             Role::Owner => {
-                let _ = shared
-                    .agent
-                    .request(Request::Shutdown, crate::timeouts::SHUTDOWN);
+                // The agent answers once the guest is synced: then nothing of the container's
+                // is left in the VM, and waiting for the guest to power off would only add its
+                // reboot (tens of ms under TCG) to every container's end.
+                let synced = matches!(
+                    shared
+                        .agent
+                        .request(Request::Shutdown, crate::timeouts::SHUTDOWN),
+                    Ok(rootcell_protocol::Response::Ok)
+                );
+                tracing::debug!(synced, "the guest answered Shutdown");
+                if synced {
+                    vm.end();
+                }
             }
             Role::Member { mounts } => {
                 // The VM and its other containers go on; only ours is removed.
@@ -130,6 +140,7 @@ impl Sandbox {
             }
         }
         vm.finish(crate::timeouts::VM_FINISH);
+        tracing::debug!("the VM is gone");
         drop(network);
         let deadline = Instant::now() + crate::timeouts::IN_FLIGHT;
         while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
