@@ -4,16 +4,16 @@
 //! `oom_kill` count in `memory.events`.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the host's cgroup hierarchies are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// How often a v2 watch reads `memory.events`. A poll rather than inotify: one small read a
-/// second per container costs nothing, and an OOM event a second late is still the same event.
+/// The longest a v2 watch waits for the kernel's change notification before it reads
+/// `memory.events` anyway (and notices that the cgroup is gone).
 const V2_POLL: Duration = Duration::from_secs(1);
 
 /// The memory cgroup of a process.
@@ -105,26 +105,47 @@ fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
 
 fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
     let file = dir.join("memory.events");
-    let Some(mut seen) = std::fs::read_to_string(&file)
-        .ok()
-        .and_then(|e| oom_kills(&e))
-    else {
+    let Ok(mut events) = File::open(&file) else {
+        return false;
+    };
+    let Some(mut seen) = oom_kills_of(&mut events) else {
         return false;
     };
     std::thread::spawn(move || {
-        // Ends when the cgroup (and with it the file) goes.
-        while let Some(n) = std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|e| oom_kills(&e))
-        {
+        loop {
+            // The kernel signals every change of memory.events to pollers of the open file
+            // (POLLPRI): an OOM kill is seen at once, before the container's exit leads to
+            // `delete` removing the cgroup (a plain poll once a second missed one that way: the
+            // cgroup was gone 0.4 s after the kill). V2_POLL bounds the wait all the same.
+            let mut fds = [nix::poll::PollFd::new(
+                events.as_fd(),
+                nix::poll::PollFlags::POLLPRI,
+            )];
+            let _ = nix::poll::poll(
+                &mut fds,
+                nix::poll::PollTimeout::try_from(V2_POLL.as_millis() as i32)
+                    .unwrap_or(nix::poll::PollTimeout::MAX),
+            );
+            // Ends when the cgroup (and with it the file) goes: reading then fails.
+            let Some(n) = oom_kills_of(&mut events).filter(|_| file.exists()) else {
+                break;
+            };
             for _ in seen..n {
                 on_oom();
             }
             seen = seen.max(n);
-            std::thread::sleep(V2_POLL);
         }
     });
     true
+}
+
+/// The `oom_kill` count of the open `memory.events`, read again from its start (which also
+/// re-arms the kernel's change notification for this open file).
+fn oom_kills_of(events: &mut File) -> Option<u64> {
+    events.seek(SeekFrom::Start(0)).ok()?;
+    let mut text = String::new();
+    events.read_to_string(&mut text).ok()?;
+    oom_kills(&text)
 }
 
 #[cfg(test)]
