@@ -108,15 +108,28 @@ try:
 except OSError as e:
     sys.exit("/dev/kvm cannot create a VM (KVM_CREATE_VM): %s" % e.strerror)
 ' 2>&1) || fail "/dev/kvm in L1 does not work: $kvm_check"
+# L1's kernel symbols (its modules' included) to the second serial port, for scripts/l1.sh to
+# name where L1's vCPUs are if L1 stops responding. In the background: the command need not wait.
+syms=$(param rootcell.syms)
+[ -n "$syms" ] && [ -c "/dev/$syms" ] &&
+    ( stty -F "/dev/$syms" raw -echo 2>/dev/null; grep ' [tT] ' /proc/kallsyms > "/dev/$syms" ) &
 say "ready: /dev/kvm works, $(nproc) vCPU(s), $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB, uptime $(cut -d' ' -f1 /proc/uptime) s"
 
 set -a
 . /run/l1/env
 set +a
+# A heartbeat on the console, whatever the command prints: scripts/l1.sh takes a console that
+# stays silent for minutes as L1 itself having stopped (no soft lockup report comes when every
+# vCPU is stuck with interrupts off), not as a command that is merely waiting.
+( while sleep 30; do
+    say "alive: up $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
+done ) &
+beat=$!
 /bin/bash /run/l1/cmd < /dev/null &
 pid=$!
 # ash's wait reaps every child meanwhile (orphans of the command are reparented to us).
 wait $pid
 rc=$?
+kill "$beat" 2>/dev/null
 say "RESULT $rc"
 finish

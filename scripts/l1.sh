@@ -15,14 +15,18 @@
 #   --boot-timeout S   until L1's /init speaks (default 120)
 #   --smp N --mem MIB  L1's vCPUs and RAM (default 2, 3072)
 #   --fault F          prove the lane's failure lines: no-svm (QEMU's CPU without SVM),
-#                      no-kvm-amd, broken-kvm (/dev/kvm not a KVM), no-boot (L1 hangs before /init)
+#                      no-kvm-amd, broken-kvm (/dev/kvm not a KVM), no-boot (L1 hangs before /init),
+#                      freeze (L1's vCPUs stopped, from QEMU's monitor, once the command prints a
+#                      line `freeze L1 now`)
 #   --console FILE     keep L1's console log there (default: a temporary file)
+#   --silence S        L1's console silent that long, while the command runs, means L1 has
+#                      stopped (its /init prints a heartbeat every 30 s; default 180)
 # When L1 cannot give COMMAND a working KVM, or does not come up, or runs out of time, the script
 # prints one line `l1: FAIL ...` saying which (and where L1 got to), and exits with 125. It
 # leaves no QEMU, virtiofsd or mount behind, also when it is killed (TERM/INT) or fails.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-timeout=1800 boot_timeout=120 smp=2 mem=3072 fault= console=
+timeout=1800 boot_timeout=120 smp=2 mem=3072 fault= console= silence=180
 while [ $# -gt 0 ]; do
     case "$1" in
         --timeout) timeout=$2; shift 2 ;;
@@ -31,8 +35,9 @@ while [ $# -gt 0 ]; do
         --mem) mem=$2; shift 2 ;;
         --fault) fault=$2; shift 2 ;;
         --console) console=$2; shift 2 ;;
+        --silence) silence=$2; shift 2 ;;
         --) shift; break ;;
-        *) echo "usage: scripts/l1.sh [--timeout S] [--boot-timeout S] [--smp N] [--mem MIB] [--fault F] [--console FILE] -- COMMAND..." >&2; exit 2 ;;
+        *) echo "usage: scripts/l1.sh [--timeout S] [--boot-timeout S] [--smp N] [--mem MIB] [--fault F] [--console FILE] [--silence S] -- COMMAND..." >&2; exit 2 ;;
     esac
 done
 [ $# -gt 0 ] || { echo "l1: no command given" >&2; exit 2; }
@@ -96,32 +101,74 @@ case "$fault" in
     no-svm) cpu=max,svm=off ;;
     no-kvm-amd|broken-kvm) append_fault="rootcell.l1fault=$fault" ;;
     no-boot) append_fault="rdinit=/nonexistent panic=0" ;;
+    freeze) ;;
     *) lane_fail "unknown --fault $fault" ;;
 esac
+# QEMU's monitor on a pair of FIFOs (QEMU opens both read-write, so neither side blocks): when
+# L1 stops responding, it tells where L1's vCPUs are.
+mkfifo "$tmp/mon.in" "$tmp/mon.out"
+# L1's second serial port takes its kernel symbols (L1 writes them once it is up), to name
+# those places; nokaslr keeps L1's addresses the ones the symbols say.
+: > "$tmp/syms"
 start=$(date +%s.%N)
 "$qemu" -nodefaults -no-user-config -M q35,memory-backend=mem -accel tcg -cpu "$cpu" -smp "$smp" -m "${mem}M" \
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" \
     -chardev "socket,id=fs,path=$tmp/fs.sock" -device vhost-user-fs-pci,chardev=fs,tag=hostroot \
     -kernel "$l1/vmlinuz" -initrd "$tmp/initramfs.cpio" \
-    -append "console=ttyS0 quiet loglevel=3 reboot=t panic=-1 tsc=reliable $append_fault" \
-    -display none -monitor none -serial "file:$log" -no-reboot > "$tmp/qemu.log" 2>&1 &
+    -append "console=ttyS0 quiet loglevel=3 reboot=t panic=-1 tsc=reliable nokaslr rootcell.syms=ttyS1 $append_fault" \
+    -chardev "pipe,id=mon,path=$tmp/mon" -mon chardev=mon,mode=readline \
+    -display none -serial "file:$log" -serial "file:$tmp/syms" -no-reboot > "$tmp/qemu.log" 2>&1 &
 qemu_pid=$!
 
 # Follows the console until a RESULT or FAIL line, QEMU's exit, or a deadline.
 last_lines() {
     if [ -s "$log" ]; then tail -n "${1:-20}" "$log" | tr -d '\r' | sed 's/^/l1:   /'; else echo "l1:   (nothing on L1's console)"; fi
 }
-printed=0 phase="booting L1 (no line from its /init yet)" booted=
+# A monitor command's answer (QEMU's FIFO never ends: read for a bounded while).
+monitor() {
+    timeout 0.5 cat "$tmp/mon.out" > /dev/null 2>&1 || true
+    echo "$1" > "$tmp/mon.in"
+    { timeout 2 cat "$tmp/mon.out" 2>/dev/null || true; } | tr -d '\r'
+}
+# Where each vCPU of L1 is, sampled three times a second apart: its RIP, privilege level and
+# halt state, and the nearest L1 kernel symbol at or below the RIP (from L1's /proc/kallsyms,
+# if L1 got to write them). A vCPU running L1's own guest shows that guest's RIP instead.
+where_cpus() {
+    local i
+    for i in 1 2 3; do
+        monitor "info registers -a" | awk -v syms="$tmp/syms" -v sample="$i" '
+            BEGIN {
+                while ((getline line < syms) > 0) {
+                    split(line, f, " ")
+                    if (length(f[1]) == 16 && f[2] ~ /^[tT]$/) { n++; addr[n] = f[1]; name[n] = f[3] (f[4] != "" ? " " f[4] : "") }
+                }
+            }
+            /^CPU#[0-9]+/ { cpu = $1 }
+            /RIP=/ { match($0, /RIP=[0-9a-f]+/); rip = substr($0, RSTART + 4, RLENGTH - 4) }
+            / CPL=[0-9]/ {
+                match($0, /CPL=[0-9]/); cpl = substr($0, RSTART + 4, 1)
+                match($0, /HLT=[0-9]/); hlt = substr($0, RSTART + 4, 1)
+                best = ""; bestname = ""
+                for (k = 1; k <= n; k++) if (addr[k] <= rip && addr[k] > best) { best = addr[k]; bestname = name[k] }
+                printf "l1:   sample %d %s rip=%s cpl=%s hlt=%s%s\n", sample, cpu, rip, cpl, hlt, (bestname != "" && cpl == "0" ? " (L1 symbol, if in L1: " bestname ")" : "")
+            }'
+        sleep 1
+    done
+}
+printed=0 phase="booting L1 (no line from its /init yet)" booted= heard=$(date +%s)
 while :; do
     now=$(date +%s.%N)
     elapsed=$(echo "$now - $start" | bc)
     n=$(wc -l < "$log")
     if [ "$n" -gt "$printed" ]; then
         sed -n "$((printed + 1)),${n}p" "$log" | tr -d '\r'
-        printed=$n
+        printed=$n heard=$(date +%s)
     fi
     if [ -z "$booted" ] && grep -q '^rootcell-l1: init:' "$log"; then booted=1; phase="L1 init (modules, root file system)"; fi
     grep -q '^rootcell-l1: ready' "$log" && phase="running the command in L1"
+    if [ "$fault" = freeze ] && grep -q '^freeze L1 now' "$log"; then
+        monitor stop > /dev/null; fault=frozen
+    fi
     if line=$(grep -a -m1 '^rootcell-l1: FAIL' "$log"); then
         lane_fail "${line#rootcell-l1: FAIL }"
     fi
@@ -154,6 +201,14 @@ while :; do
         fi
         echo "l1: FAIL QEMU exited ($qrc) while $phase: $(tail -n 2 "$tmp/qemu.log" | tr '\n' ' ')"
         last_lines; exit 125
+    fi
+    # Every vCPU of L1 stuck with interrupts off reports nothing (TCG gives L1 no NMI watchdog):
+    # the heartbeat stops. Say where the vCPUs are, rather than wait for --timeout.
+    if [ "$phase" = "running the command in L1" ] && [ $(( $(date +%s) - heard )) -ge "$silence" ]; then
+        echo "l1: FAIL L1 stopped responding: nothing on its console, its 30 s heartbeat included, for $silence s while $phase; where its vCPUs are:"
+        where_cpus
+        echo "l1: last console lines:"
+        last_lines 30; exit 125
     fi
     if [ -z "$booted" ] && [ "$(echo "$elapsed > $boot_timeout" | bc)" = 1 ]; then
         echo "l1: FAIL L1 did not come up: no line from its /init within ${boot_timeout} s; last console lines:"

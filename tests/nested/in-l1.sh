@@ -79,12 +79,6 @@ case "$set_name" in
 esac
 echo "in-l1: $set_name set"
 
-# A heartbeat on the console: if a run goes quiet, its absence says L1 itself stopped (not a
-# test waiting), which the stall dump below cannot say.
-( while sleep 120; do echo "in-l1: heartbeat: L1 up $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"; done ) &
-heartbeat=$!
-trap 'kill "$heartbeat" 2>/dev/null' EXIT
-
 # What every rootcell process and thread in L1 is doing, and the last console lines of the
 # containers' guests: printed when a test binary overruns its bound, before it is killed.
 stall_dump() {
