@@ -859,8 +859,19 @@ fn ppid(pid: u32) -> Option<u32> {
     stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
 }
 
-/// The pids of the QEMU processes below `c`'s rootcell shims (the shim is the subreaper of the
-/// sandboxes that run the VMs).
+/// Whether `pid` holds a KVM VM (an `anon_inode:kvm-vm` descriptor): the built-in VMM, which
+/// runs as threads of the container's sandbox, or QEMU on KVM.
+fn holds_a_kvm_vm(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+        d.flatten().any(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:kvm-vm")
+        })
+    })
+}
+
+/// The pids of the processes running VMs below `c`'s rootcell shims (the shim is the subreaper
+/// of the sandboxes that run the VMs): QEMU processes, and processes holding a KVM VM (the
+/// built-in VMM, which `auto` picks where KVM works, as in the nested lane's L1).
 fn vmms_of(c: &Containerd) -> Vec<u32> {
     let dir = c.dir().display().to_string();
     let shims: Vec<u32> = processes_mentioning("containerd-shim-rootcell-v2")
@@ -868,21 +879,30 @@ fn vmms_of(c: &Containerd) -> Vec<u32> {
         .filter(|p| p.contains(&dir))
         .filter_map(|p| p.split(':').next().and_then(|s| s.parse().ok()))
         .collect();
-    processes_mentioning("qemu-system")
+    let below_a_shim = |q: u32| {
+        let mut p = q;
+        for _ in 0..32 {
+            match ppid(p) {
+                Some(pp) if shims.contains(&pp) => return true,
+                Some(pp) if pp > 1 => p = pp,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let mut vmms: Vec<u32> = processes_mentioning("qemu-system")
         .into_iter()
         .filter_map(|p| p.split(':').next().and_then(|s| s.parse::<u32>().ok()))
-        .filter(|&q| {
-            let mut p = q;
-            for _ in 0..32 {
-                match ppid(p) {
-                    Some(pp) if shims.contains(&pp) => return true,
-                    Some(pp) if pp > 1 => p = pp,
-                    _ => return false,
-                }
+        .collect();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) {
+            if !vmms.contains(&pid) && holds_a_kvm_vm(pid) {
+                vmms.push(pid);
             }
-            false
-        })
-        .collect()
+        }
+    }
+    vmms.retain(|&q| below_a_shim(q));
+    vmms
 }
 
 /// A Kubernetes-style pod through containerd's CRI gRPC API with the `rootcell` runtime handler:
@@ -1009,6 +1029,13 @@ fn cri_pod_with_two_containers_is_one_vm() {
         "{vmms:?} {:#?}",
         processes_mentioning("qemu-system")
     );
+    eprintln!(
+        "the pod's VMM: pid {} ({})",
+        vmms[0],
+        std::fs::read_to_string(format!("/proc/{}/comm", vmms[0]))
+            .unwrap_or_default()
+            .trim()
+    );
     let shims: Vec<String> = processes_mentioning("containerd-shim-rootcell-v2")
         .into_iter()
         .filter(|p| p.contains(&c.dir().display().to_string()))
@@ -1032,7 +1059,7 @@ fn cri_pod_with_two_containers_is_one_vm() {
     for q in vmms {
         assert!(
             !std::path::Path::new(&format!("/proc/{q}")).exists(),
-            "the pod's QEMU {q} is left"
+            "the pod's VMM {q} is left"
         );
     }
     assert!(!c.host_path(&netns).exists(), "{netns} left");
