@@ -1137,6 +1137,18 @@ fn cri_container_too_big_for_the_pod_vm_is_refused_clearly() {
     };
     eprintln!("StartContainer: {err}");
     assert!(err.contains("does not fit in the VM"), "{err}");
+    // The same reason is in containerd's own log, where an operator looks.
+    let log = std::fs::read_to_string(c.dir().join("containerd.log")).unwrap_or_default();
+    let logged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("does not fit in the VM"))
+        .collect();
+    assert!(
+        !logged.is_empty(),
+        "containerd's log lacks the reason:\n{}",
+        c.log_tail(30)
+    );
+    eprintln!("containerd log: {}", logged[0]);
     // The pod is unharmed.
     let (code, out, _) = cri.exec_sync(&small, &["echo", "still-here"], 60).unwrap();
     assert_eq!((code, out.as_str()), (0, "still-here\n"));
