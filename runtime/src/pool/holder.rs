@@ -78,12 +78,17 @@ pub fn main(args: HolderArgs) -> i32 {
             1
         }
     };
-    // Whatever happened, the VM's directory goes with it (the share is mounted only in this
-    // process's namespace; detached first all the same).
-    let share_dir = args.run_dir.join(paths::SHARE_DIR);
-    let _ = nix::mount::umount2(&share_dir, nix::mount::MntFlags::MNT_DETACH);
-    let _ = share::remove_run_dir(&args.run_dir);
+    // Whatever happened, the VM's directory goes with it.
+    remove_dir(&args.run_dir);
     status
+}
+
+/// Removes the VM's directory (idempotent). The share is mounted only in this process's
+/// namespace; detached first all the same.
+fn remove_dir(run_dir: &Path) {
+    let share_dir = run_dir.join(paths::SHARE_DIR);
+    let _ = nix::mount::umount2(&share_dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = share::remove_run_dir(run_dir);
 }
 
 fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
@@ -141,6 +146,11 @@ fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
     drop(tap);
     let result = serve(args, &cfg, &vm, server, card_mac, started, news, &signals);
     vm.kill();
+    // While the hypervisor dies (tens of ms: its memory is freed), its directory goes: nothing
+    // in it is used any more (sockets and logs may go while open; the share is detached
+    // lazily). The claimant waits for this process's end, so it waits for the longer of the
+    // two, not their sum.
+    remove_dir(&args.run_dir);
     // Killed: nothing to wait for but the hypervisor's exit itself.
     vm.finish(Duration::ZERO);
     result

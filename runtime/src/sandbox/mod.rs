@@ -37,7 +37,12 @@ pub const GUEST_CID: u64 = 3;
 /// Kernel command line of the guest, whatever the backend (each backend adds what is its own,
 /// such as how the guest ends). `no_timer_check`: on a loaded host (many TCG guests) the
 /// kernel's timing-based IO-APIC timer check fails and the boot panics; a VM's timer is wired.
-pub const KERNEL_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check";
+/// `rcupdate.rcu_expedited=1`: building a container waits for RCU grace periods (moving a
+/// process into a cgroup, tearing down a mount namespace); a normal one takes several ticks of
+/// this HZ=250, non-preemptible guest, an expedited one much less (measured with warm starts:
+/// the guest's part of create + `/bin/true` about 10 ms shorter, medians of 8).
+pub const KERNEL_CMDLINE: &str =
+    "console=ttyS0 panic=-1 quiet no_timer_check rcupdate.rcu_expedited=1";
 /// The guest's kernel command line: [`KERNEL_CMDLINE`] and `$ROOTCELL_KERNEL_ARGS`.
 pub fn kernel_cmdline() -> String {
     match std::env::var("ROOTCELL_KERNEL_ARGS") {
