@@ -37,6 +37,10 @@ pub const TAP_NAME: &str = "rctap0";
 /// refill the pool yields the CPU to running containers, the one just claimed among them, and
 /// still boots on a busy host (the boot timeout is 60 s). A claimed VM runs at nice 0.
 pub const POOL_NICE: i32 = 10;
+/// The bound on a pool VM's boot unless `ROOTCELL_BOOT_TIMEOUT` says otherwise: at nice 10 on a
+/// host with 8 runnable tasks on 2 cores, the ~1.5 CPU-seconds of a TCG boot take about a
+/// minute, the bound of a container's own boot.
+pub const POOL_BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// MTU of a pooled VM's card: the guest's virtio-net takes it as its largest MTU, so it must
 /// cover the container interface's (Docker's default is 1500; jumbo frames fit too).
 pub const CARD_MTU: u32 = 9000;

@@ -231,6 +231,14 @@ fn spawn_holder(s: &Arc<Server>, name: &str, shape: Shape, index: usize) -> Resu
         .args(["--server-pid", &std::process::id().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
+    // Nobody waits for a pool VM's boot, and it runs at nice 10 (see POOL_NICE): on a busy host
+    // it may take far longer than a container's own boot may. Unless the user bounded boots.
+    if std::env::var_os("ROOTCELL_BOOT_TIMEOUT").is_none() {
+        cmd.env(
+            "ROOTCELL_BOOT_TIMEOUT",
+            super::POOL_BOOT_TIMEOUT.as_secs().to_string(),
+        );
+    }
     // Its own process group: a Ctrl-C meant for the server must not reach claimed VMs.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child: Child = cmd.spawn().context("cannot start rootcell pool vm")?;
