@@ -3,7 +3,8 @@
 //! regain them, under its own seccomp filter, in a mount namespace whose root is not the
 //! host's and holds only what it needs, and still in the container's host cgroup; the
 //! virtio-fs and vsock back-end threads run under seccomp with the capabilities designed for
-//! them; the container works. Real guest.
+//! them; the container works. Real guest. The built-in VMM's threads get the same checks
+//! where it runs (hardware KVM: the nested lane's L1).
 
 use rootcell_e2e::*;
 use std::collections::BTreeSet;
@@ -212,8 +213,39 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
             "vring_worker" => status_field(&st, "CapEff") == fs_caps,
             _ => false,
         };
+        let is_vsock = match comm.trim() {
+            "vsock-vhost-use" | "rootcell-vsock" => true,
+            "vring_worker" => status_field(&st, "CapEff") == "0".repeat(16),
+            _ => false,
+        };
         let ns = std::fs::read_link(dir.join("ns/mnt")).unwrap();
         let root = dir.join("root");
+        if is_vsock {
+            // The vsock back end's root holds the path down to its socket directory (it
+            // connects guest connections to `<uds>_<port>` there), read-only, and nothing else.
+            assert_ne!(ns, sandbox_ns, "{comm} in the sandbox's mount namespace");
+            let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
+            let points: Vec<&str> = mountinfo
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4))
+                .collect();
+            assert_eq!(points.len(), 2, "{comm}'s mounts:\n{mountinfo}");
+            let sockdir = points.iter().find(|p| **p != "/").unwrap();
+            assert_eq!(listing(root.to_str().unwrap()).len(), 1, "{comm}'s root");
+            let socks = listing(&format!("{}{sockdir}", root.display()));
+            assert!(
+                socks.iter().any(|s| s.starts_with("vsock")),
+                "{comm}'s socket directory {sockdir} holds {socks:?}"
+            );
+            assert!(
+                mountinfo.lines().all(|l| l
+                    .split(' ')
+                    .nth(5)
+                    .is_some_and(|o| o.split(',').any(|o| o == "ro"))),
+                "{comm}: a writable mount:\n{mountinfo}"
+            );
+            continue;
+        }
         if !is_fs {
             assert_eq!(ns, sandbox_ns, "{comm} left the sandbox's mount namespace");
             continue;
@@ -293,6 +325,145 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
     let o = rt.run(&["exec", &id, "sh", "-c", "echo jailed-ok"]);
     assert_eq!(text(&o.stdout).trim(), "jailed-ok", "{}", text(&o.stderr));
 
+    let o = rt.run(&["delete", "--force", &id]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert_no_leftovers(&rt, &id);
+}
+
+/// Whether the built-in VMM can boot a guest here: /dev/kvm and a CPU with vmx/svm (in this
+/// project's CI, only L1 of the nested lane; /dev/kvm on the development hosts is a software
+/// KVM that cannot boot the guest).
+fn hardware_kvm() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines().any(|l| {
+                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
+            })
+        })
+}
+
+/// The built-in VMM (threads of the sandbox process): every vCPU and virtio-net thread runs as
+/// an unprivileged uid/gid of its own from the reserved range (base + thread id), without
+/// capabilities, under seccomp with no_new_privs, in a mount namespace whose root is empty;
+/// the vsock thread has no capabilities and a root holding only its socket directory; the
+/// virtio-fs thread keeps the ownership capabilities and a root holding only the share; the
+/// container works. Needs hardware KVM: runs in the nested lane's L1, skipped elsewhere.
+#[test]
+fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
+    if !hardware_kvm() {
+        eprintln!(
+            "SKIPPED builtin_vmm_threads_run_unprivileged_in_roots_of_their_own: no hardware KVM \
+             here (the nested lane runs it in L1)"
+        );
+        return;
+    }
+    let rt = Runtime::new().env("ROOTCELL_HYPERVISOR", "builtin");
+    let id = unique_id("jailb");
+    let b = Bundle::new(&["sleep", "120"]);
+    let (o, _, _) = rt.create(&b, &id);
+    assert_eq!(code(&o), 0, "create: {}", text(&o.stderr));
+    let o = rt.run(&["start", &id]);
+    assert_eq!(code(&o), 0, "start: {}", text(&o.stderr));
+    let sandbox = rt.wait_status(&id, "running", Duration::from_secs(120))["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    assert!(
+        children_named(sandbox, "qemu").is_empty(),
+        "a QEMU under the built-in backend"
+    );
+    let sandbox_ns = std::fs::read_link(format!("/proc/{sandbox}/ns/mnt")).unwrap();
+    let zero = "0".repeat(16);
+    let fs_caps = format!(
+        "{:016x}",
+        [0u32, 1, 2, 3, 4, 6, 7, 27, 31]
+            .iter()
+            .fold(0u64, |m, c| m | 1 << c)
+    );
+    let (mut vcpus, mut vsock, mut fs) = (0, 0, 0);
+    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let dir = t.path();
+        let tid: u64 = t.file_name().to_string_lossy().parse().unwrap();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        let Ok(st) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        let ids = |f: &str| -> Vec<String> {
+            status_field(&st, f)
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        let kind = if comm.starts_with("vcpu") || comm == "net-io" {
+            "unprivileged"
+        } else if comm == "vsock-io" || comm == "virtiofs-io" {
+            comm
+        } else {
+            continue;
+        };
+        // Every VMM thread: seccomp, no_new_privs, a mount namespace of its own.
+        assert_eq!(status_field(&st, "Seccomp"), "2", "{comm}:\n{st}");
+        assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{comm}:\n{st}");
+        let ns = std::fs::read_link(dir.join("ns/mnt")).unwrap();
+        assert_ne!(ns, sandbox_ns, "{comm} is in the sandbox's mount namespace");
+        let root = dir.join("root");
+        let top = listing(root.to_str().unwrap());
+        assert_ne!(top, listing("/"), "{comm}'s root lists like the host's");
+        match kind {
+            "unprivileged" => {
+                let want = (UID_BASE + tid).to_string();
+                assert!((UID_BASE..UID_BASE + UID_RANGE).contains(&(UID_BASE + tid)));
+                assert_eq!(ids("Uid"), vec![want.clone(); 4], "{comm}:\n{st}");
+                assert_eq!(ids("Gid"), vec![want.clone(); 4], "{comm}:\n{st}");
+                assert_eq!(status_field(&st, "Groups"), "", "{comm}");
+                for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                    assert_eq!(status_field(&st, caps), zero, "{comm} {caps}:\n{st}");
+                }
+                assert!(top.is_empty(), "{comm}'s root holds {top:?}");
+                if comm.starts_with("vcpu") {
+                    vcpus += 1;
+                }
+            }
+            "vsock-io" => {
+                // uid 0 without capabilities: the sockets it connects to are root's.
+                for caps in ["CapPrm", "CapEff", "CapBnd"] {
+                    assert_eq!(status_field(&st, caps), zero, "{comm} {caps}:\n{st}");
+                }
+                // Its root: the path down to the socket directory, and nothing else.
+                let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
+                let points: Vec<&str> = mountinfo
+                    .lines()
+                    .filter_map(|l| l.split(' ').nth(4))
+                    .collect();
+                assert_eq!(points.len(), 2, "{comm}'s mounts:\n{mountinfo}");
+                let sockdir = points.iter().find(|p| **p != "/").unwrap();
+                assert_eq!(top.len(), 1, "{comm}'s root holds {top:?}");
+                let socks = listing(&format!("{}{sockdir}", root.display()));
+                assert!(
+                    socks.iter().any(|s| s.starts_with("vsock")),
+                    "{comm}'s socket directory {sockdir} holds {socks:?}"
+                );
+                vsock += 1;
+            }
+            _ => {
+                assert_eq!(status_field(&st, "CapEff"), fs_caps, "{comm}:\n{st}");
+                assert_eq!(
+                    top,
+                    BTreeSet::from(["share".to_string(), "proc".to_string()]),
+                    "{comm}'s root"
+                );
+                fs += 1;
+            }
+        }
+    }
+    assert!(vcpus >= 1, "no vCPU thread found in sandbox {sandbox}");
+    assert_eq!((vsock, fs), (1, 1), "vsock and virtio-fs threads found");
+
+    let o = rt.run(&["exec", &id, "sh", "-c", "echo jailed-ok"]);
+    assert_eq!(text(&o.stdout).trim(), "jailed-ok", "{}", text(&o.stderr));
     let o = rt.run(&["delete", "--force", &id]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_no_leftovers(&rt, &id);

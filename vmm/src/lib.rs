@@ -19,7 +19,8 @@
 //!   on its own I/O thread.
 //! - [`builder`]: the entry point for the runtime: one container's configuration in, its
 //!   running VM with the vsock, virtio-fs and virtio-net devices out.
-//! - [`seccomp`]: the syscall allowlists for vCPU, device I/O and VMM control threads.
+//! - [`seccomp`]: the syscall allowlists for vCPU, device I/O and VMM control threads;
+//!   [`jail`]: the hook through which the runtime jails those threads.
 //! - [`exit`]: why a VM ended; [`error`]: why it could not start.
 //!
 //! # Example
@@ -40,6 +41,7 @@ pub mod builder;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod jail;
 pub mod loader;
 pub mod memory;
 pub mod pause;

@@ -124,9 +124,17 @@ impl Vcpu {
             .spawn(move || {
                 if let Some(filter) = seccomp {
                     // A vCPU thread needs no capability: KVM_RUN on fds it already holds.
-                    if let Err(e) =
+                    // The runtime's jail first (it needs the capabilities dropped next).
+                    let jailed =
+                        crate::jail::enter(crate::jail::ThreadKind::Vcpu, None).map_err(|e| {
+                            crate::Error::Host {
+                                what: "jailing a vCPU thread",
+                                source: std::io::Error::other(e),
+                            }
+                        });
+                    if let Err(e) = jailed.and_then(|()| {
                         crate::seccomp::keep_caps(&[]).and_then(|()| crate::seccomp::apply(&filter))
-                    {
+                    }) {
                         latch.request(VmExit::Error {
                             cpu: self.cpu,
                             message: e.to_string(),

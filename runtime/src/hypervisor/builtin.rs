@@ -80,6 +80,8 @@ impl Hypervisor for Builtin {
         c.guest_cid = cfg.guest_cid;
         // Confined like QEMU's back end: its virtio-fs thread's root holds only the share.
         c.fs_share_root = crate::jail::backends_enabled();
+        // Its vCPU and device threads enter the runtime's jail (see crate::jail::vmm).
+        rootcell_vmm::jail::set_thread_jail(crate::jail::vmm::vmm_thread);
         c.fs_tag = cfg.share_tag.clone();
         let started = Instant::now();
         // BuiltinVm::start leaves nothing behind on error (no thread, socket or console file).

@@ -307,7 +307,15 @@ impl Hypervisor for Qemu {
                 uds_path: cfg.vsock_uds.clone(),
             },
             confine_backends.then(|| {
-                Box::new(confine(crate::jail::thread::Role::Vsock)) as rootcell_vsock::Confine
+                // Its root holds only the socket directory: it connects guest connections to
+                // `<uds>_<port>` there by path, and needs nothing else of the file system.
+                let dir = cfg.vsock_uds.parent().map(Path::to_path_buf);
+                Box::new(move || -> std::io::Result<()> {
+                    if let Some(dir) = &dir {
+                        crate::jail::vmm::own_root(Some((dir, false)))?;
+                    }
+                    crate::jail::thread::confine(crate::jail::thread::Role::Vsock)
+                }) as rootcell_vsock::Confine
             }),
         )
         .map_err(|e| HypervisorError::Device {

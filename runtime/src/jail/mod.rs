@@ -6,7 +6,10 @@
 //!   what QEMU needs to start; what root must open is opened before and passed in.
 //! * [`thread`]: the vhost-user device back ends, threads of the sandbox process, confine
 //!   themselves: capabilities (virtio-fs keeps what ownership pass-through needs, vsock
-//!   none) and seccomp allow-lists.
+//!   none) and seccomp allow-lists; the vsock one serves from a root holding only its socket
+//!   directory.
+//! * [`vmm`]: the built-in VMM's vCPU and device threads, threads of the sandbox process, each
+//!   in a root of its own, the vCPU and virtio-net ones as unprivileged uids of the same range.
 //!
 //! The uid and gid of a jailed VMM are [`UID_BASE`] + its pid: unique among the processes
 //! alive at any moment (a pid is below 2^22), so no two VMMs share an identity that would let
@@ -15,6 +18,7 @@
 
 pub mod process;
 pub mod thread;
+pub mod vmm;
 
 /// First uid (and gid) of the range reserved for jailed VMMs: 2113929216.
 pub const UID_BASE: u32 = 0x7e00_0000;

@@ -92,6 +92,7 @@ impl VirtioFs {
             Some(crate::devices::virtio::worker::Confinement {
                 filter: crate::seccomp::fs_io_filter,
                 caps: crate::seccomp::FS_CAPS,
+                kind: crate::jail::ThreadKind::Fs,
             }),
         )
         .map_err(FsDeviceError::Thread)?;

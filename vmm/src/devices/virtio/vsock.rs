@@ -54,6 +54,7 @@ impl VsockDevice {
             Some(crate::devices::virtio::worker::Confinement {
                 filter: crate::seccomp::vsock_io_filter,
                 caps: &[],
+                kind: crate::jail::ThreadKind::Vsock,
             }),
         )
         .map_err(VsockDeviceError::Thread)?;
@@ -129,6 +130,11 @@ impl DeviceWorker for VsockWorker {
 
     fn start(&mut self, epoll: &Epoll) -> std::io::Result<()> {
         watch(epoll, self.muxer.epoll_fd(), MUXER_TOKEN).map_err(std::io::Error::other)
+    }
+
+    fn jail_dir(&self) -> Option<std::path::PathBuf> {
+        // Guest-initiated connections go to `<uds>_<port>` beside the hybrid socket.
+        self.muxer.uds_path().parent().map(|d| d.to_path_buf())
     }
 
     fn activate(&mut self, epoll: &Epoll, act: Activation) -> Result<(), String> {

@@ -42,6 +42,8 @@ pub(crate) struct Confinement {
     pub filter: FilterFn,
     /// Capabilities kept (see [`crate::seccomp::FS_CAPS`]); none for most devices.
     pub caps: &'static [caps::Capability],
+    /// Which thread this is, for the runtime's jail ([`crate::jail`]).
+    pub kind: crate::jail::ThreadKind,
 }
 
 /// What a confined device thread's forbidden syscall does: kill the whole process, like the
@@ -67,6 +69,11 @@ pub(crate) trait DeviceWorker: Send + 'static {
     /// namespace of its own.
     fn on_thread(&mut self) -> Result<(), String> {
         Ok(())
+    }
+    /// The host directory the thread reaches by path once jailed (the vsock device's socket
+    /// directory); none for most devices.
+    fn jail_dir(&self) -> Option<std::path::PathBuf> {
+        None
     }
     /// Takes over the queues and registers their notify eventfds.
     fn activate(&mut self, epoll: &Epoll, activation: Self::Activation) -> Result<(), String>;
@@ -112,6 +119,7 @@ impl<A: Send + 'static> WorkerHandle<A> {
         W: DeviceWorker<Activation = A>,
     {
         let caps = confine.map(|c| c.caps);
+        let kind = confine.map(|c| c.kind);
         let filter = confine
             .map(|c| (c.filter)(ON_VIOLATION))
             .transpose()
@@ -133,6 +141,13 @@ impl<A: Send + 'static> WorkerHandle<A> {
                 if let Err(e) = worker.on_thread() {
                     let _ = confined_tx.send(Err(e));
                     return;
+                }
+                if let Some(kind) = kind {
+                    let dir = worker.jail_dir();
+                    if let Err(e) = crate::jail::enter(kind, dir.as_deref()) {
+                        let _ = confined_tx.send(Err(e));
+                        return;
+                    }
                 }
                 if let Some(keep) = caps {
                     if let Err(e) = crate::seccomp::keep_caps(keep) {

@@ -138,6 +138,7 @@ impl NetDevice {
             Some(crate::devices::virtio::worker::Confinement {
                 filter: crate::seccomp::net_io_filter,
                 caps: &[],
+                kind: crate::jail::ThreadKind::Net,
             }),
         )
         .map_err(NetDeviceError::Thread)?;

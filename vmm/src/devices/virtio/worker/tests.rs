@@ -141,6 +141,7 @@ fn seccomp_child_worker() {
         Some(Confinement {
             filter: crate::seccomp::net_io_filter,
             caps: &[],
+            kind: crate::jail::ThreadKind::Net,
         }),
     )
     .unwrap();
@@ -220,7 +221,11 @@ fn device_threads_keep_only_their_capabilities() {
         let handle = WorkerHandle::spawn(
             "caps-test",
             Syscaller(gettid, None, tx),
-            Some(Confinement { filter, caps }),
+            Some(Confinement {
+                filter,
+                caps,
+                kind: crate::jail::ThreadKind::Net,
+            }),
         )
         .unwrap();
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
