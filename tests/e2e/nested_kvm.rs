@@ -215,6 +215,7 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
             "errors",
             "docker",
             "network",
+            "jail",
         ] {
             expected.push(format!("{backend}-{t}"));
         }

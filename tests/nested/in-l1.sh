@@ -49,8 +49,9 @@ leftovers() {
 # The focused set: lifecycle, exit codes, stdio integrity, errors, Docker on L1's cgroup v2
 # (a private dockerd with rootcell registered: run, --memory with an OOM kill, stats, the host
 # cgroup's CPU quota and charge), and the network tests: a prepared namespace mirrored into
-# virtio-net, Docker's default bridge, -p and a user-defined network by name; and containerd 1.6
-# with rootcell's shim on cgroup v2 (ctr run/exec/kill/pause/metrics, -t, an OOM event).
+# virtio-net, Docker's default bridge, -p and a user-defined network by name; containerd 1.6
+# with rootcell's shim on cgroup v2 (ctr run/exec/kill/pause/metrics, -t, an OOM event); and the
+# jail (issue 16: the built-in VMM's threads and QEMU unprivileged, in roots of their own).
 focused=(
     "lifecycle"
     "process exit_codes_pass_through missing_executable_exits_127 non_executable_file_exits_126 kill_9_gives_137 kill_term_gives_143"
@@ -59,6 +60,7 @@ focused=(
     "docker run_prints_root_and_guest_kernel_under_both_names exit_codes_and_runtime_errors oom_kills_in_the_guest_reach_docker top_pause_unpause_update_and_stats memory_cpus_and_pids_limits booting_the_vm_is_not_charged"
     "network a_prepared_network_namespace_is_mirrored_into_the_guest default_bridge_gives_the_docker_address published_port_reaches_a_server user_defined_network_resolves_rootcell_peers_by_name"
     "containerd ctr_run_exec_kill_pause_metrics tty_and_oom_event"
+    "jail"
 )
 # The smoke set: the same binaries, fewer tests (about 5 minutes on the built-in VMM in L1).
 smoke=(
@@ -68,13 +70,14 @@ smoke=(
     "errors duplicate_and_unknown_ids json_log_carries_the_error missing_vmlinux_for_the_builtin_hypervisor"
     "docker run_prints_root_and_guest_kernel_under_both_names"
     "network a_prepared_network_namespace_is_mirrored_into_the_guest"
+    "jail builtin_vmm_threads_run_unprivileged_in_roots_of_their_own"
 )
 set_name=${NESTED_SET:-focused}
 [ "${ROOTCELL_NESTED_FULL:-}" = 1 ] && set_name=full
 case "$set_name" in
     smoke) focused=("${smoke[@]}") ;;
     focused) ;;
-    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd) ;;
+    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd jail) ;;
     *) echo "in-l1: NESTED_SET=$set_name: use smoke, focused or full" >&2; exit 2 ;;
 esac
 echo "in-l1: $set_name set"
