@@ -1,8 +1,8 @@
 //! A hook through which the program embedding the VMM jails the VMM's own threads (issue 16).
 //!
-//! Each vCPU and device I/O thread calls [`enter`] once, on itself, after any set-up of its
-//! own (the virtio-fs thread's share root) and before it restricts its capabilities and
-//! installs its seccomp filter, so the hook still has the capabilities it needs to move the
+//! Each vCPU and device I/O thread enters the installed jail once, on itself, after any set-up
+//! of its own (the virtio-fs thread's share root) and before it restricts its capabilities
+//! and installs its seccomp filter, so the hook still has the capabilities it needs to move the
 //! thread into a root of its own and give it an unprivileged identity. The jail itself lives
 //! with the runtime's other jail code (`rootcell::jail::vmm`), where the reserved uid range
 //! is; this crate only says which thread is asking. Without a hook (the `rootcell-vmm`
