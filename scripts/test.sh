@@ -9,6 +9,8 @@ scripts/build.sh
 # clippy's defaults hold everywhere.
 cargo clippy --quiet --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --quiet --workspace --no-deps
+# One formatting (rustfmt's defaults) everywhere.
+cargo fmt --all -- --check || { echo "test: cargo fmt --all would change the files above" >&2; exit 1; }
 # shellcheck disable=SC1091
 source build/env
 export ROOTCELL_E2E=1
