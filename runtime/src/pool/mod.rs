@@ -35,7 +35,7 @@ pub const CLAIM_SOCKET: &str = "claim.sock";
 pub const TAP_NAME: &str = "rctap0";
 /// Nice value of an unclaimed pool VM (holder and hypervisor, every thread): a VM booting to
 /// refill the pool yields the CPU to running containers, the one just claimed among them, and
-/// still boots on a busy host (the boot timeout is 60 s). A claimed VM runs at nice 0.
+/// still boots on a busy host (within [`POOL_BOOT_TIMEOUT`]). A claimed VM runs at nice 0.
 pub const POOL_NICE: i32 = 10;
 /// The bound on a pool VM's boot unless `ROOTCELL_BOOT_TIMEOUT` says otherwise: at nice 10 on a
 /// host with 8 runnable tasks on 2 cores, the ~1.5 CPU-seconds of a TCG boot take about a
