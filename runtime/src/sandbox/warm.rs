@@ -62,6 +62,30 @@ pub(super) fn prepare(
         }
         join_cpu_cgroup(cg, &bundle.spec, &[state.pid, h.holder_pid, h.vm_pid]);
     }
+    // The agent's handshake (connect, Hello, clock) needs nothing of what follows: it runs
+    // while the tap moves, the hooks run and the rootfs is attached. On an early error the
+    // thread's connection is dropped with it (or ends with the VM, which the caller ends).
+    let (events_tx, events) = mpsc::channel();
+    let logs = VmLogs {
+        vsock_uds: h.run_dir.join(paths::VSOCK_UDS),
+        console_log: h.run_dir.join("console.log"),
+        hypervisor_log: h.run_dir.join("qemu.log"),
+    };
+    let agent_conn = {
+        let (vm, tx, span) = (vm.clone(), events_tx.clone(), tracing::Span::current());
+        let logs = VmLogs {
+            vsock_uds: logs.vsock_uds.clone(),
+            console_log: logs.console_log.clone(),
+            hypervisor_log: logs.hypervisor_log.clone(),
+        };
+        std::thread::Builder::new()
+            .name("agent-connect".into())
+            .spawn(move || {
+                let _s = span.entered();
+                connect_agent(&vm, &logs, &tx)
+            })
+            .context("cannot start the agent's handshake")?
+    };
     let holder_ns = std::fs::File::open(&h.netns).with_context(|| {
         format!(
             "cannot open the pool VM's network namespace {}",
@@ -109,13 +133,9 @@ pub(super) fn prepare(
         trees,
     )?;
 
-    let logs = VmLogs {
-        vsock_uds: h.run_dir.join(paths::VSOCK_UDS),
-        console_log: h.run_dir.join("console.log"),
-        hypervisor_log: h.run_dir.join("qemu.log"),
-    };
-    let (events_tx, events) = mpsc::channel();
-    let agent = connect_agent(&vm, &logs, &events_tx)?;
+    let agent = agent_conn
+        .join()
+        .map_err(|_| anyhow!("the agent's handshake thread panicked"))??;
     if let Some((_, config)) = &network {
         let mut config = config.clone();
         if let Some(first) = config.interfaces.first_mut() {
