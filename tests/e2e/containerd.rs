@@ -40,6 +40,24 @@ fn containerd(cri: bool) -> Option<Containerd> {
     })
 }
 
+/// Starts `sleep 600` in a new task of the busybox image (`ctr run -d`, with `extra` flags
+/// before the image) and waits until it runs; returns the task's id.
+fn run_sleeper(c: &Containerd, extra: &[&str]) -> String {
+    let id = unique_id("ctrd");
+    let mut args = vec!["run", "-d", "--runtime", RUNTIME];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[IMAGE, &id, "sleep", "600"]);
+    let o = c.ctr(&args);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        text(&o.stderr),
+        c.log_tail(40)
+    );
+    wait_task(c, &id, "RUNNING");
+    id
+}
+
 /// Waits until `ctr task ls` shows `id` with `status`.
 fn wait_task(c: &Containerd, id: &str, status: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -169,26 +187,7 @@ fn ctr_run_exec_kill_pause_metrics() {
     assert_clean(&c, &[&id]);
 
     // A long-running task: exec, pause/resume, metrics, kill.
-    let id = unique_id("ctrd");
-    let o = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--memory-limit",
-        "67108864",
-        IMAGE,
-        &id,
-        "sleep",
-        "600",
-    ]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        text(&o.stderr),
-        c.log_tail(40)
-    );
-    wait_task(&c, &id, "RUNNING");
+    let id = run_sleeper(&c, &["--memory-limit", "67108864"]);
     // What assert_clean looks for is there while the container runs.
     assert!(
         run_dir(&c.rootcell_root(), &id).exists(),
@@ -304,24 +303,7 @@ fn killed_shim_is_cleaned_up_by_containerd() {
     let Some(c) = containerd(false) else {
         return;
     };
-    let id = unique_id("ctrd");
-    let o = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        &id,
-        "sleep",
-        "600",
-    ]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        text(&o.stderr),
-        c.log_tail(40)
-    );
-    wait_task(&c, &id, "RUNNING");
+    let id = run_sleeper(&c, &[]);
     // The shim serving this task: its command line names the task id and our containerd.
     let shim: Vec<i32> = processes_mentioning("containerd-shim-rootcell-v2")
         .iter()
@@ -425,24 +407,7 @@ fn log_uris_binary_and_file() {
     assert_clean(&c, &[&id]);
 
     // An exec's output through its own logger, which gets the exec's id.
-    let id = unique_id("ctrd");
-    let o = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        &id,
-        "sleep",
-        "600",
-    ]);
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        text(&o.stderr),
-        c.log_tail(40)
-    );
-    wait_task(&c, &id, "RUNNING");
+    let id = run_sleeper(&c, &[]);
     let exec_dir = d.join("exec");
     std::fs::create_dir(&exec_dir).unwrap();
     let uri = format!("binary://{}?dir={}", logger.display(), exec_dir.display());
@@ -579,19 +544,7 @@ fn tty_and_oom_event() {
     assert_clean(&c, &[&id]);
 
     // `ctr task exec -t` into a running container.
-    let id = unique_id("ctrd");
-    let o = c.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        &id,
-        "sleep",
-        "600",
-    ]);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    wait_task(&c, &id, "RUNNING");
+    let id = run_sleeper(&c, &[]);
     let o = in_terminal(c.ctr_command(&[
         "task",
         "exec",
