@@ -9,7 +9,7 @@
 # Usage: in-l1.sh TESTS_DIR      (the directory holding the e2e test binaries, target/release/deps)
 # Env:   the build/env variables (ROOTCELL_BIN, ...); NESTED_SET: smoke (a few tests of each
 #        binary, what the README's test command runs), focused (default: the whole focused set),
-#        full (every test of every e2e binary found; also ROOTCELL_NESTED_FULL=1);
+#        full (every test of the eleven binaries listed below; also ROOTCELL_NESTED_FULL=1);
 #        NESTED_PHASES (default "auto qemu"); NESTED_BINARY_TIMEOUT (seconds per test binary,
 #        default 1200): past it the binary is killed after a dump of what every rootcell process
 #        and thread in L1 was doing (state, wait channel, system call) and the containers' last
