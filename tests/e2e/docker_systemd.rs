@@ -27,19 +27,28 @@ fn hierarchies() -> Vec<PathBuf> {
         .collect()
 }
 
-/// The path of `pid`'s cgroup in the hierarchy whose controllers include `controller`.
+/// The path of `pid`'s cgroup in the hierarchy whose controllers include `controller`; on a
+/// cgroup v2 host (one `0::PATH` line, as in the nested lane's L1) the unified one.
 fn cgroup_of(pid: &str, controller: &str) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    text.lines()
-        .find_map(|l| {
+    let lines: Vec<(&str, &str, &str)> = text
+        .lines()
+        .filter_map(|l| {
             let mut f = l.splitn(3, ':');
-            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-            ctrls
-                .split(',')
-                .any(|c| c == controller)
-                .then(|| path.to_string())
+            Some((f.next()?, f.next()?, f.next()?))
         })
+        .collect();
+    let v1 = lines
+        .iter()
+        .find(|(_, ctrls, _)| ctrls.split(',').any(|c| c == controller));
+    let unified_only = match lines.as_slice() {
+        [("0", "", path)] => Some(path),
+        _ => None,
+    };
+    v1.map(|(_, _, path)| path)
+        .or(unified_only)
         .unwrap_or_else(|| panic!("no {controller} line in {text}"))
+        .to_string()
 }
 
 #[test]
