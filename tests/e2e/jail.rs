@@ -58,6 +58,18 @@ fn listing(dir: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The mount points of a thread's mount namespace (`/proc/.../mountinfo` under `dir`), with
+/// that file's text for messages.
+fn mount_points(dir: &std::path::Path) -> (Vec<String>, String) {
+    let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
+    let points = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(String::from)
+        .collect();
+    (points, mountinfo)
+}
+
 #[test]
 fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
     let rt = Runtime::new().env("ROOTCELL_HYPERVISOR", "qemu");
@@ -232,13 +244,9 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
             // The vsock back end's root holds the path down to its socket directory (it
             // connects guest connections to `<uds>_<port>` there), read-only, and nothing else.
             assert_ne!(ns, sandbox_ns, "{comm} in the sandbox's mount namespace");
-            let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
-            let points: Vec<&str> = mountinfo
-                .lines()
-                .filter_map(|l| l.split(' ').nth(4))
-                .collect();
+            let (points, mountinfo) = mount_points(&dir);
             assert_eq!(points.len(), 2, "{comm}'s mounts:\n{mountinfo}");
-            let sockdir = points.iter().find(|p| **p != "/").unwrap();
+            let sockdir = points.iter().find(|p| p.as_str() != "/").unwrap();
             assert_eq!(listing(root.to_str().unwrap()).len(), 1, "{comm}'s root");
             let socks = listing(&format!("{}{sockdir}", root.display()));
             assert!(
@@ -441,13 +449,9 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
                     assert_eq!(status_field(&st, caps), zero, "{comm} {caps}:\n{st}");
                 }
                 // Its root: the path down to the socket directory, and nothing else.
-                let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
-                let points: Vec<&str> = mountinfo
-                    .lines()
-                    .filter_map(|l| l.split(' ').nth(4))
-                    .collect();
+                let (points, mountinfo) = mount_points(&dir);
                 assert_eq!(points.len(), 2, "{comm}'s mounts:\n{mountinfo}");
-                let sockdir = points.iter().find(|p| **p != "/").unwrap();
+                let sockdir = points.iter().find(|p| p.as_str() != "/").unwrap();
                 assert_eq!(top.len(), 1, "{comm}'s root holds {top:?}");
                 let socks = listing(&format!("{}{sockdir}", root.display()));
                 assert!(
