@@ -459,6 +459,150 @@ fn a_dead_pool_vm_a_shape_no_pool_has_and_an_untrusted_socket_mean_cold_starts()
     );
 }
 
+/// The directories cgroup `rel` has (or would have) in every mounted hierarchy.
+fn host_cgroup_dirs(rel: &str) -> Vec<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.procs").exists() {
+        return vec![base.join(rel)];
+    }
+    std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists() && !p.is_symlink())
+        .map(|p| p.join(rel))
+        .collect()
+}
+
+/// Removes the cgroup directories a failed test left (best effort, once it is over).
+struct CgroupCleanup(Vec<PathBuf>);
+
+impl Drop for CgroupCleanup {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+#[test]
+fn a_pool_vm_that_dies_during_the_claim_means_a_cold_boot_and_leaks_nothing() {
+    let rt = Runtime::new();
+    let mut pool = Pool::start(&rt, 1);
+    let rt = runtime_for(&pool.dir);
+
+    // The one ready VM, and the process whose death is the VM's: its QEMU, or with the
+    // built-in VMM its holder (the VMM runs in it).
+    let dirs = pool.vm_dirs();
+    assert_eq!(dirs.len(), 1, "one VM dir: {dirs:?}");
+    let vm_dir = pool.dir.join(&dirs[0]);
+    let needle = vm_dir.to_string_lossy().into_owned();
+    let holder: i32 = std::fs::read_to_string(vm_dir.join("holder.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let qemu: Vec<i32> = processes_mentioning(&needle)
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .filter_map(|p| p.split(':').next()?.parse().ok())
+        .collect();
+    let victim = qemu.first().copied().unwrap_or(holder);
+
+    // A createRuntime hook kills it: on a warm start the hooks run after the claim and before
+    // the container is handed to the guest. The hook waits (bounded) until the process is
+    // reaped, so the VM is certainly dead before the create goes on.
+    let marks = tempfile::tempdir().unwrap();
+    let ran = marks.path().join("hook-ran");
+    let kill = format!(
+        "echo ran >> {ran}; kill -9 {victim}; i=0; while [ -e /proc/{victim} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done",
+        ran = ran.display()
+    );
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("in"), "from-the-host\n").unwrap();
+    let id = unique_id("dies-mid-claim");
+    let rel = format!("rootcell-e2e-{id}");
+    let cgroup_dirs = host_cgroup_dirs(&rel);
+    let bundle = Bundle::new(&["sh", "-c", "cat /data/in; echo written > /data/out; exit 5"])
+        .edit(|s| {
+            s["hooks"] = json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", kill]}]});
+            s["linux"]["cgroupsPath"] = json!(format!("/{rel}"));
+            s["mounts"].as_array_mut().unwrap().push(json!({
+                "destination": "/data", "type": "bind", "source": data.path(), "options": ["rbind", "rw"]
+            }));
+        });
+    let _cleanup = CgroupCleanup(cgroup_dirs.clone());
+    let (o, log) = run_with_log(&rt, &bundle, &id);
+    assert_eq!(
+        code(&o),
+        5,
+        "a run whose pool VM died mid-claim: {}\nlog:\n{log}",
+        text(&o.stderr)
+    );
+    assert_eq!(text(&o.stdout).trim(), "from-the-host", "log:\n{log}");
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("out"))
+            .unwrap()
+            .trim(),
+        "written"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{victim}")).exists(),
+        "the hook did not kill pid {victim}"
+    );
+    assert!(
+        log.contains("from the pool (no boot)") && log.contains("cold fallback"),
+        "the claim and the cold fallback are not in the log:\n{log}"
+    );
+    for l in log.lines().filter(|l| l.contains("cold fallback")) {
+        eprintln!("{l}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&ran).unwrap().lines().count(),
+        1,
+        "the createRuntime hook runs once, not again for the cold VM"
+    );
+
+    // Nothing is left of the container, of its cgroup or of the dead VM.
+    assert_no_leftovers(&rt, &id);
+    let left: Vec<&PathBuf> = cgroup_dirs.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+    wait_until(
+        "the dead VM's processes to end",
+        Duration::from_secs(20),
+        || {
+            processes_mentioning(&needle).is_empty()
+                && !Path::new(&format!("/proc/{holder}")).exists()
+        },
+    );
+    assert!(
+        !vm_dir.exists(),
+        "the dead VM's dir is left: {}",
+        vm_dir.display()
+    );
+    let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("rctap"))
+        .collect();
+    assert!(
+        taps.is_empty(),
+        "taps left in the host's namespace: {taps:?}"
+    );
+
+    // The pool goes on: it refills, and the next container takes a VM from it.
+    pool.wait_ready(&rt, 1);
+    let id = unique_id("after-mid-claim");
+    let (o, log) = run_with_log(&rt, &Bundle::new(&["echo", "hello"]), &id);
+    assert_eq!(code(&o), 0, "{}\nlog:\n{log}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), "hello");
+    assert!(log.contains("from the pool (no boot)"), "{log}");
+    assert_no_leftovers(&rt, &id);
+    pool.stop();
+    pool.assert_gone();
+}
+
 /// The Docker daemon of this binary, whose rootcell claims from [`docker_pool`] (the env
 /// reaches the runtime through dockerd, containerd and the shim).
 fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {

@@ -12,6 +12,8 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct PooledVm {
     holder: Pidfd,
+    /// The hypervisor's process when it is not the holder itself (QEMU).
+    hypervisor: Option<Pidfd>,
     vm_pid: i32,
     run_dir: std::path::PathBuf,
     conn: Mutex<std::os::unix::net::UnixStream>,
@@ -19,16 +21,39 @@ pub struct PooledVm {
 }
 
 impl PooledVm {
-    /// Takes over a claimed VM; fails if its holder is already gone.
+    /// Takes over a claimed VM; fails if its holder or its hypervisor is already gone.
     pub fn new(c: Claimed) -> std::io::Result<Self> {
         let h = &c.handover;
+        let holder = Pidfd::open(h.holder_pid, h.holder_pid_start)?;
+        let hypervisor = (h.vm_pid != h.holder_pid)
+            .then(|| Pidfd::open(h.vm_pid, h.vm_pid_start))
+            .transpose()?;
         Ok(PooledVm {
-            holder: Pidfd::open(h.holder_pid, h.holder_pid_start)?,
+            holder,
+            hypervisor,
             vm_pid: h.vm_pid,
             run_dir: h.run_dir.clone(),
             conn: Mutex::new(c.conn),
             socket: c.socket,
         })
+    }
+}
+
+impl PooledVm {
+    /// Whether the VM has ended (its hypervisor or its holder has exited), waiting up to
+    /// `grace` for it: an error met while taking a VM over can be the first sign of its death,
+    /// because a dying hypervisor's tap and sockets vanish a little before it has exited.
+    pub fn ended_within(&self, grace: Duration) -> bool {
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            if self.holder.exited() || self.hypervisor.as_ref().is_some_and(Pidfd::exited) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

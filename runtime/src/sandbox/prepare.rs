@@ -36,7 +36,7 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
     if let Some(claimed) = super::warm::claim(&bundle.spec) {
         match super::warm::prepare(args, &mut state, &state_path, &bundle, claimed)? {
             super::warm::Outcome::Ready(sb) => return Ok(*sb),
-            super::warm::Outcome::Declined => hooks_run = true,
+            super::warm::Outcome::Boot { hooks_run: run } => hooks_run = run,
         }
     }
     let host = host_setup(&state, &bundle, hooks_run)?;

@@ -19,9 +19,30 @@ use std::sync::{mpsc, Arc};
 pub(super) enum Outcome {
     /// The container is created in it.
     Ready(Box<Sandbox>),
-    /// It does not suit the container after all (more interfaces than it has cards, or a
-    /// larger MTU): it is ended, and the caller boots one; the hooks have run.
-    Declined,
+    /// The caller boots a VM instead: this one does not suit the container after all (more
+    /// interfaces than it has cards, or a larger MTU), or it died before the container was
+    /// handed to it. It is ended and gone, and nothing of it is left in the state.
+    Boot {
+        /// Whether the prestart and createRuntime hooks have run (and succeeded) already.
+        hooks_run: bool,
+    },
+}
+
+/// How long an error met while taking a VM over may precede the sight of its death.
+const DEATH_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// How far taking a VM over got, which decides whether its death may still mean a cold boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Claimed; the hooks have not run.
+    Claimed,
+    /// The hooks failed: the create fails, whatever became of the VM.
+    HooksFailed,
+    /// The hooks have run.
+    HooksRan,
+    /// The container is the guest's (created, or its terminal is handed out): from here on a
+    /// dead VM is the container's death, not a reason to boot another.
+    Handed,
 }
 
 /// Claims a pool VM that fits what `spec` asks for, unless the pool is off, absent or empty
@@ -31,7 +52,8 @@ pub(super) fn claim(spec: &oci_spec::runtime::Spec) -> Option<Claimed> {
     crate::pool::claim::take(Shape { memory_mib, vcpus })
 }
 
-/// Creates the container in the claimed VM.
+/// Creates the container in the claimed VM, or, if that VM turns out dead before the container
+/// is handed to it, ends what is left of it and has the caller boot one (a cold fallback).
 pub(super) fn prepare(
     args: &SandboxArgs,
     state: &mut ContainerState,
@@ -41,8 +63,64 @@ pub(super) fn prepare(
 ) -> Result<Outcome> {
     let _span = tracing::info_span!("warm_start", vm = %claimed.handover.name).entered();
     let h = claimed.handover.clone();
-    let pooled = PooledVm::new(claimed).context("the pool VM ended before it could be used")?;
-    let vm: Arc<dyn Vm> = Arc::new(pooled);
+    let pooled = match PooledVm::new(claimed) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            // Dropped: the claim is hung up, and a holder still alive ends and cleans up.
+            tracing::info!(
+                vm = h.name,
+                "pool VM {} ended before it could be used ({e}): booting a VM instead (cold fallback)",
+                h.name
+            );
+            return Ok(Outcome::Boot { hooks_run: false });
+        }
+    };
+    let mut progress = Progress::Claimed;
+    let err = match take_over(args, state, state_path, bundle, &h, &pooled, &mut progress) {
+        Ok(outcome) => return Ok(outcome),
+        Err(e) => e,
+    };
+    if matches!(progress, Progress::HooksFailed | Progress::Handed)
+        || !pooled.ended_within(DEATH_GRACE)
+    {
+        return Err(err);
+    }
+    tracing::info!(
+        vm = h.name,
+        "pool VM {} died before the container was handed to it ({err:#}): booting a VM instead (cold fallback)",
+        h.name
+    );
+    release(&pooled, state, state_path)?;
+    Ok(Outcome::Boot {
+        hooks_run: progress == Progress::HooksRan,
+    })
+}
+
+/// Ends a claimed VM that will not serve the container and forgets it in the state. Its tap
+/// (moved into the container's network namespace) is gone once its holder has exited, before a
+/// cold start makes its own of the same name.
+fn release(vm: &PooledVm, state: &mut ContainerState, state_path: &Path) -> Result<()> {
+    vm.kill();
+    vm.finish(crate::timeouts::VM_FINISH);
+    state.pooled = None;
+    state.vm_pid = 0;
+    state.vm_pid_start = 0;
+    state.vm_memory_mib = 0;
+    state.save(state_path)?;
+    Ok(())
+}
+
+/// The steps of [`prepare`], with how far they got in `progress`.
+fn take_over(
+    args: &SandboxArgs,
+    state: &mut ContainerState,
+    state_path: &Path,
+    bundle: &spec::Bundle,
+    h: &crate::pool::Handover,
+    pooled: &Arc<PooledVm>,
+    progress: &mut Progress,
+) -> Result<Outcome> {
+    let vm: Arc<dyn Vm> = pooled.clone();
     // From the claim on, the VM's host processes count as the container's.
     state.vm_pid = h.vm_pid;
     state.vm_pid_start = h.vm_pid_start;
@@ -96,21 +174,17 @@ pub(super) fn prepare(
         .context("cannot open the container's network namespace")?;
     rootcell_net::move_link(TAP_NAME, &holder_ns, &own_ns)?;
 
+    *progress = Progress::HooksFailed;
     run_create_hooks(&bundle.spec, state)?;
+    *progress = Progress::HooksRan;
     let scanned = rootcell_net::scan().context("cannot read the container's network")?;
     if scanned.interfaces.len() > 1 || scanned.interfaces.iter().any(|i| i.mtu > CARD_MTU) {
         tracing::info!(
             interfaces = scanned.interfaces.len(),
             "the pool VM has one card of MTU {CARD_MTU} at most and does not suit this container: booting a VM instead"
         );
-        // Its tap must be gone before a cold start makes its own of the same name.
-        vm.kill();
-        vm.finish(crate::timeouts::VM_FINISH);
-        state.pooled = None;
-        state.vm_pid = 0;
-        state.vm_pid_start = 0;
-        state.save(state_path)?;
-        return Ok(Outcome::Declined);
+        release(pooled, state, state_path)?;
+        return Ok(Outcome::Boot { hooks_run: true });
     }
     let network = crate::network::mirror_onto(&[TAP_NAME.to_string()])?;
     let loopback_dns = network
@@ -162,6 +236,11 @@ pub(super) fn prepare(
             guest_network: network.is_some(),
         },
     );
+    // A terminal's pty goes to the console socket once: past that, no second VM may have it.
+    // Plain stdio streams are opened again on the VM booted instead.
+    if spec::has_terminal(&guest_spec) {
+        *progress = Progress::Handed;
+    }
     let (attached, guest_pid) = create_init(
         args,
         &agent,
@@ -169,6 +248,7 @@ pub(super) fn prepare(
         guest_spec,
         state.guest_privileged,
     )?;
+    *progress = Progress::Handed;
     state.guest_pid = guest_pid;
     Sandbox::assemble(Parts {
         state: state.clone(),
