@@ -603,6 +603,53 @@ fn a_pool_vm_that_dies_during_the_claim_means_a_cold_boot_and_leaks_nothing() {
     pool.assert_gone();
 }
 
+#[test]
+fn the_pool_refills_after_its_binary_is_replaced() {
+    // The server runs a copy of the binary, which is then replaced as a rebuild or an upgrade
+    // replaces it (a new file under the same name; the old one is unlinked).
+    let bin_dir = tempfile::Builder::new()
+        .prefix("rcbin")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let copy = bin_dir.path().join("rootcell");
+    std::fs::copy(&artifacts().bin, &copy).unwrap();
+    let mut server_rt = Runtime::new();
+    server_rt.art.bin = copy.clone();
+    let mut pool = Pool::start(&server_rt, 1);
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::copy(&artifacts().bin, &copy).unwrap();
+
+    // A claim makes the server start a holder for the refill.
+    let rt = runtime_for(&pool.dir);
+    let bundle = Bundle::new(&["echo", "hello"]);
+    for n in 0..2 {
+        let id = unique_id(&format!("replaced{n}"));
+        let (o, log) = run_with_log(&rt, &bundle, &id);
+        assert_eq!(code(&o), 0, "run {n}: {}\nlog:\n{log}", text(&o.stderr));
+        assert_eq!(text(&o.stdout).trim(), "hello");
+        assert!(
+            log.contains("from the pool (no boot)"),
+            "run {n} after the binary was replaced did not take a pool VM:\nlog:\n{log}\npool log:\n{}",
+            pool.log_text()
+        );
+        assert_no_leftovers(&rt, &id);
+        // The refill: ready, or failed (which the old server did at once, every time).
+        let mut st = Value::Null;
+        wait_until("the pool's refill", READY_TIMEOUT, || {
+            st = pool.status(&server_rt);
+            st["shapes"][0]["ready"] == 1 || st["shapes"][0]["failed_boots"] != 0
+        });
+        assert_eq!(
+            st["shapes"][0]["failed_boots"],
+            0,
+            "refills failed after the binary was replaced: {st}\npool log:\n{}",
+            pool.log_text()
+        );
+    }
+    pool.stop();
+    pool.assert_gone();
+}
+
 /// The Docker daemon of this binary, whose rootcell claims from [`docker_pool`] (the env
 /// reaches the runtime through dockerd, containerd and the shim).
 fn docker_pool() -> &'static (Pool, &'static DockerDaemon) {

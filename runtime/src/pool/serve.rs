@@ -64,6 +64,8 @@ struct Server {
     key: BootKey,
     dir: PathBuf,
     global: Global,
+    /// The path this binary was started from, as the holders' `argv[0]` (for `ps` only).
+    exe_name: std::ffi::OsString,
 }
 
 /// Runs the pool server until SIGTERM or SIGINT; returns the exit status.
@@ -127,6 +129,9 @@ pub fn serve(g: &Global) -> Result<i32> {
         key,
         dir: dir.clone(),
         global: g.clone(),
+        exe_name: std::env::current_exe()
+            .map(|p| p.into_os_string())
+            .unwrap_or_else(|_| "rootcell".into()),
     });
     let s = server.clone();
     std::thread::spawn(move || refill(&s));
@@ -221,8 +226,12 @@ fn spawn_holder(s: &Arc<Server>, name: &str, shape: Shape, index: usize) -> Resu
         .mode(0o700)
         .create(&run_dir)
         .with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let exe = std::env::current_exe().context("cannot find the rootcell binary")?;
-    let mut cmd = Command::new(exe);
+    // Holders run the very binary the server runs, even once its path has been replaced or
+    // removed (a rebuild or an upgrade under a running pool): /proc/self/exe names that file
+    // itself, not its path, and the child opens it before its exec, while it is still a copy
+    // of this process. A new binary serves after a restart of the pool.
+    let mut cmd = Command::new("/proc/self/exe");
+    std::os::unix::process::CommandExt::arg0(&mut cmd, &s.exe_name);
     cmd.args(s.global.args())
         .args(["pool", "vm", "--name", name, "--run-dir"])
         .arg(&run_dir)
