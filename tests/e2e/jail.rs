@@ -203,6 +203,31 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
         }
     }
     backends.sort();
+    // None of them runs as root: the fs threads share one unprivileged uid and gid of the
+    // reserved range (base + the id of their serving thread, rootcell-fs), the vsock threads
+    // another (base + vsock-vhost-user's); real, effective, saved and fs ids alike, no groups.
+    let backend_ids = backend_thread_ids(sandbox);
+    for (owner, want_caps) in [
+        ("rootcell-fs", &fs_caps),
+        ("vsock-vhost-use", &"0".repeat(16)),
+    ] {
+        let owner_tid = backend_ids
+            .iter()
+            .find(|t| t.comm == owner)
+            .unwrap_or_else(|| panic!("no {owner} thread"))
+            .tid;
+        let want = (UID_BASE + owner_tid).to_string();
+        let group: Vec<_> = backend_ids
+            .iter()
+            .filter(|t| &t.caps == want_caps)
+            .collect();
+        assert!(group.len() >= 2, "{owner}'s threads: {backend_ids:?}");
+        for t in group {
+            assert_eq!(t.uid, vec![want.clone(); 4], "{t:?}");
+            assert_eq!(t.gid, vec![want.clone(); 4], "{t:?}");
+            assert_eq!(t.groups, "", "{t:?}");
+        }
+    }
     let zero = "0".repeat(16);
     let mut want = vec![
         ("rootcell-fs".to_string(), fs_caps.clone()),
@@ -337,13 +362,100 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
     );
     std::fs::remove_file(&node).unwrap();
 
-    // And the container works through it.
-    let o = rt.run(&["exec", &id, "sh", "-c", "echo jailed-ok"]);
+    // The vsock back end's socket directory (the run dir) is its uid's alone.
+    let vsock_uid = backend_ids
+        .iter()
+        .find(|t| t.comm == "vsock-vhost-use")
+        .unwrap()
+        .uid[0]
+        .clone();
+    let sockdir = std::fs::metadata(run_dir(&rt.root(), &id)).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(sockdir.uid().to_string(), vsock_uid, "the run dir's owner");
+    assert_eq!(sockdir.mode() & 0o777, 0o700, "the run dir's mode");
+
+    // And the container works through it: ownership passes through an unprivileged back
+    // end. A user's file is the user's on the host; root writes into a directory only root
+    // may write to, and chowns; the user cannot write there (the guest's kernel says so).
+    let o = rt.run(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "mkdir -m 777 /open && mkdir -m 700 /rootonly && echo r > /rootonly/f \
+         && echo c > /rootonly/c && chown 4242:4243 /rootonly/c && echo jailed-ok",
+    ]);
     assert_eq!(text(&o.stdout).trim(), "jailed-ok", "{}", text(&o.stderr));
+    let o = rt.run(&[
+        "exec",
+        "--user",
+        "1000:1000",
+        &id,
+        "sh",
+        "-c",
+        "echo u > /open/u; echo x > /rootonly/x; echo done",
+    ]);
+    assert_eq!(text(&o.stdout).trim(), "done", "{}", text(&o.stderr));
+    let owner = |p: &str| {
+        std::fs::metadata(b.rootfs().join(p))
+            .map(|m| (m.uid(), m.gid()))
+            .map_err(|e| e.kind())
+    };
+    assert_eq!(owner("open/u"), Ok((1000, 1000)), "a user's file");
+    assert_eq!(owner("rootonly"), Ok((0, 0)), "root's directory");
+    assert_eq!(owner("rootonly/f"), Ok((0, 0)), "root's file");
+    assert_eq!(owner("rootonly/c"), Ok((4242, 4243)), "a chowned file");
+    assert_eq!(
+        owner("rootonly/x"),
+        Err(std::io::ErrorKind::NotFound),
+        "a user wrote into root's directory"
+    );
 
     let o = rt.run(&["delete", "--force", &id]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_no_leftovers(&rt, &id);
+}
+
+/// One back-end thread's identity, as `/proc/<pid>/task/<tid>/status` shows it.
+#[derive(Debug)]
+struct ThreadIds {
+    tid: u64,
+    comm: String,
+    uid: Vec<String>,
+    gid: Vec<String>,
+    groups: String,
+    caps: String,
+}
+
+/// The identities of the sandbox's back-end threads (those under seccomp).
+fn backend_thread_ids(sandbox: i32) -> Vec<ThreadIds> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        if status_field(&st, "Seccomp") != "2" {
+            continue;
+        }
+        let ids = |f: &str| -> Vec<String> {
+            status_field(&st, f)
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        out.push(ThreadIds {
+            tid: t.file_name().to_string_lossy().parse().unwrap(),
+            comm: status_field(&st, "Name"),
+            uid: ids("Uid"),
+            gid: ids("Gid"),
+            groups: status_field(&st, "Groups"),
+            caps: status_field(&st, "CapEff"),
+        });
+    }
+    out
 }
 
 /// Whether the built-in VMM can boot a guest here: /dev/kvm and a CPU with vmx/svm (in this
@@ -444,8 +556,11 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
                 }
             }
             "vsock-io" => {
-                // uid 0 without capabilities: the sockets it connects to are root's.
-                for caps in ["CapPrm", "CapEff", "CapBnd"] {
+                // Its own unprivileged uid without capabilities; the socket directory is its.
+                let want = (UID_BASE + tid).to_string();
+                assert_eq!(ids("Uid"), vec![want.clone(); 4], "{comm}:\n{st}");
+                assert_eq!(ids("Gid"), vec![want.clone(); 4], "{comm}:\n{st}");
+                for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
                     assert_eq!(status_field(&st, caps), zero, "{comm} {caps}:\n{st}");
                 }
                 // Its root: the path down to the socket directory, and nothing else.
@@ -461,7 +576,13 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
                 vsock += 1;
             }
             _ => {
-                assert_eq!(status_field(&st, "CapEff"), fs_caps, "{comm}:\n{st}");
+                // Its own unprivileged uid, keeping exactly the ownership capabilities.
+                let want = (UID_BASE + tid).to_string();
+                assert_eq!(ids("Uid"), vec![want.clone(); 4], "{comm}:\n{st}");
+                assert_eq!(ids("Gid"), vec![want.clone(); 4], "{comm}:\n{st}");
+                for caps in ["CapPrm", "CapEff", "CapBnd"] {
+                    assert_eq!(status_field(&st, caps), fs_caps, "{comm} {caps}:\n{st}");
+                }
                 assert_eq!(
                     top,
                     BTreeSet::from(["share".to_string(), "proc".to_string()]),

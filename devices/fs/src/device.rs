@@ -14,6 +14,7 @@ use virtio_queue::QueueOwnedT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
+use crate::creds::{makes_a_file, Caller};
 use crate::passthrough::open_passthrough;
 use crate::readonly::is_write_request;
 use crate::{Error, FsConfig};
@@ -150,6 +151,33 @@ impl FsDevice {
                 bounce.mem.write_obj(XATTR_MAX, at).map_err(mem_err)?;
             }
         }
+        // A request that makes a file runs as its caller (see `creds`); the passthrough gets a
+        // copy that says root, so it does not switch the thread's effective uid itself.
+        let _caller = if makes_a_file(header.opcode) {
+            match Caller::assume(header.uid, header.gid) {
+                Ok(caller) => {
+                    let mut as_root = header;
+                    as_root.uid = 0;
+                    as_root.gid = 0;
+                    bounce
+                        .mem
+                        .write_obj(as_root, GuestAddress(BOUNCE_DATA))
+                        .map_err(mem_err)?;
+                    Some(caller)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, uid = header.uid, gid = header.gid, "virtio-fs: cannot take on the caller's ids");
+                    return reply_error(
+                        mem,
+                        chain,
+                        header.unique,
+                        e.raw_os_error().unwrap_or(libc::EPERM),
+                    );
+                }
+            }
+        } else {
+            None
+        };
         let Bounce {
             mem: copy_mem,
             queue: copy_queue,
@@ -315,6 +343,8 @@ mod tests {
         device: FsDevice,
         driver: Driver,
         unique: u64,
+        /// The guest caller's uid and gid put in each request's header.
+        caller: (u32, u32),
     }
 
     impl Client {
@@ -327,6 +357,7 @@ mod tests {
                 device: FsDevice::new(&config).unwrap(),
                 driver: Driver::new(),
                 unique: 0,
+                caller: (0, 0),
             };
             let init = InitIn {
                 major: 7,
@@ -348,8 +379,8 @@ mod tests {
                 opcode,
                 unique: self.unique,
                 nodeid,
-                uid: 0,
-                gid: 0,
+                uid: self.caller.0,
+                gid: self.caller.1,
                 pid: 1,
                 padding: 0,
             };
@@ -487,6 +518,104 @@ mod tests {
                 "chown as non-root is refused by the host"
             );
         }
+    }
+
+    fn thread_status(name: &str) -> String {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{name}:"))
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap()
+    }
+
+    /// Files made through the device belong to the guest caller on the host, and a root
+    /// caller writes where only root may, both from a root thread and from a thread jailed as
+    /// an unprivileged uid that kept the ownership capabilities (as rootcell's back ends are);
+    /// the thread ends each request with its own ids and capabilities again.
+    #[test]
+    fn files_are_made_as_their_caller_by_a_root_or_an_unprivileged_thread() {
+        if !rootcell_test_support::require_root("files made as their caller") {
+            return;
+        }
+        for jailed in [false, true] {
+            std::thread::spawn(move || made_as_caller(jailed))
+                .join()
+                .unwrap();
+        }
+    }
+
+    fn made_as_caller(jailed: bool) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = share();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let root_only = dir.path().join("rootonly");
+        std::fs::create_dir(&root_only).unwrap();
+        std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if jailed {
+            // What rootcell's jail does (runtime/src/jail/vmm.rs), by hand: a uid of the
+            // reserved range, the ownership capabilities kept across the change.
+            let id = 0x7e00_0000 + std::process::id();
+            // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID SETGID SETUID MKNOD SETFCAP
+            let keep: u32 = [0, 1, 2, 3, 4, 6, 7, 27, 31]
+                .iter()
+                .fold(0, |m, c| m | 1 << c);
+            // SAFETY: raw calls on this thread's credentials only; no memory but the cap data.
+            unsafe {
+                assert_eq!(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
+            }
+            let mut caps = crate::creds::tests_capget();
+            caps[0].permitted = keep;
+            caps[0].effective = keep;
+            caps[1] = Default::default();
+            crate::creds::tests_capset(&caps);
+            assert_eq!(thread_status("Uid"), vec![id.to_string(); 4].join("\t"));
+        }
+        let (own_uid, own_eff) = (thread_status("Uid"), thread_status("CapEff"));
+        let mut c = Client::new(dir.path(), false);
+        let create = CreateIn {
+            flags: (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL) as u32,
+            mode: libc::S_IFREG | 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        // A user's file is the user's.
+        c.caller = (1000, 1000);
+        let args = concat(&[create.as_slice(), &cstr("users.txt")]);
+        assert_eq!(c.call(FUSE_CREATE, ROOT, &args).0, 0, "jailed {jailed}");
+        let meta = std::fs::metadata(dir.path().join("users.txt")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (1000, 1000), "jailed {jailed}");
+        // The host checks the user's permission: not in root's directory.
+        let rootonly = c.lookup(ROOT, "rootonly").unwrap().nodeid;
+        let mkdir = MkdirIn {
+            mode: 0o755,
+            umask: 0,
+        };
+        let args = concat(&[mkdir.as_slice(), &cstr("sub")]);
+        assert_eq!(
+            c.call(FUSE_MKDIR, rootonly, &args).0,
+            libc::EACCES,
+            "jailed {jailed}"
+        );
+        // Root's file is root's, in root's directory.
+        c.caller = (0, 0);
+        assert_eq!(c.call(FUSE_MKDIR, rootonly, &args).0, 0, "jailed {jailed}");
+        let meta = std::fs::metadata(root_only.join("sub")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0), "jailed {jailed}");
+        // And a group of the caller's own.
+        c.caller = (0, 4242);
+        let args = concat(&[create.as_slice(), &cstr("group.txt")]);
+        assert_eq!(c.call(FUSE_CREATE, rootonly, &args).0, 0, "jailed {jailed}");
+        let meta = std::fs::metadata(root_only.join("group.txt")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 4242), "jailed {jailed}");
+        // The thread's own ids (fs ids too) and capabilities again.
+        assert_eq!(thread_status("Uid"), own_uid);
+        assert_eq!(thread_status("CapEff"), own_eff);
+        assert!(!thread_status("Gid").contains("4242"));
     }
 
     #[test]

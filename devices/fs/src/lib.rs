@@ -15,13 +15,15 @@
 //! - one backend serves one QEMU connection: a new VM needs a new `serve_vhost_user` call;
 //! - in the guest: `mount -t virtiofs TAG /mnt`.
 //!
-//! Host requirements: runs as root (ownership pass-through, chown), `/proc` mounted in the
+//! Host requirements: runs as root, or as any uid with the ownership capabilities (files are
+//! made with the guest caller's fs uid/gid, chown needs CAP_CHOWN), `/proc` mounted in the
 //! caller's mount namespace (the passthrough opens `/proc/self/fd`, through which it reopens
 //! inodes, before any pivot into the share). The soft RLIMIT_NOFILE of the process is raised
 //! to its hard limit (one fd per guest-known inode). Capabilities and seccomp are the
 //! caller's to add through [`Jail::confine`].
 
 pub mod bridge;
+mod creds;
 mod device;
 mod error;
 mod passthrough;

@@ -20,10 +20,11 @@
 //! - `inode_file_handles = false`: inodes are held as `O_PATH` fds, which needs no extra
 //!   capability but costs one fd per inode the guest remembers; see
 //!   [`raise_nofile_limit`].
-//! - Ownership: each create-class request runs with the guest caller's uid/gid set on the
-//!   serving thread only (raw `setresuid`/`setresgid` syscalls, not the process-wide libc
-//!   wrappers), and SETATTR with a new owner calls `fchownat` as root, so guest `chown` shows on
-//!   the host. This needs the backend to run as root.
+//! - Ownership: each request that makes a file runs with the guest caller's fs uid/gid set on
+//!   the serving thread only (`crate::creds`: setfsuid/setfsgid, not the passthrough's own
+//!   effective-uid switch, which assumes a thread whose real uid is 0), and SETATTR with a new
+//!   owner calls `fchownat` with CAP_CHOWN, so guest `chown` shows on the host. This needs
+//!   root or the ownership capabilities (`rootcell_vmm::seccomp::FS_CAPS`), not uid 0.
 
 use std::time::Duration;
 

@@ -63,13 +63,16 @@ pub const PASSTHROUGH_SYSCALLS: &[i64] = &[
     libc::SYS_removexattr,
     libc::SYS_lremovexattr,
     libc::SYS_fremovexattr,
-    // the guest caller's credentials, taken per request by the serving thread only
-    libc::SYS_setresuid,
-    libc::SYS_setresgid,
+    // the guest caller's fs uid and gid, taken per file-making request by the serving thread
+    // only (`creds`); setresuid and setresgid are not here: a thread jailed as an
+    // unprivileged uid that keeps CAP_SETUID could make itself root again with them
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_getgid,
     libc::SYS_getegid,
+    // no effective capabilities while a non-root caller's file is made (`creds`), and
     // dropping CAP_FSETID around a write that must clear set-id bits (the passthrough's
     // killpriv handling), within the capabilities the thread kept
     libc::SYS_capget,

@@ -308,12 +308,11 @@ impl Hypervisor for Qemu {
             },
             confine_backends.then(|| {
                 // Its root holds only the socket directory: it connects guest connections to
-                // `<uds>_<port>` there by path, and needs nothing else of the file system.
+                // `<uds>_<port>` there by path, and needs nothing else of the file system. It
+                // runs as an unprivileged uid that owns that directory.
                 let dir = cfg.vsock_uds.parent().map(Path::to_path_buf);
                 Box::new(move || -> std::io::Result<()> {
-                    if let Some(dir) = &dir {
-                        crate::jail::vmm::own_root(Some((dir, false)))?;
-                    }
+                    crate::jail::vmm::vsock_thread(dir.as_deref(), false)?;
                     crate::jail::thread::confine(crate::jail::thread::Role::Vsock)
                 }) as rootcell_vsock::Confine
             }),

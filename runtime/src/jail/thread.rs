@@ -13,9 +13,10 @@
 //!   processes), which kills the process, and clone3 answered with ENOSYS so thread creation
 //!   falls back to clone, whose flags the allow-list can check (threads only).
 //!
-//! The threads keep uid 0 (the fs back end switches to the guest caller's uid per request and
-//! back): without capabilities that is the uid of root-owned files only, and the vsock allow
-//! list has no call that opens, creates or removes a file.
+//! Neither keeps uid 0: each runs as an unprivileged uid of the reserved range of its own
+//! ([`super::vmm::fs_thread`], [`super::vmm::vsock_thread`]): uid = gid = `UID_BASE` + the
+//! serving thread's id, which the threads it starts inherit. The fs one keeps [`FS_CAPS`]
+//! across the change (it makes each new file with the guest caller's fs uid and gid).
 
 use caps::{Capability, CapsHashSet};
 use seccompiler::{
@@ -259,8 +260,13 @@ pub fn kept_caps(role: Role) -> CapsHashSet {
 
 /// Confines the calling thread as `role`: capabilities, then seccomp (which sets
 /// no_new_privs). Irreversible for this thread and every thread it starts later.
+/// The fs role also takes its unprivileged uid here ([`super::vmm::fs_thread`]); the vsock
+/// role's is taken before, with its root ([`super::vmm::vsock_thread`]).
 pub fn confine(role: Role) -> io::Result<()> {
     let filters = filters(role)?;
+    if role == Role::Fs {
+        super::vmm::fs_thread()?;
+    }
     restrict_caps(role)?;
     for f in &filters {
         seccompiler::apply_filter(f).map_err(|e| err(format!("installing: {e}")))?;

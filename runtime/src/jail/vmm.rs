@@ -8,11 +8,12 @@
 //!   [`super::UID_BASE`] + the thread's id, no supplementary groups, an empty bounding set.
 //!   They hold every fd they need (the vCPU's and VM's KVM fds, the tap) before.
 //! * the vsock thread: a root holding only its socket directory (it connects guest
-//!   connections to `<uds>_<port>` there by path, and removes the hybrid socket at the end), uid
-//!   0 without capabilities, as the QEMU path's vsock back end: the sockets it connects to are
-//!   the sandbox's, owned by root, and connecting needs write permission on them.
-//! * the virtio-fs thread: nothing more here (it already serves from its share root, and keeps
-//!   uid 0 because the passthrough switches to each caller's uid and back).
+//!   connections to `<uds>_<port>` there by path, and removes the hybrid socket at the end), and
+//!   an unprivileged uid of its own without capabilities ([`vsock_thread`]): the directory is
+//!   given to that uid (mode 0700), so it may connect to the sockets there and nobody else
+//!   but root reaches them.
+//! * the virtio-fs thread: its share root is set up before (by the device); here it gets an
+//!   unprivileged uid of its own that keeps the ownership capabilities ([`fs_thread`]).
 //!
 //! What this does not give (and a process of its own would): the threads share the sandbox's
 //! address space, so code run by a compromised vCPU thread could still rewrite the memory of
@@ -33,14 +34,54 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 /// The hook the built-in VMM's threads call (see the module text).
 pub fn vmm_thread(kind: ThreadKind, dir: Option<&Path>) -> Result<(), String> {
     let r = match kind {
-        ThreadKind::Fs => Ok(()),
-        ThreadKind::Vsock if super::backends_enabled() => own_root(dir.map(|d| (d, true))),
+        ThreadKind::Fs if super::backends_enabled() => fs_thread().map(|_| ()),
+        ThreadKind::Vsock if super::backends_enabled() => vsock_thread(dir, true).map(|_| ()),
         ThreadKind::Vcpu | ThreadKind::Net if super::qemu_enabled() => {
             own_root(None).and_then(|()| become_unprivileged().map(|_| ()))
         }
         _ => Ok(()),
     };
     r.map_err(|e| e.to_string())
+}
+
+/// The jail of a vsock back-end thread (the built-in VMM's `vsock-io`, the QEMU path's
+/// vhost-user one): `dir`, the directory of its hybrid socket where it connects guest
+/// connections to `<uds>_<port>`, is given to the thread's own uid (owner, mode 0700: only that
+/// uid and root reach what is in it, so the sockets there need no mode of their own), then the
+/// thread gets a root holding only that directory ([`own_root`], writable or not) and that uid
+/// without capabilities ([`become_unprivileged`]). Returns the uid.
+pub fn vsock_thread(dir: Option<&Path>, writable: bool) -> io::Result<u32> {
+    let id = thread_id();
+    if let Some(dir) = dir {
+        let c = cstr(dir)?;
+        // SAFETY: chown(2) and chmod(2) with a NUL-terminated path.
+        check("give the socket directory to the vsock thread", unsafe {
+            libc::chown(c.as_ptr(), id, id)
+        })?;
+        // SAFETY: as above.
+        check("restrict the socket directory", unsafe {
+            libc::chmod(c.as_ptr(), 0o700)
+        })?;
+    }
+    own_root(dir.map(|d| (d, writable)))?;
+    become_unprivileged()
+}
+
+/// The identity of a virtio-fs back-end thread (the built-in VMM's `virtiofs-io`, the QEMU
+/// path's vhost-user one): its own unprivileged uid and gid, keeping exactly
+/// [`super::thread::FS_CAPS`] (permitted, effective and bounding): ownership pass-through
+/// makes each new file with the guest caller's fs uid and gid (`rootcell_fs`' `creds`), which
+/// needs CAP_SETUID and CAP_SETGID, and reads and writes whatever the guest's root may, which
+/// needs the DAC capabilities. Its root (the share) is set up before. Returns the uid.
+pub fn fs_thread() -> io::Result<u32> {
+    become_unprivileged_keeping(super::thread::FS_CAPS)
+}
+
+/// `UID_BASE` + the calling thread's id.
+fn thread_id() -> u32 {
+    // SAFETY: gettid(2) takes nothing.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    super::UID_BASE + tid
 }
 
 fn check(what: &'static str, rc: libc::c_int) -> io::Result<()> {
@@ -181,10 +222,19 @@ pub fn own_root(keep: Option<(&Path, bool)>) -> io::Result<()> {
 /// an empty bounding set (dropped first: that needs CAP_SETPCAP, which the change of uid then
 /// takes with every other permitted and effective capability). Returns the id.
 pub fn become_unprivileged() -> io::Result<u32> {
-    // SAFETY: gettid(2) takes nothing.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
-    let id = super::UID_BASE + tid;
-    for cap in 0..64 {
+    become_unprivileged_keeping(&[])
+}
+
+/// [`become_unprivileged`], except that `keep` stays in the bounding, permitted and effective
+/// sets (PR_SET_KEEPCAPS across the change of uid, then the effective set raised again, which
+/// a change of uid from 0 empties). Nothing is inheritable or ambient.
+pub fn become_unprivileged_keeping(keep: &[caps::Capability]) -> io::Result<u32> {
+    let id = thread_id();
+    let kept: u64 = keep.iter().fold(0, |m, c| m | c.bitmask());
+    for cap in 0..64u64 {
+        if kept & (1 << cap) != 0 {
+            continue;
+        }
         // SAFETY: prctl(2) with integer arguments.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
             let e = io::Error::last_os_error();
@@ -206,6 +256,11 @@ pub fn become_unprivileged() -> io::Result<u32> {
             0,
         )
     })?;
+    // Per thread: the flag lives in the thread's credentials.
+    // SAFETY: prctl(2) with integer arguments.
+    check("keeping capabilities across the change of uid", unsafe {
+        libc::prctl(libc::PR_SET_KEEPCAPS, u64::from(!keep.is_empty()), 0, 0, 0)
+    })?;
     // SAFETY: the raw system calls act on this thread's credentials only; no memory passed
     // (an empty group list is a null pointer with size 0).
     unsafe {
@@ -221,6 +276,18 @@ pub fn become_unprivileged() -> io::Result<u32> {
             "setresuid",
             libc::syscall(libc::SYS_setresuid, id, id, id) as libc::c_int,
         )?;
+    }
+    if !keep.is_empty() {
+        // SAFETY: prctl(2) with integer arguments.
+        check("resetting keep-capabilities", unsafe {
+            libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0)
+        })?;
+        let keep: caps::CapsHashSet = keep.iter().copied().collect();
+        let fail = |e: caps::errors::CapsError| io::Error::other(format!("capabilities: {e}"));
+        // Permitted first (it only shrinks), then effective within it.
+        caps::clear(None, caps::CapSet::Inheritable).map_err(fail)?;
+        caps::set(None, caps::CapSet::Permitted, &keep).map_err(fail)?;
+        caps::set(None, caps::CapSet::Effective, &keep).map_err(fail)?;
     }
     Ok(id)
 }
@@ -287,32 +354,123 @@ mod tests {
     }
 
     #[test]
-    fn a_vsock_like_thread_sees_only_its_socket_directory() {
+    fn a_vsock_like_thread_sees_only_its_socket_directory_as_its_own_uid() {
         if !rootcell_test_support::require_root("vsock thread root") {
             return;
         }
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().unwrap();
+        // As the DNS relay makes its sockets: open to whoever reaches the directory.
         let sock = dir.path().join("vsock.sock_1024");
         let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        // A socket of root's own mode.
+        let roots = dir.path().join("vsock.sock_1025");
+        let _roots = std::os::unix::net::UnixListener::bind(&roots).unwrap();
+        std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o755)).unwrap();
         let d = dir.path().to_path_buf();
-        let r = std::thread::spawn(move || {
-            own_root(Some((&d, true)))?;
-            let top: Vec<_> = std::fs::read_dir("/")?
-                .flatten()
-                .map(|e| e.file_name())
-                .collect();
-            let conn = std::os::unix::net::UnixStream::connect(d.join("vsock.sock_1024"));
-            let outside = std::fs::metadata("/etc/passwd").is_ok();
-            Ok::<_, io::Error>((top, conn.is_ok(), outside))
-        })
-        .join()
-        .unwrap()
-        .expect("own root");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let r = (|| {
+                let id = vsock_thread(Some(&d), true)?;
+                rootcell_vmm::seccomp::keep_caps(&[])
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let top: Vec<_> = std::fs::read_dir("/")?
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect();
+                let conn = std::os::unix::net::UnixStream::connect(d.join("vsock.sock_1024"));
+                let root_conn = std::os::unix::net::UnixStream::connect(d.join("vsock.sock_1025"))
+                    .map_err(|e| e.raw_os_error());
+                let outside = std::fs::metadata("/etc/passwd").is_ok();
+                Ok::<_, io::Error>((id, top, conn.is_ok(), root_conn.err(), outside))
+            })();
+            tx.send(r).unwrap();
+            // Alive while its status is read.
+            let _ = done_rx.recv();
+        });
+        let (id, top, conn, root_conn, outside) = rx.recv().unwrap().expect("vsock thread jail");
+        let tid = id - super::super::UID_BASE;
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(
+            (super::super::UID_BASE..super::super::UID_BASE + super::super::UID_RANGE)
+                .contains(&id)
+        );
+        for f in ["Uid", "Gid"] {
+            assert_eq!(
+                field(&status, f),
+                vec![id.to_string(); 4].join("\t"),
+                "{status}"
+            );
+        }
+        for c in ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"] {
+            assert_eq!(field(&status, c), "0000000000000000", "{c}: {status}");
+        }
+        let meta = std::fs::metadata(dir.path()).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (id, id, 0o700)
+        );
         let first = dir.path().iter().nth(1).unwrap().to_os_string();
-        assert_eq!(r.0, vec![first], "the thread's root");
-        assert!(r.1, "connecting to a socket in the kept directory failed");
-        assert!(!r.2, "/etc/passwd is visible from the thread");
+        assert_eq!(top, vec![first], "the thread's root");
+        assert!(conn, "connecting to a socket in its directory failed");
+        assert_eq!(
+            root_conn,
+            Some(Some(libc::EACCES)),
+            "connected to root's own socket"
+        );
+        assert!(!outside, "/etc/passwd is visible from the thread");
         listener.set_nonblocking(true).unwrap();
         assert!(listener.accept().is_ok());
+    }
+
+    #[test]
+    fn an_fs_like_thread_is_unprivileged_but_keeps_the_ownership_capabilities() {
+        if !rootcell_test_support::require_root("fs thread identity") {
+            return;
+        }
+        let (status, setresuid, fsuid_root) = std::thread::spawn(|| {
+            fs_thread().unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            // SAFETY: raw credential calls on this thread only; no memory passed.
+            unsafe {
+                let setresuid = libc::syscall(libc::SYS_setresuid, 0, 0, 0);
+                // The fs uid may go to root's and back (what a root caller's request needs).
+                libc::syscall(libc::SYS_setfsuid, 0);
+                let fsuid_root = libc::syscall(libc::SYS_setfsuid, u32::MAX) == 0;
+                libc::syscall(libc::SYS_setfsuid, libc::getuid());
+                (status, setresuid, fsuid_root)
+            }
+        })
+        .join()
+        .unwrap();
+        let uid = field(&status, "Uid");
+        let id: u32 = uid.split('\t').next().unwrap().parse().unwrap();
+        assert!(id >= super::super::UID_BASE, "{status}");
+        assert_eq!(uid, vec![id.to_string(); 4].join("\t"));
+        assert_eq!(field(&status, "Gid"), uid);
+        assert_eq!(field(&status, "Groups"), "");
+        let want = format!(
+            "{:016x}",
+            super::super::thread::FS_CAPS
+                .iter()
+                .fold(0u64, |m, c| m | c.bitmask())
+        );
+        for c in ["CapEff", "CapPrm", "CapBnd"] {
+            assert_eq!(field(&status, c), want, "{c}: {status}");
+        }
+        for c in ["CapInh", "CapAmb"] {
+            assert_eq!(field(&status, c), "0000000000000000", "{c}: {status}");
+        }
+        // It keeps CAP_SETUID, which setresuid honours: in the back end the seccomp filter
+        // (not installed here) refuses setresuid (see jail::thread's tests).
+        assert_eq!(setresuid, 0, "CAP_SETUID kept");
+        assert!(
+            fsuid_root,
+            "the fs uid could not become root's for a request"
+        );
     }
 }

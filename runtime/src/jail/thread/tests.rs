@@ -115,6 +115,16 @@ fn a_vsock_thread_keeps_no_capability_and_no_file_system_or_network() {
 fn an_fs_thread_keeps_exactly_the_ownership_capabilities() {
     let out = std::thread::spawn(|| {
         confine(Role::Fs).unwrap();
+        // SAFETY: raw credential calls on this thread only; no memory passed.
+        let (setresuid, fsuid) = unsafe {
+            let r = libc::syscall(libc::SYS_setresuid, 0, 0, 0);
+            let e = *libc::__errno_location();
+            // A request's fs uid and back (allowed).
+            libc::syscall(libc::SYS_setfsuid, 1000);
+            let fsuid = libc::syscall(libc::SYS_setfsuid, u32::MAX);
+            libc::syscall(libc::SYS_setfsuid, libc::getuid());
+            ((r, e), fsuid)
+        };
         (
             status_field("Seccomp"),
             status_field("CapEff"),
@@ -123,10 +133,23 @@ fn an_fs_thread_keeps_exactly_the_ownership_capabilities() {
             status_field("CapInh"),
             open_errno(c"/etc/hostname"),
             socket_errno(libc::AF_UNIX),
+            status_field("Uid"),
+            setresuid,
+            fsuid,
         )
     })
     .join()
     .unwrap();
+    // An unprivileged uid of the reserved range, which it cannot leave for root's.
+    let uid: Vec<u32> = out
+        .7
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert!(uid[0] >= crate::jail::UID_BASE, "uid {uid:?}");
+    assert_eq!(uid, vec![uid[0]; 4]);
+    assert_eq!(out.8, (-1, libc::EPERM), "setresuid(0) from the fs thread");
+    assert_eq!(out.9, 1000, "setfsuid for a request");
     let want = mask(FS_CAPS);
     assert_eq!(out.0, "2");
     assert_eq!(
