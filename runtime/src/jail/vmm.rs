@@ -373,7 +373,9 @@ mod tests {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let t = std::thread::spawn(move || {
             let r = (|| {
+                let started = std::time::Instant::now();
                 let id = vsock_thread(Some(&d), true)?;
+                eprintln!("vsock-like thread jailed in {:?}", started.elapsed());
                 rootcell_vmm::seccomp::keep_caps(&[])
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 let top: Vec<_> = std::fs::read_dir("/")?
@@ -433,7 +435,9 @@ mod tests {
             return;
         }
         let (status, setresuid, fsuid_root) = std::thread::spawn(|| {
+            let started = std::time::Instant::now();
             fs_thread().unwrap();
+            eprintln!("fs-like thread's identity taken in {:?}", started.elapsed());
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             // SAFETY: raw credential calls on this thread only; no memory passed.
             unsafe {
