@@ -73,7 +73,8 @@ fn listen(
     let listener = UnixListener::bind(socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     // Connecting needs write permission: the vsock back end connects as its own jailed uid.
-    // Who reaches the socket at all is the run dir's to decide (0700, root's or that uid's).
+    // Who reaches the socket at all is the run dir's to decide (root's, readable by that
+    // uid's group only).
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .with_context(|| format!("cannot open {} to the vsock back end", socket.display()))?;
     let active = std::sync::Arc::new(AtomicUsize::new(0));

@@ -410,17 +410,22 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
         }
     }
 
-    // The vsock back end's socket directory (the run dir) is its uid's alone.
-    let vsock_uid = backend_ids
+    // The vsock back end's socket directory (the run dir) is root's, readable by its gid's
+    // group only (nobody else has that gid), writable by root alone.
+    let vsock_gid = backend_ids
         .iter()
         .find(|t| t.comm == "vsock-vhost-use")
         .unwrap()
-        .uid[0]
+        .gid[0]
         .clone();
     let sockdir = std::fs::metadata(&run).unwrap();
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(sockdir.uid().to_string(), vsock_uid, "the run dir's owner");
-    assert_eq!(sockdir.mode() & 0o777, 0o700, "the run dir's mode");
+    assert_eq!(
+        (sockdir.uid(), sockdir.gid().to_string()),
+        (0, vsock_gid),
+        "the run dir's owner and group"
+    );
+    assert_eq!(sockdir.mode() & 0o777, 0o750, "the run dir's mode");
 
     // And the container works through it.
     ownership_passes_through(&rt, &id, &b);

@@ -140,7 +140,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     let _ = share::remove_run_dir(&run_dir);
     std::fs::create_dir_all(&run_dir)
         .with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
-    // Root's alone (the vsock back end's jailed uid is given it when the VM starts): the
+    // Root's alone (the vsock back end's jailed gid may read it once the VM starts): the
     // sockets in it need no mode of their own.
     std::fs::set_permissions(
         &run_dir,

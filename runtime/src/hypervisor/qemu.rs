@@ -309,10 +309,10 @@ impl Hypervisor for Qemu {
             confine_backends.then(|| {
                 // Its root holds only the socket directory: it connects guest connections to
                 // `<uds>_<port>` there by path, and needs nothing else of the file system. It
-                // runs as an unprivileged uid that owns that directory.
+                // runs as an unprivileged uid whose group may read that directory.
                 let dir = cfg.vsock_uds.parent().map(Path::to_path_buf);
                 Box::new(move || -> std::io::Result<()> {
-                    crate::jail::vmm::vsock_thread(dir.as_deref(), false)?;
+                    crate::jail::vmm::vsock_thread(dir.as_deref())?;
                     crate::jail::thread::confine(crate::jail::thread::Role::Vsock)
                 }) as rootcell_vsock::Confine
             }),

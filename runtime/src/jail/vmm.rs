@@ -7,11 +7,11 @@
 //!   unprivileged identity of their own ([`become_unprivileged`]): uid = gid =
 //!   [`super::UID_BASE`] + the thread's id, no supplementary groups, an empty bounding set.
 //!   They hold every fd they need (the vCPU's and VM's KVM fds, the tap) before.
-//! * the vsock thread: a root holding only its socket directory (it connects guest
-//!   connections to `<uds>_<port>` there by path, and removes the hybrid socket at the end), and
-//!   an unprivileged uid of its own without capabilities ([`vsock_thread`]): the directory is
-//!   given to that uid (mode 0700), so it may connect to the sockets there and nobody else
-//!   but root reaches them.
+//! * the vsock thread: a root holding only its socket directory, read-only (it connects guest
+//!   connections to `<uds>_<port>` there by path; its attempt to remove the hybrid socket at
+//!   the end fails, and the sandbox removes it), and an unprivileged uid of its own without
+//!   capabilities ([`vsock_thread`]): the directory is given to that uid's group (mode 0750),
+//!   so it may connect to the sockets there and nobody else but root reaches them.
 //! * the virtio-fs thread: its share root is set up before (by the device); here it gets an
 //!   unprivileged uid of its own that keeps the ownership capabilities ([`fs_thread`]).
 //!
@@ -35,7 +35,7 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 pub fn vmm_thread(kind: ThreadKind, dir: Option<&Path>) -> Result<(), String> {
     let r = match kind {
         ThreadKind::Fs if super::backends_enabled() => fs_thread().map(|_| ()),
-        ThreadKind::Vsock if super::backends_enabled() => vsock_thread(dir, true).map(|_| ()),
+        ThreadKind::Vsock if super::backends_enabled() => vsock_thread(dir).map(|_| ()),
         ThreadKind::Vcpu | ThreadKind::Net if super::qemu_enabled() => {
             own_root(None).and_then(|()| become_unprivileged().map(|_| ()))
         }
@@ -46,24 +46,26 @@ pub fn vmm_thread(kind: ThreadKind, dir: Option<&Path>) -> Result<(), String> {
 
 /// The jail of a vsock back-end thread (the built-in VMM's `vsock-io`, the QEMU path's
 /// vhost-user one): `dir`, the directory of its hybrid socket where it connects guest
-/// connections to `<uds>_<port>`, is given to the thread's own uid (owner, mode 0700: only that
-/// uid and root reach what is in it, so the sockets there need no mode of their own), then the
-/// thread gets a root holding only that directory ([`own_root`], writable or not) and that uid
-/// without capabilities ([`become_unprivileged`]). Returns the uid.
-pub fn vsock_thread(dir: Option<&Path>, writable: bool) -> io::Result<u32> {
+/// connections to `<uds>_<port>`, is given to the thread's own gid (owner root, group that
+/// gid, mode 0750: only that uid and root reach what is in it, so the sockets there need no
+/// mode of their own; nobody but root writes there, which the pool's trust check of a VM's
+/// directory asks for), then the thread gets a root holding only that directory, read-only
+/// ([`own_root`]), and that uid and gid without capabilities ([`become_unprivileged`]).
+/// Returns the uid.
+pub fn vsock_thread(dir: Option<&Path>) -> io::Result<u32> {
     let id = thread_id();
     if let Some(dir) = dir {
         let c = cstr(dir)?;
         // SAFETY: chown(2) and chmod(2) with a NUL-terminated path.
         check("give the socket directory to the vsock thread", unsafe {
-            libc::chown(c.as_ptr(), id, id)
+            libc::chown(c.as_ptr(), 0, id)
         })?;
         // SAFETY: as above.
         check("restrict the socket directory", unsafe {
-            libc::chmod(c.as_ptr(), 0o700)
+            libc::chmod(c.as_ptr(), 0o750)
         })?;
     }
-    own_root(dir.map(|d| (d, writable)))?;
+    own_root(dir.map(|d| (d, false)))?;
     become_unprivileged()
 }
 
@@ -374,7 +376,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             let r = (|| {
                 let started = std::time::Instant::now();
-                let id = vsock_thread(Some(&d), true)?;
+                let id = vsock_thread(Some(&d))?;
                 eprintln!("vsock-like thread jailed in {:?}", started.elapsed());
                 rootcell_vmm::seccomp::keep_caps(&[])
                     .map_err(|e| io::Error::other(e.to_string()))?;
@@ -414,7 +416,7 @@ mod tests {
         let meta = std::fs::metadata(dir.path()).unwrap();
         assert_eq!(
             (meta.uid(), meta.gid(), meta.mode() & 0o777),
-            (id, id, 0o700)
+            (0, id, 0o750)
         );
         let first = dir.path().iter().nth(1).unwrap().to_os_string();
         assert_eq!(top, vec![first], "the thread's root");
