@@ -6,7 +6,8 @@
 //! network test; about 5 minutes), with `ROOTCELL_NESTED=1` the whole focused set of those
 //! binaries (about 10-12 minutes), with `ROOTCELL_NESTED_QEMU=1` also with `--hypervisor qemu`
 //! (QEMU -accel kvm). `ROOTCELL_NESTED_FULL=1` runs every test of eleven e2e binaries there
-//! (tests/nested/in-l1.sh lists them), on both.
+//! (tests/nested/in-l1.sh lists them), on both. The focused and full sets also run two tests
+//! of the VM pool (warm containers, and a VM that dies mid-claim); the smoke set does not.
 //!
 //! The lane's own failures are tested too: L1 without SVM, without kvm_amd, with a /dev/kvm that
 //! is not KVM, and an L1 that never comes up each end in one `l1: FAIL` line that says which,

@@ -9,7 +9,8 @@
 # Usage: in-l1.sh TESTS_DIR      (the directory holding the e2e test binaries, target/release/deps)
 # Env:   the build/env variables (ROOTCELL_BIN, ...); NESTED_SET: smoke (a few tests of each
 #        binary, what the README's test command runs), focused (default: the whole focused set),
-#        full (every test of the eleven binaries listed below; also ROOTCELL_NESTED_FULL=1);
+#        full (every test of the eleven binaries listed below, and the two pool tests of
+#        the focused set; also ROOTCELL_NESTED_FULL=1);
 #        NESTED_PHASES (default "auto qemu"); NESTED_BINARY_TIMEOUT (seconds per test binary,
 #        default 1200): past it the binary is killed after a dump of what every rootcell process
 #        and thread in L1 was doing (state, wait channel, system call) and the containers' last
@@ -46,6 +47,9 @@ leftovers() {
     echo "$left"
 }
 
+# The VM pool (issue 15): warm containers as cold ones, and a claimed VM that dies mid-claim
+# means a cold boot; in focused and full only (about 1.5-3 minutes per backend in L1).
+pool_entry="pool warm_containers_run_like_cold_ones_and_each_vm_serves_one a_pool_vm_that_dies_during_the_claim_means_a_cold_boot_and_leaks_nothing"
 # The focused set: lifecycle, exit codes, stdio integrity, errors, Docker on L1's cgroup v2
 # (a private dockerd with rootcell registered: run, --memory with an OOM kill, stats, the host
 # cgroup's CPU quota and charge), and the network tests: a prepared namespace mirrored into
@@ -61,6 +65,7 @@ focused=(
     "network a_prepared_network_namespace_is_mirrored_into_the_guest default_bridge_gives_the_docker_address published_port_reaches_a_server user_defined_network_resolves_rootcell_peers_by_name"
     "containerd ctr_run_exec_kill_pause_metrics tty_and_oom_event"
     "jail"
+    "$pool_entry"
 )
 # The smoke set: the same binaries, fewer tests (about 5 minutes on the built-in VMM in L1).
 smoke=(
@@ -77,7 +82,7 @@ set_name=${NESTED_SET:-focused}
 case "$set_name" in
     smoke) focused=("${smoke[@]}") ;;
     focused) ;;
-    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd jail) ;;
+    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd jail "$pool_entry") ;;
     *) echo "in-l1: NESTED_SET=$set_name: use smoke, focused or full" >&2; exit 2 ;;
 esac
 echo "in-l1: $set_name set"
