@@ -24,6 +24,17 @@ finish() {
 }
 fail() { say "FAIL $*"; finish; }
 param() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1; }
+# A line on the console every 30 s, whatever else runs: scripts/l1.sh takes a console that stays
+# silent for minutes as L1 itself having stopped (no soft lockup report comes when every vCPU is
+# stuck with interrupts off), not as a command or a step that is merely waiting.
+# Its busybox is a copy in RAM (stage 2's, which is also stage 2's shell, is in /run/l1), so that
+# a root file system that stops answering does not stop it too.
+heartbeat() {
+    ( while "$1" sleep 30; do
+        say "alive: up $("$1" cut -d' ' -f1 /proc/uptime) s, load $("$1" cut -d' ' -f1-3 /proc/loadavg)"
+    done ) &
+    beat=$!
+}
 
 if [ "$1" != stage2 ]; then
     /bin/busybox --install -s /bin
@@ -32,6 +43,9 @@ if [ "$1" != stage2 ]; then
     mount -t devtmpfs devtmpfs /dev
     fault=$(param rootcell.l1fault)
     say "init: L1 kernel $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s"
+    # The heartbeat (see stage 2) from here on: an L1 whose every vCPU stops during init must
+    # fall silent too (CI once saw an init that never finished, with nothing said why).
+    heartbeat /bin/busybox
     grep -qw svm /proc/cpuinfo ||
         fail "no svm flag in L1's /proc/cpuinfo: this QEMU's -cpu max gives no AMD SVM on this host's CPU model, so L1 has no KVM"
     for m in $(cat /modules/order); do
@@ -66,13 +80,18 @@ if [ "$1" != stage2 ]; then
     done < /l1/keep
     mkdir -p /newroot/run/l1 /newroot/var/lib /newroot/var/tmp
     cp /init /newroot/run/l1/init
+    cp /bin/busybox /newroot/run/l1/busybox
     cp /l1/cmd /l1/env /newroot/run/l1/ 2>/dev/null || fail "no command in the initramfs (/l1/cmd)"
     [ "$fault" = broken-kvm ] && { rm -f /newroot/dev/kvm; mknod /newroot/dev/kvm c 1 5; }
-    exec switch_root /newroot /bin/busybox sh /run/l1/init stage2
+    say "init: root file system ready (the host's, read-only, under a tmpfs overlay)"
+    # Stage 2 starts its own heartbeat (this one's files go with the initramfs).
+    kill "$beat"
+    exec switch_root /newroot /run/l1/busybox sh /run/l1/init stage2
     fail "switch_root failed"
 fi
 
 # --- stage 2: the host's user space on an overlay, as PID 1 ---
+heartbeat /run/l1/busybox
 mkdir -p /dev/pts /dev/shm /sys/fs/cgroup
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
@@ -118,13 +137,6 @@ say "ready: /dev/kvm works, $(nproc) vCPU(s), $(awk '/MemTotal/ {print int($2/10
 set -a
 . /run/l1/env
 set +a
-# A heartbeat on the console, whatever the command prints: scripts/l1.sh takes a console that
-# stays silent for minutes as L1 itself having stopped (no soft lockup report comes when every
-# vCPU is stuck with interrupts off), not as a command that is merely waiting.
-( while sleep 30; do
-    say "alive: up $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
-done ) &
-beat=$!
 /bin/bash /run/l1/cmd < /dev/null &
 pid=$!
 # ash's wait reaps every child meanwhile (orphans of the command are reparented to us).

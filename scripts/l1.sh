@@ -17,27 +17,31 @@
 #   --fault F          prove the lane's failure lines: no-svm (QEMU's CPU without SVM),
 #                      no-kvm-amd, broken-kvm (/dev/kvm not a KVM), no-boot (L1 hangs before /init),
 #                      freeze (L1's vCPUs stopped, from QEMU's monitor, once the command prints a
-#                      line `freeze L1 now`)
+#                      line `freeze L1 now`), stuck-fs (virtiofsd stopped, SIGSTOP, once L1 has
+#                      loaded its modules: L1's root file system never answers)
 #   --console FILE     keep L1's console log there (default: a temporary file)
-#   --silence S        L1's console silent that long, while the command runs, means L1 has
+#   --silence S        L1's console silent that long, once its /init has spoken, means L1 has
 #                      stopped (its /init prints a heartbeat every 30 s; default 180)
+#   --init-timeout S   from /init's first line until it is ready to run the command (modules,
+#                      the root file system, a /dev/kvm check; about 4 s here; default 240)
 # When L1 cannot give COMMAND a working KVM, or does not come up, or runs out of time, the script
 # prints one line `l1: FAIL ...` saying which (and where L1 got to), and exits with 125. It
 # leaves no QEMU, virtiofsd or mount behind, also when it is killed (TERM/INT) or fails.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-timeout=1800 boot_timeout=120 smp=2 mem=3072 fault= console= silence=180
+timeout=1800 boot_timeout=120 init_timeout=240 smp=2 mem=3072 fault= console= silence=180
 while [ $# -gt 0 ]; do
     case "$1" in
         --timeout) timeout=$2; shift 2 ;;
         --boot-timeout) boot_timeout=$2; shift 2 ;;
+        --init-timeout) init_timeout=$2; shift 2 ;;
         --smp) smp=$2; shift 2 ;;
         --mem) mem=$2; shift 2 ;;
         --fault) fault=$2; shift 2 ;;
         --console) console=$2; shift 2 ;;
         --silence) silence=$2; shift 2 ;;
         --) shift; break ;;
-        *) echo "usage: scripts/l1.sh [--timeout S] [--boot-timeout S] [--smp N] [--mem MIB] [--fault F] [--console FILE] [--silence S] -- COMMAND..." >&2; exit 2 ;;
+        *) echo "usage: scripts/l1.sh [--timeout S] [--boot-timeout S] [--init-timeout S] [--smp N] [--mem MIB] [--fault F] [--console FILE] [--silence S] -- COMMAND..." >&2; exit 2 ;;
     esac
 done
 [ $# -gt 0 ] || { echo "l1: no command given" >&2; exit 2; }
@@ -101,7 +105,7 @@ case "$fault" in
     no-svm) cpu=max,svm=off ;;
     no-kvm-amd|broken-kvm) append_fault="rootcell.l1fault=$fault" ;;
     no-boot) append_fault="rdinit=/nonexistent panic=0" ;;
-    freeze) ;;
+    freeze|stuck-fs) ;;
     *) lane_fail "unknown --fault $fault" ;;
 esac
 # QEMU's monitor on a pair of FIFOs (QEMU opens both read-write, so neither side blocks): when
@@ -134,9 +138,16 @@ monitor() {
 # halt state, and the nearest L1 kernel symbol at or below the RIP (from L1's /proc/kallsyms,
 # if L1 got to write them). A vCPU running L1's own guest shows that guest's RIP instead.
 where_cpus() {
-    local i
+    local i regs
     for i in 1 2 3; do
-        monitor "info registers -a" | awk -v syms="$tmp/syms" -v sample="$i" '
+        regs=$(monitor "info registers -a")
+        if ! grep -q RIP= <<< "$regs"; then
+            # QEMU's main loop is blocked (seen: waiting on virtiofsd's vhost-user socket, which
+            # freezes every vCPU too); its threads' kernel wait channels say where.
+            echo "l1:   QEMU's monitor did not answer; QEMU (pid $qemu_pid) threads: $(ps -L -o stat=,wchan:24= -p "$qemu_pid" 2>/dev/null | tr -s ' ' | sort | uniq -c | tr -s ' ' | paste -sd';')"
+            return
+        fi
+        awk -v syms="$tmp/syms" -v sample="$i" '
             BEGIN {
                 while ((getline line < syms) > 0) {
                     split(line, f, " ")
@@ -151,11 +162,24 @@ where_cpus() {
                 best = ""; bestname = ""
                 for (k = 1; k <= n; k++) if (addr[k] <= rip && addr[k] > best) { best = addr[k]; bestname = name[k] }
                 printf "l1:   sample %d %s rip=%s cpl=%s hlt=%s%s\n", sample, cpu, rip, cpl, hlt, (bestname != "" && cpl == "0" ? " (L1 symbol, if in L1: " bestname ")" : "")
-            }'
+            }' <<< "$regs"
         sleep 1
     done
 }
-printed=0 phase="booting L1 (no line from its /init yet)" booted= heard=$(date +%s)
+# What stopped L1 is best told by where its vCPUs are, and what virtiofsd (its root file
+# system) is doing.
+stopped_report() {
+    where_cpus
+    if kill -0 "$fsd_pid" 2>/dev/null; then
+        echo "l1:   virtiofsd (pid $fsd_pid) is running: $(ps -o stat=,wchan:32= -p "$fsd_pid" | tr -s ' ')"
+    else
+        echo "l1:   virtiofsd (pid $fsd_pid) has exited"
+    fi
+    if [ -s "$tmp/virtiofsd.log" ]; then tail -n 5 "$tmp/virtiofsd.log" | sed 's/^/l1:   virtiofsd: /'; fi
+    echo "l1: last console lines:"
+    last_lines 30
+}
+printed=0 phase="booting L1 (no line from its /init yet)" booted= heard=$(date +%s) ready=
 while :; do
     now=$(date +%s.%N)
     elapsed=$(echo "$now - $start" | bc)
@@ -164,8 +188,15 @@ while :; do
         sed -n "$((printed + 1)),${n}p" "$log" | tr -d '\r'
         printed=$n heard=$(date +%s)
     fi
-    if [ -z "$booted" ] && grep -q '^rootcell-l1: init:' "$log"; then booted=1; phase="L1 init (modules, root file system)"; fi
-    grep -q '^rootcell-l1: ready' "$log" && phase="running the command in L1"
+    if [ -z "$booted" ] && grep -q '^rootcell-l1: init:' "$log"; then
+        booted=$(date +%s); phase="L1 init (modules, root file system, /dev/kvm check)"
+    fi
+    if [ "$fault" = stuck-fs ] && grep -q '^rootcell-l1: init: kvm_amd loaded' "$log"; then
+        kill -STOP "$fsd_pid"; fault=stopped-fs
+    fi
+    if [ -z "$ready" ] && grep -q '^rootcell-l1: ready' "$log"; then
+        ready=1; phase="running the command in L1"
+    fi
     if [ "$fault" = freeze ] && grep -q '^freeze L1 now' "$log"; then
         monitor stop > /dev/null; fault=frozen
     fi
@@ -204,11 +235,16 @@ while :; do
     fi
     # Every vCPU of L1 stuck with interrupts off reports nothing (TCG gives L1 no NMI watchdog):
     # the heartbeat stops. Say where the vCPUs are, rather than wait for --timeout.
-    if [ "$phase" = "running the command in L1" ] && [ $(( $(date +%s) - heard )) -ge "$silence" ]; then
+    if [ -n "$booted" ] && [ $(( $(date +%s) - heard )) -ge "$silence" ]; then
         echo "l1: FAIL L1 stopped responding: nothing on its console, its 30 s heartbeat included, for $silence s while $phase; where its vCPUs are:"
-        where_cpus
-        echo "l1: last console lines:"
-        last_lines 30; exit 125
+        stopped_report; exit 125
+    fi
+    # CI once saw L1's init stop after loading kvm_amd, for 900 s, with no line why. Init takes
+    # seconds: one that still runs after minutes is stuck (a heartbeat alone means L1's kernel
+    # still runs, so a step waits, on the root file system for one).
+    if [ -n "$booted" ] && [ -z "$ready" ] && [ $(( $(date +%s) - booted )) -ge "$init_timeout" ]; then
+        echo "l1: FAIL L1 init stuck: not ready to run the command $init_timeout s after its /init started; where its vCPUs are:"
+        stopped_report; exit 125
     fi
     if [ -z "$booted" ] && [ "$(echo "$elapsed > $boot_timeout" | bc)" = 1 ]; then
         echo "l1: FAIL L1 did not come up: no line from its /init within ${boot_timeout} s; last console lines:"

@@ -174,10 +174,13 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
         // of page faults in a vCPU thread of L1's KVM): L1's kernel, not the runtime.
         // And L1 gone silent, heartbeat included (seen once in CI: 1270 s of nothing while
         // stdin_eof_reaches_the_process ran, with no lockup report): every vCPU stuck.
+        // And L1's init stuck (seen once in CI: 900 s after loading kvm_amd, before its root
+        // file system was ready): L1 or its virtiofsd, before any of rootcell ran.
         match stdout
             .find("l1: FAIL L1's kernel locked up")
             .or_else(|| stdout.find("l1: FAIL L1's kernel crashed"))
             .or_else(|| stdout.find("l1: FAIL L1 stopped responding"))
+            .or_else(|| stdout.find("l1: FAIL L1 init stuck"))
         {
             Some(at) if tries < 2 => {
                 println!(
@@ -350,5 +353,22 @@ fn l1_that_stops_responding_is_stopped_with_where_its_vcpus_are() {
     assert!(
         samples.iter().any(|l| l.contains("(L1 symbol")),
         "no vCPU named by an L1 kernel symbol:\n{out}"
+    );
+}
+
+/// L1's root file system never answering (its virtiofsd stopped once L1's /init speaks): init
+/// cannot finish, and the lane says so within `--init-timeout`, with virtiofsd's state, rather
+/// than wait for its whole bound (CI once waited 900 s on an init that had stopped).
+#[test]
+fn l1_whose_init_is_stuck_is_stopped_with_what_it_waits_on() {
+    let out = lane_fails("stuck-fs", &["--init-timeout", "50"], "L1 init stuck", 300);
+    assert!(
+        out.contains("virtiofsd (pid ") && out.contains("is running: T"),
+        "the report does not show virtiofsd stopped:\n{out}"
+    );
+    // L1's kernel still ran (its heartbeat went on), so this is not taken for a frozen L1.
+    assert!(
+        out.contains("rootcell-l1: alive:"),
+        "no heartbeat during the stuck init:\n{out}"
     );
 }
