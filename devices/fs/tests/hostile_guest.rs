@@ -75,31 +75,89 @@ const CANARY: &[u8] = b"host secret: a guest must never see this\n";
 
 /// Runs `case` on a thread of its own with a fresh arena and a client on its share (plus a
 /// volume bound at `share/vol` from `base/volsrc`, holding `inner/file`), then checks the
-/// oracle. One case at a time: the oracle counts the process's fds and allocations.
-fn hostile(case: impl FnOnce(&mut Arena, &mut Client) + Send + 'static) {
+/// oracle. Twice: with the device on a root thread, then on a thread jailed as rootcell's
+/// back ends are (an unprivileged uid of the reserved range keeping only the ownership
+/// capabilities). One case at a time: the oracle counts the process's fds and allocations.
+fn hostile(case: impl Fn(&mut Arena, &mut Client) + Send + Sync + 'static) {
     static ONE: Mutex<()> = Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    std::thread::spawn(move || {
-        let mut arena = Arena::new().expect("arena");
-        let vol = arena.bind_into_share("volsrc", "vol").expect("volume");
-        std::fs::create_dir(vol.join("inner")).unwrap();
-        std::fs::write(vol.join("inner/file"), b"volume file\n").unwrap();
-        let fds = open_fds();
-        {
-            let mut client = Client::new(arena.share(), false).expect("device");
-            case(&mut arena, &mut client);
-            // The device still serves after whatever the case sent.
-            client
-                .lookup(ROOT, b"hello.txt")
-                .expect("the device still answers");
+    let case = std::sync::Arc::new(case);
+    for jailed in [false, true] {
+        let case = std::sync::Arc::clone(&case);
+        std::thread::spawn(move || {
+            let mut arena = Arena::new().expect("arena");
+            let vol = arena.bind_into_share("volsrc", "vol").expect("volume");
+            std::fs::create_dir(vol.join("inner")).unwrap();
+            std::fs::write(vol.join("inner/file"), b"volume file\n").unwrap();
+            let fds = open_fds();
+            // The device and the case on a thread of their own, so that the arena (its
+            // mounts) is set up and torn down by a root thread either way.
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    if jailed {
+                        jail_this_thread();
+                    }
+                    let mut client = Client::new(arena.share(), false).expect("device");
+                    case(&mut arena, &mut client);
+                    // The device still serves after whatever the case sent.
+                    client
+                        .lookup(ROOT, b"hello.txt")
+                        .expect("the device still answers");
+                })
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            });
+            assert_eq!(
+                open_fds(),
+                fds,
+                "fds left open by the device (jailed {jailed})"
+            );
+            arena
+                .check_content()
+                .unwrap_or_else(|e| panic!("jailed {jailed}: {e}"));
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+}
+
+/// What rootcell's jail gives a virtio-fs back-end thread (runtime/src/jail/vmm.rs), on the
+/// calling thread only: uid = gid = the reserved range's base + its tid, keeping exactly the
+/// ownership capabilities (bounding set included).
+fn jail_this_thread() {
+    use caps::{CapSet, Capability as C};
+    let keep: caps::CapsHashSet = [
+        C::CAP_CHOWN,
+        C::CAP_DAC_OVERRIDE,
+        C::CAP_DAC_READ_SEARCH,
+        C::CAP_FOWNER,
+        C::CAP_FSETID,
+        C::CAP_SETGID,
+        C::CAP_SETUID,
+        C::CAP_MKNOD,
+        C::CAP_SETFCAP,
+    ]
+    .into_iter()
+    .collect();
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
         }
-        assert_eq!(open_fds(), fds, "fds left open by the device");
-        arena
-            .check_content()
-            .expect("nothing outside the share was touched");
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+    // SAFETY: raw credential calls on this thread only (not libc's process-wide wrappers).
+    unsafe {
+        let id = 0x7e00_0000 + libc::syscall(libc::SYS_gettid) as u32;
+        assert_eq!(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+            0
+        );
+        assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
+        assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
+        assert_eq!(libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0), 0);
+    }
+    caps::set(None, CapSet::Permitted, &keep).unwrap();
+    caps::set(None, CapSet::Effective, &keep).unwrap();
 }
 
 fn root_ok(test: &str) -> bool {
