@@ -50,6 +50,14 @@ fn status_field(status: &str, name: &str) -> String {
         .to_string()
 }
 
+/// The ids of a `Uid:` or `Gid:` line of /proc/PID/status (real, effective, saved, fs).
+fn status_ids(status: &str, name: &str) -> Vec<String> {
+    status_field(status, name)
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
 fn listing(dir: &str) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{dir}: {e}"))
@@ -499,12 +507,7 @@ fn backend_thread_ids(sandbox: i32) -> Vec<ThreadIds> {
         if status_field(&st, "Seccomp") != "2" {
             continue;
         }
-        let ids = |f: &str| -> Vec<String> {
-            status_field(&st, f)
-                .split_whitespace()
-                .map(String::from)
-                .collect()
-        };
+        let ids = |f: &str| status_ids(&st, f);
         out.push(ThreadIds {
             tid: t.file_name().to_string_lossy().parse().unwrap(),
             comm: status_field(&st, "Name"),
@@ -578,12 +581,7 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
         let Ok(st) = std::fs::read_to_string(dir.join("status")) else {
             continue;
         };
-        let ids = |f: &str| -> Vec<String> {
-            status_field(&st, f)
-                .split_whitespace()
-                .map(String::from)
-                .collect()
-        };
+        let ids = |f: &str| status_ids(&st, f);
         let kind = if comm.starts_with("vcpu") || comm == "net-io" {
             "unprivileged"
         } else if comm == "vsock-io" || comm == "virtiofs-io" {
