@@ -212,6 +212,11 @@ impl RunningBuiltinVm {
         self.vm.wait_timeout(timeout)
     }
 
+    /// Snapshots of every vCPU's status (see [`crate::vcpu::VcpuStatus`]).
+    pub fn vcpu_status(&self) -> Vec<crate::vcpu::VcpuStatus> {
+        self.vm.vcpu_status()
+    }
+
     /// Stops the vCPUs (bounded), then the devices; reports where the guest got to.
     pub fn stop(self) -> VmReport {
         self.vm.stop()

@@ -4,11 +4,13 @@
 //! [`PauseGate`], where the thread parks until resumed.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -32,6 +34,56 @@ pub struct VcpuStatus {
     pub last_exit: String,
     /// Instruction pointer read after the thread stopped.
     pub rip: Option<u64>,
+    /// The exits before the last one, oldest first (at most [`RECENT_EXITS`]): what the guest
+    /// was doing just before it ended the VM.
+    pub recent_exits: VecDeque<String>,
+    /// The vCPU's registers read right at a KVM_EXIT_SHUTDOWN (a triple fault), as text; see
+    /// [`shutdown_state`].
+    pub shutdown_state: Option<String>,
+}
+
+/// How many exits before the last one a [`VcpuStatus`] keeps.
+pub const RECENT_EXITS: usize = 4;
+
+/// Whether `regs`/`sregs` are the INIT state (CS:IP F000:FFF0): on AMD, KVM re-initialises a
+/// vCPU when it reports KVM_EXIT_SHUTDOWN (SVM leaves the VMCB undefined after a shutdown
+/// intercept), so there the registers say nothing about where the guest faulted; on Intel they
+/// are the faulting context.
+pub fn is_init_state(regs: &kvm_regs, sregs: &kvm_sregs) -> bool {
+    regs.rip == 0xfff0 && sregs.cs.selector == 0xf000
+}
+
+/// One line with the registers that tell where and how a guest triple-faulted: the
+/// instruction and stack, the paging and mode registers, CR2 (the last page-fault address),
+/// the descriptor tables and the code segment.
+pub fn shutdown_state(regs: &kvm_regs, sregs: &kvm_sregs) -> String {
+    let mut s = format!(
+        "rip={:#x} rsp={:#x} rflags={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} \
+         cs={:#x}(base {:#x}, l={}) idt={:#x}/{:#x} gdt={:#x}/{:#x} rax={:#x} rsi={:#x}",
+        regs.rip,
+        regs.rsp,
+        regs.rflags,
+        sregs.cr0,
+        sregs.cr2,
+        sregs.cr3,
+        sregs.cr4,
+        sregs.efer,
+        sregs.cs.selector,
+        sregs.cs.base,
+        sregs.cs.l,
+        sregs.idt.base,
+        sregs.idt.limit,
+        sregs.gdt.base,
+        sregs.gdt.limit,
+        regs.rax,
+        regs.rsi,
+    );
+    if is_init_state(regs, sregs) {
+        s.push_str(
+            " (the INIT state: KVM reset the vCPU at the shutdown, as it does on AMD; not where it faulted)",
+        );
+    }
+    s
 }
 
 /// Signal used to kick a vCPU out of KVM_RUN.
@@ -191,6 +243,8 @@ impl Vcpu {
             }
             let result = self.fd.run();
             let kicked = matches!(&result, Err(e) if e.errno() == libc::EINTR);
+            // A triple fault (or a halt for good, without the in-kernel irqchip's help).
+            let shut_down = matches!(&result, Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt));
             let mut end: Option<VmExit> = None;
             let text = match &result {
                 Ok(exit) => describe(exit),
@@ -241,10 +295,24 @@ impl Vcpu {
             if let Some(VmExit::Error { message, .. }) = &mut end {
                 message.clone_from(&text);
             }
+            // Read before anything else touches the vCPU: the only trace of a triple fault.
+            let shutdown = shut_down.then(|| match (self.fd.get_regs(), self.fd.get_sregs()) {
+                (Ok(r), Ok(sr)) => shutdown_state(&r, &sr),
+                (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+            });
             {
                 let mut s = lock(status);
                 s.exits += 1;
-                s.last_exit = text;
+                let before = std::mem::replace(&mut s.last_exit, text);
+                if !before.is_empty() {
+                    if s.recent_exits.len() == RECENT_EXITS {
+                        s.recent_exits.pop_front();
+                    }
+                    s.recent_exits.push_back(before);
+                }
+                if shutdown.is_some() {
+                    s.shutdown_state = shutdown;
+                }
             }
             if let Some(exit) = end {
                 latch.request(exit);
@@ -321,5 +389,44 @@ impl VcpuThread {
             std::thread::sleep(Duration::from_millis(5));
         }
         handle.join().is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shutdown_state_names_the_faulting_context() {
+        let regs = kvm_regs {
+            rip: 0xffff_ffff_8100_0123,
+            rsp: 0xffff_c900_0000_3f00,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr2: 0xdead_b000,
+            ..Default::default()
+        };
+        sregs.cs.selector = 0x10;
+        sregs.idt.base = 0xffff_fe00_0000_0000;
+        sregs.idt.limit = 0xfff;
+        let s = shutdown_state(&regs, &sregs);
+        assert!(s.contains("rip=0xffffffff81000123"), "{s}");
+        assert!(s.contains("cr2=0xdeadb000"), "{s}");
+        assert!(s.contains("idt=0xfffffe0000000000/0xfff"), "{s}");
+        assert!(!s.contains("INIT state"), "{s}");
+    }
+
+    #[test]
+    fn reset_registers_are_called_what_they_are() {
+        let regs = kvm_regs {
+            rip: 0xfff0,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.selector = 0xf000;
+        sregs.cs.base = 0xffff_0000;
+        assert!(is_init_state(&regs, &sregs));
+        assert!(shutdown_state(&regs, &sregs).contains("the INIT state"));
     }
 }

@@ -60,9 +60,9 @@ fn triple_fault_is_a_clean_shutdown() {
     if !common::kvm_present("triple_fault_is_a_clean_shutdown") {
         return;
     }
-    // `ud2` raises #UD; the boot IDT has one (not present) entry, so delivery fails:
-    // #GP -> #DF -> triple fault.
-    let program = [0x0f, 0x0b, 0xf4];
+    // `mov eax, 0x1234abcd` marks the registers; then `ud2` raises #UD; the boot IDT has one
+    // (not present) entry, so delivery fails: #GP -> #DF -> triple fault.
+    let program = [0xb8, 0xcd, 0xab, 0x34, 0x12, 0x0f, 0x0b, 0xf4];
     let kernel = common::write_tiny_kernel("triple.elf", &program);
     let mut config = VmConfig::new(&kernel, "");
     config.mem_mib = 32;
@@ -75,5 +75,16 @@ fn triple_fault_is_a_clean_shutdown() {
         exit == Some(VmExit::Shutdown),
         "triple fault must end the VM, got {exit:?}: {report:?}"
     );
-    println!("triple fault ended the VM with {exit:?}");
+    // The registers read at the exit: the faulting context where KVM keeps it (Intel, a
+    // software KVM), the INIT state where it re-initialises the vCPU first (AMD).
+    let state = report.vcpus[0]
+        .shutdown_state
+        .clone()
+        .expect("the vCPU's registers at the shutdown are kept");
+    assert!(
+        (state.contains("rax=0x1234abcd") && state.contains("rip=0x1000005"))
+            || state.contains("the INIT state"),
+        "{state}"
+    );
+    println!("triple fault ended the VM with {exit:?}; registers: {state}");
 }

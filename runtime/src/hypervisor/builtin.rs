@@ -5,6 +5,7 @@
 
 use super::{Hypervisor, HypervisorError, Vm, VmConfig};
 use rootcell_vmm::builder::{BuiltinConfig, BuiltinVm, NetConfig, RunningBuiltinVm, BASE_CMDLINE};
+use rootcell_vmm::vcpu::VcpuStatus;
 use rootcell_vmm::VmExit;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,28 @@ pub fn exit_status(exit: &VmExit) -> i32 {
         VmExit::Stopped => 137,
         VmExit::Error { .. } => 1,
     }
+}
+
+/// What a vCPU that ended the VM by a shutdown (triple fault) shows: its registers at that exit,
+/// how long it had run and the exits just before (how far the guest got).
+fn shutdown_line(v: &VcpuStatus) -> Option<String> {
+    let state = v.shutdown_state.as_ref()?;
+    let ran = v
+        .first_run
+        .map(|t| format!("{:.2} s", t.elapsed().as_secs_f64()))
+        .unwrap_or_else(|| "?".into());
+    let before: Vec<&str> = v.recent_exits.iter().map(String::as_str).collect();
+    let how = if v.last_exit == "Hlt" {
+        "halted for good (KVM_EXIT_HLT)"
+    } else {
+        "shut down (KVM_EXIT_SHUTDOWN: a triple fault)"
+    };
+    Some(format!(
+        "vcpu{} {how} after {} exits and {ran} of running; exits before it: [{}]; registers at the exit: {state}",
+        v.cpu,
+        v.exits,
+        before.join(", ")
+    ))
 }
 
 /// Appends a line to the backend's diagnostics file (best effort: diagnostics must not fail
@@ -148,10 +171,16 @@ struct BuiltinHandle {
 }
 
 impl BuiltinHandle {
-    /// Records the first exit seen; returns the recorded status.
-    fn record(&self, exit: &VmExit) -> i32 {
+    /// Records the first exit seen; returns the recorded status. A guest that shut down (a
+    /// triple fault) also gets its vCPUs' registers and last exits written to the log.
+    fn record(&self, exit: &VmExit, vcpus: &[VcpuStatus]) -> i32 {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         *s.get_or_insert_with(|| {
+            if *exit == VmExit::Shutdown {
+                for line in vcpus.iter().filter_map(shutdown_line) {
+                    note(&self.log, &line);
+                }
+            }
             note(&self.log, &format!("guest exit: {exit:?}"));
             tracing::info!(?exit, "builtin VM ended");
             exit_status(exit)
@@ -165,7 +194,9 @@ impl BuiltinHandle {
         }
         let guard = self.vm.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
-            Some(vm) => vm.wait_timeout(timeout).map(|e| self.record(&e)),
+            Some(vm) => vm
+                .wait_timeout(timeout)
+                .map(|e| self.record(&e, &vm.vcpu_status())),
             // Stopped by kill(), which recorded the status; 137 if it raced us.
             None => Some(
                 self.status
@@ -209,7 +240,7 @@ impl Vm for BuiltinHandle {
             if !report.stuck_vcpus.is_empty() {
                 tracing::warn!(stuck = ?report.stuck_vcpus, "vCPU threads did not leave KVM_RUN; they end with the sandbox process");
             }
-            self.record(&report.exit);
+            self.record(&report.exit, &report.vcpus);
         }
     }
 
@@ -276,6 +307,38 @@ mod tests {
             "quiet loglevel=8 foo=bar=baz"
         );
         assert_eq!(guest_cmdline(""), "");
+    }
+
+    #[test]
+    fn a_shut_down_vcpu_is_described_in_one_line() {
+        let quiet = VcpuStatus::default();
+        assert_eq!(shutdown_line(&quiet), None, "no shutdown, no line");
+        let v = VcpuStatus {
+            cpu: 0,
+            exits: 41,
+            last_exit: "Shutdown".into(),
+            recent_exits: [
+                "IoOut port 0x3f8 len 1".to_string(),
+                "MmioRead 0xd0000000 len 4".into(),
+            ]
+            .into(),
+            shutdown_state: Some("rip=0x1000005 rax=0x1234abcd".into()),
+            ..Default::default()
+        };
+        let line = shutdown_line(&v).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("vcpu0 shut down (KVM_EXIT_SHUTDOWN: a triple fault) after 41 exits"),
+            "{line}"
+        );
+        assert!(
+            line.contains("[IoOut port 0x3f8 len 1, MmioRead 0xd0000000 len 4]"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("registers at the exit: rip=0x1000005 rax=0x1234abcd"),
+            "{line}"
+        );
     }
 
     #[test]
