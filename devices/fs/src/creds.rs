@@ -17,6 +17,7 @@
 //! put back as it was afterwards (the kernel also adjusts it when the fs uid moves to or from
 //! 0). Needs CAP_SETUID and CAP_SETGID in the effective set (the back ends keep both).
 
+use caps::{CapSet, CapsHashSet};
 use std::io;
 
 // Raw FUSE opcodes (include/uapi/linux/fuse.h) of the requests that make a new inode.
@@ -30,50 +31,9 @@ pub(crate) fn makes_a_file(opcode: u32) -> bool {
     matches!(opcode, SYMLINK | MKNOD | MKDIR | CREATE)
 }
 
-/// `struct __user_cap_header_struct` (linux/capability.h).
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-/// `struct __user_cap_data_struct`: two of them for 64 capabilities.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub(crate) struct CapData {
-    pub(crate) effective: u32,
-    pub(crate) permitted: u32,
-    pub(crate) inheritable: u32,
-}
-
-/// `_LINUX_CAPABILITY_VERSION_3`.
-const CAP_V3: u32 = 0x2008_0522;
-
-fn capget() -> io::Result<[CapData; 2]> {
-    let mut header = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget(2) with a valid header and room for the two data structs of version 3.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(data)
-}
-
-fn capset(data: &[CapData; 2]) -> io::Result<()> {
-    let mut header = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    // SAFETY: capset(2) on the calling thread (pid 0) with a valid header and two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// A `caps` error as an I/O error (the device's requests fail with errnos).
+fn caps_err(e: caps::errors::CapsError) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 /// setfsuid(2)/setfsgid(2) on the calling thread (raw: these never fail visibly, so the new
@@ -89,33 +49,31 @@ fn set_fs_id(nr: libc::c_long, id: u32) -> io::Result<u32> {
     Ok(old)
 }
 
-/// The thread's own fs ids and capabilities, restored when dropped.
+/// The thread's own fs ids and effective capabilities, restored when dropped.
 pub(crate) struct Caller {
     uid: u32,
     gid: u32,
-    caps: [CapData; 2],
+    effective: CapsHashSet,
 }
 
 impl Caller {
     /// Takes on `uid` and `gid` as the calling thread's fs ids (see the module text).
     pub(crate) fn assume(uid: u32, gid: u32) -> io::Result<Caller> {
-        let caps = capget()?;
+        // `None`: the calling thread (capget/capset act per thread).
+        let effective = caps::read(None, CapSet::Effective).map_err(caps_err)?;
         // The gid first: with the uid changed CAP_SETGID may be gone from the effective set.
         let own_gid = set_fs_id(libc::SYS_setfsgid, gid)?;
         let mut guard = Caller {
             // Not switched yet: read back below.
             uid: u32::MAX,
             gid: own_gid,
-            caps,
+            effective,
         };
         // SAFETY: reads this thread's fs uid (an invalid id changes nothing).
         guard.uid = unsafe { libc::syscall(libc::SYS_setfsuid, u32::MAX) } as u32;
         set_fs_id(libc::SYS_setfsuid, uid)?;
         if uid != 0 {
-            let mut none = caps;
-            none[0].effective = 0;
-            none[1].effective = 0;
-            capset(&none)?;
+            caps::clear(None, CapSet::Effective).map_err(caps_err)?;
         }
         Ok(guard)
     }
@@ -127,7 +85,7 @@ impl Drop for Caller {
         // effective set as it was.
         let uid = set_fs_id(libc::SYS_setfsuid, self.uid);
         let gid = set_fs_id(libc::SYS_setfsgid, self.gid);
-        let caps = capset(&self.caps);
+        let caps = caps::set(None, CapSet::Effective, &self.effective).map_err(caps_err);
         if let Err(e) = uid.and(gid).and(caps) {
             // Nothing sensible is left to serve with: a thread stuck with a guest's identity
             // would create files as that user.
@@ -135,16 +93,4 @@ impl Drop for Caller {
             std::process::abort();
         }
     }
-}
-
-/// The calling thread's capabilities (for the device's tests).
-#[cfg(test)]
-pub(crate) fn tests_capget() -> [CapData; 2] {
-    capget().unwrap()
-}
-
-/// Sets the calling thread's capabilities (for the device's tests).
-#[cfg(test)]
-pub(crate) fn tests_capset(data: &[CapData; 2]) {
-    capset(data).unwrap()
 }

@@ -568,11 +568,12 @@ mod tests {
                 assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
                 assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
             }
-            let mut caps = crate::creds::tests_capget();
-            caps[0].permitted = keep;
-            caps[0].effective = keep;
-            caps[1] = Default::default();
-            crate::creds::tests_capset(&caps);
+            let keep: caps::CapsHashSet = caps::all()
+                .into_iter()
+                .filter(|c| c.index() < 32 && keep & (1 << c.index()) != 0)
+                .collect();
+            caps::set(None, caps::CapSet::Permitted, &keep).unwrap();
+            caps::set(None, caps::CapSet::Effective, &keep).unwrap();
             assert_eq!(thread_status("Uid"), vec![id.to_string(); 4].join("\t"));
         }
         let (own_uid, own_eff) = (thread_status("Uid"), thread_status("CapEff"));
