@@ -107,10 +107,19 @@ impl Hypervisor for Builtin {
         rootcell_vmm::jail::set_thread_jail(crate::jail::vmm::vmm_thread);
         c.fs_tag = cfg.share_tag.clone();
         let started = Instant::now();
-        // BuiltinVm::start leaves nothing behind on error (no thread, socket or console file).
-        let vm = BuiltinVm::start(c).map_err(|e| HypervisorError::Builtin {
-            kernel: cfg.kernel.clone(),
-            cause: e,
+        // BuiltinVm::start leaves no thread or console file behind on error. Its vsock socket
+        // too, except from a jailed vsock thread: that one's root holds the socket's directory
+        // read-only (it may not unlink), so root removes it here.
+        let vm = BuiltinVm::start(c).map_err(|e| {
+            if let Err(rm) = std::fs::remove_file(&cfg.vsock_uds) {
+                if rm.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(socket = %cfg.vsock_uds.display(), "cannot remove the vsock socket: {rm}");
+                }
+            }
+            HypervisorError::Builtin {
+                kernel: cfg.kernel.clone(),
+                cause: e,
+            }
         })?;
         let (vsock, fs) = vm.slots();
         note(
