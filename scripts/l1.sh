@@ -119,7 +119,7 @@ start=$(date +%s.%N)
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" \
     -chardev "socket,id=fs,path=$tmp/fs.sock" -device vhost-user-fs-pci,chardev=fs,tag=hostroot \
     -kernel "$l1/vmlinuz" -initrd "$tmp/initramfs.cpio" \
-    -append "console=ttyS0 quiet loglevel=3 reboot=t panic=-1 tsc=reliable nokaslr rootcell.syms=ttyS1 $append_fault" \
+    -append "console=ttyS0 quiet loglevel=3 reboot=t panic=-1 unknown_nmi_panic tsc=reliable nokaslr rootcell.syms=ttyS1 $append_fault" \
     -chardev "pipe,id=mon,path=$tmp/mon" -mon chardev=mon,mode=readline \
     -display none -serial "file:$log" -serial "file:$tmp/syms" -no-reboot > "$tmp/qemu.log" 2>&1 &
 qemu_pid=$!
@@ -169,6 +169,8 @@ where_cpus() {
 # What stopped L1 is best told by where its vCPUs are, and what virtiofsd (its root file
 # system) is doing.
 stopped_report() {
+    local before
+    before=$(wc -l < "$log")
     where_cpus
     if kill -0 "$fsd_pid" 2>/dev/null; then
         echo "l1:   virtiofsd (pid $fsd_pid) is running: $(ps -o stat=,wchan:32= -p "$fsd_pid" | tr -s ' ')"
@@ -177,7 +179,24 @@ stopped_report() {
     fi
     if [ -s "$tmp/virtiofsd.log" ]; then tail -n 5 "$tmp/virtiofsd.log" | sed 's/^/l1:   virtiofsd: /'; fi
     echo "l1: last console lines:"
-    last_lines 30
+    head -n "$before" "$log" | tail -n 30 | tr -d '\r' | sed 's/^/l1:   /'
+    # Which lock or wait: an NMI from the monitor reaches a vCPU even with its interrupts off,
+    # and L1 (booted with unknown_nmi_panic) panics on it with that vCPU's stack (TCG gives L1
+    # no NMI watchdog to do it by itself). `cont` first, for a VM stopped from the monitor.
+    kill -0 "$qemu_pid" 2>/dev/null || return 0
+    monitor cont > /dev/null
+    monitor nmi > /dev/null
+    for _ in $(seq 20); do
+        tail -n +"$((before + 1))" "$log" | grep -aq 'Kernel panic' && break
+        sleep 0.5
+    done
+    sleep 1
+    if tail -n +"$((before + 1))" "$log" | grep -aq 'NMI'; then
+        echo "l1: L1's kernel on an NMI sent then (the stack is what that vCPU was doing):"
+        tail -n +"$((before + 1))" "$log" | tr -d '\r' | grep -av '^rootcell-l1: alive' | head -n 60 | sed 's/^/l1:   /'
+    else
+        echo "l1: no answer from L1's kernel to an NMI sent then (its vCPUs do not run)"
+    fi
 }
 printed=0 phase="booting L1 (no line from its /init yet)" booted= heard=$(date +%s) ready=
 while :; do

@@ -354,6 +354,16 @@ fn l1_that_stops_responding_is_stopped_with_where_its_vcpus_are() {
         samples.iter().any(|l| l.contains("(L1 symbol")),
         "no vCPU named by an L1 kernel symbol:\n{out}"
     );
+    // Then an NMI makes L1's kernel print that vCPU's stack (which lock it spins on, in a real
+    // hang): here, the idle loop it was frozen in.
+    let nmi = out
+        .split("l1: L1's kernel on an NMI")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no L1 stack after an NMI:\n{out}"));
+    assert!(
+        nmi.contains("Call Trace") && nmi.contains("<TASK>"),
+        "the NMI's report has no stack of the interrupted task:\n{out}"
+    );
 }
 
 /// L1's root file system never answering (its virtiofsd stopped once L1's /init speaks): init
