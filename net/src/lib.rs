@@ -27,7 +27,7 @@ pub use error::NetError;
 pub use mirror::{mirror, mirror_onto, Mirror, Tap};
 pub use rootcell_protocol::net::{Interface, IpPrefix, MacAddr, NetworkConfig, Route};
 pub use scan::scan;
-pub use spare::{move_link, spare_tap};
+pub use spare::{move_link, remove_link, spare_tap};
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,8 @@
 use crate::error::NetError;
 use crate::links::{self, LinkChange};
 use crate::netns;
+use netlink_packet_route::link::LinkMessage;
+use netlink_packet_route::RouteNetlinkMessage;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -36,4 +38,29 @@ pub fn move_link(name: &str, from: &File, to: &File) -> Result<(), NetError> {
         },
     )
     .map_err(|e| NetError::netlink(step("RTM_SETLINK"), e))
+}
+
+/// Deletes link `name` from the calling thread's network namespace if it is there; whether it
+/// was. A moved tap whose VM was given back goes this way: its hypervisor, killed, closes the
+/// tap only when it has exited, which may be after a cold start wants the name.
+pub fn remove_link(name: &str) -> Result<bool, NetError> {
+    let step = |what: &str| format!("removing {name}: {what}");
+    let mut nl = crate::netlink::Netlink::open()
+        .map_err(|e| NetError::netlink(step("opening a netlink socket"), e))?;
+    let Some(index) = links::links(&mut nl)
+        .map_err(|e| NetError::netlink(step("listing links"), e))?
+        .into_iter()
+        .find(|l| l.name == name)
+        .map(|l| l.index)
+    else {
+        return Ok(false);
+    };
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    match nl.request(RouteNetlinkMessage::DelLink(msg), 0) {
+        Ok(()) => Ok(true),
+        // Gone meanwhile: its last descriptor was closed.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(true),
+        Err(e) => Err(NetError::netlink(step("RTM_DELLINK"), e)),
+    }
 }

@@ -459,6 +459,64 @@ fn a_dead_pool_vm_a_shape_no_pool_has_and_an_untrusted_socket_mean_cold_starts()
     );
 }
 
+/// A pooled VM has one network card: a container whose namespace has two interfaces gives its
+/// claimed VM back and boots one of its own, which gets both; the pool ends the VM it gave
+/// back and refills, and nothing of it (its tap included) is left in the container's namespace.
+#[test]
+fn a_container_with_two_interfaces_gives_its_pool_vm_back_and_boots_cold() {
+    let rt = Runtime::new();
+    let pool = Pool::start(&rt, 1);
+    let rt = runtime_for(&pool.dir);
+    let container = NetNs::new("rc-two");
+    let peer = NetNs::new("rc-twop");
+    container.sh(&format!(
+        "ip link add eth0 type veth peer name rcp0 netns {p} && ip link add eth1 type veth peer name rcp1 netns {p} \
+         && ip addr add 10.218.0.2/24 dev eth0 && ip addr add 10.219.0.2/24 dev eth1 \
+         && ip link set eth0 up && ip link set eth1 up",
+        p = peer.name()
+    ));
+    peer.sh("ip link set rcp0 up && ip link set rcp1 up");
+    let before = container.sh("ip -o link; tc qdisc show");
+    let macs = container.sh("cat /sys/class/net/eth0/address /sys/class/net/eth1/address");
+    let bundle = Bundle::new(&[
+        "sh",
+        "-c",
+        "cat /sys/class/net/eth0/address /sys/class/net/eth1/address; ip -o -4 addr show",
+    ])
+    .edit(|s| {
+        let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "network");
+        ns.push(json!({"type": "network", "path": container.path()}));
+    });
+    let id = unique_id("two-nics");
+    let (o, log) = run_with_log(&rt, &bundle, &id);
+    let out = text(&o.stdout);
+    assert_eq!(code(&o), 0, "{}\nlog:\n{log}", text(&o.stderr));
+    assert!(
+        log.contains("does not suit this container: booting a VM instead"),
+        "{log}"
+    );
+    assert!(
+        out.starts_with(&macs),
+        "the guest's cards:\n{out}\nwant MACs:\n{macs}"
+    );
+    assert!(
+        out.contains("inet 10.218.0.2/24") && out.contains("inet 10.219.0.2/24"),
+        "{out}"
+    );
+    assert_no_leftovers(&rt, &id);
+    assert_eq!(
+        container.sh("ip -o link; tc qdisc show"),
+        before,
+        "the pool VM's tap or a tc filter left in the container's namespace"
+    );
+    // The VM given back is ended, not served to anyone else; the pool boots a new one.
+    let st = pool.status(&rt);
+    assert_eq!(st["shapes"][0]["claims_total"].as_u64(), Some(1), "{st}");
+    pool.wait_ready(&rt, 1);
+    assert_eq!(pool.vm_dirs().len(), 1, "VM dirs: {:?}", pool.vm_dirs());
+}
+
 /// The directories cgroup `rel` has (or would have) in every mounted hierarchy.
 fn host_cgroup_dirs(rel: &str) -> Vec<PathBuf> {
     let base = Path::new("/sys/fs/cgroup");

@@ -138,10 +138,16 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     // A run dir left by a crashed create of the same root and id is stale (its state dir was
     // gone, or we could not have created ours).
     let _ = share::remove_run_dir(&run_dir);
-    std::fs::create_dir_all(&run_dir)
-        .with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
+    if let Some(parent) = run_dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
     // Root's alone (the vsock back end's jailed gid may read it once the VM starts): the
-    // sockets in it need no mode of their own.
+    // sockets in it need no mode of their own. Made 0700, so it is never open to others even
+    // briefly; the chmod after it is for a umask that took the owner's bits.
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&run_dir)
+        .with_context(|| format!("cannot create run dir {}", run_dir.display()))?;
     std::fs::set_permissions(
         &run_dir,
         std::os::unix::fs::PermissionsExt::from_mode(0o700),

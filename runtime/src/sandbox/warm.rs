@@ -96,12 +96,15 @@ pub(super) fn prepare(
     })
 }
 
-/// Ends a claimed VM that will not serve the container and forgets it in the state. Its tap
-/// (moved into the container's network namespace) is gone once its holder has exited, before a
-/// cold start makes its own of the same name.
+/// Ends a claimed VM that will not serve the container and forgets it in the state. Its tap,
+/// if it was moved into the container's network namespace, is deleted there: the holder's exit
+/// does not wait for the hypervisor's, whose descriptor keeps the tap, and a cold start makes
+/// its own of the same name.
 fn release(vm: &PooledVm, state: &mut ContainerState, state_path: &Path) -> Result<()> {
     vm.kill();
     vm.finish(crate::timeouts::VM_FINISH);
+    rootcell_net::remove_link(TAP_NAME)
+        .context("cannot remove the tap of the pool VM given back")?;
     state.pooled = None;
     state.vm_pid = 0;
     state.vm_pid_start = 0;
