@@ -6,7 +6,9 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 use tracing::field::{Field, Visit};
@@ -25,11 +27,25 @@ pub enum Format {
     Json,
 }
 
+/// The fd of the log file the global subscriber writes to, once [`init`] opened one (-1
+/// before): the virtio-fs back end's threads, which have an fd table of their own, get a
+/// pipe relayed to it at that number.
+static FILE_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The fd number of the log file [`init`] opened, if it did.
+pub fn file_fd() -> Option<RawFd> {
+    Some(FILE_FD.load(Ordering::SeqCst)).filter(|&fd| fd >= 0)
+}
+
 /// Installs the global subscriber writing to `file` (appending) or to `fallback`.
 pub fn init(file: Option<&Path>, fallback: Box<dyn Write + Send>, format: Format, debug: bool) {
+    let mut fd = -1;
     let (sink, max): (Box<dyn Write + Send>, Level) = match file {
         Some(p) => match OpenOptions::new().create(true).append(true).open(p) {
-            Ok(f) => (Box::new(f), if debug { Level::DEBUG } else { Level::INFO }),
+            Ok(f) => {
+                fd = f.as_raw_fd();
+                (Box::new(f), if debug { Level::DEBUG } else { Level::INFO })
+            }
             Err(_) => (fallback, Level::WARN),
         },
         None => (fallback, if debug { Level::DEBUG } else { Level::WARN }),
@@ -40,7 +56,14 @@ pub fn init(file: Option<&Path>, fallback: Box<dyn Write + Send>, format: Format
         max,
         spans: debug,
     };
-    let _ = tracing_subscriber::registry().with(layer).try_init();
+    // Only the first subscriber is installed; a later one's file is closed with it.
+    if tracing_subscriber::registry()
+        .with(layer)
+        .try_init()
+        .is_ok()
+    {
+        FILE_FD.store(fd, Ordering::SeqCst);
+    }
 }
 
 /// The `--log` file and format named in a raw command line (the last of each wins, as runc

@@ -5,7 +5,9 @@
 //! - [`bridge`] lets a VMM on other rust-vmm versions hand over its guest RAM and queues.
 //! - [`serve_vhost_user`] serves it to QEMU's `vhost-user-fs-device` from background threads
 //!   of the calling process (no fork); with [`Jail::share_root`] its threads get a mount
-//!   namespace whose root is the share ([`share_root`]), otherwise they see the caller's.
+//!   namespace whose root is the share ([`share_root`]), otherwise they see the caller's;
+//!   with [`Jail::own_fd_table`] also an fd table of their own ([`fd_table`]), so through
+//!   `/proc/self/fd` they reach only what they hold.
 //!
 //! QEMU side (what the backend needs from the VMM command line):
 //! - guest RAM must be shareable: `-object memory-backend-memfd,id=mem,size=..,share=on` and
@@ -18,7 +20,8 @@
 //! Host requirements: runs as root, or as any uid with the ownership capabilities (files are
 //! made with the guest caller's fs uid/gid, chown needs CAP_CHOWN), `/proc` mounted in the
 //! caller's mount namespace (the passthrough opens `/proc/self/fd`, through which it reopens
-//! inodes, before any pivot into the share). The soft RLIMIT_NOFILE of the process is raised
+//! inodes, before any pivot into the share; with an fd table of its own, the thread's own
+//! `/proc/thread-self/fd`, bound into the share root, after the pivot). The soft RLIMIT_NOFILE of the process is raised
 //! to its hard limit (one fd per guest-known inode). Capabilities and seccomp are the
 //! caller's to add through [`Jail::confine`].
 
@@ -26,6 +29,7 @@ pub mod bridge;
 mod creds;
 mod device;
 mod error;
+pub mod fd_table;
 mod passthrough;
 mod readonly;
 pub mod share_root;

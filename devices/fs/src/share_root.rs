@@ -14,8 +14,15 @@
 //! (its handle on `/proc/self/fd`, through which it reopens every inode), and the guest cannot
 //! name it: its requests start from the share's root, and `..` there is the root itself.
 //!
-//! Two steps, because the passthrough must be opened in between: it opens `/proc/self/fd` and
-//! `/proc/self/mountinfo` by path.
+//! With an fd table of its own ([`crate::fd_table`], [`enter_with_own_fds`]), the thread's
+//! `/proc/self/fd` is its own fd directory (`/proc/thread-self/fd`) and its
+//! `/proc/self/mountinfo` its own, so what the passthrough can reopen is only what the back
+//! end's threads hold (the share's inodes, their sockets and eventfds), not the rest of the
+//! process's files (its logs, the container's stdio files). The passthrough is then opened
+//! after [`pivot`], by the same absolute paths.
+//!
+//! Otherwise two steps, because the passthrough must be opened in between: it opens
+//! `/proc/self/fd` and `/proc/self/mountinfo` by path.
 //!
 //! 1. [`enter`]: new namespace, every mount made a slave, the new root built (over the share's
 //!    own path, which this namespace no longer needs) and made the working directory. The
@@ -69,6 +76,21 @@ fn mount(
     })
 }
 
+/// The flags that make a bind mount read-only, nosuid, nodev and noexec.
+const READ_ONLY_REMOUNT: libc::c_ulong = libc::MS_REMOUNT
+    | libc::MS_BIND
+    | libc::MS_RDONLY
+    | libc::MS_NOSUID
+    | libc::MS_NODEV
+    | libc::MS_NOEXEC;
+
+/// Binds `src` onto `dst`, then makes that bind read-only, nosuid, nodev and noexec; `what`
+/// names the two steps for errors.
+fn bind_read_only(what: [&'static str; 2], src: &CStr, dst: &CStr) -> io::Result<()> {
+    mount(what[0], Some(src), dst, None, libc::MS_BIND, None)?;
+    mount(what[1], None, dst, None, READ_ONLY_REMOUNT, None)
+}
+
 /// Opens `path` as an `O_PATH` directory fd.
 fn open_path(what: &'static str, path: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: open(2) with a NUL-terminated path; the fd is owned from here on.
@@ -83,14 +105,47 @@ fn open_path(what: &'static str, path: &CStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens the file `path` as an `O_PATH` fd.
+fn open_file_path(what: &'static str, path: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: open(2) with a NUL-terminated path; the fd is owned from here on.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    check(what, fd)?;
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn fd_path(fd: &OwnedFd) -> CString {
-    CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
+    // The calling thread's table: with an fd table of its own, `/proc/self/fd` would be the
+    // process's (the main thread's), where the number means something else.
+    CString::new(format!("/proc/thread-self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
 }
 
 /// Step 1 on the calling thread: a file system context and mount namespace of its own, all
 /// mounts slaves of the caller's, the new root (see the module) built and made the working
 /// directory. Needs CAP_SYS_ADMIN; call before dropping capabilities.
 pub fn enter(share: &Path) -> io::Result<()> {
+    enter_with(share, FdView::Process)
+}
+
+/// [`enter`] for a thread with an fd table of its own ([`crate::fd_table`]): the new root's
+/// `/proc/self/fd` is the thread's own fd directory (`/proc/thread-self/fd`), not the
+/// process's, and `/proc/self/mountinfo` is there too (the thread's), so the passthrough is
+/// opened after [`pivot`], by the same paths, and reopens its inodes through its own table:
+/// nothing the rest of the process holds is reachable through it.
+pub fn enter_with_own_fds(share: &Path) -> io::Result<()> {
+    enter_with(share, FdView::Thread)
+}
+
+/// Whose fd directory the new root's `/proc/self/fd` is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FdView {
+    /// The process's (`/proc/self/fd`): the passthrough is opened before the pivot.
+    Process,
+    /// The calling thread's (`/proc/thread-self/fd`), plus its mountinfo.
+    Thread,
+}
+
+fn enter_with(share: &Path, view: FdView) -> io::Result<()> {
     let share = cstr(share)?;
     // SAFETY: unshare(2) with flags only; affects this thread's fs context and namespaces.
     check("unshare(CLONE_FS|CLONE_NEWNS)", unsafe {
@@ -104,8 +159,8 @@ pub fn enter(share: &Path) -> io::Result<()> {
         libc::MS_REC | libc::MS_SLAVE,
         None,
     )?;
-    // Held before the tmpfs covers the share's path; `/proc/self` is the process, not the
-    // thread, as the passthrough's paths mean it.
+    // Held before the tmpfs covers the share's path. With `FdView::Process`, `/proc/self` is
+    // the process, not the thread, as the passthrough's paths mean it.
     // The share as a detached copy (a bind through its fd's /proc path would cross into the
     // tmpfs that covers it by then): with its submounts, and a slave of what it copies.
     // SAFETY: open_tree(2) with a NUL-terminated path; returns a new fd or -1.
@@ -120,7 +175,17 @@ pub fn enter(share: &Path) -> io::Result<()> {
     check("clone the share's mounts", share_tree)?;
     // SAFETY: a fresh fd nothing else owns.
     let share_tree = unsafe { OwnedFd::from_raw_fd(share_tree) };
-    let proc_fd = open_path("open /proc/self/fd", c"/proc/self/fd")?;
+    let proc_fd = match view {
+        FdView::Process => open_path("open /proc/self/fd", c"/proc/self/fd")?,
+        FdView::Thread => open_path("open /proc/thread-self/fd", c"/proc/thread-self/fd")?,
+    };
+    let mountinfo = match view {
+        FdView::Process => None,
+        FdView::Thread => Some(open_file_path(
+            "open /proc/thread-self/mountinfo",
+            c"/proc/thread-self/mountinfo",
+        )?),
+    };
     mount(
         "mount the new root",
         Some(c"tmpfs"),
@@ -151,40 +216,40 @@ pub fn enter(share: &Path) -> io::Result<()> {
             MOVE_MOUNT_F_EMPTY_PATH,
         )
     } as libc::c_int)?;
-    mount(
-        "bind /proc/self/fd",
-        Some(&fd_path(&proc_fd)),
-        c"proc/self/fd",
-        None,
-        libc::MS_BIND,
-        None,
-    )?;
     // Read-only, nodev and so on like the rest: an xattr call through one of its links acts
     // on the file the link names, on that file's mount.
-    mount(
-        "make /proc/self/fd read-only",
-        None,
+    bind_read_only(
+        ["bind /proc/self/fd", "make /proc/self/fd read-only"],
+        &fd_path(&proc_fd),
         c"proc/self/fd",
-        None,
-        libc::MS_REMOUNT
-            | libc::MS_BIND
-            | libc::MS_RDONLY
-            | libc::MS_NOSUID
-            | libc::MS_NODEV
-            | libc::MS_NOEXEC,
-        None,
     )?;
+    if let Some(mountinfo) = &mountinfo {
+        // SAFETY: open(2) with a NUL-terminated relative path: an empty file to mount on.
+        let fd = unsafe {
+            libc::open(
+                c"proc/self/mountinfo".as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o444,
+            )
+        };
+        check("make the mountinfo mount point", fd)?;
+        // SAFETY: a fresh fd nothing else owns; closed at once.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        bind_read_only(
+            [
+                "bind /proc/self/mountinfo",
+                "make /proc/self/mountinfo read-only",
+            ],
+            &fd_path(mountinfo),
+            c"proc/self/mountinfo",
+        )?;
+    }
     mount(
         "make the new root read-only",
         None,
         c".",
         None,
-        libc::MS_REMOUNT
-            | libc::MS_BIND
-            | libc::MS_RDONLY
-            | libc::MS_NOSUID
-            | libc::MS_NODEV
-            | libc::MS_NOEXEC,
+        READ_ONLY_REMOUNT,
         None,
     )
 }

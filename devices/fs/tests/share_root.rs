@@ -133,6 +133,8 @@ fn back_end_threads_see_only_the_share_and_later_attachments() {
             },
             Jail {
                 share_root: true,
+                own_fd_table: true,
+                relay: Vec::new(),
                 confine: None,
             },
         )
@@ -150,6 +152,10 @@ fn back_end_threads_see_only_the_share_and_later_attachments() {
         assert_eq!(names(&root), root_names);
         assert_eq!(names(&root.join("..")), root_names);
         assert_eq!(names(&root.join("proc")), ["self".to_string()].into());
+        assert_eq!(
+            names(&root.join("proc/self")),
+            ["fd", "mountinfo"].map(String::from).into()
+        );
         let share_names: BTreeSet<String> = ["hello", ".rootcell"].map(String::from).into();
         assert_eq!(names(&root.join("share")), share_names);
         assert_eq!(std::fs::read(root.join("share/hello")).unwrap(), b"inside");
@@ -160,7 +166,7 @@ fn back_end_threads_see_only_the_share_and_later_attachments() {
         // Its own namespace, holding just those.
         let its_ns = std::fs::read_link(format!("/proc/self/task/{tid}/ns/mnt")).unwrap();
         assert_ne!(its_ns, my_ns, "back end has a mount namespace of its own");
-        let base = ["/", "/proc/self/fd", "/share"];
+        let base = ["/", "/proc/self/fd", "/proc/self/mountinfo", "/share"];
         assert_eq!(mount_points(tid), base);
 
         // A mount attached in the share later (as a container joining the VM is) arrives.

@@ -330,6 +330,11 @@ impl Hypervisor for Qemu {
             // Its threads' root is the share: they see no other file system.
             rootcell_fs::Jail {
                 share_root: confine_backends,
+                // And an fd table of their own: through /proc/self/fd they reach only
+                // what they hold, not the sandbox's logs or the container's stdio files.
+                own_fd_table: confine_backends,
+                // Their log lines still reach the sandbox's log, through a pipe.
+                relay: crate::logging::file_fd().into_iter().collect(),
                 confine: confine_backends.then(|| {
                     Box::new(confine(crate::jail::thread::Role::Fs)) as rootcell_fs::Confine
                 }),

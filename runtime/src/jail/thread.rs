@@ -187,6 +187,9 @@ pub fn filters(role: Role) -> io::Result<Vec<BpfProgram>> {
         libc::F_DUPFD_CLOEXEC,
     ];
     if role == Role::Fs {
+        // Finding the VMM's connection among its fds by the listener's name, so a stop can
+        // shut it down (`rootcell_fs`' vhost-user `conn`).
+        allow.insert(libc::SYS_getsockname, Vec::new());
         fcntls.extend(rootcell_fs::syscalls::PASSTHROUGH_FCNTLS);
         fcntls.sort_unstable();
         fcntls.dedup();

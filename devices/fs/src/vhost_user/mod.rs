@@ -3,12 +3,13 @@
 //!
 //! Threads: one "rootcell-fs" thread waits for the VMM to connect and then for the session to
 //! end; `vhost-user-backend` adds a request thread for the vhost-user socket and one vring
-//! worker that runs the FUSE requests of both queues.
+//! worker that runs the FUSE requests of both queues; a "rootcell-fs-stop" thread waits for a
+//! stop while a VMM is connected and then shuts the connection down.
 
 mod backend;
 mod conn;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +52,18 @@ pub struct Jail {
     /// caller attaches inside the share later reach the back end if the share is a shared
     /// mount in the caller's namespace.
     pub share_root: bool,
+    /// Serve from an fd table of the back end's own ([`crate::fd_table`]; needs
+    /// `share_root`): its `/proc/self/fd`, through which the passthrough reopens inodes, then
+    /// lists only what its threads hold, not the rest of the process's files. The table and
+    /// every fd in it go when its threads end.
+    pub own_fd_table: bool,
+    /// With `own_fd_table`: fd numbers of the caller's table that the back end's threads
+    /// write to through objects shared with the whole process (the log file the process's
+    /// log writer holds). In the back end's table each becomes the write end of a pipe, and a
+    /// thread of the caller's ("fs-log-relay") copies what arrives there to the original,
+    /// so the back end's log lines still reach the log without the log file being reachable
+    /// from it. The relay ends when the back end's threads do.
+    pub relay: Vec<RawFd>,
     /// Then this (capabilities, seccomp).
     pub confine: Option<Confine>,
 }
@@ -58,55 +71,101 @@ pub struct Jail {
 /// [`serve_vhost_user`], with the serving thread confined as `jail` says before it builds the
 /// vhost-user daemon (whose request and vring threads it then spawns): every thread that
 /// handles guest requests runs confined. A failing step fails this call.
+///
+/// The listening socket and the device are made on the serving thread (in its own fd table,
+/// with `own_fd_table`), so everything the back end holds is its threads' alone.
 pub fn serve_vhost_user_confined(
     vhost_user_socket: &Path,
     config: FsConfig,
     jail: Jail,
 ) -> Result<BackendHandle, Error> {
-    // With its own root the device is opened on the serving thread, between the namespace
-    // and the pivot; the share is checked here anyway, so a bad one fails before listening.
-    let mut device = if jail.share_root {
-        check_shared_dir(&config.shared_dir)?;
-        None
-    } else {
-        Some(FsDevice::new(&config)?)
-    };
+    if jail.own_fd_table && !jail.share_root {
+        return Err(Error::Daemon(
+            "an fd table of its own needs the share as the back end's root".into(),
+        ));
+    }
+    // Checked here too, so a bad share fails before anything listens.
+    check_shared_dir(&config.shared_dir)?;
     raise_nofile_limit();
-    // Bound here (not by vhost's `Listener::new`, which would remove the file by path from the
-    // serving thread, whose root is the share); the handle removes it.
     let _ = std::fs::remove_file(vhost_user_socket);
-    let listener = std::os::unix::net::UnixListener::bind(vhost_user_socket)
-        .map(Listener::from)
-        .map_err(|e| Error::Listen {
-            path: vhost_user_socket.to_owned(),
-            reason: e.to_string(),
-        })?;
-    let stop = Arc::new(StopSignal::new()?);
-    let thread_stop = Arc::clone(&stop);
+    // From here on the handle, or a failed start, removes the socket file.
+    let socket = SocketFile(vhost_user_socket.to_owned());
+    let stop = StopSignal::new()?;
+    // The serving thread's own copy of the stop eventfd: its number is valid until the
+    // thread reports ready, since `stop` lives until then.
+    let stop_fd = stop.event.as_raw_fd();
+    let requested = Arc::clone(&stop.requested);
+    let socket_path = vhost_user_socket.to_owned();
+    // The pipes' write ends stay in this table until the thread has its own copies.
+    let relays = if jail.own_fd_table {
+        jail.relay
+            .iter()
+            .map(|&fd| Relay::start(fd))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let redirect: Vec<(RawFd, RawFd)> = relays
+        .iter()
+        .map(|r| (r.write.as_raw_fd(), r.target))
+        .collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     let thread = std::thread::Builder::new()
         .name("rootcell-fs".to_owned())
         .spawn(move || {
             let confined = (|| {
-                if jail.share_root {
-                    crate::share_root::enter(&config.shared_dir).map_err(|e| {
-                        Error::os("giving the virtio-fs thread the share as root", e)
+                let event = if jail.own_fd_table {
+                    crate::fd_table::unshare_keeping(&[stop_fd], &redirect)
+                        .map_err(|e| Error::os("giving the virtio-fs thread its own fds", e))?;
+                    // SAFETY: this thread's table's copy of the stop eventfd, owned by
+                    // nothing else in this table (the process's copy is `stop`'s).
+                    unsafe { OwnedFd::from_raw_fd(stop_fd) }
+                } else {
+                    // SAFETY: F_DUPFD_CLOEXEC of a live eventfd; the result is ours.
+                    let dup = unsafe { libc::fcntl(stop_fd, libc::F_DUPFD_CLOEXEC, 0) };
+                    if dup < 0 {
+                        return Err(Error::os(
+                            "duplicating the stop eventfd",
+                            std::io::Error::last_os_error(),
+                        ));
+                    }
+                    // SAFETY: a fresh fd nothing else owns.
+                    unsafe { OwnedFd::from_raw_fd(dup) }
+                };
+                // Bound here, in the host's view (vhost's `Listener::new` would remove the
+                // file by path once the root is the share); the handle removes it.
+                let listener = std::os::unix::net::UnixListener::bind(&socket_path)
+                    .map(Listener::from)
+                    .map_err(|e| Error::Listen {
+                        path: socket_path.clone(),
+                        reason: e.to_string(),
                     })?;
-                    device = Some(FsDevice::new(&FsConfig {
-                        shared_dir: crate::share_root::SHARE_PATH.into(),
-                        read_only: config.read_only,
-                    })?);
-                    crate::share_root::pivot().map_err(|e| {
-                        Error::os("giving the virtio-fs thread the share as root", e)
-                    })?;
-                }
+                let share = FsConfig {
+                    shared_dir: crate::share_root::SHARE_PATH.into(),
+                    read_only: config.read_only,
+                };
+                let in_root = |e| Error::os("giving the virtio-fs thread the share as root", e);
+                let device = if jail.own_fd_table {
+                    // The passthrough opens /proc/self/{fd,mountinfo} after the pivot: the
+                    // thread's own, bound there.
+                    crate::share_root::enter_with_own_fds(&config.shared_dir).map_err(in_root)?;
+                    crate::share_root::pivot().map_err(in_root)?;
+                    FsDevice::new(&share)?
+                } else if jail.share_root {
+                    crate::share_root::enter(&config.shared_dir).map_err(in_root)?;
+                    let device = FsDevice::new(&share)?;
+                    crate::share_root::pivot().map_err(in_root)?;
+                    device
+                } else {
+                    FsDevice::new(&config)?
+                };
                 if let Some(confine) = jail.confine {
                     confine().map_err(|e| Error::os("confining the virtio-fs thread", e))?;
                 }
-                device.ok_or_else(|| Error::Daemon("no device".into()))
+                Ok((device, listener, event))
             })();
-            let device = match confined {
-                Ok(device) => device,
+            let (device, listener, event) = match confined {
+                Ok(all) => all,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return Ok(());
@@ -121,7 +180,14 @@ pub fn serve_vhost_user_confined(
             match daemon {
                 Ok(daemon) => {
                     let _ = ready_tx.send(Ok(()));
-                    run(listener, daemon, &thread_stop)
+                    run(
+                        listener,
+                        daemon,
+                        ThreadStop {
+                            requested,
+                            event: Some(event),
+                        },
+                    )
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -130,10 +196,12 @@ pub fn serve_vhost_user_confined(
             }
         })
         .map_err(|e| Error::os("spawning the virtio-fs thread", e))?;
-    let socket = SocketFile(vhost_user_socket.to_owned());
     let ready = ready_rx
         .recv()
         .unwrap_or_else(|_| Err(Error::Daemon("the virtio-fs thread ended early".into())));
+    // The thread holds its copies now (or has failed): once its table goes, the relays see
+    // the end of their pipes.
+    drop(relays);
     if let Err(e) = ready {
         let _ = thread.join();
         return Err(e);
@@ -143,6 +211,58 @@ pub fn serve_vhost_user_confined(
         thread: Mutex::new(Some(thread)),
         _socket: socket,
     })
+}
+
+/// A pipe whose write end goes to the back end's table at `target`'s number, and the
+/// "fs-log-relay" thread (of the caller's table) that copies what arrives to `target`.
+struct Relay {
+    target: RawFd,
+    write: OwnedFd,
+}
+
+impl Relay {
+    fn start(target: RawFd) -> Result<Self, Error> {
+        let mut ends = [0; 2];
+        // SAFETY: pipe2(2) writes two fds into the array.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(Error::os(
+                "making a log pipe",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fresh fds nothing else owns.
+        let (read, write) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        // SAFETY: F_DUPFD_CLOEXEC of the caller's fd; a result >= 0 is ours.
+        let out = unsafe { libc::fcntl(target, libc::F_DUPFD_CLOEXEC, 0) };
+        if out < 0 {
+            return Err(Error::os(
+                "duplicating a log fd",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let out = unsafe { OwnedFd::from_raw_fd(out) };
+        std::thread::Builder::new()
+            .name("fs-log-relay".to_owned())
+            .spawn(move || {
+                use std::io::{Read, Write};
+                let (mut read, mut out) = (std::fs::File::from(read), std::fs::File::from(out));
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match read.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let _ = out.write_all(&buf[..n]);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+            .map_err(|e| Error::os("spawning the log relay", e))?;
+        Ok(Relay { target, write })
+    }
 }
 
 /// The listening socket's file, removed when the handle goes (or the start fails).
@@ -156,7 +276,7 @@ impl Drop for SocketFile {
 
 /// Handle on a running vhost-user-fs backend.
 pub struct BackendHandle {
-    stop: Arc<StopSignal>,
+    stop: StopSignal,
     thread: Mutex<Option<JoinHandle<Result<(), Error>>>>,
     _socket: SocketFile,
 }
@@ -189,47 +309,41 @@ impl Drop for BackendHandle {
     }
 }
 
-/// Shared between the handle and the serving thread: the stop request and the connection.
+/// The caller's side of a stop: a flag and an eventfd the back end's threads wait on. Only
+/// the eventfd crosses to them (by its object, not its number: with an fd table of their own
+/// they hold a copy of it), so a stop needs no fd of theirs; they shut their connection down
+/// themselves ([`run`]).
 struct StopSignal {
-    requested: AtomicBool,
+    requested: Arc<AtomicBool>,
     event: EventFd,
-    connections: Mutex<Vec<OwnedFd>>,
 }
 
 impl StopSignal {
     fn new() -> Result<Self, Error> {
         Ok(StopSignal {
-            requested: AtomicBool::new(false),
+            requested: Arc::new(AtomicBool::new(false)),
             event: EventFd::new(EFD_NONBLOCK)
                 .map_err(|e| Error::os("creating the stop eventfd", e))?,
-            connections: Mutex::new(Vec::new()),
         })
     }
 
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
+        // Never read: once written it stays readable for every poll.
         let _ = self.event.write(1);
-        for fd in self
-            .connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
-            conn::shutdown(fd);
-        }
     }
+}
 
+/// The serving thread's side of a stop: the flag and its own fd of the eventfd.
+struct ThreadStop {
+    requested: Arc<AtomicBool>,
+    /// Taken by the thread that watches it once a VMM is connected.
+    event: Option<OwnedFd>,
+}
+
+impl ThreadStop {
     fn is_requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
-    }
-
-    /// Remembers the VMM connection; shuts it down at once if a stop came first.
-    fn set_connections(&self, fds: Vec<OwnedFd>) {
-        let mut connections = self.connections.lock().unwrap_or_else(|e| e.into_inner());
-        *connections = fds;
-        if self.is_requested() {
-            connections.iter().for_each(conn::shutdown);
-        }
     }
 }
 
@@ -237,16 +351,21 @@ impl StopSignal {
 fn run(
     mut listener: Listener,
     mut daemon: VhostUserDaemon<Arc<FsBackend>>,
-    stop: &StopSignal,
+    mut stop: ThreadStop,
 ) -> Result<(), Error> {
-    if !wait_for_connection(&listener, stop)? {
+    let event = stop.event.take().expect("the stop eventfd");
+    if !wait_for_connection(&listener, &stop, &event)? {
         return Ok(());
     }
     daemon
         .start(&mut listener)
         .map_err(|e| Error::Daemon(e.to_string()))?;
-    stop.set_connections(conn::accepted_connections(&listener));
+    // The daemon offers no way to end a session early; its request thread blocks on the
+    // connection until the VMM hangs up. A thread of the back end's (its fd table) waits for
+    // a stop and shuts the connection down, which wakes that request thread.
+    let watcher = Watcher::start(conn::accepted_connections(&listener), event)?;
     let outcome = daemon.wait();
+    watcher.finish();
     // Dropping the daemon signals the vring worker's exit event and joins it.
     drop(daemon);
     drop(listener);
@@ -262,39 +381,78 @@ fn run(
     }
 }
 
-/// Waits until the VMM connects (true) or a stop is requested (false).
-fn wait_for_connection(listener: &Listener, stop: &StopSignal) -> Result<bool, Error> {
+/// The "rootcell-fs-stop" thread: waits for a stop (then shuts the VMM connection down) or
+/// for the session's end.
+struct Watcher {
+    done: EventFd,
+    thread: JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(connections: Vec<OwnedFd>, stop: OwnedFd) -> Result<Self, Error> {
+        let done = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::os("creating an eventfd", e))?;
+        let done_fd = done
+            .try_clone()
+            .map_err(|e| Error::os("creating an eventfd", e))?;
+        let thread = std::thread::Builder::new()
+            .name("rootcell-fs-stop".to_owned())
+            .spawn(move || {
+                let stopped =
+                    wait_readable(&[stop.as_raw_fd(), done_fd.as_raw_fd()]).is_ok_and(|i| i == 0);
+                if stopped {
+                    connections.iter().for_each(conn::shutdown);
+                }
+            })
+            .map_err(|e| Error::os("spawning the virtio-fs stop thread", e))?;
+        Ok(Watcher { done, thread })
+    }
+
+    /// Ends the thread (the session is over) and joins it.
+    fn finish(self) {
+        let _ = self.done.write(1);
+        let _ = self.thread.join();
+    }
+}
+
+/// Blocks until one of `fds` is readable (or hung up); the index of the first such.
+fn wait_readable(fds: &[RawFd]) -> std::io::Result<usize> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     loop {
-        if stop.is_requested() {
-            return Ok(false);
-        }
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.event.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        // SAFETY: `polled` is a valid array of pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, -1) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(Error::os("waiting for the VMM to connect", err));
+            return Err(err);
         }
-        if fds[1].revents != 0 {
-            return Ok(false);
+        if let Some(i) = polled.iter().position(|p| p.revents != 0) {
+            return Ok(i);
         }
-        if fds[0].revents != 0 {
-            return Ok(true);
-        }
+    }
+}
+
+/// Waits until the VMM connects (true) or a stop is requested (false).
+fn wait_for_connection(
+    listener: &Listener,
+    stop: &ThreadStop,
+    event: &OwnedFd,
+) -> Result<bool, Error> {
+    if stop.is_requested() {
+        return Ok(false);
+    }
+    match wait_readable(&[event.as_raw_fd(), listener.as_raw_fd()]) {
+        Ok(0) => Ok(false),
+        Ok(_) => Ok(true),
+        Err(e) => Err(Error::os("waiting for the VMM to connect", e)),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Unit tests of the parent module: the confinement applied to a real thread (needs root).
 
 use super::*;
+use std::os::fd::AsRawFd;
 
 fn status_field(name: &str) -> String {
     std::fs::read_to_string("/proc/thread-self/status")
@@ -199,4 +200,31 @@ fn execve_from_a_confined_thread_kills_the_process() {
             );
         }
     }
+}
+
+/// The fs back end finds the VMM's connection by the listener's name so that a stop can shut
+/// it down (`rootcell_fs`' vhost-user `conn`): getsockname is allowed on a confined fs thread
+/// (it was not, and a stop found no connection to shut down).
+#[test]
+fn a_confined_fs_thread_may_name_its_sockets() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+    let fd = listener.as_raw_fd();
+    let rc = std::thread::spawn(move || {
+        confine(Role::Fs).unwrap();
+        // SAFETY: sockaddr_un is plain data; getsockname writes at most `len` bytes into it.
+        unsafe {
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let r = libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len);
+            (r, *libc::__errno_location())
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        rc.0, 0,
+        "getsockname from a confined fs thread: errno {}",
+        rc.1
+    );
 }
