@@ -51,7 +51,7 @@ for hv in builtin qemu; do
              signal_exits request_irq_exits insn_emulation hypercalls; do
         [ -f "${vmdirs[0]}$f" ] && res[$hv-exit-$f]=$(cat "${vmdirs[0]}$f")
     done
-    # builtin: the VMM is threads of the sandbox; qemu: QEMU is the sandbox's child.
+    # The VMM (the built-in VMM's process, or QEMU) is the sandbox's child.
     pids="$pid $(pgrep -P "$pid" | tr '\n' ' ' || true)"
     anon=0 file=0 shmem=0
     for p in $pids; do

@@ -288,6 +288,10 @@ pub enum Command {
         #[command(subcommand)]
         command: PoolCommand,
     },
+    /// Internal: the built-in VMM's own process, started by the sandbox (its control socket
+    /// is stdin).
+    #[command(hide = true)]
+    BuiltinVmm,
     /// Internal: the per-container sandbox process.
     #[command(hide = true)]
     Sandbox {

@@ -58,6 +58,10 @@ fn main() {
         };
         std::process::exit(sandbox::main(args));
     }
+    if let Command::BuiltinVmm = cli.command {
+        // It logs to the backend's diagnostics file once its VM runs.
+        std::process::exit(hypervisor::builtin::process::main());
+    }
     if let Command::ExecRelay {
         id,
         exec_id,
@@ -208,7 +212,9 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
             };
             return commands::exec::exec(g, &id, &o);
         }
-        Command::Sandbox { .. } | Command::ExecRelay { .. } => unreachable!("handled in main"),
+        Command::Sandbox { .. } | Command::ExecRelay { .. } | Command::BuiltinVmm => {
+            unreachable!("handled in main")
+        }
     }
     Ok(0)
 }

@@ -69,8 +69,10 @@ fn the_daemon_is_debian_13s_docker_26_with_containerd_1_7() {
     let runtimes = ok(d, &["info", "--format", "{{json .Runtimes}}"]);
     assert!(runtimes.contains("rootcell"), "runtimes: {runtimes}");
 
-    // The container's VM is the root's QEMU 10: rootcell runs in the daemon's chroot and finds
-    // that QEMU on PATH.
+    // The container's VM: without hardware KVM (these development machines), the root's QEMU
+    // 10, which rootcell, running in the daemon's chroot, finds on PATH; with it (the nested
+    // lane's L1), `auto` picks the built-in VMM, whose vCPUs are threads of its own process, a
+    // child of the sandbox (`builtin-vmm`).
     let id = run_detached(d, &[], "exec sleep 600");
     let pid = inspect(d, &id, "{{.State.Pid}}");
     let chroot = d.dir().join("root");
@@ -80,19 +82,49 @@ fn the_daemon_is_debian_13s_docker_26_with_containerd_1_7() {
         "the sandbox runs in the daemon's chroot"
     );
     let qemu = chroot.join("usr/bin/qemu-system-x86_64");
-    // Children of any of the sandbox's threads.
-    let exes: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
+        .collect();
+    // Children of any of the sandbox's threads.
+    let kids: Vec<String> = tasks
+        .iter()
         .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
         .flat_map(|c| c.split_whitespace().map(String::from).collect::<Vec<_>>())
+        .collect();
+    let exes: Vec<_> = kids
+        .iter()
         .filter_map(|c| std::fs::read_link(format!("/proc/{c}/exe")).ok())
         .collect();
-    assert!(
-        exes.contains(&qemu),
-        "no child of the sandbox runs {}: {exes:?}",
-        qemu.display()
-    );
+    let comm_is = |dir: &std::path::Path, f: &dyn Fn(&str) -> bool| {
+        std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| f(c.trim()))
+    };
+    // vCPU threads of the sandbox's built-in VMM process.
+    let vcpus = kids
+        .iter()
+        .map(|k| std::path::PathBuf::from(format!("/proc/{k}")))
+        .filter(|k| comm_is(k, &|c| c == "builtin-vmm"))
+        .filter_map(|k| std::fs::read_dir(k.join("task")).ok())
+        .flat_map(|ts| ts.flatten().collect::<Vec<_>>())
+        .filter(|t| comm_is(&t.path(), &|c| c.starts_with("vcpu")))
+        .count();
+    let builtin = match std::env::var("ROOTCELL_HYPERVISOR").as_deref() {
+        Ok("qemu") => false,
+        Ok("builtin") => true,
+        _ => hardware_kvm(),
+    };
+    if builtin {
+        assert!(
+            vcpus > 0 && !exes.contains(&qemu),
+            "the built-in VMM runs the VM in its process under the sandbox ({vcpus} vCPU threads; children: {exes:?})"
+        );
+    } else {
+        assert!(
+            exes.contains(&qemu),
+            "no child of the sandbox runs {}: {exes:?}",
+            qemu.display()
+        );
+    }
     let version = std::fs::read_to_string(trixie_root().join("qemu-version")).unwrap();
     assert!(
         version.starts_with("QEMU emulator version 10."),

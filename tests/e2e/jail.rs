@@ -50,6 +50,41 @@ fn status_field(status: &str, name: &str) -> String {
         .to_string()
 }
 
+/// fd number → (what it names, its metadata), for the fd directory `dir`.
+fn fd_table(dir: &std::path::Path) -> std::collections::BTreeMap<u32, (String, std::fs::Metadata)> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.parse().ok()?;
+            let t = std::fs::read_link(e.path()).ok()?;
+            let meta = std::fs::metadata(e.path()).ok()?;
+            Some((n, (t.to_string_lossy().into_owned(), meta)))
+        })
+        .collect()
+}
+
+/// What each fd of a table names.
+fn targets(
+    table: &std::collections::BTreeMap<u32, (String, std::fs::Metadata)>,
+) -> std::collections::BTreeMap<u32, String> {
+    table.iter().map(|(n, (t, _))| (*n, t.clone())).collect()
+}
+
+/// Asserts that fd directories `a` and `b` list the same table (a few tries: a request the
+/// guest makes meanwhile may open or close an fd between the two readings).
+fn assert_same_table(a: &std::path::Path, b: &std::path::Path, what: &str) {
+    let mut last = (Default::default(), Default::default());
+    for _ in 0..10 {
+        last = (targets(&fd_table(a)), targets(&fd_table(b)));
+        if last.0 == last.1 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} differ:\n{:?}\n{:?}", last.0, last.1);
+}
+
 /// The ids of a `Uid:` or `Gid:` line of /proc/PID/status (real, effective, saved, fs).
 fn status_ids(status: &str, name: &str) -> Vec<String> {
     status_field(status, name)
@@ -196,8 +231,8 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
         );
         let comm = comm.trim().to_string();
         match comm.as_str() {
-            "rootcell-fs" | "rootcell-fs-vho" | "vsock-vhost-use" | "rootcell-vsock"
-            | "vring_worker" => {
+            "rootcell-fs" | "rootcell-fs-vho" | "rootcell-fs-sto" | "vsock-vhost-use"
+            | "rootcell-vsock" | "vring_worker" => {
                 assert_eq!(seccomp, "2", "{comm}:\n{st}");
                 assert_eq!(eff, prm, "{comm}:\n{st}");
                 assert_eq!(eff, bnd, "{comm}:\n{st}");
@@ -240,6 +275,7 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
     let mut want = vec![
         ("rootcell-fs".to_string(), fs_caps.clone()),
         ("rootcell-fs-vho".to_string(), fs_caps.clone()),
+        ("rootcell-fs-sto".to_string(), fs_caps.clone()),
         ("rootcell-vsock".to_string(), zero.clone()),
         ("vring_worker".to_string(), zero.clone()),
         ("vring_worker".to_string(), fs_caps.clone()),
@@ -262,7 +298,7 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         let st = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
         let is_fs = match comm.trim() {
-            "rootcell-fs" | "rootcell-fs-vho" => true,
+            "rootcell-fs" | "rootcell-fs-vho" | "rootcell-fs-sto" => true,
             "vring_worker" => status_field(&st, "CapEff") == fs_caps,
             _ => false,
         };
@@ -319,6 +355,10 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
             listing(root.join("proc").to_str().unwrap()),
             BTreeSet::from(["self".to_string()])
         );
+        assert_eq!(
+            listing(root.join("proc/self").to_str().unwrap()),
+            BTreeSet::from(["fd".to_string(), "mountinfo".to_string()])
+        );
         let share = listing(root.join("share").to_str().unwrap());
         assert!(share.contains("rootfs"), "{comm}'s share: {share:?}");
         assert_eq!(
@@ -330,7 +370,8 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
         for l in mountinfo.lines() {
             let point = l.split(' ').nth(4).unwrap_or_default();
             assert!(
-                ["/", "/proc/self/fd", "/share"].contains(&point) || point.starts_with("/share/"),
+                ["/", "/proc/self/fd", "/proc/self/mountinfo", "/share"].contains(&point)
+                    || point.starts_with("/share/"),
                 "{comm} has a mount beside the share:\n{mountinfo}"
             );
             // Per-mount options (field 6): the share's binds are nodev.
@@ -341,7 +382,7 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
             );
         }
     }
-    assert_eq!(fs_threads, 3, "virtio-fs threads found");
+    assert_eq!(fs_threads, 4, "virtio-fs threads found");
 
     // A device node in the share opens nothing on the host: the back end's mounts are nodev.
     // (Made from the host side, as an image's /dev entries are; the guest never gets this
@@ -370,49 +411,80 @@ fn qemu_runs_unprivileged_without_capabilities_in_its_own_root() {
     );
     std::fs::remove_file(&node).unwrap();
 
-    // What a subverted virtio-fs thread could still reopen through /proc/self/fd (it must
-    // hold that directory: the passthrough reopens its inodes through it, and its xattr calls
-    // name /proc/self/fd/N): no directory outside the share (nothing to walk from), and no
-    // host file outside it but the sandbox's own two logs and the stdio files the caller gave
-    // the container. Everything else it holds is a socket, pipe, eventfd, memfd or /dev/null.
+    // What a subverted virtio-fs thread could reopen through /proc/self/fd (it must hold that
+    // directory: the passthrough reopens its inodes through it, and its xattr calls name
+    // /proc/self/fd/N): the fs threads have an fd table of their own, and their root's
+    // /proc/self/fd is that table, so it lists no directory and no regular host file outside
+    // the share at all (not the sandbox's logs, not the caller's stdio files); the rest is
+    // sockets, eventfds, memfds (guest RAM) and /dev/null.
     let run = run_dir(&rt.root(), &id);
     let state = rt.root().join(&id);
-    for fd in std::fs::read_dir(format!("/proc/{sandbox}/fd"))
+    let fs_dir = fs_tid.clone();
+    let fs_table = fd_table(&fs_dir.join("fd"));
+    assert_same_table(
+        &fs_dir.join("root/proc/self/fd"),
+        &fs_dir.join("fd"),
+        "the fs root's /proc/self/fd and the fs threads' own table",
+    );
+    let sandbox_fd = std::path::PathBuf::from(format!("/proc/{sandbox}/fd"));
+    let sandbox_table = fd_table(&sandbox_fd);
+    assert_ne!(
+        targets(&fs_table),
+        targets(&sandbox_table),
+        "the fs threads share the sandbox's fd table"
+    );
+    // Every fs thread (its daemon's and vring threads too) serves from that one table.
+    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
         .unwrap()
         .flatten()
     {
-        let Ok(target) = std::fs::read_link(fd.path()) else {
-            continue;
-        };
-        let Ok(meta) = std::fs::metadata(fd.path()) else {
-            continue;
-        };
-        let t = target.to_string_lossy().into_owned();
-        // Paths resolve from the namespace the fd was opened in: the fs thread's root holds
-        // the share at /share, the sandbox's has it in the run dir.
-        let in_share =
-            t == "/share" || t.starts_with("/share/") || target.starts_with(run.join("share"));
-        // The passthrough's own handles on the process's fd directory and mount table.
-        let procfs = ["fd", "mountinfo"]
-            .iter()
-            .any(|f| [format!("/{sandbox}/{f}"), format!("/proc/{sandbox}/{f}")].contains(&t));
-        if procfs {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim().starts_with("rootcell-fs") {
+            assert_same_table(
+                &t.path().join("fd"),
+                &fs_dir.join("fd"),
+                &format!("{}'s fd table and rootcell-fs's", comm.trim()),
+            );
+        }
+    }
+    let mut share_inodes = 0;
+    for (fd, (t, meta)) in &fs_table {
+        // Paths as the fs threads' root names them: the share at /share.
+        let in_share = t == "/share" || t.starts_with("/share/");
+        share_inodes += usize::from(in_share);
+        // The passthrough's own handles on its fd directory and mount table.
+        if ["/proc/self/fd", "/proc/self/mountinfo"].contains(&t.as_str()) {
             continue;
         }
+        if meta.is_dir() || (meta.is_file() && !t.starts_with("/memfd:")) {
+            assert!(
+                in_share,
+                "the virtio-fs threads hold host file {t} (fd {fd}) outside the share"
+            );
+        }
+    }
+    assert!(share_inodes > 0, "no share inode in {fs_table:?}");
+    // The sandbox's own table (root's main threads, not reachable from the back ends) holds
+    // no directory outside the share, and no host file but its two logs and the stdio files
+    // the caller gave the container.
+    for (t, meta) in sandbox_table.values() {
+        let target = std::path::Path::new(t);
+        let in_share = target.starts_with(run.join("share"));
         if meta.is_dir() {
             assert!(
                 in_share,
                 "the sandbox holds directory {t} outside the share"
             );
         } else if meta.is_file() && !t.starts_with("/memfd:") {
-            // The container's stdio files are the caller's, handed over on purpose.
             let stdio = target
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}.std")));
             assert!(
                 in_share
                     || stdio
-                    || [state.join("sandbox.log"), state.join("console.log")].contains(&target),
+                    || [state.join("sandbox.log"), state.join("console.log")]
+                        .iter()
+                        .any(|p| p == target),
                 "the sandbox holds host file {t} outside the share"
             );
         }
@@ -520,24 +592,16 @@ fn backend_thread_ids(sandbox: i32) -> Vec<ThreadIds> {
     out
 }
 
-/// Whether the built-in VMM can boot a guest here: /dev/kvm and a CPU with vmx/svm (in this
-/// project's CI, only L1 of the nested lane; /dev/kvm on the development hosts is a software
-/// KVM that cannot boot the guest).
-fn hardware_kvm() -> bool {
-    std::path::Path::new("/dev/kvm").exists()
-        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
-            c.lines().any(|l| {
-                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
-            })
-        })
-}
-
-/// The built-in VMM (threads of the sandbox process): every vCPU and virtio-net thread runs as
-/// an unprivileged uid/gid of its own from the reserved range (base + thread id), without
-/// capabilities, under seccomp with no_new_privs, in a mount namespace whose root is empty;
-/// the vsock thread has no capabilities and a root holding only its socket directory; the
-/// virtio-fs thread keeps the ownership capabilities and a root holding only the share; the
-/// container works. Needs hardware KVM: runs in the nested lane's L1, skipped elsewhere.
+/// The built-in VMM runs in a process of its own (`rootcell builtin-vmm`, a child of the
+/// sandbox), and the sandbox holds no thread of it. In that process every thread is jailed:
+/// each vCPU and virtio-net thread runs as an unprivileged uid/gid of its own from the reserved
+/// range (base + thread id), without capabilities, under seccomp with no_new_privs, in a mount
+/// namespace whose root is empty; the vsock thread has no capabilities and a root holding only
+/// its socket directory; the virtio-fs thread keeps the ownership capabilities and a root
+/// holding only the share; the process's control threads (its main thread and the one
+/// waiting for the VM's end) run as base + the process's pid, without capabilities, under
+/// seccomp, in an empty root. The container works. Needs hardware KVM: runs in the nested
+/// lane's L1, skipped elsewhere.
 #[test]
 fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
     if !hardware_kvm() {
@@ -562,6 +626,23 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
         "a QEMU under the built-in backend"
     );
     let sandbox_ns = std::fs::read_link(format!("/proc/{sandbox}/ns/mnt")).unwrap();
+    let vmms = children_named(sandbox, "builtin-vmm");
+    assert_eq!(vmms.len(), 1, "VMM processes under sandbox {sandbox}");
+    let vmm = vmms[0];
+    let cmdline = std::fs::read_to_string(format!("/proc/{vmm}/cmdline")).unwrap();
+    assert!(cmdline.contains("builtin-vmm"), "{cmdline:?}");
+    // The sandbox holds no part of the VM: none of its threads is a vCPU or a device's.
+    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        assert!(
+            !(comm.starts_with("vcpu") || comm.ends_with("-io")),
+            "sandbox {sandbox} holds VMM thread {comm}"
+        );
+    }
     let zero = "0".repeat(16);
     let fs_caps = format!(
         "{:016x}",
@@ -569,8 +650,8 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
             .iter()
             .fold(0u64, |m, c| m | 1 << c)
     );
-    let (mut vcpus, mut vsock, mut fs) = (0, 0, 0);
-    for t in std::fs::read_dir(format!("/proc/{sandbox}/task"))
+    let (mut vcpus, mut vsock, mut fs, mut control) = (0, 0, 0, 0);
+    for t in std::fs::read_dir(format!("/proc/{vmm}/task"))
         .unwrap()
         .flatten()
     {
@@ -587,8 +668,11 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
         } else if comm == "vsock-io" || comm == "virtiofs-io" {
             comm
         } else {
-            continue;
+            "control"
         };
+        // No thread of the VMM process is root.
+        assert!(ids("Uid").iter().all(|u| u != "0"), "{comm}:\n{st}");
+        assert!(ids("Gid").iter().all(|g| g != "0"), "{comm}:\n{st}");
         // Every VMM thread: seccomp, no_new_privs, a mount namespace of its own.
         assert_eq!(status_field(&st, "Seccomp"), "2", "{comm}:\n{st}");
         assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{comm}:\n{st}");
@@ -597,20 +681,29 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
         let root = dir.join("root");
         let top = listing(root.to_str().unwrap());
         assert_ne!(top, listing("/"), "{comm}'s root lists like the host's");
+        // Uid and gid `id` (all four), no groups, no capabilities, nothing in its root.
+        let nobody_in_an_empty_root = |id: u64| {
+            let want = id.to_string();
+            assert_eq!(ids("Uid"), vec![want.clone(); 4], "{comm}:\n{st}");
+            assert_eq!(ids("Gid"), vec![want; 4], "{comm}:\n{st}");
+            assert_eq!(status_field(&st, "Groups"), "", "{comm}");
+            for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                assert_eq!(status_field(&st, caps), zero, "{comm} {caps}:\n{st}");
+            }
+            assert!(top.is_empty(), "{comm}'s root holds {top:?}");
+        };
         match kind {
             "unprivileged" => {
-                let want = (UID_BASE + tid).to_string();
                 assert!((UID_BASE..UID_BASE + UID_RANGE).contains(&(UID_BASE + tid)));
-                assert_eq!(ids("Uid"), vec![want.clone(); 4], "{comm}:\n{st}");
-                assert_eq!(ids("Gid"), vec![want.clone(); 4], "{comm}:\n{st}");
-                assert_eq!(status_field(&st, "Groups"), "", "{comm}");
-                for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-                    assert_eq!(status_field(&st, caps), zero, "{comm} {caps}:\n{st}");
-                }
-                assert!(top.is_empty(), "{comm}'s root holds {top:?}");
+                nobody_in_an_empty_root(UID_BASE + tid);
                 if comm.starts_with("vcpu") {
                     vcpus += 1;
                 }
+            }
+            "control" => {
+                // The process's own threads: base + its pid, nothing else.
+                nobody_in_an_empty_root(UID_BASE + vmm as u64);
+                control += 1;
             }
             "vsock-io" => {
                 // Its own unprivileged uid without capabilities; the socket directory is its.
@@ -649,11 +742,20 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
             }
         }
     }
-    assert!(vcpus >= 1, "no vCPU thread found in sandbox {sandbox}");
+    assert!(vcpus >= 1, "no vCPU thread found in VMM process {vmm}");
     assert_eq!((vsock, fs), (1, 1), "vsock and virtio-fs threads found");
+    assert_eq!(control, 2, "control threads of VMM process {vmm}");
 
     ownership_passes_through(&rt, &id, &b);
     let o = rt.run(&["delete", "--force", &id]);
     assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     assert_no_leftovers(&rt, &id);
+    // Gone, or dead and waiting for init to reap it (it was the killed sandbox's child).
+    let state = std::fs::read_to_string(format!("/proc/{vmm}/stat"))
+        .ok()
+        .and_then(|s| s[s.rfind(')')? + 2..].chars().next());
+    assert!(
+        matches!(state, None | Some('Z') | Some('X')),
+        "VMM process {vmm} outlived its container (state {state:?})"
+    );
 }

@@ -25,6 +25,27 @@ fn vmms_of(run_dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether container `id` (state under `root`) runs a VMM of its own: QEMU or the built-in
+/// VMM's process (the record's `vm_pid`), or vCPU threads (`vcpuN`) in its sandbox process
+/// (where an older built-in VMM ran them). A container in another's VM has neither.
+fn runs_own_vmm(root: &std::path::Path, id: &str) -> bool {
+    let path = root.join(id).join("state.json");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap();
+    if record["vm_pid"].as_i64().unwrap_or(0) > 0 {
+        return true;
+    }
+    let pid = record["pid"].as_i64().unwrap_or(0);
+    pid > 0
+        && std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("vcpu"))
+            })
+        })
+}
+
 /// Nothing of container `id` is left (while other containers of the same root may run): no
 /// process, state or run dir, no mount in this namespace or in any sandbox's.
 fn nothing_of(rt: &Runtime, id: &str) {
@@ -94,6 +115,11 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
         vmms_of(&b_run),
         Vec::<String>::new(),
         "the second container booted no VM"
+    );
+    // Also on the built-in VMM, whose VM is threads of the sandbox (no process of its own).
+    assert!(
+        runs_own_vmm(&rt.root(), &a) && !runs_own_vmm(&rt.root(), &b),
+        "the first container runs the VM, the second none of its own"
     );
     let host_pid_b = rt.state(&b)["pid"].as_i64().unwrap();
     assert!(
@@ -443,11 +469,16 @@ fn podman_pod_is_one_vm() {
         srv["shares_vm"]["owner"], infra,
         "the server runs in the infra container's VM: {srv}"
     );
-    assert_eq!(
-        srv["vm_pid"], 0,
+    let root = std::path::Path::new("/run/rootcell");
+    assert!(
+        !runs_own_vmm(root, &server),
         "the server started no VMM of its own: {srv}"
     );
-    assert!(record(infra)["vm_pid"].as_i64().unwrap() > 0);
+    assert!(
+        runs_own_vmm(root, infra),
+        "the infra container runs the pod's VMM: {}",
+        record(infra)
+    );
     p.ok(&["pod", "rm", "-f", &pod]);
     for id in [infra, server.as_str()] {
         wait_until(

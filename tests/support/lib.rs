@@ -730,6 +730,18 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Whether this host has hardware KVM (/dev/kvm and the CPU's vmx/svm flag), so that `auto`
+/// picks the built-in VMM: true in the nested lane's L1, false on these development machines,
+/// whose /dev/kvm is a software hypervisor.
+pub fn hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines().any(|l| {
+                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
+            })
+        })
+}
+
 /// Host processes whose command line mentions `needle` (e.g. a container id or state root).
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let me = std::process::id().to_string();

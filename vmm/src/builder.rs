@@ -212,6 +212,11 @@ impl RunningBuiltinVm {
         self.vm.wait_timeout(timeout)
     }
 
+    /// The VM's exit latch (see [`RunningVm::exit_latch`]).
+    pub fn exit_latch(&self) -> std::sync::Arc<crate::exit::ExitLatch> {
+        self.vm.exit_latch()
+    }
+
     /// Snapshots of every vCPU's status (see [`crate::vcpu::VcpuStatus`]).
     pub fn vcpu_status(&self) -> Vec<crate::vcpu::VcpuStatus> {
         self.vm.vcpu_status()

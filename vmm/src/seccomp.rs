@@ -208,6 +208,26 @@ pub fn vmm_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     )
 }
 
+/// The allowlist for the control threads of a process that holds only a running VM (the
+/// runtime's built-in VMM process, once the VM runs): waiting on the VM and on its control
+/// socket (poll, reads and writes of sockets it already holds), pausing and resuming
+/// (kicking vCPU threads), stopping the VM and joining its threads. Unlike [`vmm_filter`] it
+/// opens nothing.
+pub fn control_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
+    build(
+        &[
+            libc::SYS_tgkill,
+            libc::SYS_read,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+        ],
+        &[],
+        on_violation,
+    )
+}
+
 /// Capabilities a virtio-fs thread keeps, for ownership pass-through: `CHOWN` (guest chown
 /// shows on the host), `DAC_OVERRIDE` and `DAC_READ_SEARCH` (root in the guest reads and
 /// writes whatever the mode), `FOWNER` (chmod, utimes, xattrs of others' files), `FSETID`

@@ -1,19 +1,40 @@
-//! The built-in backend: rootcell's own KVM VMM (`rootcell-vmm`) running as threads of the
-//! sandbox process, with in-process virtio-vsock and virtio-fs devices. There is no separate
-//! hypervisor process, so whatever kills the sandbox kills the VM, its guest memory (a memfd)
-//! and its devices with it.
+//! The built-in backend: rootcell's own KVM VMM (`rootcell-vmm`) with in-process
+//! virtio-vsock, virtio-fs and virtio-net devices, run in a process of its own,
+//! `rootcell builtin-vmm` ([`process`]): a child of the sandbox that builds and starts the VM
+//! as root, lets its vCPU and device threads jail themselves, and then confines its own
+//! threads too, so nothing that shares an address space with the guest-facing code keeps
+//! root's capabilities. The sandbox keeps a handle (`BuiltinHandle`) that talks to it over
+//! a control socket ([`wire`]): pause, resume, stop, and the VM's end with its exit status and
+//! diagnostics. The process dies with the sandbox (PR_SET_PDEATHSIG), and with it the VM,
+//! its guest memory (a memfd) and its devices.
+
+pub mod process;
+pub mod wire;
 
 use super::{Hypervisor, HypervisorError, Vm, VmConfig};
-use rootcell_vmm::builder::{BuiltinConfig, BuiltinVm, NetConfig, RunningBuiltinVm, BASE_CMDLINE};
+use crate::pidfd::Pidfd;
+use rootcell_vmm::builder::BASE_CMDLINE;
 use rootcell_vmm::vcpu::VcpuStatus;
 use rootcell_vmm::VmExit;
-use std::io::Write;
+use std::io::{BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, RwLock};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long one blocking wait holds the VM's read lock, so `kill` never waits longer for it.
-const WAIT_SLICE: Duration = Duration::from_millis(200);
+/// How long the VMM process may take to build the VM and say so.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a pause or resume may take to be answered (the VMM's own bound is
+/// [`rootcell_vmm::vm::PAUSE_TIMEOUT`] for the vCPUs, then the devices'); below the CLI's.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a stopping VM may take before its process is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// close_range(2)'s flag that marks the range close-on-exec instead of closing it.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 
 /// The built-in backend.
 #[derive(Debug, Default)]
@@ -78,6 +99,19 @@ fn note(log: &Path, line: &str) {
     }
 }
 
+/// The program to run as the VMM process: this one (`rootcell`). A unit-test binary of this
+/// crate is not rootcell: it runs the `rootcell` binary built beside it (`target/<profile>`).
+fn program() -> PathBuf {
+    #[cfg(test)]
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().and_then(Path::parent).map(Path::to_path_buf))
+    {
+        return dir.join("rootcell");
+    }
+    PathBuf::from("/proc/self/exe")
+}
+
 impl Hypervisor for Builtin {
     fn name(&self) -> &'static str {
         "builtin"
@@ -91,66 +125,172 @@ impl Hypervisor for Builtin {
                 cfg.vcpus
             ),
         })?;
-        let mut c = BuiltinConfig::new(&cfg.kernel, &cfg.vsock_uds, &cfg.share_dir);
-        for n in &cfg.nets {
-            c.net.push(net_card(n)?);
-        }
-        c.initramfs = Some(cfg.initrd.clone());
-        c.cmdline = guest_cmdline(&cfg.cmdline);
-        c.mem_mib = cfg.memory_mib;
-        c.vcpus = vcpus;
-        c.console_log = Some(cfg.console_log.clone());
-        c.guest_cid = cfg.guest_cid;
-        // Confined like QEMU's back end: its virtio-fs thread's root holds only the share.
-        c.fs_share_root = crate::jail::backends_enabled();
-        // Its vCPU and device threads enter the runtime's jail (see crate::jail::vmm).
-        rootcell_vmm::jail::set_thread_jail(crate::jail::vmm::vmm_thread);
-        c.fs_tag = cfg.share_tag.clone();
+        let taps = cfg
+            .nets
+            .iter()
+            .map(net_card)
+            .collect::<Result<Vec<_>, _>>()?;
+        let launch = wire::Launch {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline: guest_cmdline(&cfg.cmdline),
+            mem_mib: cfg.memory_mib,
+            vcpus,
+            console_log: cfg.console_log.clone(),
+            hypervisor_log: cfg.hypervisor_log.clone(),
+            vsock_uds: cfg.vsock_uds.clone(),
+            guest_cid: cfg.guest_cid,
+            share_dir: cfg.share_dir.clone(),
+            share_tag: cfg.share_tag.clone(),
+            // Confined like QEMU's back end: its virtio-fs thread's root holds only the share.
+            share_root: crate::jail::backends_enabled(),
+            nets: taps.iter().map(|(_, n)| n.clone()).collect(),
+            parent: std::process::id() as i32,
+        };
         let started = Instant::now();
-        // BuiltinVm::start leaves no thread or console file behind on error. Its vsock socket
-        // too, except from a jailed vsock thread: that one's root holds the socket's directory
-        // read-only (it may not unlink), so root removes it here.
-        let vm = BuiltinVm::start(c).map_err(|e| {
+        let program = program();
+        let spawn_err = |source: std::io::Error| HypervisorError::Spawn {
+            program: program.clone(),
+            source,
+        };
+        let (ours, theirs) = UnixStream::pair().map_err(spawn_err)?;
+        let mut cmd = Command::new(&program);
+        cmd.arg0("rootcell")
+            .arg("builtin-vmm")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let parent = launch.parent;
+        let inherit: Vec<RawFd> = taps.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The VMM must not outlive the sandbox, even on SIGKILL. The death signal
+                // follows the forking thread, the sandbox's main thread (it lives to the end),
+                // as QEMU's does.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                    || libc::getppid() != parent
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Nothing of the sandbox's reaches the VMM but what it is given: every other
+                // descriptor (also one the sandbox inherited without close-on-exec, such as a
+                // caller's stdio) closes at exec. Best effort: older kernels lack the flag.
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+                // The taps were duplicated close-on-exec; the VMM gets them by number.
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let spawned = cmd.spawn();
+        // Our copies of its end of the socket and of the taps: the process holds its own.
+        drop(cmd);
+        drop(taps);
+        let child = spawned.map_err(spawn_err)?;
+        let pid = child.id() as i32;
+        let fail = |child: Child, cause: String| {
+            let status = end_child(child);
+            // A VM that did not start leaves no socket behind. Its vsock thread may not remove
+            // it itself (its root holds the socket's directory read-only), so root does.
             if let Err(rm) = std::fs::remove_file(&cfg.vsock_uds) {
                 if rm.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(socket = %cfg.vsock_uds.display(), "cannot remove the vsock socket: {rm}");
                 }
             }
+            tracing::debug!(pid, ?status, "builtin VMM process did not start the VM");
             HypervisorError::Builtin {
                 kernel: cfg.kernel.clone(),
-                cause: e,
+                cause,
             }
-        })?;
-        let (vsock, fs) = vm.slots();
+        };
+        let first = (|| {
+            let mut out = ours.try_clone()?;
+            wire::send(&mut out, &launch)?;
+            ours.set_read_timeout(Some(START_TIMEOUT))?;
+            let mut input = BufReader::new(ours.try_clone()?);
+            let report = wire::recv::<wire::Report>(&mut input)?;
+            ours.set_read_timeout(None)?;
+            let process = Pidfd::open(pid, 0)?;
+            Ok::<_, std::io::Error>((report, input, out, process))
+        })();
+        let (input, out, process, cmdline, vsock, fs) = match first {
+            Ok((Some(wire::Report::Started { cmdline, vsock, fs }), input, out, process)) => {
+                (input, out, process, cmdline, vsock, fs)
+            }
+            Ok((Some(wire::Report::Failed(cause)), ..)) => return Err(fail(child, cause)),
+            Ok((other, ..)) => {
+                return Err(fail(
+                    child,
+                    format!("its process (pid {pid}) ended before it started the VM: {other:?}"),
+                ))
+            }
+            Err(e) => {
+                return Err(fail(
+                    child,
+                    format!("no word from its process (pid {pid}): {e}"),
+                ))
+            }
+        };
         note(
             &cfg.hypervisor_log,
             &format!(
-                "builtin VMM started in {:?}: {} MiB, {vcpus} vCPU(s), vsock at {:#x} irq {}, virtio-fs at {:#x} irq {}\ncmdline: {}",
+                "builtin VMM started in {:?} (process {pid}): {} MiB, {vcpus} vCPU(s), vsock at {:#x} irq {}, virtio-fs at {:#x} irq {}\ncmdline: {cmdline}",
                 started.elapsed(),
                 cfg.memory_mib,
                 vsock.base,
                 vsock.irq,
                 fs.base,
                 fs.irq,
-                vm.cmdline()
             ),
         );
         tracing::info!(
+            pid,
+            start_us = started.elapsed().as_micros() as u64,
             mem_mib = cfg.memory_mib,
             vcpus,
-            cmdline = vm.cmdline(),
+            cmdline,
             "builtin VMM started"
         );
+        let shared = Arc::new(Shared::default());
+        let (replies_tx, replies) = mpsc::channel();
+        let reader = {
+            let (shared, log) = (shared.clone(), cfg.hypervisor_log.clone());
+            std::thread::Builder::new()
+                .name("builtin-vmm-ctl".into())
+                .spawn(move || read_reports(child, input, &replies_tx, &shared, &log))
+        };
+        if let Err(e) = reader {
+            let _ = process.signal(libc::SIGKILL);
+            // The child went with the closure; it is reaped by nobody but init after we die.
+            return Err(HypervisorError::Builtin {
+                kernel: cfg.kernel.clone(),
+                cause: format!("cannot start its control thread: {e}"),
+            });
+        }
         Ok(Box::new(BuiltinHandle {
-            vm: RwLock::new(Some(vm)),
-            status: Mutex::new(None),
+            pid,
+            process,
+            out: Mutex::new(out),
+            replies: Mutex::new(replies),
+            shared,
             log: cfg.hypervisor_log.clone(),
         }))
     }
 }
 
-/// The VMM's own handle on a tap (a dup: the sandbox keeps the original for teardown).
-fn net_card(n: &super::NetCard) -> Result<NetConfig, HypervisorError> {
+/// Kills a VMM process that has not started its VM (or not said so), and reaps it.
+fn end_child(mut child: Child) -> Option<std::process::ExitStatus> {
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// The VMM's own handle on a tap (a dup, close-on-exec, that its process inherits by number:
+/// the sandbox keeps the original for teardown).
+fn net_card(n: &super::NetCard) -> Result<(OwnedFd, wire::NetFd), HypervisorError> {
     let device_err = |msg: String| HypervisorError::Device {
         device: "virtio-net",
         msg,
@@ -162,110 +302,196 @@ fn net_card(n: &super::NetCard) -> Result<NetConfig, HypervisorError> {
         .map_err(|e| device_err(format!("cannot duplicate tap fd {}: {e}", n.tap_fd)))?;
     let mtu =
         u16::try_from(n.mtu).map_err(|_| device_err(format!("MTU {} is over 65535", n.mtu)))?;
-    Ok(NetConfig {
-        tap: std::sync::Arc::new(tap),
-        mac: n.mac.0,
-        mtu,
-    })
+    let fd = tap.as_raw_fd();
+    Ok((
+        tap,
+        wire::NetFd {
+            fd,
+            mac: n.mac.0,
+            mtu,
+        },
+    ))
 }
 
-/// A running built-in VM.
+/// What the handle and its control thread share.
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The exit status, once the VM has ended.
+    status: Option<i32>,
+    /// The VMM process has been reaped.
+    reaped: bool,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        self.cond.notify_all();
+    }
+
+    /// Waits up to `timeout` for `done`; whether it holds.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&State) -> bool) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, _) = self
+            .cond
+            .wait_timeout_while(s, timeout, |s| !done(s))
+            .unwrap_or_else(|p| p.into_inner());
+        done(&s)
+    }
+
+    fn status(&self) -> Option<i32> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).status
+    }
+}
+
+/// The sandbox's control thread for one VMM process: hands answers to pauses and resumes to
+/// the waiting caller, writes the VM's end to the diagnostics file and records its status,
+/// and reaps the process once it has closed the socket. A process that died without
+/// reporting (killed, or by a seccomp violation) has ended its guest too: its status is the
+/// process's.
+fn read_reports(
+    mut child: Child,
+    mut input: BufReader<UnixStream>,
+    replies: &mpsc::Sender<Result<(), String>>,
+    shared: &Shared,
+    log: &Path,
+) {
+    loop {
+        match wire::recv::<wire::Report>(&mut input) {
+            Ok(Some(wire::Report::Done(r))) => {
+                let _ = replies.send(r);
+            }
+            Ok(Some(wire::Report::Ended { status, lines })) => {
+                for line in &lines {
+                    note(log, line);
+                }
+                shared.update(|s| {
+                    s.status.get_or_insert(status);
+                });
+            }
+            Ok(Some(other)) => tracing::warn!("builtin VMM process: unexpected {other:?}"),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!("builtin VMM process: control socket: {e}");
+                break;
+            }
+        }
+    }
+    let how = child.wait();
+    let status = match &how {
+        Ok(s) => s
+            .code()
+            .unwrap_or_else(|| 128 + s.signal().unwrap_or(libc::SIGKILL)),
+        Err(_) => 137,
+    };
+    shared.update(|s| {
+        if s.status.is_none() {
+            let line = format!("guest exit: the VMM process ended without a report ({how:?})");
+            tracing::warn!("{line}");
+            note(log, &line);
+            s.status = Some(status);
+        }
+        s.reaped = true;
+    });
+}
+
+/// A running built-in VM, as the sandbox holds it: the VMM process and its control socket.
 struct BuiltinHandle {
-    /// `None` once stopped; read-locked while waiting, write-locked to stop it.
-    vm: RwLock<Option<RunningBuiltinVm>>,
-    /// The exit status, once the VM has ended (first one wins).
-    status: Mutex<Option<i32>>,
+    pid: i32,
+    /// The VMM process (signals never reach a later process with its pid).
+    process: Pidfd,
+    /// Requests to the VMM process.
+    out: Mutex<UnixStream>,
+    /// Answers to pauses and resumes (held across a request and its answer).
+    replies: Mutex<mpsc::Receiver<Result<(), String>>>,
+    shared: Arc<Shared>,
     /// The backend's diagnostics file.
     log: PathBuf,
 }
 
 impl BuiltinHandle {
-    /// Records the first exit seen; returns the recorded status. A guest that shut down (a
-    /// triple fault) also gets its vCPUs' registers and last exits written to the log.
-    fn record(&self, exit: &VmExit, vcpus: &[VcpuStatus]) -> i32 {
-        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        *s.get_or_insert_with(|| {
-            if *exit == VmExit::Shutdown {
-                for line in vcpus.iter().filter_map(shutdown_line) {
-                    note(&self.log, &line);
-                }
-            }
-            note(&self.log, &format!("guest exit: {exit:?}"));
-            tracing::info!(?exit, "builtin VM ended");
-            exit_status(exit)
-        })
-    }
-
     /// Waits up to `timeout` for the guest to end; the status if it has.
     fn wait(&self, timeout: Duration) -> Option<i32> {
-        if let Some(s) = *self.status.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Some(s);
-        }
-        let guard = self.vm.read().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(vm) => vm
-                .wait_timeout(timeout)
-                .map(|e| self.record(&e, &vm.vcpu_status())),
-            // Stopped by kill(), which recorded the status; 137 if it raced us.
-            None => Some(
-                self.status
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(137),
-            ),
-        }
+        self.shared.wait_for(timeout, |s| s.status.is_some());
+        self.shared.status()
+    }
+
+    fn send(&self, request: wire::Request) -> std::io::Result<()> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        wire::send(&mut *out, &request)
     }
 }
 
 impl Vm for BuiltinHandle {
     fn pid(&self) -> Option<i32> {
-        None
+        Some(self.pid)
     }
 
     fn wait_stopped(&self) -> i32 {
         loop {
-            if let Some(s) = self.wait(WAIT_SLICE) {
+            if let Some(s) = self.wait(Duration::from_secs(3600)) {
                 return s;
             }
         }
     }
 
     fn try_stopped(&self) -> Option<i32> {
-        self.wait(Duration::ZERO)
+        self.shared.status()
     }
 
     fn kill(&self) {
-        let vm = self.vm.write().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(vm) = vm {
-            // stop() joins the vCPU threads (bounded) and then the device threads.
-            let report = vm.stop();
-            note(
-                &self.log,
-                &format!(
-                    "stopped: exit {:?}, first KVM_RUN after {:?}, stuck vCPUs {:?}, vCPUs {:?}",
-                    report.exit, report.create_to_first_run, report.stuck_vcpus, report.vcpus
-                ),
+        if self.shared.status().is_some() {
+            return;
+        }
+        // Stopped by its process, which reports where the guest got to; killed if it does not.
+        let _ = self.send(wire::Request::Stop);
+        if self.wait(STOP_GRACE).is_none() {
+            tracing::warn!(
+                pid = self.pid,
+                "builtin VMM process did not stop its VM in {STOP_GRACE:?}: killing it"
             );
-            if !report.stuck_vcpus.is_empty() {
-                tracing::warn!(stuck = ?report.stuck_vcpus, "vCPU threads did not leave KVM_RUN; they end with the sandbox process");
+            let _ = self.process.signal(libc::SIGKILL);
+            if self.wait(crate::timeouts::VMM_GONE).is_none() {
+                tracing::warn!(pid = self.pid, "builtin VMM process survives SIGKILL");
             }
-            self.record(&report.exit, &report.vcpus);
         }
     }
 
     fn set_paused(&self, paused: bool) -> std::io::Result<()> {
-        let guard = self.vm.read().unwrap_or_else(|p| p.into_inner());
-        let Some(vm) = guard.as_ref() else {
-            return Err(std::io::Error::new(
+        let gone = || {
+            std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "the guest has already stopped",
-            ));
+            )
         };
-        if paused {
-            // The VMM resumes the guest itself if it cannot park every vCPU and device.
-            vm.pause().map_err(std::io::Error::other)?;
+        if self.shared.status().is_some() {
+            return Err(gone());
+        }
+        let replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        // An answer that came after its caller gave up is not this request's.
+        while replies.try_recv().is_ok() {}
+        self.send(if paused {
+            wire::Request::Pause
         } else {
-            vm.resume();
+            wire::Request::Resume
+        })
+        .map_err(|_| gone())?;
+        match replies.recv_timeout(REPLY_TIMEOUT) {
+            Ok(Ok(())) => {}
+            // The VMM resumes the guest itself if it cannot park every vCPU and device.
+            Ok(Err(e)) => return Err(std::io::Error::other(e)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(gone()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the built-in VMM did not answer in {REPLY_TIMEOUT:?}"),
+                ))
+            }
         }
         note(&self.log, if paused { "paused" } else { "resumed" });
         Ok(())
@@ -274,6 +500,12 @@ impl Vm for BuiltinHandle {
     fn finish(&self, timeout: Duration) {
         let _ = self.wait(timeout);
         self.kill();
+        if !self
+            .shared
+            .wait_for(crate::timeouts::VMM_GONE, |s| s.reaped)
+        {
+            tracing::warn!(pid = self.pid, "builtin VMM process not reaped yet");
+        }
     }
 }
 
@@ -375,7 +607,27 @@ mod tests {
         let mut c = cfg(dir.path(), images.kernel);
         c.initrd = images.initrd;
         let vm = Builtin.start(&c).expect("start the builtin VM");
+        let pid = vm.pid().expect("the VMM's own process");
+        assert_ne!(pid, std::process::id() as i32);
         vm.set_paused(true).expect("pause");
+        // Answering, its control thread has dropped root: uid base + pid, no capabilities,
+        // seccomp (the jail is on unless ROOTCELL_JAIL says otherwise; the tests run as root).
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |f: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{f}:")))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(field("Seccomp"), "2", "{status}");
+        if crate::jail::qemu_enabled() && nix::unistd::geteuid().is_root() {
+            let id = (crate::jail::UID_BASE + pid as u32).to_string();
+            assert_eq!(field("Uid"), [id.as_str(); 4].join("\t"), "{status}");
+            assert_eq!(field("CapEff"), "0000000000000000", "{status}");
+            assert_eq!(field("CapBnd"), "0000000000000000", "{status}");
+        }
         vm.set_paused(true).expect("pausing a paused guest");
         assert_eq!(vm.try_stopped(), None, "a paused guest has not stopped");
         vm.set_paused(false).expect("resume");
@@ -393,6 +645,13 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
         let log = std::fs::read_to_string(dir.path().join("builtin.log")).unwrap();
         assert!(log.contains("paused\nresumed\npaused\n"), "{log}");
+        assert!(log.contains("guest exit: Stopped"), "{log}");
+        // Released, the VMM process is gone (reaped).
+        drop(vm);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "VMM process {pid} left behind"
+        );
     }
 
     #[test]

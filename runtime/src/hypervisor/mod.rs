@@ -86,8 +86,9 @@ pub enum HypervisorError {
     Builtin {
         /// The kernel it was given.
         kernel: PathBuf,
-        /// The VMM's error (in the message, not a `source`, so it is printed once).
-        cause: rootcell_vmm::Error,
+        /// The VMM's error, as its process reported it (in the message, not a `source`, so
+        /// it is printed once).
+        cause: String,
     },
     /// No backend could be chosen (bad `--hypervisor`/env value or config file).
     #[error(transparent)]
@@ -104,7 +105,8 @@ pub trait Hypervisor {
 
 /// A running guest.
 pub trait Vm: Send + Sync {
-    /// Pid of the hypervisor process, if it is a separate process.
+    /// Pid of the hypervisor process (QEMU, the built-in VMM's process), if it is not the
+    /// caller's.
     fn pid(&self) -> Option<i32>;
     /// Blocks until the guest has stopped; returns the hypervisor's exit status (shell
     /// convention). Does not reap, so [`Vm::kill`] stays safe against pid reuse.

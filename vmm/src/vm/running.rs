@@ -49,6 +49,12 @@ impl RunningVm {
         self.latch.wait_timeout(timeout)
     }
 
+    /// The VM's exit latch: another thread can wait on it for the VM's end while this one
+    /// keeps the VM (to pause or stop it).
+    pub fn exit_latch(&self) -> Arc<ExitLatch> {
+        self.latch.clone()
+    }
+
     /// Snapshots of every vCPU's status.
     pub fn vcpu_status(&self) -> Vec<VcpuStatus> {
         self.threads.iter().map(VcpuThread::status).collect()

@@ -1,0 +1,289 @@
+//! The built-in VMM's own process (issue 16): `rootcell builtin-vmm`, started by
+//! `Builtin::start` ([`super::Builtin`]) with a control socket as its stdin and the taps
+//! inherited by number. It builds and starts the VM as root (its vCPU and device threads jail themselves,
+//! see [`crate::jail::vmm`]), reports [`Report::Started`], and then its own threads (the
+//! control thread and the one waiting for the VM's end) also drop everything: a root of their
+//! own holding nothing, the unprivileged uid [`crate::jail::UID_BASE`] + pid without
+//! capabilities (unless `ROOTCELL_JAIL` turns the VMM jail off), and a seccomp filter that
+//! allows only what waiting, pausing and stopping the VM take
+//! ([`rootcell_vmm::seccomp::control_filter`]). So no thread that shares an address space
+//! with the guest-facing code is root with capabilities, and the sandbox process holds no
+//! part of the VM.
+//!
+//! The process dies with the sandbox (PR_SET_PDEATHSIG, set again after its change of uid),
+//! and ends itself when the guest ends the VM, on [`Request::Stop`], or when the sandbox
+//! hangs up.
+
+use super::wire::{self, Launch, Report, Request, Slot};
+use rootcell_vmm::builder::{BuiltinConfig, BuiltinVm, NetConfig, RunningBuiltinVm};
+use rootcell_vmm::{VmExit, VmReport};
+use std::io::{BufReader, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// Why the VMM process could not serve its VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The control socket failed.
+    #[error("control socket: {0}")]
+    Control(#[from] std::io::Error),
+    /// The sandbox hung up before sending what to start.
+    #[error("the sandbox sent nothing to start")]
+    NoLaunch,
+    /// Dropping the control threads' privileges failed.
+    #[error("jailing the VMM process: {0}")]
+    Jail(std::io::Error),
+    /// The seccomp filter could not be built or installed.
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] rootcell_vmm::Error),
+    /// The sandbox died before the death signal was armed again.
+    #[error("the sandbox (pid {0}) is gone")]
+    Orphaned(i32),
+}
+
+/// The `builtin-vmm` subcommand; returns the process's exit code.
+pub fn main() -> i32 {
+    // Named for ps and top (exec'd as /proc/self/exe, it would show as "exe").
+    // SAFETY: prctl(2) with a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"builtin-vmm".as_ptr()) };
+    // SAFETY: fd 0 is the control socket the sandbox gave this process as stdin; nothing else
+    // here reads stdin.
+    let ctl = UnixStream::from(unsafe { OwnedFd::from_raw_fd(0) });
+    match run(ctl) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("builtin VMM process: {e}");
+            1
+        }
+    }
+}
+
+fn run(ctl: UnixStream) -> Result<i32, ProcessError> {
+    let mut out = ctl.try_clone()?;
+    let mut input = BufReader::new(ctl);
+    let launch: Launch = wire::recv(&mut input)?.ok_or(ProcessError::NoLaunch)?;
+    let vm = match start(&launch) {
+        Ok(vm) => vm,
+        Err(msg) => {
+            wire::send(&mut out, &Report::Failed(msg))?;
+            return Ok(1);
+        }
+    };
+    // Opened now, not before: a VM that failed to start leaves no diagnostics file.
+    crate::logging::init(
+        Some(&launch.hypervisor_log),
+        Box::new(std::io::sink()),
+        crate::logging::Format::Text,
+        false,
+    );
+    let (vsock, fs) = vm.slots();
+    let slot = |s: rootcell_vmm::vm::VirtioSlot| Slot {
+        base: s.base,
+        irq: s.irq,
+    };
+    wire::send(
+        &mut out,
+        &Report::Started {
+            cmdline: vm.cmdline().to_owned(),
+            vsock: slot(vsock),
+            fs: slot(fs),
+        },
+    )?;
+    let (wake, ended) = UnixStream::pair()?;
+    let uid = match confine(launch.parent) {
+        Ok(uid) => uid,
+        Err(e) => {
+            let _ = vm.stop();
+            return Err(e);
+        }
+    };
+    let filter = rootcell_vmm::seccomp::control_filter(seccompiler::SeccompAction::KillProcess)?;
+    // Started after the change of identity and root, so it shares them; it confines itself.
+    let latch = vm.exit_latch();
+    let own = filter.clone();
+    std::thread::Builder::new()
+        .name("vmm-exit-wait".into())
+        .spawn(move || {
+            if let Err(e) = rootcell_vmm::seccomp::apply(&own) {
+                tracing::error!("builtin VMM process: exit waiter: {e}");
+                std::process::abort();
+            }
+            while latch.wait_timeout(Duration::from_secs(3600)).is_none() {}
+            let _ = (&ended).write_all(&[1]);
+        })?;
+    rootcell_vmm::seccomp::apply(&filter)?;
+    tracing::info!(
+        ?uid,
+        "builtin VMM process: VM running; control threads confined"
+    );
+    serve(vm, input, out, wake)
+}
+
+/// Builds and starts the VM; the VMM's error as text.
+fn start(l: &Launch) -> Result<RunningBuiltinVm, String> {
+    // Its vCPU and device threads enter the runtime's jail (see crate::jail::vmm).
+    rootcell_vmm::jail::set_thread_jail(crate::jail::vmm::vmm_thread);
+    let mut c = BuiltinConfig::new(&l.kernel, &l.vsock_uds, &l.share_dir);
+    for n in &l.nets {
+        // SAFETY: fcntl(2) F_GETFD on a number only tells an open descriptor from a closed one.
+        if unsafe { libc::fcntl(n.fd, libc::F_GETFD) } < 0 {
+            return Err(format!("virtio-net: tap fd {} was not passed", n.fd));
+        }
+        // SAFETY: the sandbox passed this open tap to this process by number, for the VM alone.
+        let tap = unsafe { OwnedFd::from_raw_fd(n.fd) };
+        c.net.push(NetConfig {
+            tap: std::sync::Arc::new(tap),
+            mac: n.mac,
+            mtu: n.mtu,
+        });
+    }
+    c.initramfs = Some(l.initrd.clone());
+    c.cmdline = l.cmdline.clone();
+    c.mem_mib = l.mem_mib;
+    c.vcpus = l.vcpus;
+    c.console_log = Some(l.console_log.clone());
+    c.guest_cid = l.guest_cid;
+    c.fs_share_root = l.share_root;
+    c.fs_tag = l.share_tag.clone();
+    BuiltinVm::start(c).map_err(|e| e.to_string())
+}
+
+/// Gives the calling (control) thread a root holding nothing and the identity
+/// [`crate::jail::UID_BASE`] + pid without capabilities, unless the VMM jail is off; arms the
+/// parent-death signal again (a change of uid clears it) and checks the sandbox is still the
+/// parent. Returns the uid taken, if any.
+fn confine(parent: i32) -> Result<Option<u32>, ProcessError> {
+    let uid = if crate::jail::qemu_enabled() {
+        crate::jail::vmm::own_root(None).map_err(ProcessError::Jail)?;
+        Some(crate::jail::vmm::become_unprivileged().map_err(ProcessError::Jail)?)
+    } else {
+        tracing::warn!("ROOTCELL_JAIL: the built-in VMM process's control threads stay root");
+        None
+    };
+    // SAFETY: prctl(2) with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(ProcessError::Jail(std::io::Error::last_os_error()));
+    }
+    // SAFETY: getppid(2) takes nothing.
+    if unsafe { libc::getppid() } != parent {
+        return Err(ProcessError::Orphaned(parent));
+    }
+    Ok(uid)
+}
+
+/// Answers the sandbox until the VM ends; returns the exit code.
+fn serve(
+    vm: RunningBuiltinVm,
+    mut input: BufReader<UnixStream>,
+    mut out: UnixStream,
+    wake: UnixStream,
+) -> Result<i32, ProcessError> {
+    loop {
+        // A request already read into the buffer is not seen by poll.
+        if input.buffer().is_empty() {
+            let (request, ended) = wait(input.get_ref(), &wake);
+            if ended {
+                wire::send(&mut out, &guest_ended(vm))?;
+                return Ok(0);
+            }
+            if !request {
+                continue;
+            }
+        }
+        let request = match wire::recv::<Request>(&mut input) {
+            Ok(Some(r)) => r,
+            // The sandbox hung up (or sent nonsense): nobody is left to serve.
+            Ok(None) | Err(_) => {
+                let report = vm.stop();
+                tracing::info!(exit = ?report.exit, "builtin VMM process: the sandbox hung up");
+                return Ok(0);
+            }
+        };
+        match request {
+            Request::Pause => {
+                let r = vm.pause().map_err(|e| e.to_string());
+                wire::send(&mut out, &Report::Done(r))?;
+            }
+            Request::Resume => {
+                vm.resume();
+                wire::send(&mut out, &Report::Done(Ok(())))?;
+            }
+            Request::Stop => {
+                wire::send(&mut out, &stopped(vm))?;
+                return Ok(0);
+            }
+        }
+    }
+}
+
+/// Blocks until the control socket or the exit waiter has something: (request, ended).
+fn wait(ctl: &UnixStream, wake: &UnixStream) -> (bool, bool) {
+    let mut fds = [
+        libc::pollfd {
+            fd: ctl.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: poll(2) on two pollfds that live for the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r > 0 {
+            return (fds[0].revents != 0, fds[1].revents != 0);
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // Reading the socket will say what is wrong with it.
+            return (true, false);
+        }
+    }
+}
+
+/// The lines a VM's end writes to the diagnostics file, after the optional `stopped` line.
+fn exit_lines(exit: &VmExit, vcpus: &[rootcell_vmm::vcpu::VcpuStatus]) -> Vec<String> {
+    let mut lines = Vec::new();
+    if *exit == VmExit::Shutdown {
+        lines.extend(vcpus.iter().filter_map(super::shutdown_line));
+    }
+    lines.push(format!("guest exit: {exit:?}"));
+    lines
+}
+
+fn stopped_line(report: &VmReport) -> String {
+    if !report.stuck_vcpus.is_empty() {
+        tracing::warn!(stuck = ?report.stuck_vcpus, "vCPU threads did not leave KVM_RUN; they end with the VMM process");
+    }
+    format!(
+        "stopped: exit {:?}, first KVM_RUN after {:?}, stuck vCPUs {:?}, vCPUs {:?}",
+        report.exit, report.create_to_first_run, report.stuck_vcpus, report.vcpus
+    )
+}
+
+/// The guest ended the VM: what it looked like then, and the VM stopped.
+fn guest_ended(vm: RunningBuiltinVm) -> Report {
+    let exit = vm.wait_timeout(Duration::ZERO).unwrap_or(VmExit::Stopped);
+    let mut lines = exit_lines(&exit, &vm.vcpu_status());
+    tracing::info!(?exit, "builtin VM ended");
+    lines.push(stopped_line(&vm.stop()));
+    Report::Ended {
+        status: super::exit_status(&exit),
+        lines,
+    }
+}
+
+/// The sandbox stops the VM.
+fn stopped(vm: RunningBuiltinVm) -> Report {
+    let report = vm.stop();
+    let mut lines = vec![stopped_line(&report)];
+    lines.extend(exit_lines(&report.exit, &report.vcpus));
+    tracing::info!(exit = ?report.exit, "builtin VM stopped");
+    Report::Ended {
+        status: super::exit_status(&report.exit),
+        lines,
+    }
+}
