@@ -9,8 +9,10 @@
 # Usage: in-l1.sh TESTS_DIR      (the directory holding the e2e test binaries, target/release/deps)
 # Env:   the build/env variables (ROOTCELL_BIN, ...); NESTED_SET: smoke (a few tests of each
 #        binary, what the README's test command runs), focused (default: the whole focused set),
-#        full (every test of the eleven binaries listed below, and the two pool tests of
+#        full (every test of the sixteen binaries listed below, and the two pool tests of
 #        the focused set; also ROOTCELL_NESTED_FULL=1);
+#        NESTED_ONLY: instead of a set, these entries only, separated by ';' (each a binary and
+#        optional test names, as in the lists below; for by-hand runs of one binary);
 #        NESTED_PHASES (default "auto qemu"); NESTED_BINARY_TIMEOUT (seconds per test binary,
 #        default 1200): past it the binary is killed after a dump of what every rootcell process
 #        and thread in L1 was doing (state, wait channel, system call) and the containers' last
@@ -38,7 +40,7 @@ leftovers() {
         [ "${p#/proc/}" = "$$" ] && continue
         cmd=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null) || continue
         case "$cmd" in
-            *qemu-system*|"$ROOTCELL_BIN"*|*rootcell-vmm*) left="$left [${p#/proc/}: ${cmd:0:120}]" ;;
+            *qemu-system*|"$ROOTCELL_BIN"*|*rootcell-vmm*|*builtin-vmm*) left="$left [${p#/proc/}: ${cmd:0:120}]" ;;
         esac
     done
     m=$(grep -E 'rootcell' /proc/self/mountinfo | grep -v ' /work/' || true)
@@ -82,9 +84,14 @@ set_name=${NESTED_SET:-focused}
 case "$set_name" in
     smoke) focused=("${smoke[@]}") ;;
     focused) ;;
-    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd jail "$pool_entry") ;;
+    full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd jail
+                   exits hostile_guest spoofing shared_vm containerd17 "$pool_entry") ;;
     *) echo "in-l1: NESTED_SET=$set_name: use smoke, focused or full" >&2; exit 2 ;;
 esac
+if [ -n "${NESTED_ONLY:-}" ]; then
+    IFS=';' read -r -a focused <<< "$NESTED_ONLY"
+    set_name="only: $NESTED_ONLY"
+fi
 echo "in-l1: $set_name set"
 
 # What every rootcell process and thread in L1 is doing, and the last console lines of the
