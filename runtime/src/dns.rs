@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use oci_spec::runtime::Spec;
 use rootcell_protocol::dns::{read_message, splice, write_message};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,13 +49,42 @@ fn first_loopback_nameserver(resolv_conf: &str) -> Option<IpAddr> {
     })
 }
 
-/// Listens on `udp_socket` and `tcp_socket` (the hybrid vsock paths of the two relay ports):
-/// forwards every UDP query to `resolver`:53, and passes every TCP connection through to it,
-/// each on a thread of its own.
-pub fn serve(udp_socket: &Path, tcp_socket: &Path, resolver: IpAddr) -> Result<()> {
+/// A running relay (both ports): dropping it stops it. Its listening threads end; connections
+/// being served end by themselves (each is bounded by its idle time).
+#[must_use = "dropping the relay stops it"]
+pub struct Relay {
+    /// A second handle of each listening socket, to shut it down with.
+    listeners: Vec<OwnedFd>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for fd in &self.listeners {
+            // A listening socket shut down fails its blocked and later accept() calls
+            // (EINVAL), which ends its thread.
+            // SAFETY: `fd` is a socket this relay owns; shutdown takes no pointers.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// Listens on the hybrid vsock paths of the two relay ports in the VM's `run_dir`: forwards
+/// every UDP query to `resolver`:53, and passes every TCP connection through to it, each on a
+/// thread of its own, until the returned [`Relay`] is dropped.
+pub fn serve(run_dir: &Path, resolver: IpAddr) -> Result<Relay> {
+    let udp_socket = run_dir.join(crate::paths::dns_relay_socket());
+    let tcp_socket = run_dir.join(crate::paths::dns_tcp_relay_socket());
     let resolver = SocketAddr::new(resolver, 53);
-    listen(udp_socket, move |conn| answer(conn, resolver, QUERY_IDLE))?;
-    listen(tcp_socket, move |conn| pass_through(conn, resolver))
+    let mut relay = Relay {
+        listeners: Vec::with_capacity(2),
+    };
+    relay.listeners.push(listen(&udp_socket, move |conn| {
+        answer(conn, resolver, QUERY_IDLE)
+    })?);
+    relay.listeners.push(listen(&tcp_socket, move |conn| {
+        pass_through(conn, resolver)
+    })?);
+    Ok(relay)
 }
 
 /// Passes one guest TCP connection through to the resolver's TCP port.
@@ -65,11 +95,12 @@ fn pass_through(conn: UnixStream, resolver: SocketAddr) -> Result<()> {
 }
 
 /// Serves each connection to `socket` with `handle` on a thread of its own, at most
-/// [`MAX_ACTIVE`] at a time (a connection beyond that is closed unanswered).
+/// [`MAX_ACTIVE`] at a time (a connection beyond that is closed unanswered), until the socket
+/// is shut down through the returned handle.
 fn listen(
     socket: &Path,
     handle: impl Fn(UnixStream) -> Result<()> + Send + Sync + Copy + 'static,
-) -> Result<()> {
+) -> Result<OwnedFd> {
     let listener = UnixListener::bind(socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?;
     // Connecting needs write permission: the vsock back end connects as its own jailed uid.
@@ -77,33 +108,46 @@ fn listen(
     // uid's group only).
     std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .with_context(|| format!("cannot open {} to the vsock back end", socket.display()))?;
+    let stop = OwnedFd::from(
+        listener
+            .try_clone()
+            .with_context(|| format!("cannot keep a handle of {}", socket.display()))?,
+    );
     let active = std::sync::Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("dns-relay".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                if active.fetch_add(1, Ordering::SeqCst) >= MAX_ACTIVE {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    tracing::debug!("dns relay: {MAX_ACTIVE} connections busy, closing one");
+        .spawn(move || loop {
+            let conn = match listener.accept() {
+                Ok((conn, _)) => conn,
+                // Shut down: the relay was dropped.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
+                Err(e) => {
+                    tracing::debug!("dns relay: accept: {e}");
+                    // Out of fds or memory for a moment: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(50));
                     continue;
                 }
-                let done = active.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("dns-query".into())
-                        .spawn(move || {
-                            if let Err(e) = handle(conn) {
-                                tracing::debug!("dns relay: {e:#}");
-                            }
-                            done.fetch_sub(1, Ordering::SeqCst);
-                        });
-                if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                }
+            };
+            if active.fetch_add(1, Ordering::SeqCst) >= MAX_ACTIVE {
+                active.fetch_sub(1, Ordering::SeqCst);
+                tracing::debug!("dns relay: {MAX_ACTIVE} connections busy, closing one");
+                continue;
+            }
+            let done = active.clone();
+            let spawned = std::thread::Builder::new()
+                .name("dns-query".into())
+                .spawn(move || {
+                    if let Err(e) = handle(conn) {
+                        tracing::debug!("dns relay: {e:#}");
+                    }
+                    done.fetch_sub(1, Ordering::SeqCst);
+                });
+            if spawned.is_err() {
+                active.fetch_sub(1, Ordering::SeqCst);
             }
         })
         .context("cannot start the DNS relay thread")?;
-    Ok(())
+    Ok(stop)
 }
 
 /// Answers the queries of one guest connection; a connection silent for `idle` is closed.
@@ -256,5 +300,32 @@ mod tests {
         assert!(rest.is_empty());
         drop(guest);
         relay.join().unwrap().unwrap();
+    }
+
+    /// A relay given up (a pool VM's, on a cold fallback) stops listening: its threads end and
+    /// a guest connecting to its sockets is refused (its threads lingered for good).
+    #[test]
+    fn a_dropped_relay_stops_listening() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = serve(dir.path(), "127.0.0.1".parse().unwrap()).unwrap();
+        let sockets = [
+            dir.path().join(crate::paths::dns_relay_socket()),
+            dir.path().join(crate::paths::dns_tcp_relay_socket()),
+        ];
+        for s in &sockets {
+            UnixStream::connect(s).unwrap_or_else(|e| panic!("{}: {e}", s.display()));
+        }
+        drop(relay);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for s in &sockets {
+            while UnixStream::connect(s).is_ok() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{} still accepts connections 5 s after the relay was dropped",
+                    s.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 }

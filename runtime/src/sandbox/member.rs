@@ -102,6 +102,7 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         events: (events_tx, events),
         role,
         network: None,
+        dns_relay: None,
     })
 }
 

@@ -256,6 +256,7 @@ struct Parts {
     events: (mpsc::Sender<SbEvent>, mpsc::Receiver<SbEvent>),
     role: Role,
     network: Option<rootcell_net::Mirror>,
+    dns_relay: Option<crate::dns::Relay>,
 }
 
 impl Sandbox {
@@ -280,6 +281,7 @@ impl Sandbox {
             run_dir,
             saved_termios: p.attached.saved,
             network: p.network,
+            dns_relay: p.dns_relay,
         })
     }
 }
@@ -296,4 +298,6 @@ struct Sandbox {
     saved_termios: Option<console::RawTerminal>,
     /// The taps and tc filters behind the VM's network cards, undone after the VM is gone.
     network: Option<rootcell_net::Mirror>,
+    /// The guest's DNS relay, served as long as the sandbox.
+    dns_relay: Option<crate::dns::Relay>,
 }

@@ -57,6 +57,7 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         events: (events_tx, events),
         role: Role::Owner,
         network: host.network.map(|(m, _)| m),
+        dns_relay: host.dns_relay,
     })
 }
 
@@ -104,6 +105,8 @@ struct HostSetup {
     network: Option<(rootcell_net::Mirror, rootcell_protocol::net::NetworkConfig)>,
     nets: Vec<NetCard>,
     loopback_dns: Option<std::net::IpAddr>,
+    /// The relay of the guest's DNS queries to `loopback_dns`.
+    dns_relay: Option<crate::dns::Relay>,
 }
 
 /// The share (rootfs and bind sources), the createRuntime hooks, the network mirror and the
@@ -139,14 +142,14 @@ fn host_setup(state: &ContainerState, bundle: &spec::Bundle, hooks_run: bool) ->
     let loopback_dns = network
         .as_ref()
         .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
-    if let Some(addr) = loopback_dns {
-        crate::dns::serve(
-            &run_dir.join(paths::dns_relay_socket()),
-            &run_dir.join(paths::dns_tcp_relay_socket()),
-            addr,
-        )?;
-        tracing::info!(%addr, "relaying the guest's DNS queries to the container's loopback resolver");
-    }
+    let dns_relay = match loopback_dns {
+        Some(addr) => {
+            let relay = crate::dns::serve(&run_dir, addr)?;
+            tracing::info!(%addr, "relaying the guest's DNS queries to the container's loopback resolver");
+            Some(relay)
+        }
+        None => None,
+    };
     Ok(HostSetup {
         run_dir,
         share_dir,
@@ -154,6 +157,7 @@ fn host_setup(state: &ContainerState, bundle: &spec::Bundle, hooks_run: bool) ->
         network,
         nets,
         loopback_dns,
+        dns_relay,
     })
 }
 

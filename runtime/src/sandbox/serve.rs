@@ -23,6 +23,8 @@ impl Sandbox {
             run_dir,
             saved_termios,
             network,
+            // Relays the guest's DNS queries until the sandbox ends.
+            dns_relay: _dns_relay,
         } = self;
         let _exit_span = tracing::info_span!("running").entered();
         let (out_done_tx, out_done) = mpsc::channel::<()>();

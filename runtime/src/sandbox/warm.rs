@@ -193,13 +193,10 @@ fn take_over(
     let loopback_dns = network
         .as_ref()
         .and_then(|_| crate::dns::loopback_resolver(&bundle.spec, &bundle.dir));
-    if let Some(addr) = loopback_dns {
-        crate::dns::serve(
-            &h.run_dir.join(paths::dns_relay_socket()),
-            &h.run_dir.join(paths::dns_tcp_relay_socket()),
-            addr,
-        )?;
-    }
+    // Stopped when dropped: on a cold fallback from here on, the VM booted instead has its own.
+    let dns_relay = loopback_dns
+        .map(|addr| crate::dns::serve(&h.run_dir, addr))
+        .transpose()?;
 
     let binds = spec::bind_mounts(&bundle.spec, &bundle.dir);
     let trees = share::clone_member(&bundle.rootfs, &binds)?;
@@ -262,6 +259,7 @@ fn take_over(
         events: (events_tx, events),
         role: Role::Owner,
         network: network.map(|(m, _)| m),
+        dns_relay,
     })
     .map(|sb| Outcome::Ready(Box::new(sb)))
 }
