@@ -596,12 +596,13 @@ fn backend_thread_ids(sandbox: i32) -> Vec<ThreadIds> {
 /// sandbox), and the sandbox holds no thread of it. In that process every thread is jailed:
 /// each vCPU and virtio-net thread runs as an unprivileged uid/gid of its own from the reserved
 /// range (base + thread id), without capabilities, under seccomp with no_new_privs, in a mount
-/// namespace whose root is empty; the vsock thread has no capabilities and a root holding only
-/// its socket directory; the virtio-fs thread keeps the ownership capabilities and a root
-/// holding only the share; the process's control threads (its main thread and the one
-/// waiting for the VM's end) run as base + the process's pid, without capabilities, under
-/// seccomp, in an empty root. The container works. Needs hardware KVM: runs in the nested
-/// lane's L1, skipped elsewhere.
+/// namespace whose root is empty (so does the thread relaying the virtio-fs thread's log
+/// lines); the vsock thread has no capabilities and a root holding only its socket directory;
+/// the virtio-fs thread keeps the ownership capabilities, a root holding only the share and an
+/// fd table of its own holding nothing of the process's; the process's control threads (its
+/// main thread and the one waiting for the VM's end) run as base + the process's pid, without
+/// capabilities, under seccomp, in an empty root. The container works. Needs hardware KVM:
+/// runs in the nested lane's L1, skipped elsewhere.
 #[test]
 fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
     if !hardware_kvm() {
@@ -663,7 +664,7 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
             continue;
         };
         let ids = |f: &str| status_ids(&st, f);
-        let kind = if comm.starts_with("vcpu") || comm == "net-io" {
+        let kind = if comm.starts_with("vcpu") || comm == "net-io" || comm == "fs-log-relay" {
             "unprivileged"
         } else if comm == "vsock-io" || comm == "virtiofs-io" {
             comm
@@ -738,6 +739,36 @@ fn builtin_vmm_threads_run_unprivileged_in_roots_of_their_own() {
                     BTreeSet::from(["share".to_string(), "proc".to_string()]),
                     "{comm}'s root"
                 );
+                // Its fd table is its own, and its root's /proc/self/fd (through which the
+                // passthrough reopens inodes) is that table: it holds nothing of the process's
+                // (the logs, the console, the control socket, the vsock socket, the taps, the
+                // KVM fds, guest RAM), only the share's inodes, the passthrough's handles,
+                // its eventfds and epoll, the pipe its log lines go through, and /dev/null
+                // where the process's fds were.
+                assert_same_table(
+                    &dir.join("root/proc/self/fd"),
+                    &dir.join("fd"),
+                    "the fs root's /proc/self/fd and the fs thread's own table",
+                );
+                let table = fd_table(&dir.join("fd"));
+                let process = fd_table(std::path::Path::new(&format!("/proc/{vmm}/fd")));
+                assert_ne!(
+                    targets(&table),
+                    targets(&process),
+                    "{comm} shares the process's fds"
+                );
+                let mut share_inodes = 0;
+                for (fd, (t, _)) in &table {
+                    let in_share = t == "/share" || t.starts_with("/share/");
+                    share_inodes += usize::from(in_share);
+                    let allowed = in_share
+                        || ["/dev/null", "/proc/self/fd", "/proc/self/mountinfo"]
+                            .contains(&t.as_str())
+                        || ["anon_inode:[eventfd]", "anon_inode:[eventpoll]"].contains(&t.as_str())
+                        || t.starts_with("pipe:");
+                    assert!(allowed, "{comm} holds fd {fd} = {t}: {:?}", targets(&table));
+                }
+                assert!(share_inodes > 0, "no share inode in {:?}", targets(&table));
                 fs += 1;
             }
         }

@@ -72,9 +72,12 @@ pub struct BuiltinConfig {
     pub fs_tag: String,
     /// Refuse guest writes to the share.
     pub fs_read_only: bool,
-    /// Serve the share from a mount namespace whose root holds only it
-    /// ([`VirtioFs::with_share_root`]).
+    /// Serve the share from a mount namespace whose root holds only it and from an fd table
+    /// of its own ([`VirtioFs::with_share_root`]).
     pub fs_share_root: bool,
+    /// With `fs_share_root`: fds of this process's table the virtio-fs thread's log lines go
+    /// to (the log file of the process's log writer), relayed to it through a pipe.
+    pub fs_log_relay: Vec<std::os::fd::RawFd>,
     /// One virtio-net card per entry, in order; the guest finds each card by its MAC.
     /// Empty: no network card.
     pub net: Vec<NetConfig>,
@@ -101,6 +104,7 @@ impl BuiltinConfig {
             fs_tag: rootcell_protocol::SHARE_TAG.to_owned(),
             fs_read_only: false,
             fs_share_root: false,
+            fs_log_relay: Vec::new(),
             net: Vec::new(),
         }
     }
@@ -139,7 +143,7 @@ impl BuiltinVm {
             read_only: config.fs_read_only,
         };
         let fs = if config.fs_share_root {
-            VirtioFs::with_share_root(&fs_config, &config.fs_tag)
+            VirtioFs::with_share_root(&fs_config, &config.fs_tag, &config.fs_log_relay)
         } else {
             VirtioFs::new(&fs_config, &config.fs_tag)
         }

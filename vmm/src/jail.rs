@@ -23,6 +23,9 @@ pub enum ThreadKind {
     Net,
     /// The virtio-fs I/O thread: already serving from its share root when it gets here.
     Fs,
+    /// The thread that copies the virtio-fs I/O thread's log lines (written to a pipe in that
+    /// thread's own fd table) to the log file: holds both fds already.
+    LogRelay,
 }
 
 /// The jail: called on the thread itself with its kind and, for [`ThreadKind::Vsock`], the

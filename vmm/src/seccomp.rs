@@ -188,6 +188,12 @@ pub fn fs_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     )
 }
 
+/// The allowlist for the thread that copies the virtio-fs I/O thread's log lines from their
+/// pipe to the log file ([`rootcell_fs::fd_table::Relay`]): reading one fd, writing another.
+pub fn relay_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
+    build(&[libc::SYS_read], &[], on_violation)
+}
+
 /// The allowlist for vCPU threads.
 pub fn vcpu_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     build(&[libc::SYS_read], &[KVM_RUN, KVM_GET_REGS], on_violation)

@@ -142,11 +142,7 @@ impl Vm {
             base: layout::MMIO_DEVICES_START + u64::from(index) * layout::MMIO_DEVICE_SIZE,
             irq,
         };
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Host {
-            what: "virtio irq eventfd",
-            source,
-        })?;
-        let transport = MmioTransport::new(device, self.mem.clone(), irq_evt)
+        let transport = MmioTransport::new(device, self.mem.clone())
             .map_err(|e| Error::Device(format!("virtio-mmio transport: {e}")))?;
         for (i, evt) in transport.queue_evts().iter().enumerate() {
             let addr = IoEventAddress::Mmio(slot.base + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));

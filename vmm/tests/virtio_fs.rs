@@ -42,6 +42,10 @@ impl Client {
             "rootcell",
         )
         .unwrap();
+        Self::with(dev, event_idx)
+    }
+
+    fn with(dev: VirtioFs, event_idx: bool) -> Self {
         let mut drv = MmioDriver::new(Box::new(dev));
         drv.probe(
             VIRTIO_ID_FS,
@@ -189,6 +193,96 @@ fn reset_and_probe_again_serves_a_fresh_session() {
     let mut c = Client::new(dir.path(), false, false);
     c.init();
     c.lookup(ROOT, "hello.txt").unwrap();
+    c.drv.reset();
+    assert_eq!(c.drv.read(VIRTIO_MMIO_STATUS), 0);
+    c.drv.probe(VIRTIO_ID_FS, 0, 2);
+    c.unique = 0;
+    c.init();
+    let (node, _) = c.lookup(ROOT, "hello.txt").unwrap();
+    let fh = c.open(node);
+    assert_eq!(c.read(node, fh, 4096), CONTENT);
+}
+
+/// What each fd of thread `task`'s table names.
+fn table(task: &std::path::Path) -> std::collections::BTreeMap<i32, String> {
+    std::fs::read_dir(task.join("fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let t = std::fs::read_link(e.path()).ok()?;
+            Some((fd, t.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// The device as the runtime's VMM process builds it: the I/O thread serves from the share as
+/// its root and from an fd table of its own. It serves the guest through the transport's
+/// queue eventfds and interrupt (made before its table was copied), also after a reset; in
+/// its table a host file the process holds is `/dev/null`, the log file a pipe, and a file
+/// the process opens later is not there. Needs root (a mount namespace of its own).
+#[test]
+fn a_thread_with_its_own_root_and_fds_serves_the_guest_and_holds_none_of_the_process_s() {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::fd::AsRawFd;
+    let dir = share();
+    let marker = format!("own-fds-{}", std::process::id());
+    std::fs::write(dir.path().join(&marker), b"").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"host only").unwrap();
+    let held = std::fs::File::open(&secret).unwrap();
+    let log = std::fs::File::create(outside.path().join("log")).unwrap();
+    let dev = VirtioFs::with_share_root(
+        &FsConfig {
+            shared_dir: dir.path().to_owned(),
+            read_only: false,
+        },
+        "rootcell",
+        &[log.as_raw_fd()],
+    )
+    .unwrap();
+    let mut c = Client::with(dev, false);
+    assert_eq!(c.init(), 7, "FUSE major version");
+    let (node, _) = c.lookup(ROOT, "hello.txt").unwrap();
+    let fh = c.open(node);
+    assert_eq!(c.read(node, fh, 4096), CONTENT);
+    let task = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .map(|t| t.path())
+        .find(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "virtiofs-io")
+                && t.join("root/share").join(&marker).exists()
+        })
+        .expect("the I/O thread serving our share under /share");
+    let later = std::fs::File::open(&secret).unwrap();
+    let fds = table(&task);
+    let secret_name = secret.to_string_lossy().into_owned();
+    assert_eq!(
+        fds.get(&held.as_raw_fd()).map(String::as_str),
+        Some("/dev/null"),
+        "a host file of the process in the thread's table: {fds:?}"
+    );
+    assert!(
+        fds.get(&log.as_raw_fd())
+            .is_some_and(|t| t.starts_with("pipe:")),
+        "the log fd in the thread's table: {fds:?}"
+    );
+    assert!(
+        !fds.values().any(|t| *t == secret_name),
+        "the thread reaches the host file: {fds:?} (the process opened it at {})",
+        later.as_raw_fd()
+    );
+    assert!(
+        fds.values().any(|t| t == "/share/hello.txt"),
+        "the opened share file is in the thread's own table: {fds:?}"
+    );
+    // A reset and a second session: activation again, with the same eventfds.
     c.drv.reset();
     assert_eq!(c.drv.read(VIRTIO_MMIO_STATUS), 0);
     c.drv.probe(VIRTIO_ID_FS, 0, 2);

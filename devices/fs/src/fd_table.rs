@@ -71,6 +71,80 @@ pub fn unshare_keeping(keep: &[RawFd], redirect: &[(RawFd, RawFd)]) -> io::Resul
     Ok(())
 }
 
+/// A pipe standing in for one of the caller's fds (`target`, e.g. the log file the process's
+/// log writer holds) in a thread's own table, and the "fs-log-relay" thread (of the caller's
+/// table) that copies what arrives through it to `target`: the thread's lines still reach the
+/// log without the log file being reachable from its table. Give [`Relay::redirect`] to
+/// [`unshare_keeping`]; drop the relay once that thread has its table, so the relay thread
+/// sees the pipe's end when the last thread sharing that table ends, and ends too.
+pub struct Relay {
+    target: RawFd,
+    write: OwnedFd,
+}
+
+impl Relay {
+    /// Makes the pipe and starts the relay thread, which runs `confine` on itself first (a
+    /// relay in a process whose threads must not stay privileged drops everything but reading
+    /// the pipe and writing `target`); returns once that is done, or its error.
+    pub fn start(target: RawFd, confine: Option<crate::Confine>) -> io::Result<Self> {
+        let mut ends = [0; 2];
+        // SAFETY: pipe2(2) writes two fds into the array.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("making a log pipe: {e}")));
+        }
+        // SAFETY: fresh fds nothing else owns.
+        let (read, write) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        // SAFETY: F_DUPFD_CLOEXEC of the caller's fd; a result >= 0 is ours.
+        let out = unsafe { libc::fcntl(target, libc::F_DUPFD_CLOEXEC, 0) };
+        if out < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("duplicating log fd {target}: {e}"),
+            ));
+        }
+        // SAFETY: a fresh fd nothing else owns.
+        let out = unsafe { OwnedFd::from_raw_fd(out) };
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("fs-log-relay".to_owned())
+            .spawn(move || {
+                use std::io::{Read, Write};
+                let confined = confine.map_or(Ok(()), |c| c());
+                let failed = confined.is_err();
+                let _ = ready_tx.send(confined);
+                if failed {
+                    return;
+                }
+                let (mut read, mut out) = (std::fs::File::from(read), std::fs::File::from(out));
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match read.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let _ = out.write_all(&buf[..n]);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
+                    }
+                }
+            })
+            .map_err(|e| io::Error::new(e.kind(), format!("spawning the log relay: {e}")))?;
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the log relay ended early")))
+            .map_err(|e| io::Error::new(e.kind(), format!("confining the log relay: {e}")))?;
+        Ok(Relay { target, write })
+    }
+
+    /// `(pipe's write end, target)`, for [`unshare_keeping`]'s `redirect`.
+    pub fn redirect(&self) -> (RawFd, RawFd) {
+        (self.write.as_raw_fd(), self.target)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

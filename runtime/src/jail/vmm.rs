@@ -12,8 +12,10 @@
 //!   the end fails, and the sandbox removes it), and an unprivileged uid of its own without
 //!   capabilities ([`vsock_thread`]): the directory is given to that uid's group (mode 0750),
 //!   so it may connect to the sockets there and nobody else but root reaches them.
-//! * the virtio-fs thread: its share root is set up before (by the device); here it gets an
-//!   unprivileged uid of its own that keeps the ownership capabilities ([`fs_thread`]).
+//! * the virtio-fs thread: its share root and fd table of its own are set up before (by the
+//!   device); here it gets an unprivileged uid of its own that keeps the ownership
+//!   capabilities ([`fs_thread`]). The thread that relays its log lines from a pipe to the
+//!   log file gets what vCPU threads get.
 //!
 //! What this does not give (and a process of its own would): the threads share the sandbox's
 //! address space, so code run by a compromised vCPU thread could still rewrite the memory of
@@ -37,6 +39,10 @@ pub fn vmm_thread(kind: ThreadKind, dir: Option<&Path>) -> Result<(), String> {
         ThreadKind::Fs if super::backends_enabled() => fs_thread().map(|_| ()),
         ThreadKind::Vsock if super::backends_enabled() => vsock_thread(dir).map(|_| ()),
         ThreadKind::Vcpu | ThreadKind::Net if super::qemu_enabled() => {
+            own_root(None).and_then(|()| become_unprivileged().map(|_| ()))
+        }
+        // Part of the fs back end; needs nothing but the two fds it holds.
+        ThreadKind::LogRelay if super::backends_enabled() => {
             own_root(None).and_then(|()| become_unprivileged().map(|_| ()))
         }
         _ => Ok(()),

@@ -15,7 +15,6 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE;
-use vmm_sys_util::eventfd::EventFd;
 
 struct Dev;
 
@@ -50,8 +49,7 @@ fn memory() -> GuestMemoryMmap {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
-    let mut t = MmioTransport::new(Box::new(Dev), memory(), irq).expect("transport");
+    let mut t = MmioTransport::new(Box::new(Dev), memory()).expect("transport");
     // Each access: [op, offset_lo, offset_hi, value x4]; op bit 0 = write, bits 1..=2 = width.
     for chunk in data.chunks_exact(7) {
         let write = chunk[0] & 1 == 1;

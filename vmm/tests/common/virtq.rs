@@ -94,8 +94,8 @@ impl MmioDriver {
     /// Puts `device` behind a transport with fresh guest memory.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let mem = create_guest_memory(MEM_SIZE).unwrap();
-        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let transport = MmioTransport::new(device, mem.clone(), irq.try_clone().unwrap()).unwrap();
+        let transport = MmioTransport::new(device, mem.clone()).unwrap();
+        let irq = transport.interrupt().irq_fd().try_clone().unwrap();
         MmioDriver {
             transport,
             mem,

@@ -24,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::backend::FsBackend;
 use crate::device::FsDevice;
+use crate::fd_table::Relay;
 use crate::passthrough::{check_shared_dir, raise_nofile_limit};
 use crate::{Error, FsConfig};
 
@@ -100,15 +101,13 @@ pub fn serve_vhost_user_confined(
     let relays = if jail.own_fd_table {
         jail.relay
             .iter()
-            .map(|&fd| Relay::start(fd))
-            .collect::<Result<Vec<_>, _>>()?
+            .map(|&fd| Relay::start(fd, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Error::os("relaying the back end's log", e))?
     } else {
         Vec::new()
     };
-    let redirect: Vec<(RawFd, RawFd)> = relays
-        .iter()
-        .map(|r| (r.write.as_raw_fd(), r.target))
-        .collect();
+    let redirect: Vec<(RawFd, RawFd)> = relays.iter().map(Relay::redirect).collect();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
     let thread = std::thread::Builder::new()
         .name("rootcell-fs".to_owned())
@@ -211,58 +210,6 @@ pub fn serve_vhost_user_confined(
         thread: Mutex::new(Some(thread)),
         _socket: socket,
     })
-}
-
-/// A pipe whose write end goes to the back end's table at `target`'s number, and the
-/// "fs-log-relay" thread (of the caller's table) that copies what arrives to `target`.
-struct Relay {
-    target: RawFd,
-    write: OwnedFd,
-}
-
-impl Relay {
-    fn start(target: RawFd) -> Result<Self, Error> {
-        let mut ends = [0; 2];
-        // SAFETY: pipe2(2) writes two fds into the array.
-        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(Error::os(
-                "making a log pipe",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: fresh fds nothing else owns.
-        let (read, write) =
-            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
-        // SAFETY: F_DUPFD_CLOEXEC of the caller's fd; a result >= 0 is ours.
-        let out = unsafe { libc::fcntl(target, libc::F_DUPFD_CLOEXEC, 0) };
-        if out < 0 {
-            return Err(Error::os(
-                "duplicating a log fd",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: a fresh fd nothing else owns.
-        let out = unsafe { OwnedFd::from_raw_fd(out) };
-        std::thread::Builder::new()
-            .name("fs-log-relay".to_owned())
-            .spawn(move || {
-                use std::io::{Read, Write};
-                let (mut read, mut out) = (std::fs::File::from(read), std::fs::File::from(out));
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match read.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => {
-                            let _ = out.write_all(&buf[..n]);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(_) => break,
-                    }
-                }
-            })
-            .map_err(|e| Error::os("spawning the log relay", e))?;
-        Ok(Relay { target, write })
-    }
 }
 
 /// The listening socket's file, removed when the handle goes (or the start fails).

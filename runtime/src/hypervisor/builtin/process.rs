@@ -63,20 +63,27 @@ fn run(ctl: UnixStream) -> Result<i32, ProcessError> {
     let mut out = ctl.try_clone()?;
     let mut input = BufReader::new(ctl);
     let launch: Launch = wire::recv(&mut input)?.ok_or(ProcessError::NoLaunch)?;
-    let vm = match start(&launch) {
-        Ok(vm) => vm,
-        Err(msg) => {
-            wire::send(&mut out, &Report::Failed(msg))?;
-            return Ok(1);
-        }
-    };
-    // Opened now, not before: a VM that failed to start leaves no diagnostics file.
+    // Opened before the VM is built: the virtio-fs thread, which takes its fd table of its
+    // own then, gets a pipe relayed to it at its number (see `start`).
+    let new_log = !launch.hypervisor_log.exists();
     crate::logging::init(
         Some(&launch.hypervisor_log),
         Box::new(std::io::sink()),
         crate::logging::Format::Text,
         false,
     );
+    let vm = match start(&launch) {
+        Ok(vm) => vm,
+        Err(msg) => {
+            // A VM that failed to start leaves no diagnostics file (the error goes back to the
+            // sandbox).
+            if new_log {
+                let _ = std::fs::remove_file(&launch.hypervisor_log);
+            }
+            wire::send(&mut out, &Report::Failed(msg))?;
+            return Ok(1);
+        }
+    };
     let (vsock, fs) = vm.slots();
     let slot = |s: rootcell_vmm::vm::VirtioSlot| Slot {
         base: s.base,
@@ -145,6 +152,8 @@ fn start(l: &Launch) -> Result<RunningBuiltinVm, String> {
     c.console_log = Some(l.console_log.clone());
     c.guest_cid = l.guest_cid;
     c.fs_share_root = l.share_root;
+    // The virtio-fs thread's log lines reach the log through a pipe in its own fd table.
+    c.fs_log_relay = crate::logging::file_fd().into_iter().collect();
     c.fs_tag = l.share_tag.clone();
     BuiltinVm::start(c).map_err(|e| e.to_string())
 }

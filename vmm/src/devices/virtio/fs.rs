@@ -8,10 +8,11 @@
 //! own handle on the same mapping.
 
 use std::ops::RangeInclusive;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use rootcell_fs::bridge::{guest_memory_view, queue_from_layout, QueueLayout, RawRegion};
+use rootcell_fs::fd_table::Relay;
 use rootcell_fs::{FsConfig, FsDevice};
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_queue::QueueT;
@@ -20,7 +21,7 @@ use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{unwatch, watch_all, Activation, DeviceWorker, QueueDevice, QueueWorker};
-use super::Interrupt;
+use super::{Interrupt, TransportFds};
 use crate::memory::GuestMemoryMmap;
 
 /// Longest tag the config space holds (`struct virtio_fs_config { u8 tag[36]; le32
@@ -49,29 +50,39 @@ pub struct VirtioFs {
     /// `struct virtio_fs_config { u8 tag[36]; le32 num_request_queues; }`.
     config: [u8; MAX_TAG_LEN + 4],
     io: QueueWorker,
+    /// Made before the I/O thread took its own fd table, for the transport to take.
+    transport_fds: Option<TransportFds>,
 }
 
 impl VirtioFs {
     /// Opens `config.shared_dir` for the guest to mount as `tag` and starts the I/O thread.
     pub fn new(config: &FsConfig, tag: &str) -> Result<Self, FsDeviceError> {
-        Self::build(config, tag, false)
+        Self::build(config, tag, None)
     }
 
     /// [`VirtioFs::new`], with the I/O thread serving from a mount namespace of its own whose
-    /// root holds the share and nothing of the host's ([`rootcell_fs::share_root`]); needs
-    /// CAP_SYS_ADMIN. Mounts attached inside the share later reach it if the share is a
-    /// shared mount in the caller's namespace.
-    pub fn with_share_root(config: &FsConfig, tag: &str) -> Result<Self, FsDeviceError> {
-        Self::build(config, tag, true)
+    /// root holds the share and nothing of the host's ([`rootcell_fs::share_root`]), and from
+    /// an fd table of its own ([`rootcell_fs::fd_table`]): the process's fds (its logs, the
+    /// control socket, taps, KVM's) are `/dev/null` there, so the passthrough's
+    /// `/proc/self/fd`, the thread's own, reaches none of them. Each of `relay` (the log file
+    /// the process's log writer holds) becomes a pipe in that table, copied to the original by
+    /// a jailed "fs-log-relay" thread. Needs CAP_SYS_ADMIN. Mounts attached inside the share
+    /// later reach it if the share is a shared mount in the caller's namespace.
+    pub fn with_share_root(
+        config: &FsConfig,
+        tag: &str,
+        relay: &[RawFd],
+    ) -> Result<Self, FsDeviceError> {
+        Self::build(config, tag, Some(relay))
     }
 
-    fn build(config: &FsConfig, tag: &str, share_root: bool) -> Result<Self, FsDeviceError> {
+    fn build(config: &FsConfig, tag: &str, jail: Option<&[RawFd]>) -> Result<Self, FsDeviceError> {
         if tag.is_empty() || tag.len() > MAX_TAG_LEN {
             return Err(FsDeviceError::Tag(tag.to_owned()));
         }
-        // With its own root the device is opened on the I/O thread (between its namespace and
+        // With its own root the device is opened on the I/O thread (after its namespace and
         // the pivot); the share is checked here anyway, so a bad one fails now.
-        let device = if share_root {
+        let device = if jail.is_some() {
             rootcell_fs::check_shared_dir(&config.shared_dir)?;
             None
         } else {
@@ -81,13 +92,39 @@ impl VirtioFs {
         space[..tag.len()].copy_from_slice(tag.as_bytes());
         let request_queues = (rootcell_fs::NUM_QUEUES - 1) as u32;
         space[MAX_TAG_LEN..].copy_from_slice(&request_queues.to_le_bytes());
+        // With a table of its own, the thread's copy of the process's is taken when it
+        // starts: everything it uses later must exist by then, in the caller's table.
+        let (transport_fds, relays) = match jail {
+            Some(relay) => {
+                let fds = TransportFds::new(QUEUE_SIZES.len()).map_err(FsDeviceError::Thread)?;
+                let relays = relay
+                    .iter()
+                    .map(|&fd| {
+                        let confine: rootcell_fs::Confine = Box::new(|| {
+                            RELAY_CONFINEMENT
+                                .enter(None, None)
+                                .map_err(std::io::Error::other)
+                        });
+                        Relay::start(fd, Some(confine))
+                    })
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(FsDeviceError::Thread)?;
+                (Some(fds), relays)
+            }
+            None => (None, Vec::new()),
+        };
+        let own_fds = transport_fds.as_ref().map(|fds| OwnFds {
+            keep: fds.raw_fds(),
+            redirect: relays.iter().map(Relay::redirect).collect(),
+        });
         let io = QueueWorker::spawn(
             "virtiofs-io",
             FsWorker {
                 config: config.clone(),
                 device,
                 active: None,
-                share_root,
+                own_fds,
+                own_table: false,
             },
             Some(crate::devices::virtio::worker::Confinement {
                 filter: crate::seccomp::fs_io_filter,
@@ -96,9 +133,24 @@ impl VirtioFs {
             }),
         )
         .map_err(FsDeviceError::Thread)?;
-        Ok(VirtioFs { config: space, io })
+        // The thread holds its copies of the pipes now (or has failed): once its table goes,
+        // the relays see their end.
+        drop(relays);
+        Ok(VirtioFs {
+            config: space,
+            io,
+            transport_fds,
+        })
     }
 }
+
+/// How the log relay thread confines itself: nothing but its two fds.
+const RELAY_CONFINEMENT: crate::devices::virtio::worker::Confinement =
+    crate::devices::virtio::worker::Confinement {
+        filter: crate::seccomp::relay_filter,
+        caps: &[],
+        kind: crate::jail::ThreadKind::LogRelay,
+    };
 
 impl QueueDevice for VirtioFs {
     const DEVICE_TYPE: u32 = VIRTIO_ID_FS;
@@ -113,6 +165,10 @@ impl QueueDevice for VirtioFs {
         &self.config
     }
 
+    fn take_transport_fds(&mut self) -> Option<TransportFds> {
+        self.transport_fds.take()
+    }
+
     fn io(&mut self) -> &mut QueueWorker {
         &mut self.io
     }
@@ -121,7 +177,7 @@ impl QueueDevice for VirtioFs {
 /// One queue as the device logic sees it, with the eventfd the guest's notify lands on.
 struct FsQueue {
     queue: rootcell_fs::virtio_queue::Queue,
-    notify: EventFd,
+    notify: Arc<EventFd>,
 }
 
 /// The queues and memory of an activated device.
@@ -138,8 +194,19 @@ struct FsWorker {
     config: FsConfig,
     device: Option<FsDevice>,
     active: Option<Active>,
-    /// Serving from [`rootcell_fs::share_root`]'s root (set up in `on_thread`).
-    share_root: bool,
+    /// Serving from [`rootcell_fs::share_root`]'s root and an fd table of its own (both set
+    /// up in `on_thread`): what that table keeps besides the thread loop's own fds.
+    own_fds: Option<OwnFds>,
+    /// The thread has its own fd table.
+    own_table: bool,
+}
+
+/// Numbers of the caller's table the I/O thread's own table keeps (the transport's eventfds,
+/// which the transport owns and closes in the caller's table; the thread's copies go with its
+/// table), and the log pipes' `(write end, log fd)` pairs ([`Relay::redirect`]).
+struct OwnFds {
+    keep: Vec<RawFd>,
+    redirect: Vec<(RawFd, RawFd)>,
 }
 
 /// Describes every region of the VMM's guest RAM for [`guest_memory_view`].
@@ -165,16 +232,27 @@ impl DeviceWorker for FsWorker {
         Ok(())
     }
 
-    fn on_thread(&mut self) -> Result<(), String> {
-        if !self.share_root {
+    fn on_thread(&mut self, held: &[RawFd]) -> Result<(), String> {
+        let Some(own) = &self.own_fds else {
             return Ok(());
-        }
+        };
+        let keep: Vec<RawFd> = held.iter().chain(&own.keep).copied().collect();
+        rootcell_fs::fd_table::unshare_keeping(&keep, &own.redirect)
+            .map_err(|e| format!("giving the virtio-fs thread its own fds: {e}"))?;
+        self.own_table = true;
         let fail =
             |e: std::io::Error| format!("giving the virtio-fs thread the share as root: {e}");
-        rootcell_fs::share_root::enter(&self.config.shared_dir).map_err(fail)?;
+        // The passthrough opens /proc/self/{fd,mountinfo} after the pivot: the thread's own,
+        // bound there, so it reopens inodes through this table alone.
+        rootcell_fs::share_root::enter_with_own_fds(&self.config.shared_dir).map_err(fail)?;
+        rootcell_fs::share_root::pivot().map_err(fail)?;
         self.config.shared_dir = rootcell_fs::share_root::SHARE_PATH.into();
         self.device = Some(FsDevice::new(&self.config).map_err(|e| e.to_string())?);
-        rootcell_fs::share_root::pivot().map_err(fail)
+        Ok(())
+    }
+
+    fn has_own_fd_table(&self) -> bool {
+        self.own_table
     }
 
     fn activate(&mut self, epoll: &Epoll, act: Activation) -> Result<(), String> {
@@ -223,9 +301,9 @@ impl DeviceWorker for FsWorker {
                 unwatch(epoll, q.notify.as_raw_fd());
             }
         }
-        if self.share_root {
-            // No /proc/self/mountinfo in this root to open a new passthrough with: the same
-            // one forgets every inode and handle the old driver held instead.
+        if self.own_fds.is_some() {
+            // Its root is built for the one passthrough opened there: the same one forgets
+            // every inode and handle the old driver held instead.
             if let Some(d) = &self.device {
                 d.forget_all();
             }
@@ -272,11 +350,26 @@ mod tests {
             .unwrap_or_default()
     }
 
-    /// With `with_share_root`, the I/O thread's root holds the share and `/proc/self/fd` only,
+    /// What each fd of a table (a `/proc/.../fd` directory) names.
+    fn targets(dir: &std::path::Path) -> std::collections::BTreeMap<RawFd, String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let fd = e.file_name().to_str()?.parse().ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some((fd, target.to_string_lossy().into_owned()))
+            })
+            .collect()
+    }
+
+    /// With `with_share_root`, the I/O thread's root holds the share and `/proc/self` only,
     /// its mount namespace is its own, it runs under its filter, and a device reset (which
-    /// cannot open a new passthrough there) still works. Needs root.
+    /// cannot open a new passthrough there) still works; its fd table is its own: a host file
+    /// the process holds is `/dev/null` there, the log fd a pipe, and nothing else in it names
+    /// a host file; the transport's eventfds are there at their numbers. Needs root.
     #[test]
-    fn the_io_thread_serves_from_a_root_holding_only_the_share() {
+    fn the_io_thread_serves_from_a_root_holding_only_the_share_and_its_own_fds() {
         // SAFETY: geteuid has no arguments and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: needs root");
@@ -287,14 +380,27 @@ mod tests {
         std::fs::create_dir(&share).unwrap();
         let marker = format!("marker-{}", std::process::id());
         std::fs::write(share.join(&marker), b"x").unwrap();
+        // What the builtin VMM process holds when the device is built: its log, the control
+        // socket, taps; here a host file and a log file.
+        let secret_path = tmp.path().join("secret");
+        std::fs::write(&secret_path, b"host only").unwrap();
+        let secret = std::fs::File::open(&secret_path).unwrap();
+        let log_path = tmp.path().join("log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let started = std::time::Instant::now();
         let mut dev = VirtioFs::with_share_root(
             &FsConfig {
                 shared_dir: share,
                 read_only: false,
             },
             "t",
+            &[log.as_raw_fd()],
         )
         .unwrap();
+        eprintln!(
+            "virtio-fs device with its jailed thread built in {:?}",
+            started.elapsed()
+        );
         let ours = std::fs::read_link("/proc/thread-self/ns/mnt").unwrap();
         // Other tests may run I/O threads of the same name: ours is the one with our marker.
         let io = std::fs::read_dir("/proc/self/task")
@@ -315,6 +421,52 @@ mod tests {
         assert_ne!(std::fs::read_link(io.join("ns/mnt")).unwrap(), ours);
         let status = std::fs::read_to_string(io.join("status")).unwrap();
         assert!(status.contains("Seccomp:\t2"), "{status}");
+
+        // Its fd table, as the kernel lists it for the thread.
+        let table = targets(&io.join("fd"));
+        let process = targets(std::path::Path::new("/proc/self/fd"));
+        assert_eq!(
+            table.get(&secret.as_raw_fd()).map(String::as_str),
+            Some("/dev/null"),
+            "the process's host file in the thread's table: {table:?}"
+        );
+        assert_eq!(
+            process.get(&secret.as_raw_fd()),
+            Some(&secret_path.to_string_lossy().into_owned()),
+            "the process's own table changed"
+        );
+        assert!(
+            table
+                .get(&log.as_raw_fd())
+                .is_some_and(|t| t.starts_with("pipe:")),
+            "the log fd in the thread's table: {table:?}"
+        );
+        let fds = dev.transport_fds.as_ref().unwrap().raw_fds();
+        for fd in &fds {
+            assert_eq!(
+                table.get(fd).map(String::as_str),
+                Some("anon_inode:[eventfd]"),
+                "transport eventfd {fd}: {table:?}"
+            );
+        }
+        // Besides /dev/null, anonymous inodes (epoll, eventfds) and the log pipe, only what
+        // the passthrough opened in its root (the share, its /proc/self/fd, mountinfo).
+        let host: Vec<_> = table
+            .iter()
+            .filter(|(_, t)| {
+                t.as_str() != "/dev/null"
+                    && !t.starts_with("anon_inode:")
+                    && !t.starts_with("pipe:")
+                    && !t.contains("/share")
+                    && !t.starts_with("/proc/")
+            })
+            .collect();
+        assert!(
+            host.is_empty(),
+            "host files in the thread's table: {host:?}"
+        );
+        eprintln!("the thread's table: {table:?}");
+
         // A reset forgets everything through the same passthrough; the thread survives it.
         assert!(dev.io().reset(), "reset answered");
         assert!(io.join("status").exists(), "the I/O thread is still there");

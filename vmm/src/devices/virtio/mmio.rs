@@ -37,7 +37,7 @@ pub struct MmioTransport {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    queue_evts: Vec<Arc<EventFd>>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -48,21 +48,32 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// Wraps `device`; `irq` is the eventfd to register as the device's irqfd.
-    pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        irq: EventFd,
-    ) -> std::io::Result<Self> {
+    /// Wraps `device`, with an eventfd per queue (to register as ioeventfds on QueueNotify,
+    /// [`MmioTransport::queue_evts`]) and one for its interrupt (to register as its irqfd,
+    /// [`MmioTransport::interrupt`]): the device's own if it made them
+    /// ([`VirtioDevice::take_transport_fds`]), fresh ones otherwise.
+    pub fn new(mut device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
+        let fds = match device.take_transport_fds() {
+            Some(fds) => fds,
+            None => TransportFds::new(device.queue_max_sizes().len())?,
+        };
+        let sizes = device.queue_max_sizes();
+        if fds.queue_evts.len() != sizes.len() {
+            return Err(std::io::Error::other(format!(
+                "{} queue eventfds for {} queues",
+                fds.queue_evts.len(),
+                sizes.len()
+            )));
+        }
         let mut queues = Vec::new();
-        let mut queue_evts = Vec::new();
-        for &max in device.queue_max_sizes() {
+        for &max in sizes {
             queues.push(
                 Queue::new(max)
                     .map_err(|e| std::io::Error::other(format!("queue of size {max}: {e:?}")))?,
             );
-            queue_evts.push(EventFd::new(libc::EFD_NONBLOCK)?);
         }
+        let irq = fds.irq;
+        let queue_evts = fds.queue_evts.into_iter().map(Arc::new).collect();
         Ok(MmioTransport {
             device,
             mem,
@@ -80,7 +91,7 @@ impl MmioTransport {
     }
 
     /// The per-queue notification eventfds, in queue order (to register as ioeventfds).
-    pub fn queue_evts(&self) -> &[EventFd] {
+    pub fn queue_evts(&self) -> &[Arc<EventFd>] {
         &self.queue_evts
     }
 
@@ -203,7 +214,7 @@ impl MmioTransport {
                     .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
                 Ok(ActiveQueue {
                     queue,
-                    notify: e.try_clone()?,
+                    notify: Arc::clone(e),
                 })
             })
             .collect();

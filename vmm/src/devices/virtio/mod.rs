@@ -104,7 +104,45 @@ pub struct ActiveQueue {
     /// The configured virtqueue.
     pub queue: Queue,
     /// Signalled on every QueueNotify for this queue (via ioeventfd, or by the transport).
-    pub notify: EventFd,
+    /// The transport's own eventfd, shared rather than duplicated: a device thread with an fd
+    /// table of its own has the transport's number for it in its table (see
+    /// [`TransportFds`]), but not a duplicate's made later.
+    pub notify: std::sync::Arc<EventFd>,
+}
+
+/// The eventfds a transport raises a device's queue notifications and interrupt with. A
+/// device whose I/O thread serves from an fd table of its own ([`fs::VirtioFs`] with its share
+/// as root) makes them before that thread takes its copy of the process's table, and hands
+/// them over ([`VirtioDevice::take_transport_fds`]): only fds that exist at that moment are
+/// in its table, at the same numbers.
+#[derive(Debug)]
+pub struct TransportFds {
+    /// One per queue, in queue order (registered as ioeventfds on QueueNotify).
+    pub queue_evts: Vec<EventFd>,
+    /// The device's interrupt (registered as its irqfd).
+    pub irq: EventFd,
+}
+
+impl TransportFds {
+    /// Fresh non-blocking eventfds for `queues` queues and the interrupt.
+    pub fn new(queues: usize) -> std::io::Result<Self> {
+        Ok(TransportFds {
+            queue_evts: (0..queues)
+                .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+                .collect::<std::io::Result<_>>()?,
+            irq: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Their numbers in the calling thread's table.
+    pub fn raw_fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.queue_evts
+            .iter()
+            .chain([&self.irq])
+            .map(|e| e.as_raw_fd())
+            .collect()
+    }
 }
 
 /// The device side of virtio, independent of the transport.
@@ -115,6 +153,12 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers ([`VIRTIO_F_VERSION_1`] is added by the transport).
     fn features(&self) -> u64;
+    /// The eventfds the transport must use for this device, if it made them itself (see
+    /// [`TransportFds`]); taken once, when the device is attached. None: the transport makes
+    /// its own.
+    fn take_transport_fds(&mut self) -> Option<TransportFds> {
+        None
+    }
     /// The features the driver accepted (a subset of what was offered), before activation.
     fn ack_features(&mut self, _features: u64) {}
     /// Reads device config space at `offset`; bytes beyond its end read as zero.

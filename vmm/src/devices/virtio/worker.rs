@@ -18,7 +18,7 @@
 //! common), [`QueueWorker`] (the features the driver accepted and the hand-over of the queues),
 //! [`RxTx`] and the epoll registration helpers.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -46,6 +46,29 @@ pub(crate) struct Confinement {
     pub kind: crate::jail::ThreadKind,
 }
 
+impl Confinement {
+    /// Confines the calling thread: the runtime's jail ([`crate::jail`]; `dir` is the host
+    /// directory it keeps, see [`DeviceWorker::jail_dir`]), then the capabilities, then the
+    /// allowlist (`filter`, built beforehand; built here if `None`).
+    pub(crate) fn enter(
+        &self,
+        dir: Option<&std::path::Path>,
+        filter: Option<&seccompiler::BpfProgram>,
+    ) -> Result<(), String> {
+        let built;
+        let filter = match filter {
+            Some(f) => f,
+            None => {
+                built = (self.filter)(ON_VIOLATION).map_err(|e| e.to_string())?;
+                &built
+            }
+        };
+        crate::jail::enter(self.kind, dir)?;
+        crate::seccomp::keep_caps(self.caps).map_err(|e| e.to_string())?;
+        crate::seccomp::apply(filter).map_err(|e| e.to_string())
+    }
+}
+
 /// What a confined device thread's forbidden syscall does: kill the whole process, like the
 /// vCPU filter (the kernel's audit log names the syscall).
 const ON_VIOLATION: seccompiler::SeccompAction = seccompiler::SeccompAction::KillProcess;
@@ -66,9 +89,15 @@ pub(crate) trait DeviceWorker: Send + 'static {
     fn start(&mut self, epoll: &Epoll) -> std::io::Result<()>;
     /// Runs first on the I/O thread, before it is confined (still with the caller's
     /// capabilities): for what only that thread may do, such as giving itself a mount
-    /// namespace of its own.
-    fn on_thread(&mut self) -> Result<(), String> {
+    /// namespace or an fd table of its own. `held` are the fds the thread's loop uses (its
+    /// epoll and control eventfd), which a table of its own must keep.
+    fn on_thread(&mut self, _held: &[RawFd]) -> Result<(), String> {
         Ok(())
+    }
+    /// Whether [`DeviceWorker::on_thread`] gave the thread an fd table of its own (asked on the
+    /// thread after it, whether it succeeded or not).
+    fn has_own_fd_table(&self) -> bool {
+        false
     }
     /// The host directory the thread reaches by path once jailed (the vsock device's socket
     /// directory); none for most devices.
@@ -118,8 +147,6 @@ impl<A: Send + 'static> WorkerHandle<A> {
     where
         W: DeviceWorker<Activation = A>,
     {
-        let caps = confine.map(|c| c.caps);
-        let kind = confine.map(|c| c.kind);
         let filter = confine
             .map(|c| (c.filter)(ON_VIOLATION))
             .transpose()
@@ -134,40 +161,35 @@ impl<A: Send + 'static> WorkerHandle<A> {
         worker.start(&epoll)?;
         let (tx, rx) = mpsc::channel();
         let thread_wake = wake.try_clone()?;
+        let held = [epoll.as_raw_fd(), thread_wake.as_raw_fd()];
         let (confined_tx, confined_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                if let Err(e) = worker.on_thread() {
-                    let _ = confined_tx.send(Err(e));
-                    return;
-                }
-                if let Some(kind) = kind {
-                    let dir = worker.jail_dir();
-                    if let Err(e) = crate::jail::enter(kind, dir.as_deref()) {
-                        let _ = confined_tx.send(Err(e));
-                        return;
-                    }
-                }
-                if let Some(keep) = caps {
-                    if let Err(e) = crate::seccomp::keep_caps(keep) {
-                        let _ = confined_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                }
-                if let Some(f) = filter {
-                    if let Err(e) = crate::seccomp::apply(&f) {
-                        let _ = confined_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                }
-                let _ = confined_tx.send(Ok(()));
+                let confined = worker.on_thread(&held).and_then(|()| match confine {
+                    Some(c) => c.enter(worker.jail_dir().as_deref(), filter.as_ref()),
+                    None => Ok(()),
+                });
+                let failed = confined.is_err();
+                let _ = confined_tx.send((confined, worker.has_own_fd_table()));
                 drop(confined_tx);
-                run(worker, epoll, thread_wake, rx)
+                if !failed {
+                    run(worker, epoll, thread_wake, rx)
+                }
             })?;
-        let confined = confined_rx
-            .recv()
-            .unwrap_or_else(|_| Err("the thread exited before confining itself".into()));
+        let (confined, own_table) = confined_rx.recv().unwrap_or_else(|_| {
+            (
+                Err("the thread exited before confining itself".into()),
+                false,
+            )
+        });
+        if own_table {
+            for fd in held {
+                // SAFETY: `epoll` and `thread_wake` moved to the thread, whose table of its own
+                // they own (and close there); in this table these numbers are owned by nothing.
+                unsafe { libc::close(fd) };
+            }
+        }
         if let Err(e) = confined {
             let _ = thread.join();
             return Err(std::io::Error::other(format!("seccomp for {name}: {e}")));

@@ -11,7 +11,7 @@ struct Seen {
     acked: Option<u64>,
     activated: Option<usize>,
     resets: usize,
-    notify: Vec<EventFd>,
+    notify: Vec<Arc<EventFd>>,
     interrupt: Option<Arc<Interrupt>>,
 }
 
@@ -60,16 +60,15 @@ impl VirtioDevice for TestDevice {
 fn transport(resettable: bool) -> (MmioTransport, Arc<Mutex<Seen>>, EventFd) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mem = create_guest_memory(16 << 20).unwrap();
-    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let t = MmioTransport::new(
         Box::new(TestDevice {
             seen: seen.clone(),
             resettable,
         }),
         mem,
-        irq.try_clone().unwrap(),
     )
     .unwrap();
+    let irq = t.interrupt().irq_fd().try_clone().unwrap();
     (t, seen, irq)
 }
 

@@ -11,7 +11,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::{Confinement, DeviceWorker, WorkerHandle};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateError, ActiveQueue, Interrupt, TransportFds, VirtioDevice,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::memory::GuestMemoryMmap;
@@ -46,6 +46,10 @@ pub(crate) trait QueueDevice: Send {
     }
     /// The device's config space.
     fn config_space(&self) -> &[u8];
+    /// See [`VirtioDevice::take_transport_fds`].
+    fn take_transport_fds(&mut self) -> Option<TransportFds> {
+        None
+    }
     /// The handle on the device's I/O thread.
     fn io(&mut self) -> &mut QueueWorker;
 }
@@ -61,6 +65,10 @@ impl<D: QueueDevice> VirtioDevice for D {
 
     fn features(&self) -> u64 {
         QueueDevice::features(self)
+    }
+
+    fn take_transport_fds(&mut self) -> Option<TransportFds> {
+        QueueDevice::take_transport_fds(self)
     }
 
     fn ack_features(&mut self, features: u64) {
@@ -244,8 +252,8 @@ pub(crate) fn watch(epoll: &Epoll, fd: RawFd, token: u64) -> Result<(), String> 
         .map_err(|e| format!("epoll_ctl(ADD): {e}"))
 }
 
-/// Stops watching `fd` (needed before dropping a duplicated eventfd: epoll keys registrations
-/// on the open file, which the transport's copy keeps alive).
+/// Stops watching `fd` (needed before dropping the queues: epoll keys registrations on the
+/// open file, which the transport's copy keeps alive).
 pub(crate) fn unwatch(epoll: &Epoll, fd: RawFd) {
     let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
 }
