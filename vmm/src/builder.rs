@@ -66,6 +66,10 @@ pub struct BuiltinConfig {
     pub vsock_uds: PathBuf,
     /// The guest's vsock CID.
     pub guest_cid: u64,
+    /// Leave the `vsock_uds` socket file in place when the VM is dropped (or fails to start):
+    /// for a caller that removes it itself because the thread that drops the VM may not
+    /// unlink files (the runtime's jailed VMM process).
+    pub leave_vsock_socket: bool,
     /// Host directory exported over virtio-fs.
     pub fs_shared_dir: PathBuf,
     /// The tag the guest mounts the share by.
@@ -100,6 +104,7 @@ impl BuiltinConfig {
             console_log: None,
             vsock_uds: vsock_uds.into(),
             guest_cid: rootcell_vsock::DEFAULT_GUEST_CID,
+            leave_vsock_socket: false,
             fs_shared_dir: fs_shared_dir.into(),
             fs_tag: rootcell_protocol::SHARE_TAG.to_owned(),
             fs_read_only: false,
@@ -133,11 +138,14 @@ impl BuiltinVm {
             Some(p) => SerialOutput::File(p.clone()),
             None => SerialOutput::Sink,
         };
-        let vsock = VsockDevice::new(&VsockConfig {
+        let mut vsock = VsockDevice::new(&VsockConfig {
             guest_cid: config.guest_cid,
             uds_path: config.vsock_uds.clone(),
         })
         .map_err(vsock_err)?;
+        if config.leave_vsock_socket {
+            vsock.leave_socket_file();
+        }
         let fs_config = FsConfig {
             shared_dir: config.fs_shared_dir.clone(),
             read_only: config.fs_read_only,
@@ -188,7 +196,7 @@ fn net_err(index: usize, e: NetDeviceError) -> Error {
 }
 
 /// A running builtin VM; dropping it stops the vCPUs and the devices (the vsock socket file is
-/// removed).
+/// removed, unless [`BuiltinConfig::leave_vsock_socket`]).
 pub struct RunningBuiltinVm {
     vm: RunningVm,
     cmdline: String,

@@ -145,7 +145,9 @@ pub fn net_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
 
 /// The allowlist for the virtio-vsock I/O thread: epoll, the queue eventfds, and unix
 /// sockets — accepting host clients, connecting to `<uds>_<port>` for guest-initiated
-/// connections, moving bytes, shutting them down, and unlinking the socket file at the end.
+/// connections, moving bytes, shutting them down. It removes no file: the hybrid socket is
+/// removed by the thread that drops the device ([`crate::devices::virtio::vsock`]) or by its
+/// owner, and `<uds>_<port>` by whoever bound them.
 pub fn vsock_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     build_spec(
         &Spec {
@@ -158,8 +160,6 @@ pub fn vsock_io_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
                 libc::SYS_sendmsg,
                 libc::SYS_shutdown,
                 libc::SYS_getsockopt,
-                libc::SYS_unlink,
-                libc::SYS_unlinkat,
             ]),
             ioctls: &[libc::FIONBIO],
             fcntls: &[libc::F_GETFL, libc::F_SETFL],
@@ -199,7 +199,8 @@ pub fn vcpu_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     build(&[libc::SYS_read], &[KVM_RUN, KVM_GET_REGS], on_violation)
 }
 
-/// The allowlist for the thread that waits on and stops a running VM.
+/// The allowlist for the thread that waits on and stops a running VM (the `rootcell-vmm`
+/// binary's main thread), which also removes the vsock device's socket file as it drops it.
 pub fn vmm_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     build(
         &[
@@ -208,6 +209,8 @@ pub fn vmm_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
             libc::SYS_openat,
             libc::SYS_read,
             libc::SYS_fstat,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
         ],
         &[],
         on_violation,

@@ -34,7 +34,7 @@ fn run_vmm(name: &str, program: &[u8], timeout_secs: u32) -> Output {
     std::fs::remove_file(&kernel).unwrap();
     assert!(
         !dir.path().join("vsock.sock").exists(),
-        "the vsock I/O thread removed its socket under its filter"
+        "the VMM removed its vsock socket under its filters"
     );
     out
 }

@@ -92,6 +92,8 @@ pub struct VsockMuxer {
     rx_ready: VecDeque<ConnKey>,
     scratch: Vec<u8>,
     pkt_buf: Vec<u8>,
+    /// Remove the socket file when dropped (see [`VsockMuxer::leave_socket_file`]).
+    remove_on_drop: bool,
 }
 
 impl std::fmt::Debug for VsockMuxer {
@@ -147,7 +149,15 @@ impl VsockMuxer {
             rx_ready: VecDeque::new(),
             scratch: vec![0; 64 * 1024],
             pkt_buf: vec![0; HEADER_SIZE + MAX_PAYLOAD],
+            remove_on_drop: true,
         })
+    }
+
+    /// Leaves the socket file in place when the muxer is dropped: for a muxer that ends on a
+    /// thread that may not unlink files (a confined device thread), whose owner removes the
+    /// file itself.
+    pub fn leave_socket_file(&mut self) {
+        self.remove_on_drop = false;
     }
 
     /// The guest's context id.
@@ -679,7 +689,9 @@ fn parse_connect_line(line: &[u8]) -> Option<u32> {
 
 impl Drop for VsockMuxer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 

@@ -194,8 +194,8 @@ impl Hypervisor for Builtin {
         let pid = child.id() as i32;
         let fail = |child: Child, cause: String| {
             let status = end_child(child);
-            // A VM that did not start leaves no socket behind. Its vsock thread may not remove
-            // it itself (its root holds the socket's directory read-only), so root does.
+            // A VM that did not start leaves no socket behind. The VMM process leaves it (none
+            // of its threads may unlink files once confined), so root removes it.
             if let Err(rm) = std::fs::remove_file(&cfg.vsock_uds) {
                 if rm.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(socket = %cfg.vsock_uds.display(), "cannot remove the vsock socket: {rm}");

@@ -8,8 +8,8 @@
 //!   [`super::UID_BASE`] + the thread's id, no supplementary groups, an empty bounding set.
 //!   They hold every fd they need (the vCPU's and VM's KVM fds, the tap) before.
 //! * the vsock thread: a root holding only its socket directory, read-only (it connects guest
-//!   connections to `<uds>_<port>` there by path; its attempt to remove the hybrid socket at
-//!   the end fails, and the sandbox removes it), and an unprivileged uid of its own without
+//!   connections to `<uds>_<port>` there by path; it removes no file, and the sandbox removes
+//!   the hybrid socket), and an unprivileged uid of its own without
 //!   capabilities ([`vsock_thread`]): the directory is given to that uid's group (mode 0750),
 //!   so it may connect to the sockets there and nobody else but root reaches them.
 //! * the virtio-fs thread: its share root and fd table of its own are set up before (by the

@@ -155,6 +155,7 @@ impl Sandbox {
             paths::VSOCK_VHOST_SOCKET,
             paths::FS_VHOST_SOCKET,
             &paths::dns_relay_socket(),
+            &paths::dns_tcp_relay_socket(),
         ] {
             let _ = std::fs::remove_file(run_dir.join(name));
         }

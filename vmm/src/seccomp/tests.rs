@@ -74,11 +74,28 @@ fn open_root() -> Option<i32> {
 
 #[test]
 fn device_filters_allow_their_back_ends_and_nothing_more() {
-    // vsock: unix sockets yes, network sockets and files no.
+    // vsock: unix sockets yes, network sockets and files no, not even removing one (its
+    // socket file is removed by whoever drops the device).
     let r = confined(vsock_io_filter, || {
-        (socket(libc::AF_UNIX), socket(libc::AF_INET), open_root())
+        let unlink = std::fs::remove_file("/nonexistent-rootcell-test")
+            .err()
+            .and_then(|e| e.raw_os_error());
+        (
+            socket(libc::AF_UNIX),
+            socket(libc::AF_INET),
+            open_root(),
+            unlink,
+        )
     });
-    assert_eq!(r, (None, Some(libc::EPERM), Some(libc::EPERM)));
+    assert_eq!(
+        r,
+        (
+            None,
+            Some(libc::EPERM),
+            Some(libc::EPERM),
+            Some(libc::EPERM)
+        )
+    );
     // fs: files yes, sockets no.
     let r = confined(fs_io_filter, || (open_root(), socket(libc::AF_UNIX)));
     assert_eq!(r, (None, Some(libc::EPERM)));

@@ -151,6 +151,9 @@ fn start(l: &Launch) -> Result<RunningBuiltinVm, String> {
     c.vcpus = l.vcpus;
     c.console_log = Some(l.console_log.clone());
     c.guest_cid = l.guest_cid;
+    // Its control threads, which drop the VM, may not unlink files (control_filter), nor may
+    // its vsock thread: the sandbox removes the socket (when the VM ends or fails to start).
+    c.leave_vsock_socket = true;
     c.fs_share_root = l.share_root;
     // The virtio-fs thread's log lines reach the log through a pipe in its own fd table.
     c.fs_log_relay = crate::logging::file_fd().into_iter().collect();

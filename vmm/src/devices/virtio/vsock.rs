@@ -38,13 +38,32 @@ pub struct VsockDevice {
     /// `struct virtio_vsock_config { le64 guest_cid; }`.
     config: [u8; 8],
     io: QueueWorker,
+    /// Removed after the I/O thread has ended (declared after `io`, so dropped after it).
+    socket: SocketFile,
+}
+
+/// The hybrid socket's file, removed on the thread that drops the device: the I/O thread does
+/// not remove it, so its seccomp list has no unlink.
+#[derive(Debug)]
+struct SocketFile(Option<std::path::PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 impl VsockDevice {
     /// Binds the hybrid socket at `config.uds_path` and starts the device's I/O thread.
-    /// The socket file is removed when the device is dropped.
+    /// The socket file is removed when the device is dropped (unless
+    /// [`VsockDevice::leave_socket_file`]), by the dropping thread.
     pub fn new(config: &VsockConfig) -> Result<Self, VsockDeviceError> {
-        let muxer = VsockMuxer::new(config.guest_cid, &config.uds_path)?;
+        let mut muxer = VsockMuxer::new(config.guest_cid, &config.uds_path)?;
+        // Removed here, not by the I/O thread, which drops the muxer.
+        muxer.leave_socket_file();
+        let socket = SocketFile(Some(config.uds_path.clone()));
         let io = QueueWorker::spawn(
             "vsock-io",
             VsockWorker {
@@ -61,7 +80,15 @@ impl VsockDevice {
         Ok(VsockDevice {
             config: config.guest_cid.to_le_bytes(),
             io,
+            socket,
         })
+    }
+
+    /// Leaves the socket file in place when the device is dropped: for an owner whose thread
+    /// that drops it may not unlink files (the runtime's jailed VMM process), and that has the
+    /// file removed otherwise.
+    pub fn leave_socket_file(&mut self) {
+        self.socket.0 = None;
     }
 }
 
