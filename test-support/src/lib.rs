@@ -159,3 +159,31 @@ mod tests {
         assert_eq!(image("ROOTCELL_TEST_SUPPORT_PROBE", "bzImage"), None);
     }
 }
+
+/// What each fd of an fd directory (`/proc/self/fd`, `/proc/<pid>/task/<tid>/fd`) names, by
+/// number: a file's path as the reader's root sees it, or `socket:[..]`, `pipe:[..]`,
+/// `anon_inode:[eventfd]` and the like. Entries that close while it is read are left out.
+pub fn fd_targets(dir: &Path) -> std::collections::BTreeMap<i32, String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// `/proc/self/task/<tid>` of this process's thread named `comm` whose root holds `path`
+/// (relative to that root): one thread in a root of its own, among others of its name.
+pub fn thread_holding(comm: &str, path: &Path) -> Option<PathBuf> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .map(|t| t.path())
+        .find(|t| {
+            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == comm)
+                && t.join("root").join(path).exists()
+        })
+}

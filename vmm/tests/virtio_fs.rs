@@ -187,12 +187,8 @@ fn read_only_share_refuses_writes_with_erofs() {
     assert!(!dir.path().join("newdir").exists());
 }
 
-#[test]
-fn reset_and_probe_again_serves_a_fresh_session() {
-    let dir = share();
-    let mut c = Client::new(dir.path(), false, false);
-    c.init();
-    c.lookup(ROOT, "hello.txt").unwrap();
+/// Resets the device, probes it again and reads the file in a fresh session.
+fn reset_and_read_again(c: &mut Client) {
     c.drv.reset();
     assert_eq!(c.drv.read(VIRTIO_MMIO_STATUS), 0);
     c.drv.probe(VIRTIO_ID_FS, 0, 2);
@@ -203,17 +199,13 @@ fn reset_and_probe_again_serves_a_fresh_session() {
     assert_eq!(c.read(node, fh, 4096), CONTENT);
 }
 
-/// What each fd of thread `task`'s table names.
-fn table(task: &std::path::Path) -> std::collections::BTreeMap<i32, String> {
-    std::fs::read_dir(task.join("fd"))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let fd = e.file_name().to_str()?.parse().ok()?;
-            let t = std::fs::read_link(e.path()).ok()?;
-            Some((fd, t.to_string_lossy().into_owned()))
-        })
-        .collect()
+#[test]
+fn reset_and_probe_again_serves_a_fresh_session() {
+    let dir = share();
+    let mut c = Client::new(dir.path(), false, false);
+    c.init();
+    c.lookup(ROOT, "hello.txt").unwrap();
+    reset_and_read_again(&mut c);
 }
 
 /// The device as the runtime's VMM process builds it: the I/O thread serves from the share as
@@ -223,9 +215,7 @@ fn table(task: &std::path::Path) -> std::collections::BTreeMap<i32, String> {
 /// the process opens later is not there. Needs root (a mount namespace of its own).
 #[test]
 fn a_thread_with_its_own_root_and_fds_serves_the_guest_and_holds_none_of_the_process_s() {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
+    if !rootcell_test_support::require_root("jailed virtio-fs device") {
         return;
     }
     use std::os::fd::AsRawFd;
@@ -251,17 +241,13 @@ fn a_thread_with_its_own_root_and_fds_serves_the_guest_and_holds_none_of_the_pro
     let (node, _) = c.lookup(ROOT, "hello.txt").unwrap();
     let fh = c.open(node);
     assert_eq!(c.read(node, fh, 4096), CONTENT);
-    let task = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .map(|t| t.path())
-        .find(|t| {
-            std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "virtiofs-io")
-                && t.join("root/share").join(&marker).exists()
-        })
-        .expect("the I/O thread serving our share under /share");
+    let task = rootcell_test_support::thread_holding(
+        "virtiofs-io",
+        &std::path::Path::new("share").join(&marker),
+    )
+    .expect("the I/O thread serving our share under /share");
     let later = std::fs::File::open(&secret).unwrap();
-    let fds = table(&task);
+    let fds = rootcell_test_support::fd_targets(&task.join("fd"));
     let secret_name = secret.to_string_lossy().into_owned();
     assert_eq!(
         fds.get(&held.as_raw_fd()).map(String::as_str),
@@ -283,14 +269,7 @@ fn a_thread_with_its_own_root_and_fds_serves_the_guest_and_holds_none_of_the_pro
         "the opened share file is in the thread's own table: {fds:?}"
     );
     // A reset and a second session: activation again, with the same eventfds.
-    c.drv.reset();
-    assert_eq!(c.drv.read(VIRTIO_MMIO_STATUS), 0);
-    c.drv.probe(VIRTIO_ID_FS, 0, 2);
-    c.unique = 0;
-    c.init();
-    let (node, _) = c.lookup(ROOT, "hello.txt").unwrap();
-    let fh = c.open(node);
-    assert_eq!(c.read(node, fh, 4096), CONTENT);
+    reset_and_read_again(&mut c);
 }
 
 #[test]

@@ -350,29 +350,14 @@ mod tests {
             .unwrap_or_default()
     }
 
-    /// What each fd of a table (a `/proc/.../fd` directory) names.
-    fn targets(dir: &std::path::Path) -> std::collections::BTreeMap<RawFd, String> {
-        std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .filter_map(|e| {
-                let fd = e.file_name().to_str()?.parse().ok()?;
-                let target = std::fs::read_link(e.path()).ok()?;
-                Some((fd, target.to_string_lossy().into_owned()))
-            })
-            .collect()
-    }
-
     /// With `with_share_root`, the I/O thread's root holds the share and `/proc/self` only,
     /// its mount namespace is its own, it runs under its filter, and a device reset (which
-    /// cannot open a new passthrough there) still works; its fd table is its own: a host file
-    /// the process holds is `/dev/null` there, the log fd a pipe, and nothing else in it names
-    /// a host file; the transport's eventfds are there at their numbers. Needs root.
+    /// cannot open a new passthrough there) still works; its fd table is its own and holds the
+    /// transport's eventfds at their numbers and no host file outside the share (what it
+    /// holds of the process's is in `vmm/tests/virtio_fs.rs`). Needs root.
     #[test]
     fn the_io_thread_serves_from_a_root_holding_only_the_share_and_its_own_fds() {
-        // SAFETY: geteuid has no arguments and cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root");
+        if !rootcell_test_support::require_root("virtio-fs thread's root and fds") {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -380,13 +365,6 @@ mod tests {
         std::fs::create_dir(&share).unwrap();
         let marker = format!("marker-{}", std::process::id());
         std::fs::write(share.join(&marker), b"x").unwrap();
-        // What the builtin VMM process holds when the device is built: its log, the control
-        // socket, taps; here a host file and a log file.
-        let secret_path = tmp.path().join("secret");
-        std::fs::write(&secret_path, b"host only").unwrap();
-        let secret = std::fs::File::open(&secret_path).unwrap();
-        let log_path = tmp.path().join("log");
-        let log = std::fs::File::create(&log_path).unwrap();
         let started = std::time::Instant::now();
         let mut dev = VirtioFs::with_share_root(
             &FsConfig {
@@ -394,7 +372,7 @@ mod tests {
                 read_only: false,
             },
             "t",
-            &[log.as_raw_fd()],
+            &[],
         )
         .unwrap();
         eprintln!(
@@ -403,15 +381,11 @@ mod tests {
         );
         let ours = std::fs::read_link("/proc/thread-self/ns/mnt").unwrap();
         // Other tests may run I/O threads of the same name: ours is the one with our marker.
-        let io = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .flatten()
-            .map(|t| t.path())
-            .find(|t| {
-                std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == "virtiofs-io")
-                    && t.join("root/share").join(&marker).exists()
-            })
-            .expect("the I/O thread, serving our share under /share");
+        let io = rootcell_test_support::thread_holding(
+            "virtiofs-io",
+            &std::path::Path::new("share").join(&marker),
+        )
+        .expect("the I/O thread, serving our share under /share");
         let root = io.join("root");
         assert_eq!(
             names(&root),
@@ -422,50 +396,29 @@ mod tests {
         let status = std::fs::read_to_string(io.join("status")).unwrap();
         assert!(status.contains("Seccomp:\t2"), "{status}");
 
-        // Its fd table, as the kernel lists it for the thread.
-        let table = targets(&io.join("fd"));
-        let process = targets(std::path::Path::new("/proc/self/fd"));
-        assert_eq!(
-            table.get(&secret.as_raw_fd()).map(String::as_str),
-            Some("/dev/null"),
-            "the process's host file in the thread's table: {table:?}"
-        );
-        assert_eq!(
-            process.get(&secret.as_raw_fd()),
-            Some(&secret_path.to_string_lossy().into_owned()),
-            "the process's own table changed"
-        );
-        assert!(
-            table
-                .get(&log.as_raw_fd())
-                .is_some_and(|t| t.starts_with("pipe:")),
-            "the log fd in the thread's table: {table:?}"
-        );
-        let fds = dev.transport_fds.as_ref().unwrap().raw_fds();
-        for fd in &fds {
+        let table = rootcell_test_support::fd_targets(&io.join("fd"));
+        for fd in dev.transport_fds.as_ref().unwrap().raw_fds() {
             assert_eq!(
-                table.get(fd).map(String::as_str),
+                table.get(&fd).map(String::as_str),
                 Some("anon_inode:[eventfd]"),
                 "transport eventfd {fd}: {table:?}"
             );
         }
-        // Besides /dev/null, anonymous inodes (epoll, eventfds) and the log pipe, only what
-        // the passthrough opened in its root (the share, its /proc/self/fd, mountinfo).
+        // Besides /dev/null and anonymous inodes (epoll, eventfds), only what the passthrough
+        // opened in its root (the share, its /proc/self/fd and mountinfo).
         let host: Vec<_> = table
             .iter()
             .filter(|(_, t)| {
                 t.as_str() != "/dev/null"
                     && !t.starts_with("anon_inode:")
-                    && !t.starts_with("pipe:")
-                    && !t.contains("/share")
-                    && !t.starts_with("/proc/")
+                    && !t.starts_with("/share")
+                    && !t.starts_with("/proc/self/")
             })
             .collect();
         assert!(
             host.is_empty(),
             "host files in the thread's table: {host:?}"
         );
-        eprintln!("the thread's table: {table:?}");
 
         // A reset forgets everything through the same passthrough; the thread survives it.
         assert!(dev.io().reset(), "reset answered");
