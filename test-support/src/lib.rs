@@ -142,24 +142,6 @@ pub fn require_kvm(test: &str) -> bool {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn what_is_there_is_required_silently() {
-        assert!(require("t", true, "x", "y"));
-    }
-
-    #[test]
-    fn a_named_image_that_is_missing_is_not_replaced_by_the_cache() {
-        // An explicit path wins over the cache, even when it does not exist: a typo must not
-        // silently test another kernel. (A variable only this test uses.)
-        std::env::set_var("ROOTCELL_TEST_SUPPORT_PROBE", "/nonexistent/bzImage");
-        assert_eq!(image("ROOTCELL_TEST_SUPPORT_PROBE", "bzImage"), None);
-    }
-}
-
 /// What each fd of an fd directory (`/proc/self/fd`, `/proc/<pid>/task/<tid>/fd`) names, by
 /// number: a file's path as the reader's root sees it, or `socket:[..]`, `pipe:[..]`,
 /// `anon_inode:[eventfd]` and the like. Entries that close while it is read are left out.
@@ -186,4 +168,22 @@ pub fn thread_holding(comm: &str, path: &Path) -> Option<PathBuf> {
             std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == comm)
                 && t.join("root").join(path).exists()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_there_is_required_silently() {
+        assert!(require("t", true, "x", "y"));
+    }
+
+    #[test]
+    fn a_named_image_that_is_missing_is_not_replaced_by_the_cache() {
+        // An explicit path wins over the cache, even when it does not exist: a typo must not
+        // silently test another kernel. (A variable only this test uses.)
+        std::env::set_var("ROOTCELL_TEST_SUPPORT_PROBE", "/nonexistent/bzImage");
+        assert_eq!(image("ROOTCELL_TEST_SUPPORT_PROBE", "bzImage"), None);
+    }
 }

@@ -129,3 +129,54 @@ fn prlimit_is_allowed_only_on_the_thread_s_own_process() {
     });
     assert_eq!(r, (0, -1, Some(libc::EPERM)));
 }
+
+/// The filters' real action: a syscall a thread's list does not hold kills the whole process
+/// with SIGSYS (the kernel's audit log names the call). Each case runs in a forked child,
+/// which confines its one thread with the filter as a VMM thread does and then makes the call
+/// (the vsock thread removing a file, the fs thread opening a socket, ...).
+#[test]
+fn an_unlisted_syscall_kills_the_process() {
+    fn unlink() {
+        // SAFETY: unlink(2) with a NUL-terminated path.
+        unsafe { libc::unlink(c"/nonexistent-rootcell-test".as_ptr()) };
+    }
+    fn unix_socket() {
+        // SAFETY: socket(2) with integer arguments.
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    }
+    fn open_root() {
+        // SAFETY: open(2) with a NUL-terminated path.
+        unsafe { libc::open(c"/".as_ptr(), libc::O_RDONLY) };
+    }
+    type Case = (&'static str, fn(SeccompAction) -> Result<BpfProgram>, fn());
+    let cases: [Case; 6] = [
+        ("vsock unlink", vsock_io_filter, unlink),
+        ("fs socket", fs_io_filter, unix_socket),
+        ("net open", net_io_filter, open_root),
+        ("vcpu socket", vcpu_filter, unix_socket),
+        ("control open", control_filter, open_root),
+        ("relay open", relay_filter, open_root),
+    ];
+    for (what, filter, call) in cases {
+        // Built before the fork: the child only installs it and calls.
+        let filter = filter(SeccompAction::KillProcess).unwrap();
+        // SAFETY: fork(2); the child makes only system calls (prctl and seccomp through
+        // `apply`, the forbidden call, _exit) and returns to nothing of the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            if apply(&filter).is_ok() {
+                call();
+            }
+            // SAFETY: _exit(2) ends the child without running anything of the parent's.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid(2) on our child with a valid status pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+            "{what}: the child was not killed by SIGSYS (status {status:#x})"
+        );
+    }
+}
