@@ -5,13 +5,22 @@
 //! count in `memory.events` on v2. A kill inside the VM is invisible there, so the sandbox makes
 //! the host kernel perform a real one in that cgroup, on a process that exists only for it:
 //!
-//! 1. a forked child joins the cgroup; every other process of the cgroup (the sandbox, the VMM)
+//! 1. a forked child joins the cgroup, and a second one that the OOM killer may not choose (a
+//!    keeper, `oom_score_adj` -1000); every other process of the cgroup (the sandbox, the VMM)
 //!    moves to a sibling "holding" cgroup, so the OOM killer has no other choice and nothing of
 //!    the VM ever waits on, or is killed by, the lowered limit (charges stay where they were);
 //! 2. the limit is set just above the usage, with swap off for the cgroup (so the reclaim that
 //!    precedes an OOM cannot push the VM's memory out to swap);
 //! 3. the child touches memory until the cgroup's OOM killer kills it;
-//! 4. the limit and swap setting are restored, the processes move back, the holding cgroup goes.
+//! 4. the limit and swap setting are restored, the processes move back, the holding cgroup goes,
+//!    and the keeper exits.
+//!
+//! The keeper is there because the cgroup must never be empty while the container lives: on
+//! cgroup v2 containerd's runc shim stops watching a cgroup's `memory.events` for good once it
+//! finds the cgroup unpopulated after a wake-up (containerd/cgroups' `waitForEvents`), so
+//! between the child's death and the processes' return it could read the count before the kill
+//! and then stop, and report neither this OOM kill nor any later one (Docker 26 with containerd
+//! 1.7 in the nested lane's L1 once got no `oom` event).
 //!
 //! A failure on the way undoes what was done, in reverse order; if the limit cannot be restored
 //! the processes stay in the holding cgroup rather than under a limit the VM would hit.
@@ -129,13 +138,14 @@ fn procs(dir: &Path) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// Moves every process of `from` except `keep` to `to`; a process that exits meanwhile is fine.
-fn move_all(from: &Path, to: &Path, keep: Option<u32>) -> Result<()> {
+/// Moves every process of `from` except those in `keep` to `to`; a process that exits meanwhile
+/// is fine.
+fn move_all(from: &Path, to: &Path, keep: &[u32]) -> Result<()> {
     // A process forked while we move lands in `from` too: go round until it is empty.
     for _ in 0..10 {
         let left: Vec<u32> = procs(from)?
             .into_iter()
-            .filter(|p| Some(*p) != keep)
+            .filter(|p| !keep.contains(p))
             .collect();
         if left.is_empty() {
             return Ok(());
@@ -186,7 +196,7 @@ impl Drop for Holding<'_> {
             );
             return;
         }
-        if let Err(e) = move_all(&self.dir, self.home, None) {
+        if let Err(e) = move_all(&self.dir, self.home, &[]) {
             tracing::error!("cannot move the VM's processes back: {e:#}");
             return;
         }
@@ -245,10 +255,17 @@ pub fn relay(cgroups_path: &str) -> Result<()> {
 }
 
 fn relay_in(cg: &MemoryCgroup) -> Result<()> {
-    let child = Sacrifice::spawn()?;
+    // Dropped last (after `holding` has moved the processes back): the cgroup is never empty.
+    let keeper = Helper::spawn(Role::Keeper)?;
+    write_value(&cg.dir.join("cgroup.procs"), &keeper.pid.to_string())?;
+    let child = Helper::spawn(Role::Sacrifice)?;
     write_value(&cg.dir.join("cgroup.procs"), &child.pid.to_string())?;
     let mut holding = Holding::create(cg)?;
-    move_all(&cg.dir, &holding.dir, Some(child.pid as u32))?;
+    move_all(
+        &cg.dir,
+        &holding.dir,
+        &[child.pid as u32, keeper.pid as u32],
+    )?;
     let saved = cg.lower_limit(HEADROOM)?;
     // The child never needs more than all the cgroup's charges could be (all reclaimable) plus
     // the headroom; the bound keeps a cgroup whose limit does not work from being exhausted.
@@ -263,15 +280,24 @@ fn relay_in(cg: &MemoryCgroup) -> Result<()> {
     killed
 }
 
-/// A forked child that allocates, when told, until it is killed.
-struct Sacrifice {
+/// What a [`Helper`] child is for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    /// Allocates, when told, until it is killed: the OOM killer's first choice.
+    Sacrifice,
+    /// Waits, never chosen by the OOM killer, until its pipe closes: keeps the cgroup populated.
+    Keeper,
+}
+
+/// A forked child of the relay (see [`Role`]); killed and reaped when dropped.
+struct Helper {
     pid: libc::pid_t,
     go: libc::c_int,
 }
 
-impl Sacrifice {
-    /// Forks the child and waits until it has made itself the OOM killer's first choice.
-    fn spawn() -> Result<Self> {
+impl Helper {
+    /// Forks the child and waits until it has set its OOM score (first choice, or never).
+    fn spawn(role: Role) -> Result<Self> {
         let (ready_r, ready_w) = pipe()?;
         let (go_r, go_w) = match pipe() {
             Ok(p) => p,
@@ -284,7 +310,7 @@ impl Sacrifice {
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             // SAFETY: in the child of fork, with the pipe ends it uses open.
-            unsafe { sacrifice_child(ready_w, go_r) }
+            unsafe { helper_child(role, ready_w, go_r) }
         }
         close(&[ready_w, go_r]);
         if pid < 0 {
@@ -297,7 +323,7 @@ impl Sacrifice {
         let n = unsafe { libc::read(ready_r, (&mut b as *mut u8).cast(), 1) };
         close(&[ready_r]);
         if n != 1 {
-            bail!("the OOM relay child did not start");
+            bail!("the OOM relay's {role:?} child did not start");
         }
         Ok(child)
     }
@@ -337,7 +363,7 @@ impl Sacrifice {
     }
 }
 
-impl Drop for Sacrifice {
+impl Drop for Helper {
     fn drop(&mut self) {
         close(&[self.go]);
         // SAFETY: our child; reaped right after (an error if wait_killed reaped it already).
@@ -364,19 +390,29 @@ fn close(fds: &[libc::c_int]) {
     }
 }
 
-/// The child: dies with its parent, volunteers for the OOM killer, reports ready, waits for
-/// the bound, then touches memory 1 MiB at a time up to it.
-unsafe fn sacrifice_child(ready: libc::c_int, go: libc::c_int) -> ! {
+/// The child: dies with its parent, sets its OOM score (the sacrifice volunteers for the OOM
+/// killer, the keeper is exempt from it), reports ready; the keeper then waits until its pipe
+/// closes, the sacrifice waits for the bound and touches memory 1 MiB at a time up to it.
+unsafe fn helper_child(role: Role, ready: libc::c_int, go: libc::c_int) -> ! {
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    // The name the kernel log gives the victim.
-    libc::prctl(libc::PR_SET_NAME, c"rootcell-oom".as_ptr());
+    // The names the kernel log and ps give them.
+    let (name, score): (&std::ffi::CStr, &[u8]) = match role {
+        Role::Sacrifice => (c"rootcell-oom", b"1000"),
+        Role::Keeper => (c"rootcell-oom-kp", b"-1000"),
+    };
+    libc::prctl(libc::PR_SET_NAME, name.as_ptr());
     let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
-    if fd < 0 || libc::write(fd, b"1000".as_ptr().cast(), 4) != 4 {
+    if fd < 0 || libc::write(fd, score.as_ptr().cast(), score.len()) != score.len() as isize {
         libc::_exit(2);
     }
     libc::close(fd);
     libc::write(ready, b"r".as_ptr().cast(), 1);
     let mut bound = [0u8; 8];
+    if role == Role::Keeper {
+        // Until the parent closes the pipe (or kills it).
+        while libc::read(go, bound.as_mut_ptr().cast(), 8) > 0 {}
+        libc::_exit(0);
+    }
     if libc::read(go, bound.as_mut_ptr().cast(), 8) != 8 {
         libc::_exit(3);
     }

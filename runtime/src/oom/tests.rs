@@ -49,6 +49,59 @@ struct Observed {
     /// The limit and swap setting before and after.
     settings: [[(String, String); 2]; 2],
     holding_left: bool,
+    /// v2: whether the cgroup was seen unpopulated during the relay (see [`watch_populated`]).
+    emptied: bool,
+}
+
+/// Watches `dir`'s `cgroup.events` and `memory.events` as containerd's runc shim does on cgroup
+/// v2 (inotify, IN_MODIFY) until `stop`; returns whether any wake-up found the cgroup
+/// unpopulated. The shim stops watching a cgroup for good once it finds it so, and then never
+/// reports an OOM kill in it (the relay's included).
+fn watch_populated(
+    dir: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: a new inotify fd, closed below.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    assert!(
+        fd >= 0,
+        "inotify_init1: {}",
+        std::io::Error::last_os_error()
+    );
+    for f in ["cgroup.events", "memory.events"] {
+        let path = std::ffi::CString::new(dir.join(f).as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and the fd just made.
+        let wd = unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_MODIFY) };
+        assert!(
+            wd >= 0,
+            "inotify_add_watch {f}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let events = dir.join("cgroup.events");
+    std::thread::spawn(move || {
+        let mut emptied = false;
+        let mut buf = [0u8; 4096];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll(2) on one pollfd that lives for the call.
+            if unsafe { libc::poll(&mut p, 1, 20) } <= 0 {
+                continue;
+            }
+            // SAFETY: reading into a local buffer of its length.
+            while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+            let text = std::fs::read_to_string(&events).unwrap_or_default();
+            emptied |= field(&text, "populated ") == Some(0);
+        }
+        // SAFETY: the fd made above, closed once.
+        unsafe { libc::close(fd) };
+        emptied
+    })
 }
 
 /// Runs one relay on a fresh cgroup under `root` (a v1 memory hierarchy or the v2 root)
@@ -77,8 +130,15 @@ fn relay_on_a_real_cgroup(root: &Path, v2: bool) -> Observed {
     };
     let before = settings(&cg);
     let efd = (!v2).then(|| oom_eventfd(&cg.dir));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = v2.then(|| watch_populated(cg.dir.clone(), stop.clone()));
 
     let result = relay_in(&cg);
+
+    // Time for a last wake-up (the kernel spaces these notifications 10 ms apart).
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let emptied = watcher.is_some_and(|w| w.join().unwrap());
 
     let notified = match efd {
         Some((mut efd, _control)) => {
@@ -105,6 +165,7 @@ fn relay_on_a_real_cgroup(root: &Path, v2: bool) -> Observed {
         stand_in: holder as u32,
         settings: [before, after],
         holding_left: cg.holding_dir().exists(),
+        emptied,
     };
     // SAFETY: our own child, killed and reaped.
     unsafe {
@@ -131,6 +192,10 @@ fn check(o: Observed) {
         "the VM's processes are not back"
     );
     assert!(!o.holding_left, "the holding cgroup was left behind");
+    assert!(
+        !o.emptied,
+        "the cgroup was empty during the relay: containerd's shim would stop watching it"
+    );
     assert_eq!(
         o.settings[0], o.settings[1],
         "limit and swap setting not restored"
