@@ -5,8 +5,8 @@
 //! count in `memory.events` on v2. A kill inside the VM is invisible there, so the sandbox makes
 //! the host kernel perform a real one in that cgroup, on a process that exists only for it:
 //!
-//! 1. a forked child joins the cgroup, and a second one that the OOM killer may not choose (a
-//!    keeper, `oom_score_adj` -1000); every other process of the cgroup (the sandbox, the VMM)
+//! 1. a forked child joins the cgroup, and a second one that the OOM killer does not choose (a
+//!    keeper, `oom_score_adj` -1000 where root may lower it); every other process of the cgroup (the sandbox, the VMM)
 //!    moves to a sibling "holding" cgroup, so the OOM killer has no other choice and nothing of
 //!    the VM ever waits on, or is killed by, the lowered limit (charges stay where they were);
 //! 2. the limit is set just above the usage, with swap off for the cgroup (so the reclaim that
@@ -402,10 +402,17 @@ unsafe fn helper_child(role: Role, ready: libc::c_int, go: libc::c_int) -> ! {
     };
     libc::prctl(libc::PR_SET_NAME, name.as_ptr());
     let fd = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
-    if fd < 0 || libc::write(fd, score.as_ptr().cast(), score.len()) != score.len() as isize {
+    let set =
+        fd >= 0 && libc::write(fd, score.as_ptr().cast(), score.len()) == score.len() as isize;
+    // Lowering the score needs CAP_SYS_RESOURCE, which some hosts' root lacks: the keeper then
+    // keeps the sandbox's, and the sacrifice (score 1000, and all the memory it touches) is
+    // still the one the OOM killer picks.
+    if !set && role == Role::Sacrifice {
         libc::_exit(2);
     }
-    libc::close(fd);
+    if fd >= 0 {
+        libc::close(fd);
+    }
     libc::write(ready, b"r".as_ptr().cast(), 1);
     let mut bound = [0u8; 8];
     if role == Role::Keeper {
