@@ -116,7 +116,8 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
         Vec::<String>::new(),
         "the second container booted no VM"
     );
-    // Also on the built-in VMM, whose VM is threads of the sandbox (no process of its own).
+    // Also on the built-in VMM (its VM in a `builtin-vmm` process under the sandbox, recorded
+    // as the state's vm_pid).
     assert!(
         runs_own_vmm(&rt.root(), &a) && !runs_own_vmm(&rt.root(), &b),
         "the first container runs the VM, the second none of its own"
