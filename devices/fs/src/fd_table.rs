@@ -165,7 +165,6 @@ mod tests {
         let file = std::fs::File::open(&secret).unwrap();
         let (mut kept, mut peer) = std::os::unix::net::UnixStream::pair().unwrap();
         let (fd, kept_fd) = (file.as_raw_fd(), kept.as_raw_fd());
-        let before = std::fs::read_dir("/proc/self/fd").unwrap().count();
         let (names, wrote) = std::thread::spawn(move || {
             unshare_keeping(&[kept_fd], &[]).unwrap();
             let names = (target(fd), target(kept_fd));
@@ -181,13 +180,14 @@ mod tests {
         assert_eq!(wrote, 1);
         let mut b = [0u8; 1];
         peer.read_exact(&mut b).unwrap();
-        // The process's own table is as it was: the file is still the file, and the thread's
-        // table went with it (no fd more or less here).
+        // The process's own table is as it was: the file is still the file, the socket still
+        // the socket. (Its fd count is not compared: other tests of this binary open and close
+        // fds in parallel.)
         assert_eq!(target(fd), secret.to_string_lossy());
         let mut s = String::new();
         (&file).read_to_string(&mut s).unwrap();
         assert_eq!(s, "host file");
         kept.write_all(b"y").unwrap();
-        assert_eq!(std::fs::read_dir("/proc/self/fd").unwrap().count(), before);
+        assert!(target(kept_fd).starts_with("socket:"));
     }
 }
