@@ -126,6 +126,12 @@ fn shutdown(d: &DockerDaemon, child: Option<Child>) {
             .args(["link", "del", bridge])
             .stderr(Stdio::null())
             .status();
+        if bridged_frames_see_iptables() {
+            let _ = Command::new("iptables")
+                .args(bridged_accept_rule("-D", bridge))
+                .stderr(Stdio::null())
+                .status();
+        }
     }
     // Docker bind-mounts network namespaces (the host's for --network host) under
     // exec/netns; exec itself is no mount point, so `umount -R exec` would miss them.
@@ -321,7 +327,53 @@ fn make_bridge() -> String {
     ip(&["link", "add", &name, "type", "bridge"]);
     ip(&["addr", "add", &addr, "dev", &name]);
     ip(&["link", "set", &name, "up"]);
+    // With --iptables=false the daemon adds no rule of its own; where the host's kernel sends
+    // bridged frames through iptables (br_netfilter, built into some hosts' kernels, with
+    // bridge-nf-call-iptables 1) the host's FORWARD policy (DROP under a host dockerd) would
+    // drop container-to-container traffic on this bridge and on the daemon's user-defined
+    // networks. A real Docker with iptables on accepts that traffic itself; this rule does it
+    // for the test daemon, and goes at shutdown.
+    if bridged_frames_see_iptables() {
+        let o = Command::new("iptables")
+            .args(bridged_accept_rule("-I", &name))
+            .output()
+            .expect("run iptables");
+        assert!(
+            o.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     name
+}
+
+/// Whether the host's bridges pass frames to iptables (br_netfilter).
+fn bridged_frames_see_iptables() -> bool {
+    std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        .is_ok_and(|v| v.trim() == "1")
+}
+
+/// The iptables arguments that add (`-I`) or delete (`-D`) the FORWARD rule accepting bridged
+/// frames for the test daemon whose bridge is `bridge` (named in the rule's comment).
+fn bridged_accept_rule(op: &'static str, bridge: &str) -> Vec<String> {
+    [
+        op,
+        "FORWARD",
+        "-m",
+        "physdev",
+        "--physdev-is-bridged",
+        "-m",
+        "comment",
+        "--comment",
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain([
+        format!("rootcell-e2e {bridge}"),
+        "-j".into(),
+        "ACCEPT".into(),
+    ])
+    .collect()
 }
 
 /// Mounts the chroot of an [`Engine::Root`] daemon in the mount namespace `unshare` made, then
