@@ -16,17 +16,9 @@ use rootcell_fs::{serve_vhost_user_confined, BackendHandle, FsConfig, Jail};
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 
-/// fd number → what it names, in the table of `task` (a tid of this process, or "self").
-fn table(dir: &str) -> BTreeMap<u32, String> {
-    std::fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("listing {dir}: {e}"))
-        .flatten()
-        .filter_map(|e| {
-            let n = e.file_name().to_str()?.parse().ok()?;
-            let t = std::fs::read_link(e.path()).ok()?;
-            Some((n, t.to_string_lossy().into_owned()))
-        })
-        .collect()
+/// fd number → what it names, in the fd directory `dir` (test-support's reader).
+fn table(dir: &str) -> BTreeMap<i32, String> {
+    rootcell_test_support::fd_targets(Path::new(dir))
 }
 
 /// What the process's table holds (name → how many fds), without the listing's own fd.
@@ -189,19 +181,16 @@ fn back_end_threads_hold_only_their_own_fds_and_leave_nothing() {
         "the back end holds host files outside the share: {outside:?} (all: {its:?})"
     );
     assert_eq!(
-        its.get(&(held_file.as_raw_fd() as u32)).map(String::as_str),
+        its.get(&(held_file.as_raw_fd())).map(String::as_str),
         Some("/dev/null"),
         "the caller's file's number in the back end's table: {its:?}"
     );
     assert_eq!(
-        its.get(&(held_dir.as_raw_fd() as u32)).map(String::as_str),
+        its.get(&(held_dir.as_raw_fd())).map(String::as_str),
         Some("/dev/null")
     );
     // The log's number is a pipe there, whose bytes reach the log.
-    let piped = its
-        .get(&(log.as_raw_fd() as u32))
-        .cloned()
-        .unwrap_or_default();
+    let piped = its.get(&(log.as_raw_fd())).cloned().unwrap_or_default();
     assert!(piped.starts_with("pipe:"), "the log's number holds {piped}");
     eventually("the back end's log line reaches the log", || {
         std::fs::read_to_string(&log_path).is_ok_and(|l| l == "from the back end\n")
