@@ -64,12 +64,13 @@ shutdown_trace_start() {
     echo 1 > $tr/events/kvm/kvm_exit/enable
     echo 1 > $tr/tracing_on
 }
-# The kernel symbol at or below a guest address (guest kernels have no KASLR: tinyconfig).
+# The kernel text symbol at or below a guest address (guest kernels have no KASLR: tinyconfig);
+# nothing for an address below the kernel's text.
 guest_symbol() {
     [ -r "${ROOTCELL_VMLINUX:-}" ] || return 0
     local a sym; a=$(printf '%016x' "$1")
     # nm prints 16 lowercase hex digits, so string order is address order.
-    sym=$(nm -n "$ROOTCELL_VMLINUX" 2>/dev/null | awk -v a="$a" '$1 > a { exit } { s = $1 " " $3 } END { print s }')
+    sym=$(nm -n "$ROOTCELL_VMLINUX" 2>/dev/null | awk -v a="$a" '$1 > a { exit } $2 ~ /^[tTwW]$/ { s = $1 " " $3 } END { print s }')
     [ -n "$sym" ] && printf '%s+0x%x' "${sym#* }" $(( $1 - 0x${sym%% *} ))
 }
 shutdown_trace_report() { # what ran
