@@ -24,6 +24,8 @@
 #                      stopped (its /init prints a heartbeat every 30 s; default 180)
 #   --init-timeout S   from /init's first line until it is ready to run the command (modules,
 #                      the root file system, a /dev/kvm check; about 4 s here; default 240)
+# Env: ROOTCELL_L1_QEMU (L0's QEMU binary), ROOTCELL_L1_ACCEL (L0's -accel, default tcg; e.g.
+#      tcg,thread=single to run L1's vCPUs on one host thread, for comparing L1's failure rates)
 # When L1 cannot give COMMAND a working KVM, or does not come up, or runs out of time, the script
 # prints one line `l1: FAIL ...` saying which (and where L1 got to), and exits with 125. It
 # leaves no QEMU, virtiofsd or mount behind, also when it is killed (TERM/INT) or fails.
@@ -48,10 +50,11 @@ done
 lane_fail() { echo "l1: FAIL $*"; exit 125; }
 
 qemu=${ROOTCELL_L1_QEMU:-qemu-system-x86_64}
+accel=${ROOTCELL_L1_ACCEL:-tcg}
 virtiofsd=${ROOTCELL_L1_VIRTIOFSD:-/usr/lib/qemu/virtiofsd}
 command -v "$qemu" >/dev/null || lane_fail "$qemu not found (scripts/install-deps.sh installs qemu-system-x86)"
 [ -x "$virtiofsd" ] || lane_fail "$virtiofsd not found (part of qemu-system-common)"
-echo "l1: L0 is $("$qemu" --version 2>/dev/null | head -1) ($qemu)"
+echo "l1: L0 is $("$qemu" --version 2>/dev/null | head -1) ($qemu, -accel $accel)"
 l1=$("$top/images/build-l1.sh") || lane_fail "could not build the L1 kernel and initramfs (images/build-l1.sh)"
 
 tmp=$(mktemp -d /tmp/rootcell-l1.XXXXXX)
@@ -115,7 +118,7 @@ mkfifo "$tmp/mon.in" "$tmp/mon.out"
 # those places; nokaslr keeps L1's addresses the ones the symbols say.
 : > "$tmp/syms"
 start=$(date +%s.%N)
-"$qemu" -nodefaults -no-user-config -M q35,memory-backend=mem -accel tcg -cpu "$cpu" -smp "$smp" -m "${mem}M" \
+"$qemu" -nodefaults -no-user-config -M q35,memory-backend=mem -accel "$accel" -cpu "$cpu" -smp "$smp" -m "${mem}M" \
     -object "memory-backend-memfd,id=mem,size=${mem}M,share=on" \
     -chardev "socket,id=fs,path=$tmp/fs.sock" -device vhost-user-fs-pci,chardev=fs,tag=hostroot \
     -kernel "$l1/vmlinuz" -initrd "$tmp/initramfs.cpio" \
@@ -225,7 +228,7 @@ while :; do
     if line=$(grep -a -m1 '^rootcell-l1: RESULT' "$log"); then
         rc=${line#rootcell-l1: RESULT }
         rc=${rc%%[!0-9]*}
-        echo "l1: command exited with $rc after $(printf '%.1f' "$elapsed") s in L1 (QEMU TCG, -cpu max, -smp $smp)"
+        echo "l1: command exited with $rc after $(printf '%.1f' "$elapsed") s in L1 (QEMU -accel $accel, -cpu max, -smp $smp)"
         exit "$rc"
     fi
     # A soft lockup in L1's kernel that lasts (seen: its KVM's kvm-pit worker and a vCPU thread
