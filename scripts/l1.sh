@@ -24,7 +24,8 @@
 #                      stopped (its /init prints a heartbeat every 30 s; default 180)
 #   --init-timeout S   from /init's first line until it is ready to run the command (modules,
 #                      the root file system, a /dev/kvm check; about 4 s here; default 240)
-# Env: ROOTCELL_L1_QEMU (L0's QEMU binary), ROOTCELL_L1_ACCEL (L0's -accel, default tcg; e.g.
+# Env: ROOTCELL_L1_QEMU (L0's QEMU binary; default: the host's if 8.1 or later, else Debian 13's
+#      QEMU 10 from images/build-trixie-root.sh), ROOTCELL_L1_ACCEL (L0's -accel, default tcg; e.g.
 #      tcg,thread=single to run L1's vCPUs on one host thread, for comparing L1's failure rates)
 # When L1 cannot give COMMAND a working KVM, or does not come up, or runs out of time, the script
 # prints one line `l1: FAIL ...` saying which (and where L1 got to), and exits with 125. It
@@ -49,7 +50,27 @@ done
 [ $# -gt 0 ] || { echo "l1: no command given" >&2; exit 2; }
 lane_fail() { echo "l1: FAIL $*"; exit 125; }
 
-qemu=${ROOTCELL_L1_QEMU:-qemu-system-x86_64}
+# L0 must be QEMU 8.1 or later. Before 8.1, multi-threaded TCG could keep running its translation
+# of code that another vCPU had just rewritten (QEMU commit deba78709ae8, "accel/tcg: Always lock
+# pages before translation"), and L1's kernel rewrites its own code all the time (static keys flip
+# as KVM creates and ends guests). Seen here on Debian 12's 7.2.22: L1 looping for good on an int3
+# in __schedule that text_poke had already replaced with a NOP (both vCPUs stuck, the lane's
+# "stopped responding"). So with an older host QEMU, L1 runs under Debian 13's QEMU 10 from the
+# trixie root (images/build-trixie-root.sh, cached); ROOTCELL_L1_QEMU names any other.
+qemu_at_least_8_1() {
+    local v; v=$("$1" --version 2>/dev/null | sed -n '1s/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+    [ -n "$v" ] && set -- $v && { [ "$1" -gt 8 ] || { [ "$1" = 8 ] && [ "$2" -ge 1 ]; }; }
+}
+if [ -n "${ROOTCELL_L1_QEMU:-}" ]; then
+    qemu=$ROOTCELL_L1_QEMU
+elif qemu_at_least_8_1 qemu-system-x86_64; then
+    qemu=qemu-system-x86_64
+else
+    echo "l1: the host's $(qemu-system-x86_64 --version 2>/dev/null | head -1) is older than 8.1: L0 is the trixie root's QEMU"
+    root=$("$top/images/build-trixie-root.sh") ||
+        lane_fail "could not build the trixie root for its QEMU 10 (images/build-trixie-root.sh); the host's QEMU is older than 8.1, whose TCG runs stale code in L1 (set ROOTCELL_L1_QEMU to use it anyway)"
+    qemu=$root/rootcell-qemu
+fi
 accel=${ROOTCELL_L1_ACCEL:-tcg}
 virtiofsd=${ROOTCELL_L1_VIRTIOFSD:-/usr/lib/qemu/virtiofsd}
 command -v "$qemu" >/dev/null || lane_fail "$qemu not found (scripts/install-deps.sh installs qemu-system-x86)"
