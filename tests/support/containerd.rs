@@ -15,7 +15,8 @@
 
 use crate::docker::{kill_namespace, Engine, MountNamespace};
 use crate::{
-    artifacts, images_dir, output_with_timeout, processes_mentioning, text, COMMAND_TIMEOUT,
+    artifacts, gdb_backtraces, images_dir, output_with_timeout, output_with_timeout_or,
+    processes_mentioning, text, thread_dump, COMMAND_TIMEOUT,
 };
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -295,9 +296,122 @@ impl Containerd {
         self.dir().join("state/rootcell").join(ns)
     }
 
-    /// `ctr ARGS` against this containerd, in the test namespace, bounded.
+    /// `ctr ARGS` against this containerd, in the test namespace, bounded; a `ctr` that overruns
+    /// is reported with [`Containerd::hang_report`].
     pub fn ctr(&self, args: &[&str]) -> Output {
-        output_with_timeout(self.ctr_command(args), None, COMMAND_TIMEOUT)
+        self.bounded(self.ctr_command(args))
+    }
+
+    /// Runs a `ctr` command bounded by [`COMMAND_TIMEOUT`], with [`Containerd::hang_report`]
+    /// if it overruns.
+    fn bounded(&self, c: Command) -> Output {
+        output_with_timeout_or(c, None, COMMAND_TIMEOUT, |pid| self.hang_report(pid))
+    }
+
+    /// Where a stuck `ctr` (pid `ctr`) and what it waits on are: containerd's goroutines that
+    /// are in its task service, runtime v2 or ttrpc (SIGUSR1 makes containerd write them all to
+    /// /tmp/containerd.PID.stacks.log), the threads of every process of this containerd's
+    /// directory but containerd itself (shims, rootcell, their children) with the shims'
+    /// backtraces, the end of containerd's log; and SIGQUIT to `ctr`, a Go program, which then
+    /// prints its goroutines on its stderr and exits (the caller shows that stderr) unless it
+    /// forwards signals to a running task.
+    pub fn hang_report(&self, ctr: i32) -> String {
+        let mut r = String::from("=== what the ctr call waits on ===\n");
+        let needle = self.dir().display().to_string();
+        let procs: Vec<i32> = processes_mentioning(&needle)
+            .iter()
+            .filter_map(|p| p.split(':').next().and_then(|s| s.parse().ok()))
+            .collect();
+        let comm = |pid: i32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        if let Some(&cd) = procs.iter().find(|&&p| comm(p) == "containerd") {
+            r.push_str(&self.containerd_goroutines(cd));
+        }
+        r.push_str("--- threads (ctr and every process of the private directory) ---\n");
+        let mut shims = Vec::new();
+        for &p in std::iter::once(&ctr).chain(procs.iter().filter(|&&p| p != ctr)) {
+            if comm(p) == "containerd" {
+                continue;
+            }
+            if comm(p).starts_with("containerd-shim") {
+                shims.push(p);
+            }
+            r.push_str(&thread_dump(p));
+        }
+        for p in shims {
+            r.push_str(&format!("--- backtraces of shim {p} ---\n"));
+            r.push_str(&gdb_backtraces(p));
+            r.push('\n');
+        }
+        r.push_str("--- containerd's log (last 60 lines) ---\n");
+        r.push_str(&self.log_tail(60));
+        // SAFETY: kill(2) of the ctr process the caller started and has not reaped.
+        unsafe { libc::kill(ctr, libc::SIGQUIT) };
+        // Go prints its goroutines and exits: give it a moment before the caller kills it.
+        // (Not once `ctr run` forwards signals to its task, after the task started: then the
+        // container gets it, and containerd's goroutines above show the call ctr is in.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && std::path::Path::new(&format!("/proc/{ctr}")).exists() {
+            let zombie = std::fs::read_to_string(format!("/proc/{ctr}/stat")).is_ok_and(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, st)| st.starts_with('Z'))
+            });
+            if zombie {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        r.push_str(
+            "\n--- ctr's goroutines: on its stderr below (SIGQUIT), unless it forwards signals ---",
+        );
+        r
+    }
+
+    /// containerd `pid`'s goroutines that are in the task service, runtime v2, ttrpc or the
+    /// shim's events (SIGUSR1's dump, which containerd also logs as one long line: that line
+    /// is left out of [`Containerd::log_tail`]'s use here by its length).
+    fn containerd_goroutines(&self, pid: i32) -> String {
+        let file = self.host_path(&format!("/tmp/containerd.{pid}.stacks.log"));
+        let _ = std::fs::remove_file(&file);
+        // SAFETY: kill(2) of this test's private containerd; SIGUSR1 only makes it dump stacks.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut dump = String::new();
+        // Written in one go after it is created: wait until it stops growing.
+        let mut last = usize::MAX;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(300));
+            dump = std::fs::read_to_string(&file).unwrap_or_default();
+            if !dump.is_empty() && dump.len() == last {
+                break;
+            }
+            last = dump.len();
+        }
+        let _ = std::fs::remove_file(&file);
+        let all = dump.split("\n\n").count();
+        let keep: Vec<&str> = dump
+            .split("\n\n")
+            .filter(|g| {
+                [
+                    "runtime/v2",
+                    "services/tasks",
+                    "ttrpc",
+                    "cio",
+                    "events/exchange",
+                ]
+                .iter()
+                .any(|k| g.contains(k))
+            })
+            .collect();
+        format!(
+            "--- containerd {pid}: {} of its {all} goroutines (those in tasks, runtime v2, ttrpc, events) ---\n{}\n",
+            keep.len(),
+            keep.join("\n\n")
+        )
     }
 
     /// The `ctr ARGS` command (to run it in the background).
@@ -326,10 +440,10 @@ impl Containerd {
         c
     }
 
-    /// The last lines of containerd's log.
+    /// The last lines of containerd's log (but those over 4000 characters: a stack dump).
     pub fn log_tail(&self, lines: usize) -> String {
         let l = std::fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default();
-        let v: Vec<&str> = l.lines().collect();
+        let v: Vec<&str> = l.lines().filter(|l| l.len() <= 4000).collect();
         v[v.len().saturating_sub(lines)..].join("\n")
     }
 
@@ -396,11 +510,8 @@ impl Containerd {
             .output()
             .unwrap();
         assert!(o.status.success());
-        let o = output_with_timeout(
-            self.ctr_command_in(ns, &["images", "import", &tar.display().to_string()]),
-            None,
-            COMMAND_TIMEOUT,
-        );
+        let o = self
+            .bounded(self.ctr_command_in(ns, &["images", "import", &tar.display().to_string()]));
         assert!(
             o.status.success(),
             "ctr images import: {}{}",

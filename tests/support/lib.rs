@@ -421,7 +421,20 @@ mod watchdog {
 /// process of its scope (the helpers it started, which hold its pipes) and panics saying what
 /// was still running. Output is collected until EOF, which a helper that outlives the command
 /// could withhold: that wait is bounded too, and names the holders.
-pub fn output_with_timeout(mut c: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
+pub fn output_with_timeout(c: Command, input: Option<Vec<u8>>, timeout: Duration) -> Output {
+    output_with_timeout_or(c, input, timeout, |_| String::new())
+}
+
+/// [`output_with_timeout`] that, on overrun, first calls `on_overrun` with the command's pid,
+/// while the command and whatever it waits on are still stuck, and puts what it returns in the
+/// panic message, with what the command had printed by the time it was killed (so a hook that
+/// makes the command dump its state, a Go program's SIGQUIT, shows that dump).
+pub fn output_with_timeout_or(
+    mut c: Command,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+    on_overrun: impl FnOnce(i32) -> String,
+) -> Output {
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     if input.is_some() {
         c.stdin(Stdio::piped());
@@ -452,7 +465,23 @@ pub fn output_with_timeout(mut c: Command, input: Option<Vec<u8>>, timeout: Dura
     drop(tx);
     let pid = child.id() as i32;
     let scope = scope_of(pid);
-    let status = wait_with_timeout(child, timeout);
+    let Some(status) = wait_until(&mut child, Instant::now() + timeout) else {
+        let report = on_overrun(pid);
+        let killed = kill_tree(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        // What it printed, unless a helper still holds its pipes (then as much as came).
+        let mut out = [Vec::new(), Vec::new()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Ok((i, b)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            out[i] = b;
+        }
+        panic!(
+            "{what} (pid {pid}) did not finish within {timeout:?}; killed it and its scope: {killed:#?}\n{report}\n--- its stdout ---\n{}\n--- its stderr ---\n{}",
+            text(&out[0]),
+            text(&out[1])
+        );
+    };
     if let Some(w) = writer {
         let _ = w.join();
     }
@@ -478,28 +507,125 @@ pub fn output_with_timeout(mut c: Command, input: Option<Vec<u8>>, timeout: Dura
     }
 }
 
-/// Waits for a child with a deadline; on overrun kills it and its scope and panics, naming the
-/// command and what was still running.
-pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> ExitStatus {
-    let deadline = Instant::now() + timeout;
+/// The child's exit status, or `None` if it still runs at `deadline`.
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
     loop {
         if let Some(s) = child.try_wait().expect("try_wait") {
-            return s;
+            return Some(s);
         }
         if Instant::now() > deadline {
-            let pid = child.id() as i32;
-            let cmd = fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-                .unwrap_or_default();
-            let killed = kill_tree(pid);
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "command `{cmd}` (pid {pid}) did not finish within {timeout:?}; killed it and its scope: {killed:#?}"
-            );
+            return None;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits for a child with a deadline; on overrun kills it and its scope and panics, naming the
+/// command and what was still running.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> ExitStatus {
+    if let Some(s) = wait_until(&mut child, Instant::now() + timeout) {
+        return s;
+    }
+    let pid = child.id() as i32;
+    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default();
+    let killed = kill_tree(pid);
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "command `{cmd}` (pid {pid}) did not finish within {timeout:?}; killed it and its scope: {killed:#?}"
+    );
+}
+
+/// Where each thread of process `pid` is, from /proc: name, state, kernel wait channel, the
+/// system call it is in (number and first arguments) and, where the kernel shows it, its
+/// kernel stack. For a report on something stuck.
+pub fn thread_dump(pid: i32) -> String {
+    let read = |p: &Path| {
+        fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|e| format!("({e})"))
+    };
+    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default();
+    let mut s = format!("pid {pid}: {cmd}\n");
+    let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    tids.sort_unstable();
+    for tid in tids {
+        let t = PathBuf::from(format!("/proc/{pid}/task/{tid}"));
+        // The state is the field after the parenthesised name.
+        let stat = read(&t.join("stat"));
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        let wchan = read(&t.join("wchan"));
+        let syscall: Vec<String> = read(&t.join("syscall"))
+            .split(' ')
+            .take(4)
+            .map(String::from)
+            .collect();
+        s.push_str(&format!(
+            "  tid {tid} {} state {state} wchan {wchan} syscall {}\n",
+            read(&t.join("comm")),
+            syscall.join(" ")
+        ));
+        // The kernel stack, but of threads that merely wait on a futex or for events.
+        let idle = [
+            "futex",
+            "epoll",
+            "poll_schedule",
+            "do_select",
+            "hrtimer_nanosleep",
+        ]
+        .iter()
+        .any(|w| wchan.contains(w));
+        if let (false, Ok(k)) = (idle, fs::read_to_string(t.join("stack"))) {
+            for l in k.lines().take(12) {
+                s.push_str(&format!("      {l}\n"));
+            }
+        }
+    }
+    s
+}
+
+/// Every thread's user-space backtrace of process `pid` (gdb, bounded), or why there is none.
+pub fn gdb_backtraces(pid: i32) -> String {
+    if !Path::new("/usr/bin/gdb").exists() {
+        return "(no /usr/bin/gdb for user-space backtraces)".into();
+    }
+    let mut c = Command::new("/usr/bin/gdb");
+    c.args(["-nx", "-batch", "-p", &pid.to_string()])
+        .args(["-ex", "thread apply all bt 25"])
+        .stdin(Stdio::null());
+    // Its own bound, well inside the caller's: a report must not hang either.
+    let o = output_with_timeout(c, None, Duration::from_secs(60));
+    // Threads and frames, without the frames every thread has (thread start, closure shims).
+    let boring = [
+        "start_thread",
+        "clone3",
+        "thread_start",
+        "__rust_begin_short_backtrace",
+        "call_once{{vtable",
+        "lang_start",
+        "in main ()",
+    ];
+    text(&o.stdout)
+        .lines()
+        .filter(|l| {
+            l.starts_with("Thread ")
+                || (l.starts_with('#') && !boring.iter().any(|b| l.contains(b)))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn describe(c: &Command) -> String {
