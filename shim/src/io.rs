@@ -6,9 +6,7 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// How long a logging binary has to say it is ready (close its fd 5) before the process it logs
@@ -78,40 +76,22 @@ pub fn start_logger(uri: &str, who: &LogFor<'_>) -> std::io::Result<(File, File,
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (ready_r, ready_w) = pipe()?;
-    // Copies numbered above 5, so that moving them to 3, 4 and 5 in the child never overwrites
-    // one that is still to be moved.
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map(OwnedFd::from)?;
+    // Copies numbered above 5, so that moving them to 0-5 in the child never overwrites one that
+    // is still to be moved.
     let high = |fd: &OwnedFd| -> std::io::Result<OwnedFd> {
         let n =
             fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(10)).map_err(std::io::Error::from)?;
         // SAFETY: `n` is the new descriptor F_DUPFD_CLOEXEC just returned; nothing else owns it.
         Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) })
     };
-    let child_fds = [high(&out_r)?, high(&err_r)?, high(&ready_w)?];
-    drop((out_r, err_r, ready_w));
-    let raw: Vec<i32> = child_fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut cmd = Command::new(&program);
-    cmd.args(&args)
-        .env_clear()
-        .env("CONTAINER_ID", who.id)
-        .env("CONTAINER_NAMESPACE", who.namespace)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: the closure runs in the forked child before exec and calls only dup2(2), which is
-    // async-signal-safe; the descriptors it reads are open (held by `child_fds` until spawn
-    // returns). dup2 clears close-on-exec on the new descriptor, so 3, 4 and 5 survive the exec
-    // while every other descriptor of the shim (all close-on-exec) does not.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (i, fd) in raw.iter().enumerate() {
-                if libc::dup2(*fd, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|e| {
+    let child_fds = [high(&out_r)?, high(&err_r)?, high(&ready_w)?, high(&null)?];
+    drop((out_r, err_r, ready_w, null));
+    let pid = spawn_logger(&program, &args, who, &child_fds).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot start logging binary {}: {e}", program.display()),
@@ -119,8 +99,7 @@ pub fn start_logger(uri: &str, who: &LogFor<'_>) -> std::io::Result<(File, File,
     })?;
     // Our copies of the read ends and of the ready pipe's write end: only the logger holds them.
     drop(child_fds);
-    drop(cmd);
-    let logger = Logger { pid: child.id() };
+    let logger = Logger { pid };
     // Ready once fd 5 reads EOF: the logger closed it (or exited).
     let mut fds = [nix::poll::PollFd::new(
         ready_r.as_fd(),
@@ -151,6 +130,67 @@ pub fn start_logger(uri: &str, who: &LogFor<'_>) -> std::io::Result<(File, File,
         return Err(e);
     }
     Ok((File::from(out_w), File::from(err_w), logger))
+}
+
+/// posix_spawn(3) of a logger: `fds` (the stdout and stderr read ends, the ready pipe's write
+/// end, /dev/null; all close-on-exec and numbered above 5) become its fds 3, 4, 5 and its stdio,
+/// with `who` as its whole environment. Not std's `Command`: moving descriptors to 3-5 needs
+/// `pre_exec`, hence a fork, and after a fork whose exec fails std waits for the child itself
+/// and panics if that wait finds no child, which is what happens when the shim's reaper
+/// (containerd-shim's SIGCHLD thread, waitpid(-1)) collects it first: the create request then
+/// died with its handler thread, unanswered, and containerd (and `ctr run`) waited for it
+/// forever. posix_spawn reports a failed exec as its result, whoever reaps the child (the
+/// reaper reports it as an exit nobody claims).
+fn spawn_logger(
+    program: &Path,
+    args: &[String],
+    who: &LogFor<'_>,
+    fds: &[OwnedFd; 4],
+) -> std::io::Result<u32> {
+    use nix_spawn::spawn::{posix_spawn, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstring = |b: &[u8]| {
+        CString::new(b).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a NUL byte in the logger's command line or environment",
+            )
+        })
+    };
+    let mut argv = vec![cstring(program.as_os_str().as_bytes())?];
+    for a in args {
+        argv.push(cstring(a.as_bytes())?);
+    }
+    let envp = [
+        cstring(format!("CONTAINER_ID={}", who.id).as_bytes())?,
+        cstring(format!("CONTAINER_NAMESPACE={}", who.namespace).as_bytes())?,
+    ];
+    let [out, err, ready, null] = fds.each_ref().map(|f| f.as_raw_fd());
+    let mut actions = PosixSpawnFileActions::init()?;
+    // dup2 clears close-on-exec on the copy: these six survive the exec, nothing else does.
+    for (from, to) in [
+        (null, 0),
+        (null, 1),
+        (null, 2),
+        (out, 3),
+        (err, 4),
+        (ready, 5),
+    ] {
+        actions.add_dup2(from, to)?;
+    }
+    // The shim's signal dispositions and mask are not the logger's business (std's Command
+    // resets them the same way).
+    let mut attr = PosixSpawnAttr::init()?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK,
+    )?;
+    let mut pipe_default = nix_spawn::sys::signal::SigSet::empty();
+    pipe_default.add(nix_spawn::sys::signal::Signal::SIGPIPE);
+    attr.set_sigdefault(&pipe_default)?;
+    attr.set_sigmask(&nix_spawn::sys::signal::SigSet::empty())?;
+    let pid = posix_spawn(program, &actions, &attr, &argv, &envp)?;
+    Ok(pid.as_raw() as u32)
 }
 
 /// Opens an output (stdout, stderr): a FIFO whose reader containerd (or ctr) already holds or
@@ -331,6 +371,11 @@ mod tests {
 
     #[test]
     fn a_missing_logger_is_a_clear_error() {
+        assert_missing_logger_fails();
+    }
+
+    /// Starting a logger that does not exist fails, saying which.
+    fn assert_missing_logger_fails() {
         let who = LogFor {
             id: "c1",
             namespace: "ns",
@@ -373,6 +418,53 @@ mod tests {
             "{st:?}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The shim's reaper (containerd-shim's SIGCHLD thread) collects every child with
+    /// waitpid(-1): a logger whose exec fails must still fail cleanly, not in a wait of its own
+    /// for a child the reaper may have taken first (std's spawn then panics, the create request
+    /// is never answered, and containerd waits for it forever). Runs in a process of its own,
+    /// where such a reaper takes no other test's children.
+    #[test]
+    fn a_missing_logger_fails_cleanly_while_a_reaper_collects_every_child() {
+        const VAR: &str = "RC_SHIM_IO_REAPER_TEST";
+        let name = "io::tests::a_missing_logger_fails_cleanly_while_a_reaper_collects_every_child";
+        if std::env::var_os(VAR).is_none() {
+            let o = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(VAR, "1")
+                .output()
+                .unwrap();
+            let out = String::from_utf8_lossy(&o.stdout);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{out}\n{err}");
+            assert!(out.contains("1 passed"), "{out}\n{err}");
+            return;
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reaper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // As eagerly as the shim's reaper can be at its quickest.
+                    let _ = nix::sys::wait::waitpid(
+                        nix::unistd::Pid::from_raw(-1),
+                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                    );
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let outcome = std::panic::catch_unwind(|| {
+            for _ in 0..300 {
+                assert_missing_logger_fails();
+            }
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reaper.join().unwrap();
+        if let Err(p) = outcome {
+            std::panic::resume_unwind(p);
+        }
     }
 
     fn tempfile_dir() -> PathBuf {

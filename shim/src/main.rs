@@ -89,6 +89,16 @@ impl shim::Shim for Shim {
 }
 
 fn main() {
+    // A panic in a request handler ends only that ttrpc worker thread: the request is never
+    // answered, and containerd waits for most of them with no deadline (a create, for one). The
+    // serving shim's stderr is /dev/null, so the default hook's message is lost: put it in the
+    // shim's log, which containerd copies into its own.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // One line: containerd's log is line by line.
+        log::error!("shim panicked: {}", info.to_string().replace('\n', " "));
+        default_hook(info);
+    }));
     // The runtime id containerd knows this shim by (`--runtime io.containerd.rootcell.v2`).
     shim::run::<Shim>("io.containerd.rootcell.v2", None);
 }
