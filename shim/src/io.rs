@@ -427,43 +427,13 @@ mod tests {
     /// where such a reaper takes no other test's children.
     #[test]
     fn a_missing_logger_fails_cleanly_while_a_reaper_collects_every_child() {
-        const VAR: &str = "RC_SHIM_IO_REAPER_TEST";
         let name = "io::tests::a_missing_logger_fails_cleanly_while_a_reaper_collects_every_child";
-        if std::env::var_os(VAR).is_none() {
-            let o = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", name, "--nocapture", "--test-threads=1"])
-                .env(VAR, "1")
-                .output()
-                .unwrap();
-            let out = String::from_utf8_lossy(&o.stdout);
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert!(o.status.success(), "{out}\n{err}");
-            assert!(out.contains("1 passed"), "{out}\n{err}");
-            return;
-        }
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reaper = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    // As eagerly as the shim's reaper can be at its quickest.
-                    let _ = nix::sys::wait::waitpid(
-                        nix::unistd::Pid::from_raw(-1),
-                        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-                    );
-                    std::thread::yield_now();
+        if crate::reaper_test::alone(name) {
+            crate::reaper_test::with_reaper(|| {
+                for _ in 0..300 {
+                    assert_missing_logger_fails();
                 }
-            })
-        };
-        let outcome = std::panic::catch_unwind(|| {
-            for _ in 0..300 {
-                assert_missing_logger_fails();
-            }
-        });
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        reaper.join().unwrap();
-        if let Err(p) = outcome {
-            std::panic::resume_unwind(p);
+            });
         }
     }
 

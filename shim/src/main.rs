@@ -13,8 +13,11 @@
 //! one rootcell already keeps for Docker and Podman, so both front ends run the same code.
 
 mod console;
+mod guard;
 mod io;
 mod oom;
+#[cfg(test)]
+mod reaper_test;
 mod runtime;
 mod service;
 
@@ -36,7 +39,8 @@ struct Shim {
 }
 
 impl shim::Shim for Shim {
-    type T = service::Service;
+    // Every request is answered, even one whose handler panics (see guard.rs).
+    type T = guard::CatchPanics<service::Service>;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
         let bundle = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
@@ -79,20 +83,20 @@ impl shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        service::Service::new(
+        guard::CatchPanics(service::Service::new(
             self.rt.clone(),
             publisher,
             self.namespace.clone(),
             self.exit.clone(),
-        )
+        ))
     }
 }
 
 fn main() {
-    // A panic in a request handler ends only that ttrpc worker thread: the request is never
-    // answered, and containerd waits for most of them with no deadline (a create, for one). The
-    // serving shim's stderr is /dev/null, so the default hook's message is lost: put it in the
-    // shim's log, which containerd copies into its own.
+    // A panic in a request handler is answered as an error (guard::CatchPanics), but the reply
+    // carries only its message, and a panic elsewhere (the exit thread) is not answered at all.
+    // The serving shim's stderr is /dev/null, so the default hook's message is lost: put it,
+    // with its location, in the shim's log, which containerd copies into its own.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         // One line: containerd's log is line by line.

@@ -132,3 +132,57 @@ fn last_log_error(log: &Path) -> Option<String> {
             .map(String::from)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reaper_test::{alone, with_reaper};
+
+    fn rootcell(binary: &str) -> Rootcell {
+        Rootcell {
+            binary: binary.into(),
+            root: std::env::temp_dir(),
+        }
+    }
+
+    /// The serving shim's reaper collects every child with waitpid(-1), so a rootcell command
+    /// must neither wait for its child itself nor be waited for by std: std's `Command` (no
+    /// `pre_exec`, no env or uid changes, so posix_spawn) reports a failed exec as spawn's
+    /// result, and the exit comes from the reaper through containerd-shim's monitor. Either
+    /// outcome, many times over, against a reaper at its quickest.
+    #[test]
+    fn rootcell_commands_get_their_outcome_while_a_reaper_collects_every_child() {
+        let name =
+            "runtime::tests::rootcell_commands_get_their_outcome_while_a_reaper_collects_every_child";
+        if !alone(name) {
+            return;
+        }
+        let log = std::env::temp_dir().join(format!("rc-shim-rt-{}.log", std::process::id()));
+        with_reaper(|| {
+            for _ in 0..300 {
+                let e = rootcell("/no/such/rootcell")
+                    .run(&["state", "c1"])
+                    .unwrap_err();
+                assert!(e.starts_with("cannot run /no/such/rootcell: "), "{e}");
+                let none = || Stdio3 {
+                    stdin: None,
+                    stdout: None,
+                    stderr: None,
+                };
+                let e = rootcell("/no/such/rootcell")
+                    .run_with_stdio(&["start".into(), "c1".into()], none(), &log)
+                    .unwrap_err();
+                assert!(e.starts_with("cannot run /no/such/rootcell: "), "{e}");
+            }
+            for _ in 0..50 {
+                assert_eq!(
+                    rootcell("/bin/true").run(&["state", "c1"]),
+                    Ok(String::new())
+                );
+                let e = rootcell("/bin/false").run(&["state", "c1"]).unwrap_err();
+                assert_eq!(e, "rootcell state exited with 1");
+            }
+        });
+        let _ = std::fs::remove_file(&log);
+    }
+}
