@@ -17,11 +17,12 @@ busybox=/bin/busybox
 # Modules L1 loads, in this order after their dependencies (resolved from modules.dep).
 # The netfilter ones are what dockerd's iptables rules (iptables-nft: NAT for the default bridge
 # and -p, conntrack, addrtype) need, and xt_comment for Podman's CNI bridge and firewall plugins
-# (every rule they add has `-m comment`); L1 cannot modprobe them (the host's /lib/modules is not
-# L1's).
+# (every rule they add has `-m comment`), and xt_physdev for the FORWARD rule the tests' Docker
+# 26 daemon adds where bridged frames pass iptables (br_netfilter); L1 cannot modprobe them (the
+# host's /lib/modules is not L1's).
 modules=(virtio_pci virtiofs overlay irqbypass kvm kvm-amd tun veth bridge sch_ingress act_mirred
          cls_u32 cls_bpf vsock nf_tables nft_compat nft_chain_nat xt_MASQUERADE xt_addrtype
-         xt_conntrack xt_nat xt_tcpudp xt_comment br_netfilter)
+         xt_conntrack xt_nat xt_tcpudp xt_comment br_netfilter xt_physdev)
 
 pkg=${ROOTCELL_L1_KERNEL_PKG:-$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
     awk '/Depends: linux-image-[0-9]/ {print $2; exit}')}
