@@ -5,7 +5,7 @@
 //! each of lifecycle, exit codes, stdio integrity, errors with their no-leftover checks, and the
 //! network test; about 5 minutes), with `ROOTCELL_NESTED=1` the whole focused set of those
 //! binaries (about 10-12 minutes), with `ROOTCELL_NESTED_QEMU=1` also with `--hypervisor qemu`
-//! (QEMU -accel kvm). `ROOTCELL_NESTED_FULL=1` runs every test of sixteen e2e binaries there
+//! (QEMU -accel kvm). `ROOTCELL_NESTED_FULL=1` runs every test of seventeen e2e binaries there
 //! (tests/nested/in-l1.sh lists them), on both. The focused and full sets also run two tests
 //! of the VM pool (warm containers, and a VM that dies mid-claim); the smoke set does not.
 //!

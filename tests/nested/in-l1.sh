@@ -9,7 +9,7 @@
 # Usage: in-l1.sh TESTS_DIR      (the directory holding the e2e test binaries, target/release/deps)
 # Env:   the build/env variables (ROOTCELL_BIN, ...); NESTED_SET: smoke (a few tests of each
 #        binary, what the README's test command runs), focused (default: the whole focused set),
-#        full (every test of the sixteen binaries listed below, and the two pool tests of
+#        full (every test of the seventeen binaries listed below, and the two pool tests of
 #        the focused set; also ROOTCELL_NESTED_FULL=1);
 #        NESTED_ONLY: instead of a set, these entries only, separated by ';' (each a binary and
 #        optional test names, as in the lists below; for by-hand runs of one binary);
@@ -121,7 +121,7 @@ case "$set_name" in
     smoke) focused=("${smoke[@]}") ;;
     focused) ;;
     full) focused=(lifecycle process stdio errors network host_parity cgroup_v2 docker docker_systemd containerd jail
-                   exits hostile_guest spoofing shared_vm containerd17 "$pool_entry") ;;
+                   exits hostile_guest spoofing shared_vm containerd17 docker26 "$pool_entry") ;;
     *) echo "in-l1: NESTED_SET=$set_name: use smoke, focused or full" >&2; exit 2 ;;
 esac
 if [ -n "${NESTED_ONLY:-}" ]; then
