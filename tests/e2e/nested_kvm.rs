@@ -27,6 +27,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// What tests/nested/in-l1.sh prints for each guest triple fault it traced in L1.
+const GUEST_SHUTDOWN: &str = "in-l1: GUEST SHUTDOWN (triple fault)";
+
 /// One L1 at a time: two TCG guests on these machines' two shared cores would starve each other.
 static L1: Mutex<()> = Mutex::new(());
 
@@ -198,6 +201,28 @@ fn focused_e2e_set_passes_on_real_kvm_with_builtin_and_qemu() {
                     "nested lane: L1's kernel failed after {:.0} s; trying once more. Where:\n{}",
                     took.as_secs_f64(),
                     &stdout[at..]
+                );
+                assert_lane_left_nothing(&stdout);
+            }
+            // A guest that triple-faulted in L1 (in-l1.sh traces every one with its RIP): seen
+            // a few times per few hundred boots, on both backends and under both QEMU 7.2 and 10
+            // as L0, as an instruction fetch in the guest kernel's text taking a reserved-bit
+            // page fault (README: "Failure A"); never on the host. Once more, with the report.
+            None if tries < 2 && !out.status.success() && stdout.contains(GUEST_SHUTDOWN) => {
+                let shutdowns: Vec<&str> = stdout
+                    .lines()
+                    .filter(|l| l.contains(GUEST_SHUTDOWN))
+                    .collect();
+                println!(
+                    "nested lane: a guest triple-faulted in L1 and the run failed after {:.0} s; \
+                     trying once more. Phases and shutdowns:\n{}\n{}",
+                    took.as_secs_f64(),
+                    stdout
+                        .lines()
+                        .filter(|l| l.starts_with("NESTED "))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    shutdowns.join("\n")
                 );
                 assert_lane_left_nothing(&stdout);
             }
