@@ -282,8 +282,7 @@ pub fn scope_processes(scope: &str) -> Vec<(i32, String)> {
             continue;
         };
         if env.split(|&b| b == 0).any(|v| v == marker.as_bytes()) {
-            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-            found.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+            found.push((pid, cmdline_at(&e.path())));
         }
     }
     found
@@ -507,6 +506,14 @@ pub fn output_with_timeout_or(
     }
 }
 
+/// The command line of the process whose /proc directory is `proc_dir`, arguments joined by
+/// spaces; empty if it cannot be read (the process is gone, or a kernel thread).
+fn cmdline_at(proc_dir: &Path) -> String {
+    fs::read(proc_dir.join("cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
 /// The child's exit status, or `None` if it still runs at `deadline`.
 fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
     loop {
@@ -527,9 +534,7 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> ExitStatus {
         return s;
     }
     let pid = child.id() as i32;
-    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .unwrap_or_default();
+    let cmd = cmdline_at(Path::new(&format!("/proc/{pid}")));
     let killed = kill_tree(pid);
     let _ = child.kill();
     let _ = child.wait();
@@ -547,9 +552,7 @@ pub fn thread_dump(pid: i32) -> String {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|e| format!("({e})"))
     };
-    let cmd = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .unwrap_or_default();
+    let cmd = cmdline_at(Path::new(&format!("/proc/{pid}")));
     let mut s = format!("pid {pid}: {cmd}\n");
     let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -665,11 +668,7 @@ fn pipe_holders(pipes: &[String]) -> Vec<String> {
                 })
             });
         if holds {
-            let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-            found.push(format!(
-                "{name}: {}",
-                String::from_utf8_lossy(&cmd).replace('\0', " ")
-            ));
+            found.push(format!("{name}: {}", cmdline_at(&e.path())));
         }
     }
     found
@@ -877,11 +876,9 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
         if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
             continue;
         }
-        if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(format!("{name}: {cmd}"));
-            }
+        let cmd = cmdline_at(&e.path());
+        if cmd.contains(needle) {
+            found.push(format!("{name}: {cmd}"));
         }
     }
     found
