@@ -17,17 +17,9 @@ python3 - "$b/config.json" "$cmd" <<'PY'
 import json,sys
 p=sys.argv[1]; c=json.load(open(p)); c["process"]["args"]=["sh","-c",sys.argv[2]]; json.dump(c,open(p,"w"))
 PY
-# KVM tracing: every shutdown exit (SVM_EXIT_SHUTDOWN 0x7f) with its guest RIP.
-t=/sys/kernel/tracing
-mountpoint -q $t || mount -t tracefs nodev $t 2>/dev/null
-if [ -d $t/events/kvm ]; then
-  echo 0 > $t/tracing_on; echo > $t/trace
-  echo 'exit_reason == 127' > $t/events/kvm/kvm_exit/filter
-  echo 1 > $t/events/kvm/kvm_exit/enable
-  echo 1 > $t/events/kvm/kvm_userspace_exit/enable 2>/dev/null
-  echo 'reason == 8' > $t/events/kvm/kvm_userspace_exit/filter 2>/dev/null
-  echo 1 > $t/tracing_on
-fi
+# Every guest shutdown (triple fault) with its guest RIP, as in-l1.sh traces them.
+. tests/nested/shutdown-trace.sh
+shutdown_trace_start
 fails=0 total=0
 for r in $(seq "$rounds"); do
   start=$(date +%s.%N)
@@ -55,4 +47,4 @@ for r in $(seq "$rounds"); do
   echo "par-boot: round $r: $f of $n failed ($(echo "$(date +%s.%N) - $start" | bc) s), load $(cut -d' ' -f1-3 /proc/loadavg)"
 done
 echo "par-boot: total $fails of $total failed"
-[ -d $t/events/kvm ] && { echo "--- kvm shutdown trace"; cat $t/trace | grep -v '^#' | tail -40; }
+shutdown_trace_report par-boot
