@@ -24,12 +24,14 @@ guest_symbol() {
     [ -n "$sym" ] && printf '%s+0x%x' "${sym#* }" $(( $1 - 0x${sym%% *} ))
 }
 shutdown_trace_report() { # what ran
+    local rip sym
     [ -r $tr/trace ] || return 0
     local lines; lines=$(grep -v '^#' $tr/trace 2>/dev/null | grep 'kvm_exit')
     [ -n "$lines" ] || return 0
     echo "$lines" | while read -r l; do
         rip=$(echo "$l" | grep -o 'rip 0x[0-9a-f]*' | cut -d' ' -f2)
-        echo "in-l1: GUEST SHUTDOWN (triple fault) during $1: ${l#*kvm_exit: }${rip:+ [$(guest_symbol "$rip")]}"
+        sym=${rip:+$(guest_symbol "$rip")}
+        echo "in-l1: GUEST SHUTDOWN (triple fault) during $1: ${l#*kvm_exit: }${sym:+ [$sym]}"
     done
     echo > $tr/trace
 }
