@@ -98,6 +98,9 @@ pub struct Agent {
     pub registry: Arc<Registry>,
     config: Config,
     containers: Mutex<HashMap<String, Container>>,
+    /// Tests of the panic guard: the step named here panics, once.
+    #[cfg(test)]
+    panic_in: Mutex<Option<&'static str>>,
 }
 
 /// One control connection's view: the container it created (requests act on it), and where
@@ -148,6 +151,31 @@ impl Agent {
             registry: Arc::new(Registry::new()),
             config,
             containers: Mutex::default(),
+            #[cfg(test)]
+            panic_in: Mutex::default(),
+        }
+    }
+
+    /// Makes step `step` panic, once (tests of the panic guard).
+    #[cfg(test)]
+    pub(crate) fn ask_to_panic_in(&self, step: &'static str) {
+        *self.panic_in.lock().unwrap() = Some(step);
+    }
+
+    /// Whether a panic poisoned the containers' lock.
+    #[cfg(test)]
+    pub(crate) fn containers_poisoned(&self) -> bool {
+        self.containers.is_poisoned()
+    }
+
+    /// Panics if a test asked step `step` to (see `panic_in`).
+    #[cfg(test)]
+    fn panic_if_asked(&self, step: &str) {
+        let mut asked = self.panic_in.lock().unwrap();
+        if asked.is_some_and(|s| s == step) {
+            *asked = None;
+            drop(asked);
+            panic!("asked to panic in {step}");
         }
     }
 
@@ -396,12 +424,13 @@ impl Agent {
     }
 
     fn create(&self, id: &str, spec: &Spec, stdio_spec: StdioSpec, privileged: bool) -> Response {
+        let streams = UnlessCreated::new(&self.streams, registry::key(id, INIT_PROCESS));
         let result = self.try_create(id, spec, stdio_spec, privileged);
-        if result.is_err() {
-            self.streams.discard(&registry::key(id, INIT_PROCESS));
-        }
         match result {
-            Ok(pid) => Response::Created { pid },
+            Ok(pid) => {
+                streams.created();
+                Response::Created { pid }
+            }
             Err(e) => {
                 alog!("create {id} failed: {}", e.message);
                 e.into()
@@ -422,6 +451,8 @@ impl Agent {
             )));
         }
         let mut containers = self.lock();
+        #[cfg(test)]
+        self.panic_if_asked("create");
         if containers.contains_key(id) {
             return Err(SetupError::new(
                 ErrorCode::InvalidState,
@@ -491,16 +522,17 @@ impl Agent {
     }
 
     fn exec(&self, id: &str, exec_id: &str, process: &Process, stdio_spec: StdioSpec) -> Reply {
+        let streams = UnlessCreated::new(&self.streams, registry::key(id, exec_id));
         let result = self.try_exec(id, exec_id, process, stdio_spec);
-        if result.is_err() {
-            self.streams.discard(&registry::key(id, exec_id));
-        }
         match result {
-            Ok(p) => Reply {
-                response: Response::Created { pid: p.pid },
-                release: Some(p),
-                after: After::Nothing,
-            },
+            Ok(p) => {
+                streams.created();
+                Reply {
+                    response: Response::Created { pid: p.pid },
+                    release: Some(p),
+                    after: After::Nothing,
+                }
+            }
             Err(e) => {
                 alog!("exec {exec_id} failed: {}", e.message);
                 Response::from(e).into()
@@ -801,6 +833,38 @@ impl Agent {
             }
         }
         pids
+    }
+}
+
+/// Drops the streams still waiting for a process when its create or exec did not create it:
+/// on a refusal, and on the way out of a handler that panicked, so a later request for a
+/// process of that name cannot pick up a stream meant for this one.
+struct UnlessCreated<'a> {
+    streams: &'a StreamTable,
+    process: String,
+    created: bool,
+}
+
+impl<'a> UnlessCreated<'a> {
+    fn new(streams: &'a StreamTable, process: String) -> Self {
+        UnlessCreated {
+            streams,
+            process,
+            created: false,
+        }
+    }
+
+    /// The process exists: its streams are its own.
+    fn created(mut self) {
+        self.created = true;
+    }
+}
+
+impl Drop for UnlessCreated<'_> {
+    fn drop(&mut self) {
+        if !self.created {
+            self.streams.discard(&self.process);
+        }
     }
 }
 

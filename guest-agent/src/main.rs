@@ -13,6 +13,14 @@ use std::time::Duration;
 const STREAM_WAIT: Duration = Duration::from_secs(5);
 
 fn main() {
+    // A panic's message and location go where the agent's log goes (the guest's console; as
+    // PID 1 stderr may be unset), on one line. A request whose handler panics is answered with
+    // the message (server.rs); elsewhere the log line is all that is left of it.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        alog!("thread {name} {}", info.to_string().replace('\n', " "));
+    }));
     let is_init = std::process::id() == 1;
     let result = if is_init {
         run_as_init()

@@ -1,12 +1,14 @@
 //! Connection handling: the control connection loop and the stream connection acceptor.
 
-use crate::agent::{After, Agent, Session};
+use crate::agent::{After, Agent, Reply, Session};
 use crate::alog;
 use crate::listener::Listener;
 use crate::registry::reap_forever;
-use rootcell_protocol::{FrameError, HostMessage, Response, StreamHello};
+use rootcell_protocol::{ErrorCode, FrameError, HostMessage, Request, Response, StreamHello};
+use std::any::Any;
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,7 +72,7 @@ fn serve_session(agent: &Agent, session: &mut Session, conn: UnixStream) -> io::
             }
             Err(e) => return Err(io::Error::other(e)),
         };
-        let reply = agent.handle(session, msg.request);
+        let reply = handle_guarded(agent, session, msg.id, msg.request);
         let (response, release) = (reply.response, reply.release);
         agent
             .sink
@@ -85,7 +87,7 @@ fn serve_session(agent: &Agent, session: &mut Session, conn: UnixStream) -> io::
                     response
                 }
                 Some(Err(e)) => Response::Error {
-                    code: rootcell_protocol::ErrorCode::Other,
+                    code: ErrorCode::Other,
                     message: format!("releasing the process failed: {e}"),
                 },
                 _ => response,
@@ -94,6 +96,39 @@ fn serve_session(agent: &Agent, session: &mut Session, conn: UnixStream) -> io::
             shutdown(agent);
         }
     }
+}
+
+/// Handles `request` (with id `id`); a panic in its handler is answered with an
+/// [`ErrorCode::Internal`] error carrying the panic's message. Without this the panic ended the
+/// connection's thread unanswered: the host's request ran into its timeout (the sink keeps the
+/// connection open as the container's event writer) and the container was never removed, or,
+/// before a container, the host saw the connection close as if the guest had gone. The panic
+/// hook (main.rs) logs the panic with its location.
+fn handle_guarded(agent: &Agent, session: &mut Session, id: u64, request: Request) -> Reply {
+    let name = request.name();
+    // AssertUnwindSafe: what a panicking handler leaves behind stays usable. Every lock of the
+    // agent is taken poison-tolerantly; the spawn gate and a prepared process are released by
+    // their destructors (the process exits, and is reaped as any other); streams announced for
+    // a process that was not created are dropped on the way out (agent.rs); and a connection is
+    // bound to its container only once the create has succeeded.
+    catch_unwind(AssertUnwindSafe(|| agent.handle(session, request))).unwrap_or_else(|payload| {
+        let message = panic_message(payload.as_ref());
+        alog!("request {id} ({name}) panicked; answering: {message}");
+        Response::Error {
+            code: ErrorCode::Internal,
+            message: format!("panic in {name}: {message}"),
+        }
+        .into()
+    })
+}
+
+/// The message of a panic's payload (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// Powers off (reboot + QEMU -no-reboot; the request synced before it was answered); outside a
@@ -142,4 +177,94 @@ fn register_stream(agent: &Agent, mut conn: UnixStream) -> io::Result<()> {
     let name = crate::registry::key(&hello.container, &hello.process);
     agent.streams.insert(&name, hello.stream, conn.into());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::Config;
+    use crate::container::MountEnv;
+    use oci_spec::runtime::Spec;
+    use rootcell_protocol::{AgentMessage, StdioSpec, Stream, PROTOCOL_VERSION};
+
+    /// Sends `request` as request `id` on `host` and returns the agent's answer.
+    fn ask(host: &mut UnixStream, id: u64, request: Request) -> Response {
+        rootcell_protocol::send(host, &HostMessage { id, request }).unwrap();
+        match rootcell_protocol::recv(host) {
+            Ok(Some(AgentMessage::Response { id: got, result })) if got == id => result,
+            other => panic!("no answer to request {id}: {other:?}"),
+        }
+    }
+
+    fn create(spec: Spec) -> Request {
+        Request::Create {
+            container_id: "c1".into(),
+            spec: Box::new(spec),
+            stdio: StdioSpec {
+                stdout: true,
+                ..StdioSpec::default()
+            },
+            privileged: false,
+        }
+    }
+
+    /// Over the control connection's real loop: a Create whose handler panics (while it holds
+    /// the containers' lock) is answered with the panic's message, the stream the host attached
+    /// for it is dropped, and the connection serves the next requests, one of which takes the
+    /// poisoned lock.
+    #[test]
+    fn a_handlers_panic_is_answered_and_the_connection_goes_on() {
+        let agent = Arc::new(Agent::new(Config {
+            stream_wait: Duration::from_millis(10),
+            cgroup_root: None,
+            mount_env: MountEnv::default(),
+            reboot_on_shutdown: false,
+        }));
+        agent.ask_to_panic_in("create");
+        // The host attaches a process's streams before the request that creates it.
+        let devnull = std::fs::File::open("/dev/null").unwrap();
+        agent
+            .streams
+            .insert("c1/init", Stream::Stdout, devnull.into());
+        let (mut host, conn) = UnixStream::pair().unwrap();
+        // Bounded: without the guard the answer may never come.
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let a = agent.clone();
+        let served = std::thread::spawn(move || control_connection(&a, conn));
+
+        match ask(&mut host, 1, create(Spec::default())) {
+            Response::Error {
+                code: ErrorCode::Internal,
+                message,
+            } => assert_eq!(message, "panic in create: asked to panic in create"),
+            other => panic!("expected an internal error, got {other:?}"),
+        }
+        assert!(agent.containers_poisoned());
+        assert!(
+            agent
+                .streams
+                .take("c1/init", Stream::Stdout, Duration::ZERO)
+                .is_none(),
+            "the stream of the init that was not created is still waiting"
+        );
+        let mut no_root = Spec::default();
+        no_root.set_root(None);
+        match ask(&mut host, 2, create(no_root)) {
+            Response::Error {
+                code: ErrorCode::Other,
+                message,
+            } => assert_eq!(message, "spec has no root"),
+            other => panic!("expected the create to be refused, got {other:?}"),
+        }
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        assert!(matches!(
+            ask(&mut host, 3, hello),
+            Response::Hello { version, .. } if version == PROTOCOL_VERSION
+        ));
+        drop(host);
+        served.join().unwrap().unwrap();
+    }
 }

@@ -25,7 +25,7 @@ pub mod net;
 pub use frame::{read_frame, write_frame, FrameError, MAX_FRAME_LEN};
 
 /// Protocol version; bumped on every incompatible change.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Vsock port the agent listens on for the control connection.
 pub const CONTROL_PORT: u32 = 1024;
 /// Vsock port the agent listens on for stdio stream connections.
@@ -158,6 +158,29 @@ pub enum Request {
     Shutdown,
 }
 
+impl Request {
+    /// The request's name as the protocol spells it (`create`, `exec`, ...): for messages, where
+    /// formatting the whole request would print a whole OCI spec.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::ConfigureNetwork { .. } => "configure_network",
+            Request::Create { .. } => "create",
+            Request::Start => "start",
+            Request::Exec { .. } => "exec",
+            Request::Signal { .. } => "signal",
+            Request::Resize { .. } => "resize",
+            Request::Processes => "processes",
+            Request::UpdateLimits { .. } => "update_limits",
+            Request::Stats => "stats",
+            Request::SetClock { .. } => "set_clock",
+            Request::Freeze { .. } => "freeze",
+            Request::Remove => "remove",
+            Request::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Which stdio streams the host attaches for a process.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StdioSpec {
@@ -259,6 +282,10 @@ pub enum ErrorCode {
     NoSuchProcess,
     /// The request is not valid in the current state.
     InvalidState,
+    /// The agent failed, not the request: its handler panicked (the message is the panic's).
+    /// The agent goes on serving; the host reports it as the agent's internal error (since
+    /// version 8).
+    Internal,
     /// Anything else.
     Other,
 }
@@ -372,6 +399,29 @@ mod tests {
             json,
             r#"{"kind":"event","event":{"type":"exit","process":"init","status":137}}"#
         );
+    }
+
+    #[test]
+    fn request_names_are_the_wire_tags() {
+        let requests = [
+            Request::Hello { version: 1 },
+            Request::Create {
+                container_id: "c".into(),
+                spec: Box::default(),
+                stdio: StdioSpec::default(),
+                privileged: false,
+            },
+            Request::UpdateLimits {
+                memory: None,
+                pids: None,
+            },
+            Request::SetClock { unix_nanos: 1 },
+            Request::Shutdown,
+        ];
+        for r in requests {
+            let json = serde_json::to_value(&r).unwrap();
+            assert_eq!(json["type"], r.name(), "{json}");
+        }
     }
 
     #[test]

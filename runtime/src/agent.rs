@@ -1,7 +1,9 @@
 //! Host side of the agent connection: hybrid-vsock connects and the request/response client on
 //! the control port.
 
-use rootcell_protocol::{AgentMessage, Event, HostMessage, Request, Response, StreamHello};
+use rootcell_protocol::{
+    AgentMessage, ErrorCode, Event, HostMessage, Request, Response, StreamHello,
+};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -38,6 +40,10 @@ pub enum AgentError {
     /// The connection closed.
     #[error("agent connection closed")]
     Closed,
+    /// The agent failed handling the request (its handler panicked) and said so; it goes on
+    /// serving. The message is the agent's (the panic's).
+    #[error("guest agent: internal error: {0}")]
+    Internal(String),
 }
 
 /// Opens a byte stream to guest `port` through the hybrid vsock socket `uds`
@@ -151,11 +157,7 @@ impl AgentClient {
     /// Sends `request` and waits up to `timeout` for its response.
     pub fn request(&self, request: Request, timeout: Duration) -> Result<Response, AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let what = format!("{request:?}")
-            .split([' ', '{', '('])
-            .next()
-            .unwrap_or("request")
-            .to_string();
+        let what = request.name();
         let (tx, rx) = mpsc::channel();
         self.pending
             .lock()
@@ -172,13 +174,18 @@ impl AgentClient {
             }
         }
         match rx.recv_timeout(timeout) {
+            // Not the request's failure but the agent's: every caller reports it as such.
+            Ok(Response::Error {
+                code: ErrorCode::Internal,
+                message,
+            }) => Err(AgentError::Internal(message)),
             Ok(r) => Ok(r),
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if let Ok(mut m) = self.pending.lock() {
                     m.remove(&id);
                 }
                 Err(AgentError::Timeout {
-                    what,
+                    what: what.to_string(),
                     secs: timeout.as_secs(),
                 })
             }
@@ -253,5 +260,39 @@ mod tests {
             connect_port(&path, 1, Duration::from_secs(2)),
             Err(AgentError::Handshake { .. })
         ));
+    }
+    /// The agent's answer to a request whose handler panicked reaches the user as the agent's
+    /// internal error with the panic's message, at once, and the connection goes on.
+    #[test]
+    fn an_internal_error_is_reported_as_the_agents() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut reader = agent.try_clone().unwrap();
+            let mut answer = |result: Response| {
+                let m: HostMessage = rootcell_protocol::recv(&mut reader).unwrap().unwrap();
+                let reply = AgentMessage::Response { id: m.id, result };
+                rootcell_protocol::send(&mut agent, &reply).unwrap();
+            };
+            answer(Response::Error {
+                code: ErrorCode::Internal,
+                message: "panic in stats: boom".into(),
+            });
+            answer(Response::Ok);
+        });
+        let client = AgentClient::start(host, |_| {}).unwrap();
+        let e = client
+            .request(Request::Stats, Duration::from_secs(20))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest agent: internal error: panic in stats: boom"
+        );
+        assert_eq!(
+            client
+                .request(Request::Stats, Duration::from_secs(20))
+                .unwrap(),
+            Response::Ok
+        );
+        peer.join().unwrap();
     }
 }
