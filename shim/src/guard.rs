@@ -22,16 +22,21 @@ fn answered<R>(method: &str, handler: impl FnOnce() -> TtrpcResult<R>) -> TtrpcR
     // only a worker thread; its state mutex is taken poison-tolerantly, and what a half-done
     // request left behind is for containerd's cleanup of the failed request (Delete).
     catch_unwind(AssertUnwindSafe(handler)).unwrap_or_else(|payload| {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".to_string());
+        let message = panic_message(payload.as_ref());
         Err(Error::RpcStatus(get_status(
             Code::INTERNAL,
             format!("the shim panicked in {method}: {message}"),
         )))
     })
+}
+
+/// The message of a panic's payload (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// Implements every method of the task service as the wrapped service's, [`answered`].

@@ -94,9 +94,10 @@ impl shim::Shim for Shim {
 
 fn main() {
     // A panic in a request handler is answered as an error (guard::CatchPanics), but the reply
-    // carries only its message, and a panic elsewhere (the exit thread) is not answered at all.
-    // The serving shim's stderr is /dev/null, so the default hook's message is lost: put it,
-    // with its location, in the shim's log, which containerd copies into its own.
+    // carries only its message; one in the exit thread ends the shim (service::forward_exits),
+    // one in another thread only that thread. The serving shim's stderr is /dev/null, so the
+    // default hook's message is lost: put it, with its location, in the shim's log, which
+    // containerd copies into its own.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         // One line: containerd's log is line by line.

@@ -6,7 +6,7 @@ use crate::runtime::Rootcell;
 use crate::runtime::Stdio3;
 use containerd_shim as shim;
 use shim::api::{self, Status};
-use shim::monitor::{monitor_subscribe, Subject, Topic};
+use shim::monitor::{monitor_subscribe, Subject, Subscription, Topic};
 use shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
@@ -17,6 +17,7 @@ use shim::publisher::RemotePublisher;
 use shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use std::collections::HashMap;
 use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -110,13 +111,10 @@ impl Service {
         }));
         let sub = monitor_subscribe(Topic::Pid).expect("subscribing to exits");
         let me = s.clone();
-        std::thread::spawn(move || {
-            while let Ok(e) = sub.rx.recv() {
-                if let Subject::Pid(pid) = e.subject {
-                    me.exited(pid as u32, e.exit_code);
-                }
-            }
-        });
+        std::thread::Builder::new()
+            .name("exits".into())
+            .spawn(move || forward_exits(sub, |pid, code| me.exited(pid, code)))
+            .expect("starting the exit thread");
         s
     }
 
@@ -315,6 +313,38 @@ impl Service {
     fn rootcell(&self, args: &[&str]) -> TtrpcResult<String> {
         self.0.rt.run(args).map_err(err)
     }
+}
+
+/// Hands every pid the reaper collected to `exited`, for as long as the shim lives; if that
+/// ends, by a panic in `exited` or by the monitor dropping the subscription, ends the shim.
+///
+/// An exit for every process is the shim's promise to containerd, and containerd's waiters
+/// (`ctr run`, Docker's wait, a Wait request) have no deadline. Caught and carried on from, a
+/// panic would lose the exit it was handling, silently and for good, with the shim's state of
+/// that process half updated. A dead shim is a failure containerd handles: it sees the
+/// connection close, runs `shim delete` (`rootcell delete --force`) for each task, and reports
+/// each as exited (137, what delete answers). So the shim aborts, after the panic hook and this
+/// thread have put the panic in containerd's log.
+fn forward_exits(sub: Subscription, exited: impl Fn(u32, i32)) -> ! {
+    let forwarded = catch_unwind(AssertUnwindSafe(|| {
+        while let Ok(e) = sub.rx.recv() {
+            if let Subject::Pid(pid) = e.subject {
+                exited(pid as u32, e.exit_code);
+            }
+        }
+    }));
+    let why = match forwarded {
+        Ok(()) => "the exit monitor dropped its subscription".to_string(),
+        Err(payload) => format!(
+            "it panicked: {}",
+            crate::guard::panic_message(payload.as_ref())
+        ),
+    };
+    log::error!(
+        "the thread that forwards exits to containerd ended ({why}); ending the shim, whose \
+         exits would no longer reach containerd, so that containerd cleans up after it"
+    );
+    std::process::abort()
 }
 
 /// Process `exec` (empty: the init) of container `cid`.
@@ -892,5 +922,43 @@ mod tests {
         assert_eq!(m.cpu.usage.kernel, 1000);
         assert_eq!((m.pids.current, m.pids.limit), (2, 0));
         assert!(metrics_from_events("not json").is_err());
+    }
+
+    /// The exit thread's loop over containerd-shim's real exit monitor: exits are forwarded
+    /// until one's handling panics; then the shim aborts, after that panic, rather than living
+    /// on without an exit thread. Run in a process of its own, which it ends.
+    #[test]
+    fn a_panic_in_the_exit_thread_ends_the_shim() {
+        use shim::monitor::monitor_notify_by_pid;
+        use std::os::unix::process::ExitStatusExt;
+        const CHILD: &str = "RC_SHIM_EXIT_THREAD_TEST";
+        if std::env::var_os(CHILD).is_some() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sub = monitor_subscribe(Topic::Pid).unwrap();
+            std::thread::spawn(move || {
+                forward_exits(sub, |pid, code| {
+                    assert_ne!(pid, 2, "no container has pid 2");
+                    tx.send((pid, code)).unwrap();
+                })
+            });
+            monitor_notify_by_pid(1, 3).unwrap();
+            let first = rx.recv_timeout(Duration::from_secs(10));
+            println!("forwarded {first:?}");
+            monitor_notify_by_pid(2, 0).unwrap();
+            std::thread::sleep(Duration::from_secs(10));
+            println!("still alive 10 s after the exit thread's panic");
+            return;
+        }
+        let name = "service::tests::a_panic_in_the_exit_thread_ends_the_shim";
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(out.contains("forwarded Ok((1, 3))"), "{out}\n{err}");
+        assert!(err.contains("no container has pid 2"), "{out}\n{err}");
+        assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{out}\n{err}");
     }
 }
