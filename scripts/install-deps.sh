@@ -14,6 +14,7 @@ pkgs=(
     debootstrap python3-venv                             # INGInious test: grading image, INGInious venv
     podman containernetworking-plugins catatonit        # Podman pods sharing a VM (tests/e2e/shared_vm.rs)
     protobuf-compiler                                    # CRI bindings (k8s-cri) of the containerd CRI test
+    gdb                                                  # the shims' backtraces in a stuck ctr call's report (tests/support)
 )
 missing=()
 for p in "${pkgs[@]}"; do

@@ -429,11 +429,22 @@ pub fn output_with_timeout(c: Command, input: Option<Vec<u8>>, timeout: Duration
 /// panic message, with what the command had printed by the time it was killed (so a hook that
 /// makes the command dump its state, a Go program's SIGQUIT, shows that dump).
 pub fn output_with_timeout_or(
-    mut c: Command,
+    c: Command,
     input: Option<Vec<u8>>,
     timeout: Duration,
     on_overrun: impl FnOnce(i32) -> String,
 ) -> Output {
+    output_within(c, input, timeout, on_overrun).unwrap_or_else(|overrun| panic!("{overrun}"))
+}
+
+/// [`output_with_timeout_or`] that returns what it would panic with (the command overran and
+/// was killed, or its output pipes stayed open), for a caller that must go on: a report.
+fn output_within(
+    mut c: Command,
+    input: Option<Vec<u8>>,
+    timeout: Duration,
+    on_overrun: impl FnOnce(i32) -> String,
+) -> Result<Output, String> {
     c.stdout(Stdio::piped()).stderr(Stdio::piped());
     if input.is_some() {
         c.stdin(Stdio::piped());
@@ -475,11 +486,11 @@ pub fn output_with_timeout_or(
         while let Ok((i, b)) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             out[i] = b;
         }
-        panic!(
+        return Err(format!(
             "{what} (pid {pid}) did not finish within {timeout:?}; killed it and its scope: {killed:#?}\n{report}\n--- its stdout ---\n{}\n--- its stderr ---\n{}",
             text(&out[0]),
             text(&out[1])
-        );
+        ));
     };
     if let Some(w) = writer {
         let _ = w.join();
@@ -492,18 +503,18 @@ pub fn output_with_timeout_or(
             Err(_) => {
                 let holders = pipe_holders(&pipes);
                 let killed = scope.as_deref().map(kill_scope).unwrap_or_default();
-                panic!(
+                return Err(format!(
                     "{what} exited ({status:?}) but its output pipes stayed open 30 s later, held by {holders:#?} (killed: {killed:#?})"
-                );
+                ));
             }
         }
     }
     let [stdout, stderr] = out.map(Option::unwrap_or_default);
-    Output {
+    Ok(Output {
         status,
         stdout,
         stderr,
-    }
+    })
 }
 
 /// The command line of the process whose /proc directory is `proc_dir`, arguments joined by
@@ -600,6 +611,9 @@ pub fn thread_dump(pid: i32) -> String {
     s
 }
 
+/// How long gdb may take to attach to a process and print its backtraces.
+const GDB_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Every thread's user-space backtrace of process `pid` (gdb, bounded), or why there is none.
 pub fn gdb_backtraces(pid: i32) -> String {
     if !Path::new("/usr/bin/gdb").exists() {
@@ -609,8 +623,14 @@ pub fn gdb_backtraces(pid: i32) -> String {
     c.args(["-nx", "-batch", "-p", &pid.to_string()])
         .args(["-ex", "thread apply all bt 25"])
         .stdin(Stdio::null());
-    // Its own bound, well inside the caller's: a report must not hang either.
-    let o = output_with_timeout(c, None, Duration::from_secs(60));
+    // Bounded, and an overrun is part of the report, not a panic: the report runs while the
+    // command it explains is still stuck, and a panic here would lose the rest of it and skip
+    // killing that command. gdb killed mid-attach leaves the shim running (the kernel detaches
+    // a dead tracer's tracees).
+    let o = match output_within(c, None, GDB_TIMEOUT, |_| String::new()) {
+        Ok(o) => o,
+        Err(overrun) => return format!("(no backtraces: {overrun})"),
+    };
     // Threads and frames, without the frames every thread has (thread start, closure shims).
     let boring = [
         "start_thread",
@@ -954,4 +974,35 @@ pub fn trixie_root() -> &'static Path {
         );
         dir
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report's commands overrun without a panic: the report goes on.
+    #[test]
+    fn an_overrun_is_returned_not_panicked() {
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let start = Instant::now();
+        let overrun = output_within(c, None, Duration::from_millis(300), |pid| {
+            format!("report on {pid}")
+        })
+        .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(15), "{overrun}");
+        assert!(overrun.contains("did not finish within 300ms"), "{overrun}");
+        assert!(overrun.contains("report on "), "{overrun}");
+    }
+
+    /// gdb (scripts/install-deps.sh installs it) attaches and prints a backtrace per thread.
+    #[test]
+    fn gdb_backtraces_show_the_threads_of_a_process() {
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        let bt = gdb_backtraces(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(bt.lines().any(|l| l.starts_with("Thread 1 ")), "{bt}");
+        assert!(bt.lines().any(|l| l.starts_with("#0 ")), "{bt}");
+    }
 }
