@@ -9,7 +9,9 @@
 //! Every thread the VM adds to the caller's process is confined by seccomp: vCPU threads by
 //! their allowlist (device activation and reset only hand work to the devices' I/O threads,
 //! spawned here before the first KVM_RUN), and each device I/O thread by its own (see
-//! [`crate::seccomp`]). The caller's threads are left alone: the runtime keeps using its own.
+//! [`crate::seccomp`]), unless the caller's jail turns that off for the thread
+//! ([`crate::jail::Confine::Not`]). The caller's threads are left alone: the runtime keeps
+//! using its own.
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -5,8 +5,11 @@
 //! and installs its seccomp filter, so the hook still has the capabilities it needs to move the
 //! thread into a root of its own and give it an unprivileged identity. The jail itself lives
 //! with the runtime's other jail code (`rootcell::jail::vmm`), where the reserved uid range
-//! is; this crate only says which thread is asking. Without a hook (the `rootcell-vmm`
-//! binary, unit tests) threads are confined by capabilities and seccomp only.
+//! is; this crate only says which thread is asking. The jail also says whether the thread
+//! goes on to restrict its capabilities and install its seccomp allow-list ([`Confine`]): the
+//! runtime's `ROOTCELL_JAIL` turns the whole confinement of a kind of thread off, filters
+//! included. Without a hook (the `rootcell-vmm` binary, unit tests) threads are confined by
+//! capabilities and seccomp only.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -28,9 +31,20 @@ pub enum ThreadKind {
     LogRelay,
 }
 
+/// What a thread does once through the jail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confine {
+    /// Restricts its capabilities and installs its seccomp allow-list, as its kind has them.
+    Fully,
+    /// Neither: the embedding program turned confinement off for this kind of thread (to debug
+    /// the VMM with host tools, or a seccomp kill).
+    Not,
+}
+
 /// The jail: called on the thread itself with its kind and, for [`ThreadKind::Vsock`], the
-/// directory of its hybrid socket. An error stops the thread (and fails the VM's start).
-pub type ThreadJail = fn(ThreadKind, Option<&Path>) -> Result<(), String>;
+/// directory of its hybrid socket; says whether the thread then confines itself. An error
+/// stops the thread (and fails the VM's start).
+pub type ThreadJail = fn(ThreadKind, Option<&Path>) -> Result<Confine, String>;
 
 static HOOK: OnceLock<ThreadJail> = OnceLock::new();
 
@@ -41,10 +55,11 @@ pub fn set_thread_jail(jail: ThreadJail) -> bool {
     std::ptr::fn_addr_eq(installed, jail)
 }
 
-/// Runs the installed jail (if any) on the calling thread.
-pub(crate) fn enter(kind: ThreadKind, dir: Option<&Path>) -> Result<(), String> {
+/// Runs the installed jail (if any) on the calling thread; without one the thread confines
+/// itself fully.
+pub(crate) fn enter(kind: ThreadKind, dir: Option<&Path>) -> Result<Confine, String> {
     match HOOK.get() {
         Some(jail) => jail(kind, dir).map_err(|e| format!("jailing the {kind:?} thread: {e}")),
-        None => Ok(()),
+        None => Ok(Confine::Fully),
     }
 }

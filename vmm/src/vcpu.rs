@@ -171,35 +171,37 @@ impl Vcpu {
             ..Default::default()
         }));
         let st = status.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", self.cpu))
-            .spawn(move || {
-                if let Some(filter) = seccomp {
-                    // A vCPU thread needs no capability: KVM_RUN on fds it already holds.
-                    // The runtime's jail first (it needs the capabilities dropped next).
-                    let jailed =
-                        crate::jail::enter(crate::jail::ThreadKind::Vcpu, None).map_err(|e| {
-                            crate::Error::Host {
+        let handle =
+            std::thread::Builder::new()
+                .name(format!("vcpu{}", self.cpu))
+                .spawn(move || {
+                    if let Some(filter) = seccomp {
+                        // A vCPU thread needs no capability: KVM_RUN on fds it already holds.
+                        // The runtime's jail first (it needs the capabilities dropped next), which
+                        // may also turn the rest off.
+                        let jailed = crate::jail::enter(crate::jail::ThreadKind::Vcpu, None)
+                            .map_err(|e| crate::Error::Host {
                                 what: "jailing a vCPU thread",
                                 source: std::io::Error::other(e),
-                            }
-                        });
-                    if let Err(e) = jailed.and_then(|()| {
-                        crate::seccomp::keep_caps(&[]).and_then(|()| crate::seccomp::apply(&filter))
-                    }) {
-                        latch.request(VmExit::Error {
-                            cpu: self.cpu,
-                            message: e.to_string(),
-                        });
-                        return;
+                            });
+                        if let Err(e) = jailed.and_then(|confine| match confine {
+                            crate::jail::Confine::Fully => crate::seccomp::keep_caps(&[])
+                                .and_then(|()| crate::seccomp::apply(&filter)),
+                            crate::jail::Confine::Not => Ok(()),
+                        }) {
+                            latch.request(VmExit::Error {
+                                cpu: self.cpu,
+                                message: e.to_string(),
+                            });
+                            return;
+                        }
                     }
-                }
-                self.run(&bus, &latch, &stop, &gate, &st)
-            })
-            .map_err(|source| Error::Host {
-                what: "spawning a vCPU thread",
-                source,
-            })?;
+                    self.run(&bus, &latch, &stop, &gate, &st)
+                })
+                .map_err(|source| Error::Host {
+                    what: "spawning a vCPU thread",
+                    source,
+                })?;
         Ok(VcpuThread {
             handle: Some(handle),
             status,

@@ -165,13 +165,15 @@ pub enum Plumbing<'a> {
 }
 
 /// The QEMU command line (without the program) for `cfg`, for QEMU `version` (see
-/// [`tcg_kernel_args`]), reaching its back ends by path.
+/// [`tcg_kernel_args`]), reaching its back ends by path; with QEMU's seccomp sandbox if
+/// `sandbox`.
 pub fn command_args(
     cfg: &VmConfig,
     accel: Accel,
     version: Option<QemuVersion>,
     vsock_vu: &Path,
     fs_vu: &Path,
+    sandbox: bool,
 ) -> Vec<String> {
     command_args_with(
         cfg,
@@ -181,16 +183,19 @@ pub fn command_args(
             vsock: vsock_vu,
             fs: fs_vu,
         },
+        sandbox,
     )
 }
 
 /// The QEMU command line (without the program) for `cfg`, for QEMU `version`, with its back
-/// ends and console reached as `plumbing` says.
+/// ends and console reached as `plumbing` says; with QEMU's seccomp sandbox if `sandbox` (the
+/// VMM's half of the jail, [`crate::jail::Halves`]).
 pub fn command_args_with(
     cfg: &VmConfig,
     accel: Accel,
     version: Option<QemuVersion>,
     plumbing: Plumbing<'_>,
+    sandbox: bool,
 ) -> Vec<String> {
     // microvm with acpi=off has no power-off: the agent's reboot triple-faults (`reboot=t`)
     // and `-no-reboot` makes that QEMU's exit.
@@ -230,10 +235,12 @@ pub fn command_args_with(
     push(&["-name", &format!("guest={}", esc(&cfg.socket_dir))]);
     // QEMU's own seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no scheduler or
     // resource changes. The guest drives QEMU's device code, so that code gets only what it needs.
-    push(&[
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-    ]);
+    if sandbox {
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
+    }
     let (vsock_dev, fs_dev) = match plumbing {
         Plumbing::Paths { vsock, fs } => {
             push(&["-serial", &format!("file:{}", esc(&cfg.console_log))]);
@@ -380,14 +387,15 @@ impl Hypervisor for Qemu {
             )
         } else {
             tracing::warn!(
-                "ROOTCELL_JAIL={}: QEMU runs as root in the host's file system view",
+                "ROOTCELL_JAIL={}: QEMU runs as root in the host's file system view, without its seccomp sandbox",
                 std::env::var("ROOTCELL_JAIL").unwrap_or_default()
             );
             None
         };
         let args = match &jailed {
-            Some(j) => command_args_with(&j.cfg, self.accel, version, j.plumbing()),
-            None => command_args(cfg, self.accel, version, &vsock_vu, &fs_vu),
+            // The jail and QEMU's own sandbox come and go together (the VMM's half).
+            Some(j) => command_args_with(&j.cfg, self.accel, version, j.plumbing(), true),
+            None => command_args(cfg, self.accel, version, &vsock_vu, &fs_vu, false),
         };
         cmd.args(args)
             .stdin(Stdio::null())

@@ -25,23 +25,49 @@ pub const UID_BASE: u32 = 0x7e00_0000;
 /// Size of the reserved range: the kernel's largest pid_max (2^22).
 pub const UID_RANGE: u32 = 1 << 22;
 
-/// Whether VMMs are jailed and back ends confined: yes unless `ROOTCELL_JAIL=0` (for debugging
-/// a VMM with host tools; the log says so). `ROOTCELL_JAIL=qemu` or `=backends` applies only
-/// that half, to measure what each costs.
+/// Which halves of the confinement apply, from `ROOTCELL_JAIL`. Each half is whole: identity,
+/// root, capabilities and seccomp filters go together, so that turning a half off (to debug a
+/// VMM with host tools, or a seccomp kill) leaves none of it on.
+///
+/// * The VMM's: QEMU's jail and its own seccomp sandbox (`-sandbox on`); the built-in VMM's
+///   vCPU and virtio-net threads and its process's control threads.
+/// * The device back ends': the vhost-user virtio-fs and vsock threads of the QEMU path; the
+///   built-in VMM's virtio-fs, vsock and fs log relay threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Halves {
+    /// The VMM's half.
+    pub vmm: bool,
+    /// The device back ends' half.
+    pub backends: bool,
+}
+
+impl Halves {
+    /// From `ROOTCELL_JAIL`'s value: `0`, neither half; `qemu`, only the VMM's; `backends`,
+    /// only the back ends' (the two to measure what each costs); unset or anything else, both.
+    pub fn from_setting(value: Option<&str>) -> Self {
+        Halves {
+            vmm: !matches!(value, Some("0") | Some("backends")),
+            backends: !matches!(value, Some("0") | Some("qemu")),
+        }
+    }
+
+    /// The halves this process applies.
+    pub fn current() -> Self {
+        Self::from_setting(std::env::var("ROOTCELL_JAIL").ok().as_deref())
+    }
+}
+
+/// Whether VMMs are jailed or back ends confined (see [`Halves`]; the log says when not).
 pub fn enabled() -> bool {
     qemu_enabled() || backends_enabled()
 }
 
-/// Whether QEMU runs in its jail (see [`enabled`]).
+/// Whether the VMM's half applies (see [`Halves`]).
 pub fn qemu_enabled() -> bool {
-    !matches!(setting().as_deref(), Some("0") | Some("backends"))
+    Halves::current().vmm
 }
 
-/// Whether the device back-end threads confine themselves (see [`enabled`]).
+/// Whether the device back ends' half applies (see [`Halves`]).
 pub fn backends_enabled() -> bool {
-    !matches!(setting().as_deref(), Some("0") | Some("qemu"))
-}
-
-fn setting() -> Option<String> {
-    std::env::var("ROOTCELL_JAIL").ok()
+    Halves::current().backends
 }

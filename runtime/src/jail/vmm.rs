@@ -22,7 +22,7 @@
 //! the sandbox's other threads, which keep root's capabilities. Seccomp (per thread) still
 //! limits the system calls the compromised thread itself can make.
 
-use rootcell_vmm::jail::ThreadKind;
+use rootcell_vmm::jail::{Confine, ThreadKind};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -33,21 +33,31 @@ use std::path::Path;
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 
-/// The hook the built-in VMM's threads call (see the module text).
-pub fn vmm_thread(kind: ThreadKind, dir: Option<&Path>) -> Result<(), String> {
-    let r = match kind {
-        ThreadKind::Fs if super::backends_enabled() => fs_thread().map(|_| ()),
-        ThreadKind::Vsock if super::backends_enabled() => vsock_thread(dir).map(|_| ()),
-        ThreadKind::Vcpu | ThreadKind::Net if super::qemu_enabled() => {
-            own_root(None).and_then(|()| become_unprivileged().map(|_| ()))
+/// The hook the built-in VMM's threads call (see the module text): the thread's jail, and
+/// whether it then drops its capabilities and installs its seccomp filter; under a
+/// `ROOTCELL_JAIL` that turns its half off, none of it.
+pub fn vmm_thread(kind: ThreadKind, dir: Option<&Path>) -> Result<Confine, String> {
+    if !confines(super::Halves::current(), kind) {
+        return Ok(Confine::Not);
+    }
+    let jailed = match kind {
+        ThreadKind::Fs => fs_thread().map(drop),
+        ThreadKind::Vsock => vsock_thread(dir).map(drop),
+        // The log relay (part of the fs back end) needs nothing but the two fds it holds.
+        ThreadKind::Vcpu | ThreadKind::Net | ThreadKind::LogRelay => {
+            own_root(None).and_then(|()| become_unprivileged().map(drop))
         }
-        // Part of the fs back end; needs nothing but the two fds it holds.
-        ThreadKind::LogRelay if super::backends_enabled() => {
-            own_root(None).and_then(|()| become_unprivileged().map(|_| ()))
-        }
-        _ => Ok(()),
     };
-    r.map_err(|e| e.to_string())
+    jailed.map(|()| Confine::Fully).map_err(|e| e.to_string())
+}
+
+/// Whether the built-in VMM's thread `kind` is confined (jail, capabilities, seccomp) under
+/// `halves`: vCPU and virtio-net threads are the VMM's half, the rest the back ends'.
+pub fn confines(halves: super::Halves, kind: ThreadKind) -> bool {
+    match kind {
+        ThreadKind::Vcpu | ThreadKind::Net => halves.vmm,
+        ThreadKind::Fs | ThreadKind::Vsock | ThreadKind::LogRelay => halves.backends,
+    }
 }
 
 /// The jail of a vsock back-end thread (the built-in VMM's `vsock-io`, the QEMU path's
@@ -303,6 +313,28 @@ pub fn become_unprivileged_keeping(keep: &[caps::Capability]) -> io::Result<u32>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jail::Halves;
+
+    /// `ROOTCELL_JAIL` turns a thread's seccomp filter off with the rest of its confinement,
+    /// by half: which of the built-in VMM's threads stay confined under each setting (the
+    /// control threads and QEMU's `-sandbox` follow the VMM's half).
+    #[test]
+    fn rootcell_jail_turns_filters_off_with_their_half() {
+        use ThreadKind::*;
+        let all = [Vcpu, Net, Fs, Vsock, LogRelay];
+        let confined = |setting: Option<&str>| -> Vec<ThreadKind> {
+            let halves = Halves::from_setting(setting);
+            all.into_iter().filter(|&k| confines(halves, k)).collect()
+        };
+        assert_eq!(confined(None), all);
+        assert_eq!(confined(Some("1")), all);
+        assert_eq!(confined(Some("0")), []);
+        assert_eq!(confined(Some("qemu")), [Vcpu, Net]);
+        assert_eq!(confined(Some("backends")), [Fs, Vsock, LogRelay]);
+        let vmm = |setting| Halves::from_setting(setting).vmm;
+        assert!(vmm(None) && vmm(Some("qemu")));
+        assert!(!vmm(Some("0")) && !vmm(Some("backends")));
+    }
 
     fn field(status: &str, name: &str) -> String {
         status
@@ -324,7 +356,7 @@ mod tests {
         let t = std::thread::spawn(move || {
             let started = std::time::Instant::now();
             let r = vmm_thread(ThreadKind::Vcpu, None)
-                .and_then(|()| rootcell_vmm::seccomp::keep_caps(&[]).map_err(|e| e.to_string()));
+                .and_then(|_| rootcell_vmm::seccomp::keep_caps(&[]).map_err(|e| e.to_string()));
             // The jail's cost per thread (namespace copy, tmpfs, pivot, identity).
             eprintln!("vCPU-like thread jailed in {:?}", started.elapsed());
             // SAFETY: gettid(2) takes nothing.

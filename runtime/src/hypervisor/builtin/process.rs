@@ -4,9 +4,9 @@
 //! see [`crate::jail::vmm`]), reports [`Report::Started`], and then its own threads (the
 //! control thread and the one waiting for the VM's end) also drop everything: a root of their
 //! own holding nothing, the unprivileged uid [`crate::jail::UID_BASE`] + pid without
-//! capabilities (unless `ROOTCELL_JAIL` turns the VMM jail off), and a seccomp filter that
-//! allows only what waiting, pausing and stopping the VM take
-//! ([`rootcell_vmm::seccomp::control_filter`]). So no thread that shares an address space
+//! capabilities, and a seccomp filter that allows only what waiting, pausing and stopping the
+//! VM take ([`rootcell_vmm::seccomp::control_filter`]); none of it if `ROOTCELL_JAIL` turns
+//! the VMM's half of the jail off ([`crate::jail::Halves`]). So no thread that shares an address space
 //! with the guest-facing code is root with capabilities, and the sandbox process holds no
 //! part of the VM.
 //!
@@ -105,21 +105,26 @@ fn run(ctl: UnixStream) -> Result<i32, ProcessError> {
             return Err(e);
         }
     };
-    let filter = rootcell_vmm::seccomp::control_filter(seccompiler::SeccompAction::KillProcess)?;
+    // With the VMM's half of the jail (crate::jail::Halves), and only then, as the identity.
+    let filter = crate::jail::qemu_enabled()
+        .then(|| rootcell_vmm::seccomp::control_filter(seccompiler::SeccompAction::KillProcess))
+        .transpose()?;
     // Started after the change of identity and root, so it shares them; it confines itself.
     let latch = vm.exit_latch();
     let own = filter.clone();
     std::thread::Builder::new()
         .name("vmm-exit-wait".into())
         .spawn(move || {
-            if let Err(e) = rootcell_vmm::seccomp::apply(&own) {
+            if let Some(Err(e)) = own.as_ref().map(rootcell_vmm::seccomp::apply) {
                 tracing::error!("builtin VMM process: exit waiter: {e}");
                 std::process::abort();
             }
             while latch.wait_timeout(Duration::from_secs(3600)).is_none() {}
             let _ = (&ended).write_all(&[1]);
         })?;
-    rootcell_vmm::seccomp::apply(&filter)?;
+    if let Some(filter) = &filter {
+        rootcell_vmm::seccomp::apply(filter)?;
+    }
     tracing::info!(
         ?uid,
         "builtin VMM process: VM running; control threads confined"
@@ -170,7 +175,9 @@ fn confine(parent: i32) -> Result<Option<u32>, ProcessError> {
         crate::jail::vmm::own_root(None).map_err(ProcessError::Jail)?;
         Some(crate::jail::vmm::become_unprivileged().map_err(ProcessError::Jail)?)
     } else {
-        tracing::warn!("ROOTCELL_JAIL: the built-in VMM process's control threads stay root");
+        tracing::warn!(
+            "ROOTCELL_JAIL: the built-in VMM process's threads stay root, without seccomp filters"
+        );
         None
     };
     // SAFETY: prctl(2) with integer arguments.

@@ -28,6 +28,7 @@ fn qemu_command_line() {
         Some(V7_2),
         Path::new("/r/vsock.vu"),
         Path::new("/r/fs.vu"),
+        true,
     );
     let joined = a.join(" ");
     let after = |flag: &str| a[a.iter().position(|x| x == flag).unwrap() + 1].clone();
@@ -61,8 +62,20 @@ fn qemu_command_line() {
         "-chardev socket,id=fs,path=/r/fs.vu -device vhost-user-fs-device,chardev=fs,tag=rootcell"
     ));
     assert!(!joined.contains("-netdev"), "no network card without taps");
-    let k = command_args(&cfg(), Accel::Kvm, None, Path::new("/a"), Path::new("/b"));
-    assert!(k.join(" ").contains("-accel kvm -cpu host"));
+    let kvm = |sandbox| {
+        command_args(
+            &cfg(),
+            Accel::Kvm,
+            None,
+            "/a".as_ref(),
+            "/b".as_ref(),
+            sandbox,
+        )
+    };
+    assert!(kvm(true).join(" ").contains("-accel kvm -cpu host"));
+    // ROOTCELL_JAIL without the VMM's half: no seccomp sandbox either.
+    let unjailed = kvm(false);
+    assert!(!unjailed.iter().any(|a| a == "-sandbox"), "{unjailed:?}");
 }
 
 const V7_2: QemuVersion = QemuVersion { major: 7, minor: 2 };
@@ -91,7 +104,14 @@ fn tcg_on_new_qemu_zeroes_allocated_pages() {
     });
     let base = format!("{} {QEMU_KERNEL_ARGS}", cfg().cmdline);
     let append = |accel, version| {
-        let a = command_args(&cfg(), accel, version, Path::new("/a"), Path::new("/b"));
+        let a = command_args(
+            &cfg(),
+            accel,
+            version,
+            Path::new("/a"),
+            Path::new("/b"),
+            true,
+        );
         a[a.iter().position(|x| x == "-append").unwrap() + 1].clone()
     };
     assert_eq!(append(Accel::Tcg, v10), format!("{base} init_on_alloc=1"));
@@ -115,8 +135,15 @@ fn one_virtio_net_card_per_tap() {
             mtu: 1450,
         });
     }
-    let joined =
-        command_args(&c, Accel::Tcg, Some(V7_2), Path::new("/a"), Path::new("/b")).join(" ");
+    let joined = command_args(
+        &c,
+        Accel::Tcg,
+        Some(V7_2),
+        Path::new("/a"),
+        Path::new("/b"),
+        true,
+    )
+    .join(" ");
     assert!(joined.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02,host_mtu=1450"), "{joined}");
     assert!(joined.contains("-netdev tap,id=net1,fd=9 -device virtio-net-device,netdev=net1,mac=02:42:ac:12:00:05,host_mtu=1450"), "{joined}");
 }

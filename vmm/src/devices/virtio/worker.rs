@@ -48,8 +48,9 @@ pub(crate) struct Confinement {
 
 impl Confinement {
     /// Confines the calling thread: the runtime's jail ([`crate::jail`]; `dir` is the host
-    /// directory it keeps, see [`DeviceWorker::jail_dir`]), then the capabilities, then the
-    /// allowlist (`filter`, built beforehand; built here if `None`).
+    /// directory it keeps, see [`DeviceWorker::jail_dir`]), then, unless the jail says
+    /// [`crate::jail::Confine::Not`], the capabilities and the allowlist (`filter`, built
+    /// beforehand; built here if `None`).
     pub(crate) fn enter(
         &self,
         dir: Option<&std::path::Path>,
@@ -63,7 +64,9 @@ impl Confinement {
                 &built
             }
         };
-        crate::jail::enter(self.kind, dir)?;
+        if crate::jail::enter(self.kind, dir)? == crate::jail::Confine::Not {
+            return Ok(());
+        }
         crate::seccomp::keep_caps(self.caps).map_err(|e| e.to_string())?;
         crate::seccomp::apply(filter).map_err(|e| e.to_string())
     }

@@ -129,10 +129,16 @@ fn seccomp_child_worker() {
     let Ok(which) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let call: fn() -> i64 = if which == "forbidden" {
-        tcp_socket
-    } else {
+    if which == "unconfined" {
+        // What the runtime's jail answers under ROOTCELL_JAIL=0.
+        assert!(crate::jail::set_thread_jail(|_, _| Ok(
+            crate::jail::Confine::Not
+        )));
+    }
+    let call: fn() -> i64 = if which == "getpid" {
         getpid
+    } else {
+        tcp_socket
     };
     let (tx, rx) = mpsc::channel();
     let handle = WorkerHandle::spawn(
@@ -172,7 +178,7 @@ fn run_child(which: &str) -> std::process::Output {
 fn device_thread_is_killed_outside_its_filter() {
     use std::os::unix::process::ExitStatusExt;
     // An allowed syscall: the child survives, so the setup itself is within the filter.
-    let ok = run_child("allowed");
+    let ok = run_child("getpid");
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(
         ok.status.success() && text.contains("CHILD-SURVIVED"),
@@ -182,6 +188,17 @@ fn device_thread_is_killed_outside_its_filter() {
     let bad = run_child("forbidden");
     assert_eq!(bad.status.signal(), Some(libc::SIGSYS), "{bad:?}");
     assert!(!String::from_utf8_lossy(&bad.stdout).contains("CHILD-SURVIVED"));
+    // A jail that turns confinement off for the thread turns its filter off too: the same
+    // socket(AF_INET) succeeds (a descriptor, not an error).
+    let off = run_child("unconfined");
+    let text = String::from_utf8_lossy(&off.stdout);
+    let fd: i64 = text
+        .split("CHILD-SURVIVED ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{off:?}"));
+    assert!(off.status.success() && fd >= 0, "{off:?}");
 }
 
 fn gettid() -> i64 {
