@@ -38,6 +38,17 @@ pub enum RuntimeError {
         /// Exit status to report.
         status: i32,
     },
+    /// One of [`crate::signal::ABORT`] ended `create` or `run` while the guest was booting;
+    /// the command stopped what it had started and exits as if killed by `signal`.
+    #[error("interrupted by {} after {secs:.1} s, while the guest was booting: the sandbox and its VM were stopped and container {id} removed", crate::signal::name(*signal))]
+    Interrupted {
+        /// The signal.
+        signal: i32,
+        /// The container.
+        id: String,
+        /// How long the command had run.
+        secs: f64,
+    },
     /// The bundle or its config.json is missing or invalid.
     #[error("bundle {path}: {msg}")]
     Bundle {

@@ -102,6 +102,14 @@ fn main() {
                 tracing::error!("{msg}");
             }
             let _ = writeln!(std::io::stderr(), "rootcell: {msg}");
+            // Interrupted, it ends as the signal would have ended it, once it has cleaned up:
+            // a shell loop that runs it stops on a SIGINT as with any other program.
+            if let Some(error::RuntimeError::Interrupted { signal, .. }) = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<error::RuntimeError>())
+            {
+                die_by(*signal);
+            }
             // `run`/`exec` of a program that cannot start exit like a shell would (127/126).
             let status = e
                 .chain()
@@ -112,6 +120,20 @@ fn main() {
             std::process::exit(status.unwrap_or(1));
         }
     }
+}
+
+/// Ends the process by `signal` (its default action), or with 128 + `signal` if it survives.
+fn die_by(signal: i32) -> ! {
+    // SAFETY: resetting a disposition, unblocking and raising have no memory effects.
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(signal);
+    }
+    std::process::exit(128 + signal)
 }
 
 /// True if `a` is the value of a global flag (so not the subcommand's name).

@@ -76,6 +76,20 @@ pub fn parse(s: &str) -> Result<i32, RuntimeError> {
     Err(bad())
 }
 
+/// Signals that end a `create` or `run` whose container does not exist yet. While the guest
+/// boots there is no process to forward them to (runc forwards signals only to a container
+/// that runs), so they abort the boot instead: the sandbox and its VM are stopped and
+/// everything the command made is removed, as a failed create does.
+pub const ABORT: &[i32] = &[libc::SIGHUP, libc::SIGINT, libc::SIGQUIT, libc::SIGTERM];
+
+/// A signal's name as `kill -l` prints it, with the `SIG` prefix (`SIGTERM`), or its number.
+pub fn name(sig: i32) -> String {
+    match SIGNALS.iter().find(|(_, n)| *n == sig) {
+        Some((name, _)) => format!("SIG{name}"),
+        None => format!("signal {sig}"),
+    }
+}
+
 /// Signals the sandbox forwards to the container's init when it receives them itself.
 pub const FORWARDED: &[i32] = &[
     libc::SIGHUP,
@@ -113,6 +127,13 @@ mod tests {
         assert_eq!(parse("SIGKILL").unwrap(), 9);
         assert_eq!(parse("USR1").unwrap(), 10);
         assert_eq!(parse("RTMIN+2").unwrap(), 36);
+    }
+
+    #[test]
+    fn names_for_messages() {
+        assert_eq!(super::name(15), "SIGTERM");
+        assert_eq!(super::name(6), "SIGABRT");
+        assert_eq!(super::name(40), "signal 40");
     }
 
     #[test]

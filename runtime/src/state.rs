@@ -276,6 +276,32 @@ pub fn proc_stat(pid: i32) -> Option<(u64, char)> {
     Some((start, state))
 }
 
+/// What a process that does not end is doing: each thread's name, scheduler state and kernel
+/// wait channel (`vcpu0 R, fuse-io D fuse_wait_answer`), or `gone`.
+pub fn proc_state_line(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut threads: Vec<String> = tasks
+        .flatten()
+        .map(|t| {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next().map(str::to_string))
+                .unwrap_or_default();
+            let wchan = read("wchan");
+            let wchan = if wchan == "0" { "" } else { wchan.trim() };
+            format!("{} {state} {wchan}", read("comm").trim())
+                .trim_end()
+                .to_string()
+        })
+        .collect();
+    threads.sort();
+    threads.join(", ")
+}
+
 /// True if `pid` is a live (not zombie) process that started at `start` (0 = don't check).
 pub fn process_alive(pid: i32, start: u64) -> bool {
     match proc_stat(pid) {

@@ -106,26 +106,215 @@ fn no_usable_hypervisor() {
     create_fails(&rt, b.path(), &["qemu"]);
 }
 
-#[test]
-fn guest_that_never_comes_up() {
-    // An initramfs without the agent: the kernel boots but nothing ever answers on vsock.
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("empty.cpio.gz");
+/// An initramfs without the agent (just `/dev`), in `dir`.
+fn initramfs_without_agent(dir: &Path) -> std::path::PathBuf {
+    let initrd = dir.join("empty.cpio.gz");
     let st = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
             "mkdir -p {d}/s/dev && cd {d}/s && find . | cpio -o -H newc --quiet | gzip > {i}",
-            d = dir.path().display(),
+            d = dir.display(),
             i = initrd.display()
         ))
         .status()
         .unwrap();
     assert!(st.success());
+    initrd
+}
+
+#[test]
+fn guest_that_never_comes_up() {
+    // An initramfs without the agent: the kernel boots but nothing ever answers on vsock.
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = initramfs_without_agent(dir.path());
     let b = Bundle::new(&["true"]);
     let rt = Runtime::new()
         .env("ROOTCELL_INITRD", initrd.to_str().unwrap())
         .env("ROOTCELL_BOOT_TIMEOUT", "20");
     create_fails(&rt, b.path(), &["guest"]);
+}
+
+/// A runtime whose guests never answer and never stop: no agent in the initramfs, and
+/// `panic=0`, so the kernel stays in its "no working init" panic for good (its CPU busy)
+/// instead of rebooting, as a guest that hangs while it boots does.
+fn silent_guests(dir: &Path, boot_timeout_s: u64) -> Runtime {
+    let initrd = initramfs_without_agent(dir);
+    Runtime::new()
+        .env("ROOTCELL_INITRD", initrd.to_str().unwrap())
+        .env("ROOTCELL_KERNEL_ARGS", "panic=0")
+        .env("ROOTCELL_BOOT_TIMEOUT", boot_timeout_s.to_string())
+}
+
+/// Starts `rootcell ARGS` with its stdout and stderr in files of the runtime's directory (the
+/// sandbox inherits them: pipes would stay open); returns it and the stderr file.
+fn spawn_logged(
+    rt: &Runtime,
+    args: &[&str],
+    name: &str,
+) -> (std::process::Child, std::path::PathBuf) {
+    let err = rt.dir.path().join(format!("{name}.stderr"));
+    let mut c = rt.command(args);
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(rt.dir.path().join(format!("{name}.stdout"))).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+    (c.spawn().expect("spawn rootcell"), err)
+}
+
+/// Nothing of container `id` is left, also no process of the runtime's scope (a VMM's command
+/// line names neither the id nor the root).
+fn nothing_left(rt: &Runtime, id: &str) {
+    assert_no_leftovers(rt, id);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let live: Vec<_> = scope_processes(&rt.scope)
+            .into_iter()
+            .filter(|(pid, _)| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    s.rsplit_once(") ")
+                        .is_some_and(|(_, r)| !r.starts_with('Z'))
+                })
+            })
+            .collect();
+        if live.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of container {id} left behind: {live:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !run_dir(&rt.root(), id).exists(),
+        "run dir of {id} left behind"
+    );
+}
+
+#[test]
+fn a_guest_that_never_answers_fails_run_at_the_boot_timeout_and_leaves_nothing() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = silent_guests(dir.path(), 10);
+    let b = Bundle::new(&["true"]);
+    let id = unique_id("silent");
+    let t = Instant::now();
+    let o = rt.run(&["run", "--bundle", b.path().to_str().unwrap(), &id]);
+    let took = t.elapsed();
+    let err = text(&o.stderr);
+    assert_ne!(code(&o), 0, "run of a silent guest succeeded: {err}");
+    // The boot timeout, plus the last vsock attempt (at most 5 s) and the VM's removal.
+    assert!(
+        took < Duration::from_secs(10 + 12),
+        "run took {took:?} with a boot timeout of 10 s: {err}"
+    );
+    for needle in [
+        "did not come up within 10 s",
+        "last console lines",
+        "Kernel panic",
+    ] {
+        assert!(err.contains(needle), "error lacks {needle:?}: {err}");
+    }
+    nothing_left(&rt, &id);
+}
+
+#[test]
+fn sigterm_or_sigint_while_the_guest_boots_ends_run_and_create_and_leaves_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    // A boot timeout far beyond the test's bounds: only the signal can end the commands in time.
+    let rt = silent_guests(dir.path(), 300);
+    let b = Bundle::new(&["true"]);
+    for (command, signal) in [("run", libc::SIGTERM), ("create", libc::SIGINT)] {
+        let id = unique_id(command);
+        let (child, err) = spawn_logged(
+            &rt,
+            &[command, "--bundle", b.path().to_str().unwrap(), &id],
+            &id,
+        );
+        // Booting: the guest's kernel has printed its first lines.
+        let console = rt.root().join(&id).join("console.log");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::metadata(&console).map_or(true, |m| m.len() == 0) {
+            assert!(
+                Instant::now() < deadline,
+                "{command}: the guest did not start booting in 60 s: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let t = Instant::now();
+        // SAFETY: kill(2) of our own unreaped child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        // Bounded: a command that goes on booting is killed (with its scope) and fails here.
+        let status = wait_with_timeout(child, Duration::from_secs(30));
+        let took = t.elapsed();
+        let err = std::fs::read_to_string(&err).unwrap_or_default();
+        assert_eq!(
+            status.signal(),
+            Some(signal),
+            "{command} did not end by signal {signal} ({status:?}): {err}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "{command} took {took:?} to end after signal {signal}: {err}"
+        );
+        assert!(
+            err.contains("interrupted by SIG") && err.contains("while the guest was booting"),
+            "{command}: {err}"
+        );
+        nothing_left(&rt, &id);
+    }
+}
+
+#[test]
+fn sigterm_to_run_whose_guest_stopped_answering_ends_it_and_leaves_nothing() {
+    use std::time::{Duration, Instant};
+    let rt = Runtime::new();
+    let b = Bundle::new(&["sleep", "1000"]);
+    let id = unique_id("frozen");
+    let (child, err) = spawn_logged(
+        &rt,
+        &["run", "--bundle", b.path().to_str().unwrap(), &id],
+        &id,
+    );
+    // Running (the sandbox's record says so once the guest started the process).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let record = loop {
+        let record: serde_json::Value = std::fs::read(rt.root().join(&id).join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if record["status"] == "running" {
+            break record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} not running after 120 s: {record}; {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The guest stops answering: its hypervisor process frozen, as a guest whose kernel hangs
+    // after the container started looks from the host.
+    let vm = record["vm_pid"].as_i64().unwrap_or(0) as i32;
+    assert!(vm > 0, "no VMM pid in {record}");
+    // SAFETY: kill(2) of the VMM of a container this test made.
+    unsafe { libc::kill(vm, libc::SIGSTOP) };
+    let t = Instant::now();
+    // SAFETY: kill(2) of our own unreaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // Bounded: a run that waits on the frozen guest for good is killed and fails here.
+    let status = wait_with_timeout(child, Duration::from_secs(60));
+    let took = t.elapsed();
+    let err = std::fs::read_to_string(&err).unwrap_or_default();
+    // The signal could not reach the guest; the VM was ended as SIGKILL would.
+    assert_eq!(status.code(), Some(137), "{status:?}: {err}");
+    assert!(
+        took < Duration::from_secs(25),
+        "run took {took:?} to end after SIGTERM: {err}"
+    );
+    nothing_left(&rt, &id);
 }
 
 #[test]

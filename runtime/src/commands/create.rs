@@ -74,7 +74,11 @@ fn check_privileged(spec: &oci_spec::runtime::Spec) -> Result<()> {
 /// Runs `create`: returns once the container is created.
 pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     let _span = tracing::info_span!("create", id).entered();
+    let started = Instant::now();
     crate::id::validate(id)?;
+    // From here on a SIGTERM (or SIGINT, SIGHUP, SIGQUIT) ends the command through the cleanup
+    // below, not by the default action, which would leave the sandbox booting on its own.
+    let mut abort = AbortWatch::start()?;
     let bundle = spec::load(&opts.bundle)?;
     let terminal = spec::has_terminal(&bundle.spec);
     if terminal && opts.console_socket.is_none() && !opts.attached {
@@ -181,17 +185,38 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
 
     let tty_stdio = terminal && opts.console_socket.is_none();
     let mut child = spawn_sandbox(g, id, opts.console_socket.as_deref(), tty_stdio)?;
-    match wait_ready(&mut child.1) {
+    let failed = |child: &mut Child, grace: Duration| {
+        reap_failed(child, grace);
+        // The VMM died with the sandbox (its process group, and its death signal); make sure
+        // it is gone before the undo removes its cgroup and run dir.
+        end_recorded_vmm(&paths::state_file(&g.root, id));
+    };
+    match wait_ready(&mut child.1, Some(&mut abort)) {
         Ok(()) => {}
-        Err(e) => {
-            reap_failed(&mut child.0);
+        Err(Interrupted(signal)) => {
+            tracing::info!(
+                signal,
+                "{} while the guest was booting: stopping the sandbox",
+                crate::signal::name(signal)
+            );
+            failed(&mut child.0, Duration::ZERO);
+            drop(undo);
+            return Err(RuntimeError::Interrupted {
+                signal,
+                id: id.to_string(),
+                secs: started.elapsed().as_secs_f64(),
+            }
+            .into());
+        }
+        Err(Failed(e)) => {
+            failed(&mut child.0, crate::timeouts::PROCESS_GONE);
             return Err(e);
         }
     }
     let pid = child.0.id();
     if let Some(p) = &opts.pid_file {
         if let Err(e) = write_pid_file(p, pid) {
-            reap_failed(&mut child.0);
+            failed(&mut child.0, crate::timeouts::PROCESS_GONE);
             return Err(e);
         }
     }
@@ -201,8 +226,16 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
 }
 
 /// Starts a hidden rootcell subcommand (`sandbox`, `exec-relay`) in a new session, with the
-/// write end of a readiness pipe as fd 3. With `quiet_stdio` it gets /dev/null as stdio.
-pub fn spawn_helper(g: &Global, args: &[String], quiet_stdio: bool) -> Result<(Child, OwnedFd)> {
+/// write end of a readiness pipe as fd 3. With `quiet_stdio` it gets /dev/null as stdio. With
+/// `dies_with_caller` it is SIGKILLed if this thread ends before the helper has cleared that
+/// (the sandbox does so just before it reports ready, see [`crate::sandbox::main`]): a sandbox
+/// whose `create` was killed outright stops booting instead of living on unclaimed.
+pub fn spawn_helper(
+    g: &Global,
+    args: &[String],
+    quiet_stdio: bool,
+    dies_with_caller: bool,
+) -> Result<(Child, OwnedFd)> {
     let (rd, wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot create a pipe")?;
     let mut cmd = Command::new("/proc/self/exe");
@@ -215,9 +248,18 @@ pub fn spawn_helper(g: &Global, args: &[String], quiet_stdio: bool) -> Result<(C
             .stderr(std::process::Stdio::null());
     }
     let wfd = wr.as_raw_fd();
+    let caller = std::process::id() as i32;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // The death signal follows the forking thread, this command's main thread, which
+            // waits for the report; a caller already gone fails the spawn.
+            if dies_with_caller
+                && (libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+                    || libc::getppid() != caller)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             // Own session and process group: `delete --force` kills the group, and the caller's
             // terminal signals do not hit it directly.
             if libc::setsid() < 0 {
@@ -260,52 +302,167 @@ fn spawn_sandbox(
     if tty_stdio {
         args.push("--tty-stdio".into());
     }
-    spawn_helper(g, &args, console.is_some())
+    spawn_helper(g, &args, console.is_some(), true)
 }
 
-/// Reads the sandbox's one-line report, bounded by everything the sandbox itself waits for.
-pub fn wait_ready(rd: &mut OwnedFd) -> Result<()> {
+/// How a wait for a helper's readiness report ended without one.
+pub enum NotReady {
+    /// One of [`crate::signal::ABORT`] arrived (only when the caller watches them).
+    Interrupted(i32),
+    /// The helper failed, died, or did not report in time.
+    Failed(anyhow::Error),
+}
+use NotReady::{Failed, Interrupted};
+
+impl From<NotReady> for anyhow::Error {
+    fn from(n: NotReady) -> Self {
+        match n {
+            Interrupted(sig) => anyhow::anyhow!("interrupted by {}", crate::signal::name(sig)),
+            Failed(e) => e,
+        }
+    }
+}
+
+/// The [`crate::signal::ABORT`] signals, blocked in the calling thread (and so in the threads
+/// it starts later; children get a clean mask) and read from a signalfd, so that a wait can
+/// end on them. They stay blocked when the watch is dropped: `run` forwards them to the
+/// container from then on, and `create` exits.
+pub struct AbortWatch {
+    fd: nix::sys::signalfd::SignalFd,
+}
+
+impl AbortWatch {
+    /// Blocks the signals and opens the signalfd.
+    pub fn start() -> Result<Self> {
+        let mut set = nix::sys::signal::SigSet::empty();
+        for s in crate::signal::ABORT {
+            if let Ok(sig) = nix::sys::signal::Signal::try_from(*s) {
+                set.add(sig);
+            }
+        }
+        set.thread_block()
+            .context("cannot block SIGTERM and SIGINT")?;
+        let fd = nix::sys::signalfd::SignalFd::with_flags(
+            &set,
+            nix::sys::signalfd::SfdFlags::SFD_CLOEXEC | nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+        )
+        .context("cannot watch for SIGTERM and SIGINT (signalfd)")?;
+        Ok(AbortWatch { fd })
+    }
+
+    /// The first pending signal, if any.
+    fn take(&mut self) -> Option<i32> {
+        match self.fd.read_signal() {
+            Ok(Some(info)) => Some(info.ssi_signo as i32),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a helper's one-line report, bounded by everything the sandbox itself waits for; with
+/// `abort`, also ends on one of its signals.
+pub fn wait_ready(rd: &mut OwnedFd, mut abort: Option<&mut AbortWatch>) -> Result<(), NotReady> {
     let bound = crate::timeouts::create_ready(crate::sandbox::boot_timeout());
     let deadline = Instant::now() + bound;
-    let mut fds = [nix::poll::PollFd::new(
-        rd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!("the sandbox did not report within {} s", bound.as_secs());
+            return Err(Failed(anyhow::anyhow!(
+                "the sandbox did not report within {} s",
+                bound.as_secs()
+            )));
         }
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = vec![nix::poll::PollFd::new(
+            rd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        if let Some(a) = abort.as_deref() {
+            fds.push(nix::poll::PollFd::new(
+                a.fd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            ));
+        }
         match nix::poll::poll(&mut fds, ms) {
             Ok(0) => continue,
-            Ok(_) => break,
+            Ok(_) => {
+                let ready = fds[0].any().unwrap_or(true);
+                if let Some(sig) = abort.as_deref_mut().and_then(AbortWatch::take) {
+                    return Err(Interrupted(sig));
+                }
+                if ready {
+                    break;
+                }
+            }
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => bail!("waiting for the sandbox: {e}"),
+            Err(e) => return Err(Failed(anyhow::anyhow!("waiting for the sandbox: {e}"))),
         }
     }
-    let mut line = String::new();
-    BufReader::new(std::fs::File::from(rd.try_clone()?)).read_line(&mut line)?;
-    match serde_json::from_str::<Ready>(&line) {
-        Ok(r) if r.ok => Ok(()),
-        Ok(r) => Err(r.into_error()),
-        Err(_) => bail!("the sandbox process exited before reporting; see the log (--log) for why"),
-    }
+    let read = || -> Result<()> {
+        let mut line = String::new();
+        BufReader::new(std::fs::File::from(rd.try_clone()?)).read_line(&mut line)?;
+        match serde_json::from_str::<Ready>(&line) {
+            Ok(r) if r.ok => Ok(()),
+            Ok(r) => Err(r.into_error()),
+            Err(_) => {
+                bail!("the sandbox process exited before reporting; see the log (--log) for why")
+            }
+        }
+    };
+    read().map_err(Failed)
 }
 
-/// After a failed create: make sure the sandbox (and with it the VM) is gone.
-pub fn reap_failed(child: &mut Child) {
-    let deadline = Instant::now() + crate::timeouts::PROCESS_GONE;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+/// After a failed create: make sure the sandbox (and with it the VM) is gone. It may end by
+/// itself for `grace` (it removes its VM first); then its process group is SIGKILLed. A
+/// process that SIGKILL does not end (stuck in the kernel) is left, with a warning, rather
+/// than waited for without end.
+pub fn reap_failed(child: &mut Child, grace: Duration) {
+    let exited = |child: &mut Child, within: Duration| {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(10));
+    };
+    if exited(child, grace) {
+        return;
     }
     // SAFETY: the child is unreaped, so its pid (and group) are still ours.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
     let _ = child.kill();
-    let _ = child.wait();
+    if !exited(child, crate::timeouts::PROCESS_GONE) {
+        tracing::warn!(
+            pid = child.id(),
+            state = %crate::state::proc_state_line(child.id() as i32),
+            "the sandbox process did not end within {:?} of SIGKILL; leaving it",
+            crate::timeouts::PROCESS_GONE
+        );
+    }
+}
+
+/// SIGKILLs the VMM recorded in a failed create's state file, if it still runs, and waits
+/// (bounded) until it is gone.
+fn end_recorded_vmm(state_file: &Path) {
+    let Ok(st) = ContainerState::load(state_file) else {
+        return;
+    };
+    if st.vm_pid > 0 && crate::state::process_alive(st.vm_pid, st.vm_pid_start) {
+        // SAFETY: plain kill(2); the start-time check above guards against pid reuse.
+        unsafe { libc::kill(st.vm_pid, libc::SIGKILL) };
+        if !super::delete::wait_gone(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE) {
+            tracing::warn!(
+                pid = st.vm_pid,
+                state = %crate::state::proc_state_line(st.vm_pid),
+                "the VMM process did not end within {:?} of SIGKILL; leaving it",
+                crate::timeouts::VMM_GONE
+            );
+        }
+    }
 }
 
 /// Writes the pid file atomically (temp file + rename), as runc does.

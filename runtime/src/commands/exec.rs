@@ -123,13 +123,14 @@ pub fn exec(g: &Global, id: &str, o: &ExecOptions) -> Result<i32> {
     }
     let target = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
     if !o.detach {
-        super::run::relay_signals_to(target.clone());
+        // An exec'd process starts within a bound of seconds: signals are held for it.
+        super::run::relay_signals_to(target.clone(), false);
     }
-    let (mut child, mut rd) = spawn_helper(g, &args, o.console_socket.is_some())?;
-    if let Err(e) = wait_ready(&mut rd) {
-        reap_failed(&mut child);
+    let (mut child, mut rd) = spawn_helper(g, &args, o.console_socket.is_some(), false)?;
+    if let Err(e) = wait_ready(&mut rd, None) {
+        reap_failed(&mut child, crate::timeouts::PROCESS_GONE);
         let _ = std::fs::remove_file(&file);
-        return Err(e);
+        return Err(e.into());
     }
     if let Some(p) = &o.pid_file {
         write_pid_file(p, child.id())?;

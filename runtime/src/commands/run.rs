@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub fn run(g: &Global, id: &str, opts: &CreateOptions, detach: bool, keep: bool) -> Result<i32> {
     let target = Arc::new(AtomicI32::new(0));
     if !detach {
-        relay_signals_to(target.clone());
+        relay_signals_to(target.clone(), true);
     }
     let mut launched = create(g, id, opts)?;
     target.store(launched.child.id() as i32, Ordering::SeqCst);
@@ -43,8 +43,10 @@ pub fn run(g: &Global, id: &str, opts: &CreateOptions, detach: bool, keep: bool)
 /// Blocks the forwardable signals here (threads spawned later inherit the mask; children get a
 /// clean mask from std) and forwards them to the sandbox or relay once its pid is known; signals
 /// that arrive before that are held and delivered then (the caller may signal us as soon as the
-/// process's first output appears, before we have recorded the pid).
-pub fn relay_signals_to(target: Arc<AtomicI32>) {
+/// process's first output appears, before we have recorded the pid). With `abort_before`, the
+/// [`crate::signal::ABORT`] signals are left pending until then, for `create`'s
+/// [`crate::commands::create::AbortWatch`], which ends the boot on them.
+pub fn relay_signals_to(target: Arc<AtomicI32>, abort_before: bool) {
     let mut set = nix::sys::signal::SigSet::empty();
     for s in crate::signal::FORWARDED.iter().chain(&[libc::SIGWINCH]) {
         if let Ok(sig) = nix::sys::signal::Signal::try_from(*s) {
@@ -52,6 +54,14 @@ pub fn relay_signals_to(target: Arc<AtomicI32>) {
         }
     }
     let _ = set.thread_block();
+    let mut early = set;
+    if abort_before {
+        for s in crate::signal::ABORT {
+            if let Ok(sig) = nix::sys::signal::Signal::try_from(*s) {
+                early.remove(sig);
+            }
+        }
+    }
     let _ = std::thread::Builder::new()
         .name("run-signals".into())
         .spawn(move || {
@@ -61,9 +71,14 @@ pub fn relay_signals_to(target: Arc<AtomicI32>) {
                 tv_nsec: 50_000_000,
             };
             loop {
+                let waiting = if target.load(Ordering::SeqCst) > 0 {
+                    &set
+                } else {
+                    &early
+                };
                 // SAFETY: sigtimedwait on a valid set, no siginfo wanted, a valid timeout.
                 let sig =
-                    unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &timeout) };
+                    unsafe { libc::sigtimedwait(waiting.as_ref(), std::ptr::null_mut(), &timeout) };
                 let pid = target.load(Ordering::SeqCst);
                 if sig > 0 && !held.contains(&sig) {
                     held.push(sig);

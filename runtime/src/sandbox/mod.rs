@@ -229,17 +229,27 @@ pub fn main(args: SandboxArgs) -> i32 {
     let report = |ready: &mut File, r: Ready| {
         let mut line = serde_json::to_vec(&r).unwrap_or_default();
         line.push(b'\n');
-        let _ = ready.write_all(&line);
+        ready.write_all(&line)
     };
     match prepare(&args) {
         Ok(sb) => {
-            report(&mut ready, Ready::ok());
+            // `create` started us bound to its life (a death signal), so a create killed
+            // while the guest booted takes the boot with it. Created, the container lives on
+            // its own, as `create` returns: unbound first, then reported.
+            // SAFETY: prctl(PR_SET_PDEATHSIG) only changes this process's death signal.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+            if let Err(e) = report(&mut ready, Ready::ok()) {
+                // Nobody reads the report: the create that started us is gone. Nobody would
+                // know of this container either; its VM goes with us.
+                tracing::error!("cannot report the container created ({e}): the create that started this sandbox is gone; stopping");
+                return 1;
+            }
             drop(ready);
             sb.serve()
         }
         Err(e) => {
             tracing::error!("{e:#}");
-            report(&mut ready, Ready::failed(&e));
+            let _ = report(&mut ready, Ready::failed(&e));
             1
         }
     }

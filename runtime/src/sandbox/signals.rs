@@ -1,7 +1,7 @@
 //! Signals the sandbox receives: forwarded to the container's init; SIGWINCH becomes a resize.
 
 use super::*;
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, AgentError};
 use crate::console;
 use rootcell_protocol::{Request, INIT_PROCESS};
 use std::sync::Arc;
@@ -55,8 +55,36 @@ pub(super) fn forward_signals(shared: Arc<Shared>) {
             signal: n,
             all: false,
         };
-        if let Err(e) = shared.agent.request(req, crate::timeouts::QUICK) {
-            tracing::warn!("cannot forward signal {n}: {e}");
+        match shared.agent.request(req, crate::timeouts::QUICK) {
+            Ok(_) => {}
+            Err(AgentError::Timeout { .. }) if ends_unanswered(&shared, n) => {
+                // The guest's kernel or agent is stuck: the signal can never arrive, and the
+                // one who sent it (`run`'s caller, Ctrl-C) wants the container to end. End it
+                // as SIGKILL would; the main loop then tears the sandbox down (status 137).
+                tracing::error!(
+                    "the guest did not take {} within {:?}: its agent or kernel does not answer; ending the VM",
+                    crate::signal::name(n),
+                    crate::timeouts::QUICK
+                );
+                shared.vm.kill();
+            }
+            Err(e) => tracing::warn!("cannot forward signal {n}: {e}"),
         }
     }
+}
+
+/// Whether signal `n`, sent to the sandbox and not taken by the guest in time, ends the VM: a
+/// terminating signal ([`crate::signal::ABORT`]) to a container that runs (a paused one takes
+/// signals only once resumed, as a frozen runc container does).
+fn ends_unanswered(shared: &Shared, n: i32) -> bool {
+    let status = shared
+        .state
+        .lock()
+        .map(|s| s.status)
+        .unwrap_or(crate::state::Status::Stopped);
+    crate::signal::ABORT.contains(&n)
+        && matches!(
+            status,
+            crate::state::Status::Created | crate::state::Status::Running
+        )
 }
