@@ -74,15 +74,16 @@ pub(super) fn forward_signals(shared: Arc<Shared>) {
 }
 
 /// Whether signal `n`, sent to the sandbox and not taken by the guest in time, ends the VM: a
-/// terminating signal ([`crate::signal::ABORT`]) to a container that runs (a paused one takes
-/// signals only once resumed, as a frozen runc container does).
+/// request to stop (SIGTERM, SIGINT: Ctrl-C on `run`) to a container that runs. Not SIGHUP or
+/// the like, which a daemon may take as "reload"; not to a paused container, which takes
+/// signals once resumed, as a frozen runc container does.
 fn ends_unanswered(shared: &Shared, n: i32) -> bool {
     let status = shared
         .state
         .lock()
         .map(|s| s.status)
         .unwrap_or(crate::state::Status::Stopped);
-    crate::signal::ABORT.contains(&n)
+    [libc::SIGTERM, libc::SIGINT].contains(&n)
         && matches!(
             status,
             crate::state::Status::Created | crate::state::Status::Running
