@@ -212,13 +212,57 @@ fn nothing_left(rt: &Runtime, id: &str) {
     );
 }
 
-/// The hypervisor's pid in a container's record (`state.json`), 0 until there is one.
-fn vm_pid(record: &Path) -> i32 {
-    std::fs::read(record)
+/// A container's record (`state.json`), `Null` until there is one.
+fn record(rt: &Runtime, id: &str) -> serde_json::Value {
+    std::fs::read(rt.root().join(id).join("state.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|r| r["vm_pid"].as_i64())
-        .unwrap_or(0) as i32
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Waits (up to `within`) until the record of `id` shows `what` (`holds`); returns it. The
+/// failure names `what` and shows the command's stderr (`err`).
+fn wait_record(
+    rt: &Runtime,
+    id: &str,
+    what: &str,
+    holds: impl Fn(&serde_json::Value) -> bool,
+    err: &Path,
+    within: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let r = record(rt, id);
+        if holds(&r) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id}: {what} not seen within {within:?}: {r}; {}",
+            std::fs::read_to_string(err).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to `child` and waits for it to end, bounded by `within` (past it the child
+/// and its scope are killed and the test fails); its status, how long it took, and its stderr.
+fn signal_and_wait(
+    child: std::process::Child,
+    signal: i32,
+    err: &Path,
+    within: std::time::Duration,
+) -> (std::process::ExitStatus, std::time::Duration, String) {
+    let t = std::time::Instant::now();
+    // SAFETY: kill(2) of the caller's own unreaped child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let status = wait_with_timeout(child, within);
+    let took = t.elapsed();
+    (
+        status,
+        took,
+        std::fs::read_to_string(err).unwrap_or_default(),
+    )
 }
 
 #[test]
@@ -247,7 +291,7 @@ fn a_guest_that_never_answers_fails_run_at_the_boot_timeout_and_leaves_nothing()
 #[test]
 fn sigterm_or_sigint_while_the_guest_boots_ends_run_and_create_and_leaves_nothing() {
     use std::os::unix::process::ExitStatusExt;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     // A boot timeout far beyond the test's bounds: only the signal can end the commands in time.
     let b = Bundle::new(&["true"]);
@@ -260,24 +304,11 @@ fn sigterm_or_sigint_while_the_guest_boots_ends_run_and_create_and_leaves_nothin
             &id,
         );
         // Booting: the sandbox has started the VM (and recorded its hypervisor's pid).
-        let record = rt.root().join(&id).join("state.json");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while vm_pid(&record) == 0 {
-            assert!(
-                Instant::now() < deadline,
-                "{command}: no VM started in 60 s: {}",
-                std::fs::read_to_string(&err).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let started = |r: &serde_json::Value| r["vm_pid"].as_i64().unwrap_or(0) > 0;
+        wait_record(&rt, &id, "a VM", started, &err, Duration::from_secs(60));
         std::thread::sleep(Duration::from_secs(1));
-        let t = Instant::now();
-        // SAFETY: kill(2) of our own unreaped child.
-        unsafe { libc::kill(child.id() as i32, signal) };
         // Bounded: a command that goes on booting is killed (with its scope) and fails here.
-        let status = wait_with_timeout(child, Duration::from_secs(30));
-        let took = t.elapsed();
-        let err = std::fs::read_to_string(&err).unwrap_or_default();
+        let (status, took, err) = signal_and_wait(child, signal, &err, Duration::from_secs(30));
         assert_eq!(
             status.signal(),
             Some(signal),
@@ -297,7 +328,7 @@ fn sigterm_or_sigint_while_the_guest_boots_ends_run_and_create_and_leaves_nothin
 
 #[test]
 fn sigterm_to_run_whose_guest_stopped_answering_ends_it_and_leaves_nothing() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let rt = Runtime::new();
     let b = Bundle::new(&["sleep", "1000"]);
     let id = unique_id("frozen");
@@ -307,35 +338,16 @@ fn sigterm_to_run_whose_guest_stopped_answering_ends_it_and_leaves_nothing() {
         &id,
     );
     // Running (the sandbox's record says so once the guest started the process).
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let record = loop {
-        let record: serde_json::Value = std::fs::read(rt.root().join(&id).join("state.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        if record["status"] == "running" {
-            break record;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{id} not running after 120 s: {record}; {}",
-            std::fs::read_to_string(&err).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let running = |r: &serde_json::Value| r["status"] == "running";
+    let r = wait_record(&rt, &id, "running", running, &err, Duration::from_secs(120));
+    let vm = r["vm_pid"].as_i64().unwrap_or(0) as i32;
+    assert!(vm > 0, "no VMM pid in {r}");
     // The guest stops answering: its hypervisor process frozen, as a guest whose kernel hangs
     // after the container started looks from the host.
-    let vm = record["vm_pid"].as_i64().unwrap_or(0) as i32;
-    assert!(vm > 0, "no VMM pid in {record}");
     // SAFETY: kill(2) of the VMM of a container this test made.
     unsafe { libc::kill(vm, libc::SIGSTOP) };
-    let t = Instant::now();
-    // SAFETY: kill(2) of our own unreaped child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     // Bounded: a run that waits on the frozen guest for good is killed and fails here.
-    let status = wait_with_timeout(child, Duration::from_secs(60));
-    let took = t.elapsed();
-    let err = std::fs::read_to_string(&err).unwrap_or_default();
+    let (status, took, err) = signal_and_wait(child, libc::SIGTERM, &err, Duration::from_secs(60));
     // The signal could not reach the guest; the VM was ended as SIGKILL would.
     assert_eq!(status.code(), Some(137), "{status:?}: {err}");
     assert!(
