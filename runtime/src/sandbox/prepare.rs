@@ -248,7 +248,7 @@ pub(super) fn connect_agent(
                     "the guest stopped before its agent answered (hypervisor exit status {st}; {e}); hypervisor log: {}; last console lines:\n{tail}",
                     tail_lines(&cfg.hypervisor_log, 5)
                 ),
-                None => anyhow!("the guest did not come up within {secs} s ({e}); last console lines:\n{tail}"),
+                None => anyhow!("the guest did not come up within {secs} s: its agent never answered on vsock (last try: {e}); it hung while booting, or needs longer on this host (ROOTCELL_BOOT_TIMEOUT, seconds); last console lines:\n{tail}"),
             }
         })?;
     let tx = events.clone();
