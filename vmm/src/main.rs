@@ -158,6 +158,13 @@ fn run(start: Instant) -> anyhow::Result<i32> {
             "  vcpu{}: {} exits, last {}, rip {:#x?}",
             v.cpu, v.exits, v.last_exit, v.rip
         );
+        // A triple fault: the registers then and the guest's page tables read from its memory.
+        if let Some(state) = &v.shutdown_state {
+            eprintln!("  vcpu{} registers at the shutdown: {state}", v.cpu);
+        }
+        if let Some(walk) = &v.page_walk {
+            eprintln!("  vcpu{} {walk}", v.cpu);
+        }
     }
     Ok(match exit {
         Some(VmExit::Reset) | Some(VmExit::Shutdown) => 0,

@@ -14,9 +14,11 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::arch::x86_64::ptwalk::{self, FaultRegs, KernelSymbols};
 use crate::devices::{lock, Bus};
 use crate::error::{Error, Result};
 use crate::exit::{ExitLatch, VmExit};
+use crate::memory::GuestMemoryMmap;
 use crate::pause::PauseGate;
 
 /// What a vCPU was last seen doing, for reports when a guest does not get where it should.
@@ -40,6 +42,9 @@ pub struct VcpuStatus {
     /// The vCPU's registers read right at a KVM_EXIT_SHUTDOWN (a triple fault), as text; see
     /// [`shutdown_state`].
     pub shutdown_state: Option<String>,
+    /// The guest's page tables read from its memory at that exit (a few lines, see
+    /// [`ptwalk::shutdown_report`]): whether the kernel's top-level table is sane.
+    pub page_walk: Option<String>,
 }
 
 /// How many exits before the last one a [`VcpuStatus`] keeps.
@@ -84,6 +89,35 @@ pub fn shutdown_state(regs: &kvm_regs, sregs: &kvm_sregs) -> String {
         );
     }
     s
+}
+
+/// The registers as [`ptwalk::shutdown_report`] uses them, if they are the faulting context
+/// (not the INIT state).
+pub fn fault_regs(regs: &kvm_regs, sregs: &kvm_sregs) -> Option<FaultRegs> {
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const CR4_LA57: u64 = 1 << 12;
+    const EFER_LMA: u64 = 1 << 10;
+    (!is_init_state(regs, sregs)).then(|| FaultRegs {
+        rip: regs.rip,
+        cr3: sregs.cr3,
+        idt_base: sregs.idt.base,
+        four_level: sregs.cr0 & CR0_PG != 0
+            && sregs.cr4 & CR4_PAE != 0
+            && sregs.cr4 & CR4_LA57 == 0
+            && sregs.efer & EFER_LMA != 0,
+    })
+}
+
+/// What a vCPU thread reads of the guest at a triple fault, besides its registers.
+#[derive(Debug, Clone)]
+pub struct GuestView {
+    /// Guest RAM.
+    pub mem: GuestMemoryMmap,
+    /// The guest kernel's symbols (empty without an ELF symbol table).
+    pub symbols: KernelSymbols,
+    /// The guest's physical-address width (CPUID 0x80000008 EAX[7:0]).
+    pub phys_bits: u8,
 }
 
 /// Signal used to kick a vCPU out of KVM_RUN.
@@ -136,6 +170,8 @@ pub struct Vcpu {
     pub cpu: u8,
     /// The KVM vCPU.
     pub fd: VcpuFd,
+    /// The guest, for the page-table report at a triple fault.
+    pub guest: Arc<GuestView>,
 }
 
 /// A running vCPU thread.
@@ -298,9 +334,16 @@ impl Vcpu {
                 message.clone_from(&text);
             }
             // Read before anything else touches the vCPU: the only trace of a triple fault.
-            let shutdown = shut_down.then(|| match (self.fd.get_regs(), self.fd.get_sregs()) {
-                (Ok(r), Ok(sr)) => shutdown_state(&r, &sr),
-                (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
+            // Guest memory is intact, so the page tables are read too (without a syscall: the
+            // vCPU thread's seccomp filter stays as it is).
+            let shutdown = shut_down.then(|| {
+                let (state, regs) = match (self.fd.get_regs(), self.fd.get_sregs()) {
+                    (Ok(r), Ok(sr)) => (shutdown_state(&r, &sr), fault_regs(&r, &sr)),
+                    (Err(e), _) | (_, Err(e)) => (format!("registers unreadable: {e}"), None),
+                };
+                let g = &self.guest;
+                let walk = ptwalk::shutdown_report(&g.mem, &g.symbols, regs, g.phys_bits);
+                (state, walk)
             });
             {
                 let mut s = lock(status);
@@ -312,8 +355,9 @@ impl Vcpu {
                     }
                     s.recent_exits.push_back(before);
                 }
-                if shutdown.is_some() {
-                    s.shutdown_state = shutdown;
+                if let Some((state, walk)) = shutdown {
+                    s.shutdown_state = Some(state);
+                    s.page_walk = Some(walk);
                 }
             }
             if let Some(exit) = end {

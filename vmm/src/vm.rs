@@ -214,6 +214,11 @@ impl Vm {
         mptable::setup(&mem, config.vcpus)?;
 
         let base_cpuid = cpuid::supported(&kvm_fd)?;
+        let guest = Arc::new(vcpu::GuestView {
+            mem: mem.clone(),
+            symbols: kernel.symbols,
+            phys_bits: cpuid::phys_bits(base_cpuid.as_slice()),
+        });
         let mut vcpus = Vec::with_capacity(config.vcpus.into());
         for cpu in 0..config.vcpus {
             let fd = vm_fd
@@ -225,7 +230,11 @@ impl Vm {
             // Only the boot CPU starts at the kernel entry; the others wait for INIT/SIPI, but
             // giving them sane long-mode state costs nothing.
             regs::setup(&fd, kernel.entry)?;
-            vcpus.push(Vcpu { cpu, fd });
+            vcpus.push(Vcpu {
+                cpu,
+                fd,
+                guest: guest.clone(),
+            });
         }
 
         write_boot_params(&mem, &config.cmdline, &kernel, initramfs, mem_size)?;

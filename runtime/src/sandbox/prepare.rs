@@ -244,9 +244,11 @@ pub(super) fn connect_agent(
                 tail = format!("{banner}\n...\n{tail}");
             }
             match vm.try_stopped() {
+                // 12 lines: a triple fault's registers line, the VMM's page-table report (up to
+                // eight lines), the exit and the stop.
                 Some(st) => anyhow!(
                     "the guest stopped before its agent answered (hypervisor exit status {st}; {e}); hypervisor log: {}; last console lines:\n{tail}",
-                    tail_lines(&cfg.hypervisor_log, 5)
+                    tail_lines(&cfg.hypervisor_log, 12)
                 ),
                 None => anyhow!("the guest did not come up within {secs} s: its agent never answered on vsock (last try: {e}); it hung while booting, or needs longer on this host (ROOTCELL_BOOT_TIMEOUT, seconds); last console lines:\n{tail}"),
             }

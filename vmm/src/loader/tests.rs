@@ -151,6 +151,7 @@ fn initramfs_goes_high_and_must_fit() {
         entry: 0x100_0000,
         end: 0x180_0000,
         setup_header: None,
+        symbols: Default::default(),
     };
     let i = temp("initrd", &[7u8; 5000]);
     let (addr, size) = load_initramfs(&mem, 32 << 20, &kernel, i.path()).unwrap();
@@ -195,4 +196,42 @@ fn cmdline_is_nul_terminated_and_bounded() {
         Err(Error::Cmdline(_))
     ));
     assert!(matches!(load_cmdline(&mem, "a\0b"), Err(Error::Cmdline(_))));
+}
+
+#[test]
+fn symbols_come_from_a_real_vmlinux_and_not_from_a_bare_elf() {
+    // A hand-made ELF has no symbol table: nothing found, nothing failed.
+    let k = temp("bare.elf", &tiny_elf());
+    let f = std::fs::File::open(k.path()).unwrap();
+    assert!(kernel_symbols(&f).is_empty());
+    let Some(vmlinux) = rootcell_test_support::vmlinux() else {
+        eprintln!("skipped the vmlinux half: no guest vmlinux (scripts/build.sh)");
+        return;
+    };
+    let s = kernel_symbols(&std::fs::File::open(&vmlinux).unwrap());
+    // Our kernels are linked at 0xffffffff81000000 (16 MiB physical), without KASLR.
+    assert_eq!(s.stext, Some(0xffff_ffff_8100_0000), "{s:?}");
+    for a in [
+        s.init_top_pgt,
+        s.early_top_pgt,
+        s.page_fault_entry,
+        s.phys_base,
+    ] {
+        assert!(a.is_some_and(|a| a > s.stext.unwrap()), "{s:?}");
+    }
+    let mem = create_guest_memory(64 << 20).unwrap();
+    let loaded = load_kernel(&mem, 64 << 20, &vmlinux).unwrap();
+    assert_eq!(loaded.symbols, s);
+    // The tables are loaded where the walk looks for them: early_top_pgt's entry 511 maps the
+    // kernel (level3_kernel_pgt, present), as head_64.S builds it; init_top_pgt is empty until
+    // x86_64_start_kernel copies that entry in.
+    let gpa = |va: Option<u64>| crate::arch::x86_64::ptwalk::kernel_gpa(va.unwrap()).unwrap();
+    let e: u64 = mem
+        .read_obj(GuestAddress(gpa(s.early_top_pgt) + 511 * 8))
+        .unwrap();
+    assert_eq!(e & 1, 1, "early_top_pgt[511] = {e:#x}");
+    let e: u64 = mem
+        .read_obj(GuestAddress(gpa(s.init_top_pgt) + 511 * 8))
+        .unwrap();
+    assert_eq!(e, 0, "init_top_pgt[511] in the image");
 }

@@ -267,7 +267,11 @@ fn wait(ctl: &UnixStream, wake: &UnixStream) -> (bool, bool) {
 fn exit_lines(exit: &VmExit, vcpus: &[rootcell_vmm::vcpu::VcpuStatus]) -> Vec<String> {
     let mut lines = Vec::new();
     if *exit == VmExit::Shutdown {
-        lines.extend(vcpus.iter().filter_map(super::shutdown_line));
+        for v in vcpus {
+            lines.extend(super::shutdown_line(v));
+            // The guest's page tables at the triple fault (a few lines; see the VMM's ptwalk).
+            lines.extend(v.page_walk.iter().map(|w| format!("vcpu{} {w}", v.cpu)));
+        }
     }
     lines.push(format!("guest exit: {exit:?}"));
     lines

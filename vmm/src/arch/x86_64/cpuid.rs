@@ -20,6 +20,17 @@ pub fn supported(kvm_fd: &Kvm) -> Result<CpuId> {
         .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))
 }
 
+/// The guest's physical-address width (MAXPHYADDR): CPUID 0x80000008 EAX[7:0], 36 when the
+/// leaf is missing (the SDM's default).
+pub fn phys_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
+    entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map(|e| (e.eax & 0xff) as u8)
+        .filter(|b| *b != 0)
+        .unwrap_or(36)
+}
+
 /// Returns `base` adjusted for vCPU `cpu` of `num_cpus`.
 pub fn for_vcpu(base: &CpuId, cpu: u8, num_cpus: u8) -> CpuId {
     let mut cpuid = base.clone();

@@ -38,6 +38,9 @@ pub struct KernelSymbols {
     /// `init_top_pgt` (`swapper_pg_dir`): init_mm's top-level table, the one every kernel
     /// thread runs on early in boot.
     pub init_top_pgt: Option<u64>,
+    /// `early_top_pgt`: the table the kernel runs on before `x86_64_start_kernel` fills
+    /// `init_top_pgt` (which is all zeros in the image).
+    pub early_top_pgt: Option<u64>,
     /// `_stext`: start of the kernel's text.
     pub stext: Option<u64>,
     /// `asm_exc_page_fault`: the #PF entry the IDT points at.
@@ -388,7 +391,14 @@ pub fn shutdown_report(
 ) -> String {
     let mut out = String::new();
     let cr3 = regs.filter(|r| r.four_level).map(|r| r.cr3 & ADDR_MASK);
-    let kernel_root = symbols.init_top_pgt.and_then(kernel_gpa);
+    // init_top_pgt is empty until x86_64_start_kernel fills it; before that the kernel runs on
+    // early_top_pgt.
+    let init_top = symbols.init_top_pgt.and_then(kernel_gpa);
+    let early = init_top.is_some_and(|r| summarize_root(mem, r, phys_bits).non_zero == 0);
+    let (kernel_root, root_name) = match symbols.early_top_pgt.and_then(kernel_gpa) {
+        Some(e) if early || init_top.is_none() => (Some(e), "early_top_pgt (init_top_pgt empty)"),
+        _ => (init_top, "init_top_pgt"),
+    };
     let why_no_cr3 = match regs {
         None => "CR3 lost (the vCPU was reset at the shutdown)",
         Some(r) if !r.four_level => "CR3 not used (not 4-level long-mode paging)",
@@ -405,12 +415,12 @@ pub fn shutdown_report(
         (Some(c), _) => {
             let _ = write!(out, " root {c:#x} from CR3");
             if let Some(k) = kernel_root.filter(|k| *k != c) {
-                let _ = write!(out, " (init_top_pgt is {k:#x})");
+                let _ = write!(out, " ({root_name} is {k:#x})");
             }
             Some(c)
         }
         (None, Some(k)) => {
-            let _ = write!(out, " root {k:#x} = init_top_pgt; {why_no_cr3}");
+            let _ = write!(out, " root {k:#x} = {root_name}; {why_no_cr3}");
             Some(k)
         }
         (None, None) => {

@@ -243,6 +243,7 @@ fn report_walks_the_kernel_root_without_registers() {
     // The kernel's root at init_top_pgt's GPA, _stext mapped, the page-fault entry not.
     let symbols = KernelSymbols {
         init_top_pgt: Some(KERNEL_MAP + PML4),
+        early_top_pgt: Some(KERNEL_MAP + 0x1f_f000),
         stext: Some(VA),
         page_fault_entry: Some(0xffff_ffff_8140_0aa0),
         phys_base: Some(KERNEL_MAP + 0x20_0000),
@@ -268,6 +269,18 @@ fn report_walks_the_kernel_root_without_registers() {
         "{r}"
     );
     assert!(r.contains("[7]=0x4000000000063 (reserved bits"), "{r}");
+
+    // Before init_top_pgt is filled the kernel runs on early_top_pgt: that is walked.
+    let empty = KernelSymbols {
+        init_top_pgt: Some(KERNEL_MAP + 0x1f_e000),
+        early_top_pgt: Some(KERNEL_MAP + PML4),
+        ..symbols
+    };
+    let r = shutdown_report(&mem, &empty, None, 40);
+    assert!(
+        r.contains("root 0x100000 = early_top_pgt (init_top_pgt empty)"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -322,6 +335,7 @@ fn random_memory_never_panics_and_stays_bounded() {
         };
         let symbols = KernelSymbols {
             init_top_pgt: Some(next()),
+            early_top_pgt: Some(KERNEL_MAP + (next() & 0xffff)),
             stext: Some(next()),
             page_fault_entry: Some(KERNEL_MAP + (next() & 0xffff)),
             phys_base: Some(next()),
