@@ -10,7 +10,8 @@
 #                      guest_messages  agent frames, stream hellos, host messages, DNS relay
 #   devices/vsock/fuzz packet_parse    vsock packet headers
 #                      muxer_packets   the vsock muxer's guest-facing state machine
-#   vmm/fuzz           virtio_mmio_registers, virtio_net_queues
+#   vmm/fuzz           virtio_mmio_registers, virtio_net_queues, page_walk (the triple-fault
+#                      report's walk of guest page tables)
 #
 # Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`). Corpora grow in
 # <crate>/corpus/<target> (not committed); seeds come from <crate>/seeds/<target> where there
@@ -33,6 +34,7 @@ all=(
     "devices/vsock/fuzz muxer_packets"
     "vmm/fuzz virtio_mmio_registers"
     "vmm/fuzz virtio_net_queues"
+    "vmm/fuzz page_walk"
 )
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     echo "fuzz: FAIL: needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz)" >&2

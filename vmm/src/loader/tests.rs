@@ -201,7 +201,7 @@ fn cmdline_is_nul_terminated_and_bounded() {
 #[test]
 fn symbols_come_from_a_real_vmlinux_and_not_from_a_bare_elf() {
     // A hand-made ELF has no symbol table: nothing found, nothing failed.
-    let k = temp("bare.elf", &tiny_elf());
+    let k = temp("bare.elf", &tiny_elf(0x100_0000, 0x100, 0x100));
     let f = std::fs::File::open(k.path()).unwrap();
     assert!(kernel_symbols(&f).is_empty());
     let Some(vmlinux) = rootcell_test_support::vmlinux() else {
