@@ -98,7 +98,7 @@ pub fn fault_regs(regs: &kvm_regs, sregs: &kvm_sregs) -> Option<FaultRegs> {
     const CR4_PAE: u64 = 1 << 5;
     const CR4_LA57: u64 = 1 << 12;
     const EFER_LMA: u64 = 1 << 10;
-    (!is_init_state(regs, sregs)).then(|| FaultRegs {
+    (!is_init_state(regs, sregs)).then_some(FaultRegs {
         rip: regs.rip,
         cr3: sregs.cr3,
         idt_base: sregs.idt.base,
