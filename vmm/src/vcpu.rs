@@ -116,7 +116,7 @@ pub struct GuestView {
     pub mem: GuestMemoryMmap,
     /// The guest kernel's symbols (empty without an ELF symbol table).
     pub symbols: KernelSymbols,
-    /// The guest's physical-address width (CPUID 0x80000008 EAX[7:0]).
+    /// The guest's physical-address width (CPUID 0x80000008 EAX bits 7:0).
     pub phys_bits: u8,
 }
 

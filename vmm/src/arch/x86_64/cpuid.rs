@@ -20,7 +20,7 @@ pub fn supported(kvm_fd: &Kvm) -> Result<CpuId> {
         .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))
 }
 
-/// The guest's physical-address width (MAXPHYADDR): CPUID 0x80000008 EAX[7:0], 36 when the
+/// The guest's physical-address width (MAXPHYADDR): CPUID 0x80000008 EAX bits 7:0, 36 when the
 /// leaf is missing (the SDM's default).
 pub fn phys_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
     entries
