@@ -310,3 +310,32 @@ fn stopped(vm: RunningBuiltinVm) -> Report {
         lines,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rootcell_vmm::vcpu::VcpuStatus;
+
+    #[test]
+    fn a_triple_fault_logs_registers_then_the_page_tables() {
+        let v = VcpuStatus {
+            cpu: 1,
+            last_exit: "Shutdown".into(),
+            shutdown_state: Some("rip=0xfff0".into()),
+            page_walk: Some(
+                "page tables (phys-bits 40): root 0x1815000\n  verdict: root table sane".into(),
+            ),
+            ..Default::default()
+        };
+        let lines = exit_lines(&VmExit::Shutdown, &[v.clone()]);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].starts_with("vcpu1 shut down"), "{lines:?}");
+        assert_eq!(
+            lines[1],
+            "vcpu1 page tables (phys-bits 40): root 0x1815000\n  verdict: root table sane"
+        );
+        assert_eq!(lines[2], "guest exit: Shutdown");
+        // A VM that did not shut down says nothing of its page tables.
+        assert_eq!(exit_lines(&VmExit::Reset, &[v]), vec!["guest exit: Reset"]);
+    }
+}
