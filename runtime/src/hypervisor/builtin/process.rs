@@ -327,7 +327,7 @@ mod tests {
             ),
             ..Default::default()
         };
-        let lines = exit_lines(&VmExit::Shutdown, &[v.clone()]);
+        let lines = exit_lines(&VmExit::Shutdown, std::slice::from_ref(&v));
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[0].starts_with("vcpu1 shut down"), "{lines:?}");
         assert_eq!(
