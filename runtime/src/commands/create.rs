@@ -451,17 +451,13 @@ fn end_recorded_vmm(state_file: &Path) {
     let Ok(st) = ContainerState::load(state_file) else {
         return;
     };
-    if st.vm_pid > 0 && crate::state::process_alive(st.vm_pid, st.vm_pid_start) {
-        // SAFETY: plain kill(2); the start-time check above guards against pid reuse.
-        unsafe { libc::kill(st.vm_pid, libc::SIGKILL) };
-        if !super::delete::wait_gone(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE) {
-            tracing::warn!(
-                pid = st.vm_pid,
-                state = %crate::state::proc_state_line(st.vm_pid),
-                "the VMM process did not end within {:?} of SIGKILL; leaving it",
-                crate::timeouts::VMM_GONE
-            );
-        }
+    if !super::delete::kill_recorded(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE) {
+        tracing::warn!(
+            pid = st.vm_pid,
+            state = %crate::state::proc_state_line(st.vm_pid),
+            "the VMM process did not end within {:?} of SIGKILL; leaving it",
+            crate::timeouts::VMM_GONE
+        );
     }
 }
 

@@ -8,6 +8,17 @@ use crate::{hooks, paths, share};
 use anyhow::{bail, Result};
 use std::time::{Duration, Instant};
 
+/// SIGKILLs a process recorded with its start time (a VMM, a pool VM's holder) if it is still
+/// that process, and waits up to `timeout` for it to go; false if it is still there.
+pub(super) fn kill_recorded(pid: i32, start: u64, timeout: Duration) -> bool {
+    if pid <= 0 || !process_alive(pid, start) {
+        return true;
+    }
+    // SAFETY: plain kill(2); the start-time check above guards against pid reuse.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_gone(pid, start, timeout)
+}
+
 /// Waits until `pid` is gone (or a zombie), up to `timeout`.
 pub(super) fn wait_gone(pid: i32, start: u64, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -124,18 +135,10 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     if !wait_gone(st.pid, st.pid_start, crate::timeouts::PROCESS_GONE) {
         bail!("sandbox process {} of container {id} did not die after SIGKILL; its state is kept in {}", st.pid, state_dir.display());
     }
-    if st.vm_pid > 0 && process_alive(st.vm_pid, st.vm_pid_start) {
-        // SAFETY: plain kill(2), pid-reuse checked above.
-        unsafe { libc::kill(st.vm_pid, libc::SIGKILL) };
-        wait_gone(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE);
-    }
+    kill_recorded(st.vm_pid, st.vm_pid_start, crate::timeouts::VMM_GONE);
     if let Some(p) = &st.pooled {
         // A pool VM's holder ends with its claimant; this one's did not get to.
-        if process_alive(p.holder_pid, p.holder_pid_start) {
-            // SAFETY: plain kill(2), pid-reuse checked just above.
-            unsafe { libc::kill(p.holder_pid, libc::SIGKILL) };
-            wait_gone(p.holder_pid, p.holder_pid_start, crate::timeouts::VMM_GONE);
-        }
+        kill_recorded(p.holder_pid, p.holder_pid_start, crate::timeouts::VMM_GONE);
         let _ = share::remove_run_dir(&p.run_dir);
     }
     if let Some(vm) = &st.shares_vm {
