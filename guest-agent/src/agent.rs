@@ -170,7 +170,7 @@ impl Agent {
 
     /// Panics if a test asked step `step` to (see `panic_in`).
     #[cfg(test)]
-    fn panic_if_asked(&self, step: &str) {
+    pub(crate) fn panic_if_asked(&self, step: &str) {
         let mut asked = self.panic_in.lock().unwrap();
         if asked.is_some_and(|s| s == step) {
             *asked = None;
@@ -186,6 +186,8 @@ impl Agent {
 
     /// Called by the reaper when a named process has exited, before its exit is reported.
     pub fn process_exited(&self, name: &str, _status: i32) {
+        #[cfg(test)]
+        self.panic_if_asked("process_exited");
         let (container, process) = registry::split_key(name);
         let oom = self.lock().get_mut(container).and_then(|c| {
             if process == INIT_PROCESS {

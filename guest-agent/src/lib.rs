@@ -16,3 +16,4 @@ pub mod server;
 pub mod sink;
 pub mod streams;
 pub mod terminal;
+pub mod threads;

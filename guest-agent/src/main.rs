@@ -3,7 +3,7 @@
 
 use rootcell_agent::agent::{Agent, Config};
 use rootcell_agent::listener::Listener;
-use rootcell_agent::{alog, pid1, server};
+use rootcell_agent::{alog, pid1, server, threads};
 use rootcell_protocol::{CONTROL_PORT, STREAM_PORT};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,17 +22,25 @@ fn main() {
         alog!("thread {name} {}", info.to_string().replace('\n', " "));
     }));
     let is_init = std::process::id() == 1;
-    let result = if is_init {
-        run_as_init()
-    } else {
-        run_on_host()
-    };
+    // A panic on the main thread (the control acceptor) ends the agent like an error: as init,
+    // returning from main would make the kernel panic.
+    let result = std::panic::catch_unwind(|| {
+        if is_init {
+            run_as_init()
+        } else {
+            run_on_host()
+        }
+    })
+    .unwrap_or_else(|payload| {
+        Err(anyhow::anyhow!(
+            "the main thread panicked: {}",
+            threads::panic_message(payload.as_ref())
+        ))
+    });
     // PID 1 must never exit (the kernel would panic): say why and reboot, which ends the VM.
     alog!("fatal: {result:?}");
     if is_init {
-        nix::unistd::sync();
-        // SAFETY: reboot(2) as init.
-        unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+        pid1::end_vm();
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }

@@ -78,9 +78,12 @@ pub fn watch(container: &str, cgroup: PathBuf, sink: Arc<EventSink>) -> Option<A
         sink,
     });
     let thread_w = w.clone();
-    let _ = std::thread::Builder::new()
-        .name("oom-watch".into())
-        .spawn(move || loop {
+    // Only this thread reports kills that end no process the reaper reports: a panic in it
+    // ends the agent (threads.rs).
+    let _ = crate::threads::vital(
+        "oom-watch",
+        "this container's OOM kills would not be reported",
+        move || loop {
             let mut fds = [PollFd::new(thread_w.file.as_fd(), PollFlags::POLLPRI)];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
@@ -90,7 +93,8 @@ pub fn watch(container: &str, cgroup: PathBuf, sink: Arc<EventSink>) -> Option<A
             if !thread_w.check() {
                 return;
             }
-        });
+        },
+    );
     Some(w)
 }
 

@@ -23,6 +23,15 @@ pub struct System {
 /// takes.
 const NR_OPEN_MAX: &str = "1073741816";
 
+/// Ends the VM from its init: syncs the file systems and reboots (the guest is booted with
+/// `reboot=t`/`reboot=k`, QEMU runs with `-no-reboot` and the built-in VMM ends at the reset).
+/// Returns only if reboot(2) failed.
+pub fn end_vm() {
+    nix::unistd::sync();
+    // SAFETY: reboot(2) as init; nothing of ours needs to run after it.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+}
+
 /// Prepares the guest. Failures of optional parts are logged, not fatal.
 pub fn setup() -> System {
     // The initramfs root ("rootfs") cannot be pivot_root'ed away from, which containers need:

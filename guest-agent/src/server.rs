@@ -4,8 +4,8 @@ use crate::agent::{After, Agent, Reply, Session};
 use crate::alog;
 use crate::listener::Listener;
 use crate::registry::reap_forever;
+use crate::threads::vital;
 use rootcell_protocol::{ErrorCode, FrameError, HostMessage, Request, Response, StreamHello};
-use std::any::Any;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -17,21 +17,26 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts the reaper and the stream acceptor, then serves control connections forever.
 pub fn serve(agent: Arc<Agent>, control: Listener, streams: Listener) -> io::Result<()> {
+    // Both threads' work is done by no other thread: a panic in one ends the agent (threads.rs).
     let (reg, sink, a) = (agent.registry.clone(), agent.sink.clone(), agent.clone());
-    std::thread::Builder::new()
-        .name("reaper".into())
-        .spawn(move || {
+    vital(
+        "reaper",
+        "no process exit would be reported again",
+        move || {
             reap_forever(
                 reg,
                 sink,
                 move |name, status| a.process_exited(name, status),
                 |name, status| alog!("process {name} exited with status {status}"),
             )
-        })?;
+        },
+    )?;
     let a = agent.clone();
-    std::thread::Builder::new()
-        .name("streams".into())
-        .spawn(move || accept_streams(a, streams))?;
+    vital(
+        "streams",
+        "no later process would get its stdio streams",
+        move || accept_streams(a, streams),
+    )?;
     loop {
         let conn = control.accept()?;
         let a = agent.clone();
@@ -47,10 +52,25 @@ pub fn serve(agent: Arc<Agent>, control: Listener, streams: Listener) -> io::Res
 
 /// Serves one control connection until EOF; once it creates a container, that container's
 /// events go to it, and the container is removed when it closes.
+///
+/// A panic outside a request's handler (those are answered: [`handle_guarded`]) ends this
+/// connection only, as its end: the session is ended all the same. Unwound past that, the
+/// container would stay, and the event sink would hold the connection open, so the host would
+/// wait on it for ever instead of seeing it close.
 pub fn control_connection(agent: &Agent, conn: UnixStream) -> io::Result<()> {
     alog!("control connection opened");
     let mut session = Session::new(conn.try_clone()?);
-    let result = serve_session(agent, &mut session, conn);
+    // AssertUnwindSafe: after a panic only end_session uses the session and the agent, and
+    // every lock it takes is poison-tolerant.
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        serve_session(agent, &mut session, conn)
+    }))
+    .unwrap_or_else(|payload| {
+        Err(io::Error::other(format!(
+            "panicked: {}",
+            crate::threads::panic_message(payload.as_ref())
+        )))
+    });
     agent.end_session(&mut session);
     result
 }
@@ -73,6 +93,8 @@ fn serve_session(agent: &Agent, session: &mut Session, conn: UnixStream) -> io::
             Err(e) => return Err(io::Error::other(e)),
         };
         let reply = handle_guarded(agent, session, msg.id, msg.request);
+        #[cfg(test)]
+        agent.panic_if_asked("serve_session");
         let (response, release) = (reply.response, reply.release);
         agent
             .sink
@@ -112,7 +134,7 @@ fn handle_guarded(agent: &Agent, session: &mut Session, id: u64, request: Reques
     // a process that was not created are dropped on the way out (agent.rs); and a connection is
     // bound to its container only once the create has succeeded.
     catch_unwind(AssertUnwindSafe(|| agent.handle(session, request))).unwrap_or_else(|payload| {
-        let message = panic_message(payload.as_ref());
+        let message = crate::threads::panic_message(payload.as_ref());
         alog!("request {id} ({name}) panicked; answering: {message}");
         Response::Error {
             code: ErrorCode::Internal,
@@ -120,15 +142,6 @@ fn handle_guarded(agent: &Agent, session: &mut Session, id: u64, request: Reques
         }
         .into()
     })
-}
-
-/// The message of a panic's payload (`panic!` gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// Powers off (reboot + QEMU -no-reboot; the request synced before it was answered); outside a
@@ -266,5 +279,108 @@ mod tests {
         ));
         drop(host);
         served.join().unwrap().unwrap();
+    }
+
+    /// A panic in the connection's own loop (outside a handler) ends that connection, not the
+    /// thread unwound past the session's end: the connection is closed and the session ended.
+    #[test]
+    fn a_panic_outside_a_handler_ends_only_its_connection() {
+        let agent = Arc::new(Agent::new(Config {
+            stream_wait: Duration::from_millis(10),
+            cgroup_root: None,
+            mount_env: MountEnv::default(),
+            reboot_on_shutdown: false,
+        }));
+        agent.ask_to_panic_in("serve_session");
+        let (mut host, conn) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let a = agent.clone();
+        let served = std::thread::spawn(move || control_connection(&a, conn));
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+        };
+        rootcell_protocol::send(
+            &mut host,
+            &HostMessage {
+                id: 1,
+                request: hello.clone(),
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            rootcell_protocol::recv::<_, AgentMessage>(&mut host),
+            Ok(None)
+        ));
+        let ended = served
+            .join()
+            .expect("the panic went past the session's end");
+        assert!(
+            ended
+                .as_ref()
+                .is_err_and(|e| e.to_string() == "panicked: asked to panic in serve_session"),
+            "{ended:?}"
+        );
+        // The agent serves the next connection.
+        let (mut host, conn) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let a = agent.clone();
+        let served = std::thread::spawn(move || control_connection(&a, conn));
+        assert!(matches!(ask(&mut host, 2, hello), Response::Hello { .. }));
+        drop(host);
+        served.join().unwrap().unwrap();
+    }
+
+    /// The reaper reports every exit, and no other thread does: when it panics (here in the
+    /// step before an exit's report), the agent ends rather than living on with no exit
+    /// reported again. serve()'s real reaper, in a process of its own, which it ends.
+    #[test]
+    fn a_reaper_panic_ends_the_agent() {
+        use crate::registry::{key, Entry};
+        use std::os::unix::process::ExitStatusExt;
+        const CHILD: &str = "RC_AGENT_REAPER_PANIC_TEST";
+        if std::env::var_os(CHILD).is_some() {
+            let dir = tempfile::tempdir().unwrap();
+            let agent = Arc::new(Agent::new(Config {
+                stream_wait: Duration::from_millis(10),
+                cgroup_root: None,
+                mount_env: MountEnv::default(),
+                reboot_on_shutdown: false,
+            }));
+            agent.ask_to_panic_in("process_exited");
+            let control = Listener::unix(&dir.path().join("control.sock")).unwrap();
+            let streams = Listener::unix(&dir.path().join("stream.sock")).unwrap();
+            let a = agent.clone();
+            std::thread::spawn(move || serve(a, control, streams));
+            // A named process, registered as the agent registers one: under the spawn gate.
+            let gate = agent.registry.spawning();
+            let child = std::process::Command::new("true").spawn().unwrap();
+            agent.registry.note_fork();
+            let pid = child.id() as i32;
+            agent
+                .registry
+                .add(&key("c1", "init"), Entry { pid, pty: None });
+            drop(gate);
+            std::thread::sleep(Duration::from_secs(10));
+            println!("still alive 10 s after the reaper's panic");
+            return;
+        }
+        let name = "server::tests::a_reaper_panic_ends_the_agent";
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(
+                "fatal: thread reaper panicked (asked to panic in process_exited); without it no \
+                 process exit would be reported again; ending the agent"
+            ),
+            "{out}\n{err}"
+        );
+        assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{out}\n{err}");
     }
 }

@@ -140,8 +140,8 @@ pub fn resize(master: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
 /// When the process side closes (read on the master fails with EIO), the stream's write half
 /// is shut down so the host sees EOF.
 pub fn relay(master: Arc<OwnedFd>, stream: UnixStream) -> io::Result<()> {
-    let mut to_host = stream.try_clone()?;
-    let mut from_host = stream;
+    let to_host = EndOnPanic(stream.try_clone()?);
+    let from_host = EndOnPanic(stream);
     let out_master = master.clone();
     std::thread::Builder::new()
         .name("pty-out".into())
@@ -151,20 +151,20 @@ pub fn relay(master: Arc<OwnedFd>, stream: UnixStream) -> io::Result<()> {
                 match read_fd(&out_master, &mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if to_host.write_all(&buf[..n]).is_err() {
+                        if (&to_host.0).write_all(&buf[..n]).is_err() {
                             break;
                         }
                     }
                 }
             }
-            let _ = to_host.shutdown(std::net::Shutdown::Write);
+            let _ = to_host.0.shutdown(std::net::Shutdown::Write);
         })?;
     std::thread::Builder::new()
         .name("pty-in".into())
         .spawn(move || {
             let mut buf = [0u8; 16 * 1024];
             loop {
-                match from_host.read(&mut buf) {
+                match (&from_host.0).read(&mut buf) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         if write_all_fd(&master, &buf[..n]).is_err() {
@@ -175,6 +175,20 @@ pub fn relay(master: Arc<OwnedFd>, stream: UnixStream) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// One direction's end of a relayed stream. If its thread panics, the stream is shut down
+/// both ways: the other direction's thread holds a clone of the socket, so merely dropping this
+/// one would leave the host waiting on a connection nobody serves; shut down, the host sees
+/// EOF and the other thread's read or write fails, which ends it.
+struct EndOnPanic(UnixStream);
+
+impl Drop for EndOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.0.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -205,4 +219,34 @@ fn write_all_fd(fd: &OwnedFd, mut buf: &[u8]) -> io::Result<()> {
         buf = &buf[n as usize..];
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A relay thread that panics ends its connection, although the other direction's thread
+    /// still holds a clone of the socket: the host reads EOF instead of waiting for ever.
+    #[test]
+    fn a_relay_threads_panic_ends_the_connection() {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let other_direction = guest.try_clone().unwrap();
+        let panicked = std::thread::spawn(move || {
+            let _out = EndOnPanic(guest);
+            panic!("relay bug");
+        })
+        .join();
+        assert!(panicked.is_err());
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            host.read(&mut buf)
+                .expect("the host still waits on the connection"),
+            0
+        );
+        // The other direction's thread learns it too: its read ends.
+        assert_eq!((&other_direction).read(&mut buf).unwrap(), 0);
+    }
 }
