@@ -30,6 +30,32 @@ fn answered<R>(method: &str, handler: impl FnOnce() -> TtrpcResult<R>) -> TtrpcR
     })
 }
 
+/// Runs `body`, all the work of a thread whose loss would lose, for good, events containerd
+/// waits for; a panic in it ends the shim ([`end_shim`]). `what` names the thread and `lost`
+/// says what would be lost, for the log.
+pub fn or_end_shim<R>(what: &str, lost: &str, body: impl FnOnce() -> R) -> R {
+    // AssertUnwindSafe: after a panic nothing the body held is used; the shim ends.
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let why = format!("it panicked: {}", panic_message(payload.as_ref()));
+        end_shim(what, &why, lost)
+    })
+}
+
+/// Ends the shim because `what` ended (`why`), after saying so in containerd's log (the panic
+/// hook in `main` has logged a panic with its location).
+///
+/// Caught and carried on from, the end of such a thread would lose `lost` silently and for
+/// good (containerd's waiters have no deadline). A dead shim is a failure containerd handles:
+/// it sees the connection close, runs `shim delete` (`rootcell delete --force`) for each task,
+/// and reports each as exited (137, what delete answers).
+pub fn end_shim(what: &str, why: &str, lost: &str) -> ! {
+    log::error!(
+        "{what} ended ({why}); ending the shim, whose {lost}, so that containerd cleans up \
+         after it"
+    );
+    std::process::abort()
+}
+
 /// The message of a panic's payload (`panic!` gives a `&str` or a `String`).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload

@@ -94,8 +94,8 @@ impl shim::Shim for Shim {
 
 fn main() {
     // A panic in a request handler is answered as an error (guard::CatchPanics), but the reply
-    // carries only its message; one in the exit thread ends the shim (service::forward_exits),
-    // one in another thread only that thread. The serving shim's stderr is /dev/null, so the
+    // carries only its message; one in the exit thread or an OOM watch ends the shim
+    // (guard::end_shim), one in another thread (a stdio copy) only that thread. The serving shim's stderr is /dev/null, so the
     // default hook's message is lost: put it, with its location, in the shim's log, which
     // containerd copies into its own.
     let default_hook = std::panic::take_hook();

@@ -89,7 +89,7 @@ fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
     if std::fs::write(dir.join("cgroup.event_control"), reg).is_err() {
         return false;
     }
-    std::thread::spawn(move || {
+    watch_thread(move || {
         let _control = control;
         let mut b = [0u8; 8];
         // The eventfd also fires when the cgroup is removed: that ends the watch.
@@ -111,7 +111,7 @@ fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
     let Some(mut seen) = oom_kills_of(&mut events) else {
         return false;
     };
-    std::thread::spawn(move || {
+    watch_thread(move || {
         loop {
             // The kernel signals every change of memory.events to pollers of the open file
             // (POLLPRI): an OOM kill is seen at once, before the container's exit leads to
@@ -137,6 +137,19 @@ fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> bool {
         }
     });
     true
+}
+
+/// Starts a watch's thread. Only it reports the container's OOM kills: a panic in it ends the
+/// shim, as one in the exit thread does (`crate::guard::end_shim`), rather than leave the kills
+/// unreported for good.
+fn watch_thread(body: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        crate::guard::or_end_shim(
+            "an OOM watch thread",
+            "OOM kills would no longer reach containerd",
+            body,
+        )
+    });
 }
 
 /// The `oom_kill` count of the open `memory.events`, read again from its start (which also
@@ -206,6 +219,37 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(5)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
         );
+    }
+
+    /// A panic in a watch's thread (here in the report of a kill) ends the shim rather than
+    /// leave that container's later OOM kills unreported. Run in a process of its own, which
+    /// it ends.
+    #[test]
+    fn a_panic_in_a_watch_thread_ends_the_shim() {
+        use std::os::unix::process::ExitStatusExt;
+        const CHILD: &str = "RC_SHIM_OOM_THREAD_TEST";
+        if let Some(root) = std::env::var_os(CHILD).map(PathBuf::from) {
+            let events = root.join("memory.events");
+            std::fs::write(&events, "oom 0\noom_kill 0\n").unwrap();
+            assert!(watch_v2(root.clone(), || panic!("publishing the OOM kill")));
+            std::fs::write(&events, "oom 1\noom_kill 1\n").unwrap();
+            std::thread::sleep(Duration::from_secs(6));
+            println!("still alive 6 s after the watch thread's panic");
+            return;
+        }
+        let name = "oom::tests::a_panic_in_a_watch_thread_ends_the_shim";
+        let root = tempfile_dir("panic");
+        std::fs::create_dir_all(&root).unwrap();
+        let o = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, &root)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("publishing the OOM kill"), "{out}\n{err}");
+        assert_eq!(o.status.signal(), Some(libc::SIGABRT), "{out}\n{err}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     fn tempfile_dir(tag: &str) -> PathBuf {

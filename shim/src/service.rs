@@ -17,7 +17,6 @@ use shim::publisher::RemotePublisher;
 use shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use std::collections::HashMap;
 use std::fs::File;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -316,35 +315,21 @@ impl Service {
 }
 
 /// Hands every pid the reaper collected to `exited`, for as long as the shim lives; if that
-/// ends, by a panic in `exited` or by the monitor dropping the subscription, ends the shim.
-///
-/// An exit for every process is the shim's promise to containerd, and containerd's waiters
-/// (`ctr run`, Docker's wait, a Wait request) have no deadline. Caught and carried on from, a
-/// panic would lose the exit it was handling, silently and for good, with the shim's state of
-/// that process half updated. A dead shim is a failure containerd handles: it sees the
-/// connection close, runs `shim delete` (`rootcell delete --force`) for each task, and reports
-/// each as exited (137, what delete answers). So the shim aborts, after the panic hook and this
-/// thread have put the panic in containerd's log.
+/// ends, by a panic in `exited` or by the monitor dropping the subscription, ends the shim
+/// ([`crate::guard::end_shim`]): an exit for every process is the shim's promise to containerd,
+/// and a panic caught and carried on from would lose the exit it was handling, with the shim's
+/// state of that process half updated.
 fn forward_exits(sub: Subscription, exited: impl Fn(u32, i32)) -> ! {
-    let forwarded = catch_unwind(AssertUnwindSafe(|| {
+    const WHAT: &str = "the thread that forwards exits to containerd";
+    const LOST: &str = "exits would no longer reach containerd";
+    crate::guard::or_end_shim(WHAT, LOST, || {
         while let Ok(e) = sub.rx.recv() {
             if let Subject::Pid(pid) = e.subject {
                 exited(pid as u32, e.exit_code);
             }
         }
-    }));
-    let why = match forwarded {
-        Ok(()) => "the exit monitor dropped its subscription".to_string(),
-        Err(payload) => format!(
-            "it panicked: {}",
-            crate::guard::panic_message(payload.as_ref())
-        ),
-    };
-    log::error!(
-        "the thread that forwards exits to containerd ended ({why}); ending the shim, whose \
-         exits would no longer reach containerd, so that containerd cleans up after it"
-    );
-    std::process::abort()
+    });
+    crate::guard::end_shim(WHAT, "the exit monitor dropped its subscription", LOST)
 }
 
 /// Process `exec` (empty: the init) of container `cid`.
