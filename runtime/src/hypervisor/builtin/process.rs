@@ -281,9 +281,28 @@ fn stopped_line(report: &VmReport) -> String {
     if !report.stuck_vcpus.is_empty() {
         tracing::warn!(stuck = ?report.stuck_vcpus, "vCPU threads did not leave KVM_RUN; they end with the VMM process");
     }
+    let vcpus: Vec<String> = report.vcpus.iter().map(vcpu_summary).collect();
     format!(
-        "stopped: exit {:?}, first KVM_RUN after {:?}, stuck vCPUs {:?}, vCPUs {:?}",
-        report.exit, report.create_to_first_run, report.stuck_vcpus, report.vcpus
+        "stopped: exit {:?}, first KVM_RUN after {:?}, stuck vCPUs {:?}, vCPUs [{}]",
+        report.exit,
+        report.create_to_first_run,
+        report.stuck_vcpus,
+        vcpus.join("; ")
+    )
+}
+
+/// One vCPU in the `stopped` line: its exits and where it was. Not its registers and page
+/// tables at a triple fault, which are several lines of their own (exit_lines) and in the
+/// error: in Debug form they made this line repeat them, escaped, on one line.
+fn vcpu_summary(v: &rootcell_vmm::vcpu::VcpuStatus) -> String {
+    let rip = v.rip.map_or_else(|| "?".into(), |r| format!("{r:#x}"));
+    let before: Vec<&str> = v.recent_exits.iter().map(String::as_str).collect();
+    format!(
+        "vcpu{} {} exits, last {}, rip {rip}, before [{}]",
+        v.cpu,
+        v.exits,
+        v.last_exit.replace('\n', " "),
+        before.join(", ")
     )
 }
 
@@ -337,5 +356,39 @@ mod tests {
         assert_eq!(lines[2], "guest exit: Shutdown");
         // A VM that did not shut down says nothing of its page tables.
         assert_eq!(exit_lines(&VmExit::Reset, &[v]), vec!["guest exit: Reset"]);
+    }
+
+    /// The stopped line names each vCPU's exits in short; the registers and page tables of a
+    /// triple fault stay on their own lines.
+    #[test]
+    fn the_stopped_line_is_short() {
+        let v = VcpuStatus {
+            cpu: 0,
+            exits: 1234,
+            last_exit: "Shutdown".into(),
+            rip: Some(0x1000005),
+            recent_exits: ["IoOut(0x3f8)".to_string(), "Hlt".to_string()].into(),
+            shutdown_state: Some("rip=0xfff0 cr3=0x9000".into()),
+            page_walk: Some("page tables (phys-bits 40): root 0x9000\n  verdict: sane".into()),
+            ..Default::default()
+        };
+        let report = VmReport {
+            exit: VmExit::Shutdown,
+            vcpus: vec![
+                v,
+                VcpuStatus {
+                    cpu: 1,
+                    ..Default::default()
+                },
+            ],
+            stuck_vcpus: vec![],
+            create_to_first_run: None,
+        };
+        assert_eq!(
+            stopped_line(&report),
+            "stopped: exit Shutdown, first KVM_RUN after None, stuck vCPUs [], vCPUs [vcpu0 \
+             1234 exits, last Shutdown, rip 0x1000005, before [IoOut(0x3f8), Hlt]; vcpu1 0 \
+             exits, last , rip ?, before []]"
+        );
     }
 }
