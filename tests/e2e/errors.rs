@@ -357,6 +357,54 @@ fn sigterm_to_run_whose_guest_stopped_answering_ends_it_and_leaves_nothing() {
     nothing_left(&rt, &id);
 }
 
+/// `kill` to a container whose guest is dead answers as runc does for a container whose
+/// process is gone: `container not running`, exit 1 (containerd's runc shim takes it for
+/// "process already finished"), and with `--all` success. A guest that is there but does not
+/// answer, asked to stop with SIGTERM, is ended as `run`'s forwarded SIGTERM ends it: `kill`
+/// succeeds and the container stops with 137. Before, both were errors that Docker had to
+/// follow with SIGKILL (`--all` on the dead one as well).
+#[test]
+fn kill_to_a_dead_or_stuck_guest_answers_as_runc_does() {
+    use std::time::{Duration, Instant};
+    let rt = Runtime::new();
+    let b = Bundle::new(&["sleep", "1000"]);
+    for (case, vmm_signal) in [("dead", libc::SIGKILL), ("stuck", libc::SIGSTOP)] {
+        let id = unique_id(case);
+        let (o, _, _) = rt.create(&b, &id);
+        assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+        assert_eq!(code(&rt.run(&["start", &id])), 0);
+        let vm = record(&rt, &id)["vm_pid"].as_i64().unwrap_or(0) as i32;
+        assert!(vm > 0, "no VMM pid in {}", record(&rt, &id));
+        // SAFETY: kill(2) of the VMM of a container this test made.
+        assert_eq!(unsafe { libc::kill(vm, vmm_signal) }, 0);
+        let t = Instant::now();
+        let k = rt.run(&["kill", &id, "TERM"]);
+        let took = t.elapsed();
+        if case == "dead" {
+            assert_eq!(code(&k), 1, "kill TERM ({case}): {}", text(&k.stderr));
+            assert!(
+                text(&k.stderr).contains("container not running"),
+                "kill TERM ({case}): {}",
+                text(&k.stderr)
+            );
+            let k = rt.run(&["kill", "--all", &id, "TERM"]);
+            assert_eq!(code(&k), 0, "kill --all TERM ({case}): {}", text(&k.stderr));
+        } else {
+            // The agent's answer is awaited for 5 s (timeouts::QUICK), then the VM is ended.
+            assert_eq!(code(&k), 0, "kill TERM ({case}): {}", text(&k.stderr));
+            assert!(
+                took < Duration::from_secs(8),
+                "kill TERM ({case}) took {took:?}"
+            );
+        }
+        rt.wait_status(&id, "stopped", Duration::from_secs(30));
+        assert_eq!(record(&rt, &id)["exit_status"], 137, "{case}");
+        let d = rt.run(&["delete", &id]);
+        assert_eq!(code(&d), 0, "delete ({case}): {}", text(&d.stderr));
+        nothing_left(&rt, &id);
+    }
+}
+
 #[test]
 fn duplicate_and_unknown_ids() {
     let rt = Runtime::new();

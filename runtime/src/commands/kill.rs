@@ -12,11 +12,21 @@ use anyhow::{bail, Result};
 pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
     let sig = crate::signal::parse(signal)?;
     let st = g.load(id)?.refreshed();
-    if !matches!(
-        st.status,
-        Status::Created | Status::Running | Status::Paused
-    ) {
-        return Err(RuntimeError::NotRunning(id.to_string()).into());
+    // As runc: a container whose processes are gone (stopped, or its guest dead) is "not
+    // running" (an error, exit 1, which containerd's runc shim takes for "process already
+    // finished" and Docker for an ended container); with --all there is nothing left to signal,
+    // which is no error.
+    let not_running = || -> Result<()> {
+        if all {
+            Ok(())
+        } else {
+            Err(RuntimeError::NotRunning(id.to_string()).into())
+        }
+    };
+    match st.status {
+        Status::Created | Status::Running | Status::Paused => {}
+        Status::Stopped => return not_running(),
+        Status::Creating => return Err(RuntimeError::NotRunning(id.to_string()).into()),
     }
     if st.status == Status::Paused {
         // A frozen VM cannot take a message; only SIGKILL can be honoured (by killing it).
@@ -35,7 +45,7 @@ pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
         Ok(ControlResponse::Ok) => Ok(()),
         Ok(ControlResponse::Refused {
             error: crate::state::StateError::NotRunning,
-        }) => Err(RuntimeError::NotRunning(id.to_string()).into()),
+        }) => not_running(),
         Ok(ControlResponse::Refused { error }) if sig != libc::SIGKILL => bail!("{error}"),
         Ok(ControlResponse::Error { message }) if sig != libc::SIGKILL => bail!("{message}"),
         other => {
@@ -51,9 +61,7 @@ pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
             }
             match other {
                 Ok(ControlResponse::Error { message }) => bail!("{message}"),
-                Err(_) if !process_alive(st.pid, st.pid_start) => {
-                    Err(RuntimeError::NotRunning(id.to_string()).into())
-                }
+                Err(_) if !process_alive(st.pid, st.pid_start) => not_running(),
                 Err(e) => Err(e.into()),
                 Ok(_) => Ok(()),
             }

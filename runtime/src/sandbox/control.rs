@@ -166,17 +166,24 @@ pub(super) fn handle_control(shared: &Shared, req: ControlRequest) -> ControlRes
                 signal,
                 all,
             };
+            let not_running = || ControlResponse::Refused {
+                error: StateError::NotRunning,
+            };
             match shared.agent.request(req, crate::timeouts::QUICK) {
                 Ok(Response::Ok) => ControlResponse::Ok,
                 Ok(Response::Error {
                     code: rootcell_protocol::ErrorCode::NoSuchProcess,
                     ..
-                }) => ControlResponse::Refused {
-                    error: StateError::NotRunning,
-                },
+                }) => not_running(),
                 Ok(Response::Error { message, .. }) => err(message),
                 Ok(other) => err(format!("unexpected answer to Signal: {other:?}")),
-                Err(e) => err(e.to_string()),
+                // A dead guest's container runs no more (runc: "container not running"); a
+                // stuck one asked to stop is stopped as `run`'s forwarded signal stops it.
+                Err(e) => match super::signals::undelivered(shared, signal, &e) {
+                    super::signals::Undelivered::GuestGone => not_running(),
+                    super::signals::Undelivered::VmEnded => ControlResponse::Ok,
+                    super::signals::Undelivered::Failed => err(e.to_string()),
+                },
             }
         }
     }

@@ -57,20 +57,56 @@ pub(super) fn forward_signals(shared: Arc<Shared>) {
         };
         match shared.agent.request(req, crate::timeouts::QUICK) {
             Ok(_) => {}
-            Err(AgentError::Timeout { .. }) if ends_unanswered(&shared, n) => {
-                // The guest's kernel or agent is stuck: the signal can never arrive, and the
-                // one who sent it (`run`'s caller, Ctrl-C) wants the container to end. End it
-                // as SIGKILL would; the main loop then tears the sandbox down (status 137).
-                tracing::error!(
-                    "the guest did not take {} within {:?}: its agent or kernel does not answer; ending the VM",
-                    crate::signal::name(n),
-                    crate::timeouts::QUICK
-                );
-                shared.vm.kill();
-            }
-            Err(e) => tracing::warn!("cannot forward signal {n}: {e}"),
+            Err(e) => match undelivered(&shared, n, &e) {
+                Undelivered::GuestGone => {
+                    tracing::debug!("signal {n} not forwarded: the guest is gone ({e})")
+                }
+                Undelivered::VmEnded => {}
+                Undelivered::Failed => tracing::warn!("cannot forward signal {n}: {e}"),
+            },
         }
     }
+}
+
+/// What came of a signal for the container whose request to the agent failed.
+#[derive(Debug, PartialEq)]
+pub(super) enum Undelivered {
+    /// The guest is gone (the VM stopped, or the agent's connection closed, which ends the
+    /// container too): the container's processes are gone with it; it no longer runs.
+    GuestGone,
+    /// The guest did not answer, and the signal asks the container to stop: the VM was ended
+    /// as SIGKILL would end it, and the sandbox ends the container with status 137.
+    VmEnded,
+    /// Neither: the error stands.
+    Failed,
+}
+
+/// Decides, and does, what a signal `n` for the container comes to when the agent's answer to
+/// it failed with `e` (see [`Undelivered`]). Shared by signals sent to the sandbox (`run`'s
+/// forwarding) and `kill`'s requests, so both treat a dead or stuck guest alike.
+pub(super) fn undelivered(shared: &Shared, n: i32, e: &AgentError) -> Undelivered {
+    let connection_lost = matches!(
+        e,
+        AgentError::Closed
+            | AgentError::Io(_)
+            | AgentError::Frame(rootcell_protocol::FrameError::Io(_))
+    );
+    if connection_lost || shared.vm.try_stopped().is_some() {
+        return Undelivered::GuestGone;
+    }
+    if matches!(e, AgentError::Timeout { .. }) && ends_unanswered(shared, n) {
+        // The guest's kernel or agent is stuck: the signal can never arrive, and the one who
+        // sent it (`run`'s caller, Ctrl-C, `kill`, Docker's stop) wants the container to end.
+        // End it as SIGKILL would; the main loop then tears the sandbox down (status 137).
+        tracing::error!(
+            "the guest did not take {} within {:?}: its agent or kernel does not answer; ending the VM",
+            crate::signal::name(n),
+            crate::timeouts::QUICK
+        );
+        shared.vm.kill();
+        return Undelivered::VmEnded;
+    }
+    Undelivered::Failed
 }
 
 /// Whether signal `n`, sent to the sandbox and not taken by the guest in time, ends the VM: a
