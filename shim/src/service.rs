@@ -72,6 +72,14 @@ struct Inner {
 #[derive(Clone)]
 pub struct Service(Arc<Inner>);
 
+/// What Kill answers for a process that has ended (containerd's ErrNotFound).
+fn already_finished() -> shim::protos::ttrpc::Error {
+    shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
+        shim::protos::ttrpc::Code::NOT_FOUND,
+        "process already finished",
+    ))
+}
+
 fn err(msg: impl Into<String>) -> shim::protos::ttrpc::Error {
     let msg = msg.into();
     log::error!("{msg}");
@@ -629,20 +637,24 @@ impl shim::Task for Service {
         let (pid, done) =
             self.with_proc(&req.id, &req.exec_id, |p, _| (p.pid, p.exit.is_some()))?;
         if done {
-            return Err(shim::protos::ttrpc::Error::RpcStatus(
-                shim::protos::ttrpc::get_status(
-                    shim::protos::ttrpc::Code::NOT_FOUND,
-                    "process already finished",
-                ),
-            ));
+            return Err(already_finished());
         }
         if req.exec_id.is_empty() {
             let sig = req.signal.to_string();
-            if req.all {
-                self.rootcell(&["kill", "--all", &req.id, &sig])?;
+            let args: &[&str] = if req.all {
+                &["kill", "--all", &req.id, &sig]
             } else {
-                self.rootcell(&["kill", &req.id, &sig])?;
-            }
+                &["kill", &req.id, &sig]
+            };
+            // rootcell says runc's "container not running" when the guest is gone before the
+            // sandbox's exit reached us: NOT_FOUND, as containerd's runc shim answers it.
+            self.0.rt.run(args).map_err(|m| {
+                if m.contains("container not running") {
+                    already_finished()
+                } else {
+                    err(m)
+                }
+            })?;
         } else if pid > 0 {
             // The exec relay forwards the signals it gets to its process in the guest.
             nix::sys::signal::kill(
