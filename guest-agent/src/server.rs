@@ -53,7 +53,7 @@ pub fn serve(agent: Arc<Agent>, control: Listener, streams: Listener) -> io::Res
 /// Serves one control connection until EOF; once it creates a container, that container's
 /// events go to it, and the container is removed when it closes.
 ///
-/// A panic outside a request's handler (those are answered: [`handle_guarded`]) ends this
+/// A panic outside a request's handler (those are answered, see `handle_guarded`) ends this
 /// connection only, as its end: the session is ended all the same. Unwound past that, the
 /// container would stay, and the event sink would hold the connection open, so the host would
 /// wait on it for ever instead of seeing it close.
@@ -355,6 +355,8 @@ mod tests {
             std::thread::spawn(move || serve(a, control, streams));
             // A named process, registered as the agent registers one: under the spawn gate.
             let gate = agent.registry.spawning();
+            // Reaped by the agent's reaper, not by std's wait.
+            #[allow(clippy::zombie_processes)]
             let child = std::process::Command::new("true").spawn().unwrap();
             agent.registry.note_fork();
             let pid = child.id() as i32;
@@ -367,11 +369,7 @@ mod tests {
             return;
         }
         let name = "server::tests::a_reaper_panic_ends_the_agent";
-        let o = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
+        let o = rootcell_test_support::rerun_test_alone(name, CHILD, "1");
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(

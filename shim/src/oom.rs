@@ -240,11 +240,7 @@ mod tests {
         let name = "oom::tests::a_panic_in_a_watch_thread_ends_the_shim";
         let root = tempfile_dir("panic");
         std::fs::create_dir_all(&root).unwrap();
-        let o = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(CHILD, &root)
-            .output()
-            .unwrap();
+        let o = rootcell_test_support::rerun_test_alone(name, CHILD, &root);
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("publishing the OOM kill"), "{out}\n{err}");

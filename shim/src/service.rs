@@ -947,11 +947,7 @@ mod tests {
             return;
         }
         let name = "service::tests::a_panic_in_the_exit_thread_ends_the_shim";
-        let o = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
+        let o = rootcell_test_support::rerun_test_alone(name, CHILD, "1");
         let out = String::from_utf8_lossy(&o.stdout);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(out.contains("forwarded Ok((1, 3))"), "{out}\n{err}");

@@ -170,6 +170,22 @@ pub fn thread_holding(comm: &str, path: &Path) -> Option<PathBuf> {
         })
 }
 
+/// Runs test `name` (its full path, `module::tests::name`) of the current test binary again,
+/// alone, in a process of its own with `var` set to `value`, and returns its output once it
+/// ended: for a test whose subject ends the process (an abort). The test finds `var` set and
+/// does the part that may end its process.
+pub fn rerun_test_alone(
+    name: &str,
+    var: &str,
+    value: impl AsRef<std::ffi::OsStr>,
+) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(var, value)
+        .output()
+        .expect("running the test binary again")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
