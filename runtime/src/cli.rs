@@ -291,7 +291,12 @@ pub enum Command {
     /// Internal: the built-in VMM's own process, started by the sandbox (its control socket
     /// is stdin).
     #[command(hide = true)]
-    BuiltinVmm,
+    BuiltinVmm {
+        /// Whose VM it runs (a container's state dir or a pool VM's dir): not used, only
+        /// shown, so that `ps` tells which container the process serves.
+        #[arg(long = "for")]
+        owner: Option<PathBuf>,
+    },
     /// Internal: the per-container sandbox process.
     #[command(hide = true)]
     Sandbox {

@@ -58,7 +58,7 @@ fn main() {
         };
         std::process::exit(sandbox::main(args));
     }
-    if let Command::BuiltinVmm = cli.command {
+    if let Command::BuiltinVmm { .. } = cli.command {
         // It logs to the backend's diagnostics file once its VM runs.
         std::process::exit(hypervisor::builtin::process::main());
     }
@@ -234,7 +234,7 @@ fn dispatch(g: &Global, command: Command) -> anyhow::Result<i32> {
             };
             return commands::exec::exec(g, &id, &o);
         }
-        Command::Sandbox { .. } | Command::ExecRelay { .. } | Command::BuiltinVmm => {
+        Command::Sandbox { .. } | Command::ExecRelay { .. } | Command::BuiltinVmm { .. } => {
             unreachable!("handled in main")
         }
     }

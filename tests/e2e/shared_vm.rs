@@ -15,13 +15,14 @@ fn join_ns(spec: &mut serde_json::Value, kind: &str, path: &str) {
     list.push(json!({"type": kind, "path": path}));
 }
 
-/// The pids of VMM processes (QEMU, or a sandbox running the built-in VMM) whose command line
-/// mentions `run_dir`.
-fn vmms_of(run_dir: &std::path::Path) -> Vec<String> {
-    let needle = run_dir.to_string_lossy().into_owned();
+/// The VMM processes (QEMU, or the built-in VMM's `rootcell builtin-vmm`) of container `id`
+/// under `root`: their command lines name its state dir (`-name guest=<root>/<id>`,
+/// `--for <root>/<id>`).
+fn vmms_of(root: &std::path::Path, id: &str) -> Vec<String> {
+    let needle = root.join(id).to_string_lossy().into_owned();
     processes_mentioning(&needle)
         .into_iter()
-        .filter(|p| p.contains("qemu-system") || p.contains("rootcell-vmm"))
+        .filter(|p| p.contains("qemu-system") || p.contains("builtin-vmm"))
         .collect()
 }
 
@@ -108,11 +109,13 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
         "hello-from-a\nown-root\nfetched\n",
         "the second container reached the first's server on 127.0.0.1 and has its own root"
     );
-    // One VM: the first's; none of the second's own.
-    let a_run = run_dir(&rt.root(), &a);
+    // One VM: the first's (its VMM found by its command line, which names the container), none
+    // of the second's own.
     let b_run = run_dir(&rt.root(), &b);
+    let vmms = vmms_of(&rt.root(), &a);
+    assert_eq!(vmms.len(), 1, "the first container's VMM: {vmms:?}");
     assert_eq!(
-        vmms_of(&b_run),
+        vmms_of(&rt.root(), &b),
         Vec::<String>::new(),
         "the second container booted no VM"
     );
@@ -227,7 +230,7 @@ fn a_second_container_runs_in_the_first_ones_vm_with_its_own_root() {
     assert_eq!(code(&rt.run(&["kill", &a, "KILL"])), 0);
     rt.wait_status(&a, "stopped", Duration::from_secs(30));
     assert_eq!(code(&rt.run(&["delete", &a])), 0);
-    assert_eq!(vmms_of(&a_run), Vec::<String>::new());
+    assert_eq!(vmms_of(&rt.root(), &a), Vec::<String>::new());
     assert_no_leftovers(&rt, &a);
     assert_no_leftovers(&rt, &b);
 }

@@ -268,7 +268,8 @@ fn soak_runs_execs_and_kills_leave_nothing_behind() {
 fn kill_during(rt: &Runtime, rng: &mut Rng, id: &str, phase: &str, what: &str, needle: &str) {
     let b = bundle(&["sleep", "100000"], Some(id));
     let run = run_dir(&rt.root(), id).display().to_string();
-    // Only processes of this container: the sandbox names its id, QEMU its run dir.
+    // Only processes of this container: the sandbox names its id, QEMU its state dir
+    // (`-name guest=<root>/<id>`), an unjailed QEMU also its run dir.
     let mine = |rt: &Runtime| {
         scope_processes(&rt.scope)
             .into_iter()

@@ -889,6 +889,12 @@ pub fn hardware_kvm() -> bool {
 
 /// Host processes whose command line mentions `needle` (e.g. a container id or state root).
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    processes_mentioning_any(&[needle])
+}
+
+/// Host processes (`pid: command line`, once each) whose command line mentions any of
+/// `needles`.
+pub fn processes_mentioning_any(needles: &[&str]) -> Vec<String> {
     let me = std::process::id().to_string();
     let mut found = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
@@ -897,23 +903,35 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
             continue;
         }
         let cmd = cmdline_at(&e.path());
-        if cmd.contains(needle) {
+        if needles.iter().any(|n| cmd.contains(n)) {
             found.push(format!("{name}: {cmd}"));
         }
     }
     found
 }
 
-/// Asserts that nothing of container `id` is left on the host: no process mentioning it or the
-/// runtime's root, no mount under the root, no entry in the state root, and nothing in the
+/// The host processes of container `id` under `root`, by their command lines, which name it:
+/// its sandbox and exec relays (`rootcell --root <root> sandbox --id <id>`), its VMM (QEMU's
+/// `-name guest=<root>/<id>`, `rootcell builtin-vmm --for <root>/<id>`), a pool VM's holder
+/// once the container claimed it (`... pool vm ... --claimed-for <root>/<id>`); any process
+/// naming the root (another container's, or a runtime call still running), and one naming the
+/// container's run dir (an unjailed QEMU's socket paths).
+pub fn processes_of(root: &Path, id: &str) -> Vec<String> {
+    let root = root.to_string_lossy().into_owned();
+    let run = run_dir(Path::new(&root), id).to_string_lossy().into_owned();
+    processes_mentioning_any(&[id, &root, &run])
+}
+
+/// Asserts that nothing of container `id` is left on the host: no process of it
+/// ([`processes_of`]: its sandbox, relays, VMM or claimed pool VM, or anything naming the
+/// runtime's root), no mount under the root, no entry in the state root, and nothing in the
 /// runtime's short socket directory that mentions it.
 pub fn assert_no_leftovers(rt: &Runtime, id: &str) {
     // Processes may take a moment to be reaped after the runtime returns.
     let deadline = Instant::now() + Duration::from_secs(10);
     let root = rt.root().to_string_lossy().into_owned();
     loop {
-        let mut procs = processes_mentioning(id);
-        procs.extend(processes_mentioning(&root));
+        let procs = processes_of(&rt.root(), id);
         if procs.is_empty() {
             break;
         }

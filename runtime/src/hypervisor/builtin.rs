@@ -112,6 +112,19 @@ fn program() -> PathBuf {
     PathBuf::from("/proc/self/exe")
 }
 
+/// The VMM process's command: `rootcell builtin-vmm --for <owner>`. Its configuration comes
+/// over the control socket; `--for` is there only to be read, by `ps` and by the tests' leftover
+/// check: it names whose VM the process runs ([`VmConfig::owner`]), which nothing else on its
+/// command line does.
+fn vmm_command(program: &Path, owner: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg0("rootcell")
+        .arg("builtin-vmm")
+        .arg("--for")
+        .arg(owner);
+    cmd
+}
+
 impl Hypervisor for Builtin {
     fn name(&self) -> &'static str {
         "builtin"
@@ -154,10 +167,8 @@ impl Hypervisor for Builtin {
             source,
         };
         let (ours, theirs) = UnixStream::pair().map_err(spawn_err)?;
-        let mut cmd = Command::new(&program);
-        cmd.arg0("rootcell")
-            .arg("builtin-vmm")
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
+        let mut cmd = vmm_command(&program, &cfg.owner);
+        cmd.stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let parent = launch.parent;
@@ -529,11 +540,31 @@ mod tests {
             console_log: dir.join("console.log"),
             hypervisor_log: dir.join("builtin.log"),
             socket_dir: dir.to_path_buf(),
+            owner: dir.join("state/ctr-1"),
             vsock_uds: dir.join("vsock.sock"),
             guest_cid: 3,
             share_dir: dir.join("share"),
             share_tag: "rootcell".into(),
             nets: vec![],
+        }
+    }
+
+    /// The VMM process's command line names the container (its state dir, so its root and id)
+    /// and parses as the hidden subcommand, whatever the path holds.
+    #[test]
+    fn the_vmm_command_names_its_owner_and_parses() {
+        let owner = Path::new("/run/docker/runtime-runc/moby/0123456789abcdef,x y");
+        let cmd = vmm_command(Path::new("/proc/self/exe"), owner);
+        assert_eq!(cmd.get_program(), "/proc/self/exe");
+        let args: Vec<&std::ffi::OsStr> = cmd.get_args().collect();
+        let want: [&std::ffi::OsStr; 3] =
+            ["builtin-vmm".as_ref(), "--for".as_ref(), owner.as_os_str()];
+        assert_eq!(args, want);
+        let argv = std::iter::once(std::ffi::OsStr::new("rootcell")).chain(args);
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+        match cli.command {
+            crate::cli::Command::BuiltinVmm { owner: Some(o) } => assert_eq!(o, owner),
+            other => panic!("parsed as {other:?}"),
         }
     }
 

@@ -29,6 +29,11 @@ pub struct VmConfig {
     pub hypervisor_log: PathBuf,
     /// Directory for the backend's private sockets (must be short).
     pub socket_dir: PathBuf,
+    /// Whose VM this is, named on the hypervisor process's command line (QEMU's `-name`, the
+    /// built-in VMM's `--for`) so that `ps`, and the tests' leftover check, tell which container
+    /// a VMM serves: the container's state dir (`<root>/<id>`, both names a user gave), or a
+    /// pool VM's dir (`<pool dir>/vm-N`) for a VM booted before any container claims it.
+    pub owner: PathBuf,
     /// Hybrid vsock unix socket the host connects to (`CONNECT <port>`).
     pub vsock_uds: PathBuf,
     /// Guest CID.

@@ -230,9 +230,10 @@ pub fn command_args_with(
         &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
     ]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-    // Names the container's run dir, so `ps` (and the soak test) can tell which container a
-    // QEMU serves: a jailed QEMU's command line has no other path of it.
-    push(&["-name", &format!("guest={}", esc(&cfg.socket_dir))]);
+    // Names whose VM it is (the container's state dir, `<root>/<id>`), so `ps` and the tests'
+    // leftover check can tell which container a QEMU serves: a jailed QEMU's command line has
+    // no other path of it. The name is only shown: QEMU makes no file of it.
+    push(&["-name", &format!("guest={}", esc(&cfg.owner))]);
     // QEMU's own seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no scheduler or
     // resource changes. The guest drives QEMU's device code, so that code gets only what it needs.
     if sandbox {

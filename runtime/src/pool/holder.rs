@@ -129,6 +129,8 @@ fn run(args: &HolderArgs, news: &dyn Fn(HolderNews)) -> Result<()> {
         console_log: args.run_dir.join("console.log"),
         hypervisor_log: args.run_dir.join(format!("{hv_name}.log")),
         socket_dir: args.run_dir.clone(),
+        // Named for the pool (its VM dir): no container has it yet.
+        owner: args.run_dir.clone(),
         vsock_uds: args.run_dir.join(paths::VSOCK_UDS),
         guest_cid: crate::sandbox::GUEST_CID,
         share_dir: share_dir.clone(),

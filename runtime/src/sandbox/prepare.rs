@@ -186,6 +186,7 @@ fn start_vm(
         console_log: state_dir.join("console.log"),
         hypervisor_log: state_dir.join(format!("{}.log", hv.name())),
         socket_dir: host.run_dir.clone(),
+        owner: state_dir.clone(),
         vsock_uds: host.run_dir.join(paths::VSOCK_UDS),
         guest_cid: GUEST_CID,
         share_dir: host.share_dir.clone(),

@@ -12,6 +12,7 @@ fn cfg() -> VmConfig {
         console_log: "/state/a,b/console.log".into(),
         hypervisor_log: "/state/qemu.log".into(),
         socket_dir: "/run/rootcell/r/x".into(),
+        owner: "/state/a,b/ctr-1".into(),
         vsock_uds: "/run/rootcell/r/x/vsock.sock".into(),
         guest_cid: 3,
         share_dir: "/run/rootcell/r/x/share".into(),
@@ -45,6 +46,8 @@ fn qemu_command_line() {
         "memory-backend-memfd,id=mem,size=512M,share=on"
     );
     assert_eq!(after("-serial"), "file:/state/a,,b/console.log");
+    // Whose VM it is, for `ps`: the container's state dir (its comma doubled for QEMU).
+    assert_eq!(after("-name"), "guest=/state/a,,b/ctr-1");
     assert_eq!(after("-append"), "console=ttyS0 panic=-1 quiet reboot=t");
     assert_eq!(after("-kernel"), "/k/bzImage");
     assert_eq!(after("-initrd"), "/k/initrd.gz");
