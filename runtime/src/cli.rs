@@ -114,6 +114,10 @@ pub enum PoolCommand {
         /// The server's pid.
         #[arg(long)]
         server_pid: i32,
+        /// Blank room (spaces) that a claim overwrites with the claiming container's state
+        /// dir, so that `ps` names the container whose VM this process holds.
+        #[arg(long)]
+        claimed_for: Option<String>,
     },
 }
 

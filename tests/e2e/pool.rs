@@ -274,6 +274,14 @@ fn warm_containers_run_like_cold_ones_and_each_vm_serves_one() {
     assert_eq!(rt.state(&id2)["status"], "created");
     let pooled = pooled_of(&rt, &id2).expect("the container took a pool VM");
     let holder = pooled["holder_pid"].as_i64().unwrap();
+    // Claimed, the holder names the container on its command line (`--claimed-for
+    // <root>/<id>`), so the leftover check (processes_of) would find it left behind.
+    let mine = processes_of(&rt.root(), &id2);
+    assert!(
+        mine.iter()
+            .any(|p| p.starts_with(&format!("{holder}: ")) && p.contains(" pool vm ")),
+        "the claimed holder {holder} is not among the container's processes: {mine:#?}"
+    );
     let cgroups = std::fs::read_to_string(format!("/proc/{holder}/cgroup")).unwrap();
     assert!(
         cgroups.lines().any(|l| l.ends_with(&cg)),

@@ -19,6 +19,7 @@ pub fn pool(g: &Global, command: PoolCommand) -> anyhow::Result<i32> {
             memory_mib,
             vcpus,
             server_pid,
+            claimed_for: _,
         } => Ok(holder::main(holder::HolderArgs {
             name,
             run_dir,

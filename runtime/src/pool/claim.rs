@@ -19,9 +19,9 @@ pub struct Claimed {
     pub socket: PathBuf,
 }
 
-/// Claims a ready VM of a shape that fits `need` for the calling process, or says in the log
-/// why a VM will be booted instead.
-pub fn take(need: Shape) -> Option<Claimed> {
+/// Claims a ready VM of a shape that fits `need` for the calling process, the sandbox of the
+/// container whose state dir is `owner`, or says in the log why a VM will be booted instead.
+pub fn take(need: Shape, owner: &std::path::Path) -> Option<Claimed> {
     if std::env::var(USE_ENV).is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false")) {
         tracing::info!("booting a VM: the pool is turned off ({USE_ENV})");
         return None;
@@ -34,7 +34,7 @@ pub fn take(need: Shape) -> Option<Claimed> {
         );
         return None;
     }
-    match try_take(need, &sock) {
+    match try_take(need, &sock, owner) {
         Ok(Some(c)) => {
             let waited = super::now_secs().saturating_sub(c.handover.ready_since);
             tracing::info!(
@@ -54,7 +54,11 @@ pub fn take(need: Shape) -> Option<Claimed> {
     }
 }
 
-fn try_take(need: Shape, sock: &std::path::Path) -> anyhow::Result<Option<Claimed>> {
+fn try_take(
+    need: Shape,
+    sock: &std::path::Path,
+    owner: &std::path::Path,
+) -> anyhow::Result<Option<Claimed>> {
     let (key, _) = BootKey::current()?;
     let mut s = super::connect(sock, crate::timeouts::QUICK)?;
     super::send(&mut s, sock, &ServerRequest::Take { key, need })?;
@@ -71,7 +75,8 @@ fn try_take(need: Shape, sock: &std::path::Path) -> anyhow::Result<Option<Claime
     let mut conn = super::connect(&socket, crate::timeouts::QUICK)
         .map_err(|e| anyhow::anyhow!("pool VM {name}: {e}"))?;
     let pid = std::process::id() as i32;
-    super::send(&mut conn, &socket, &HolderRequest::Claim { pid })?;
+    let owner = Some(owner.to_path_buf());
+    super::send(&mut conn, &socket, &HolderRequest::Claim { pid, owner })?;
     match super::recv::<HolderReply>(&mut conn, &socket)? {
         Some(HolderReply::Claimed(handover)) => {
             let _ = conn.set_read_timeout(Some(crate::timeouts::QUICK));

@@ -47,6 +47,11 @@ pub enum HolderNews {
     Failed(String),
 }
 
+/// Bytes of blank room the server leaves at the end of a holder's command line
+/// (`--claimed-for <spaces>`) for the state dir of the container that claims it: Docker's is
+/// about 95 (`/run/docker/runtime-runc/moby/<64 hex>`).
+pub const CLAIM_ROOM: usize = 256;
+
 /// A pooled VM's fate, decided once: claimed by a container, or ended with the pool.
 const UNCLAIMED: u8 = 0;
 const CLAIMED: u8 = 1;
@@ -292,7 +297,7 @@ fn accept_claim(
     let _ = c.set_read_timeout(Some(crate::timeouts::QUICK));
     let req: HolderRequest =
         super::recv(&mut c, &path)?.ok_or_else(|| anyhow!("the claimant closed the connection"))?;
-    let HolderRequest::Claim { pid } = req else {
+    let HolderRequest::Claim { pid, owner } = req else {
         bail!("expected a claim, got {req:?}");
     };
     let cred = nix::sys::socket::getsockopt(&c, nix::sys::socket::sockopt::PeerCredentials)
@@ -339,7 +344,70 @@ fn accept_claim(
     }
     super::send(&mut c, &path, &HolderReply::Claimed(h))?;
     let _ = c.set_read_timeout(None);
+    if let Some(owner) = owner {
+        if let Err(e) = name_claimant(&owner) {
+            tracing::warn!(vm = args.name, owner = %owner.display(), "cannot name the container on the holder's command line: {e}");
+        }
+    }
     Ok((c, claimant))
+}
+
+/// Writes `owner` (the claiming container's state dir) into the blank room at the end of this
+/// process's command line (`--claimed-for <spaces>`, [`CLAIM_ROOM`]), in place: the holder keeps
+/// that container's VM from now on, and `ps` (an admin, the tests' leftover check) must tell
+/// whose it is. Through /proc/self/mem, at the place /proc/self/stat gives for the arguments'
+/// end; the arguments cannot grow (PR_SET_MM could move them, but needs CAP_SYS_RESOURCE, which
+/// some hosts' root lacks). The VMM process under the holder keeps the pool VM's name (its
+/// command line is QEMU's own), and dies with the holder.
+fn name_claimant(owner: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name, from the third (state) on; arg_end is the 49th.
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .ok_or_else(|| bad("no command name in /proc/self/stat"))?;
+    let arg_end: u64 = rest
+        .split_whitespace()
+        .nth(49 - 3)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| bad("no arg_end in /proc/self/stat"))?;
+    let room = CLAIM_ROOM as u64;
+    // NUL, the room, NUL: only a command line that ends in the room is written.
+    let at = arg_end
+        .checked_sub(room + 2)
+        .ok_or_else(|| bad("command line too short"))?;
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/mem")?;
+    let mut now = vec![0u8; CLAIM_ROOM + 2];
+    mem.read_exact_at(&mut now, at)?;
+    if now[0] != 0 || now[CLAIM_ROOM + 1] != 0 || now[1..=CLAIM_ROOM].iter().any(|&b| b != b' ') {
+        return Err(bad("the command line does not end in blank room"));
+    }
+    mem.write_all_at(&fill_room(owner.as_os_str().as_encoded_bytes()), at + 1)
+}
+
+/// `owner` in [`CLAIM_ROOM`] bytes, padded with spaces (no NUL: it stays one argument); one
+/// too long keeps its end (the id) after `...`.
+fn fill_room(owner: &[u8]) -> Vec<u8> {
+    let mut text = if owner.len() > CLAIM_ROOM {
+        let mut t = b"...".to_vec();
+        t.extend_from_slice(&owner[owner.len() - (CLAIM_ROOM - 3)..]);
+        t
+    } else {
+        owner.to_vec()
+    };
+    // A NUL would split the argument (a path holds none; a stray one becomes a space).
+    for b in &mut text {
+        if *b == 0 {
+            *b = b' ';
+        }
+    }
+    text.resize(CLAIM_ROOM, b' ');
+    text
 }
 
 /// Answers the claimant's requests until it closes the connection.
@@ -396,5 +464,23 @@ fn renice_all(pid: i32, nice: i32) {
         .filter_map(|t| t.file_name().to_str()?.parse().ok())
     {
         set_nice(tid, nice);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claimants_name_fills_the_room_and_keeps_its_id_when_too_long() {
+        let short = fill_room(b"/run/docker/runtime-runc/moby/0123");
+        assert_eq!(short.len(), CLAIM_ROOM);
+        assert!(short.starts_with(b"/run/docker/runtime-runc/moby/0123 "));
+        assert!(short[35..].iter().all(|&b| b == b' '));
+        let long = [b"/r".repeat(200), b"/the-id".to_vec()].concat();
+        let filled = fill_room(&long);
+        assert_eq!(filled.len(), CLAIM_ROOM);
+        assert!(filled.starts_with(b"...") && filled.ends_with(b"/the-id"));
+        assert!(!fill_room(b"a\0b").contains(&0));
     }
 }

@@ -225,6 +225,10 @@ pub enum HolderRequest {
     Claim {
         /// The claimant's pid.
         pid: i32,
+        /// The claimant's container, as its state dir (`<root>/<id>`): the holder names it on
+        /// its command line once the VM is the container's. Absent from an older claimant.
+        #[serde(default)]
+        owner: Option<PathBuf>,
     },
     /// Freeze (`true`) or thaw the VM.
     Pause(bool),

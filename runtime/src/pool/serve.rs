@@ -238,6 +238,8 @@ fn spawn_holder(s: &Arc<Server>, name: &str, shape: Shape, index: usize) -> Resu
         .args(["--memory-mib", &shape.memory_mib.to_string()])
         .args(["--vcpus", &shape.vcpus.to_string()])
         .args(["--server-pid", &std::process::id().to_string()])
+        // Last: the room a claim fills in place (see `holder::name_claimant`).
+        .args(["--claimed-for", &" ".repeat(super::holder::CLAIM_ROOM)])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
     // Nobody waits for a pool VM's boot, and it runs at nice 10 (see POOL_NICE): on a busy host

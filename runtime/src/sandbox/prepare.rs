@@ -33,7 +33,7 @@ pub(super) fn prepare(args: &SandboxArgs) -> Result<Sandbox> {
         bundle,
     } = enter(args)?;
     let mut hooks_run = false;
-    if let Some(claimed) = super::warm::claim(&bundle.spec) {
+    if let Some(claimed) = super::warm::claim(args, &bundle.spec) {
         match super::warm::prepare(args, &mut state, &state_path, &bundle, claimed)? {
             super::warm::Outcome::Ready(sb) => return Ok(*sb),
             super::warm::Outcome::Boot { hooks_run: run } => hooks_run = run,

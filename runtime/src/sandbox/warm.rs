@@ -45,11 +45,12 @@ enum Progress {
     Handed,
 }
 
-/// Claims a pool VM that fits what `spec` asks for, unless the pool is off, absent or empty
-/// (the log says which).
-pub(super) fn claim(spec: &oci_spec::runtime::Spec) -> Option<Claimed> {
+/// Claims a pool VM that fits what `spec` asks for, for the container `args` name, unless the
+/// pool is off, absent or empty (the log says which).
+pub(super) fn claim(args: &SandboxArgs, spec: &oci_spec::runtime::Spec) -> Option<Claimed> {
     let (memory_mib, vcpus) = spec::vm_resources(spec);
-    crate::pool::claim::take(Shape { memory_mib, vcpus })
+    let owner = crate::paths::state_dir(&args.root, &args.id);
+    crate::pool::claim::take(Shape { memory_mib, vcpus }, &owner)
 }
 
 /// Creates the container in the claimed VM, or, if that VM turns out dead before the container
