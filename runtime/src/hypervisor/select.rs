@@ -19,7 +19,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/rootcell/config.json";
 pub enum Choice {
     /// Built-in VMM where hardware virtualization exists, else QEMU.
     Auto,
-    /// rootcell's own KVM VMM (in the sandbox process).
+    /// rootcell's own KVM VMM (in a process of its own under the sandbox).
     Builtin,
     /// QEMU microvm (KVM or TCG).
     Qemu,
