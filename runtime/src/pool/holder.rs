@@ -342,13 +342,15 @@ fn accept_claim(
     for pid in [me, vm_pid] {
         renice_all(pid, 0);
     }
-    super::send(&mut c, &path, &HolderReply::Claimed(h))?;
-    let _ = c.set_read_timeout(None);
+    // Named before the claimant hears of it: once its `create` returns, `ps` shows whose VM
+    // this is.
     if let Some(owner) = owner {
         if let Err(e) = name_claimant(&owner) {
             tracing::warn!(vm = args.name, owner = %owner.display(), "cannot name the container on the holder's command line: {e}");
         }
     }
+    super::send(&mut c, &path, &HolderReply::Claimed(h))?;
+    let _ = c.set_read_timeout(None);
     Ok((c, claimant))
 }
 
