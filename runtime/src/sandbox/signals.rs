@@ -110,16 +110,19 @@ pub(super) fn undelivered(shared: &Shared, n: i32, e: &AgentError) -> Undelivere
 }
 
 /// Whether signal `n`, sent to the sandbox and not taken by the guest in time, ends the VM: a
-/// request to stop (SIGTERM, SIGINT: Ctrl-C on `run`) to a container that runs. Not SIGHUP or
-/// the like, which a daemon may take as "reload"; not to a paused container, which takes
-/// signals once resumed, as a frozen runc container does.
+/// request to stop (SIGTERM, SIGINT: Ctrl-C on `run`) to a container that runs in the VM its
+/// sandbox booted. Not SIGHUP or the like, which a daemon may take as "reload"; not to a paused
+/// container, which takes signals once resumed, as a frozen runc container does.
 fn ends_unanswered(shared: &Shared, n: i32) -> bool {
     let status = shared
         .state
         .lock()
         .map(|s| s.status)
         .unwrap_or(crate::state::Status::Stopped);
+    // Only the VM's owner can end it: a container that joined another's VM would be told it
+    // was ended while nothing happened (its VM's `kill` does nothing).
     [libc::SIGTERM, libc::SIGINT].contains(&n)
+        && matches!(shared.role, Role::Owner)
         && matches!(
             status,
             crate::state::Status::Created | crate::state::Status::Running
