@@ -72,6 +72,27 @@ impl ExitLatch {
         }
         r.clone()
     }
+
+    /// Runs the body of vCPU `cpu`'s thread. A panic in it ends the VM with an error naming it,
+    /// rather than ending only the thread: a VM that lost a vCPU thread looks alive but never
+    /// runs that vCPU again, so its owner would wait for an agent that cannot answer.
+    pub fn guard_vcpu(&self, cpu: u8, body: impl FnOnce()) {
+        if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+            self.request(VmExit::Error {
+                cpu,
+                message: format!("vCPU thread panicked: {}", panic_text(payload.as_ref())),
+            });
+        }
+    }
+}
+
+/// The message of a panic's payload (a `&str` or a `String`; anything else unnamed).
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 #[cfg(test)]
@@ -90,5 +111,21 @@ mod tests {
         latch.request(VmExit::Stopped);
         assert_eq!(t.join().unwrap(), Some(VmExit::Reset));
         assert_eq!(latch.get(), Some(VmExit::Reset));
+    }
+
+    /// A panicking vCPU body ends the VM with an error that says so; a body that returns
+    /// records nothing.
+    #[test]
+    fn a_vcpu_panic_ends_the_vm() {
+        let latch = ExitLatch::default();
+        latch.guard_vcpu(0, || {});
+        assert_eq!(latch.get(), None);
+        latch.guard_vcpu(1, || panic!("walk of {:#x} went wrong", 0x1000));
+        match latch.get() {
+            Some(VmExit::Error { cpu: 1, message }) => {
+                assert_eq!(message, "vCPU thread panicked: walk of 0x1000 went wrong")
+            }
+            other => panic!("expected the panic as the VM's exit, got {other:?}"),
+        }
     }
 }

@@ -232,7 +232,8 @@ impl Vcpu {
                             return;
                         }
                     }
-                    self.run(&bus, &latch, &stop, &gate, &st)
+                    let cpu = self.cpu;
+                    latch.guard_vcpu(cpu, || self.run(&bus, &latch, &stop, &gate, &st))
                 })
                 .map_err(|source| Error::Host {
                     what: "spawning a vCPU thread",
@@ -342,7 +343,17 @@ impl Vcpu {
                     (Err(e), _) | (_, Err(e)) => (format!("registers unreadable: {e}"), None),
                 };
                 let g = &self.guest;
-                let walk = ptwalk::shutdown_report(&g.mem, &g.symbols, regs, g.phys_bits);
+                // The report reads memory the guest may have wrecked: a bug of the report's
+                // must not cost the shutdown itself.
+                let walk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    ptwalk::shutdown_report(&g.mem, &g.symbols, regs, g.phys_bits)
+                }))
+                .unwrap_or_else(|p| {
+                    format!(
+                        "page-table report failed: {}",
+                        crate::exit::panic_text(p.as_ref())
+                    )
+                });
                 (state, walk)
             });
             {
