@@ -251,7 +251,14 @@ pub(super) fn connect_agent(
                     "the guest stopped before its agent answered (hypervisor exit status {st}; {e}); hypervisor log: {}; last console lines:\n{tail}",
                     tail_lines(&cfg.hypervisor_log, 12)
                 ),
-                None => anyhow!("the guest did not come up within {secs} s: its agent never answered on vsock (last try: {e}); it hung while booting, or needs longer on this host (ROOTCELL_BOOT_TIMEOUT, seconds); last console lines:\n{tail}"),
+                None => {
+                    // Stopped here, not later by the caller, so that the built-in VMM says
+                    // where each vCPU was (exits, the last one, RIP) in its log: a guest that
+                    // hangs before its console says anything shows nothing else.
+                    vm.kill();
+                    anyhow!("the guest did not come up within {secs} s: its agent never answered on vsock (last try: {e}); it hung while booting, or needs longer on this host (ROOTCELL_BOOT_TIMEOUT, seconds); hypervisor log: {}; last console lines:\n{tail}",
+                        tail_lines(&cfg.hypervisor_log, 4))
+                }
             }
         })?;
     let tx = events.clone();
