@@ -282,7 +282,11 @@ fn a_guest_that_never_answers_fails_run_at_the_boot_timeout_and_leaves_nothing()
         took < Duration::from_secs(10 + 12),
         "run took {took:?} with a boot timeout of 10 s: {err}"
     );
-    for needle in ["did not come up within 10 s", "hypervisor log: ", "last console lines"] {
+    for needle in [
+        "did not come up within 10 s",
+        "hypervisor log: ",
+        "last console lines",
+    ] {
         assert!(err.contains(needle), "error lacks {needle:?}: {err}");
     }
     nothing_left(&rt, &id);
