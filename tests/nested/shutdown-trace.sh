@@ -12,7 +12,7 @@ shutdown_trace_start() {
     echo 0 > $tr/tracing_on; echo > $tr/trace
     # With the VMM's pid (the tgid) and L1's clock, a shutdown can be matched to its guest: L1's
     # `kvm [PID]: vcpu0 ... Unhandled WRMSR` console line at each guest's boot has both.
-    echo 1 > $tr/options/record-tgid 2>/dev/null
+    echo 1 2>/dev/null > $tr/options/record-tgid
     echo 'exit_reason == 127' > $tr/events/kvm/kvm_exit/filter
     echo 1 > $tr/events/kvm/kvm_exit/enable
     echo 1 > $tr/tracing_on
