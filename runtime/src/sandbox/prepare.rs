@@ -268,7 +268,17 @@ pub(super) fn connect_agent(
     let hello = Request::Hello {
         version: rootcell_protocol::PROTOCOL_VERSION,
     };
-    match agent.request(hello, crate::timeouts::HELLO)? {
+    let answer = agent.request(hello, crate::timeouts::HELLO).map_err(|e| {
+        // As at the boot timeout: stopped first, so that the built-in VMM's log says where each
+        // vCPU was (in the nested lane a guest took the connection and then fell silent).
+        vm.kill();
+        anyhow!(
+            "{e} (the guest's agent took the connection, then did not answer); hypervisor log: {}; last console lines:\n{}",
+            tail_lines(&cfg.hypervisor_log, 4),
+            tail_lines(&cfg.console_log, 15)
+        )
+    })?;
+    match answer {
         Response::Hello {
             version,
             kernel_release,
