@@ -13,6 +13,7 @@ use shim::protos::events::task::{
 };
 use shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use shim::protos::protobuf::MessageDyn;
+use shim::protos::ttrpc::{get_status, Code, Error as TtrpcError};
 use shim::publisher::RemotePublisher;
 use shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use std::collections::HashMap;
@@ -73,27 +74,73 @@ struct Inner {
 pub struct Service(Arc<Inner>);
 
 /// What Kill answers for a process that has ended (containerd's ErrNotFound).
-fn already_finished() -> shim::protos::ttrpc::Error {
-    shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
-        shim::protos::ttrpc::Code::NOT_FOUND,
-        "process already finished",
-    ))
+fn already_finished() -> TtrpcError {
+    reply(Code::NOT_FOUND, "process already finished")
 }
 
-fn err(msg: impl Into<String>) -> shim::protos::ttrpc::Error {
+/// A failure of the shim or of rootcell (UNKNOWN, logged at error).
+fn err(msg: impl Into<String>) -> TtrpcError {
+    reply(Code::UNKNOWN, msg)
+}
+
+fn not_found(what: &str) -> TtrpcError {
+    reply(Code::NOT_FOUND, format!("{what} not found"))
+}
+
+/// An error reply with `code`, logged at the level [`level_of`] gives it.
+fn reply(code: Code, msg: impl Into<String>) -> TtrpcError {
     let msg = msg.into();
-    log::error!("{msg}");
-    shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
-        shim::protos::ttrpc::Code::UNKNOWN,
-        msg,
-    ))
+    log::log!(level_of(code), "{msg}");
+    TtrpcError::RpcStatus(get_status(code, msg))
 }
 
-fn not_found(what: &str) -> shim::protos::ttrpc::Error {
-    shim::protos::ttrpc::Error::RpcStatus(shim::protos::ttrpc::get_status(
-        shim::protos::ttrpc::Code::NOT_FOUND,
-        format!("{what} not found"),
-    ))
+/// How loudly an error reply with `code` is logged. The answers containerd and its clients get
+/// in normal use (a process that has just ended, an id unknown or already taken, a request the
+/// container's status does not allow: a kill raced by the exit, a delete of a task already
+/// gone) at debug: containerd's runc shim does not log them at all, and at error level they read
+/// as the shim's failures. Anything else is the shim's or rootcell's failure: error.
+fn level_of(code: Code) -> log::Level {
+    match code {
+        Code::NOT_FOUND | Code::ALREADY_EXISTS | Code::FAILED_PRECONDITION => log::Level::Debug,
+        _ => log::Level::Error,
+    }
+}
+
+/// The reply to a rootcell command that failed with `msg`, coded as [`rootcell_code`] says.
+fn rootcell_failed(msg: String) -> TtrpcError {
+    reply(rootcell_code(&msg), msg)
+}
+
+/// The code of a rootcell error, read from runc's words, which rootcell keeps where callers
+/// match on them (runtime/src/error.rs, state.rs), as containerd's runc shim reads runc's: an
+/// unknown container is NOT_FOUND, a command its status does not allow FAILED_PRECONDITION,
+/// anything else UNKNOWN. The cause is the message's end (rootcell prints its error's chain).
+fn rootcell_code(msg: &str) -> Code {
+    /// The ends of rootcell's messages for a command the container's status does not allow.
+    const WRONG_STATUS: [&str; 4] = [
+        "container not running",
+        "cannot start a container that has stopped",
+        "cannot start an already running container",
+        "the container is paused; resume it first",
+    ];
+    let one_word = |s: &str| !s.is_empty() && !s.contains(char::is_whitespace);
+    // `container ID does not exist`
+    let unknown = msg
+        .strip_suffix(" does not exist")
+        .and_then(|m| m.rsplit_once("container "))
+        .is_some_and(|(_, id)| one_word(id));
+    // `container is STATUS, not WANTED`
+    let wrong = msg
+        .rsplit_once("container is ")
+        .and_then(|(_, rest)| rest.split_once(", not "))
+        .is_some_and(|(is, wanted)| one_word(is) && one_word(wanted));
+    if unknown {
+        Code::NOT_FOUND
+    } else if wrong || WRONG_STATUS.iter().any(|w| msg.ends_with(w)) {
+        Code::FAILED_PRECONDITION
+    } else {
+        Code::UNKNOWN
+    }
 }
 
 fn now() -> Timestamp {
@@ -318,7 +365,7 @@ impl Service {
     }
 
     fn rootcell(&self, args: &[&str]) -> TtrpcResult<String> {
-        self.0.rt.run(args).map_err(err)
+        self.0.rt.run(args).map_err(rootcell_failed)
     }
 }
 
@@ -652,7 +699,7 @@ impl shim::Task for Service {
                 if m.contains("container not running") {
                     already_finished()
                 } else {
-                    err(m)
+                    rootcell_failed(m)
                 }
             })?;
         } else if pid > 0 {
@@ -662,7 +709,11 @@ impl shim::Task for Service {
                 nix::sys::signal::Signal::try_from(req.signal as i32)
                     .map_err(|e| err(e.to_string()))?,
             )
-            .map_err(|e| err(format!("kill exec {}: {e}", req.exec_id)))?;
+            .map_err(|e| match e {
+                // Gone before its exit reached us: as containerd's runc shim (checkKillError).
+                nix::errno::Errno::ESRCH => already_finished(),
+                e => err(format!("kill exec {}: {e}", req.exec_id)),
+            })?;
         }
         Ok(api::Empty::new())
     }
@@ -737,7 +788,10 @@ impl shim::Task for Service {
                 .get_mut(&req.id)
                 .ok_or_else(|| not_found(&req.id))?;
             if c.execs.contains_key(&req.exec_id) {
-                return Err(err(format!("exec {} already exists", req.exec_id)));
+                return Err(reply(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
             }
             c.execs.insert(
                 req.exec_id.clone(),
@@ -919,6 +973,124 @@ mod tests {
         assert_eq!(m.cpu.usage.kernel, 1000);
         assert_eq!((m.pids.current, m.pids.limit), (2, 0));
         assert!(metrics_from_events("not json").is_err());
+    }
+
+    /// rootcell's messages (their texts as runtime/src/error.rs and state.rs print them, after
+    /// the context rootcell puts before them) get the codes containerd's runc shim gives runc's.
+    #[test]
+    fn rootcell_errors_are_coded_as_runc_errors_are() {
+        for (msg, code) in [
+            ("container c1 does not exist", Code::NOT_FOUND),
+            ("pause c1: container c1 does not exist", Code::NOT_FOUND),
+            (
+                "cannot signal container c1: container not running",
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                "cannot start a container that has stopped",
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                "cannot start an already running container",
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                "the container is paused; resume it first",
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                "pause c1: container is stopped, not running",
+                Code::FAILED_PRECONDITION,
+            ),
+            // Real failures, even those that share a word with the above.
+            (
+                "bundle /b: source of mounts[0] (destination /x) does not exist",
+                Code::UNKNOWN,
+            ),
+            (
+                "the image of container c1 was removed: its root does not exist",
+                Code::UNKNOWN,
+            ),
+            ("the container is gone, not running anymore", Code::UNKNOWN),
+            ("agent connection closed", Code::UNKNOWN),
+            ("rootcell ps exited with 1", Code::UNKNOWN),
+        ] {
+            assert_eq!(rootcell_code(msg), code, "{msg}");
+        }
+    }
+
+    /// Records the log lines of this test binary (the shim's logger is containerd-shim's, set
+    /// up in main only).
+    struct Capture(Mutex<Vec<(log::Level, String)>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            let line = (r.level(), r.args().to_string());
+            self.0.lock().unwrap().push(line);
+        }
+        fn flush(&self) {}
+    }
+
+    /// Expected answers to a client (a kill after the exit, an unknown id, an exec id taken, a
+    /// status that does not allow the request) are logged at debug, real failures at error.
+    #[test]
+    fn expected_client_errors_are_logged_quietly_and_failures_loudly() {
+        static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+        log::set_logger(&CAPTURE).unwrap();
+        log::set_max_level(log::LevelFilter::Trace);
+        let replies = [
+            already_finished(),
+            not_found("container t-gone"),
+            reply(Code::ALREADY_EXISTS, "exec t-e1 already exists"),
+            rootcell_failed("t-pause: container is stopped, not running".into()),
+            err("t-cannot mount the rootfs"),
+            rootcell_failed("t-agent connection closed".into()),
+        ];
+        let codes: Vec<Code> = replies
+            .iter()
+            .map(|e| match e {
+                TtrpcError::RpcStatus(s) => s.code(),
+                other => panic!("not a status: {other:?}"),
+            })
+            .collect();
+        use Code::*;
+        assert_eq!(
+            codes,
+            [
+                NOT_FOUND,
+                NOT_FOUND,
+                ALREADY_EXISTS,
+                FAILED_PRECONDITION,
+                UNKNOWN,
+                UNKNOWN
+            ]
+        );
+        // Only this test's lines: the other tests run at the same time, and some log.
+        let lines: Vec<_> = CAPTURE
+            .0
+            .lock()
+            .unwrap()
+            .clone()
+            .into_iter()
+            .filter(|(_, m)| {
+                m.starts_with("t-") || m.contains(" t-") || m == "process already finished"
+            })
+            .collect();
+        use log::Level::{Debug, Error};
+        assert_eq!(
+            lines,
+            [
+                (Debug, "process already finished".to_string()),
+                (Debug, "container t-gone not found".into()),
+                (Debug, "exec t-e1 already exists".into()),
+                (Debug, "t-pause: container is stopped, not running".into()),
+                (Error, "t-cannot mount the rootfs".into()),
+                (Error, "t-agent connection closed".into()),
+            ]
+        );
     }
 
     /// The exit thread's loop over containerd-shim's real exit monitor: exits are forwarded
