@@ -51,6 +51,8 @@ pub fn end_agent(why: &str) -> ! {
 }
 
 /// The message of a panic's payload (`panic!` gives a `&str` or a `String`).
+// Also in shim/src/guard.rs and vmm/src/exit.rs (panic_text): six lines of std downcasts, not
+// shared, as their only common crate is rootcell-protocol (the wire protocol; the shim lacks it).
 pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()

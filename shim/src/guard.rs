@@ -57,6 +57,8 @@ pub fn end_shim(what: &str, why: &str, lost: &str) -> ! {
 }
 
 /// The message of a panic's payload (`panic!` gives a `&str` or a `String`).
+// Also in guest-agent/src/threads.rs and vmm/src/exit.rs (panic_text): six lines of std
+// downcasts, not worth a dependency of the shim on rootcell-protocol, their only common crate.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()

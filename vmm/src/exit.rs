@@ -87,6 +87,8 @@ impl ExitLatch {
 }
 
 /// The message of a panic's payload (a `&str` or a `String`; anything else unnamed).
+// Also in guest-agent/src/threads.rs and shim/src/guard.rs (panic_message): six lines of std
+// downcasts, not shared, as their only common crate is rootcell-protocol (the wire protocol).
 pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
