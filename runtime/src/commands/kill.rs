@@ -91,36 +91,3 @@ pub(super) fn kill_group(pid: i32, start: u64) {
         wait_gone(pid, start, crate::timeouts::PROCESS_GONE);
     }
 }
-
-/// The live host processes of container `id` under `root` by their command line: rootcell
-/// starts its sandbox and exec relays (each leading its own process group, with the VMM in
-/// the sandbox's) as `rootcell --root ROOT ... sandbox|exec-relay --id ID ...`.
-pub(super) fn helper_processes(root: &std::path::Path, id: &str) -> Vec<(i32, u64)> {
-    let root = root.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found = Vec::new();
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let pair = |k: &str, v: &str| {
-            args.windows(2)
-                .any(|w| w[0] == k.as_bytes() && w[1] == v.as_bytes())
-        };
-        let helper = args
-            .iter()
-            .any(|a| *a == b"sandbox".as_slice() || *a == b"exec-relay".as_slice());
-        if helper && pair("--root", &root) && pair("--id", id) {
-            if let Some((start, _)) = crate::state::proc_stat(pid) {
-                found.push((pid, start));
-            }
-        }
-    }
-    found
-}

@@ -142,6 +142,12 @@ fn esc(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
+/// The argument of QEMU's `-name` for the VM of the container whose state dir is `owner`
+/// (`guest=<owner>`, commas doubled): what `delete` looks for on a command line.
+pub fn name_arg(owner: &Path) -> String {
+    format!("guest={}", esc(owner))
+}
+
 /// How QEMU reaches its vhost-user back ends and its console.
 #[derive(Debug, Clone, Copy)]
 pub enum Plumbing<'a> {
@@ -233,7 +239,7 @@ pub fn command_args_with(
     // Names whose VM it is (the container's state dir, `<root>/<id>`), so `ps` and the tests'
     // leftover check can tell which container a QEMU serves: a jailed QEMU's command line has
     // no other path of it. The name is only shown: QEMU makes no file of it.
-    push(&["-name", &format!("guest={}", esc(&cfg.owner))]);
+    push(&["-name", &name_arg(&cfg.owner)]);
     // QEMU's own seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no scheduler or
     // resource changes. The guest drives QEMU's device code, so that code gets only what it needs.
     if sandbox {

@@ -394,7 +394,7 @@ fn name_claimant(owner: &Path) -> std::io::Result<()> {
 
 /// `owner` in [`CLAIM_ROOM`] bytes, padded with spaces (no NUL: it stays one argument); one
 /// too long keeps its end (the id) after `...`.
-fn fill_room(owner: &[u8]) -> Vec<u8> {
+pub(crate) fn fill_room(owner: &[u8]) -> Vec<u8> {
     let mut text = if owner.len() > CLAIM_ROOM {
         let mut t = b"...".to_vec();
         t.extend_from_slice(&owner[owner.len() - (CLAIM_ROOM - 3)..]);
