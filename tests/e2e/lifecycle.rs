@@ -436,3 +436,99 @@ fn wait_output(mut child: std::process::Child) -> std::process::Output {
         stderr: reader.join().unwrap(),
     }
 }
+
+/// A state dir removed by hand under a running container (an admin's `rm -rf`, a wiped root):
+/// `delete --force` finds what is left by the names its processes carry (the sandbox, and the
+/// VMM named `<root>/<id>`), ends them, removes the container's cgroup and run dir, and says so
+/// in its log only. A container whose id has this one's as a prefix is left running. (Before,
+/// `delete --force` returned 0 at once and the sandbox, QEMU, run dir and cgroups stayed.)
+#[test]
+fn delete_force_after_the_state_dir_was_removed_by_hand_ends_the_vm() {
+    let rt = Runtime::new();
+    let id = unique_id("rmd");
+    let sibling = format!("{id}b");
+    let rels = [&id, &sibling].map(|i| format!("rootcell-e2e-{i}"));
+    let dirs = rels.clone().map(|r| host_cgroup_dirs(&r));
+    let _cleanup = CgroupCleanup(dirs.concat());
+    for (i, rel) in [&id, &sibling].iter().zip(&rels) {
+        let bundle = Bundle::new(&["sleep", "1000"])
+            .edit(|s| s["linux"]["cgroupsPath"] = serde_json::json!(format!("/{rel}")));
+        let (o, _, _) = rt.create(&bundle, i);
+        assert_eq!(code(&o), 0, "create {i}: {}", text(&o.stderr));
+        assert_eq!(code(&rt.run(&["start", i])), 0);
+    }
+    let sandbox = |i: &str| rt.state(i)["pid"].as_i64().unwrap() as i32;
+    let (gone, kept) = (sandbox(&id), sandbox(&sibling));
+    // The VMM is the sandbox's child; the sibling's must outlive the delete too.
+    let children = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default()
+    };
+    let gone_vmm: i32 = children(gone)
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no VMM under sandbox {gone}"));
+    let kept_vmm = children(kept).trim().to_string();
+    assert!(!kept_vmm.is_empty(), "no VMM under sandbox {kept}");
+
+    std::fs::remove_dir_all(rt.root().join(&id)).unwrap();
+    let log = rt.dir.path().join("delete.log");
+    let d = rt.run(&["--log", log.to_str().unwrap(), "delete", "--force", &id]);
+    assert_eq!(code(&d), 0, "delete --force: {}", text(&d.stderr));
+    assert!(
+        d.stderr.is_empty(),
+        "nothing on stderr: {}",
+        text(&d.stderr)
+    );
+    let dead = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    // Bounded: the VMM goes with its sandbox's process group, a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(dead(gone) && dead(gone_vmm)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dead(gone),
+        "sandbox {gone} of {id} still alive after delete --force"
+    );
+    assert!(
+        dead(gone_vmm),
+        "VMM {gone_vmm} of {id} still alive after delete --force"
+    );
+    let left: Vec<_> = dirs[0].iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "cgroups of {id} left: {left:?}");
+    assert!(!run_dir(&rt.root(), &id).exists(), "run dir of {id} left");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains(&format!(
+            "killing a leftover sandbox or exec relay of container {id}"
+        )),
+        "the log says what was ended: {logged}"
+    );
+
+    assert_eq!(
+        rt.state(&sibling)["status"],
+        "running",
+        "{sibling} was left alone"
+    );
+    assert_eq!(
+        children(kept).trim(),
+        kept_vmm,
+        "{sibling}'s VMM was left alone"
+    );
+    assert!(
+        dirs[1].iter().all(|d| d.exists()),
+        "{sibling}'s cgroups were left alone"
+    );
+
+    let d = rt.run(&["delete", "--force", &sibling]);
+    assert_eq!(code(&d), 0, "delete --force {sibling}: {}", text(&d.stderr));
+    // The sibling's processes name the id too (as a prefix): only now can nothing be left.
+    assert_no_leftovers(&rt, &id);
+    assert_no_leftovers(&rt, &sibling);
+}
