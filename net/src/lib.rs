@@ -24,7 +24,7 @@ mod tc;
 
 pub use apply::apply;
 pub use error::NetError;
-pub use mirror::{mirror, mirror_onto, Mirror, Tap};
+pub use mirror::{mirror, mirror_onto, remove_stale_mirrors, Mirror, Tap};
 pub use rootcell_protocol::net::{Interface, IpPrefix, MacAddr, NetworkConfig, Route};
 pub use scan::scan;
 pub use spare::{move_link, remove_link, spare_tap};

@@ -139,6 +139,7 @@ pub fn mirror_onto(config: &NetworkConfig, spares: &[String]) -> Result<Mirror, 
             )
         })?;
 
+        let _ = remove_stale_ingress(&mut nl, link.index, &iface.name);
         tc::add_ingress(&mut nl, link.index).map_err(|e| {
             NetError::netlink(
                 step(&format!("adding an ingress qdisc to {}", iface.name)),
@@ -171,6 +172,60 @@ pub fn mirror_onto(config: &NetworkConfig, spares: &[String]) -> Result<Mirror, 
         tracing::debug!(interface = %iface.name, tap = %tap_name, "interface mirrored to tap");
     }
     Ok(m)
+}
+
+/// Deletes the ingress qdisc of link `index` (named `name`) if a mirror left it behind: its
+/// filters redirect frames only to links that are gone. That is what a mirror whose process was
+/// killed leaves (its tap closed with the VM, nobody deleted the qdisc); in a namespace that
+/// outlives its container (a pod's, one made with `ip netns`) it would refuse the next
+/// container's mirror and drop the interface's frames. A qdisc without redirects, or with one
+/// to a link that is there, is somebody else's: it stays, and `add_ingress` refuses it. True if
+/// it deleted one.
+pub(crate) fn remove_stale_ingress(nl: &mut Netlink, index: u32, name: &str) -> bool {
+    let Ok(targets) = tc::ingress_redirects(nl, index) else {
+        return false;
+    };
+    if targets.is_empty() {
+        return false;
+    }
+    let Ok(present) = links::links(nl) else {
+        return false;
+    };
+    if targets
+        .iter()
+        .any(|t| present.iter().any(|l| l.index == *t))
+    {
+        return false;
+    }
+    match tc::del_ingress(nl, index) {
+        Ok(()) => {
+            tracing::info!(
+                interface = name,
+                gone = ?targets,
+                "removed the ingress qdisc a killed mirror left (its redirects led to links that are gone)"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::warn!(interface = name, "cannot remove a stale ingress qdisc: {e}");
+            false
+        }
+    }
+}
+
+/// Removes from every interface of network namespace `netns` the ingress qdisc a killed
+/// mirror left (see [`mirror`]: its redirects lead to taps that are gone); returns the names
+/// of the interfaces cleaned. For `delete` of a container whose sandbox was killed, once its
+/// VMM (and with it the tap) is gone.
+pub fn remove_stale_mirrors(netns: &File) -> Result<Vec<String>, NetError> {
+    let mut nl = netns::netlink_in(netns)
+        .map_err(|e| NetError::netlink("opening a netlink socket in the namespace", e))?;
+    let present = links::links(&mut nl).map_err(|e| NetError::netlink("listing links", e))?;
+    Ok(present
+        .into_iter()
+        .filter(|l| remove_stale_ingress(&mut nl, l.index, &l.name))
+        .map(|l| l.name)
+        .collect())
 }
 
 impl Mirror {

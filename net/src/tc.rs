@@ -50,6 +50,40 @@ pub(crate) fn del_ingress(nl: &mut Netlink, index: u32) -> io::Result<()> {
     )
 }
 
+/// The links the ingress filters of link `index` redirect frames to (the targets of their mirred
+/// actions, by index); empty when it has no ingress qdisc or no such filter.
+pub(crate) fn ingress_redirects(nl: &mut Netlink, index: u32) -> io::Result<Vec<u32>> {
+    let mut msg = TcMessage::with_index(index as i32);
+    msg.header.parent = INGRESS_HANDLE;
+    let mut targets = Vec::new();
+    for answer in nl.dump(RouteNetlinkMessage::GetTrafficFilter(msg))? {
+        let RouteNetlinkMessage::NewTrafficFilter(filter) = answer else {
+            continue;
+        };
+        let options = filter.attributes.iter().filter_map(|a| match a {
+            TcAttribute::Options(o) => Some(o),
+            _ => None,
+        });
+        let actions = options.flatten().filter_map(|o| match o {
+            TcOption::U32(TcFilterU32Option::Action(actions)) => Some(actions),
+            _ => None,
+        });
+        for action in actions.flatten() {
+            for attr in &action.attributes {
+                let TcActionAttribute::Options(opts) = attr else {
+                    continue;
+                };
+                for o in opts {
+                    if let TcActionOption::Mirror(TcActionMirrorOption::Parms(m)) = o {
+                        targets.push(m.ifindex);
+                    }
+                }
+            }
+        }
+    }
+    Ok(targets)
+}
+
 /// Adds to the ingress qdisc of link `from` a filter that matches every frame and redirects
 /// it to the egress of link `to` (`tc filter add dev FROM parent ffff: protocol all u32 match
 /// u32 0 0 action mirred egress redirect dev TO`).

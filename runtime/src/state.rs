@@ -173,6 +173,10 @@ pub struct ContainerState {
     /// Set when the container runs in a VM taken from the pool.
     #[serde(default)]
     pub pooled: Option<PooledVmRecord>,
+    /// The network namespace config.json gave by path (one that outlives the container), where
+    /// `delete` removes what the network mirror of a killed sandbox left.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// The pool VM a container took (see [`crate::pool`]).
@@ -320,6 +324,7 @@ mod tests {
             vm_memory_mib: 0,
             shares_vm: None,
             pooled: None,
+            netns: None,
             id: "c1".into(),
             bundle: "/b".into(),
             rootfs: "/b/rootfs".into(),

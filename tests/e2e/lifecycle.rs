@@ -532,3 +532,74 @@ fn delete_force_after_the_state_dir_was_removed_by_hand_ends_the_vm() {
     assert_no_leftovers(&rt, &id);
     assert_no_leftovers(&rt, &sibling);
 }
+
+/// SIGKILL of the sandbox of a container in a network namespace that outlives it (a pod's,
+/// one made with `ip netns`, as CNI does): its VMM dies with it (its death signal), and with
+/// the VMM the tap, but the ingress qdisc and redirect on the container's interface stay, as
+/// nobody was left to remove them. `delete --force` leaves no process, mount or directory, and
+/// removes them; the next container in that namespace starts and reaches the peer (before,
+/// both stayed and its create failed: "adding an ingress qdisc to eth0: File exists").
+#[test]
+fn sigkill_of_sandbox_in_a_kept_network_namespace_then_delete_force_and_the_next_container_starts()
+{
+    let rt = Runtime::new();
+    let ns = rootcell_e2e::netns::NetNs::new("rc-k9");
+    let peer = rootcell_e2e::netns::NetNs::new("rc-k9p");
+    ns.sh(&format!(
+        "ip link add eth0 type veth peer name rcpeer0 netns {peer} \
+         && ip addr add 10.218.0.2/24 dev eth0 && ip link set eth0 up",
+        peer = peer.name()
+    ));
+    peer.sh("ip addr add 10.218.0.1/24 dev rcpeer0 && ip link set rcpeer0 up");
+    let before = ns.sh("ip -o link; tc qdisc show");
+    let in_ns = |args: &[&str]| {
+        Bundle::new(args).edit(|s| {
+            let n = s["linux"]["namespaces"].as_array_mut().unwrap();
+            n.retain(|n| n["type"] != "network");
+            n.push(serde_json::json!({"type": "network", "path": ns.path()}));
+        })
+    };
+    let id = unique_id("k9ns");
+    let (o, _, _) = rt.create(&in_ns(&["sleep", "1000"]), &id);
+    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
+    assert_eq!(code(&rt.run(&["start", &id])), 0);
+    let pid = rt.state(&id)["pid"].as_i64().unwrap() as i32;
+    // SAFETY: plain kill(2) of the sandbox pid this test created.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    rt.wait_status(&id, "stopped", Duration::from_secs(30));
+    let d = rt.run(&["delete", "--force", &id]);
+    assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
+    assert_no_leftovers(&rt, &id);
+    assert_eq!(
+        ns.sh("ip -o link; tc qdisc show"),
+        before,
+        "tap or tc filter left behind by the killed sandbox"
+    );
+
+    let next = unique_id("k9next");
+    let o = rt.run(&[
+        "run",
+        "--bundle",
+        in_ns(&[
+            "sh",
+            "-c",
+            "ping -c 1 -W 5 10.218.0.1 >/dev/null && echo reached",
+        ])
+        .path()
+        .to_str()
+        .unwrap(),
+        &next,
+    ]);
+    assert_eq!(
+        (code(&o), text(&o.stdout).trim()),
+        (0, "reached"),
+        "the next container in the namespace: {}",
+        text(&o.stderr)
+    );
+    assert_eq!(
+        ns.sh("ip -o link; tc qdisc show"),
+        before,
+        "tap or tc filter left behind by the next container"
+    );
+    assert_no_leftovers(&rt, &next);
+}

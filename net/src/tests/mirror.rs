@@ -253,3 +253,52 @@ fn a_stale_mac_is_refused() {
         "interface eth0: its MAC is 02:42:ac:11:00:02, the configuration says 02:42:ac:11:00:07"
     );
 }
+
+/// A mirror whose process died (its tap closed, its qdiscs never deleted) does not refuse the
+/// next one on the same interface: its ingress qdisc, whose redirect leads to the gone tap, is
+/// replaced. A qdisc whose redirect leads to a link that is there is not.
+#[test]
+fn a_killed_mirrors_qdisc_gives_way_to_the_next_mirror() {
+    let peer_ns = other_netns();
+    in_new_netns(move || {
+        veth_to(&peer_ns, "eth0", "02:42:ac:11:00:02", 1500, "peer0");
+        sh("ip link set eth0 up");
+        let config = NetworkConfig {
+            interfaces: vec![iface("eth0", "02:42:ac:11:00:02")],
+            routes: vec![],
+        };
+        // What SIGKILL leaves: the tap goes with its last descriptor, the qdiscs stay.
+        let mut killed = mirror(&config).unwrap();
+        drop(killed.take_fds());
+        std::mem::forget(killed);
+        assert!(tap_names().is_empty(), "{:?}", tap_names());
+        assert_eq!(ingress_qdiscs("eth0"), 1);
+        let next = mirror(&config).expect("the next mirror replaces the stale qdisc");
+        assert_eq!(tap_names(), ["rctap0"]);
+        // Live: its redirect leads to rctap0, which is there: it stays.
+        let mut nl = crate::netlink::Netlink::open().unwrap();
+        let eth0 = crate::links::links(&mut nl)
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == "eth0")
+            .unwrap();
+        assert!(!crate::mirror::remove_stale_ingress(
+            &mut nl, eth0.index, "eth0"
+        ));
+        let here = File::open("/proc/thread-self/ns/net").unwrap();
+        assert_eq!(
+            crate::remove_stale_mirrors(&here).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(ingress_qdiscs("eth0"), 1);
+        // Killed too: what is left is found and removed from the whole namespace.
+        let mut next = next;
+        drop(next.take_fds());
+        std::mem::forget(next);
+        assert_eq!(crate::remove_stale_mirrors(&here).unwrap(), ["eth0"]);
+        assert_eq!(ingress_qdiscs("eth0"), 0);
+        let next = mirror(&config).unwrap();
+        drop(next);
+        assert_eq!(ingress_qdiscs("eth0"), 0);
+    });
+}

@@ -86,6 +86,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
     }
     // Joining a running rootcell container's namespaces puts the container in that one's VM;
     // otherwise a network the VM cannot have is refused before anything is made.
+    let mut netns = None;
     let shares_vm = match crate::join::resolve(&g.root, &bundle.spec)? {
         Some(join) => {
             join.check_fits(id, &bundle.spec)?;
@@ -96,7 +97,9 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
             })
         }
         None => {
-            crate::network::check(&bundle.spec)?;
+            if let crate::network::Namespace::Path(p) = crate::network::check(&bundle.spec)? {
+                netns = Some(p);
+            }
             None
         }
     };
@@ -180,6 +183,7 @@ pub fn create(g: &Global, id: &str, opts: &CreateOptions) -> Result<Launched> {
         vm_memory_mib: 0,
         shares_vm,
         pooled: None,
+        netns,
     };
     state.save(&paths::state_file(&g.root, id))?;
 

@@ -172,6 +172,23 @@ fn names_id(last: &str, id: &str) -> bool {
     last == id || last.strip_suffix(id).is_some_and(|p| p.ends_with('-'))
 }
 
+/// In network namespace `path`, which config.json gave container `id` (one that outlives it: a
+/// pod's, one made with `ip netns`), removes the ingress qdiscs a killed sandbox's network
+/// mirror left on its interfaces (their redirects lead to the taps that went with the VMM),
+/// which would drop the interfaces' frames and refuse the next container's mirror. Called once
+/// the VMM is gone; a live mirror's qdiscs (their taps are there) are left alone.
+fn clean_kept_netns(path: &Path, id: &str) {
+    match std::fs::File::open(path).map(|ns| rootcell_net::remove_stale_mirrors(&ns)) {
+        Ok(Ok(cleaned)) if !cleaned.is_empty() => tracing::info!(
+            netns = %path.display(),
+            interfaces = ?cleaned,
+            "removed the network mirror container {id}'s killed sandbox left"
+        ),
+        Ok(Ok(_)) | Err(_) => {}
+        Ok(Err(e)) => tracing::warn!(netns = %path.display(), "{e}"),
+    }
+}
+
 /// Removes the run dir of container `id` under `root` if it is there, saying so in the log.
 fn remove_run_dir_of(root: &Path, id: &str) {
     let dir = paths::run_dir(root, id);
@@ -293,6 +310,9 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     }
     // What the state did not record (a VMM started just before its sandbox died).
     reap_named(&g.root, id);
+    if let Some(ns) = &st.netns {
+        clean_kept_netns(ns, id);
+    }
     if let Some(vm) = &st.shares_vm {
         // Its entries in the owner's share, if its sandbox could not detach them.
         if let Ok(owner) = g.load(&vm.owner) {
