@@ -127,18 +127,22 @@ fn delete_refuses_running_container_without_force() {
 #[test]
 fn sigkill_of_sandbox_then_delete_force_leaves_nothing() {
     let rt = Runtime::new();
-    let bundle = Bundle::new(&["sleep", "1000"]);
-    let id = unique_id("k9");
-    let (o, _, _) = rt.create(&bundle, &id);
+    kill_sandbox_then_delete_force(&rt, &Bundle::new(&["sleep", "1000"]), &unique_id("k9"));
+}
+
+/// Creates and starts container `id` of `bundle`, SIGKILLs its sandbox, waits for it to show
+/// as stopped, runs `delete --force` and asserts that nothing of it is left.
+fn kill_sandbox_then_delete_force(rt: &Runtime, bundle: &Bundle, id: &str) {
+    let (o, _, _) = rt.create(bundle, id);
     assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
-    assert_eq!(code(&rt.run(&["start", &id])), 0);
-    let pid = rt.state(&id)["pid"].as_i64().unwrap() as i32;
+    assert_eq!(code(&rt.run(&["start", id])), 0);
+    let pid = rt.state(id)["pid"].as_i64().unwrap() as i32;
     // SAFETY: plain kill(2) of the sandbox pid this test created.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    rt.wait_status(&id, "stopped", Duration::from_secs(30));
-    let d = rt.run(&["delete", "--force", &id]);
+    rt.wait_status(id, "stopped", Duration::from_secs(30));
+    let d = rt.run(&["delete", "--force", id]);
     assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
-    assert_no_leftovers(&rt, &id);
+    assert_no_leftovers(rt, id);
 }
 
 #[test]
@@ -559,17 +563,7 @@ fn sigkill_of_sandbox_in_a_kept_network_namespace_then_delete_force_and_the_next
             n.push(serde_json::json!({"type": "network", "path": ns.path()}));
         })
     };
-    let id = unique_id("k9ns");
-    let (o, _, _) = rt.create(&in_ns(&["sleep", "1000"]), &id);
-    assert_eq!(code(&o), 0, "create failed: {}", text(&o.stderr));
-    assert_eq!(code(&rt.run(&["start", &id])), 0);
-    let pid = rt.state(&id)["pid"].as_i64().unwrap() as i32;
-    // SAFETY: plain kill(2) of the sandbox pid this test created.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    rt.wait_status(&id, "stopped", Duration::from_secs(30));
-    let d = rt.run(&["delete", "--force", &id]);
-    assert_eq!(code(&d), 0, "delete --force failed: {}", text(&d.stderr));
-    assert_no_leftovers(&rt, &id);
+    kill_sandbox_then_delete_force(&rt, &in_ns(&["sleep", "1000"]), &unique_id("k9ns"));
     assert_eq!(
         ns.sh("ip -o link; tc qdisc show"),
         before,
