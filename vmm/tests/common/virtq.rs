@@ -16,7 +16,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,6 +74,11 @@ struct DriverQueue {
     /// The device's used index read right after the last interrupt: entries below it were
     /// announced by an interrupt.
     covered: u16,
+    /// `avail_idx` when the driver last decided whether to kick ([`MmioDriver::kick`]).
+    kicked_at: u16,
+    /// An interrupt found new used entries here and the callback that takes them has not
+    /// finished ([`MmioDriver::take_used`]).
+    armed: bool,
 }
 
 /// A driver bound to one device behind a virtio-mmio transport.
@@ -173,6 +178,8 @@ impl MmioDriver {
                 avail_idx: 0,
                 used_idx: 0,
                 covered: 0,
+                kicked_at: 0,
+                armed: false,
             };
             // Fresh rings: zeroed indices and flags.
             self.mem
@@ -272,10 +279,9 @@ impl MmioDriver {
     }
 
     fn pop_used(&mut self, qi: usize) -> Option<Used> {
-        let mem = self.mem.clone();
         let event_idx = self.event_idx;
-        let q = &mut self.queues[qi];
-        let device_idx: u16 = mem.read_obj(GuestAddress(q.used + 2)).unwrap();
+        let device_idx = self.used_index(qi);
+        let q = &self.queues[qi];
         if device_idx == q.used_idx {
             return None;
         }
@@ -286,16 +292,40 @@ impl MmioDriver {
         if !event_idx && (announced == 0 || announced >= 0x8000) {
             return None;
         }
+        let used = self.next_used_entry(qi);
+        if event_idx {
+            // used_event: interrupt me again as soon as the next entry arrives.
+            self.set_used_event(qi);
+        }
+        Some(used)
+    }
+
+    /// The device's used index of queue `qi`.
+    fn used_index(&self, qi: usize) -> u16 {
+        let q = &self.queues[qi];
+        self.mem.read_obj(GuestAddress(q.used + 2)).unwrap()
+    }
+
+    /// With EVENT_IDX: asks for an interrupt as soon as the entry after those taken arrives
+    /// (`used_event` = the driver's used index).
+    fn set_used_event(&mut self, qi: usize) {
+        let q = &self.queues[qi];
+        let used_event = q.avail + 4 + u64::from(q.size) * 2;
+        self.mem
+            .write_obj(q.used_idx, GuestAddress(used_event))
+            .unwrap();
+    }
+
+    /// Takes the next used entry of queue `qi` (the caller checked there is one) and frees
+    /// its descriptors.
+    fn next_used_entry(&mut self, qi: usize) -> Used {
+        let mem = self.mem.clone();
+        let q = &mut self.queues[qi];
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let e = q.used + 4 + u64::from(q.used_idx % q.size) * 8;
         let head = mem.read_obj::<u32>(GuestAddress(e)).unwrap() as u16;
         let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
         q.used_idx = q.used_idx.wrapping_add(1);
-        if event_idx {
-            // used_event: interrupt me again as soon as the next entry arrives.
-            let used_event = q.avail + 4 + u64::from(q.size) * 2;
-            mem.write_obj(q.used_idx, GuestAddress(used_event)).unwrap();
-        }
         let (ids, writable) = q.chains.remove(&head).expect("used head was offered");
         q.free.extend(ids);
         let mut data = Vec::new();
@@ -307,7 +337,89 @@ impl MmioDriver {
             data.extend_from_slice(&b);
             left -= n;
         }
-        Some(Used { head, len, data })
+        Used { head, len, data }
+    }
+
+    /// Notifies queue `qi` only if the device asked for it, as Linux's `virtqueue_kick`
+    /// decides: with EVENT_IDX when the available index passed the device's `avail_event`
+    /// since the last decision, without it unless the device set `VRING_USED_F_NO_NOTIFY`.
+    /// Returns whether it notified.
+    pub fn kick(&mut self, qi: usize) -> bool {
+        // Linux: the avail index is published before the device's word is read (virtio_mb).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let q = &mut self.queues[qi];
+        let (new, old) = (q.avail_idx, q.kicked_at);
+        q.kicked_at = new;
+        let needed = if self.event_idx {
+            let at = q.used + 4 + u64::from(q.size) * 8;
+            let avail_event: u16 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            // vring_need_event(avail_event, new, old)
+            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self.mem.read_obj(GuestAddress(q.used)).unwrap();
+            flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+        };
+        if needed {
+            self.notify(qi);
+        }
+        needed
+    }
+
+    /// The used entries of queue `qi` that a Linux driver's interrupt-driven callback takes
+    /// now: those an interrupt announced, then those its re-check finds after it re-enabled
+    /// callbacks (`used_event` moved to its position with EVENT_IDX, a full barrier, the used
+    /// index read again: `virtqueue_enable_cb`), for as long as that finds more. Nothing else:
+    /// it never polls, so an interrupt the device owed and did not raise leaves entries unseen
+    /// here, as it would leave them in a guest.
+    pub fn take_used(&mut self, qi: usize) -> Vec<Used> {
+        let mut out = Vec::new();
+        loop {
+            while self.queues[qi].used_idx != self.queues[qi].covered {
+                out.push(self.next_used_entry(qi));
+            }
+            if !self.queues[qi].armed {
+                return out;
+            }
+            if self.event_idx {
+                self.set_used_event(qi);
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let idx = self.used_index(qi);
+            let q = &mut self.queues[qi];
+            if idx == q.used_idx {
+                q.armed = false;
+                return out;
+            }
+            q.covered = idx;
+        }
+    }
+
+    /// Free descriptors of queue `qi`.
+    pub fn free_descriptors(&self, qi: usize) -> usize {
+        self.queues[qi].free.len()
+    }
+
+    /// A line on queue `qi`'s ring state, for a test's failure message.
+    pub fn ring_state(&self, qi: usize) -> String {
+        let q = &self.queues[qi];
+        let avail_event: u16 = self
+            .mem
+            .read_obj(GuestAddress(q.used + 4 + u64::from(q.size) * 8))
+            .unwrap();
+        let used_event: u16 = self
+            .mem
+            .read_obj(GuestAddress(q.avail + 4 + u64::from(q.size) * 2))
+            .unwrap();
+        format!(
+            "queue {qi}: avail idx {} (kicked at {}), device used idx {}, driver used idx {} (covered {}), avail_event {avail_event}, used_event {used_event}, {} chains in flight, interrupt status {:#x}",
+            q.avail_idx,
+            q.kicked_at,
+            self.used_index(qi),
+            q.used_idx,
+            q.covered,
+            q.chains.len(),
+            self.transport.interrupt().status(),
+        )
     }
 
     /// Waits for the irqfd (bounded), acknowledges the interrupt; true if one arrived.
@@ -327,8 +439,12 @@ impl MmioDriver {
         if status & VIRTIO_MMIO_INT_VRING != 0 {
             self.interrupts += 1;
             // Read after the interrupt: everything published before it is announced.
+            // Linux's vm_interrupt: every queue with new used entries gets its callback.
             for q in &mut self.queues {
                 q.covered = self.mem.read_obj(GuestAddress(q.used + 2)).unwrap();
+                if q.covered != q.used_idx {
+                    q.armed = true;
+                }
             }
         }
         true
