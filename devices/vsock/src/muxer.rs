@@ -489,7 +489,7 @@ impl VsockMuxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", h.dst_port));
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("guest connect to {}: {e}", Path::new(&path).display());
@@ -497,10 +497,6 @@ impl VsockMuxer {
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err() {
-            self.reply_rst(h);
-            return;
-        }
         self.insert(Connection::accepted(stream, h.dst_port, h));
     }
 
@@ -677,6 +673,56 @@ fn avail_ring_broken<Q: QueueT, M: GuestMemory>(queue: &mut Q, mem: &M) -> bool 
         Ok(idx) => idx.0.wrapping_sub(queue.next_avail()) > queue.size(),
         Err(_) => true,
     }
+}
+
+/// Connects a non-blocking unix stream socket to `path`. A blocking connect waits while the
+/// listener's backlog is full, for as long as the service there does not accept: on the
+/// device's one thread that stops every connection (the runtime's control connection too).
+/// Non-blocking, a unix socket's connect completes at once or fails (`EAGAIN` when the backlog
+/// is full), never `EINPROGRESS`.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // Room for the terminating NUL, as the kernel reads a pathname.
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: plain syscall; the descriptor it returns is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: `addr` is a sockaddr_un valid for `len` (< its size) bytes.
+    let r = unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            std::ptr::from_ref(&addr).cast(),
+            len as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// Parses `CONNECT <port>` (an optional trailing `\r` tolerated).

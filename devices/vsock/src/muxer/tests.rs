@@ -471,6 +471,30 @@ fn guest_initiated_connection() {
     assert_eq!((rst.src_port, rst.dst_port), (5001, 778));
 }
 
+/// A host service that does not accept (its backlog full) must cost the guest that connection
+/// only: the device's one thread connecting to it must not wait until it accepts, which would
+/// stop every other connection (the runtime's control connection among them).
+#[test]
+fn guest_connect_to_a_host_service_with_a_full_backlog_is_refused_at_once() {
+    use std::os::fd::AsRawFd;
+    let mut h = Harness::new();
+    let listener = UnixListener::bind(h.dir.join("v.sock_5000")).unwrap();
+    // listen() again on a listening socket sets its backlog: 0 queues one connection.
+    // SAFETY: a plain syscall on a socket `listener` owns.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let _queued = UnixStream::connect(h.dir.join("v.sock_5000")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        h.send(hdr(op::REQUEST, 777, 5000), &[]).unwrap();
+        let _ = tx.send(h.expect(op::RST).0);
+    });
+    let rst = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the muxer answered within 5 s instead of waiting for the service to accept");
+    assert_eq!((rst.src_port, rst.dst_port), (5000, 777));
+    drop(listener);
+}
+
 #[test]
 fn guest_connections_beyond_the_cap_are_refused() {
     // Room for the muxer's sockets and the listener's accepted ends.
