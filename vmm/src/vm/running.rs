@@ -26,6 +26,9 @@ pub struct VmReport {
     pub stuck_vcpus: Vec<u8>,
     /// Time from [`Vm::create`](super::Vm::create) to the first KVM_RUN of vCPU 0.
     pub create_to_first_run: Option<Duration>,
+    /// Each virtio device's registers and rings once the vCPUs stopped
+    /// ([`MmioTransport::ring_report`]), in the order they were attached.
+    pub virtio: Vec<String>,
 }
 
 /// A VM whose vCPUs are running.
@@ -127,6 +130,19 @@ impl RunningVm {
             }
         }
         let vcpus = self.vcpu_status();
+        // After the vCPUs: the driver's side of the rings no longer moves. Not waiting on a
+        // transport a stuck vCPU thread may hold (inside an MMIO exit).
+        let virtio = self
+            .virtio
+            .iter()
+            .map(|t| match t.try_lock() {
+                Ok(t) => t.ring_report(),
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().ring_report(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    "(a vCPU thread holds this device's registers)".to_string()
+                }
+            })
+            .collect();
         let create_to_first_run = vcpus
             .first()
             .and_then(|s| s.first_run)
@@ -136,6 +152,7 @@ impl RunningVm {
             vcpus,
             stuck_vcpus: stuck,
             create_to_first_run,
+            virtio,
         }
     }
 }

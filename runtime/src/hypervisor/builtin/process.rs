@@ -291,6 +291,12 @@ fn stopped_line(report: &VmReport) -> String {
     )
 }
 
+/// The virtio devices at the stop, one line: `virtio: <device>; <device>` (see
+/// `MmioTransport::ring_report`).
+fn virtio_line(report: &VmReport) -> String {
+    format!("virtio: {}", report.virtio.join("; "))
+}
+
 /// One vCPU in the `stopped` line: its exits and where it was. Not its registers and page
 /// tables at a triple fault, which are several lines of their own (exit_lines) and in the
 /// error: in Debug form they made this line repeat them, escaped, on one line.
@@ -322,6 +328,10 @@ fn guest_ended(vm: RunningBuiltinVm) -> Report {
 fn stopped(vm: RunningBuiltinVm) -> Report {
     let report = vm.stop();
     let mut lines = vec![stopped_line(&report)];
+    // Next to the stopped line, so the few last lines of the log an error quotes carry it: a
+    // guest stopped because it never answered shows here whether a virtio device left it a
+    // packet it never took (issue 12).
+    lines.push(virtio_line(&report));
     lines.extend(exit_lines(&report.exit, &report.vcpus));
     tracing::info!(exit = ?report.exit, "builtin VM stopped");
     Report::Ended {
@@ -383,12 +393,21 @@ mod tests {
             ],
             stuck_vcpus: vec![],
             create_to_first_run: None,
+            virtio: vec![
+                "vsock: status 0xf, interrupt status 0x1, q0 avail 64/64 used 3/2".into(),
+                "fs: status 0xf, interrupt status 0x0, q0 avail 0/0 used 0/0".into(),
+            ],
         };
         assert_eq!(
             stopped_line(&report),
             "stopped: exit Shutdown, first KVM_RUN after None, stuck vCPUs [], vCPUs [vcpu0 \
              1234 exits, last Shutdown, rip 0x1000005, before [IoOut(0x3f8), Hlt]; vcpu1 0 \
              exits, last , rip ?, before []]"
+        );
+        assert_eq!(
+            virtio_line(&report),
+            "virtio: vsock: status 0xf, interrupt status 0x1, q0 avail 64/64 used 3/2; fs: \
+             status 0xf, interrupt status 0x0, q0 avail 0/0 used 0/0"
         );
     }
 }

@@ -110,6 +110,55 @@ impl MmioTransport {
         self.activated
     }
 
+    /// One line on where the device and its driver stand, read from the registers and the
+    /// rings in guest memory, for the report of a VM that was stopped: a guest that hangs
+    /// waiting on a device shows here whether the device left a used entry the driver never
+    /// took (a used index past the driver's `used_event`, the interrupt still pending in
+    /// InterruptStatus) or the driver published buffers the device never took (an available
+    /// index past `avail_event`). Per ready queue: `q<i> avail <driver's avail idx>/<device's
+    /// avail_event> used <device's used idx>/<driver's used_event>` (the event fields mean
+    /// something with EVENT_IDX only).
+    pub fn ring_report(&self) -> String {
+        let name = match self.device.device_type() {
+            virtio_bindings::virtio_ids::VIRTIO_ID_NET => "net".to_string(),
+            virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK => "vsock".to_string(),
+            virtio_bindings::virtio_ids::VIRTIO_ID_FS => "fs".to_string(),
+            other => format!("device {other}"),
+        };
+        let u16_at = |addr: u64| -> String {
+            use vm_memory::Bytes;
+            self.mem
+                .read_obj::<u16>(vm_memory::GuestAddress(addr))
+                .map_or_else(|_| "?".into(), |v| u16::from_le(v).to_string())
+        };
+        let queues: Vec<String> = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready())
+            .map(|(i, q)| {
+                let size = u64::from(q.size());
+                format!(
+                    "q{i} avail {}/{} used {}/{}",
+                    u16_at(q.avail_ring() + 2),
+                    u16_at(q.used_ring() + 4 + 8 * size),
+                    u16_at(q.used_ring() + 2),
+                    u16_at(q.avail_ring() + 4 + 2 * size),
+                )
+            })
+            .collect();
+        format!(
+            "{name}: status {:#x}, interrupt status {:#x}, {}",
+            self.status,
+            self.interrupt.status(),
+            if queues.is_empty() {
+                "no queue ready".to_string()
+            } else {
+                queues.join(", ")
+            }
+        )
+    }
+
     /// The VM is pausing: quiesce the device (see [`VirtioDevice::pause`]).
     pub fn pause(&mut self) -> bool {
         self.device.pause()
