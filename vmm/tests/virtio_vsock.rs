@@ -126,7 +126,8 @@ impl Guest {
         }
     }
 
-    fn probe(&mut self, event_idx: bool) {
+    /// Probes the device up to DRIVER_OK: no buffer posted yet.
+    fn probe_bare(&mut self, event_idx: bool) {
         let features = self.drv.probe(
             VIRTIO_ID_VSOCK,
             if event_idx {
@@ -142,6 +143,10 @@ impl Guest {
             GUEST_CID.to_le_bytes(),
             "guest_cid in config"
         );
+    }
+
+    fn probe(&mut self, event_idx: bool) {
+        self.probe_bare(event_idx);
         self.fill_rx();
         for _ in 0..4 {
             self.drv.offer(EVENT, &[Buf::Writable(8)]);
@@ -419,16 +424,7 @@ impl StrictGuest {
     /// if `None`), none at first if that is 0.
     fn new(event_idx: bool, rx_buffers: Option<usize>) -> Self {
         let mut g = Guest::unprobed();
-        let features = g.drv.probe(
-            VIRTIO_ID_VSOCK,
-            if event_idx {
-                VIRTIO_RING_F_EVENT_IDX
-            } else {
-                0
-            },
-            3,
-        );
-        assert_eq!(features & VIRTIO_RING_F_EVENT_IDX != 0, event_idx);
+        g.probe_bare(event_idx);
         let mut s = StrictGuest {
             g,
             rx_posted: 0,
