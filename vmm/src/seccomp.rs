@@ -1,7 +1,7 @@
 //! seccomp-BPF allowlists for the VMM's own threads (built with seccompiler).
 //!
-//! - vCPU threads: KVM_RUN (and KVM_GET_REGS and KVM_GET_SREGS, to report where a stopped or
-//!   triple-faulted guest was), device emulation (writes to the console and eventfds), locking,
+//! - vCPU threads: KVM_RUN (and KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_LAPIC, to report where
+//!   a stopped or triple-faulted guest was and which interrupts it had pending), device emulation (writes to the console and eventfds), locking,
 //!   the kick signal, memory for messages, and thread exit.
 //! - Device I/O threads (one per virtio device, confined by the device before it serves the
 //!   guest): epoll on eventfds plus what each device's back end needs — the tap for virtio-net,
@@ -33,6 +33,9 @@ pub const KVM_GET_REGS: u64 = 0x8090_ae81;
 /// `_IOR(KVMIO, 0x83, struct kvm_sregs)` (312-byte argument): a vCPU thread reads it at a
 /// triple fault, to report the faulting context.
 pub const KVM_GET_SREGS: u64 = 0x8138_ae83;
+/// `_IOR(KVMIO, 0x8e, struct kvm_lapic_state)` (1024-byte argument): a vCPU thread reads its
+/// local APIC once stopped, to report interrupts in service or pending (issue 12).
+pub const KVM_GET_LAPIC: u64 = 0x8400_ae8e;
 
 /// Syscalls any Rust thread of ours needs: memory, locks, signal return, time, exit.
 const COMMON: &[i64] = &[
@@ -237,7 +240,7 @@ pub fn relay_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
 pub fn vcpu_filter(on_violation: SeccompAction) -> Result<BpfProgram> {
     build(
         &[libc::SYS_read],
-        &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS],
+        &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_LAPIC],
         on_violation,
     )
 }

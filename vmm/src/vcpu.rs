@@ -36,6 +36,11 @@ pub struct VcpuStatus {
     pub last_exit: String,
     /// Instruction pointer read after the thread stopped.
     pub rip: Option<u64>,
+    /// Whether the guest could take interrupts when the thread stopped, read then: RFLAGS.IF
+    /// and its local APIC's priorities and interrupts in service and pending
+    /// ([`interrupt_state`]). A guest that waits for ever on a device with an interrupt
+    /// pending here, or an in-service vector that never ended, was not taking interrupts.
+    pub interrupts: Option<String>,
     /// The exits before the last one, oldest first (at most [`RECENT_EXITS`]): what the guest
     /// was doing just before it ended the VM.
     pub recent_exits: VecDeque<String>,
@@ -87,6 +92,40 @@ pub fn shutdown_state(regs: &kvm_regs, sregs: &kvm_sregs) -> String {
         s.push_str(
             " (the INIT state: KVM reset the vCPU at the shutdown, as it does on AMD; not where it faulted)",
         );
+    }
+    s
+}
+
+/// The vectors set in the local APIC's 256-bit register that starts at `offset` (ISR, TMR,
+/// IRR: eight 32-bit words, 16 bytes apart).
+fn apic_vectors(regs: &[std::os::raw::c_char], offset: usize) -> Vec<String> {
+    (0..8)
+        .flat_map(|word| {
+            let at = offset + word * 16;
+            let bytes: Vec<u8> = regs[at..at + 4].iter().map(|&b| b as u8).collect();
+            let bits = u32::from_le_bytes(bytes.try_into().expect("four bytes"));
+            (0..32)
+                .filter(move |bit| bits & (1 << bit) != 0)
+                .map(move |bit| format!("{:#x}", word * 32 + bit))
+        })
+        .collect()
+}
+
+/// `if <RFLAGS.IF> tpr <TPR> ppr <PPR> isr [<vectors in service>] irr [<vectors pending>]`, or
+/// without the APIC part if it could not be read. Linux's vectors: 0x30 + n for ISA IRQ n
+/// (the virtio-mmio devices' IRQs 5.. are 0x35..), the local timer 0xec.
+pub fn interrupt_state(rflags: u64, lapic: Option<&kvm_bindings::kvm_lapic_state>) -> String {
+    const RFLAGS_IF: u64 = 1 << 9;
+    let mut s = format!("if {}", u8::from(rflags & RFLAGS_IF != 0));
+    if let Some(l) = lapic {
+        let reg = |off: usize| l.regs[off] as u8;
+        s.push_str(&format!(
+            " tpr {:#x} ppr {:#x} isr [{}] irr [{}]",
+            reg(0x80),
+            reg(0xa0),
+            apic_vectors(&l.regs, 0x100).join(" "),
+            apic_vectors(&l.regs, 0x200).join(" "),
+        ));
     }
     s
 }
@@ -258,7 +297,11 @@ impl Vcpu {
         self.run_loop(bus, latch, stop, gate, status);
         // Before the vCPU fd (and its kvm_run mapping) is dropped with `self`.
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
-        lock(status).rip = self.fd.get_regs().ok().map(|r| r.rip);
+        let regs = self.fd.get_regs().ok();
+        let lapic = self.fd.get_lapic().ok();
+        let mut s = lock(status);
+        s.rip = regs.map(|r| r.rip);
+        s.interrupts = regs.map(|r| interrupt_state(r.rflags, lapic.as_ref()));
     }
 
     fn run_loop(
@@ -472,6 +515,21 @@ mod tests {
         assert!(s.contains("cr2=0xdeadb000"), "{s}");
         assert!(s.contains("idt=0xfffffe0000000000/0xfff"), "{s}");
         assert!(!s.contains("INIT state"), "{s}");
+    }
+
+    #[test]
+    fn interrupt_state_lists_the_apic_vectors_in_service_and_pending() {
+        let mut l = kvm_bindings::kvm_lapic_state::default();
+        l.regs[0xa0] = 0x30; // PPR
+                             // ISR: vector 0x35 (word 1, bit 21); IRR: 0x35 and 0xec (word 7, bit 12).
+        l.regs[0x110 + 2] = 0x20;
+        l.regs[0x210 + 2] = 0x20;
+        l.regs[0x270 + 1] = 0x10;
+        assert_eq!(
+            interrupt_state(0x202, Some(&l)),
+            "if 1 tpr 0x0 ppr 0x30 isr [0x35] irr [0x35 0xec]"
+        );
+        assert_eq!(interrupt_state(0x2, None), "if 0");
     }
 
     #[test]

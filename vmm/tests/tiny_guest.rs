@@ -49,6 +49,14 @@ fn tiny_guest_prints_on_serial_and_resets() {
         "'!' means RSI pointed at a zero page with boot_flag 0xaa55"
     );
     assert!(report.stuck_vcpus.is_empty());
+    // Read by the stopped vCPU thread under its seccomp filter (KVM_GET_LAPIC listed, or the
+    // process would have been killed): the boot state, interrupts off and nothing pending.
+    let interrupts = report.vcpus[0].interrupts.clone();
+    assert_eq!(
+        interrupts.as_deref(),
+        Some("if 0 tpr 0x0 ppr 0x0 isr [] irr []"),
+        "{report:?}"
+    );
     println!(
         "tiny guest: create->first KVM_RUN {:?}",
         report.create_to_first_run

@@ -199,6 +199,10 @@ fn kvm_ioctl_numbers_match_their_structs() {
         KVM_GET_SREGS,
         ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>())
     );
+    assert_eq!(
+        KVM_GET_LAPIC,
+        ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>())
+    );
 }
 
 /// With the filters' real action: glibc opens files on its own (malloc's first shrink of a
