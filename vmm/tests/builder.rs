@@ -222,6 +222,19 @@ fn network_cards_are_declared_after_vsock_and_fs() {
             assert!(cmdline.contains(&n.cmdline_param()), "{cmdline}");
         }
         assert!(report.stuck_vcpus.is_empty(), "{report:?}");
+        // The stop reads every device's registers and rings, in the order they were attached.
+        let devices: Vec<&str> = report
+            .virtio
+            .iter()
+            .map(|l| l.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            devices,
+            ["vsock", "fs", "net", "net"],
+            "{:?}",
+            report.virtio
+        );
+        println!("virtio at the stop: {:?}", report.virtio);
     })
     .join()
     .unwrap();
