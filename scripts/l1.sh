@@ -132,6 +132,10 @@ case "$fault" in
     freeze|stuck-fs) ;;
     *) lane_fail "unknown --fault $fault" ;;
 esac
+# L1 ending itself: with -no-reboot a reset of L1's (its kernel's reboot, reboot=t: a triple fault,
+# also after a panic) is a shutdown, and -no-shutdown makes that a pause that keeps L1's vCPU
+# state, so the lane can say where L1 was; QEMU's `-d cpu_reset` log says "Triple fault" when the
+# emulated CPU takes one (L1 once ended without a word on its console: nothing said where).
 # QEMU's monitor on a pair of FIFOs (QEMU opens both read-write, so neither side blocks): when
 # L1 stops responding, it tells where L1's vCPUs are.
 mkfifo "$tmp/mon.in" "$tmp/mon.out"
@@ -145,7 +149,8 @@ start=$(date +%s.%N)
     -kernel "$l1/vmlinuz" -initrd "$tmp/initramfs.cpio" \
     -append "console=ttyS0 quiet loglevel=3 reboot=t panic=-1 unknown_nmi_panic tsc=reliable nokaslr rootcell.syms=ttyS1 $append_fault" \
     -chardev "pipe,id=mon,path=$tmp/mon" -mon chardev=mon,mode=readline \
-    -display none -serial "file:$log" -serial "file:$tmp/syms" -no-reboot > "$tmp/qemu.log" 2>&1 &
+    -display none -serial "file:$log" -serial "file:$tmp/syms" -no-reboot -no-shutdown \
+    -d cpu_reset -D "$tmp/qemu-debug.log" > "$tmp/qemu.log" 2>&1 &
 qemu_pid=$!
 
 # Follows the console until a RESULT or FAIL line, QEMU's exit, or a deadline.
@@ -163,7 +168,7 @@ monitor() {
 # if L1 got to write them). A vCPU running L1's own guest shows that guest's RIP instead.
 where_cpus() {
     local i regs
-    for i in 1 2 3; do
+    for i in $(seq "${1:-3}"); do
         regs=$(monitor "info registers -a")
         if ! grep -q RIP= <<< "$regs"; then
             # QEMU's main loop is blocked (seen: waiting on virtiofsd's vhost-user socket, which
@@ -222,6 +227,16 @@ stopped_report() {
         echo "l1: no answer from L1's kernel to an NMI sent then (its vCPUs do not run)"
     fi
 }
+# Where L1 was when it reset itself: each vCPU's RIP by L1 kernel symbol, then QEMU's full
+# register dump (CR2, CR3, RSP, segment bases: the stack-guard crash had a GS base not L1's own).
+reset_report() {
+    local regs
+    where_cpus 1
+    regs=$(monitor "info registers -a")
+    echo "$regs" | grep -aE '^(CPU#|RAX|RSI|R8|R12|RIP|ES|CS|SS|DS|FS|GS|LDT|TR|GDT|IDT|CR0|DR[0-3]|EFER)' | sed 's/^/l1:   /'
+    echo "l1: last console lines:"
+    last_lines 30
+}
 printed=0 phase="booting L1 (no line from its /init yet)" booted= heard=$(date +%s) ready=
 while :; do
     now=$(date +%s.%N)
@@ -261,6 +276,22 @@ while :; do
         line=$(grep -a 'BUG: soft lockup' "$log" | tail -1 | tr -d '\r' | sed 's/^\[ *[0-9.]*\] //')
         echo "l1: FAIL L1's kernel locked up while $phase ($line); L1 stopped; last console lines:"
         last_lines 60; exit 125
+    fi
+    # L1 ended itself (a triple fault: its kernel's reboot, after a panic or not) and is paused,
+    # or QEMU exited. After its RESULT or FAIL line L1 always reboots: one written since the
+    # checks above is for the next round.
+    if { grep -aqs 'Triple fault' "$tmp/qemu-debug.log" || ! kill -0 "$qemu_pid" 2>/dev/null; } &&
+        grep -aqE '^rootcell-l1: (RESULT|FAIL)' "$log"; then
+        continue
+    fi
+    if grep -aqs 'Triple fault' "$tmp/qemu-debug.log"; then
+        if line=$(grep -a -m1 -E 'Kernel panic|BUG: TASK stack guard' "$log"); then
+            line=$(echo "$line" | tr -d '\r' | sed 's/^\[ *[0-9.]*\] //')
+            echo "l1: FAIL L1's kernel crashed while $phase ($line); last console lines:"
+            last_lines 40; exit 125
+        fi
+        echo "l1: FAIL L1 reset itself (a triple fault of L1's, no panic on its console) while $phase; L1's vCPUs at the fault:"
+        reset_report; exit 125
     fi
     if ! kill -0 "$qemu_pid" 2>/dev/null; then
         wait "$qemu_pid" 2>/dev/null && qrc=0 || qrc=$?
