@@ -21,6 +21,38 @@ PY
 . tests/nested/shutdown-trace.sh
 shutdown_trace_start
 fails=0 total=0
+# What a hung container's VM is doing: its VMM's threads (state, CPU time, wait channel), its
+# console's last lines, and one second of its vCPUs' KVM exits and page faults in L1 (reasons
+# and guest RIPs, named from the guest kernel's symbols). Clears the shutdown trace's buffer.
+hang_report() { # id
+  local pid t tids filt
+  pid=$(pgrep -f "builtin-vmm --for [^ ]*/$1( |\$)" | head -1)
+  echo "=== hang: $1 still running after ${HANG:-90} s; VMM pid ${pid:-none}"
+  [ -n "$pid" ] || return 0
+  for t in /proc/$pid/task/*; do
+    printf '   %s %-16s state=%s utime+stime=%s wchan=%s\n' "${t##*/}" "$(cat $t/comm)" \
+      "$(cut -d' ' -f3 $t/stat)" "$(awk '{print $14+$15}' $t/stat)" "$(cat $t/wchan 2>/dev/null)"
+  done
+  find /run/rootcell -path "*$1*" -name console.log 2>/dev/null | while read -r c; do
+    echo "   console ($c): $(tail -n 3 "$c" | tr '\n' '|')"
+  done
+  [ -d $tr/events/kvm/kvm_exit ] || return 0
+  tids=$(for t in /proc/$pid/task/*; do case "$(cat $t/comm)" in vcpu*) echo "${t##*/}" ;; esac; done)
+  filt=$(for t in $tids; do printf 'common_pid == %s || ' "$t"; done)
+  echo 0 > $tr/tracing_on; echo > $tr/trace
+  echo "${filt}exit_reason == 127" > $tr/events/kvm/kvm_exit/filter
+  [ -d $tr/events/kvm/kvm_page_fault ] && { echo "${filt% || }" > $tr/events/kvm/kvm_page_fault/filter; echo 1 > $tr/events/kvm/kvm_page_fault/enable; }
+  echo 1 > $tr/tracing_on; sleep 1; echo 0 > $tr/tracing_on
+  local snap; snap=$(grep -v '^#' $tr/trace)
+  echo "   in 1 s: $(grep -c 'kvm_exit:' <<< "$snap") exits, $(grep -c 'kvm_page_fault:' <<< "$snap") page faults; by reason and rip:"
+  grep -o 'reason [A-Za-z_0-9]* rip 0x[0-9a-f]*' <<< "$snap" | sort | uniq -c | sort -rn | head -8 |
+    while read -r c _ why _ rip; do echo "     $c $why rip $rip [$(guest_symbol "$rip")]"; done
+  grep -o 'kvm_page_fault: .*' <<< "$snap" | sed 's/vcpu [0-9]* //' | sort | uniq -c | sort -rn | head -5 | sed 's/^/     /'
+  grep 'kvm_exit:' <<< "$snap" | tail -n 5 | sed 's/^/     last: /'
+  echo 0 > $tr/events/kvm/kvm_page_fault/enable 2>/dev/null
+  echo 'exit_reason == 127' > $tr/events/kvm/kvm_exit/filter
+  echo > $tr/trace; echo 1 > $tr/tracing_on
+}
 for r in $(seq "$rounds"); do
   start=$(date +%s.%N)
   if [ "${MODE:-par}" = seq ]; then
@@ -32,10 +64,23 @@ for r in $(seq "$rounds"); do
     for i in $(seq "$n"); do "$rc_bin" delete --force "pb-$r-$i" >/dev/null 2>&1 & done
     wait
   fi
-  [ "${MODE:-par}" = seq ] || for i in $(seq "$n"); do
-    ( timeout 400 "$rc_bin" --hypervisor builtin run --bundle "$b" "pb-$r-$i" > $out/$r-$i.out 2> $out/$r-$i.err; echo $? > $out/$r-$i.rc ) &
-  done
-  wait
+  if [ "${MODE:-par}" != seq ]; then
+    rm -f $out/$r-*.rc
+    for i in $(seq "$n"); do
+      ( timeout 400 "$rc_bin" --hypervisor builtin run --bundle "$b" "pb-$r-$i" > $out/$r-$i.out 2> $out/$r-$i.err; echo $? > $out/$r-$i.rc ) &
+    done
+    # A container still running after $HANG s: say what its VM is doing, once, before the
+    # 400 s bound ends it (a guest that hangs says nothing by itself).
+    reported=
+    while [ -n "$(jobs -r)" ]; do
+      if [ -z "$reported" ] && [ "$(echo "$(date +%s.%N) - $start > ${HANG:-90}" | bc)" = 1 ]; then
+        reported=1
+        for i in $(seq "$n"); do [ -e $out/$r-$i.rc ] || hang_report "pb-$r-$i"; done
+      fi
+      sleep 1
+    done
+    wait
+  fi
   f=0
   for i in $(seq "$n"); do
     total=$((total+1))
