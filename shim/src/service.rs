@@ -111,10 +111,18 @@ fn rootcell_failed(msg: String) -> TtrpcError {
     reply(rootcell_code(&msg), msg)
 }
 
+/// Whether a failed rootcell `kill` says the container has no live process (runc's words, which
+/// both of rootcell's not-running errors end with).
+fn says_not_running(msg: &str) -> bool {
+    msg.contains("container not running")
+}
+
 /// The code of a rootcell error, read from runc's words, which rootcell keeps where callers
 /// match on them (runtime/src/error.rs, state.rs), as containerd's runc shim reads runc's: an
 /// unknown container is NOT_FOUND, a command its status does not allow FAILED_PRECONDITION,
 /// anything else UNKNOWN. The cause is the message's end (rootcell prints its error's chain).
+/// The texts are copies; a test feeds the runtime's real error values through this, so a
+/// rewording there fails it.
 fn rootcell_code(msg: &str) -> Code {
     /// The ends of rootcell's messages for a command the container's status does not allow.
     const WRONG_STATUS: [&str; 4] = [
@@ -696,7 +704,7 @@ impl shim::Task for Service {
             // rootcell says runc's "container not running" when the guest is gone before the
             // sandbox's exit reached us: NOT_FOUND, as containerd's runc shim answers it.
             self.0.rt.run(args).map_err(|m| {
-                if m.contains("container not running") {
+                if says_not_running(&m) {
                     already_finished()
                 } else {
                     rootcell_failed(m)
@@ -1017,6 +1025,109 @@ mod tests {
         ] {
             assert_eq!(rootcell_code(msg), code, "{msg}");
         }
+    }
+
+    /// The runtime's own error values, printed as rootcell prints them (after its context), get
+    /// the intended codes: this fails when a rewording in runtime/src (error.rs, state.rs) would
+    /// turn an expected answer back into UNKNOWN logged at error. The matches are exhaustive, so
+    /// a new variant of either error does not compile here until its code is chosen.
+    #[test]
+    fn the_runtimes_real_error_texts_get_their_codes() {
+        use rootcell_runtime::error::RuntimeError;
+        use rootcell_runtime::state::{Action, StateError, Status};
+        fn intended_state(e: &StateError) -> Code {
+            match e {
+                StateError::StartStopped
+                | StateError::StartRunning
+                | StateError::NotRunning
+                | StateError::Paused
+                | StateError::Wrong { .. } => Code::FAILED_PRECONDITION,
+            }
+        }
+        fn intended_runtime(e: &RuntimeError) -> Code {
+            match e {
+                RuntimeError::NotExist(_) => Code::NOT_FOUND,
+                RuntimeError::NotRunning(_)
+                | RuntimeError::StartStopped
+                | RuntimeError::StartRunning => Code::FAILED_PRECONDITION,
+                // runc's create of a taken id, a delete of a live container (without --force):
+                // containerd's runc shim passes these on as UNKNOWN too.
+                RuntimeError::Exists(_)
+                | RuntimeError::NotStopped(..)
+                | RuntimeError::InvalidId(_)
+                | RuntimeError::InvalidSignal(_)
+                | RuntimeError::Process { .. }
+                | RuntimeError::Interrupted { .. }
+                | RuntimeError::Bundle { .. }
+                | RuntimeError::Unsupported { .. } => Code::UNKNOWN,
+            }
+        }
+        // Every status error the lifecycle's rules give (each status, each action).
+        use Status::*;
+        let statuses = [Creating, Created, Running, Paused, Stopped];
+        let actions = [
+            Action::Start,
+            Action::Exec,
+            Action::Signal,
+            Action::Pause,
+            Action::Resume,
+            Action::Update,
+        ];
+        let mut state_errors: Vec<StateError> = statuses
+            .iter()
+            .flat_map(|s| actions.iter().filter_map(|a| s.check(*a).err()))
+            .collect();
+        state_errors.dedup();
+        for kind in [
+            StateError::StartStopped,
+            StateError::StartRunning,
+            StateError::NotRunning,
+            StateError::Paused,
+        ] {
+            assert!(state_errors.contains(&kind), "{kind:?} not produced");
+        }
+        for e in &state_errors {
+            for msg in [e.to_string(), format!("pause c1: {e}")] {
+                assert_eq!(rootcell_code(&msg), intended_state(e), "{msg}");
+            }
+        }
+        let runtime_errors = [
+            RuntimeError::NotExist("c1".into()),
+            RuntimeError::NotRunning("c1".into()),
+            RuntimeError::StartStopped,
+            RuntimeError::StartRunning,
+            RuntimeError::Exists("c1".into()),
+            RuntimeError::NotStopped("c1".into(), "it is running".into()),
+            RuntimeError::InvalidId("c/1".into()),
+            RuntimeError::InvalidSignal("SIGFOO".into()),
+            RuntimeError::Process {
+                msg: "exec: \"nope\": executable file not found in $PATH".into(),
+                status: 127,
+            },
+            RuntimeError::Interrupted {
+                signal: libc::SIGTERM,
+                id: "c1".into(),
+                secs: 1.0,
+            },
+            RuntimeError::Bundle {
+                path: "/b".into(),
+                msg: "source of mounts[0] (destination /x) does not exist".into(),
+            },
+            RuntimeError::Unsupported {
+                field: "linux.intelRdt".into(),
+                msg: "not supported".into(),
+            },
+        ];
+        for e in &runtime_errors {
+            for msg in [e.to_string(), format!("start c1: {e}")] {
+                assert_eq!(rootcell_code(&msg), intended_runtime(e), "{msg}");
+            }
+        }
+        // A kill of a container whose process has ended is 'process already finished'.
+        assert!(says_not_running(
+            &RuntimeError::NotRunning("c1".into()).to_string()
+        ));
+        assert!(says_not_running(&StateError::NotRunning.to_string()));
     }
 
     /// Records the log lines of this test binary (the shim's logger is containerd-shim's, set
