@@ -532,7 +532,7 @@ fn delete_force_after_the_state_dir_was_removed_by_hand_ends_the_vm() {
 
     let d = rt.run(&["delete", "--force", &sibling]);
     assert_eq!(code(&d), 0, "delete --force {sibling}: {}", text(&d.stderr));
-    // The sibling's processes name the id too (as a prefix): only now can nothing be left.
+    // The sibling's processes name the same root: only now can nothing be left.
     assert_no_leftovers(&rt, &id);
     assert_no_leftovers(&rt, &sibling);
 }

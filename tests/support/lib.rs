@@ -910,16 +910,52 @@ pub fn processes_mentioning_any(needles: &[&str]) -> Vec<String> {
     found
 }
 
+/// Whether `text` (one argument of a command line, one field of a mount line) names `name` as a
+/// whole: holds it with neither side running on into a longer name (a character a container id
+/// may hold: letters, digits, `_+-.`). So id `a` is named by `--id a`, `guest=/r/a` and
+/// `/r/a/console.sock`, not by `ab` or `x-a`; root `/t/r` by `/t/r/a`, not by `/t/r2`. As the
+/// runtime's `delete --force` sweep compares whole arguments (commands/delete.rs `named`), for
+/// the broader set of processes [`processes_of`] looks for.
+pub fn names(text: &str, name: &str) -> bool {
+    let part = |c: char| c.is_ascii_alphanumeric() || "_+-.".contains(c);
+    !name.is_empty()
+        && text.match_indices(name).any(|(i, _)| {
+            !text[..i].chars().next_back().is_some_and(part)
+                && !text[i + name.len()..].chars().next().is_some_and(part)
+        })
+}
+
+/// Host processes (`pid: command line`, once each) one of whose arguments [`names`] one of
+/// `names_`.
+fn processes_naming_any(names_: &[&str]) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let args: Vec<&str> = cmd.split('\0').filter(|a| !a.is_empty()).collect();
+        if args.iter().any(|a| names_.iter().any(|n| names(a, n))) {
+            found.push(format!("{pid}: {}", args.join(" ")));
+        }
+    }
+    found
+}
+
 /// The host processes of container `id` under `root`, by their command lines, which name it:
 /// its sandbox and exec relays (`rootcell --root <root> sandbox --id <id>`), its VMM (QEMU's
 /// `-name guest=<root>/<id>`, `rootcell builtin-vmm --for <root>/<id>`), a pool VM's holder
 /// once the container claimed it (`... pool vm ... --claimed-for <root>/<id>`); any process
 /// naming the root (another container's, or a runtime call still running), and one naming the
-/// container's run dir (an unjailed QEMU's socket paths).
+/// container's run dir (an unjailed QEMU's socket paths). Each as a whole ([`names`]): a
+/// container whose id has `id` as a prefix is not this one.
 pub fn processes_of(root: &Path, id: &str) -> Vec<String> {
     let root = root.to_string_lossy().into_owned();
     let run = run_dir(Path::new(&root), id).to_string_lossy().into_owned();
-    processes_mentioning_any(&[id, &root, &run])
+    processes_naming_any(&[id, &root, &run])
 }
 
 /// Asserts that nothing of container `id` is left on the host: no process of it
@@ -944,7 +980,10 @@ pub fn assert_no_leftovers(rt: &Runtime, id: &str) {
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let leaked: Vec<&str> = mounts
         .lines()
-        .filter(|l| l.contains(id) || l.contains(&root))
+        .filter(|l| {
+            l.split_whitespace()
+                .any(|f| names(f, id) || names(f, &root))
+        })
         .collect();
     assert!(
         leaked.is_empty(),
@@ -997,6 +1036,69 @@ pub fn trixie_root() -> &'static Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids and roots are named only as wholes: a container whose id has another's as a prefix
+    /// (or a suffix), or a root that extends another's, is not taken for it.
+    #[test]
+    fn names_compares_whole_names() {
+        let (root, id) = ("/tmp/.tmpA1/root", "rmd-7-3");
+        for arg in [
+            "rmd-7-3",
+            "guest=/tmp/.tmpA1/root/rmd-7-3",
+            "/tmp/.tmpA1/root/rmd-7-3/console.sock",
+            "/tmp/.tmpA1/root/rmd-7-3      ",
+            "socket,path=/tmp/.tmpA1/root/rmd-7-3,server=on",
+        ] {
+            assert!(names(arg, id), "{arg} names {id}");
+            assert!(arg == id || names(arg, root), "{arg} names {root}");
+        }
+        for arg in [
+            "rmd-7-3b",
+            "rmd-7-31",
+            "xrmd-7-3",
+            "rmd-7-3.b",
+            "guest=/tmp/.tmpA1/root/rmd-7-3b",
+            "",
+        ] {
+            assert!(!names(arg, id), "{arg} does not name {id}");
+        }
+        for arg in [
+            "/tmp/.tmpA1/root2/rmd-7-3",
+            "/x/tmp/.tmpA1/root",
+            "/tmp/.tmpA1/roo",
+        ] {
+            assert!(!names(arg, root), "{arg} does not name {root}");
+        }
+        assert!(!names("anything", ""), "an empty name names nothing");
+    }
+
+    /// A live process is found by a whole argument, and not by a longer one that holds it.
+    #[test]
+    fn processes_of_finds_whole_arguments_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = unique_id("po");
+        let sibling = format!("{id}b");
+        // A shell that waits on its stdin (a builtin: it stays itself) with `--id <sibling>`.
+        let mut sh = Command::new("sh")
+            .args(["-c", "read x", "sh", "--id", &sibling])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = sh.id().to_string();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mine = |procs: Vec<String>| procs.iter().any(|p| p.starts_with(&format!("{pid}: ")));
+        while !mine(processes_of(dir.path(), &sibling)) {
+            assert!(Instant::now() < deadline, "{sibling}'s process not found");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !mine(processes_of(dir.path(), &id)),
+            "{id} is not {sibling}: {:?}",
+            processes_of(dir.path(), &id)
+        );
+        drop(sh.stdin.take());
+        sh.wait().unwrap();
+    }
 
     /// A report's commands overrun without a panic: the report goes on.
     #[test]
