@@ -12,6 +12,8 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The host's vsock CID.
@@ -20,6 +22,10 @@ const HOST_CID: u32 = 2;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest DNS message over UDP with EDNS.
 const MAX_MESSAGE: usize = 4096;
+/// Most UDP queries (and, apart, TCP connections) relayed at once: each holds a thread of the
+/// agent and a vsock connection, and a container can send queries as fast as it likes. The
+/// host's relay serves as many per port (runtime/src/dns.rs `MAX_ACTIVE`) and closes more.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// What the container loses with a relay loop (for the log line that ends the agent).
 const LOST: &str = "name resolution in the container would stop";
@@ -42,12 +48,22 @@ pub fn start(addr: IpAddr) -> io::Result<()> {
     vital("dns-relay", LOST, move || {
         let mut buf = vec![0u8; MAX_MESSAGE];
         let what = "dns relay";
-        let e = keep_serving(what, || take_query(&sock, &mut buf), std::thread::sleep);
+        let queries = InFlight::new(what, MAX_IN_FLIGHT);
+        let e = keep_serving(
+            what,
+            || take_query(&sock, &mut buf, &queries, relay),
+            std::thread::sleep,
+        );
         panic!("{what} on {addr}:53: {e}")
     })?;
     vital("dns-relay-tcp", LOST, move || {
         let what = "dns tcp relay";
-        let e = keep_serving(what, || take_connection(&listener), std::thread::sleep);
+        let conns = InFlight::new(what, MAX_IN_FLIGHT);
+        let e = keep_serving(
+            what,
+            || take_connection(&listener, &conns),
+            std::thread::sleep,
+        );
         panic!("{what} on {addr}:53: {e}")
     })?;
     Ok(())
@@ -99,13 +115,71 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// How many of a relay's queries (or connections) are being answered, each by a thread of its
+/// own, out of at most `max`. One beyond that is dropped, as a DNS server under overload drops
+/// what it cannot serve (the resolver retries, as after a lost datagram); the first drop of a
+/// run and the recovery are logged, not every drop.
+struct InFlight {
+    what: &'static str,
+    max: usize,
+    now: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
+/// One query's place among those [`InFlight`] counts, given back when dropped (by its thread's
+/// end, a panic included, or at once when the thread could not be started).
+struct Slot(Arc<InFlight>);
+
+impl InFlight {
+    fn new(what: &'static str, max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            what,
+            max,
+            now: AtomicUsize::new(0),
+            dropped: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot for one more query, or `None` (the query is to be dropped) when `max` are in
+    /// flight.
+    fn enter(self: &Arc<Self>) -> Option<Slot> {
+        if self.now.fetch_add(1, Ordering::SeqCst) >= self.max {
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            if self.dropped.fetch_add(1, Ordering::SeqCst) == 0 {
+                alog!(
+                    "{}: {} in flight, dropping more until one is answered",
+                    self.what,
+                    self.max
+                );
+            }
+            return None;
+        }
+        let dropped = self.dropped.swap(0, Ordering::SeqCst);
+        if dropped > 0 {
+            alog!("{}: serving again after dropping {dropped}", self.what);
+        }
+        Some(Slot(self.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Takes one TCP connection and passes it through to the host's TCP relay on a thread of its
-/// own. A connection taken but not handed on (no thread) is closed: the resolver retries.
-fn take_connection(listener: &TcpListener) -> io::Result<()> {
+/// own. A connection taken but not handed on (no thread, or `conns` full) is closed: the
+/// resolver retries.
+fn take_connection(listener: &TcpListener, conns: &Arc<InFlight>) -> io::Result<()> {
     let (conn, _) = listener.accept()?;
+    let Some(slot) = conns.enter() else {
+        return Ok(());
+    };
     std::thread::Builder::new()
         .name("dns-tcp".into())
         .spawn(move || {
+            let _slot = slot;
             if let Err(e) = pass_through(conn) {
                 alog!("dns tcp relay: {e}");
             }
@@ -118,19 +192,31 @@ fn pass_through(conn: TcpStream) -> io::Result<()> {
     splice(conn, host, QUERY_TIMEOUT)
 }
 
-/// Takes one UDP query and answers it on a thread of its own: a slow answer must not hold up
-/// the next query. A query taken but not handed on is dropped: the resolver retries.
-fn take_query(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<()> {
+/// Takes one UDP query and answers it with `relay` (the host, but for the tests) on a thread
+/// of its own: a slow answer must not hold up the next query. A query taken but not handed on
+/// (no thread, or `queries` full) is dropped: the resolver retries.
+fn take_query(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    queries: &Arc<InFlight>,
+    relay: fn(&[u8]) -> io::Result<Vec<u8>>,
+) -> io::Result<()> {
     let (n, client) = sock.recv_from(buf)?;
+    let Some(slot) = queries.enter() else {
+        return Ok(());
+    };
     let query = buf[..n].to_vec();
     let reply_sock = sock.try_clone()?;
     std::thread::Builder::new()
         .name("dns-query".into())
-        .spawn(move || match relay(&query) {
-            Ok(answer) => {
-                let _ = reply_sock.send_to(&answer, client);
+        .spawn(move || {
+            let _slot = slot;
+            match relay(&query) {
+                Ok(answer) => {
+                    let _ = reply_sock.send_to(&answer, client);
+                }
+                Err(e) => alog!("dns relay: query from {client} failed: {e}"),
             }
-            Err(e) => alog!("dns relay: query from {client} failed: {e}"),
         })?;
     Ok(())
 }
@@ -217,6 +303,78 @@ mod tests {
         assert!(pauses[8..].iter().all(|d| *d == MAX_PAUSE), "{pauses:?}");
     }
 
+    /// Released by the test below: until then, its relay's answers wait.
+    static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    /// A relay that echoes the query once [`RELEASE`] is set.
+    fn held_echo(query: &[u8]) -> io::Result<Vec<u8>> {
+        while !RELEASE.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(query.to_vec())
+    }
+
+    /// On a real UDP socket: with `max` queries waiting on slow answers, one more is taken off
+    /// the socket and dropped (no thread, no answer), not queued behind them or given a thread;
+    /// the waiting ones are answered; their ends give their places back, and a query after that
+    /// is answered again.
+    #[test]
+    fn queries_beyond_the_bound_are_dropped_until_one_is_answered() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let queries = InFlight::new("test dns relay", 2);
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        for q in ["q1", "q2", "q3"] {
+            client.send(q.as_bytes()).unwrap();
+            take_query(&server, &mut buf, &queries, held_echo).unwrap();
+        }
+        assert_eq!(queries.now.load(Ordering::SeqCst), 2, "two in flight");
+        assert_eq!(queries.dropped.load(Ordering::SeqCst), 1, "q3 dropped");
+        RELEASE.store(true, Ordering::SeqCst);
+        let mut answers = Vec::new();
+        let mut answer = [0u8; 16];
+        while let Ok(n) = client.recv(&mut answer) {
+            answers.push(String::from_utf8_lossy(&answer[..n]).into_owned());
+        }
+        answers.sort();
+        assert_eq!(answers, ["q1", "q2"], "the two in flight answered, q3 not");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while queries.now.load(Ordering::SeqCst) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "places not given back"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        client.send(b"q4").unwrap();
+        take_query(&server, &mut buf, &queries, held_echo).unwrap();
+        let n = client.recv(&mut answer).unwrap();
+        assert_eq!(&answer[..n], b"q4");
+        assert_eq!(queries.dropped.load(Ordering::SeqCst), 0, "serving again");
+    }
+
+    /// A query whose relay panics gives its place back too (the slot goes with its thread).
+    #[test]
+    fn a_panicking_query_gives_its_place_back() {
+        fn panics(_: &[u8]) -> io::Result<Vec<u8>> {
+            panic!("test relay panics")
+        }
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"q", server.local_addr().unwrap()).unwrap();
+        let queries = InFlight::new("test dns relay", 1);
+        take_query(&server, &mut [0u8; 64], &queries, panics).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while queries.now.load(Ordering::SeqCst) > 0 {
+            assert!(std::time::Instant::now() < deadline, "place not given back");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The TCP relay's real loop on a real socket: accept(2) fails with EMFILE (the process is
     /// out of fds; before, this ended the relay for good), the loop waits, and once fds are
     /// free again it takes the connection that waited; a listener shut down ends it. In a
@@ -237,7 +395,7 @@ mod tests {
             let e = keep_serving(
                 "test tcp relay",
                 || {
-                    let r = take_connection(&listener);
+                    let r = take_connection(&listener, &InFlight::new("test", 1));
                     if r.is_ok() {
                         served += 1;
                         shutdown(stop.as_raw_fd(), Shutdown::Both).unwrap();
