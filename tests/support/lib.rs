@@ -895,16 +895,27 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
 /// Host processes (`pid: command line`, once each) whose command line mentions any of
 /// `needles`.
 pub fn processes_mentioning_any(needles: &[&str]) -> Vec<String> {
+    processes_where(|args| {
+        let cmd = args.join(" ");
+        needles.iter().any(|n| cmd.contains(n))
+    })
+}
+
+/// Host processes but this one (`pid: command line`, once each) whose arguments (the command
+/// line split at its NULs) `matches`.
+fn processes_where(matches: impl Fn(&[&str]) -> bool) -> Vec<String> {
     let me = std::process::id().to_string();
     let mut found = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
             continue;
         }
-        let cmd = cmdline_at(&e.path());
-        if needles.iter().any(|n| cmd.contains(n)) {
-            found.push(format!("{name}: {cmd}"));
+        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        let args: Vec<&str> = cmd.split('\0').collect();
+        if matches(&args) {
+            found.push(format!("{pid}: {}", args.join(" ")));
         }
     }
     found
@@ -928,21 +939,7 @@ pub fn names(text: &str, name: &str) -> bool {
 /// Host processes (`pid: command line`, once each) one of whose arguments [`names`] one of
 /// `names_`.
 fn processes_naming_any(names_: &[&str]) -> Vec<String> {
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let pid = e.file_name().to_string_lossy().into_owned();
-        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
-            continue;
-        }
-        let cmd = fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        let args: Vec<&str> = cmd.split('\0').filter(|a| !a.is_empty()).collect();
-        if args.iter().any(|a| names_.iter().any(|n| names(a, n))) {
-            found.push(format!("{pid}: {}", args.join(" ")));
-        }
-    }
-    found
+    processes_where(|args| args.iter().any(|a| names_.iter().any(|n| names(a, n))))
 }
 
 /// The host processes of container `id` under `root`, by their command lines, which name it:
