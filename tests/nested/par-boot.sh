@@ -23,7 +23,8 @@ shutdown_trace_start
 fails=0 total=0
 # What a hung container's VM is doing: its VMM's threads (state, CPU time, wait channel), its
 # console's last lines, and one second of its vCPUs' KVM exits and page faults in L1 (reasons
-# and guest RIPs, named from the guest kernel's symbols). Clears the shutdown trace's buffer.
+# and guest RIPs, named from the guest kernel's symbols), then the VMM's report as it stops the
+# VM. Clears the shutdown trace's buffer.
 hang_report() { # id
   local pid t tids filt
   pid=$(pgrep -f "builtin-vmm --for [^ ]*/$1( |\$)" | head -1)
@@ -52,6 +53,13 @@ hang_report() { # id
   echo 0 > $tr/events/kvm/kvm_page_fault/enable 2>/dev/null
   echo 'exit_reason == 127' > $tr/events/kvm/kvm_exit/filter
   echo > $tr/trace; echo 1 > $tr/tracing_on
+  # The VMM's own report of the hung guest (each vCPU's RIP and CR3 as KVM holds them, its
+  # interrupt state, the virtio rings): a TERM the guest cannot take ends the VM after 5 s,
+  # through a stop that writes it to the hypervisor log, read before `run` removes it.
+  local hvlog=/run/rootcell/$1/builtin.log
+  timeout 30 "$rc_bin" kill "$1" TERM > /dev/null 2>&1 &
+  for _ in $(seq 150); do grep -q '^stopped:' "$hvlog" 2>/dev/null && break; sleep 0.1; done
+  sed -n '/^stopped:/,$p' "$hvlog" 2>/dev/null | head -n 6 | cut -c1-600 | sed 's/^/   vmm: /'
 }
 for r in $(seq "$rounds"); do
   start=$(date +%s.%N)

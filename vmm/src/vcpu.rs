@@ -36,6 +36,10 @@ pub struct VcpuStatus {
     pub last_exit: String,
     /// Instruction pointer read after the thread stopped.
     pub rip: Option<u64>,
+    /// CR3 read after the thread stopped: with the RIP, whether the state KVM holds for the
+    /// guest is the guest's at all (in L1, a hung guest was seen with L1's own RIP and page
+    /// tables as its state).
+    pub cr3: Option<u64>,
     /// Whether the guest could take interrupts when the thread stopped, read then: RFLAGS.IF
     /// and its local APIC's priorities and interrupts in service and pending
     /// ([`interrupt_state`]). A guest that waits for ever on a device with an interrupt
@@ -298,9 +302,11 @@ impl Vcpu {
         // Before the vCPU fd (and its kvm_run mapping) is dropped with `self`.
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         let regs = self.fd.get_regs().ok();
+        let sregs = self.fd.get_sregs().ok();
         let lapic = self.fd.get_lapic().ok();
         let mut s = lock(status);
         s.rip = regs.map(|r| r.rip);
+        s.cr3 = sregs.map(|r| r.cr3);
         s.interrupts = regs.map(|r| interrupt_state(r.rflags, lapic.as_ref()));
     }
 

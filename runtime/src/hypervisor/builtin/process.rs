@@ -302,6 +302,7 @@ fn virtio_line(report: &VmReport) -> String {
 /// error: in Debug form they made this line repeat them, escaped, on one line.
 fn vcpu_summary(v: &rootcell_vmm::vcpu::VcpuStatus) -> String {
     let rip = v.rip.map_or_else(|| "?".into(), |r| format!("{r:#x}"));
+    let cr3 = v.cr3.map_or_else(String::new, |c| format!(" cr3 {c:#x}"));
     let before: Vec<&str> = v.recent_exits.iter().map(String::as_str).collect();
     // Whether it could take interrupts (RFLAGS.IF, its APIC's in-service and pending vectors):
     // a guest stopped for not answering shows here a device interrupt it never took.
@@ -310,7 +311,7 @@ fn vcpu_summary(v: &rootcell_vmm::vcpu::VcpuStatus) -> String {
         .as_ref()
         .map_or_else(String::new, |i| format!(", {i}"));
     format!(
-        "vcpu{} {} exits, last {}, rip {rip}, before [{}]{interrupts}",
+        "vcpu{} {} exits, last {}, rip {rip}{cr3}, before [{}]{interrupts}",
         v.cpu,
         v.exits,
         v.last_exit.replace('\n', " "),
@@ -383,6 +384,7 @@ mod tests {
             exits: 1234,
             last_exit: "Shutdown".into(),
             rip: Some(0x1000005),
+            cr3: Some(0x1815000),
             recent_exits: ["IoOut(0x3f8)".to_string(), "Hlt".to_string()].into(),
             shutdown_state: Some("rip=0xfff0 cr3=0x9000".into()),
             page_walk: Some("page tables (phys-bits 40): root 0x9000\n  verdict: sane".into()),
@@ -408,7 +410,8 @@ mod tests {
         assert_eq!(
             stopped_line(&report),
             "stopped: exit Shutdown, first KVM_RUN after None, stuck vCPUs [], vCPUs [vcpu0 \
-             1234 exits, last Shutdown, rip 0x1000005, before [IoOut(0x3f8), Hlt], if 1 tpr 0x0 \
+             1234 exits, last Shutdown, rip 0x1000005 cr3 0x1815000, before [IoOut(0x3f8), Hlt], \
+             if 1 tpr 0x0 \
              ppr 0x0 isr [] irr [0x35]; vcpu1 0 exits, last , rip ?, before []]"
         );
         assert_eq!(
