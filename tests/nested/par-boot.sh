@@ -58,8 +58,14 @@ hang_report() { # id
   # through a stop that writes it to the hypervisor log, read before `run` removes it.
   local hvlog=/run/rootcell/$1/builtin.log
   timeout 30 "$rc_bin" kill "$1" TERM > /dev/null 2>&1 &
-  for _ in $(seq 150); do grep -q '^stopped:' "$hvlog" 2>/dev/null && break; sleep 0.1; done
-  sed -n '/^stopped:/,$p' "$hvlog" 2>/dev/null | head -n 6 | cut -c1-600 | sed 's/^/   vmm: /'
+  local seen=
+  for _ in $(seq 150); do grep -q 'stopped:' "$hvlog" 2>/dev/null && { seen=1; break; }; sleep 0.1; done
+  if [ -n "$seen" ]; then
+    sed -n '/stopped:/,$p' "$hvlog" | head -n 6 | cut -c1-600 | sed 's/^/   vmm: /'
+  else
+    echo "   vmm: no stop report in $hvlog within 15 s; its last lines:"
+    tail -n 5 "$hvlog" 2>/dev/null | cut -c1-300 | sed 's/^/   vmm:   /'
+  fi
 }
 for r in $(seq "$rounds"); do
   start=$(date +%s.%N)
